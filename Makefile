@@ -1,0 +1,50 @@
+# Ferry: every target installs what it needs (Debian 12, as root).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd qemu-utils \
+	qemu-system-x86 fio busybox-static e2fsprogs cpio python3-venv python3-pip iproute2
+PYTEST_ARGS ?=
+
+.PHONY: all deps apt venv test lint unit demo bench bench-quick clean
+
+all: test
+
+deps: apt venv
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p 2>/dev/null | grep -q '^Status: install ok' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+lint: deps
+	$(VENV)/bin/ruff check agent nbd_plugin tests bench
+	$(VENV)/bin/mypy
+
+test: lint
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+unit: deps
+	$(VENV)/bin/pytest -m 'not guest and not slow' $(PYTEST_ARGS)
+
+demo: deps
+	$(PY) -m agent.lab.demo
+
+bench: deps
+	$(PY) bench/run.py
+
+bench-quick: deps
+	$(PY) bench/run.py --quick
+
+clean:
+	rm -rf $(VENV) .cache build *.egg-info

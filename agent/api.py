@@ -1,0 +1,185 @@
+"""The agent's HTTP API (JSON), served by hypercorn on trio.
+
+    GET    /v1/status[?group=NAME]          this site's groups (source) and replicas (target)
+    POST   /v1/groups                       protect: {name, target, disks: [{name, path}],
+                                            allow_unreachable?, queue_bytes?}
+    DELETE /v1/groups/NAME                  unprotect
+    POST   /v1/groups/NAME/wait             {timeout}: return once synced (504 if not)
+    POST   /v1/replicas/NAME/restore        {disk, to}: newest consistent state to a file
+    GET    /metrics                         Prometheus text format
+
+Errors are ``{"error": "one line for the user"}`` with a 4xx or 5xx status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Awaitable, Callable, Dict, Optional, Tuple
+from urllib.parse import parse_qs, unquote
+
+from .source import RequestError, SourceSite
+from .target import TargetSite
+
+log = logging.getLogger("ferry.api")
+
+MAX_REQUEST = 1024 * 1024
+
+Handler = Callable[..., Awaitable[Tuple[int, Any]]]
+
+
+class Api:
+    def __init__(self, source: SourceSite, target: TargetSite, site: str) -> None:
+        self.source = source
+        self.target = target
+        self.site = site
+        self.started = time.time()
+
+    async def __call__(self, scope: Dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        try:
+            body = await _read_body(receive)
+            status, payload = await self._route(scope["method"], scope["path"],
+                                                parse_qs(scope.get("query_string", b"").decode()),
+                                                body)
+        except RequestError as e:
+            status, payload = e.status, {"error": str(e)}
+        except (LookupError, FileExistsError, FileNotFoundError) as e:
+            status = 409 if isinstance(e, FileExistsError) else 404
+            payload = {"error": str(e.args[0]) if e.args else str(e)}
+        except OSError as e:
+            log.exception("request failed")
+            status, payload = 500, {"error": "%s: %s" % (type(e).__name__, e)}
+        if isinstance(payload, str):
+            data = payload.encode()
+            ctype = b"text/plain; version=0.0.4"
+        else:
+            data = (json.dumps(payload, indent=1, sort_keys=True) + "\n").encode()
+            ctype = b"application/json"
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", ctype),
+                                (b"content-length", str(len(data)).encode())]})
+        await send({"type": "http.response.body", "body": data})
+
+    async def _route(self, method: str, path: str, query: Dict[str, list],
+                     body: Dict[str, Any]) -> Tuple[int, Any]:
+        parts = [unquote(p) for p in path.strip("/").split("/")]
+        if parts == ["v1", "status"] and method == "GET":
+            return 200, self.status((query.get("group") or [None])[0])
+        if parts == ["metrics"] and method == "GET":
+            return 200, self.metrics()
+        if parts == ["v1", "groups"] and method == "POST":
+            disks = body.get("disks")
+            if not isinstance(disks, list) or not all(
+                    isinstance(d, dict) and isinstance(d.get("name"), str)
+                    and isinstance(d.get("path"), str) for d in disks):
+                raise RequestError("disks must be a list of {name, path}")
+            kwargs: Dict[str, Any] = {}
+            if "queue_bytes" in body:
+                kwargs["queue_bytes"] = _positive_int(body, "queue_bytes")
+            return 201, await self.source.protect(
+                _str(body, "name"), [(d["name"], d["path"]) for d in disks],
+                _str(body, "target"), allow_unreachable=bool(body.get("allow_unreachable")),
+                **kwargs)
+        if len(parts) == 3 and parts[:2] == ["v1", "groups"] and method == "DELETE":
+            return 200, await self.source.unprotect(parts[2])
+        if len(parts) == 4 and parts[:2] == ["v1", "groups"] and parts[3] == "wait" \
+                and method == "POST":
+            timeout = body.get("timeout", 600)
+            if not isinstance(timeout, (int, float)) or timeout < 0:
+                raise RequestError("timeout must be a number of seconds")
+            return 200, await self.source.wait_synced(parts[2], float(timeout))
+        if len(parts) == 4 and parts[:2] == ["v1", "replicas"] and parts[3] == "restore" \
+                and method == "POST":
+            return 200, await self.target.restore(parts[2], _str(body, "disk"), _str(body, "to"))
+        raise RequestError("no such endpoint: %s %s" % (method, path), 404)
+
+    def status(self, group: Optional[str] = None) -> Dict[str, Any]:
+        groups = self.source.status()
+        replicas = self.target.status()
+        if group is not None:
+            if group not in groups and group not in replicas:
+                raise RequestError("no group %s on this site" % group, 404)
+            groups = {k: v for k, v in groups.items() if k == group}
+            replicas = {k: v for k, v in replicas.items() if k == group}
+        return {"site": self.site, "uptime_seconds": round(time.time() - self.started, 1),
+                "groups": groups, "replicas": replicas}
+
+    def metrics(self) -> str:
+        lines = []
+
+        def metric(name: str, help_: str, kind: str, samples: list) -> None:
+            lines.append("# HELP ferry_%s %s" % (name, help_))
+            lines.append("# TYPE ferry_%s %s" % (name, kind))
+            for labels, value in samples:
+                label = ",".join('%s="%s"' % kv for kv in labels.items())
+                lines.append("ferry_%s{%s} %s" % (name, label, value))
+
+        groups = self.source.status()
+        disks = [({"group": g, "disk": d}, st) for g, gs in groups.items()
+                 for d, st in gs["disks"].items()]
+        metric("rpo_seconds", "Replication lag of a disk", "gauge",
+               [(lbl, st["rpo_seconds"]) for lbl, st in disks])
+        for key, help_ in (("bytes_written", "Bytes written by the VM"),
+                           ("bytes_shipped", "Bytes of writes shipped to the target"),
+                           ("bytes_queued", "Bytes in the splitter's queue"),
+                           ("dirty_bytes", "Bytes in the dirty map"),
+                           ("resync_bytes", "Bytes read back by resyncs")):
+            metric(key, help_, "gauge" if key in ("bytes_queued", "dirty_bytes") else "counter",
+                   [(lbl, st[key]) for lbl, st in disks])
+        metric("group_bytes_sent", "Frame bytes sent to the target", "counter",
+               [({"group": g}, gs["bytes_sent"]) for g, gs in groups.items()])
+        replicas = self.target.status()
+        metric("journal_bytes", "Journal size on the target", "gauge",
+               [({"group": g}, r["journal_bytes"]) for g, r in replicas.items()])
+        return "\n".join(lines) + "\n"
+
+
+async def _read_body(receive: Callable) -> Dict[str, Any]:
+    chunks = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise RequestError("client went away")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_REQUEST:
+            raise RequestError("request body over %d bytes" % MAX_REQUEST, 413)
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            break
+    raw = b"".join(chunks)
+    if not raw:
+        return {}
+    try:
+        obj = json.loads(raw)
+    except ValueError as e:
+        raise RequestError("request body is not JSON: %s" % e) from None
+    if not isinstance(obj, dict):
+        raise RequestError("request body must be a JSON object")
+    return obj
+
+
+def _str(body: Dict[str, Any], key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or not value:
+        raise RequestError("%s is required" % key)
+    return value
+
+
+def _positive_int(body: Dict[str, Any], key: str) -> int:
+    value = body.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise RequestError("%s must be a positive integer" % key)
+    return value

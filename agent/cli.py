@@ -1,0 +1,206 @@
+"""The ``ferry`` command: runs the agent, and talks to a running agent over its HTTP API."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import urllib.error
+import urllib.request
+from typing import Any, Dict, List, Optional, Tuple
+
+import click
+
+DEFAULT_API = "http://127.0.0.1:9080"
+SIZE_RE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.I)
+
+
+class Failure(click.ClickException):
+    """One line for the user, exit status 1."""
+
+    def show(self, file: Any = None) -> None:
+        click.echo("ferry: error: %s" % self.message, err=True)
+
+
+def parse_size(text: str) -> int:
+    m = SIZE_RE.match(text.strip())
+    if not m:
+        raise click.BadParameter("%r is not a size like 512M or 2G" % text)
+    return int(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper())
+
+
+def call(api: str, method: str, path: str, body: Optional[Dict[str, Any]] = None,
+         timeout: float = 60) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(api.rstrip("/") + path, data=data, method=method,
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read()).get("error") or e.reason
+        except ValueError:
+            message = e.reason
+        raise Failure(str(message)) from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise Failure("cannot reach the agent at %s: %s (is `ferry agent` running there?)"
+                      % (api, reason)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--api", envvar="FERRY_API", default=DEFAULT_API, show_default=True,
+              help="URL of the agent's HTTP API (or $FERRY_API).")
+@click.pass_context
+def main(ctx: click.Context, api: str) -> None:
+    """Ferry: continuous replication of KVM virtual machine disks."""
+    ctx.obj = api
+
+
+@main.command()
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory for this agent's state, journals and replicas.")
+@click.option("--listen", default="0.0.0.0:4005", show_default=True,
+              help="Replication address HOST:PORT.")
+@click.option("--api", "api_addr", default="127.0.0.1:9080", show_default=True,
+              help="HTTP API address HOST:PORT.")
+@click.option("--site", default=None, help="Name of this site (default: the host name).")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+def agent(data_dir: str, listen: str, api_addr: str, site: Optional[str], verbose: bool) -> None:
+    """Run the host agent in the foreground."""
+    import trio
+
+    from . import daemon
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        listen_hp = daemon.parse_hostport(listen, 4005)
+        api_hp = daemon.parse_hostport(api_addr, 9080)
+    except ValueError as e:
+        raise Failure(str(e)) from None
+    try:
+        trio.run(daemon.run, data_dir, listen_hp, api_hp, site)
+    except OSError as e:
+        raise Failure("agent cannot start: %s" % e) from None
+
+
+def _split_disk(spec: str, index: int) -> Tuple[str, str]:
+    if "=" in spec:
+        name, path = spec.split("=", 1)
+    else:
+        path = spec
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(path))[0])
+        name = name.lstrip("._-") or "disk%d" % index
+    return name, os.path.abspath(path)
+
+
+@main.command()
+@click.argument("group")
+@click.option("--disk", "disks", multiple=True, required=True, metavar="[NAME=]PATH",
+              help="A disk to protect (raw image file or block device); repeatable.")
+@click.option("--target", required=True, metavar="HOST:PORT", help="The target site's agent.")
+@click.option("--queue", default="256M", show_default=True,
+              help="Bound of each disk's in-memory change queue.")
+@click.option("--allow-unreachable", is_flag=True,
+              help="Protect even if the target cannot be reached now.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_obj
+def protect(api: str, group: str, disks: Tuple[str, ...], target: str, queue: str,
+            allow_unreachable: bool, as_json: bool) -> None:
+    """Protect disks as GROUP, replicated to TARGET; prints each disk's NBD URI."""
+    specs = [_split_disk(s, i) for i, s in enumerate(disks)]
+    result = call(api, "POST", "/v1/groups", {
+        "name": group, "target": target, "allow_unreachable": allow_unreachable,
+        "queue_bytes": parse_size(queue),
+        "disks": [{"name": n, "path": p} for n, p in specs]})
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for d in result["disks"]:
+        click.echo("%s\t%s" % (d["name"], d["nbd_uri"]))
+
+
+@main.command()
+@click.argument("group")
+@click.pass_obj
+def unprotect(api: str, group: str) -> None:
+    """Stop protecting GROUP (its splitters stop; the target keeps its replica)."""
+    call(api, "DELETE", "/v1/groups/" + group)
+    click.echo("unprotected %s" % group)
+
+
+@main.command()
+@click.argument("group")
+@click.option("--synced", is_flag=True, required=True,
+              help="Wait until the target holds every write made before the call.")
+@click.option("--timeout", default=600.0, show_default=True, type=float, help="Seconds.")
+@click.pass_obj
+def wait(api: str, group: str, synced: bool, timeout: float) -> None:
+    """Wait for GROUP to reach a state (exit 0 once reached)."""
+    call(api, "POST", "/v1/groups/%s/wait" % group, {"timeout": timeout}, timeout=timeout + 30)
+    click.echo("%s synced" % group)
+
+
+@main.command()
+@click.argument("group")
+@click.option("--disk", required=True, help="The disk's name in the group.")
+@click.option("--to", "dest", required=True, type=click.Path(dir_okay=False),
+              help="A new file to write (on the target site's host).")
+@click.pass_obj
+def restore(api: str, group: str, disk: str, dest: str) -> None:
+    """On the target site: write a disk's newest consistent state to a file."""
+    result = call(api, "POST", "/v1/replicas/%s/restore" % group,
+                  {"disk": disk, "to": os.path.abspath(dest)}, timeout=3600)
+    click.echo("restored %s/%s to %s (%d bytes, generation %d, sequence %d)"
+               % (group, disk, result["to"], result["size"], result["gen"], result["seq"]))
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return ("%d %s" % (n, unit)) if unit == "B" else ("%.1f %s" % (n, unit))
+        n /= 1024
+    return str(n)
+
+
+@main.command()
+@click.argument("group", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (stable).")
+@click.pass_obj
+def status(api: str, group: Optional[str], as_json: bool) -> None:
+    """Show protected groups (source side) and replicas (target side)."""
+    result = call(api, "GET", "/v1/status" + ("?group=" + group if group else ""))
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
+        return
+    lines: List[str] = []
+    for name, g in sorted(result["groups"].items()):
+        lines.append("group %s -> %s: %s, RPO %.1f s%s" % (
+            name, g["target"], g["state"], g["rpo_seconds"],
+            " (%s)" % g["error"] if g.get("error") else ""))
+        for dname, d in sorted(g["disks"].items()):
+            lines.append("  %-12s %-18s written %-10s shipped %-10s queued %-10s dirty %-10s "
+                         "acked %d" % (dname, d["state"], _human(d["bytes_written"]),
+                                       _human(d["bytes_shipped"]), _human(d["bytes_queued"]),
+                                       _human(d["dirty_bytes"]), d["last_acked_seq"]))
+            lines.append("  %-12s %s" % ("", d["nbd_uri"]))
+    for name, r in sorted(result["replicas"].items()):
+        src = r.get("source") or {}
+        lines.append("replica %s <- %s: journal %s" % (
+            name, src.get("peer", "(source not connected)"), _human(r["journal_bytes"])))
+        for dname, d in sorted(r["disks"].items()):
+            lines.append("  %-12s %-12s durable %d/%d applied %d/%d  %s" % (
+                dname, "consistent" if d["consistent"] else "inconsistent",
+                d["durable_gen"], d["durable_seq"], d["applied_gen"], d["applied_seq"],
+                d["replica"]))
+    if not lines:
+        lines.append("site %s: nothing protected or replicated here" % result["site"])
+    click.echo("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""A group's journal on the target site: append-only segment files of change records.
+
+Segment files are named ``seg-<number>.fjr`` (the number is 16 decimal digits) and hold
+records back to back, each a 48-byte header and, for writes, its data::
+
+    offset  size  field
+    0       4     magic     b"FJR\\x01"
+    4       1     kind      localwire.KIND_*
+    5       1     flags     localwire.FLAG_*
+    6       2     disk      index of the disk in its group
+    8       4     gen       splitter generation
+    12      4     length    bytes of the change (data follows only for writes)
+    16      8     seq       sequence number within the generation
+    24      8     offset    byte offset on the disk
+    32      8     time_ns   source CLOCK_MONOTONIC when the write completed
+    40      8     checksum  xxh3_64 of bytes 0..39 and the data
+
+Integers are little-endian. ``append`` writes a whole batch and fdatasyncs the segment (and
+the directory when it made a new segment) before it returns: what it returned from survives
+a crash. A segment is closed at ``segment_max`` bytes and never written again.
+
+Opening a journal scans its last segment and cuts off a torn tail: the first record whose
+header or checksum does not hold, and all after it, were never acked and are dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Tuple
+
+import xxhash
+
+from nbd_plugin.localwire import KIND_NAMES, KIND_WRITE
+
+MAGIC = b"FJR\x01"
+RECORD = struct.Struct("<4sBBHIIQQQQ")
+assert RECORD.size == 48
+_CHECKED = 40  # header bytes covered by the checksum
+
+SEGMENT_MAX = 64 * 1024 * 1024
+_SEGMENT_RE = re.compile(r"^seg-(\d{16})\.fjr$")
+
+Position = Tuple[int, int]  # (segment number, byte offset in it)
+
+
+class JournalCorrupt(Exception):
+    """A record inside the journal (not at its tail) fails its checks."""
+
+
+@dataclass(frozen=True)
+class JRecord:
+    disk: int
+    gen: int
+    seq: int
+    kind: int
+    flags: int
+    offset: int
+    length: int
+    time_ns: int
+    data: Optional[bytes] = None
+
+    def encode(self) -> bytes:
+        head = RECORD.pack(MAGIC, self.kind, self.flags, self.disk, self.gen, self.length,
+                           self.seq, self.offset, self.time_ns, 0)
+        h = xxhash.xxh3_64(head[:_CHECKED])
+        if self.data is not None:
+            h.update(self.data)
+        return head[:_CHECKED] + struct.pack("<Q", h.intdigest())
+
+
+def _decode_at(buf: memoryview, pos: int) -> Optional[Tuple[JRecord, int]]:
+    """The record at ``pos`` and the position after it, or None where it does not hold."""
+    if pos + RECORD.size > len(buf):
+        return None
+    magic, kind, flags, disk, gen, length, seq, offset, time_ns, checksum = \
+        RECORD.unpack_from(buf, pos)
+    if magic != MAGIC or kind not in KIND_NAMES:
+        return None
+    end = pos + RECORD.size + (length if kind == KIND_WRITE else 0)
+    if end > len(buf):
+        return None
+    h = xxhash.xxh3_64(buf[pos:pos + _CHECKED])
+    data = None
+    if kind == KIND_WRITE:
+        data = bytes(buf[pos + RECORD.size:end])
+        h.update(data)
+    if h.intdigest() != checksum:
+        return None
+    return JRecord(disk, gen, seq, kind, flags, offset, length, time_ns, data), end
+
+
+class Journal:
+    def __init__(self, directory: str, segment_max: int = SEGMENT_MAX) -> None:
+        self.directory = directory
+        self.segment_max = segment_max
+        os.makedirs(directory, exist_ok=True)
+        self.dropped_tail = 0  # bytes cut off at open
+        self._fd = -1
+        self._segments = self._list()
+        if not self._segments:
+            self._segments = [1]
+            self._open_segment(1, create=True)
+        else:
+            self._recover_tail()
+
+    def _path(self, segno: int) -> str:
+        return os.path.join(self.directory, "seg-%016d.fjr" % segno)
+
+    def _list(self) -> List[int]:
+        out = []
+        for name in os.listdir(self.directory):
+            m = _SEGMENT_RE.match(name)
+            if m:
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def _open_segment(self, segno: int, create: bool) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
+        self._fd = os.open(self._path(segno), flags, 0o600)
+        if create:
+            _fsync_dir(self.directory)
+        self._size = os.fstat(self._fd).st_size
+
+    def _recover_tail(self) -> None:
+        last = self._segments[-1]
+        path = self._path(last)
+        with open(path, "rb") as f:
+            buf = memoryview(f.read())
+        pos = 0
+        while pos < len(buf):
+            decoded = _decode_at(buf, pos)
+            if decoded is None:
+                break
+            pos = decoded[1]
+        if pos < len(buf):
+            self.dropped_tail = len(buf) - pos
+            os.truncate(path, pos)
+        self._open_segment(last, create=False)
+        if self.dropped_tail:
+            os.fdatasync(self._fd)
+
+    @property
+    def end(self) -> Position:
+        return self._segments[-1], self._size
+
+    @property
+    def start(self) -> Position:
+        return self._segments[0], 0
+
+    def append(self, records: List[JRecord]) -> Position:
+        """Write ``records`` and make them durable; return the journal's new end."""
+        if not records:
+            return self.end
+        if self._size >= self.segment_max:
+            segno = self._segments[-1] + 1
+            self._open_segment(segno, create=True)
+            self._segments.append(segno)
+        parts: List[bytes] = []
+        for r in records:
+            parts.append(r.encode())
+            if r.kind == KIND_WRITE:
+                assert r.data is not None
+                parts.append(r.data)
+        buf = b"".join(parts)
+        view = memoryview(buf)
+        while view:
+            view = view[os.write(self._fd, view):]
+        os.fdatasync(self._fd)
+        self._size += len(buf)
+        return self.end
+
+    def read_from(self, pos: Position, stop: Optional[Position] = None
+                  ) -> Iterator[Tuple[JRecord, Position]]:
+        """Records from ``pos`` (to ``stop`` or the end), each with the position after it."""
+        segno, offset = pos
+        end = stop if stop is not None else self.end
+        for s in self._segments:
+            if s < segno or s > end[0]:
+                continue
+            start = offset if s == segno else 0
+            with open(self._path(s), "rb") as f:
+                f.seek(start)
+                limit = end[1] if s == end[0] else None
+                buf = memoryview(f.read() if limit is None else f.read(max(0, limit - start)))
+            p = 0
+            while p < len(buf):
+                decoded = _decode_at(buf, p)
+                if decoded is None:
+                    raise JournalCorrupt("%s: bad record at byte %d" % (self._path(s), start + p))
+                record, p = decoded
+                yield record, (s, start + p)
+
+    def drop_before(self, segno: int) -> None:
+        """Delete whole segments older than ``segno`` (never the one being written)."""
+        keep = []
+        for s in self._segments:
+            if s < segno and s != self._segments[-1]:
+                os.unlink(self._path(s))
+            else:
+                keep.append(s)
+        if len(keep) != len(self._segments):
+            self._segments = keep
+            _fsync_dir(self.directory)
+
+    def segments(self) -> List[int]:
+        return list(self._segments)
+
+    def size(self) -> int:
+        return sum(os.path.getsize(self._path(s)) for s in self._segments)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,624 @@
+"""The sending half of an agent: its splitters' records, shipped to the target site.
+
+Theory of operation
+-------------------
+Each splitter connects to the agent's Unix socket and streams its disk's records in
+sequence order. The splitter keeps every record until the target has acked it; the agent
+keeps none. That is what lets the agent crash, restart, or lose its link at any moment:
+whatever was in flight is simply sent again.
+
+A group has one shipper and, while the target is reachable, one session (one TCP
+connection). When a session opens, the target says what it holds (per disk, the newest
+durable ``(gen, seq)``); the shipper then asks each splitter to REWIND (send again all it
+has not had acked) and forwards each disk's records strictly in sequence from there:
+duplicates are dropped, and a gap (records from before the rewind) asks for another
+rewind. Records from all the group's disks go into one bounded channel, so a slow link
+pushes back on the splitters, whose queues fill and spill into their dirty maps: the
+VM never waits. The target's ACKs are passed on to the splitters, which free their queues.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import time
+import uuid
+from typing import Any, Dict, List, Optional, Tuple
+
+import trio
+
+from nbd_plugin import localwire as lw
+
+from . import splitters, wire
+from .peer import FrameStream, race
+from .store import DiskRow, GroupRow, Store
+
+log = logging.getLogger("ferry.source")
+
+PROTOCOL = 1
+DEFAULT_PORT = 4005
+DEFAULT_QUEUE = 256 * 1024 * 1024
+MAX_BATCH = 4 * 1024 * 1024
+REWIND_INTERVAL = 1.0
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class RequestError(Exception):
+    """A request the agent refuses; the message says why, for the user."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def parse_target(text: str) -> Tuple[str, int]:
+    m = re.match(r"^\[([^\]]+)\](?::(\d+))?$", text) or re.match(r"^([^:]+)(?::(\d+))?$", text)
+    if not m:
+        raise RequestError("target %r is not HOST:PORT" % text)
+    port = int(m.group(2)) if m.group(2) else DEFAULT_PORT
+    if not 0 < port < 65536:
+        raise RequestError("target port %d is out of range" % port)
+    return m.group(1), port
+
+
+class DiskLink:
+    """The agent's side of one protected disk."""
+
+    def __init__(self, row: DiskRow) -> None:
+        self.row = row
+        self.stream: Optional[trio.SocketStream] = None
+        self.gen = 0
+        self.counters: Dict[str, Any] = {}
+        self.counters_at = 0.0
+        self.acked: Tuple[int, int] = (0, 0)
+        self.expected: Optional[Tuple[int, int]] = None
+        self.error: Optional[str] = None
+        self.shipped_bytes = 0
+        self.shipped_records = 0
+        self._rewind_at = 0.0
+        self._send_lock = trio.Lock()
+        self.sync_replies: Dict[str, Tuple[int, int]] = {}
+
+    @property
+    def connected(self) -> bool:
+        return self.stream is not None
+
+    async def send(self, msg: bytes) -> None:
+        stream = self.stream
+        if stream is None:
+            return
+        try:
+            async with self._send_lock:
+                await stream.send_all(msg)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the reader notices and detaches
+
+    async def start_forwarding(self, durable: Tuple[int, int]) -> None:
+        """A session (or a splitter connection) begins: forward from what the target holds."""
+        if not self.connected:
+            self.expected = None
+            return
+        tgen, tseq = durable
+        if self.gen == tgen:
+            self.expected = (self.gen, tseq + 1)
+            await self.send(lw.pack_ack(tgen, tseq))
+        elif self.gen > tgen:
+            self.expected = (self.gen, 1)
+        else:
+            self.expected = None
+            self.error = ("splitter generation %d is older than the target's %d: the "
+                          "splitter's state file was lost; unprotect and protect again"
+                          % (self.gen, tgen))
+            log.error("disk %s: %s", self.row.name, self.error)
+            return
+        self.error = None
+        self._rewind_at = trio.current_time()
+        await self.send(lw.pack_json(lw.MSG_REWIND, {}))
+
+    async def filter(self, records: List[lw.Record]) -> List[lw.Record]:
+        """The records to forward, strictly in sequence; asks for a rewind on a gap."""
+        if self.expected is None:
+            return []
+        out = []
+        gen, seq = self.expected
+        for r in records:
+            if r.gen != gen or r.seq < seq:
+                continue
+            if r.seq > seq:
+                now = trio.current_time()
+                if now - self._rewind_at > REWIND_INTERVAL:
+                    self._rewind_at = now
+                    await self.send(lw.pack_json(lw.MSG_REWIND, {}))
+                break
+            out.append(r)
+            seq += 1
+        self.expected = (gen, seq)
+        return out
+
+
+class GroupShipper:
+    def __init__(self, row: GroupRow, site_id: str, links: List[DiskLink]) -> None:
+        self.row = row
+        self.site_id = site_id
+        self.links = links
+        self.host, self.port = parse_target(row.target)
+        self.state = "connecting"
+        self.error: Optional[str] = None
+        self.channel: Optional[trio.MemorySendChannel] = None
+        self.cancel_scope = trio.CancelScope()
+        self.bytes_sent = 0
+        self.connected_since: Optional[float] = None
+
+    @property
+    def live(self) -> bool:
+        return self.channel is not None
+
+    async def run(self) -> None:
+        backoff = 0.2
+        with self.cancel_scope:
+            while True:
+                try:
+                    stream = await trio.open_tcp_stream(self.host, self.port)
+                except OSError as e:
+                    self._down("target-unreachable", "cannot connect to %s: %s"
+                               % (self.row.target, e.strerror or e))
+                else:
+                    try:
+                        await self._session(FrameStream(stream, self.row.target))
+                        backoff = 0.2
+                    except wire.RemoteError as e:
+                        self._down("target-error" if e.code != wire.E_STORAGE
+                                   else "target-storage-error", "%s: %s" % (e.code, e))
+                    except wire.ProtocolError as e:
+                        self._down("target-error", "protocol error: %s" % e)
+                    except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError,
+                            OSError) as e:
+                        self._down("target-unreachable", "link to %s lost: %s"
+                                   % (self.row.target, e or type(e).__name__))
+                    finally:
+                        await stream.aclose()
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _down(self, state: str, error: str) -> None:
+        if (state, error) != (self.state, self.error):
+            log.warning("group %s: %s", self.row.name, error)
+        self.state, self.error = state, error
+        self.channel = None
+        self.connected_since = None
+        for link in self.links:
+            link.expected = None
+
+    async def _session(self, fs: FrameStream) -> None:
+        durable = await open_session(fs, self.row, self.site_id, probe=False)
+        send_ch, recv_ch = trio.open_memory_channel[Tuple[int, List[lw.Record]]](64)
+        log.info("group %s: replicating to %s", self.row.name, self.row.target)
+        self.state, self.error = "replicating", None
+        self.connected_since = time.time()
+        for link, d in zip(self.links, durable):
+            link.acked = max(link.acked, d) if link.gen == d[0] else d
+            await link.start_forwarding(d)
+        self.channel = send_ch
+        try:
+            await race(lambda: self._send(fs, recv_ch), lambda: self._receive_acks(fs))
+        finally:
+            self.channel = None
+            send_ch.close()
+            recv_ch.close()
+
+    async def _send(self, fs: FrameStream, recv_ch: trio.MemoryReceiveChannel) -> None:
+        while True:
+            index, records = await recv_ch.receive()
+            items = [(index, r) for r in records]
+            size = sum(r.nbytes for r in records)
+            while size < MAX_BATCH:
+                try:
+                    index, records = recv_ch.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                items.extend((index, r) for r in records)
+                size += sum(r.nbytes for r in records)
+            body = wire.encode_batch(self.row.name, items, time.time_ns(), time.monotonic_ns())
+            if size > 256 * 1024:
+                frame = await trio.to_thread.run_sync(fs.codec.encode, wire.T_BATCH, body, True)
+            else:
+                frame = fs.codec.encode(wire.T_BATCH, body, True)
+            await fs.send_frame(frame)
+            self.bytes_sent += len(frame)
+            for i, r in items:
+                if r.data is not None:
+                    self.links[i].shipped_bytes += r.length
+                self.links[i].shipped_records += 1
+
+    async def _receive_acks(self, fs: FrameStream) -> None:
+        while True:
+            body = await fs.expect(wire.T_ACK)
+            durable = parse_durable(body, len(self.links))
+            for link, d in zip(self.links, durable):
+                if d > link.acked:
+                    link.acked = d
+                    if d[0] == link.gen:
+                        await link.send(lw.pack_ack(*d))
+
+
+def parse_durable(body: dict, ndisks: int) -> List[Tuple[int, int]]:
+    raw = wire.field(body, "durable", list)
+    if len(raw) != ndisks:
+        raise wire.ProtocolError("durable list of %d disks for a group of %d"
+                                 % (len(raw), ndisks))
+    out = []
+    for d in raw:
+        if not (isinstance(d, list) and len(d) == 2 and all(isinstance(x, int) for x in d)):
+            raise wire.ProtocolError("bad durable entry %r" % (d,))
+        out.append((d[0], d[1]))
+    return out
+
+
+async def open_session(fs: FrameStream, row: GroupRow, site_id: str,
+                       probe: bool) -> List[Tuple[int, int]]:
+    await fs.send(wire.T_HELLO, {"protocol": PROTOCOL, "site": site_id})
+    await fs.expect(wire.T_WELCOME)
+    await fs.send(wire.T_OPEN, {"group": row.name, "protection": row.protection,
+                                "probe": probe,
+                                "disks": [{"name": d.name, "size": d.size} for d in row.disks]})
+    return parse_durable(await fs.expect(wire.T_OPENED), len(row.disks))
+
+
+class SourceSite:
+    def __init__(self, data_dir: str, store: Store) -> None:
+        self.data_dir = data_dir
+        self.store = store
+        self.site_id = store.site_id()
+        self.socket_path = os.path.join(data_dir, "splitter.sock")
+        self.links: Dict[str, DiskLink] = {}
+        self.shippers: Dict[str, GroupShipper] = {}
+        self._nursery: Optional[trio.Nursery] = None
+        self._busy: set = set()
+
+    # -- serving -------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Serve splitters and ship every protected group until cancelled."""
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+        await sock.bind(self.socket_path)
+        sock.listen(64)
+        listener = trio.SocketListener(sock)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for row in self.store.groups():
+                self._start_group(row)
+                await trio.to_thread.run_sync(self._ensure_splitters, row)
+            task_status.started()
+            await trio.serve_listeners(self._splitter_conn, [listener])
+
+    def _start_group(self, row: GroupRow) -> None:
+        links = [DiskLink(d) for d in row.disks]
+        for link in links:
+            self.links[link.row.id] = link
+        shipper = GroupShipper(row, self.site_id, links)
+        self.shippers[row.name] = shipper
+        assert self._nursery is not None
+        self._nursery.start_soon(shipper.run)
+
+    def _ensure_splitters(self, row: GroupRow) -> None:
+        for d in row.disks:
+            paths = splitters.SplitterPaths.for_disk(self.data_dir, d.id)
+            try:
+                splitters.start(paths, d.id, d.path, self.socket_path, row.name, d.name,
+                                row.queue_bytes)
+            except (splitters.SplitterError, OSError) as e:
+                log.error("group %s disk %s: splitter not running: %s", row.name, d.name, e)
+
+    async def _splitter_conn(self, stream: trio.SocketStream) -> None:
+        link: Optional[DiskLink] = None
+        buf = bytearray()
+
+        async def read_exact(n: int) -> bytes:
+            while len(buf) < n:
+                chunk = await stream.receive_some(max(65536, n - len(buf)))
+                if not chunk:
+                    raise EOFError("splitter closed the connection")
+                buf.extend(chunk)
+            out = bytes(buf[:n])
+            del buf[:n]
+            return out
+
+        try:
+            msg_type, length = lw.unpack_header(await read_exact(lw.HEADER.size))
+            if msg_type != lw.MSG_HELLO:
+                raise lw.ProtocolError("splitter did not start with HELLO")
+            hello = lw.unpack_json(await read_exact(length))
+            link = self.links.get(str(hello.get("disk_id")))
+            if link is None:
+                log.warning("a splitter for unknown disk %r connected; closing it",
+                            hello.get("disk_id"))
+                return
+            if link.stream is not None:
+                await link.stream.aclose()
+            link.stream = stream
+            link.gen = int(hello.get("gen", 0))
+            log.info("splitter for %s/%s connected (generation %d)",
+                     link.row.group, link.row.name, link.gen)
+            shipper = self.shippers[link.row.group]
+            if shipper.live:
+                await link.start_forwarding(link.acked)
+            while True:
+                msg_type, length = lw.unpack_header(await read_exact(lw.HEADER.size))
+                payload = await read_exact(length)
+                if msg_type == lw.MSG_RECORDS:
+                    _watermark, records = lw.unpack_records(payload)
+                    records = await link.filter(records)
+                    channel = shipper.channel
+                    if records and channel is not None:
+                        try:
+                            await channel.send((link.row.index, records))
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            pass  # the session ended; the next one rewinds
+                elif msg_type == lw.MSG_STATE:
+                    link.counters = lw.unpack_json(payload)
+                    link.counters_at = time.time()
+                elif msg_type == lw.MSG_SYNC_REPLY:
+                    reply = lw.unpack_json(payload)
+                    link.sync_replies[str(reply["token"])] = (int(reply["gen"]),
+                                                              int(reply["seq"]))
+                else:
+                    raise lw.ProtocolError("unexpected message type %d" % msg_type)
+        except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError,
+                ConnectionError) as e:
+            if link is not None:
+                log.info("splitter for %s/%s disconnected: %s", link.row.group, link.row.name, e)
+        except (lw.ProtocolError, KeyError, ValueError) as e:
+            log.error("dropping splitter connection: %s", e)
+        finally:
+            if link is not None and link.stream is stream:
+                link.stream = None
+                link.expected = None
+            await stream.aclose()
+
+    # -- requests ------------------------------------------------------------------------
+
+    async def protect(self, name: str, disks: List[Tuple[str, str]], target: str,
+                      queue_bytes: int = DEFAULT_QUEUE,
+                      allow_unreachable: bool = False) -> Dict[str, Any]:
+        if not NAME_RE.match(name):
+            raise RequestError("group name %r: use letters, digits, '_', '.', '-'" % name)
+        if name in self._busy or self.store.group(name) is not None:
+            raise RequestError("group %s already exists" % name, 409)
+        parse_target(target)
+        if not disks:
+            raise RequestError("a group needs at least one --disk")
+        rows = []
+        seen = set()
+        for dname, path in disks:
+            if not NAME_RE.match(dname):
+                raise RequestError("disk name %r: use letters, digits, '_', '.', '-'" % dname)
+            if dname in seen:
+                raise RequestError("disk name %s is given twice" % dname)
+            seen.add(dname)
+            path = os.path.realpath(path)
+            try:
+                size = _disk_size(path)
+            except FileNotFoundError:
+                raise RequestError("disk %s: %s does not exist" % (dname, path), 404) from None
+            except OSError as e:
+                raise RequestError("disk %s: %s: %s" % (dname, path, e.strerror or e)) from None
+            other = self.store.disk_by_path(path)
+            if other is not None:
+                raise RequestError("disk %s is already protected (group %s, disk %s)"
+                                   % (path, other.group, other.name), 409)
+            if size == 0:
+                raise RequestError("disk %s: %s is empty" % (dname, path))
+            rows.append((dname, path, size))
+        self._busy.add(name)
+        try:
+            row = GroupRow(name, target, uuid.uuid4().hex, queue_bytes, time.time(),
+                           [DiskRow("", name, i, d, p, s) for i, (d, p, s) in enumerate(rows)])
+            await self._probe_target(row, allow_unreachable)
+            row = self.store.add_group(name, target, queue_bytes, rows,
+                                      protection=row.protection)
+            try:
+                await trio.to_thread.run_sync(self._start_splitters_or_fail, row)
+            except BaseException:
+                self.store.remove_group(name)
+                raise
+            self._start_group(row)
+        finally:
+            self._busy.discard(name)
+        log.info("protected group %s: %s -> %s", name,
+                 ", ".join("%s=%s" % (d.name, d.path) for d in row.disks), target)
+        return self._group_info(row)
+
+    async def _probe_target(self, row: GroupRow, allow_unreachable: bool) -> None:
+        host, port = parse_target(row.target)
+        try:
+            with trio.fail_after(10):
+                stream = await trio.open_tcp_stream(host, port)
+                fs = FrameStream(stream, row.target)
+                try:
+                    await open_session(fs, row, self.site_id, probe=True)
+                finally:
+                    await fs.aclose()
+        except wire.RemoteError as e:
+            status = 409 if e.code == wire.E_SIZE_MISMATCH else 502
+            raise RequestError("target %s refused the group: %s" % (row.target, e),
+                               status) from None
+        except (OSError, EOFError, trio.TooSlowError, wire.ProtocolError,
+                trio.BrokenResourceError) as e:
+            if allow_unreachable:
+                log.warning("group %s: target %s unreachable (%s); protecting anyway",
+                            row.name, row.target, e)
+                return
+            raise RequestError("target %s unreachable: %s (start its agent, or pass "
+                               "--allow-unreachable)" % (row.target, e or type(e).__name__),
+                               502) from None
+
+    def _start_splitters_or_fail(self, row: GroupRow) -> None:
+        started = []
+        try:
+            for d in row.disks:
+                paths = splitters.SplitterPaths.for_disk(self.data_dir, d.id)
+                splitters.start(paths, d.id, d.path, self.socket_path, row.name, d.name,
+                                row.queue_bytes)
+                started.append((paths, d))
+        except (splitters.SplitterError, OSError) as e:
+            for paths, d in started:
+                splitters.stop(paths, d.id)
+                _remove_files(paths)
+            raise RequestError("cannot start the splitter: %s" % e, 500) from None
+
+    async def unprotect(self, name: str) -> Dict[str, Any]:
+        row = self.store.group(name)
+        if row is None:
+            raise RequestError("no group %s on this site" % name, 404)
+        shipper = self.shippers.pop(name, None)
+        if shipper is not None:
+            shipper.cancel_scope.cancel()
+
+        def stop_all() -> None:
+            for d in row.disks:
+                paths = splitters.SplitterPaths.for_disk(self.data_dir, d.id)
+                splitters.stop(paths, d.id)
+                _remove_files(paths)
+
+        await trio.to_thread.run_sync(stop_all)
+        for d in row.disks:
+            self.links.pop(d.id, None)
+        self.store.remove_group(name)
+        log.info("unprotected group %s", name)
+        return {"group": name, "disks": [d.name for d in row.disks]}
+
+    async def wait_synced(self, name: str, timeout: float) -> Dict[str, Any]:
+        """Return once the target holds every write made before the call."""
+        row = self.store.group(name)
+        if row is None:
+            raise RequestError("no group %s on this site" % name, 404)
+        links = [self.links[d.id] for d in row.disks]
+        token = uuid.uuid4().hex
+        points: Dict[str, Tuple[int, int]] = {}
+        asked: Dict[str, Any] = {}
+        with trio.move_on_after(timeout):
+            while True:
+                for link in links:
+                    if link.row.id in points:
+                        continue
+                    reply = link.sync_replies.pop(token, None)
+                    if reply is not None:
+                        points[link.row.id] = reply
+                    elif link.connected and asked.get(link.row.id) is not link.stream:
+                        asked[link.row.id] = link.stream
+                        await link.send(lw.pack_json(lw.MSG_SYNC_REQ, {"token": token}))
+                if len(points) == len(links) and all(
+                        link.acked >= points[link.row.id] for link in links):
+                    return {"group": name, "synced": True,
+                            "disks": {link.row.name: list(points[link.row.id])
+                                      for link in links}}
+                await trio.sleep(0.02)
+        behind = []
+        for link in links:
+            if link.row.id not in points:
+                behind.append("%s: %s" % (link.row.name, "splitter not connected"
+                                          if not link.connected else "resync still running"))
+            elif link.acked < points[link.row.id]:
+                behind.append("%s: target acked %d/%d of %d/%d" % (
+                    (link.row.name,) + link.acked + points[link.row.id]))
+        raise RequestError("group %s not synced after %g s (%s)"
+                           % (name, timeout, "; ".join(behind)), 504)
+
+    # -- status --------------------------------------------------------------------------
+
+    def _group_info(self, row: GroupRow) -> Dict[str, Any]:
+        return {"group": row.name, "target": row.target,
+                "disks": [{"name": d.name, "path": d.path, "size": d.size,
+                           "nbd_uri": splitters.SplitterPaths.for_disk(self.data_dir,
+                                                                       d.id).nbd_uri}
+                          for d in row.disks]}
+
+    def status(self) -> Dict[str, Any]:
+        out = {}
+        now = time.time()
+        for row in self.store.groups():
+            shipper = self.shippers.get(row.name)
+            disks = {}
+            for d in row.disks:
+                link = self.links.get(d.id)
+                if link is None:
+                    continue
+                disks[d.name] = self._disk_status(row, d, link, shipper, now)
+            states = {v["state"] for v in disks.values()}
+            group_state = next((s for s in ("error", "splitter-down", "target-unreachable",
+                                            "target-error", "target-storage-error",
+                                            "initial-sync", "resyncing", "bitmap")
+                                if s in states), "replicating")
+            out[row.name] = {
+                "role": "source",
+                "state": group_state,
+                "target": row.target,
+                "error": shipper.error if shipper else None,
+                "rpo_seconds": max((v["rpo_seconds"] for v in disks.values()), default=0.0),
+                "bytes_sent": shipper.bytes_sent if shipper else 0,
+                "disks": disks,
+            }
+        return out
+
+    def _disk_status(self, row: GroupRow, d: DiskRow, link: DiskLink,
+                     shipper: Optional[GroupShipper], now: float) -> Dict[str, Any]:
+        paths = splitters.SplitterPaths.for_disk(self.data_dir, d.id)
+        c = link.counters if link.connected else {}
+        stale = now - link.counters_at if link.counters_at else 0.0
+        backlog = bool(c.get("queued_records") or c.get("inconsistent"))
+        rpo = c.get("lag_ns", 0) / 1e9 + (stale if backlog else 0.0)
+        if link.error:
+            state = "error"
+        elif not link.connected:
+            state = "splitter-down"
+        elif shipper is None or not shipper.live:
+            state = shipper.state if shipper else "paused"
+            if c.get("inconsistent"):
+                state = "bitmap"
+        elif c.get("inconsistent"):
+            state = "initial-sync" if c.get("initial") else "resyncing"
+        else:
+            state = "replicating"
+        return {
+            "state": state,
+            "error": link.error,
+            "path": d.path,
+            "size": d.size,
+            "nbd_uri": paths.nbd_uri,
+            "generation": link.gen,
+            "bytes_written": c.get("written_bytes", 0),
+            "bytes_shipped": link.shipped_bytes,
+            "records_shipped": link.shipped_records,
+            "bytes_queued": c.get("queued_bytes", 0),
+            "records_queued": c.get("queued_records", 0),
+            "queue_limit": c.get("queue_limit", row.queue_bytes),
+            "dirty_bytes": c.get("dirty_bytes", 0),
+            "resync_bytes": c.get("resync_bytes", 0),
+            "last_acked_seq": link.acked[1],
+            "last_acked_gen": link.acked[0],
+            "next_seq": c.get("next_seq", 0),
+            "rpo_seconds": round(rpo, 3),
+        }
+
+
+def _disk_size(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def _remove_files(paths: splitters.SplitterPaths) -> None:
+    for p in (paths.state, paths.socket, paths.pidfile):
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,144 @@
+"""Starting and stopping the nbdkit process that serves one protected disk.
+
+A splitter outlives the agent that started it: nbdkit forks into the background (after it
+has bound its socket, so a started splitter is ready) in a session of its own, and an agent
+that restarts finds it by its pid file and leaves it serving. Only ``unprotect`` (or an
+administrator) stops it, with SIGTERM, which makes the plugin save what the target is owed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import nbd_plugin
+
+PLUGIN = str(Path(nbd_plugin.__file__).resolve().parent / "splitter.py")
+SOCKET_PATH_MAX = 107
+
+
+class SplitterError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class SplitterPaths:
+    socket: str
+    pidfile: str
+    state: str
+    log: str
+
+    @classmethod
+    def for_disk(cls, data_dir: str, disk_id: str) -> SplitterPaths:
+        run = os.path.join(data_dir, "run")
+        disks = os.path.join(data_dir, "disks")
+        return cls(socket=os.path.join(run, disk_id + ".sock"),
+                   pidfile=os.path.join(run, disk_id + ".pid"),
+                   state=os.path.join(disks, disk_id + ".state.json"),
+                   log=os.path.join(disks, disk_id + ".log"))
+
+    @property
+    def nbd_uri(self) -> str:
+        return "nbd+unix:///?socket=" + self.socket
+
+
+def nbdkit_binary() -> str:
+    path = shutil.which("nbdkit")
+    if path is None:
+        raise SplitterError("nbdkit is not installed (Debian: apt-get install nbdkit "
+                            "nbdkit-plugin-python)")
+    return path
+
+
+def running_pid(paths: SplitterPaths, disk_id: str) -> Optional[int]:
+    """The pid of this disk's nbdkit if it runs, else None (a stale pid file is ignored)."""
+    try:
+        with open(paths.pidfile) as f:
+            pid = int(f.read().strip())
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            cmdline = f.read().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    if ("disk_id=%s" % disk_id).encode() not in cmdline:
+        return None
+    return pid
+
+
+def start(paths: SplitterPaths, disk_id: str, disk_path: str, agent_socket: str,
+          group: str, name: str, queue_bytes: int, threads: int = 16) -> int:
+    """Start nbdkit for a disk unless it already runs; return its pid once it serves."""
+    pid = running_pid(paths, disk_id)
+    if pid is not None:
+        return pid
+    if len(paths.socket) > SOCKET_PATH_MAX:
+        raise SplitterError("socket path %s is longer than %d bytes: use a shorter --data "
+                            "directory" % (paths.socket, SOCKET_PATH_MAX))
+    os.makedirs(os.path.dirname(paths.socket), exist_ok=True)
+    os.makedirs(os.path.dirname(paths.state), exist_ok=True)
+    for stale in (paths.socket, paths.pidfile):
+        try:
+            os.unlink(stale)
+        except FileNotFoundError:
+            pass
+    cmd = [nbdkit_binary(), "--unix", paths.socket, "--pidfile", paths.pidfile,
+           "--log=stderr", "--threads", str(threads),
+           "python", PLUGIN, "disk=" + disk_path, "agent=" + agent_socket,
+           "state=" + paths.state, "disk_id=" + disk_id, "group=" + group, "name=" + name,
+           "queue=%d" % queue_bytes]
+    with open(paths.log, "ab") as logf:
+        logf.write(("--- %s starting: %s\n" % (time.strftime("%F %T"), " ".join(cmd))).encode())
+        logf.flush()
+        try:
+            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                  start_new_session=True, timeout=60, check=False)
+        except subprocess.TimeoutExpired:
+            raise SplitterError("nbdkit for %s did not start within 60 s; see %s"
+                                % (disk_path, paths.log)) from None
+    if proc.returncode != 0:
+        raise SplitterError("nbdkit for %s failed to start (exit %d): %s"
+                            % (disk_path, proc.returncode, _tail(paths.log)))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        pid = running_pid(paths, disk_id)
+        if pid is not None:
+            return pid
+        time.sleep(0.02)
+    raise SplitterError("nbdkit for %s started but wrote no pid file; see %s"
+                        % (disk_path, paths.log))
+
+
+def stop(paths: SplitterPaths, disk_id: str, timeout: float = 30) -> bool:
+    """Stop the disk's nbdkit cleanly (it saves its state); True if one was running."""
+    pid = running_pid(paths, disk_id)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not os.path.exists("/proc/%d" % pid) or _is_zombie(pid):
+            return True
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    return True
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _tail(path: str, lines: int = 5) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return " | ".join(line.strip() for line in f.readlines()[-lines:])
+    except OSError:
+        return "(no log)"

@@ -1,0 +1,205 @@
+"""The receiving half of an agent: accepts source agents and keeps their groups' journals.
+
+One connection carries one group. A session is HELLO/WELCOME, OPEN/OPENED (the target
+answers with what it already holds durably, so the source resends only what is missing),
+then BATCH frames, each answered by an ACK once its records are durable in the journal. Any
+frame that does not hold together ends the connection with an ERROR frame and a log line;
+``TargetGroup.accept`` checks a whole batch before it writes any of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from typing import Any, Dict, List, Optional, Tuple
+
+import trio
+
+from . import wire
+from .peer import FrameStream
+from .replica import NoConsistentState, SizeMismatch, TargetGroup
+
+log = logging.getLogger("ferry.target")
+
+PROTOCOL = 1
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class TargetSite:
+    def __init__(self, data_dir: str, site: str) -> None:
+        self.root = os.path.join(data_dir, "target")
+        self.site = site
+        os.makedirs(self.root, exist_ok=True)
+        self.groups: Dict[str, TargetGroup] = {}
+        self._owners: Dict[str, trio.CancelScope] = {}
+        self._sessions: Dict[str, Dict[str, Any]] = {}
+        self._locks: Dict[str, trio.Lock] = {}
+
+    def load(self) -> None:
+        """Open every group this site already holds (restore works without a source)."""
+        for name in sorted(os.listdir(self.root)):
+            meta_path = os.path.join(self.root, name, "meta.json")
+            if not os.path.exists(meta_path):
+                continue
+            with open(meta_path) as f:
+                meta = json.load(f)
+            disks = [(d["name"], d["size"]) for d in meta.get("disks", [])]
+            self.groups[name] = TargetGroup(os.path.join(self.root, name), name, disks,
+                                            protection=meta.get("protection"))
+            log.info("holding group %s (%d disks)", name, len(disks))
+
+    def close(self) -> None:
+        for group in self.groups.values():
+            group.close()
+        self.groups.clear()
+
+    async def serve(self, host: str, port: int, *,
+                    task_status: trio.TaskStatus[List[Any]] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(port, host=host or None)
+        task_status.started(listeners)
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            peer = "%s:%s" % stream.socket.getpeername()[:2]
+        except OSError:
+            peer = "?"
+        fs = FrameStream(stream, peer)
+        group_name: Optional[str] = None
+        scope = trio.CancelScope()
+        try:
+            hello = await fs.expect(wire.T_HELLO)
+            if wire.field(hello, "protocol", int) != PROTOCOL:
+                raise wire.ProtocolError("protocol %r, this agent speaks %d"
+                                         % (hello.get("protocol"), PROTOCOL))
+            await fs.send(wire.T_WELCOME, {"protocol": PROTOCOL, "site": self.site})
+            opened = await fs.expect(wire.T_OPEN)
+            group_name, disks, protection = _parse_open(opened)
+            with scope:
+                self._take_over(group_name, scope)
+                try:
+                    group = await self._open_group(group_name, disks, protection)
+                except SizeMismatch as e:
+                    log.error("refusing group %s from %s: %s", group_name, peer, e)
+                    await fs.send_error(wire.E_SIZE_MISMATCH, str(e))
+                    return
+                await fs.send(wire.T_OPENED, {"group": group_name,
+                                              "durable": [list(d) for d in group.durable()]})
+                if opened.get("probe"):
+                    return
+                log.info("replicating group %s from %s", group_name, peer)
+                self._sessions[group_name] = {"peer": peer, "batches": 0, "records": 0,
+                                              "bytes": 0}
+                await self._receive_batches(fs, group)
+        except wire.RemoteError as e:
+            log.warning("source %s ended the session: %s: %s", peer, e.code, e)
+        except wire.ProtocolError as e:
+            log.error("dropping connection from %s: %s (no replica was touched)", peer, e)
+            await fs.send_error(wire.E_PROTOCOL, str(e))
+        except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError,
+                ConnectionError) as e:
+            log.info("connection from %s ended: %s", peer, e or type(e).__name__)
+        except OSError as e:
+            log.error("group %s: storage error: %s", group_name, e)
+            await fs.send_error(wire.E_STORAGE, str(e))
+        finally:
+            if group_name is not None and self._owners.get(group_name) is scope:
+                del self._owners[group_name]
+                self._sessions.pop(group_name, None)
+            await fs.aclose()
+
+    def _take_over(self, name: str, scope: trio.CancelScope) -> None:
+        """A new session for a group replaces an older one (the source reconnected)."""
+        old = self._owners.get(name)
+        if old is not None:
+            old.cancel()
+        self._owners[name] = scope
+
+    async def _open_group(self, name: str, disks: List[Tuple[str, int]],
+                          protection: str) -> TargetGroup:
+        lock = self._locks.setdefault(name, trio.Lock())
+        async with lock:
+            group = self.groups.get(name)
+            if group is not None and [(d.name, d.size) for d in group.disks] == disks \
+                    and group.protection == protection:
+                return group
+            if group is not None:
+                self.groups.pop(name)
+                await trio.to_thread.run_sync(group.close)
+            group = await trio.to_thread.run_sync(
+                lambda: TargetGroup(os.path.join(self.root, name), name, disks,
+                                    protection=protection))
+            self.groups[name] = group
+            return group
+
+    async def _receive_batches(self, fs: FrameStream, group: TargetGroup) -> None:
+        session = self._sessions[group.name]
+        while True:
+            ftype, body = await fs.receive()
+            if ftype != wire.T_BATCH:
+                raise wire.ProtocolError("expected BATCH, got %s" % wire.TYPE_NAMES[ftype])
+            if wire.field(body, "group", str) != group.name:
+                raise wire.ProtocolError("BATCH for group %r on a session of group %r"
+                                         % (body.get("group"), group.name))
+            records = wire.decode_batch(body)
+            await trio.to_thread.run_sync(group.accept, records)
+            session["batches"] += 1
+            session["records"] += len(records)
+            session["bytes"] += sum(r.length for r in records if r.data is not None)
+            await fs.send(wire.T_ACK, {"group": group.name,
+                                       "durable": [list(d) for d in group.durable()]})
+
+    # -- requests from the API -----------------------------------------------------------
+
+    async def restore(self, group: str, disk: str, dest: str) -> Dict[str, Any]:
+        g = self.groups.get(group)
+        if g is None:
+            raise LookupError("group %s is not replicated to this site" % group)
+        if disk not in [d.name for d in g.disks]:
+            raise LookupError("group %s has no disk %s (it has %s)"
+                              % (group, disk, ", ".join(d.name for d in g.disks)))
+        dest = os.path.abspath(dest)
+        if os.path.exists(dest):
+            raise FileExistsError("%s already exists; restore writes a new file" % dest)
+        if not os.path.isdir(os.path.dirname(dest)):
+            raise FileNotFoundError("directory %s does not exist" % os.path.dirname(dest))
+        try:
+            return await trio.to_thread.run_sync(g.restore, disk, dest)
+        except NoConsistentState as e:
+            raise LookupError(str(e)) from None
+
+    def status(self) -> Dict[str, Any]:
+        out = {}
+        for name, g in self.groups.items():
+            st = g.status()
+            st["source"] = self._sessions.get(name)
+            st["connected"] = name in self._sessions
+            out[name] = st
+        return out
+
+
+def _parse_open(body: dict) -> Tuple[str, List[Tuple[str, int]], str]:
+    name = wire.name_field(body, "group")
+    if not NAME_RE.match(name):
+        raise wire.ProtocolError("bad group name %r" % name)
+    protection = wire.field(body, "protection", str)
+    disks_raw = wire.field(body, "disks", list)
+    if not 1 <= len(disks_raw) <= wire.MAX_DISKS:
+        raise wire.ProtocolError("a group has 1 to %d disks, not %d"
+                                 % (wire.MAX_DISKS, len(disks_raw)))
+    disks = []
+    for d in disks_raw:
+        if not isinstance(d, dict):
+            raise wire.ProtocolError("disk entry is not a map")
+        dname = wire.name_field(d, "name")
+        if not NAME_RE.match(dname):
+            raise wire.ProtocolError("bad disk name %r" % dname)
+        size = wire.field(d, "size", int)
+        if not 0 < size < 1 << 56:
+            raise wire.ProtocolError("disk %s has a bad size %d" % (dname, size))
+        disks.append((dname, size))
+    if len({d[0] for d in disks}) != len(disks):
+        raise wire.ProtocolError("disk names repeat")
+    return name, disks, protection

@@ -1,0 +1,324 @@
+"""The splitter's change log: what a disk's writes owe the target site.
+
+Theory of operation
+-------------------
+A guest write goes through three steps, all in the caller's thread:
+
+1. ``begin(offset, length)`` takes a range lock: a write never runs beside another write,
+   or a resync read, that overlaps it. Non-overlapping writes run in parallel.
+2. The caller writes the local disk (the VM's write, with its flags, comes first).
+3. ``commit(...)`` gives the change the next sequence number and puts it in the queue,
+   then drops the range lock. Because the sequence number is taken while the range is
+   locked and after the local write, two overlapping writes get sequence numbers in the
+   order the disk saw them, and the sequence order is the order in which writes
+   completed: any prefix of the stream is a crash-consistent state of the disk.
+
+The queue holds every record the target has not acked yet, split in *sent* and *unsent*,
+and is bounded in bytes. A change that does not fit is not queued: its range goes to the
+dirty map and the stream becomes inconsistent (records carry ``FLAG_INCONSISTENT``) until a
+resync has read every dirty range back from the disk (``resync_take`` / ``commit`` with
+``FLAG_RESYNC``, under the same range lock), at which point a ``KIND_CONSISTENT`` marker
+tells the target that the stream is whole again. Nothing here ever blocks a writer for
+longer than an overlapping write or resync read takes.
+
+The link thread drains the queue with ``take``, and ``ack`` frees it. After a reconnect,
+``rewind`` makes every unacked record unsent again so it is sent once more; the target
+drops the duplicates by sequence number.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Callable, Deque, Dict, List, Optional, Tuple
+
+from .dirtymap import DirtyMap
+from .localwire import (
+    FLAG_INCONSISTENT,
+    FLAG_RESYNC,
+    KIND_CONSISTENT,
+    KIND_FLUSH,
+    KIND_WRITE,
+    RECORD,
+    Record,
+)
+
+Clock = Callable[[], int]
+
+
+class Stats:
+    """Counters for status and metrics; read without the lock (torn reads are harmless)."""
+
+    def __init__(self) -> None:
+        self.written_bytes = 0      # bytes of guest writes, zeroes and trims
+        self.queued_records = 0     # records ever queued
+        self.dirtied_bytes = 0      # bytes of changes that went to the dirty map
+        self.resync_bytes = 0       # bytes read back from the disk by resyncs
+        self.sent_bytes = 0         # record bytes handed to the agent
+
+
+class ChangeLog:
+    def __init__(
+        self,
+        gen: int,
+        queue_limit: int,
+        dirty: Optional[DirtyMap] = None,
+        clock: Clock = time.monotonic_ns,
+    ) -> None:
+        self.gen = gen
+        self.queue_limit = queue_limit
+        self.dirty = dirty if dirty is not None else DirtyMap()
+        self.stats = Stats()
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._range_free = threading.Condition(self._lock)
+        self._work = threading.Condition(self._lock)
+        self._inflight: Dict[int, Tuple[int, int]] = {}
+        self._next_token = 1
+        self._range_waiters = 0
+        self._sent: Deque[Record] = deque()
+        self._unsent: Deque[Record] = deque()
+        self._queued_bytes = 0
+        self._next_seq = 1
+        self._acked_seq = 0
+        self._resyncing = 0          # resync reads taken but not committed yet
+        self._inconsistent = bool(self.dirty)
+        self._inconsistent_since = clock() if self._inconsistent else 0
+        self._unflushed = False
+        self._sync_waiting: List[str] = []
+        self._sync_ready: List[Tuple[str, int]] = []
+        self._closed = False
+        self.initial = False  # the open dirty epoch is the initial sync of a new protection
+
+    # -- the write path ------------------------------------------------------------------
+
+    def begin(self, offset: int, length: int) -> int:
+        """Lock ``[offset, offset + length)`` against overlapping writes; return a token."""
+        end = offset + length
+        with self._lock:
+            while any(s < end and offset < e for s, e in self._inflight.values()):
+                self._range_waiters += 1
+                try:
+                    self._range_free.wait()
+                finally:
+                    self._range_waiters -= 1
+            token = self._next_token
+            self._next_token += 1
+            self._inflight[token] = (offset, end)
+            return token
+
+    def release(self, token: int) -> None:
+        """Drop a range lock without recording a change (the local write failed)."""
+        with self._lock:
+            self._release(token)
+
+    def _release(self, token: int) -> None:
+        del self._inflight[token]
+        if self._range_waiters:
+            self._range_free.notify_all()
+
+    def commit(
+        self,
+        token: int,
+        kind: int,
+        offset: int,
+        length: int,
+        data: Optional[bytes] = None,
+        flags: int = 0,
+    ) -> None:
+        """Record a change made to the disk under ``token`` and drop the range lock."""
+        with self._lock:
+            self._release(token)
+            self.stats.written_bytes += length if not flags & FLAG_RESYNC else 0
+            if flags & FLAG_RESYNC:
+                # Admitted by resync_take, which checked there was room.
+                self._resyncing -= 1
+                self.stats.resync_bytes += length
+                self._append(kind, offset, length, data, flags)
+                self._maybe_consistent()
+                return
+            nbytes = RECORD.size + (length if kind == KIND_WRITE else 0)
+            if self._queued_bytes + nbytes > self.queue_limit:
+                self.dirty.add(offset, length)
+                self.stats.dirtied_bytes += length
+                self._set_inconsistent()
+                self._unflushed = True
+                self._work.notify()
+                return
+            self._append(kind, offset, length, data, flags)
+            self._unflushed = True
+
+    def flush(self) -> None:
+        """Record an ordering point after the disk was flushed (only if anything changed)."""
+        with self._lock:
+            if not self._unflushed:
+                return
+            self._unflushed = False
+            if self._queued_bytes + RECORD.size <= self.queue_limit:
+                self._append(KIND_FLUSH, 0, 0, None, 0)
+
+    def _append(self, kind: int, offset: int, length: int, data: Optional[bytes],
+                flags: int) -> None:
+        if self._inconsistent:
+            flags |= FLAG_INCONSISTENT
+        r = Record(self._next_seq, self._clock(), offset, length, self.gen, kind, flags, data)
+        self._next_seq += 1
+        self._unsent.append(r)
+        self._queued_bytes += r.nbytes
+        self.stats.queued_records += 1
+        self._work.notify()
+
+    def _set_inconsistent(self) -> None:
+        if not self._inconsistent:
+            self._inconsistent = True
+            self._inconsistent_since = self._clock()
+
+    def _maybe_consistent(self) -> None:
+        if self._inconsistent and not self.dirty and not self._resyncing:
+            self._inconsistent = False
+            self.initial = False
+            self._append(KIND_CONSISTENT, 0, 0, None, 0)
+            seq = self._next_seq - 1
+            self._sync_ready.extend((token, seq) for token in self._sync_waiting)
+            self._sync_waiting.clear()
+
+    # -- resync --------------------------------------------------------------------------
+
+    def resync_take(self, max_length: int) -> Optional[Tuple[int, int, int]]:
+        """Take a dirty range to read back from the disk, range-locked, if the queue has
+        room for it: ``(offset, length, token)``; the caller reads the disk and calls
+        ``commit(token, ..., flags=FLAG_RESYNC)`` or ``resync_abort``."""
+        with self._lock:
+            if not self.dirty or self._queued_bytes + RECORD.size + max_length > self.queue_limit:
+                return None
+            region = self.dirty.pop(max_length)
+            assert region is not None
+            offset, length = region
+            self._resyncing += 1
+        try:
+            token = self.begin(offset, length)
+        except BaseException:
+            self.resync_abort(None, offset, length)
+            raise
+        return offset, length, token
+
+    def resync_abort(self, token: Optional[int], offset: int, length: int) -> None:
+        """The read failed: put the range back in the dirty map."""
+        with self._lock:
+            if token is not None:
+                self._release(token)
+            self._resyncing -= 1
+            self.dirty.add(offset, length)
+
+    def mark_dirty(self, ranges: List[Tuple[int, int]]) -> None:
+        """Ranges owed from before this run (initial sync, a restart): resync them."""
+        with self._lock:
+            for offset, length in ranges:
+                self.dirty.add(offset, length)
+            if self.dirty:
+                self._set_inconsistent()
+                self._work.notify()
+
+    # -- the link side -------------------------------------------------------------------
+
+    def take(self, max_bytes: int, timeout: float) -> List[Record]:
+        """Move up to ``max_bytes`` of unsent records to sent and return them (at least
+        one if any is unsent); waits up to ``timeout`` seconds for work."""
+        with self._lock:
+            if not self._unsent and not self._closed:
+                self._work.wait(timeout)
+            out: List[Record] = []
+            size = 0
+            while self._unsent and (not out or size + self._unsent[0].nbytes <= max_bytes):
+                r = self._unsent.popleft()
+                self._sent.append(r)
+                out.append(r)
+                size += r.nbytes
+            self.stats.sent_bytes += size
+            return out
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._unsent or self._sync_ready)
+
+    def ack(self, gen: int, seq: int) -> None:
+        """The target holds every record up to ``seq`` durably: free them."""
+        if gen != self.gen:
+            return
+        with self._lock:
+            if seq <= self._acked_seq:
+                return
+            self._acked_seq = seq
+            for q in (self._sent, self._unsent):
+                while q and q[0].seq <= seq:
+                    self._queued_bytes -= q.popleft().nbytes
+            self._work.notify()
+
+    def rewind(self) -> None:
+        """A new connection: everything not acked must be sent again, oldest first."""
+        with self._lock:
+            self._sent.extend(self._unsent)
+            self._unsent = self._sent
+            self._sent = deque()
+
+    def request_sync(self, token: str) -> None:
+        """Ask for the sequence number that covers every change made before this call;
+        the answer comes out of ``sync_replies`` once no region is left dirty."""
+        with self._lock:
+            if self._inconsistent:
+                self._sync_waiting.append(token)
+            else:
+                self._sync_ready.append((token, self._next_seq - 1))
+            self._work.notify()
+
+    def sync_replies(self) -> List[Tuple[str, int]]:
+        with self._lock:
+            out, self._sync_ready = self._sync_ready, []
+            return out
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._work.notify_all()
+
+    # -- views for status and persistence ------------------------------------------------
+
+    def counters(self) -> Dict[str, int]:
+        with self._lock:
+            oldest = self._sent[0] if self._sent else (self._unsent[0] if self._unsent else None)
+            now = self._clock()
+            since = oldest.time_ns if oldest is not None else now
+            if self._inconsistent:
+                since = min(since, self._inconsistent_since)
+            return {
+                "gen": self.gen,
+                "next_seq": self._next_seq,
+                "acked_seq": self._acked_seq,
+                "queued_bytes": self._queued_bytes,
+                "queued_records": len(self._sent) + len(self._unsent),
+                "queue_limit": self.queue_limit,
+                "dirty_bytes": self.dirty.bytes,
+                "dirty_ranges": len(self.dirty),
+                "inconsistent": int(self._inconsistent),
+                "initial": int(self.initial),
+                "lag_ns": now - since,
+                "written_bytes": self.stats.written_bytes,
+                "dirtied_bytes": self.stats.dirtied_bytes,
+                "resync_bytes": self.stats.resync_bytes,
+                "sent_bytes": self.stats.sent_bytes,
+            }
+
+    def owed_ranges(self) -> List[Tuple[int, int]]:
+        """Every range the target may lack: the dirty map plus every unacked change."""
+        with self._lock:
+            m = DirtyMap(max_ranges=self.dirty.max_ranges)
+            for offset, length in self.dirty.ranges():
+                m.add(offset, length)
+            for q in (self._sent, self._unsent):
+                for r in q:
+                    if r.length:
+                        m.add(r.offset, r.length)
+            for offset, end in self._inflight.values():
+                m.add(offset, end - offset)
+            return m.ranges()

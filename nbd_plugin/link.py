@@ -1,0 +1,174 @@
+"""The splitter's link to its host agent: one thread that keeps a Unix socket connected and
+moves the change log onto it, and one reader thread per connection for the agent's replies.
+
+Nothing here is on the VM's I/O path: when the agent is gone or slow, these threads wait or
+retry, the change log fills, and the writers spill into the dirty map. Resync reads (dirty
+ranges read back from the disk) are done here, only while an agent is connected.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+import time
+from typing import Any, Callable, Dict, Optional
+
+from . import localwire as lw
+from .changelog import ChangeLog
+from .disk import LocalDisk
+
+MAX_BATCH = 4 * 1024 * 1024
+RESYNC_CHUNK = 1024 * 1024
+STATE_INTERVAL = 0.5
+RETRY_INTERVAL = 0.5
+
+
+def log(msg: str) -> None:
+    sys.stderr.write("ferry-splitter: %s\n" % msg)
+    sys.stderr.flush()
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    while view:
+        got = sock.recv_into(view)
+        if got == 0:
+            raise ConnectionError("agent closed the connection")
+        view = view[got:]
+    return bytes(buf)
+
+
+class Link:
+    def __init__(self, log_: ChangeLog, disk: LocalDisk, socket_path: str,
+                 hello: Dict[str, Any], clock: Callable[[], int] = time.monotonic_ns) -> None:
+        self.changelog = log_
+        self.disk = disk
+        self.socket_path = socket_path
+        self.hello = hello
+        self.clock = clock
+        self.connected = False
+        self._stop = threading.Event()
+        self._sock: Optional[socket.socket] = None
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="ferry-link", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.changelog.close()
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        last_error = None
+        while not self._stop.is_set():
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(self.socket_path)
+            except OSError as e:
+                sock.close()
+                if str(e) != last_error:
+                    log("agent not reachable at %s (%s); retrying" % (self.socket_path, e))
+                    last_error = str(e)
+                self._stop.wait(RETRY_INTERVAL)
+                continue
+            last_error = None
+            self._sock = sock
+            try:
+                self._serve(sock)
+            except (OSError, lw.ProtocolError) as e:
+                if not self._stop.is_set():
+                    log("link to agent lost: %s" % e)
+            finally:
+                self.connected = False
+                self._sock = None
+                sock.close()
+            self._stop.wait(RETRY_INTERVAL)
+
+    def _serve(self, sock: socket.socket) -> None:
+        sock.sendall(lw.pack_json(lw.MSG_HELLO, self.hello))
+        self.changelog.rewind()
+        reader_error: list = []
+        reader = threading.Thread(target=self._read, args=(sock, reader_error),
+                                  name="ferry-link-reader", daemon=True)
+        reader.start()
+        self.connected = True
+        log("connected to agent")
+        next_state = 0.0
+        try:
+            while not self._stop.is_set() and reader.is_alive():
+                for token, seq in self.changelog.sync_replies():
+                    sock.sendall(lw.pack_json(lw.MSG_SYNC_REPLY,
+                                              {"token": token, "gen": self.changelog.gen,
+                                               "seq": seq}))
+                now = time.monotonic()
+                if now >= next_state:
+                    sock.sendall(lw.pack_json(lw.MSG_STATE, self.changelog.counters()))
+                    next_state = now + STATE_INTERVAL
+                records = self.changelog.take(MAX_BATCH, timeout=0.0 if self._resync_pending()
+                                              else 0.1)
+                if records:
+                    sock.sendall(b"".join(lw.pack_records(records, self.clock())))
+                else:
+                    self._resync_step()
+        finally:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            reader.join(timeout=10)
+        if reader_error:
+            raise reader_error[0]
+
+    def _resync_pending(self) -> bool:
+        return bool(self.changelog.dirty)
+
+    def _resync_step(self) -> None:
+        taken = self.changelog.resync_take(RESYNC_CHUNK)
+        if taken is None:
+            return
+        offset, length, token = taken
+        try:
+            if self.disk.is_hole(offset, length):
+                kind, data = lw.KIND_ZERO, None
+            else:
+                data = self.disk.read(offset, length)
+                kind = lw.KIND_ZERO if data.count(0) == length else lw.KIND_WRITE
+                if kind == lw.KIND_ZERO:
+                    data = None
+        except OSError as e:
+            self.changelog.resync_abort(token, offset, length)
+            log("resync read of %d bytes at %d failed: %s" % (length, offset, e))
+            self._stop.wait(RETRY_INTERVAL)
+            return
+        self.changelog.commit(token, kind, offset, length, data, flags=lw.FLAG_RESYNC)
+
+    def _read(self, sock: socket.socket, errors: list) -> None:
+        try:
+            while True:
+                msg_type, length = lw.unpack_header(recv_exact(sock, lw.HEADER.size))
+                payload = recv_exact(sock, length)
+                if msg_type == lw.MSG_ACK:
+                    self.changelog.ack(*lw.unpack_ack(payload))
+                elif msg_type == lw.MSG_REWIND:
+                    self.changelog.rewind()
+                elif msg_type == lw.MSG_SYNC_REQ:
+                    token = lw.unpack_json(payload).get("token")
+                    if not isinstance(token, str):
+                        raise lw.ProtocolError("SYNC_REQ without a token")
+                    self.changelog.request_sync(token)
+                else:
+                    raise lw.ProtocolError("unexpected message type %d from agent" % msg_type)
+        except (OSError, lw.ProtocolError) as e:
+            if not self._stop.is_set():
+                errors.append(e)

@@ -1,0 +1,206 @@
+"""Ferry's splitter: the nbdkit Python plugin in a protected disk's I/O path.
+
+    nbdkit --unix SOCK python splitter.py disk=PATH agent=AGENT_SOCK state=STATE_FILE \
+        disk_id=ID [queue=BYTES] [name=NAME] [group=GROUP]
+
+Every request does the local disk first, with the client's flags, and only then records the
+change for the agent (see changelog.py). Nothing about replication can fail a request: only
+an error of the local disk reaches the client, with its errno.
+
+Thread model: parallel. Overlapping writes are ordered by the change log's range lock;
+reads take no lock (a read racing a write to the same blocks may see either, as on a disk).
+Standard library only, Python 3.9 and later: nbdkit embeds the system Python.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import nbdkit  # noqa: E402  (provided by nbdkit's python plugin)
+
+from nbd_plugin import localwire as lw  # noqa: E402
+from nbd_plugin import state as statefile  # noqa: E402
+from nbd_plugin.changelog import ChangeLog  # noqa: E402
+from nbd_plugin.dirtymap import DirtyMap  # noqa: E402
+from nbd_plugin.disk import LocalDisk  # noqa: E402
+from nbd_plugin.link import Link, log  # noqa: E402
+
+API_VERSION = 2
+
+DEFAULT_QUEUE = 256 * 1024 * 1024
+DEFAULT_DIRTY_RANGES = 200_000
+
+_config = {
+    "disk": None, "agent": None, "state": None, "disk_id": None, "name": None,
+    "group": None, "queue": str(DEFAULT_QUEUE), "dirty_ranges": str(DEFAULT_DIRTY_RANGES),
+}
+_disk = None
+_log = None
+_link = None
+
+
+def _fail(err, msg):
+    nbdkit.set_error(err)
+    raise OSError(err, msg)
+
+
+def config(key, value):
+    if key not in _config:
+        raise RuntimeError("ferry splitter: unknown parameter %r (known: %s)"
+                           % (key, ", ".join(sorted(_config))))
+    _config[key] = value
+
+
+def config_complete():
+    for key in ("disk", "agent", "state", "disk_id"):
+        if not _config[key]:
+            raise RuntimeError("ferry splitter: %s=... is required" % key)
+    for key in ("queue", "dirty_ranges"):
+        try:
+            if int(_config[key]) <= 0:
+                raise ValueError
+        except ValueError:
+            raise RuntimeError("ferry splitter: %s=%r is not a positive integer"
+                               % (key, _config[key])) from None
+
+
+def config_help():
+    return ("disk=PATH       protected disk (raw file or block device)\n"
+            "agent=SOCKET    the host agent's splitter socket\n"
+            "state=FILE      the splitter's state file\n"
+            "disk_id=ID      the disk's id in the agent\n"
+            "queue=BYTES     bound of the in-memory change queue\n"
+            "dirty_ranges=N  budget of the dirty map, in ranges")
+
+
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+def get_ready():
+    global _disk, _log
+    _disk = LocalDisk(_config["disk"])
+    loaded = statefile.load(_config["state"], _disk.size)
+    log("disk %s (%d bytes), generation %d: %s"
+        % (_config["disk"], _disk.size, loaded.gen, loaded.reason))
+    _log = ChangeLog(loaded.gen, int(_config["queue"]),
+                     DirtyMap(max_ranges=int(_config["dirty_ranges"])))
+    _log.mark_dirty([(0, _disk.size)] if loaded.dirty is None else loaded.dirty)
+    _log.initial = loaded.gen == 1 and loaded.dirty is None
+
+
+def after_fork():
+    # Threads must start after nbdkit has forked into the background.
+    global _link
+    hello = {"disk_id": _config["disk_id"], "name": _config["name"], "group": _config["group"],
+             "gen": _log.gen, "size": _disk.size, "pid": os.getpid()}
+    _link = Link(_log, _disk, _config["agent"], hello)
+    _link.start()
+
+
+def cleanup():
+    if _link is not None:
+        _link.stop()
+    if _log is not None and _disk is not None:
+        statefile.save(_config["state"], _log.gen, _disk.size, clean=True,
+                       dirty=_log.owed_ranges())
+        log("clean stop: state saved")
+    if _disk is not None:
+        _disk.close()
+
+
+def open(readonly):
+    return {}
+
+
+def get_size(h):
+    return _disk.size
+
+
+def can_write(h):
+    return True
+
+
+def can_flush(h):
+    return True
+
+
+def can_fua(h):
+    return nbdkit.FUA_NATIVE
+
+
+def can_zero(h):
+    return True
+
+
+def can_fast_zero(h):
+    return False
+
+
+def can_trim(h):
+    return not _disk.is_block
+
+
+def can_multi_conn(h):
+    # One file under all connections: a flush on any flushes every connection's writes.
+    return True
+
+
+def is_rotational(h):
+    return False
+
+
+def pread(h, buf, offset, flags):
+    try:
+        _disk.pread(buf, offset)
+    except OSError as e:
+        _fail(e.errno or errno.EIO, "read: %s" % e)
+
+
+def pwrite(h, buf, offset, flags):
+    length = len(buf)
+    token = _log.begin(offset, length)
+    try:
+        _disk.pwrite(buf, offset, fua=bool(flags & nbdkit.FLAG_FUA))
+    except OSError as e:
+        _log.release(token)
+        _fail(e.errno or errno.EIO, "write: %s" % e)
+    # nbdkit owns buf and reuses it once we return: the queue gets a copy.
+    _log.commit(token, lw.KIND_WRITE, offset, length, bytes(buf),
+                lw.FLAG_FUA if flags & nbdkit.FLAG_FUA else 0)
+
+
+def zero(h, count, offset, flags):
+    if flags & nbdkit.FLAG_FAST_ZERO:
+        _fail(errno.EOPNOTSUPP, "fast zero is not offered")
+    token = _log.begin(offset, count)
+    fua = bool(flags & nbdkit.FLAG_FUA)
+    try:
+        _disk.zero(offset, count, may_trim=bool(flags & nbdkit.FLAG_MAY_TRIM), fua=fua)
+    except OSError as e:
+        _log.release(token)
+        _fail(e.errno or errno.EIO, "zero: %s" % e)
+    _log.commit(token, lw.KIND_ZERO, offset, count, None, lw.FLAG_FUA if fua else 0)
+
+
+def trim(h, count, offset, flags):
+    token = _log.begin(offset, count)
+    fua = bool(flags & nbdkit.FLAG_FUA)
+    try:
+        _disk.trim(offset, count, fua=fua)
+    except OSError as e:
+        _log.release(token)
+        _fail(e.errno or errno.EIO, "trim: %s" % e)
+    _log.commit(token, lw.KIND_TRIM, offset, count, None, lw.FLAG_FUA if fua else 0)
+
+
+def flush(h, flags):
+    try:
+        _disk.flush()
+    except OSError as e:
+        _fail(e.errno or errno.EIO, "flush: %s" % e)
+    _log.flush()

@@ -1,0 +1,83 @@
+"""The splitter's state file: its generation and what the target is owed across restarts.
+
+The file is small JSON, replaced atomically (write a temporary file, fdatasync it, rename
+it over the old one, fsync the directory), so it is always either the old or the new one::
+
+    {"version": 1, "gen": 7, "clean": true, "size": 1073741824, "dirty": [[off, len], ...]}
+
+At start the splitter reads it and at once replaces it with ``clean: false`` and the next
+generation. A clean stop writes ``clean: true`` with every range the target may lack. On
+the next start:
+
+- no file: a new protection; the whole disk is owed (initial sync);
+- ``clean: true`` and the same size: the saved ranges are owed;
+- ``clean: false`` (killed, host crash) or another size: the whole disk is owed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import List, NamedTuple, Optional, Tuple
+
+VERSION = 1
+
+
+class Loaded(NamedTuple):
+    gen: int
+    dirty: Optional[List[Tuple[int, int]]]  # None: the whole disk is owed
+    reason: str
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data``; when this returns, the new content survives a crash."""
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def load(path: str, size: int) -> Loaded:
+    """Read the state left by the previous run and mark this run as started."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        gen, dirty, reason = 1, None, "new protection: initial sync of the whole disk"
+    else:
+        try:
+            obj = json.loads(raw)
+            gen = int(obj["gen"]) + 1
+            clean = bool(obj["clean"])
+            saved_size = int(obj["size"])
+            ranges = [(int(o), int(n)) for o, n in obj["dirty"]]
+        except (ValueError, KeyError, TypeError) as e:
+            # A state file we cannot read costs a full resync, never a wrong replica.
+            gen, dirty = 1, None
+            reason = "unreadable state file (%s): full resync" % e
+        else:
+            if not clean:
+                dirty, reason = None, "previous run did not stop cleanly: full resync"
+            elif saved_size != size:
+                dirty, reason = None, "disk size changed: full resync"
+            else:
+                dirty, reason = ranges, "clean restart: %d ranges owed" % len(ranges)
+    save(path, gen, size, clean=False, dirty=[])
+    return Loaded(gen, dirty, reason)
+
+
+def save(path: str, gen: int, size: int, clean: bool, dirty: List[Tuple[int, int]]) -> None:
+    obj = {"version": VERSION, "gen": gen, "clean": clean, "size": size,
+           "dirty": [list(r) for r in dirty]}
+    write_atomic(path, json.dumps(obj, separators=(",", ":")).encode())
