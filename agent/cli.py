@@ -20,9 +20,6 @@ SIZE_RE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.I)
 class Failure(click.ClickException):
     """One line for the user, exit status 1."""
 
-    def show(self, file: Any = None) -> None:
-        click.echo("ferry: error: %s" % self.message, err=True)
-
 
 def parse_size(text: str) -> int:
     m = SIZE_RE.match(text.strip())
@@ -55,12 +52,30 @@ def call(api: str, method: str, path: str, body: Optional[Dict[str, Any]] = None
 @click.option("--api", envvar="FERRY_API", default=DEFAULT_API, show_default=True,
               help="URL of the agent's HTTP API (or $FERRY_API).")
 @click.pass_context
-def main(ctx: click.Context, api: str) -> None:
+def cli(ctx: click.Context, api: str) -> None:
     """Ferry: continuous replication of KVM virtual machine disks."""
     ctx.obj = api
 
 
-@main.command()
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point: every error is one line on stderr and a non-zero exit status."""
+    try:
+        cli.main(args=argv, prog_name="ferry", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("ferry: aborted", err=True)
+        return 130
+    except click.UsageError as e:
+        hint = " (see ferry %s--help)" % (e.ctx.command_path.split(" ", 1)[1] + " "
+                                          if e.ctx and " " in e.ctx.command_path else "")
+        click.echo("ferry: error: %s%s" % (e.format_message(), hint), err=True)
+        return 2
+    except click.ClickException as e:
+        click.echo("ferry: error: %s" % e.format_message(), err=True)
+        return e.exit_code
+    return 0
+
+
+@cli.command()
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
               help="Directory for this agent's state, journals and replicas.")
 @click.option("--listen", default="0.0.0.0:4005", show_default=True,
@@ -98,7 +113,7 @@ def _split_disk(spec: str, index: int) -> Tuple[str, str]:
     return name, os.path.abspath(path)
 
 
-@main.command()
+@cli.command()
 @click.argument("group")
 @click.option("--disk", "disks", multiple=True, required=True, metavar="[NAME=]PATH",
               help="A disk to protect (raw image file or block device); repeatable.")
@@ -124,7 +139,7 @@ def protect(api: str, group: str, disks: Tuple[str, ...], target: str, queue: st
         click.echo("%s\t%s" % (d["name"], d["nbd_uri"]))
 
 
-@main.command()
+@cli.command()
 @click.argument("group")
 @click.pass_obj
 def unprotect(api: str, group: str) -> None:
@@ -133,7 +148,7 @@ def unprotect(api: str, group: str) -> None:
     click.echo("unprotected %s" % group)
 
 
-@main.command()
+@cli.command()
 @click.argument("group")
 @click.option("--synced", is_flag=True, required=True,
               help="Wait until the target holds every write made before the call.")
@@ -145,7 +160,7 @@ def wait(api: str, group: str, synced: bool, timeout: float) -> None:
     click.echo("%s synced" % group)
 
 
-@main.command()
+@cli.command()
 @click.argument("group")
 @click.option("--disk", required=True, help="The disk's name in the group.")
 @click.option("--to", "dest", required=True, type=click.Path(dir_okay=False),
@@ -167,7 +182,7 @@ def _human(n: float) -> str:
     return str(n)
 
 
-@main.command()
+@cli.command()
 @click.argument("group", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (stable).")
 @click.pass_obj

@@ -58,6 +58,7 @@ async def run(data_dir: str, listen: Tuple[str, int], api: Tuple[str, int],
     config = hypercorn.config.Config()
     config.bind = ["%s:%d" % api if ":" not in api[0] else "[%s]:%d" % api]
     config.accesslog = None
+    config.errorlog = logging.getLogger("ferry.http")
     config.graceful_timeout = 1
     try:
         async with trio.open_nursery() as nursery:

@@ -307,6 +307,13 @@ class SourceSite:
         assert self._nursery is not None
         self._nursery.start_soon(shipper.run)
 
+    def _stop_group(self, row: GroupRow) -> None:
+        shipper = self.shippers.pop(row.name, None)
+        if shipper is not None:
+            shipper.cancel_scope.cancel()
+        for d in row.disks:
+            self.links.pop(d.id, None)
+
     def _ensure_splitters(self, row: GroupRow) -> None:
         for d in row.disks:
             paths = splitters.SplitterPaths.for_disk(self.data_dir, d.id)
@@ -423,12 +430,13 @@ class SourceSite:
             await self._probe_target(row, allow_unreachable)
             row = self.store.add_group(name, target, queue_bytes, rows,
                                       protection=row.protection)
+            self._start_group(row)  # ready for the splitters before they start
             try:
                 await trio.to_thread.run_sync(self._start_splitters_or_fail, row)
             except BaseException:
+                self._stop_group(row)
                 self.store.remove_group(name)
                 raise
-            self._start_group(row)
         finally:
             self._busy.discard(name)
         log.info("protected group %s: %s -> %s", name,
@@ -477,9 +485,7 @@ class SourceSite:
         row = self.store.group(name)
         if row is None:
             raise RequestError("no group %s on this site" % name, 404)
-        shipper = self.shippers.pop(name, None)
-        if shipper is not None:
-            shipper.cancel_scope.cancel()
+        self._stop_group(row)
 
         def stop_all() -> None:
             for d in row.disks:
@@ -488,8 +494,6 @@ class SourceSite:
                 _remove_files(paths)
 
         await trio.to_thread.run_sync(stop_all)
-        for d in row.disks:
-            self.links.pop(d.id, None)
         self.store.remove_group(name)
         log.info("unprotected group %s", name)
         return {"group": name, "disks": [d.name for d in row.disks]}
@@ -515,7 +519,9 @@ class SourceSite:
                         asked[link.row.id] = link.stream
                         await link.send(lw.pack_json(lw.MSG_SYNC_REQ, {"token": token}))
                 if len(points) == len(links) and all(
-                        link.acked >= points[link.row.id] for link in links):
+                        link.acked >= points[link.row.id]
+                        and link.counters.get("acked_seq", 0) >= points[link.row.id][1]
+                        for link in links):
                     return {"group": name, "synced": True,
                             "disks": {link.row.name: list(points[link.row.id])
                                       for link in links}}

@@ -20,7 +20,8 @@ from .disk import LocalDisk
 
 MAX_BATCH = 4 * 1024 * 1024
 RESYNC_CHUNK = 1024 * 1024
-STATE_INTERVAL = 0.5
+STATE_INTERVAL = 0.5       # counters go to the agent this often,
+STATE_MIN_INTERVAL = 0.02  # and this soon after an ack changed them
 RETRY_INTERVAL = 0.5
 
 
@@ -49,6 +50,7 @@ class Link:
         self.hello = hello
         self.clock = clock
         self.connected = False
+        self.state_due = False
         self._stop = threading.Event()
         self._sock: Optional[socket.socket] = None
         self._thread: Optional[threading.Thread] = None
@@ -107,14 +109,18 @@ class Link:
         next_state = 0.0
         try:
             while not self._stop.is_set() and reader.is_alive():
-                for token, seq in self.changelog.sync_replies():
+                replies = self.changelog.sync_replies()
+                now = time.monotonic()
+                if replies or now >= next_state or (self.state_due and now >= next_state
+                                                    - STATE_INTERVAL + STATE_MIN_INTERVAL):
+                    # State first: the agent sees the counters a reply is based on.
+                    self.state_due = False
+                    sock.sendall(lw.pack_json(lw.MSG_STATE, self.changelog.counters()))
+                    next_state = now + STATE_INTERVAL
+                for token, seq in replies:
                     sock.sendall(lw.pack_json(lw.MSG_SYNC_REPLY,
                                               {"token": token, "gen": self.changelog.gen,
                                                "seq": seq}))
-                now = time.monotonic()
-                if now >= next_state:
-                    sock.sendall(lw.pack_json(lw.MSG_STATE, self.changelog.counters()))
-                    next_state = now + STATE_INTERVAL
                 records = self.changelog.take(MAX_BATCH, timeout=0.0 if self._resync_pending()
                                               else 0.1)
                 if records:
@@ -160,6 +166,7 @@ class Link:
                 payload = recv_exact(sock, length)
                 if msg_type == lw.MSG_ACK:
                     self.changelog.ack(*lw.unpack_ack(payload))
+                    self.state_due = True
                 elif msg_type == lw.MSG_REWIND:
                     self.changelog.rewind()
                 elif msg_type == lw.MSG_SYNC_REQ:
