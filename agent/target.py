@@ -24,6 +24,7 @@ from .replica import NoConsistentState, SizeMismatch, TargetGroup
 log = logging.getLogger("ferry.target")
 
 PROTOCOL = 1
+HANDSHAKE_TIMEOUT = 10.0
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -31,6 +32,7 @@ class TargetSite:
     def __init__(self, data_dir: str, site: str) -> None:
         self.root = os.path.join(data_dir, "target")
         self.site = site
+        self.handshake_timeout = HANDSHAKE_TIMEOUT
         os.makedirs(self.root, exist_ok=True)
         self.groups: Dict[str, TargetGroup] = {}
         self._owners: Dict[str, trio.CancelScope] = {}
@@ -70,12 +72,15 @@ class TargetSite:
         group_name: Optional[str] = None
         scope = trio.CancelScope()
         try:
-            hello = await fs.expect(wire.T_HELLO)
-            if wire.field(hello, "protocol", int) != PROTOCOL:
-                raise wire.ProtocolError("protocol %r, this agent speaks %d"
-                                         % (hello.get("protocol"), PROTOCOL))
-            await fs.send(wire.T_WELCOME, {"protocol": PROTOCOL, "site": self.site})
-            opened = await fs.expect(wire.T_OPEN)
+            with trio.move_on_after(self.handshake_timeout) as handshake:
+                hello = await fs.expect(wire.T_HELLO)
+                if wire.field(hello, "protocol", int) != PROTOCOL:
+                    raise wire.ProtocolError("protocol %r, this agent speaks %d"
+                                             % (hello.get("protocol"), PROTOCOL))
+                await fs.send(wire.T_WELCOME, {"protocol": PROTOCOL, "site": self.site})
+                opened = await fs.expect(wire.T_OPEN)
+            if handshake.cancelled_caught:
+                raise wire.ProtocolError("no handshake within %g s" % self.handshake_timeout)
             group_name, disks, protection = _parse_open(opened)
             with scope:
                 self._take_over(group_name, scope)

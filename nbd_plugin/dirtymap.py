@@ -93,6 +93,10 @@ class DirtyMap:
             i, self._cursor = 0, 0
         start = max(self._starts[i], self._cursor)
         end = min(self._ends[i], start + max_length)
+        if start > self._starts[i] and end < self._ends[i] and len(self) >= self.max_ranges:
+            # Splitting range i would pass the budget: take its head instead.
+            start = self._starts[i]
+            end = min(self._ends[i], start + max_length)
         if start == self._starts[i]:
             if end == self._ends[i]:
                 del self._starts[i]

@@ -140,7 +140,9 @@ class Link:
         return bool(self.changelog.dirty)
 
     def _resync_step(self) -> None:
-        taken = self.changelog.resync_take(RESYNC_CHUNK)
+        # Small queues resync in small pieces, so a piece always fits once the queue drains.
+        chunk = max(4096, min(RESYNC_CHUNK, self.changelog.queue_limit // 4))
+        taken = self.changelog.resync_take(chunk)
         if taken is None:
             return
         offset, length, token = taken

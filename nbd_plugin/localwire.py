@@ -112,6 +112,8 @@ def pack_header(msg_type: int, length: int) -> bytes:
 
 
 def unpack_header(buf: bytes) -> Tuple[int, int]:
+    if len(buf) != HEADER.size:
+        raise ProtocolError("message header of %d bytes, expected %d" % (len(buf), HEADER.size))
     msg_type, _reserved, length = HEADER.unpack(buf)
     if length > MAX_PAYLOAD:
         raise ProtocolError("message of %d bytes is over the limit of %d" % (length, MAX_PAYLOAD))
@@ -126,7 +128,7 @@ def pack_json(msg_type: int, obj: Any) -> bytes:
 def unpack_json(payload: bytes) -> Any:
     try:
         obj = json.loads(payload)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise ProtocolError("bad JSON control message: %s" % e) from None
     if not isinstance(obj, dict):
         raise ProtocolError("control message is not a JSON object")

@@ -1,0 +1,264 @@
+"""Faults that must not hurt the writer: every time the writer sees no error, and the
+replica ends identical to the source."""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+import time
+from typing import List, Optional
+
+import nbd
+import pytest
+
+from agent import wire
+from conftest import Lab, first_difference, same_bytes
+
+MiB = 1024 * 1024
+SIZE = 64 * MiB
+
+
+class Writer(threading.Thread):
+    """Writes random blocks through the splitter until stopped; keeps every error."""
+
+    def __init__(self, uri: str, seed: int, size: int = SIZE) -> None:
+        super().__init__(daemon=True)
+        self.uri = uri
+        self.rng = random.Random(seed)
+        self.size = size
+        self.errors: List[BaseException] = []
+        self.writes = 0
+        self.max_latency = 0.0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        try:
+            h = nbd.NBD()
+            h.connect_uri(self.uri)
+            while not self._halt.is_set():
+                length = self.rng.choice([4096, 16384, 65536])
+                offset = self.rng.randrange(0, self.size - length, 4096)
+                t = time.monotonic()
+                h.pwrite(self.rng.randbytes(length), offset)
+                if self.writes % 50 == 0:
+                    h.flush()
+                self.max_latency = max(self.max_latency, time.monotonic() - t)
+                self.writes += 1
+                time.sleep(0.001)
+            h.flush()
+            h.shutdown()
+        except BaseException as e:  # the test reads it
+            self.errors.append(e)
+
+    def finish(self) -> None:
+        self._halt.set()
+        self.join(30)
+        assert not self.is_alive(), "writer hung"
+        assert self.errors == [], self.errors
+        assert self.writes > 50
+
+
+def wait_for(predicate, timeout: float = 30, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting for " + what)
+
+
+def check_identical(lab: Lab, disk, group: str = "g1", name: str = "vda") -> None:
+    lab.a.ferry("wait", group, "--synced", "--timeout", "120")
+    restored = lab.restore(group, name)
+    assert same_bytes(disk, restored), first_difference(disk, restored)
+
+
+def test_target_down_from_the_start(lab: Lab) -> None:
+    lab.a.start()
+    disk = lab.image("vda.img", SIZE)
+    proc = lab.a.ferry("protect", "g1", "--disk", "vda=%s" % disk, "--target", lab.b.address,
+                       "--allow-unreachable")
+    uri = proc.stdout.split("\t")[1].strip()
+    writer = Writer(uri, 1)
+    writer.start()
+    wait_for(lambda: lab.a.status("g1")["groups"]["g1"]["state"] in
+             ("target-unreachable", "bitmap"), what="target-unreachable state")
+    time.sleep(2)
+    lab.b.start()
+    time.sleep(2)
+    writer.finish()
+    check_identical(lab, disk)
+
+
+def test_target_killed_mid_run_and_restarted(sites: Lab) -> None:
+    disk = sites.image("vda.img", SIZE)
+    uri = sites.protect("g1", disk)["vda"]
+    writer = Writer(uri, 2)
+    writer.start()
+    time.sleep(2)
+    sites.b.kill()
+    wait_for(lambda: sites.a.status("g1")["groups"]["g1"]["state"] != "replicating",
+             what="the source to notice")
+    time.sleep(2)
+    sites.b.start()
+    time.sleep(2)
+    writer.finish()
+    check_identical(sites, disk)
+
+
+def test_source_agent_killed_mid_run_and_restarted(sites: Lab) -> None:
+    disk = sites.image("vda.img", SIZE)
+    uri = sites.protect("g1", disk)["vda"]
+    writer = Writer(uri, 3)
+    writer.start()
+    time.sleep(2)
+    pids = sites.a.splitter_pids()
+    sites.a.kill()
+    time.sleep(2)
+    assert sites.a.splitter_pids() == pids, "the splitter must outlive its agent"
+    sites.a.start()
+    time.sleep(2)
+    writer.finish()
+    check_identical(sites, disk)
+    assert sites.a.splitter_pids() == pids
+
+
+def test_full_queue_spills_to_dirty_map_and_resyncs(lab: Lab) -> None:
+    lab.a.start()
+    disk = lab.image("vda.img", SIZE)
+    proc = lab.a.ferry("protect", "g1", "--disk", "vda=%s" % disk, "--target", lab.b.address,
+                       "--allow-unreachable", "--queue", "1M")
+    uri = proc.stdout.split("\t")[1].strip()
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    rng = random.Random(4)
+    for _ in range(400):
+        h.pwrite(rng.randbytes(65536), rng.randrange(0, SIZE - 65536, 4096))
+    h.flush()
+    wait_for(lambda: lab.a.status("g1")["groups"]["g1"]["disks"]["vda"]["dirty_bytes"] > 0,
+             what="dirty bytes")
+    d = lab.a.status("g1")["groups"]["g1"]["disks"]["vda"]
+    assert d["state"] == "bitmap"
+    assert d["bytes_queued"] <= 1 * MiB
+    lab.b.start()
+    # Writes go on during the resync.
+    for _ in range(200):
+        h.pwrite(rng.randbytes(4096), rng.randrange(0, SIZE - 4096, 4096))
+    h.flush()
+    h.shutdown()
+    check_identical(lab, disk)
+    d = lab.a.status("g1")["groups"]["g1"]["disks"]["vda"]
+    assert d["dirty_bytes"] == 0
+    assert d["resync_bytes"] > 0
+    assert d["state"] == "replicating"
+
+
+def test_splitter_killed_is_restarted_by_the_agent_with_a_full_resync(sites: Lab) -> None:
+    disk = sites.image("vda.img", 16 * MiB)
+    uri = sites.protect("g1", disk)["vda"]
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    h.pwrite(b"a" * 65536, 0)
+    h.flush()
+    h.shutdown()
+    sites.a.ferry("wait", "g1", "--synced")
+    sites.a.kill_splitters()
+    wait_for(lambda: sites.a.status("g1")["groups"]["g1"]["disks"]["vda"]["state"] ==
+             "splitter-down", what="splitter-down")
+    # Data written to the disk while no splitter ran must not be lost either.
+    with open(disk, "r+b") as f:
+        f.seek(MiB)
+        f.write(b"b" * 65536)
+    sites.a.stop()
+    sites.a.start()
+    st = sites.a.status("g1")["groups"]["g1"]["disks"]["vda"]
+    assert st["generation"] in (0, 2)
+    check_identical(sites, disk)
+    assert sites.a.status("g1")["groups"]["g1"]["disks"]["vda"]["generation"] == 2
+
+
+def _session(address: str) -> socket.socket:
+    host, port = address.rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def _read_frame(sock: socket.socket, codec: wire.Codec) -> Optional[tuple]:
+    buf = b""
+    while len(buf) < wire.HEADER.size:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        buf += chunk
+    header = codec.decode_header(buf[:wire.HEADER.size])
+    body = buf[wire.HEADER.size:]
+    while len(body) < header.length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        body += chunk
+    return header.type, codec.decode_body(header, body[:header.length])
+
+
+@pytest.mark.parametrize("garbage", [
+    b"GET / HTTP/1.1\r\nHost: example\r\n\r\n",      # not a Ferry peer
+    b"\0" * 24,                                         # bad magic
+    b"FRY\x01\x09" + b"\0" * 19,                         # wrong version
+    b"FRY\x01\x01\x01\0\0\xff\xff\xff\x7f" + b"\0" * 12,  # over-long frame
+    b"FRY\x01",                                         # a stalled header: handshake timeout
+])
+def test_target_drops_garbage_and_keeps_serving(sites: Lab, garbage: bytes) -> None:
+    disk = sites.image("vda.img", 8 * MiB)
+    sites.protect("g1", disk)
+    sites.a.ferry("wait", "g1", "--synced")
+    with _session(sites.b.address) as s:
+        s.sendall(garbage)
+        s.settimeout(30)
+        data = s.recv(65536)
+        while data and s.recv(65536):
+            pass
+    log = sites.b.log.read_text()
+    assert "dropping connection from" in log
+    h = nbd.NBD()
+    h.connect_uri(sites.a.status("g1")["groups"]["g1"]["disks"]["vda"]["nbd_uri"])
+    h.pwrite(b"z" * 4096, 8192)
+    h.flush()
+    h.shutdown()
+    check_identical(sites, disk)
+
+
+def test_out_of_bounds_batch_touches_no_replica(sites: Lab) -> None:
+    disk = sites.image("vda.img", 8 * MiB)
+    sites.protect("g1", disk)
+    sites.a.ferry("wait", "g1", "--synced")
+    replica = sites.b.data / "target" / "g1" / "replicas" / "vda.img"
+    before = replica.read_bytes()
+    protection = sites.b.api("GET", "/v1/status")["replicas"]["g1"]
+    assert protection["disks"]["vda"]["consistent"]
+    codec = wire.Codec()
+    # Pretend to be the source, on a session of our own: a batch whose record lies past
+    # the end of the disk, after a good one.
+    from nbd_plugin.localwire import KIND_WRITE, Record
+
+    meta = (sites.b.data / "target" / "g1" / "meta.json").read_text()
+    import json as _json
+
+    prot = _json.loads(meta)["protection"]
+    durable = protection["disks"]["vda"]
+    gen, seq = durable["durable_gen"], durable["durable_seq"]
+    good = Record(seq + 1, 0, 0, 4096, gen, KIND_WRITE, 0, b"g" * 4096)
+    bad = Record(seq + 2, 0, 8 * MiB - 1024, 4096, gen, KIND_WRITE, 0, b"b" * 4096)
+    with _session(sites.b.address) as s:
+        s.sendall(codec.encode(wire.T_HELLO, {"protocol": 1, "site": "evil"}))
+        assert _read_frame(s, codec)[0] == wire.T_WELCOME
+        s.sendall(codec.encode(wire.T_OPEN, {"group": "g1", "protection": prot, "probe": False,
+                                             "disks": [{"name": "vda", "size": 8 * MiB}]}))
+        assert _read_frame(s, codec)[0] == wire.T_OPENED
+        s.sendall(codec.encode(wire.T_BATCH, wire.encode_batch("g1", [(0, good), (0, bad)],
+                                                               0, 0)))
+        ftype, body = _read_frame(s, codec)
+        assert ftype == wire.T_ERROR
+        assert body["code"] == wire.E_PROTOCOL
+        assert "outside disk" in body["message"]
+    assert replica.read_bytes() == before
+    assert "no replica was touched" in sites.b.log.read_text()
