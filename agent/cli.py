@@ -97,7 +97,9 @@ def agent(data_dir: str, listen: str, api_addr: str, site: Optional[str], verbos
         api_hp = daemon.parse_hostport(api_addr, 9080)
     except ValueError as e:
         raise Failure(str(e)) from None
+    data_dir = os.path.abspath(data_dir)
     try:
+        os.makedirs(data_dir, exist_ok=True)
         trio.run(daemon.run, data_dir, listen_hp, api_hp, site)
     except OSError as e:
         raise Failure("agent cannot start: %s" % e) from None

@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import socket
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import hypercorn.config
 import hypercorn.trio
@@ -48,8 +48,6 @@ def sd_notify(message: str) -> None:
 
 async def run(data_dir: str, listen: Tuple[str, int], api: Tuple[str, int],
               site: Optional[str] = None) -> None:
-    data_dir = os.path.abspath(data_dir)
-    os.makedirs(data_dir, exist_ok=True)
     site = site or socket.gethostname()
     store = Store(data_dir)
     target = TargetSite(data_dir, site)
@@ -64,8 +62,9 @@ async def run(data_dir: str, listen: Tuple[str, int], api: Tuple[str, int],
         async with trio.open_nursery() as nursery:
             await nursery.start(target.serve, listen[0], listen[1])
             await nursery.start(source.run)
+            app: Any = Api(source, target, site)
             await nursery.start(lambda task_status: hypercorn.trio.serve(
-                Api(source, target, site), config, task_status=task_status))
+                app, config, task_status=task_status))
             log.info("ferry agent ready: site %s, data %s, replication %s:%d, API http://%s:%d",
                      site, data_dir, listen[0], listen[1], api[0], api[1])
             sd_notify("READY=1")

@@ -123,7 +123,7 @@ class TargetGroup:
             log.warning("group %s: dropped a torn journal tail of %d bytes",
                         name, self.journal.dropped_tail)
         applied = meta.get("applied")
-        self.applied: Position = tuple(applied) if applied else self.journal.start  # type: ignore
+        self.applied: Position = (applied[0], applied[1]) if applied else self.journal.start
         if self.applied < self.journal.start:
             self.applied = self.journal.start
         self._since_checkpoint = 0

@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import socket
+import stat
 import time
 import uuid
 from typing import Any, Dict, List, Optional, Tuple
@@ -409,13 +410,7 @@ class SourceSite:
             if dname in seen:
                 raise RequestError("disk name %s is given twice" % dname)
             seen.add(dname)
-            path = os.path.realpath(path)
-            try:
-                size = _disk_size(path)
-            except FileNotFoundError:
-                raise RequestError("disk %s: %s does not exist" % (dname, path), 404) from None
-            except OSError as e:
-                raise RequestError("disk %s: %s: %s" % (dname, path, e.strerror or e)) from None
+            path, size = await trio.to_thread.run_sync(_disk_size, dname, path)
             other = self.store.disk_by_path(path)
             if other is not None:
                 raise RequestError("disk %s is already protected (group %s, disk %s)"
@@ -498,7 +493,7 @@ class SourceSite:
         log.info("unprotected group %s", name)
         return {"group": name, "disks": [d.name for d in row.disks]}
 
-    async def wait_synced(self, name: str, timeout: float) -> Dict[str, Any]:
+    async def wait_synced(self, name: str, seconds: float) -> Dict[str, Any]:
         """Return once the target holds every write made before the call."""
         row = self.store.group(name)
         if row is None:
@@ -507,7 +502,7 @@ class SourceSite:
         token = uuid.uuid4().hex
         points: Dict[str, Tuple[int, int]] = {}
         asked: Dict[str, Any] = {}
-        with trio.move_on_after(timeout):
+        with trio.move_on_after(seconds):
             while True:
                 for link in links:
                     if link.row.id in points:
@@ -535,7 +530,7 @@ class SourceSite:
                 behind.append("%s: target acked %d/%d of %d/%d" % (
                     (link.row.name,) + link.acked + points[link.row.id]))
         raise RequestError("group %s not synced after %g s (%s)"
-                           % (name, timeout, "; ".join(behind)), 504)
+                           % (name, seconds, "; ".join(behind)), 504)
 
     # -- status --------------------------------------------------------------------------
 
@@ -614,10 +609,20 @@ class SourceSite:
         }
 
 
-def _disk_size(path: str) -> int:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def _disk_size(name: str, path: str) -> Tuple[str, int]:
+    """The disk's real path and size, or a RequestError that says what is wrong."""
+    path = os.path.realpath(path)
     try:
-        return os.lseek(fd, 0, os.SEEK_END)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise RequestError("disk %s: %s does not exist" % (name, path), 404) from None
+    except OSError as e:
+        raise RequestError("disk %s: %s: %s" % (name, path, e.strerror or e)) from None
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise RequestError("disk %s: %s is neither a file nor a block device" % (name, path))
+        return path, os.lseek(fd, 0, os.SEEK_END)
     finally:
         os.close(fd)
 

@@ -101,7 +101,8 @@ class Store:
         disks = [DiskRow(*r) for r in self._db.execute(
             "SELECT id, grp, idx, name, path, size FROM disks WHERE grp = ? ORDER BY idx",
             (name,))]
-        return GroupRow(*row, disks=disks)
+        name_, target, protection, queue_bytes, created = row
+        return GroupRow(name_, target, protection, queue_bytes, created, disks)
 
     def groups(self) -> List[GroupRow]:
         names = [r[0] for r in self._db.execute("SELECT name FROM groups ORDER BY name")]

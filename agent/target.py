@@ -165,13 +165,8 @@ class TargetSite:
         if disk not in [d.name for d in g.disks]:
             raise LookupError("group %s has no disk %s (it has %s)"
                               % (group, disk, ", ".join(d.name for d in g.disks)))
-        dest = os.path.abspath(dest)
-        if os.path.exists(dest):
-            raise FileExistsError("%s already exists; restore writes a new file" % dest)
-        if not os.path.isdir(os.path.dirname(dest)):
-            raise FileNotFoundError("directory %s does not exist" % os.path.dirname(dest))
         try:
-            return await trio.to_thread.run_sync(g.restore, disk, dest)
+            return await trio.to_thread.run_sync(_restore, g, disk, dest)
         except NoConsistentState as e:
             raise LookupError(str(e)) from None
 
@@ -183,6 +178,15 @@ class TargetSite:
             st["connected"] = name in self._sessions
             out[name] = st
         return out
+
+
+def _restore(group: TargetGroup, disk: str, dest: str) -> Dict[str, Any]:
+    dest = os.path.abspath(dest)
+    if os.path.exists(dest):
+        raise FileExistsError("%s already exists; restore writes a new file" % dest)
+    if not os.path.isdir(os.path.dirname(dest)):
+        raise FileNotFoundError("directory %s does not exist" % os.path.dirname(dest))
+    return group.restore(disk, dest)
 
 
 def _parse_open(body: dict) -> Tuple[str, List[Tuple[str, int]], str]:

@@ -53,7 +53,8 @@ class LocalDisk:
             elif stat.S_ISREG(st.st_mode):
                 self.size = st.st_size
             else:
-                raise OSError(errno.EINVAL, "%s is neither a regular file nor a block device" % path)
+                raise OSError(errno.EINVAL,
+                              "%s is neither a regular file nor a block device" % path)
         except BaseException:
             os.close(self.fd)
             raise

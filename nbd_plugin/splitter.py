@@ -20,14 +20,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import nbdkit  # noqa: E402  (provided by nbdkit's python plugin)
+import nbdkit  # provided by nbdkit's python plugin
 
-from nbd_plugin import localwire as lw  # noqa: E402
-from nbd_plugin import state as statefile  # noqa: E402
-from nbd_plugin.changelog import ChangeLog  # noqa: E402
-from nbd_plugin.dirtymap import DirtyMap  # noqa: E402
-from nbd_plugin.disk import LocalDisk  # noqa: E402
-from nbd_plugin.link import Link, log  # noqa: E402
+from nbd_plugin import localwire as lw
+from nbd_plugin import state as statefile
+from nbd_plugin.changelog import ChangeLog
+from nbd_plugin.dirtymap import DirtyMap
+from nbd_plugin.disk import LocalDisk
+from nbd_plugin.link import Link, log
 
 API_VERSION = 2
 
@@ -35,12 +35,13 @@ DEFAULT_QUEUE = 256 * 1024 * 1024
 DEFAULT_DIRTY_RANGES = 200_000
 
 _config = {
-    "disk": None, "agent": None, "state": None, "disk_id": None, "name": None,
-    "group": None, "queue": str(DEFAULT_QUEUE), "dirty_ranges": str(DEFAULT_DIRTY_RANGES),
+    "disk": "", "agent": "", "state": "", "disk_id": "", "name": "", "group": "",
+    "queue": str(DEFAULT_QUEUE), "dirty_ranges": str(DEFAULT_DIRTY_RANGES),
 }
-_disk = None
-_log = None
-_link = None
+# Set by get_ready, before nbdkit calls anything that uses them.
+_disk: LocalDisk = None  # type: ignore[assignment]
+_log: ChangeLog = None  # type: ignore[assignment]
+_link: Link = None  # type: ignore[assignment]
 
 
 def _fail(err, msg):

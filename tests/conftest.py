@@ -2,122 +2,19 @@
 
 from __future__ import annotations
 
-import glob
-import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Dict, Iterator
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-FERRY = [sys.executable, "-m", "agent.cli"]
+from agent.lab.sites import REPO, Site
+
 LAB_CACHE = REPO / ".cache" / "lab"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Site:
-    """One ``ferry agent`` process with its own data directory and ports."""
-
-    def __init__(self, name: str, root: Path) -> None:
-        self.name = name
-        self.data = root / name
-        self.port = free_port()
-        self.api_port = free_port()
-        self.api_url = "http://127.0.0.1:%d" % self.api_port
-        self.address = "127.0.0.1:%d" % self.port
-        self.log = root / ("%s.log" % name)
-        self.proc: Optional[subprocess.Popen] = None
-
-    def start(self, timeout: float = 30) -> Site:
-        logf = open(self.log, "ab")
-        self.proc = subprocess.Popen(
-            [*FERRY, "agent", "--data", str(self.data), "--listen", self.address,
-             "--api", "127.0.0.1:%d" % self.api_port, "--site", self.name],
-            stdout=logf, stderr=logf, cwd=REPO)
-        logf.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("agent %s exited: %s" % (self.name, self.log.read_text()))
-            try:
-                self.api("GET", "/v1/status")
-                return self
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.05)
-        raise RuntimeError("agent %s did not answer in %s s" % (self.name, timeout))
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def kill(self) -> None:
-        """kill -9: no chance to clean up."""
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-    def splitter_pids(self) -> List[int]:
-        pids = []
-        for path in glob.glob(str(self.data / "run" / "*.pid")):
-            try:
-                pids.append(int(Path(path).read_text().strip()))
-            except (OSError, ValueError):
-                pass
-        return [p for p in pids if os.path.exists("/proc/%d" % p)]
-
-    def kill_splitters(self, sig: int = signal.SIGKILL) -> None:
-        for pid in self.splitter_pids():
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 10
-        while self.splitter_pids() and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-    def api(self, method: str, path: str, body: Optional[Dict[str, Any]] = None,
-            timeout: float = 60) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.api_url + path, data=data, method=method)
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read())
-
-    def ferry(self, *args: str, check: bool = True, timeout: float = 300
-              ) -> subprocess.CompletedProcess:
-        """Run the ``ferry`` CLI against this site, as a user would."""
-        proc = subprocess.run([*FERRY, "--api", self.api_url, *args], cwd=REPO,
-                              capture_output=True, text=True, timeout=timeout)
-        if check and proc.returncode != 0:
-            raise AssertionError("ferry %s failed (%d): %s%s" % (
-                " ".join(args), proc.returncode, proc.stdout, proc.stderr))
-        return proc
-
-    def status(self, group: Optional[str] = None) -> Dict[str, Any]:
-        args = ["status", "--json"] + ([group] if group else [])
-        result: Dict[str, Any] = json.loads(self.ferry(*args).stdout)
-        return result
 
 
 class Lab:

@@ -11,9 +11,9 @@ from typing import List, Optional
 
 import nbd
 import pytest
+from conftest import Lab, first_difference, same_bytes
 
 from agent import wire
-from conftest import Lab, first_difference, same_bytes
 
 MiB = 1024 * 1024
 SIZE = 64 * MiB

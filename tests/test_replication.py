@@ -9,7 +9,6 @@ import subprocess
 
 import nbd
 import pytest
-
 from conftest import Lab, first_difference, same_bytes
 
 MiB = 1024 * 1024
