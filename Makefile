@@ -3,10 +3,11 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd qemu-utils \
-	qemu-system-x86 fio busybox-static e2fsprogs cpio python3-venv python3-pip iproute2
+	qemu-system-x86 fio busybox-static e2fsprogs cpio python3-venv python3-pip iproute2 \
+	rpm shellcheck
 PYTEST_ARGS ?=
 
-.PHONY: all deps apt venv test lint unit demo bench bench-quick clean
+.PHONY: all deps apt venv test lint unit demo bench bench-quick clean package lint-packaging
 
 all: test
 
@@ -27,9 +28,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-lint: deps
+lint: deps lint-packaging
 	$(VENV)/bin/ruff check agent nbd_plugin tests bench
 	$(VENV)/bin/mypy
+
+lint-packaging: apt
+	shellcheck packaging/build.sh packaging/ferry-agent packaging/deb/postinst \
+		packaging/deb/prerm packaging/deb/postrm vagrant/provision.sh vagrant/scenario.sh
+
+package: apt
+	packaging/build.sh all dist
 
 test: lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
@@ -47,4 +55,4 @@ bench-quick: deps
 	$(PY) bench/run.py --quick
 
 clean:
-	rm -rf $(VENV) .cache build *.egg-info
+	rm -rf $(VENV) .cache build dist *.egg-info

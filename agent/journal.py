@@ -168,9 +168,14 @@ class Journal:
                 parts.append(r.data)
         buf = b"".join(parts)
         view = memoryview(buf)
-        while view:
-            view = view[os.write(self._fd, view):]
-        os.fdatasync(self._fd)
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+            os.fdatasync(self._fd)
+        except OSError:
+            # Leave no partial batch behind a later append: cut the segment back.
+            os.ftruncate(self._fd, self._size)
+            raise
         self._size += len(buf)
         return self.end
 

@@ -25,6 +25,7 @@ generation, or of G with a sequence up to S, is a duplicate and dropped; (G, S+1
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -117,7 +118,12 @@ class TargetGroup:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             if os.fstat(fd).st_size != st.size:
                 os.ftruncate(fd, st.size)
+                os.fsync(fd)
             self._fds.append(fd)
+        # New directories and files must survive a crash too.
+        _fsync_parent(os.path.join(directory, "replicas", "x"))
+        _fsync_parent(directory)
+        _fsync_parent(os.path.join(directory, "replicas"))
         self.journal = Journal(os.path.join(directory, "journal"))
         if self.journal.dropped_tail:
             log.warning("group %s: dropped a torn journal tail of %d bytes",
@@ -189,7 +195,8 @@ class TargetGroup:
                 raise ProtocolError("record for disk %d; group %s has %d disks"
                                     % (r.disk, self.name, len(self.disks)))
             st = self.disks[r.disk]
-            if r.length > MAX_RECORD or r.offset < 0 or r.offset + r.length > st.size:
+            if (r.kind == KIND_WRITE and r.length > MAX_RECORD) or r.offset < 0 \
+                    or r.offset + r.length > st.size:
                 raise ProtocolError("record [%d, +%d) outside disk %s of %d bytes"
                                     % (r.offset, r.length, st.name, st.size))
             if r.kind == KIND_WRITE and (r.data is None or len(r.data) != r.length):
@@ -312,14 +319,16 @@ def _sparse_copy(src: str, dest: str, size: int) -> None:
             while pos < size:
                 try:
                     data = os.lseek(sfd, pos, os.SEEK_DATA)
-                except OSError:
-                    break  # no data after pos
-                hole = os.lseek(sfd, data, os.SEEK_HOLE)
+                except OSError as e:
+                    if e.errno == errno.ENXIO:
+                        break  # only a hole after pos
+                    raise
+                hole = min(os.lseek(sfd, data, os.SEEK_HOLE), size)
                 off = data
                 while off < hole:
                     n = os.copy_file_range(sfd, dfd, hole - off, off, off)
                     if n == 0:
-                        break
+                        raise OSError(errno.EIO, "%s ended early at byte %d" % (src, off))
                     off += n
                 pos = hole
             os.fdatasync(dfd)

@@ -33,7 +33,7 @@ import trio
 from nbd_plugin import localwire as lw
 
 from . import splitters, wire
-from .peer import FrameStream, race
+from .peer import FrameStream, keepalive, race
 from .store import DiskRow, GroupRow, Store
 
 log = logging.getLogger("ferry.source")
@@ -43,6 +43,11 @@ DEFAULT_PORT = 4005
 DEFAULT_QUEUE = 256 * 1024 * 1024
 MAX_BATCH = 4 * 1024 * 1024
 REWIND_INTERVAL = 1.0
+SUPERVISE_INTERVAL = 2.0
+# A group shows the first of its disks' states in this order (the worst first).
+GROUP_STATE_ORDER = ("error", "splitter-down", "target-unreachable", "target-error",
+                     "target-storage-error", "connecting", "paused", "bitmap",
+                     "initial-sync", "resyncing")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -162,13 +167,14 @@ class GroupShipper:
             while True:
                 try:
                     stream = await trio.open_tcp_stream(self.host, self.port)
+                    keepalive(stream)
                 except OSError as e:
                     self._down("target-unreachable", "cannot connect to %s: %s"
                                % (self.row.target, e.strerror or e))
                 else:
+                    started = trio.current_time()
                     try:
                         await self._session(FrameStream(stream, self.row.target))
-                        backoff = 0.2
                     except wire.RemoteError as e:
                         self._down("target-error" if e.code != wire.E_STORAGE
                                    else "target-storage-error", "%s: %s" % (e.code, e))
@@ -180,6 +186,8 @@ class GroupShipper:
                                    % (self.row.target, e or type(e).__name__))
                     finally:
                         await stream.aclose()
+                    if trio.current_time() - started > 10:
+                        backoff = 0.2  # it worked for a while: try again soon
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
@@ -297,7 +305,23 @@ class SourceSite:
                 self._start_group(row)
                 await trio.to_thread.run_sync(self._ensure_splitters, row)
             task_status.started()
+            nursery.start_soon(self._supervise)
             await trio.serve_listeners(self._splitter_conn, [listener])
+
+    async def _supervise(self) -> None:
+        """Restart a splitter that died (qemu's NBD client reconnects to the new one)."""
+        while True:
+            await trio.sleep(SUPERVISE_INTERVAL)
+            for name in list(self.shippers):
+                row = self.store.group(name)
+                if row is None or name in self._busy:
+                    continue
+                dead = [d for d in row.disks if splitters.running_pid(
+                    splitters.SplitterPaths.for_disk(self.data_dir, d.id), d.id) is None]
+                if dead:
+                    log.warning("group %s: splitter for %s is not running; restarting it",
+                                name, ", ".join(d.name for d in dead))
+                    await trio.to_thread.run_sync(self._ensure_splitters, row)
 
     def _start_group(self, row: GroupRow) -> None:
         links = [DiskLink(d) for d in row.disks]
@@ -478,8 +502,9 @@ class SourceSite:
 
     async def unprotect(self, name: str) -> Dict[str, Any]:
         row = self.store.group(name)
-        if row is None:
+        if row is None or name in self._busy:
             raise RequestError("no group %s on this site" % name, 404)
+        self._busy.add(name)  # the supervisor leaves it alone from now on
         self._stop_group(row)
 
         def stop_all() -> None:
@@ -488,8 +513,11 @@ class SourceSite:
                 splitters.stop(paths, d.id)
                 _remove_files(paths)
 
-        await trio.to_thread.run_sync(stop_all)
-        self.store.remove_group(name)
+        try:
+            await trio.to_thread.run_sync(stop_all)
+            self.store.remove_group(name)
+        finally:
+            self._busy.discard(name)
         log.info("unprotected group %s", name)
         return {"group": name, "disks": [d.name for d in row.disks]}
 
@@ -514,9 +542,7 @@ class SourceSite:
                         asked[link.row.id] = link.stream
                         await link.send(lw.pack_json(lw.MSG_SYNC_REQ, {"token": token}))
                 if len(points) == len(links) and all(
-                        link.acked >= points[link.row.id]
-                        and link.counters.get("acked_seq", 0) >= points[link.row.id][1]
-                        for link in links):
+                        _covers(link, points[link.row.id]) for link in links):
                     return {"group": name, "synced": True,
                             "disks": {link.row.name: list(points[link.row.id])
                                       for link in links}}
@@ -553,10 +579,7 @@ class SourceSite:
                     continue
                 disks[d.name] = self._disk_status(row, d, link, shipper, now)
             states = {v["state"] for v in disks.values()}
-            group_state = next((s for s in ("error", "splitter-down", "target-unreachable",
-                                            "target-error", "target-storage-error",
-                                            "initial-sync", "resyncing", "bitmap")
-                                if s in states), "replicating")
+            group_state = next((s for s in GROUP_STATE_ORDER if s in states), "replicating")
             out[row.name] = {
                 "role": "source",
                 "state": group_state,
@@ -575,6 +598,9 @@ class SourceSite:
         stale = now - link.counters_at if link.counters_at else 0.0
         backlog = bool(c.get("queued_records") or c.get("inconsistent"))
         rpo = c.get("lag_ns", 0) / 1e9 + (stale if backlog else 0.0)
+        if not link.connected and link.counters_at:
+            # Nothing is known since the splitter went away: count from then.
+            rpo = link.counters.get("lag_ns", 0) / 1e9 + stale
         if link.error:
             state = "error"
         elif not link.connected:
@@ -607,6 +633,16 @@ class SourceSite:
             "next_seq": c.get("next_seq", 0),
             "rpo_seconds": round(rpo, 3),
         }
+
+
+def _covers(link: DiskLink, point: Tuple[int, int]) -> bool:
+    """Has the target acked, and the splitter heard it, everything up to ``point``?
+    Sequence 0 is a generation with nothing written yet: nothing to wait for."""
+    gen, seq = point
+    if seq == 0:
+        return True
+    return link.acked >= point and link.counters.get("gen") == gen \
+        and link.counters.get("acked_seq", 0) >= seq
 
 
 def _disk_size(name: str, path: str) -> Tuple[str, int]:

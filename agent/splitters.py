@@ -4,6 +4,8 @@ A splitter outlives the agent that started it: nbdkit forks into the background 
 has bound its socket, so a started splitter is ready) in a session of its own, and an agent
 that restarts finds it by its pid file and leaves it serving. Only ``unprotect`` (or an
 administrator) stops it, with SIGTERM, which makes the plugin save what the target is owed.
+The plugin appends its own messages to the disk's log file; nbdkit's go to syslog.
+(Not ``nbdkit --foreground`` as the agent's child: such an nbdkit ends with its parent.)
 """
 
 from __future__ import annotations
@@ -87,13 +89,16 @@ def start(paths: SplitterPaths, disk_id: str, disk_path: str, agent_socket: str,
         except FileNotFoundError:
             pass
     cmd = [nbdkit_binary(), "--unix", paths.socket, "--pidfile", paths.pidfile,
-           "--log=stderr", "--threads", str(threads),
+           "--log=syslog", "--threads", str(threads),
            "python", PLUGIN, "disk=" + disk_path, "agent=" + agent_socket,
-           "state=" + paths.state, "disk_id=" + disk_id, "group=" + group, "name=" + name,
+           "state=" + paths.state, "log=" + paths.log, "disk_id=" + disk_id,
+           "group=" + group, "name=" + name,
            "queue=%d" % queue_bytes]
     with open(paths.log, "ab") as logf:
         logf.write(("--- %s starting: %s\n" % (time.strftime("%F %T"), " ".join(cmd))).encode())
         logf.flush()
+        # nbdkit forks into the background once its socket is bound, and the parent exits:
+        # the agent is never the splitter's parent, so nothing the agent suffers reaches it.
         try:
             proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                   start_new_session=True, timeout=60, check=False)

@@ -18,7 +18,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import trio
 
 from . import wire
-from .peer import FrameStream
+from .journal import JournalCorrupt
+from .peer import FrameStream, keepalive
 from .replica import NoConsistentState, SizeMismatch, TargetGroup
 
 log = logging.getLogger("ferry.target")
@@ -38,6 +39,7 @@ class TargetSite:
         self._owners: Dict[str, trio.CancelScope] = {}
         self._sessions: Dict[str, Dict[str, Any]] = {}
         self._locks: Dict[str, trio.Lock] = {}
+        self.broken: Dict[str, str] = {}
 
     def load(self) -> None:
         """Open every group this site already holds (restore works without a source)."""
@@ -45,11 +47,18 @@ class TargetSite:
             meta_path = os.path.join(self.root, name, "meta.json")
             if not os.path.exists(meta_path):
                 continue
-            with open(meta_path) as f:
-                meta = json.load(f)
-            disks = [(d["name"], d["size"]) for d in meta.get("disks", [])]
-            self.groups[name] = TargetGroup(os.path.join(self.root, name), name, disks,
-                                            protection=meta.get("protection"))
+            try:
+                with open(meta_path) as f:
+                    meta = json.load(f)
+                disks = [(d["name"], d["size"]) for d in meta.get("disks", [])]
+                self.groups[name] = TargetGroup(os.path.join(self.root, name), name, disks,
+                                                protection=meta.get("protection"))
+            except (OSError, ValueError, KeyError, TypeError, JournalCorrupt) as e:
+                # One damaged group must not keep the others (or the agent) down.
+                log.error("group %s cannot be opened and is not served: %s: %s",
+                          name, type(e).__name__, e)
+                self.broken[name] = "%s: %s" % (type(e).__name__, e)
+                continue
             log.info("holding group %s (%d disks)", name, len(disks))
 
     def close(self) -> None:
@@ -68,6 +77,10 @@ class TargetSite:
             peer = "%s:%s" % stream.socket.getpeername()[:2]
         except OSError:
             peer = "?"
+        try:
+            keepalive(stream)
+        except OSError:
+            pass
         fs = FrameStream(stream, peer)
         group_name: Optional[str] = None
         scope = trio.CancelScope()
@@ -82,6 +95,16 @@ class TargetSite:
             if handshake.cancelled_caught:
                 raise wire.ProtocolError("no handshake within %g s" % self.handshake_timeout)
             group_name, disks, protection = _parse_open(opened)
+            if opened.get("probe"):
+                # protect asks whether it may: answer, change nothing.
+                try:
+                    durable = self._probe(group_name, disks, protection)
+                except SizeMismatch as e:
+                    log.error("refusing group %s from %s: %s", group_name, peer, e)
+                    await fs.send_error(wire.E_SIZE_MISMATCH, str(e))
+                    return
+                await fs.send(wire.T_OPENED, {"group": group_name, "durable": durable})
+                return
             with scope:
                 self._take_over(group_name, scope)
                 try:
@@ -92,8 +115,6 @@ class TargetSite:
                     return
                 await fs.send(wire.T_OPENED, {"group": group_name,
                                               "durable": [list(d) for d in group.durable()]})
-                if opened.get("probe"):
-                    return
                 log.info("replicating group %s from %s", group_name, peer)
                 self._sessions[group_name] = {"peer": peer, "batches": 0, "records": 0,
                                               "bytes": 0}
@@ -122,13 +143,24 @@ class TargetSite:
             old.cancel()
         self._owners[name] = scope
 
+    def _probe(self, name: str, disks: List[Tuple[str, int]], protection: str) -> list:
+        """What OPEN would answer, without opening or changing anything."""
+        group = self.groups.get(name)
+        if group is None:
+            return [[0, 0] for _ in disks]
+        _check_disks(group, disks)
+        if group.protection != protection:
+            return [[0, 0] for _ in disks]
+        return [list(d) for d in group.durable()]
+
     async def _open_group(self, name: str, disks: List[Tuple[str, int]],
                           protection: str) -> TargetGroup:
         lock = self._locks.setdefault(name, trio.Lock())
         async with lock:
             group = self.groups.get(name)
-            if group is not None and [(d.name, d.size) for d in group.disks] == disks \
-                    and group.protection == protection:
+            if group is not None:
+                _check_disks(group, disks)  # before anything changes
+            if group is not None and group.protection == protection:
                 return group
             if group is not None:
                 self.groups.pop(name)
@@ -171,13 +203,23 @@ class TargetSite:
             raise LookupError(str(e)) from None
 
     def status(self) -> Dict[str, Any]:
-        out = {}
+        out: Dict[str, Any] = {name: {"error": err, "connected": False, "disks": {},
+                                      "journal_bytes": 0}
+                               for name, err in self.broken.items()}
         for name, g in self.groups.items():
             st = g.status()
             st["source"] = self._sessions.get(name)
             st["connected"] = name in self._sessions
             out[name] = st
         return out
+
+
+def _check_disks(group: TargetGroup, disks: List[Tuple[str, int]]) -> None:
+    held = [(d.name, d.size) for d in group.disks]
+    if held != disks:
+        raise SizeMismatch("group %s holds disks %s here; the source sent %s" % (
+            group.name, ", ".join("%s (%d bytes)" % d for d in held),
+            ", ".join("%s (%d bytes)" % d for d in disks)))
 
 
 def _restore(group: TargetGroup, disk: str, dest: str) -> Dict[str, Any]:

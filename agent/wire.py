@@ -120,6 +120,8 @@ class Codec:
 
     @staticmethod
     def decode_header(buf: bytes) -> Header:
+        if len(buf) != HEADER.size:
+            raise ProtocolError("frame header of %d bytes, expected %d" % (len(buf), HEADER.size))
         magic, version, ftype, flags, length, _reserved, checksum = HEADER.unpack(buf)
         if magic != MAGIC:
             raise ProtocolError("bad magic %r: not a Ferry peer" % magic)
@@ -138,7 +140,11 @@ class Codec:
             raise ProtocolError("%s frame fails its checksum" % TYPE_NAMES[header.type])
         if header.flags & F_ZSTD:
             try:
-                body = self._dctx.decompress(body, max_output_size=MAX_BODY)
+                # decompress() trusts a content size in the frame over max_output_size.
+                if zstandard.frame_content_size(body) > MAX_BODY:
+                    raise ProtocolError("body decompresses past the limit")
+                body = self._dctx.decompress(body, max_output_size=MAX_BODY,
+                                             allow_extra_data=False)
             except zstandard.ZstdError as e:
                 raise ProtocolError("bad zstd body: %s" % e) from None
             if len(body) > MAX_BODY:
@@ -219,8 +225,8 @@ def decode_batch(body: dict) -> list:
     for disk, kind, flags, length, gen, seq, offset, time_ns in BATCH_RECORD.iter_unpack(recs):
         if kind not in KIND_NAMES:
             raise ProtocolError("unknown record kind %d" % kind)
-        if length > MAX_RECORD:
-            raise ProtocolError("record of %d bytes is over the limit" % length)
+        if kind == KIND_WRITE and length > MAX_RECORD:
+            raise ProtocolError("write record of %d bytes is over the limit" % length)
         chunk = None
         if kind == KIND_WRITE:
             if pos + length > len(data):

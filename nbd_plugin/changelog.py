@@ -46,6 +46,10 @@ from .localwire import (
 
 Clock = Callable[[], int]
 
+# Writes larger than this become several records (consecutive sequence numbers, queued
+# together), so a record always fits a frame however large the client's request.
+RECORD_DATA_MAX = 4 * 1024 * 1024
+
 
 class Stats:
     """Counters for status and metrics; read without the lock (torn reads are harmless)."""
@@ -146,7 +150,14 @@ class ChangeLog:
                 self._unflushed = True
                 self._work.notify()
                 return
-            self._append(kind, offset, length, data, flags)
+            if kind == KIND_WRITE and length > RECORD_DATA_MAX:
+                assert data is not None
+                view = memoryview(data)
+                for pos in range(0, length, RECORD_DATA_MAX):
+                    n = min(RECORD_DATA_MAX, length - pos)
+                    self._append(kind, offset + pos, n, bytes(view[pos:pos + n]), flags)
+            else:
+                self._append(kind, offset, length, data, flags)
             self._unflushed = True
 
     def flush(self) -> None:

@@ -8,6 +8,7 @@ ranges read back from the disk) are done here, only while an agent is connected.
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import threading
@@ -25,9 +26,18 @@ STATE_MIN_INTERVAL = 0.02  # and this soon after an ack changed them
 RETRY_INTERVAL = 0.5
 
 
+_log_file = sys.stderr
+
+
+def set_log_file(path: str) -> None:
+    """Send the splitter's messages to ``path`` (appended), not to nbdkit's stderr."""
+    global _log_file
+    _log_file = open(path, "a", buffering=1)
+
+
 def log(msg: str) -> None:
-    sys.stderr.write("ferry-splitter: %s\n" % msg)
-    sys.stderr.flush()
+    _log_file.write("%s ferry-splitter[%d]: %s\n" % (time.strftime("%F %T"), os.getpid(), msg))
+    _log_file.flush()
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -91,6 +101,8 @@ class Link:
             except (OSError, lw.ProtocolError) as e:
                 if not self._stop.is_set():
                     log("link to agent lost: %s" % e)
+            except Exception as e:  # a bug here must not end replication for good
+                log("link thread error, reconnecting: %s: %s" % (type(e).__name__, e))
             finally:
                 self.connected = False
                 self._sock = None
@@ -107,6 +119,7 @@ class Link:
         self.connected = True
         log("connected to agent")
         next_state = 0.0
+        resynced = False  # the last resync step did work: look for more without waiting
         try:
             while not self._stop.is_set() and reader.is_alive():
                 replies = self.changelog.sync_replies()
@@ -121,12 +134,12 @@ class Link:
                     sock.sendall(lw.pack_json(lw.MSG_SYNC_REPLY,
                                               {"token": token, "gen": self.changelog.gen,
                                                "seq": seq}))
-                records = self.changelog.take(MAX_BATCH, timeout=0.0 if self._resync_pending()
-                                              else 0.1)
+                records = self.changelog.take(MAX_BATCH, timeout=0.0 if resynced else 0.1)
                 if records:
                     sock.sendall(b"".join(lw.pack_records(records, self.clock())))
+                    resynced = False
                 else:
-                    self._resync_step()
+                    resynced = self._resync_step()
         finally:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -136,15 +149,14 @@ class Link:
         if reader_error:
             raise reader_error[0]
 
-    def _resync_pending(self) -> bool:
-        return bool(self.changelog.dirty)
-
-    def _resync_step(self) -> None:
+    def _resync_step(self) -> bool:
+        """Read one dirty piece back into the queue; False when there was nothing to do
+        (no dirty range, or no room in the queue yet)."""
         # Small queues resync in small pieces, so a piece always fits once the queue drains.
         chunk = max(4096, min(RESYNC_CHUNK, self.changelog.queue_limit // 4))
         taken = self.changelog.resync_take(chunk)
         if taken is None:
-            return
+            return False
         offset, length, token = taken
         try:
             if self.disk.is_hole(offset, length):
@@ -158,8 +170,9 @@ class Link:
             self.changelog.resync_abort(token, offset, length)
             log("resync read of %d bytes at %d failed: %s" % (length, offset, e))
             self._stop.wait(RETRY_INTERVAL)
-            return
+            return False
         self.changelog.commit(token, kind, offset, length, data, flags=lw.FLAG_RESYNC)
+        return True
 
     def _read(self, sock: socket.socket, errors: list) -> None:
         try:

@@ -1,7 +1,7 @@
 """Ferry's splitter: the nbdkit Python plugin in a protected disk's I/O path.
 
     nbdkit --unix SOCK python splitter.py disk=PATH agent=AGENT_SOCK state=STATE_FILE \
-        disk_id=ID [queue=BYTES] [name=NAME] [group=GROUP]
+        disk_id=ID [queue=BYTES] [name=NAME] [group=GROUP] [log=FILE]
 
 Every request does the local disk first, with the client's flags, and only then records the
 change for the agent (see changelog.py). Nothing about replication can fail a request: only
@@ -27,7 +27,7 @@ from nbd_plugin import state as statefile
 from nbd_plugin.changelog import ChangeLog
 from nbd_plugin.dirtymap import DirtyMap
 from nbd_plugin.disk import LocalDisk
-from nbd_plugin.link import Link, log
+from nbd_plugin.link import Link, log, set_log_file
 
 API_VERSION = 2
 
@@ -35,7 +35,7 @@ DEFAULT_QUEUE = 256 * 1024 * 1024
 DEFAULT_DIRTY_RANGES = 200_000
 
 _config = {
-    "disk": "", "agent": "", "state": "", "disk_id": "", "name": "", "group": "",
+    "disk": "", "agent": "", "state": "", "disk_id": "", "name": "", "group": "", "log": "",
     "queue": str(DEFAULT_QUEUE), "dirty_ranges": str(DEFAULT_DIRTY_RANGES),
 }
 # Set by get_ready, before nbdkit calls anything that uses them.
@@ -74,6 +74,7 @@ def config_help():
             "agent=SOCKET    the host agent's splitter socket\n"
             "state=FILE      the splitter's state file\n"
             "disk_id=ID      the disk's id in the agent\n"
+            "log=FILE        append the splitter's messages to FILE\n"
             "queue=BYTES     bound of the in-memory change queue\n"
             "dirty_ranges=N  budget of the dirty map, in ranges")
 
@@ -84,6 +85,8 @@ def thread_model():
 
 def get_ready():
     global _disk, _log
+    if _config["log"]:
+        set_log_file(_config["log"])
     _disk = LocalDisk(_config["disk"])
     loaded = statefile.load(_config["state"], _disk.size)
     log("disk %s (%d bytes), generation %d: %s"
@@ -91,7 +94,7 @@ def get_ready():
     _log = ChangeLog(loaded.gen, int(_config["queue"]),
                      DirtyMap(max_ranges=int(_config["dirty_ranges"])))
     _log.mark_dirty([(0, _disk.size)] if loaded.dirty is None else loaded.dirty)
-    _log.initial = loaded.gen == 1 and loaded.dirty is None
+    _log.initial = loaded.initial
 
 
 def after_fork():

@@ -10,6 +10,10 @@ generation. A clean stop writes ``clean: true`` with every range the target may 
 the next start:
 
 - no file: a new protection; the whole disk is owed (initial sync);
+
+Generations only grow: the next one is the saved one plus one, and never less than the
+current time in seconds, so that even a lost state file cannot bring back a generation
+the target has seen (which would make the target drop new records as duplicates).
 - ``clean: true`` and the same size: the saved ranges are owed;
 - ``clean: false`` (killed, host crash) or another size: the whole disk is owed.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import List, NamedTuple, Optional, Tuple
 
 VERSION = 1
@@ -27,6 +32,7 @@ class Loaded(NamedTuple):
     gen: int
     dirty: Optional[List[Tuple[int, int]]]  # None: the whole disk is owed
     reason: str
+    initial: bool  # no state file: the first sync of a new protection
 
 
 def write_atomic(path: str, data: bytes) -> None:
@@ -50,21 +56,26 @@ def write_atomic(path: str, data: bytes) -> None:
 
 def load(path: str, size: int) -> Loaded:
     """Read the state left by the previous run and mark this run as started."""
+    # A generation is at least the time in seconds, so that a splitter whose state file
+    # was lost can never reuse a generation the target already holds.
+    floor = int(time.time())
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
-        gen, dirty, reason = 1, None, "new protection: initial sync of the whole disk"
+        gen, dirty, reason = floor, None, "new protection: initial sync of the whole disk"
+        initial = True
     else:
+        initial = False
         try:
             obj = json.loads(raw)
-            gen = int(obj["gen"]) + 1
+            gen = max(int(obj["gen"]) + 1, floor)
             clean = bool(obj["clean"])
             saved_size = int(obj["size"])
             ranges = [(int(o), int(n)) for o, n in obj["dirty"]]
         except (ValueError, KeyError, TypeError) as e:
             # A state file we cannot read costs a full resync, never a wrong replica.
-            gen, dirty = 1, None
+            gen, dirty = floor, None
             reason = "unreadable state file (%s): full resync" % e
         else:
             if not clean:
@@ -74,7 +85,7 @@ def load(path: str, size: int) -> Loaded:
             else:
                 dirty, reason = ranges, "clean restart: %d ranges owed" % len(ranges)
     save(path, gen, size, clean=False, dirty=[])
-    return Loaded(gen, dirty, reason)
+    return Loaded(gen, dirty, reason, initial)
 
 
 def save(path: str, gen: int, size: int, clean: bool, dirty: List[Tuple[int, int]]) -> None:

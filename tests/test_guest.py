@@ -6,9 +6,9 @@ import hashlib
 import subprocess
 
 import pytest
+from conftest import LAB_CACHE, Lab, first_difference, same_bytes
 
 from agent.lab.guest import Disk, Guest, build_initramfs, ensure_kernel
-from conftest import LAB_CACHE, Lab, first_difference, same_bytes
 
 MiB = 1024 * 1024
 

@@ -70,7 +70,7 @@ def test_fio_verify_through_the_splitter(sites: Lab) -> None:
     proc = subprocess.run(
         ["fio", "--name=verify", "--ioengine=nbd", "--uri=" + uri, "--rw=randwrite",
          "--bs=4k", "--iodepth=16", "--size=32M", "--verify=crc32c", "--do_verify=1",
-         "--verify_fatal=1", "--output-format=json"],
+         "--verify_fatal=1", "--verify_state_save=0", "--output-format=json"],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     job = json.loads(proc.stdout[proc.stdout.index("{"):])["jobs"][0]
