@@ -233,9 +233,11 @@ class ChangeLog:
 
     # -- the link side -------------------------------------------------------------------
 
-    def take(self, max_bytes: int, timeout: float) -> List[Record]:
+    def take(self, max_bytes: int, timeout: float) -> Tuple[List[Record], int]:
         """Move up to ``max_bytes`` of unsent records to sent and return them (at least
-        one if any is unsent); waits up to ``timeout`` seconds for work."""
+        one if any is unsent), with a watermark: every change that completed before the
+        watermark is in these records or in earlier ones. Waits up to ``timeout`` seconds
+        for work."""
         with self._lock:
             if not self._unsent and not self._closed:
                 self._work.wait(timeout)
@@ -247,7 +249,11 @@ class ChangeLog:
                 out.append(r)
                 size += r.nbytes
             self.stats.sent_bytes += size
-            return out
+            # Records are appended in time order under this lock: with the queue drained,
+            # nothing that completed before now is left behind; otherwise, the next
+            # record's time bounds what these cover.
+            watermark = self._unsent[0].time_ns if self._unsent else self._clock()
+            return out, watermark
 
     def has_work(self) -> bool:
         with self._lock:

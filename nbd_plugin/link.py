@@ -13,7 +13,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional
 
 from . import localwire as lw
 from .changelog import ChangeLog
@@ -53,12 +53,11 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
 
 class Link:
     def __init__(self, log_: ChangeLog, disk: LocalDisk, socket_path: str,
-                 hello: Dict[str, Any], clock: Callable[[], int] = time.monotonic_ns) -> None:
+                 hello: Dict[str, Any]) -> None:
         self.changelog = log_
         self.disk = disk
         self.socket_path = socket_path
         self.hello = hello
-        self.clock = clock
         self.connected = False
         self.state_due = False
         self._stop = threading.Event()
@@ -134,9 +133,10 @@ class Link:
                     sock.sendall(lw.pack_json(lw.MSG_SYNC_REPLY,
                                               {"token": token, "gen": self.changelog.gen,
                                                "seq": seq}))
-                records = self.changelog.take(MAX_BATCH, timeout=0.0 if resynced else 0.1)
+                records, watermark = self.changelog.take(MAX_BATCH,
+                                                         timeout=0.0 if resynced else 0.1)
                 if records:
-                    sock.sendall(b"".join(lw.pack_records(records, self.clock())))
+                    sock.sendall(b"".join(lw.pack_records(records, watermark)))
                     resynced = False
                 else:
                     resynced = self._resync_step()
