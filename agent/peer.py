@@ -15,21 +15,12 @@ class FrameStream:
         self.stream = stream
         self.peer = peer
         self.codec = codec or wire.Codec()
-        self._buf = bytearray()
         self._send_lock = trio.Lock()
         self.bytes_sent = 0
         self.bytes_received = 0
 
     async def _read_exact(self, n: int) -> bytes:
-        while len(self._buf) < n:
-            chunk = await self.stream.receive_some(max(65536, n - len(self._buf)))
-            if not chunk:
-                raise EOFError("%s closed the connection" % self.peer)
-            self._buf += chunk
-            self.bytes_received += len(chunk)
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
+        return await read_exact(self.stream, n, self.peer, self)
 
     async def receive(self) -> Tuple[int, dict]:
         """The next frame as (type, body); ProtocolError if it does not hold together."""
@@ -69,6 +60,24 @@ class FrameStream:
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
             await self.stream.aclose()
+
+
+async def read_exact(stream: trio.abc.ReceiveStream, n: int, peer: str,
+                     counter: Any = None) -> bytes:
+    """Exactly ``n`` bytes from ``stream``. Never asks for more than is missing, so nothing
+    is left over to keep, and a large body costs one copy (the join)."""
+    chunks = []
+    have = 0
+    while have < n:
+        chunk = await stream.receive_some(n - have)
+        if not chunk:
+            raise EOFError("%s closed the connection" % peer)
+        chunks.append(chunk)
+        have += len(chunk)
+    if counter is not None:
+        counter.bytes_received += n
+    first = chunks[0] if chunks else b""
+    return first if len(chunks) == 1 and isinstance(first, bytes) else b"".join(chunks)
 
 
 def keepalive(stream: trio.SocketStream) -> None:

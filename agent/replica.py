@@ -88,6 +88,12 @@ class TargetGroup:
         os.makedirs(os.path.join(directory, "replicas"), exist_ok=True)
         self._meta_path = os.path.join(directory, "meta.json")
         meta = self._read_meta()
+        # Every check before anything changes: a refused group keeps all it had.
+        held = [(d["name"], d["size"]) for d in meta.get("disks", [])]
+        if held and held != list(disks):
+            raise SizeMismatch("group %s holds disks %s here; the source sent %s" % (
+                name, ", ".join("%s (%d bytes)" % d for d in held),
+                ", ".join("%s (%d bytes)" % d for d in disks)))
         self.protection = meta.get("protection") if protection is None else protection
         if meta and self.protection != meta.get("protection"):
             log.warning("group %s: a new protection replaces the old one; its replicas wait "
@@ -99,19 +105,12 @@ class TargetGroup:
         self.disks: List[DiskState] = []
         for dname, size in disks:
             old = known.get(dname)
-            if old is not None and old["size"] != size:
-                raise SizeMismatch(
-                    "disk %s of group %s is %d bytes on the source but its replica here is %d"
-                    % (dname, name, size, old["size"]))
             st = DiskState(dname, size)
             if old is not None:
                 st.applied_gen, st.applied_seq = old["applied_gen"], old["applied_seq"]
                 st.ever_consistent = old["ever_consistent"]
             st.gen, st.seq = st.applied_gen, st.applied_seq
             self.disks.append(st)
-        if [d["name"] for d in meta.get("disks", [])] not in ([], [d.name for d in self.disks]):
-            raise SizeMismatch("group %s has disks %s here, the source sent %s" % (
-                name, [d["name"] for d in meta["disks"]], [d.name for d in self.disks]))
         self._fds: List[int] = []
         for st in self.disks:
             path = self.replica_path(st.name)
@@ -234,7 +233,7 @@ class TargetGroup:
                     n = os.pwrite(fd, view, off)
                     view, off = view[n:], off + n
                 self._since_checkpoint += rec.length
-            elif rec.kind in (KIND_ZERO, KIND_TRIM):
+            elif rec.kind in (KIND_ZERO, KIND_TRIM) and rec.length:
                 fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, rec.offset, rec.length)
             elif rec.kind == KIND_CONSISTENT:
                 st.consistent_pending -= 1

@@ -32,7 +32,7 @@ import trio
 
 from nbd_plugin import localwire as lw
 
-from . import splitters, wire
+from . import peer, splitters, wire
 from .peer import FrameStream, keepalive, race
 from .store import DiskRow, GroupRow, Store
 
@@ -350,17 +350,9 @@ class SourceSite:
 
     async def _splitter_conn(self, stream: trio.SocketStream) -> None:
         link: Optional[DiskLink] = None
-        buf = bytearray()
 
         async def read_exact(n: int) -> bytes:
-            while len(buf) < n:
-                chunk = await stream.receive_some(max(65536, n - len(buf)))
-                if not chunk:
-                    raise EOFError("splitter closed the connection")
-                buf.extend(chunk)
-            out = bytes(buf[:n])
-            del buf[:n]
-            return out
+            return await peer.read_exact(stream, n, "splitter")
 
         try:
             msg_type, length = lw.unpack_header(await read_exact(lw.HEADER.size))

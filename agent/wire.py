@@ -43,6 +43,8 @@ MAX_DISKS = 64
 MAX_NAME = 128
 
 F_ZSTD = 1
+COMPRESS_MIN_GAIN = 0.10
+COMPRESS_BACKOFF = 16
 
 T_HELLO = 1      # source -> target
 T_WELCOME = 2    # target -> source
@@ -105,14 +107,27 @@ class Codec:
     def __init__(self, level: int = 1) -> None:
         self._cctx = zstandard.ZstdCompressor(level=level)
         self._dctx = zstandard.ZstdDecompressor()
+        self._skip = 0              # frames left to send without trying to compress
+        self.bytes_in = 0           # bodies offered for compression, and what they became
+        self.bytes_out = 0
 
     def encode(self, ftype: int, obj: Any, compress: bool = False) -> bytes:
         body = pack(obj)
         flags = 0
         if compress and len(body) > 512:
-            packed = self._cctx.compress(body)
-            if len(packed) < len(body):
-                body, flags = packed, F_ZSTD
+            # Compression that does not pay (encrypted or random data) costs a core for
+            # nothing: after a frame that shrank less than COMPRESS_MIN_GAIN, the next
+            # COMPRESS_BACKOFF frames go as they are, then compression is tried again.
+            if self._skip:
+                self._skip -= 1
+            else:
+                packed = self._cctx.compress(body)
+                if len(packed) <= len(body) * (1 - COMPRESS_MIN_GAIN):
+                    self.bytes_in += len(body)
+                    self.bytes_out += len(packed)
+                    body, flags = packed, F_ZSTD
+                else:
+                    self._skip = COMPRESS_BACKOFF
         if len(body) > MAX_FRAME:
             raise ValueError("frame body of %d bytes is over the limit" % len(body))
         return HEADER.pack(MAGIC, WIRE_VERSION, ftype, flags, len(body), 0,

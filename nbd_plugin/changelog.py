@@ -87,6 +87,7 @@ class ChangeLog:
         self._next_seq = 1
         self._acked_seq = 0
         self._resyncing = 0          # resync reads taken but not committed yet
+        self._resync_regions: List[Tuple[int, int]] = []  # and their ranges
         self._inconsistent = bool(self.dirty)
         self._inconsistent_since = clock() if self._inconsistent else 0
         self._unflushed = False
@@ -138,11 +139,16 @@ class ChangeLog:
             if flags & FLAG_RESYNC:
                 # Admitted by resync_take, which checked there was room.
                 self._resyncing -= 1
+                self._resync_regions.remove((offset, length))
                 self.stats.resync_bytes += length
                 self._append(kind, offset, length, data, flags)
                 self._maybe_consistent()
                 return
-            nbytes = RECORD.size + (length if kind == KIND_WRITE else 0)
+            if kind == KIND_WRITE:
+                pieces = -(-length // RECORD_DATA_MAX)
+                nbytes = pieces * RECORD.size + length
+            else:
+                nbytes = RECORD.size
             if self._queued_bytes + nbytes > self.queue_limit:
                 self.dirty.add(offset, length)
                 self.stats.dirtied_bytes += length
@@ -207,6 +213,8 @@ class ChangeLog:
             assert region is not None
             offset, length = region
             self._resyncing += 1
+            # Neither dirty nor range-locked until begin() returns: owed all the same.
+            self._resync_regions.append(region)
         try:
             token = self.begin(offset, length)
         except BaseException:
@@ -220,6 +228,7 @@ class ChangeLog:
             if token is not None:
                 self._release(token)
             self._resyncing -= 1
+            self._resync_regions.remove((offset, length))
             self.dirty.add(offset, length)
 
     def mark_dirty(self, ranges: List[Tuple[int, int]]) -> None:
@@ -338,4 +347,6 @@ class ChangeLog:
                         m.add(r.offset, r.length)
             for offset, end in self._inflight.values():
                 m.add(offset, end - offset)
+            for offset, length in self._resync_regions:
+                m.add(offset, length)
             return m.ranges()

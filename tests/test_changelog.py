@@ -4,16 +4,16 @@ target that must end up with the same bytes as the source."""
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set
 
-import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from nbd_plugin.changelog import ChangeLog
+from nbd_plugin.changelog import RECORD_DATA_MAX, ChangeLog
 from nbd_plugin.dirtymap import DirtyMap
 from nbd_plugin.localwire import (
     FLAG_FUA,
@@ -57,11 +57,17 @@ def change(cl: ChangeLog, kind: int, offset: int, length: int) -> None:
     cl.commit(token, kind, offset, length)
 
 
+def take(cl: ChangeLog, max_bytes: int, timeout: float = 0) -> List[Record]:
+    """The records of a take, without its watermark."""
+    records, _watermark = cl.take(max_bytes, timeout)
+    return records
+
+
 def take_all(cl: ChangeLog) -> List[Record]:
-    return cl.take(1 << 30, 0)
+    return take(cl, 1 << 30)
 
 
-def resync_all(cl: ChangeLog, disk: bytes, max_length: int = 64) -> None:
+def resync_all(cl: ChangeLog, disk: bytearray, max_length: int = 64) -> None:
     """Read every dirty range back from ``disk`` (the queue must have room)."""
     while True:
         taken = cl.resync_take(max_length)
@@ -97,7 +103,7 @@ class Blocker(threading.Thread):
     def __init__(self, fn: Callable[[], object]) -> None:
         super().__init__(daemon=True)
         self.fn = fn
-        self.result: object = None
+        self.result: Any = None
         self.done = threading.Event()
         self.start()
 
@@ -190,6 +196,27 @@ def test_after_an_overflow_later_records_are_flagged_inconsistent() -> None:
     assert [r.kind for r in later] == [KIND_WRITE, KIND_FLUSH]
     assert all(r.flags & FLAG_INCONSISTENT for r in later)
     assert later[0].flags == FLAG_FUA | FLAG_INCONSISTENT
+
+
+def test_a_large_write_becomes_consecutive_records() -> None:
+    cl = new_log(queue_limit=1 << 30)
+    data = bytes(range(256)) * ((2 * RECORD_DATA_MAX + 100) // 256 + 1)
+    data = data[:2 * RECORD_DATA_MAX + 100]
+    write(cl, 512, data, FLAG_FUA)
+    out = take_all(cl)
+    assert [(r.seq, r.offset, r.length, r.flags) for r in out] == [
+        (1, 512, RECORD_DATA_MAX, FLAG_FUA),
+        (2, 512 + RECORD_DATA_MAX, RECORD_DATA_MAX, FLAG_FUA),
+        (3, 512 + 2 * RECORD_DATA_MAX, 100, FLAG_FUA),
+    ]
+    assert b"".join(r.data or b"" for r in out) == data
+
+
+def test_a_large_write_that_fits_keeps_the_queue_within_its_bound() -> None:
+    length = 2 * RECORD_DATA_MAX + 100
+    cl = new_log(queue_limit=HDR + length)
+    write(cl, 0, bytes(length))
+    assert cl.counters()["queued_bytes"] <= cl.queue_limit
 
 
 def test_flush_is_dropped_when_the_queue_is_full() -> None:
@@ -328,7 +355,7 @@ def test_ack_frees_the_queue_up_to_its_sequence_number() -> None:
     cl = new_log()
     for i in range(5):
         write(cl, i * 100, b"x" * 10)
-    cl.take(2 * (HDR + 10), 0)
+    take(cl, 2 * (HDR + 10))
     assert cl.counters()["queued_bytes"] == 5 * (HDR + 10)
     cl.ack(1, 3)  # frees two sent and one unsent record
     c = cl.counters()
@@ -354,36 +381,52 @@ def test_take_respects_max_bytes_but_returns_at_least_one_record() -> None:
     write(cl, 0, b"x" * 1000)
     write(cl, 0, b"y" * 10)
     write(cl, 0, b"z" * 10)
-    assert seqs(cl.take(1, 0)) == [1]
-    assert seqs(cl.take(2 * (HDR + 10), 0)) == [2, 3]
+    assert seqs(take(cl, 1)) == [1]
+    assert seqs(take(cl, 2 * (HDR + 10))) == [2, 3]
     assert cl.counters()["sent_bytes"] == 3 * HDR + 1020
+
+
+def test_take_returns_a_watermark() -> None:
+    clock = FakeClock(100)
+    cl = new_log(clock=clock)
+    assert cl.take(1000, 0) == ([], 100)  # nothing queued: everything up to now is out
+    write(cl, 0, b"x")
+    clock.advance(50)
+    write(cl, 1, b"y")
+    clock.advance(50)
+    records, watermark = cl.take(1, 0)
+    assert seqs(records) == [1]
+    assert watermark == 150  # record 2 completed at 150 and is not in this take
+    records, watermark = cl.take(1000, 0)
+    assert seqs(records) == [2]
+    assert watermark == 200
 
 
 def test_take_on_an_empty_queue_waits_for_the_timeout() -> None:
     cl = new_log()
     t0 = time.monotonic()
-    assert cl.take(1000, 0.05) == []
+    assert take(cl, 1000, 0.05) == []
     assert time.monotonic() - t0 >= 0.04
 
 
 def test_take_wakes_up_on_a_commit() -> None:
     cl = new_log()
-    taker = Blocker(lambda: cl.take(1000, 30))
+    taker = Blocker(lambda: take(cl, 1000, 30))
     time.sleep(0.05)
     write(cl, 0, b"x")
     assert taker.done.wait(10)
-    assert seqs(taker.result) == [1]  # type: ignore[arg-type]
+    assert seqs(taker.result) == [1]
 
 
 def test_close_wakes_up_take() -> None:
     cl = new_log()
-    taker = Blocker(lambda: cl.take(1000, 30))
+    taker = Blocker(lambda: take(cl, 1000, 30))
     time.sleep(0.05)
     cl.close()
     assert taker.done.wait(10)
     assert taker.result == []
     t0 = time.monotonic()
-    assert cl.take(1000, 30) == []
+    assert take(cl, 1000, 30) == []
     assert time.monotonic() - t0 < 5
 
 
@@ -391,8 +434,8 @@ def test_rewind_resends_every_unacked_record_in_order() -> None:
     cl = new_log()
     for i in range(6):
         write(cl, i, b"x")
-    assert seqs(cl.take(2 * (HDR + 1), 0)) == [1, 2]
-    assert seqs(cl.take(2 * (HDR + 1), 0)) == [3, 4]
+    assert seqs(take(cl, 2 * (HDR + 1))) == [1, 2]
+    assert seqs(take(cl, 2 * (HDR + 1))) == [3, 4]
     cl.ack(1, 1)
     cl.rewind()
     assert seqs(take_all(cl)) == [2, 3, 4, 5, 6]
@@ -500,7 +543,7 @@ def test_non_overlapping_and_adjacent_ranges_do_not_block() -> None:
 def test_many_waiters_all_get_the_range_in_turn() -> None:
     cl = new_log()
     token = cl.begin(0, 10)
-    writers = [Blocker(lambda i=i: write(cl, 5, bytes([i]))) for i in range(8)]
+    writers = [Blocker(functools.partial(write, cl, 5, bytes([i]))) for i in range(8)]
     time.sleep(0.05)
     assert not any(w.done.is_set() for w in writers)
     cl.release(token)
@@ -517,7 +560,7 @@ def test_resync_take_waits_for_an_overlapping_guest_write() -> None:
     assert not resync.done.wait(0.1)
     cl.commit(guest, KIND_WRITE, 50, 10, b"g" * 10)
     assert resync.done.wait(10)
-    offset, length, token = resync.result  # type: ignore[misc]
+    offset, length, token = resync.result
     assert (offset, length) == (0, 100)
     # The guest write is before the resync read in the stream.
     cl.commit(token, KIND_WRITE, 0, 100, b"r" * 100, FLAG_RESYNC)
@@ -547,8 +590,7 @@ def test_owed_ranges_cover_dirty_unacked_and_in_flight_changes() -> None:
     change(cl, KIND_ZERO, 20, 5)          # queued, unsent
     write(cl, 100, b"y" * 10)             # does not fit: dirty
     cl.flush()                            # no length: nothing owed
-    take = cl.take(1, 0)
-    assert seqs(take) == [1]
+    assert seqs(take(cl, 1)) == [1]
     token = cl.begin(200, 50)             # a write in progress
     assert cl.owed_ranges() == [(0, 10), (20, 5), (100, 10), (200, 50)]
     cl.ack(1, 1)
@@ -566,10 +608,6 @@ def test_owed_ranges_cover_a_resync_read_in_progress() -> None:
     assert cl.owed_ranges() == [(0, 100)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: resync_take pops the range from the dirty map, drops the lock and only then "
-    "range-locks it with begin(); while begin() waits for an overlapping guest write the "
-    "range is neither dirty nor in flight, so owed_ranges() forgets it"))
 def test_owed_ranges_cover_a_resync_read_waiting_for_its_range_lock() -> None:
     cl = new_log()
     cl.mark_dirty([(0, 100)])
@@ -610,6 +648,7 @@ class ReplicationMachine(RuleBasedStateMachine):
         self.snapshots: Dict[int, bytes] = {0: bytes(DISK)}
         self.sync_wanted: Dict[str, int] = {}
         self.next_token = 0
+        self.watermark = 0
 
     def after(self, before_next_seq: int) -> None:
         """Remember the source as each new record left it."""
@@ -671,7 +710,12 @@ class ReplicationMachine(RuleBasedStateMachine):
 
     @rule(max_bytes=st.integers(1, 300))
     def send(self, max_bytes: int) -> None:
-        self.in_transit.extend(self.cl.take(max_bytes, 0))
+        records, watermark = self.cl.take(max_bytes, 0)
+        # Every change that completed before the previous watermark was in that take
+        # or an earlier one (a rewind sends the old ones again).
+        assert all(r.time_ns >= self.watermark for r in records)
+        self.watermark = watermark
+        self.in_transit.extend(records)
 
     @rule(n=st.integers(1, 10))
     def deliver(self, n: int) -> None:
@@ -708,6 +752,7 @@ class ReplicationMachine(RuleBasedStateMachine):
     def link_cut(self) -> None:
         self.in_transit.clear()
         self.cl.rewind()
+        self.watermark = 0
 
     @rule()
     def request_sync(self) -> None:
@@ -760,7 +805,7 @@ class ReplicationMachine(RuleBasedStateMachine):
             self.in_transit.clear()
             self.cl.ack(1, self.target_seq)
             self.resync(64)
-            self.in_transit.extend(self.cl.take(1 << 20, 0))
+            self.in_transit.extend(take(self.cl, 1 << 20))
             if not self.in_transit and not self.cl.dirty and \
                     self.cl.counters()["queued_records"] == 0:
                 return

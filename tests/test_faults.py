@@ -216,9 +216,11 @@ def test_target_drops_garbage_and_keeps_serving(sites: Lab, garbage: bytes) -> N
     with _session(sites.b.address) as s:
         s.sendall(garbage)
         s.settimeout(30)
-        data = s.recv(65536)
-        while data and s.recv(65536):
-            pass
+        try:
+            while s.recv(65536):
+                pass  # an ERROR frame, then the close
+        except ConnectionResetError:
+            pass  # closed with our garbage unread: also a close
     log = sites.b.log.read_text()
     assert "dropping connection from" in log
     h = nbd.NBD()

@@ -1,0 +1,544 @@
+"""agent/replica.py: a protection group on the target site, on real files.
+
+Records are checked before anything is written, applied in journal order, held back while a
+disk that was once whole is resyncing, re-applied after a crash, and restored as sparse
+copies."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent import replica as replica_module
+from agent.journal import JRecord
+from agent.replica import NoConsistentState, SizeMismatch, TargetGroup
+from agent.wire import MAX_RECORD, ProtocolError
+from nbd_plugin.localwire import (
+    FLAG_INCONSISTENT,
+    FLAG_RESYNC,
+    KIND_CONSISTENT,
+    KIND_FLUSH,
+    KIND_TRIM,
+    KIND_WRITE,
+    KIND_ZERO,
+)
+
+INC = FLAG_INCONSISTENT
+RESYNC = FLAG_INCONSISTENT | FLAG_RESYNC
+
+
+def w(seq: int, offset: int, data: bytes, disk: int = 0, gen: int = 1,
+      flags: int = 0) -> JRecord:
+    return JRecord(disk, gen, seq, KIND_WRITE, flags, offset, len(data), seq * 10, data)
+
+
+def z(seq: int, offset: int, length: int, disk: int = 0, gen: int = 1, flags: int = 0,
+      kind: int = KIND_ZERO) -> JRecord:
+    return JRecord(disk, gen, seq, kind, flags, offset, length, seq * 10, None)
+
+
+def consistent(seq: int, disk: int = 0, gen: int = 1) -> JRecord:
+    return JRecord(disk, gen, seq, KIND_CONSISTENT, 0, 0, 0, seq * 10, None)
+
+
+def flush(seq: int, disk: int = 0, gen: int = 1) -> JRecord:
+    return JRecord(disk, gen, seq, KIND_FLUSH, 0, 0, 0, seq * 10, None)
+
+
+def open_group(path: Path, disks: Optional[List[Tuple[str, int]]] = None,
+               protection: Optional[str] = "p1") -> TargetGroup:
+    return TargetGroup(str(path), "g", disks if disks is not None else [("a", 64)],
+                       protection=protection)
+
+
+def replica(g: TargetGroup, disk: str = "a") -> bytes:
+    return Path(g.replica_path(disk)).read_bytes()
+
+
+def journal_files(path: Path) -> Dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((path / "journal").iterdir())}
+
+
+def crash(g: TargetGroup) -> None:
+    """The process dies: no checkpoint, no meta update; only its descriptors go away."""
+    for fd in g._fds:
+        os.close(fd)
+    g.journal.close()
+
+
+def image(size: int, *writes: Tuple[int, bytes]) -> bytes:
+    buf = bytearray(size)
+    for offset, data in writes:
+        buf[offset:offset + len(data)] = data
+    return bytes(buf)
+
+
+def made_consistent(path: Path) -> TargetGroup:
+    """A one-disk group whose initial sync ended: A*16 at 0, then B*16 at 16."""
+    g = open_group(path)
+    g.accept([w(1, 0, b"A" * 16, flags=RESYNC), consistent(2), w(3, 16, b"B" * 16)])
+    assert replica(g) == image(64, (0, b"A" * 16), (16, b"B" * 16))
+    return g
+
+
+# -- applying ----------------------------------------------------------------------------------
+
+def test_new_group_has_zeroed_replicas_of_the_right_size(tmp_path: Path) -> None:
+    g = open_group(tmp_path, [("a", 64), ("b", 4096)])
+    assert replica(g, "a") == bytes(64)
+    assert replica(g, "b") == bytes(4096)
+    assert g.durable() == [(0, 0), (0, 0)]
+    g.close()
+
+
+def test_accept_applies_writes_zeroes_and_trims(tmp_path: Path) -> None:
+    g = open_group(tmp_path, [("a", 8192)])
+    assert g.accept([w(1, 0, b"x" * 8192)]) == 1
+    assert replica(g) == b"x" * 8192
+    assert g.accept([z(2, 100, 50), z(3, 4096, 4096, kind=KIND_TRIM), flush(4),
+                     w(5, 4100, b"late")]) == 4
+    assert replica(g) == image(8192, (0, b"x" * 100), (150, b"x" * 3946), (4100, b"late"))
+    assert g.durable() == [(1, 5)]
+    g.close()
+
+
+def test_records_of_several_disks_go_to_their_own_replica(tmp_path: Path) -> None:
+    g = open_group(tmp_path, [("a", 64), ("b", 64)])
+    g.accept([w(1, 0, b"a0", disk=0), w(1, 8, b"b1", disk=1), w(2, 2, b"a1", disk=0),
+              w(2, 10, b"b2", disk=1, )])
+    assert replica(g, "a") == image(64, (0, b"a0a1"))
+    assert replica(g, "b") == image(64, (8, b"b1b2"))
+    assert g.durable() == [(1, 2), (1, 2)]
+    g.close()
+
+
+def test_duplicates_are_skipped(tmp_path: Path) -> None:
+    g = open_group(tmp_path)
+    assert g.accept([w(1, 0, b"one"), w(2, 0, b"two")]) == 2
+    before = journal_files(tmp_path)
+    # Resent after a reconnect, with different bytes: a duplicate is never applied again.
+    assert g.accept([w(1, 0, b"XXX"), w(2, 0, b"YYY")]) == 0
+    assert replica(g) == image(64, (0, b"two"))
+    assert journal_files(tmp_path) == before
+    # A batch that overlaps what is held: only the new records count.
+    assert g.accept([w(2, 0, b"ZZZ"), w(3, 8, b"three")]) == 1
+    assert replica(g) == image(64, (0, b"two"), (8, b"three"))
+    g.close()
+
+
+def test_lower_generations_are_duplicates_and_a_new_one_starts_at_one(tmp_path: Path) -> None:
+    g = open_group(tmp_path)
+    g.accept([w(1, 0, b"g2s1", gen=2), w(2, 0, b"g2s2", gen=2)])
+    assert g.accept([w(7, 0, b"old!", gen=1)]) == 0
+    assert g.accept([w(1, 0, b"g3s1", gen=3), w(2, 4, b"g3s2", gen=3)]) == 2
+    assert g.durable() == [(3, 2)]
+    assert replica(g) == image(64, (0, b"g3s1g3s2"))
+    g.close()
+
+
+@pytest.mark.parametrize("bad", [
+    w(4, 0, b"gap"),                # skips 3
+    w(2, 0, b"new gen", gen=2),     # a new generation must start at 1
+    w(5, 0, b"far", gen=1),
+])
+def test_a_gap_raises_and_changes_nothing(tmp_path: Path, bad: JRecord) -> None:
+    g = open_group(tmp_path)
+    g.accept([w(1, 0, b"first")])
+    before_journal, before_replica = journal_files(tmp_path), replica(g)
+    with pytest.raises(ProtocolError, match="gap"):
+        g.accept([w(2, 10, b"fine"), bad])
+    assert journal_files(tmp_path) == before_journal
+    assert replica(g) == before_replica
+    assert g.durable() == [(1, 1)]
+    # The cursor did not move: the right record is still next.
+    assert g.accept([w(2, 10, b"fine")]) == 1
+    assert replica(g) == image(64, (0, b"first"), (10, b"fine"))
+    g.close()
+
+
+@pytest.mark.parametrize("bad", [
+    w(2, 60, b"12345"),                       # past the end
+    w(2, 64, b"x"),                           # starts at the end
+    z(2, 0, 65),
+    z(2, 1 << 40, 1, kind=KIND_TRIM),
+    w(2, 0, b"x", disk=1),                    # no such disk
+    w(2, 0, b"x", disk=-1),
+    JRecord(0, 1, 2, KIND_WRITE, 0, 0, 4, 0, None),      # a write without data
+    JRecord(0, 1, 2, KIND_WRITE, 0, 0, 4, 0, b"toolong"),  # data of the wrong length
+])
+def test_bad_records_raise_before_any_write(tmp_path: Path, bad: JRecord) -> None:
+    g = open_group(tmp_path)
+    g.accept([w(1, 0, b"first")])
+    before_journal, before_replica = journal_files(tmp_path), replica(g)
+    with pytest.raises(ProtocolError):
+        g.accept([w(2, 10, b"fine"), w(3, 20, b"fine too"), bad])
+    assert journal_files(tmp_path) == before_journal
+    assert replica(g) == before_replica
+    assert g.durable() == [(1, 1)]
+    g.close()
+
+
+def test_a_duplicate_out_of_bounds_is_still_refused(tmp_path: Path) -> None:
+    g = open_group(tmp_path)
+    g.accept([w(1, 0, b"first")])
+    with pytest.raises(ProtocolError):
+        g.accept([w(1, 63, b"xx")])
+
+
+def test_records_up_to_the_last_byte_are_accepted(tmp_path: Path) -> None:
+    g = open_group(tmp_path)
+    g.accept([w(1, 60, b"end!"), z(2, 63, 1), w(3, 64, b""), consistent(4)])
+    assert replica(g)[60:] == b"end\0"
+    g.close()
+
+
+@pytest.mark.parametrize("kind", [KIND_ZERO, KIND_TRIM])
+def test_zero_length_zero_or_trim_is_harmless(tmp_path: Path, kind: int) -> None:
+    g = open_group(tmp_path)
+    g.accept([w(1, 0, b"before")])
+    try:
+        g.accept([z(2, 10, 0, kind=kind), w(3, 6, b"after")])
+    finally:
+        assert g.durable() == [(1, 3)]  # journaled either way
+    assert replica(g)[:11] == b"beforeafter"
+    g.close()
+
+
+def test_write_larger_than_max_record_is_refused(tmp_path: Path) -> None:
+    g = open_group(tmp_path, [("a", 2 * MAX_RECORD)])
+    with pytest.raises(ProtocolError):
+        g.accept([w(1, 0, bytes(MAX_RECORD + 1))])
+    assert g.durable() == [(0, 0)]
+    g.close()
+
+
+# -- holding back while a disk resyncs ---------------------------------------------------------
+
+def test_a_disk_never_consistent_is_applied_as_it_comes(tmp_path: Path) -> None:
+    g = open_group(tmp_path)
+    g.accept([w(1, 0, b"sync", flags=RESYNC), w(2, 8, b"guest", flags=INC)])
+    assert replica(g) == image(64, (0, b"sync"), (8, b"guest"))
+    st = g.status()["disks"]["a"]
+    assert st["ever_consistent"] is False and st["consistent"] is False
+    g.close()
+
+
+def test_inconsistent_records_wait_for_the_consistent_marker(tmp_path: Path) -> None:
+    g = made_consistent(tmp_path)
+    whole = image(64, (0, b"A" * 16), (16, b"B" * 16))
+    assert g.status()["disks"]["a"]["consistent"] is True
+    # Overflow on the source: the stream is inconsistent until its resync ends.
+    assert g.accept([w(4, 0, b"C" * 16, flags=INC)]) == 1
+    assert g.durable() == [(1, 4)]  # durable (the source may free it) ...
+    assert replica(g) == whole     # ... but not applied
+    st = g.status()["disks"]["a"]
+    assert st["consistent"] is False and st["applied_seq"] == 3 and st["durable_seq"] == 4
+    g.accept([w(5, 32, b"D" * 16, flags=RESYNC), flush(6)])
+    assert replica(g) == whole
+    g.accept([consistent(7)])
+    assert replica(g) == image(64, (0, b"C" * 16), (16, b"B" * 16), (32, b"D" * 16))
+    st = g.status()["disks"]["a"]
+    assert st["consistent"] is True and st["applied_seq"] == 7
+    # Whole again: plain records apply at once.
+    g.accept([w(8, 48, b"E")])
+    assert replica(g)[48:49] == b"E"
+    g.close()
+
+
+def test_each_resync_needs_its_own_marker(tmp_path: Path) -> None:
+    g = made_consistent(tmp_path)
+    g.accept([w(4, 0, b"1", flags=INC), consistent(5), w(6, 1, b"2", flags=INC)])
+    assert replica(g)[:3] == b"1AA"  # the first resync ended; the second did not
+    g.accept([consistent(7)])
+    assert replica(g)[:3] == b"12A"
+    g.close()
+
+
+def test_a_held_disk_holds_the_records_after_it_on_other_disks(tmp_path: Path) -> None:
+    g = open_group(tmp_path, [("a", 64), ("b", 64)])
+    g.accept([consistent(1, disk=0), consistent(1, disk=1)])
+    g.accept([w(2, 0, b"b-before", disk=1), w(2, 0, b"a-held", disk=0, flags=INC),
+              w(3, 8, b"b-after", disk=1)])
+    # Journal order is the group's timeline: nothing after the held record is applied.
+    assert replica(g, "a") == bytes(64)
+    assert replica(g, "b") == image(64, (0, b"b-before"))
+    g.accept([consistent(3, disk=0)])
+    assert replica(g, "a") == image(64, (0, b"a-held"))
+    assert replica(g, "b") == image(64, (0, b"b-before"), (8, b"b-after"))
+    g.close()
+
+
+# -- restore -------------------------------------------------------------------------------------
+
+def test_restore_refuses_a_disk_that_was_never_consistent(tmp_path: Path) -> None:
+    g = open_group(tmp_path / "g")
+    g.accept([w(1, 0, b"half a sync", flags=RESYNC)])
+    dest = tmp_path / "out.img"
+    with pytest.raises(NoConsistentState):
+        g.restore("a", str(dest))
+    assert not dest.exists()
+    with pytest.raises(KeyError):
+        g.restore("nope", str(dest))
+    g.close()
+
+
+def test_restore_writes_an_identical_sparse_copy(tmp_path: Path) -> None:
+    size = 8 << 20
+    g = open_group(tmp_path / "g", [("a", size)])
+    g.accept([w(1, 4 << 20, b"\xab" * 4096, flags=RESYNC), w(2, size - 3, b"end", flags=RESYNC),
+              w(3, 0, b"\1" * 65536, flags=RESYNC), z(4, 0, 65536, kind=KIND_TRIM),
+              consistent(5)])
+    dest = tmp_path / "out.img"
+    info = g.restore("a", str(dest))
+    assert info["size"] == size and info["seq"] == 5 and info["resyncing"] is False
+    assert dest.read_bytes() == replica(g)
+    assert dest.read_bytes() == image(size, (4 << 20, b"\xab" * 4096), (size - 3, b"end"))
+    assert dest.stat().st_size == size
+    assert dest.stat().st_blocks * 512 < 1 << 20  # holes stayed holes
+    assert not (tmp_path / "out.img.ferry-partial").exists()
+    g.close()
+
+
+def test_restore_while_resyncing_gives_the_last_consistent_state(tmp_path: Path) -> None:
+    g = made_consistent(tmp_path / "g")
+    g.accept([w(4, 0, b"C" * 16, flags=INC)])
+    dest = tmp_path / "out.img"
+    info = g.restore("a", str(dest))
+    assert info["resyncing"] is True and info["seq"] == 3
+    assert dest.read_bytes() == image(64, (0, b"A" * 16), (16, b"B" * 16))
+    g.close()
+
+
+# -- reopening -----------------------------------------------------------------------------------
+
+def test_reopen_after_close_keeps_replica_and_cursors(tmp_path: Path) -> None:
+    g = made_consistent(tmp_path)
+    g.accept([w(4, 0, b"C" * 16, flags=INC)])  # held
+    held = replica(g)
+    g.close()
+    g = open_group(tmp_path)
+    assert g.durable() == [(1, 4)]
+    assert replica(g) == held
+    assert g.status()["disks"]["a"]["consistent"] is False
+    assert g.accept([w(4, 0, b"dup")]) == 0
+    g.accept([consistent(5)])
+    assert replica(g)[:16] == b"C" * 16
+    g.close()
+
+
+def test_reopen_after_a_crash_reapplies_from_meta(tmp_path: Path) -> None:
+    g = open_group(tmp_path, [("a", 4096)])
+    g.accept([w(1, 0, b"one" * 100, flags=RESYNC), consistent(2)])
+    g.checkpoint()
+    at_checkpoint = replica(g)
+    g.accept([w(3, 1000, b"two" * 100), z(4, 0, 10)])
+    expected = replica(g)
+    assert expected != at_checkpoint
+    crash(g)
+    # What the replica held at the last checkpoint is all that is sure to be on disk.
+    Path(g.replica_path("a")).write_bytes(at_checkpoint)
+    g = open_group(tmp_path, [("a", 4096)])
+    assert replica(g) == expected
+    assert g.durable() == [(1, 4)]
+    assert g.accept([w(4, 0, b"dup")]) == 0
+    assert g.accept([w(5, 0, b"five")]) == 1
+    g.close()
+
+
+def test_reopen_after_a_crash_without_any_checkpoint(tmp_path: Path) -> None:
+    g = open_group(tmp_path)
+    g.accept([w(1, 0, b"a" * 10), w(2, 5, b"b" * 10), z(3, 8, 4)])
+    expected = replica(g)
+    crash(g)
+    Path(g.replica_path("a")).write_bytes(bytes(64))  # every replica write was lost
+    g = open_group(tmp_path)
+    assert replica(g) == expected == image(64, (0, b"aaaaabbb"), (12, b"bbb"))
+    assert g.durable() == [(1, 3)]
+    g.close()
+
+
+def test_reopen_after_a_crash_while_holding(tmp_path: Path) -> None:
+    g = made_consistent(tmp_path)
+    g.checkpoint()
+    g.accept([w(4, 0, b"C" * 16, flags=INC), w(5, 40, b"D", flags=RESYNC)])
+    held = replica(g)
+    crash(g)
+    g = open_group(tmp_path)
+    assert replica(g) == held
+    assert g.status()["disks"]["a"]["consistent"] is False
+    assert g.durable() == [(1, 5)]
+    g.accept([consistent(6)])
+    assert replica(g) == image(64, (0, b"C" * 16), (16, b"B" * 16), (40, b"D"))
+    g.close()
+
+
+def test_reopen_after_a_crash_with_the_marker_journaled(tmp_path: Path) -> None:
+    g = made_consistent(tmp_path)
+    g.checkpoint()
+    g.accept([w(4, 0, b"C" * 16, flags=INC), consistent(5), w(6, 20, b"x", flags=INC)])
+    expected = replica(g)
+    crash(g)
+    Path(g.replica_path("a")).write_bytes(image(64, (0, b"A" * 16), (16, b"B" * 16)))
+    g = open_group(tmp_path)
+    assert replica(g) == expected
+    assert replica(g)[:21] == b"C" * 16 + b"B" * 5  # record 6 is held again
+    g.close()
+
+
+def test_reopen_with_other_sizes_is_a_size_mismatch(tmp_path: Path) -> None:
+    g = open_group(tmp_path, [("a", 64), ("b", 128)])
+    g.accept([w(1, 0, b"keep")])
+    g.close()
+    for disks in ([("a", 64), ("b", 256)], [("a", 32), ("b", 128)], [("a", 64)],
+                  [("b", 128), ("a", 64)], [("a", 64), ("b", 128), ("c", 8)]):
+        with pytest.raises(SizeMismatch):
+            open_group(tmp_path, disks)
+    g = open_group(tmp_path, [("a", 64), ("b", 128)])
+    assert replica(g, "a")[:4] == b"keep"
+    assert g.durable() == [(1, 1), (0, 0)]
+    g.close()
+
+
+def test_a_refused_new_protection_changes_nothing(tmp_path: Path) -> None:
+    g = open_group(tmp_path, protection="p1")
+    g.accept([w(1, 0, b"one"), w(2, 3, b"two")])
+    g.close()
+    with pytest.raises(SizeMismatch):
+        open_group(tmp_path, [("a", 128)], protection="p2")
+    g = open_group(tmp_path, protection="p1")
+    assert g.durable() == [(1, 2)]
+    g.accept([w(3, 6, b"three")])
+    assert replica(g)[:11] == b"onetwothree"
+    g.close()
+
+
+def test_a_new_protection_resets_the_cursors_and_keeps_the_replica(tmp_path: Path) -> None:
+    g = made_consistent(tmp_path)
+    g.accept([w(4, 0, b"old stream")])
+    old = replica(g)
+    g.close()
+    g = open_group(tmp_path, protection="p2")
+    assert g.protection == "p2"
+    assert g.durable() == [(0, 0)]
+    assert replica(g) == old
+    st = g.status()["disks"]["a"]
+    assert st["ever_consistent"] is False and st["applied_seq"] == 0
+    with pytest.raises(NoConsistentState):
+        g.restore("a", str(tmp_path / "out.img"))
+    # The new stream starts at 1 (it was a duplicate of the old stream's 1/1 before).
+    assert g.accept([w(1, 0, b"new stream", flags=RESYNC)]) == 1
+    assert replica(g)[:10] == b"new stream"
+    g.close()
+    # Reopened without naming a protection: the saved one goes on.
+    g = open_group(tmp_path, protection=None)
+    assert g.protection == "p2" and g.durable() == [(1, 1)]
+    g.close()
+
+
+# -- a random stream, delivered with resends, crashes and reopens --------------------------------
+
+SIZES = [48, 32]
+
+
+@st.composite
+def streams(draw) -> List[JRecord]:
+    """Records of two disks in one timeline, with resync epochs and markers."""
+    out: List[JRecord] = []
+    seq = [0, 0]
+    for _ in range(draw(st.integers(1, 25))):
+        disk = draw(st.integers(0, 1))
+        seq[disk] += 1
+        kind = draw(st.sampled_from([KIND_WRITE, KIND_WRITE, KIND_ZERO, KIND_TRIM,
+                                     KIND_CONSISTENT, KIND_FLUSH]))
+        flags = draw(st.sampled_from([0, INC, RESYNC]))
+        if kind in (KIND_CONSISTENT, KIND_FLUSH):
+            out.append(JRecord(disk, 1, seq[disk], kind, 0, 0, 0, 0, None))
+            continue
+        offset = draw(st.integers(0, SIZES[disk] - 1))
+        # Zero-length zeroes and trims are tested on their own.
+        length = draw(st.integers(0 if kind == KIND_WRITE else 1, SIZES[disk] - offset))
+        data = bytes([seq[disk] % 255 + 1]) * length if kind == KIND_WRITE else None
+        out.append(JRecord(disk, 1, seq[disk], kind, flags, offset, length, 0, data))
+    return out
+
+
+def expected_replicas(journaled: List[JRecord]) -> List[bytes]:
+    """The applier's rule, stated directly: apply in order; stop at the first inconsistent
+    record of a disk that was whole once, unless that disk's marker comes later."""
+    imgs = [bytearray(s) for s in SIZES]
+    ever = [False, False]
+    for i, r in enumerate(journaled):
+        if r.flags & FLAG_INCONSISTENT and ever[r.disk] and not any(
+                x.kind == KIND_CONSISTENT and x.disk == r.disk for x in journaled[i + 1:]):
+            break
+        if r.kind == KIND_WRITE:
+            assert r.data is not None
+            imgs[r.disk][r.offset:r.offset + r.length] = r.data
+        elif r.kind in (KIND_ZERO, KIND_TRIM):
+            imgs[r.disk][r.offset:r.offset + r.length] = bytes(r.length)
+        elif r.kind == KIND_CONSISTENT:
+            ever[r.disk] = True
+    return [bytes(b) for b in imgs]
+
+
+def deliver(path: Path, stream: List[JRecord], data: st.DataObject,
+            lose_writes: bool) -> None:
+    """Send ``stream`` in batches that resend a few records, checkpointing, closing or
+    crashing between batches; with ``lose_writes`` a crash also loses every replica write
+    since the last checkpoint. The replicas must always be what the rule says."""
+    disks = list(zip("ab", SIZES))
+    g = open_group(path, disks)
+    synced = [bytes(s) for s in SIZES]  # the replicas as of the last checkpoint
+    choices = ["go on", "checkpoint", "close", "crash"]
+    if lose_writes:
+        choices.append("crash losing replica writes")
+    sent = 0
+    while sent < len(stream):
+        start = data.draw(st.integers(max(0, sent - 3), sent), label="resend from")
+        end = data.draw(st.integers(sent + 1, len(stream)), label="up to")
+        assert g.accept(stream[start:end]) == end - sent
+        sent = end
+        assert [replica(g, d) for d in "ab"] == expected_replicas(stream[:sent])
+        what = data.draw(st.sampled_from(choices))
+        if what in ("checkpoint", "close"):
+            synced = [replica(g, d) for d in "ab"]
+        if what == "checkpoint":
+            g.checkpoint()
+        elif what == "close":
+            g.close()
+            g = open_group(path, disks)
+        elif what.startswith("crash"):
+            crash(g)
+            if what == "crash losing replica writes":
+                for d, content in zip("ab", synced):
+                    Path(g.replica_path(d)).write_bytes(content)
+            g = open_group(path, disks)
+        assert [replica(g, d) for d in "ab"] == expected_replicas(stream[:sent])
+        last = [max((r.seq for r in stream[:sent] if r.disk == d), default=0) for d in (0, 1)]
+        assert g.durable() == [(1 if s else 0, s) for s in last]
+    g.close()
+
+
+@settings(deadline=None, max_examples=100,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stream=streams(), data=st.data())
+def test_random_streams_with_resends_and_crashes_give_the_expected_replicas(
+        tmp_path_factory: pytest.TempPathFactory, stream: List[JRecord],
+        data: st.DataObject) -> None:
+    deliver(tmp_path_factory.mktemp("g"), stream, data, lose_writes=True)
+
+
+@settings(deadline=None, max_examples=50,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stream=streams(), data=st.data())
+def test_random_streams_with_checkpoints_inside_accept(
+        tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch,
+        stream: List[JRecord], data: st.DataObject) -> None:
+    # The applier checkpoints (meta, then old segments dropped) after every written byte.
+    monkeypatch.setattr(replica_module, "CHECKPOINT_BYTES", 1)
+    deliver(tmp_path_factory.mktemp("g"), stream, data, lose_writes=False)
