@@ -235,3 +235,46 @@ def test_cli_without_agent_says_so(lab: Lab) -> None:
 def test_agent_refuses_bad_listen_address(lab: Lab, bad: str) -> None:
     proc = lab.a.ferry("agent", "--data", str(lab.root / "x"), "--listen", bad, check=False)
     assert proc.returncode != 0
+
+
+def _source_image(path, size: int, seed: int) -> None:
+    """A raw image with data, holes and zeroes, to copy into a protected disk."""
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for _ in range(40):
+            f.seek(rng.randrange(0, size - MiB, 4096))
+            f.write(rng.randbytes(rng.choice([4096, 65536, MiB])))
+        f.seek(size // 2)
+        f.write(bytes(MiB))
+
+
+def test_nbdcopy_into_the_splitter(sites: Lab) -> None:
+    """nbdcopy: several connections at once (multi-conn), zeroes, sparse copying."""
+    disk = sites.image("vda.img", 64 * MiB)
+    with open(disk, "r+b") as f:
+        f.write(b"old" * 100000)  # must be overwritten or zeroed by the copy
+    uri = sites.protect("g1", disk)["vda"]
+    src = sites.work / "src.img"
+    _source_image(src, 64 * MiB, 7)
+    proc = subprocess.run(["nbdcopy", "--connections=4", "--requests=16", str(src), uri],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert same_bytes(src, disk)
+    sites.a.ferry("wait", "g1", "--synced", "--timeout", "120")
+    restored = sites.restore("g1", "vda")
+    assert same_bytes(src, restored), first_difference(src, restored)
+
+
+def test_qemu_img_convert_into_the_splitter(sites: Lab) -> None:
+    disk = sites.image("vda.img", 64 * MiB)
+    uri = sites.protect("g1", disk)["vda"]
+    src = sites.work / "src.img"
+    _source_image(src, 64 * MiB, 8)
+    proc = subprocess.run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", "-W",
+                           str(src), uri], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert same_bytes(src, disk)
+    sites.a.ferry("wait", "g1", "--synced", "--timeout", "120")
+    restored = sites.restore("g1", "vda")
+    assert same_bytes(src, restored), first_difference(src, restored)
