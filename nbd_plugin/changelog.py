@@ -81,6 +81,7 @@ class ChangeLog:
         self._inflight: Dict[int, Tuple[int, int]] = {}
         self._next_token = 1
         self._range_waiters = 0
+        self._takers = 0  # link threads waiting in take()
         self._sent: Deque[Record] = deque()
         self._unsent: Deque[Record] = deque()
         self._queued_bytes = 0
@@ -102,7 +103,8 @@ class ChangeLog:
         """Lock ``[offset, offset + length)`` against overlapping writes; return a token."""
         end = offset + length
         with self._lock:
-            while any(s < end and offset < e for s, e in self._inflight.values()):
+            while self._inflight and any(s < end and offset < e
+                                         for s, e in self._inflight.values()):
                 self._range_waiters += 1
                 try:
                     self._range_free.wait()
@@ -154,7 +156,7 @@ class ChangeLog:
                 self.stats.dirtied_bytes += length
                 self._set_inconsistent()
                 self._unflushed = True
-                self._work.notify()
+                self._wake()
                 return
             if kind == KIND_WRITE and length > RECORD_DATA_MAX:
                 assert data is not None
@@ -184,7 +186,12 @@ class ChangeLog:
         self._unsent.append(r)
         self._queued_bytes += r.nbytes
         self.stats.queued_records += 1
-        self._work.notify()
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake the link thread if it waits for work (a notify nobody waits for is not free)."""
+        if self._takers:
+            self._work.notify()
 
     def _set_inconsistent(self) -> None:
         if not self._inconsistent:
@@ -238,7 +245,7 @@ class ChangeLog:
                 self.dirty.add(offset, length)
             if self.dirty:
                 self._set_inconsistent()
-                self._work.notify()
+                self._wake()
 
     # -- the link side -------------------------------------------------------------------
 
@@ -248,8 +255,12 @@ class ChangeLog:
         watermark is in these records or in earlier ones. Waits up to ``timeout`` seconds
         for work."""
         with self._lock:
-            if not self._unsent and not self._closed:
-                self._work.wait(timeout)
+            if not self._unsent and not self._closed and timeout > 0:
+                self._takers += 1
+                try:
+                    self._work.wait(timeout)
+                finally:
+                    self._takers -= 1
             out: List[Record] = []
             size = 0
             while self._unsent and (not out or size + self._unsent[0].nbytes <= max_bytes):
@@ -279,7 +290,7 @@ class ChangeLog:
             for q in (self._sent, self._unsent):
                 while q and q[0].seq <= seq:
                     self._queued_bytes -= q.popleft().nbytes
-            self._work.notify()
+            self._wake()
 
     def rewind(self) -> None:
         """A new connection: everything not acked must be sent again, oldest first."""
@@ -296,7 +307,7 @@ class ChangeLog:
                 self._sync_waiting.append(token)
             else:
                 self._sync_ready.append((token, self._next_seq - 1))
-            self._work.notify()
+            self._wake()
 
     def sync_replies(self) -> List[Tuple[str, int]]:
         with self._lock:
