@@ -273,6 +273,7 @@ class TargetGroup:
             tmp = dest + ".ferry-partial"
             _sparse_copy(src, tmp, st.size)
             os.rename(tmp, dest)
+            _fsync_parent(dest)
             return {"group": self.name, "disk": disk, "to": dest, "size": st.size,
                     "gen": st.applied_gen, "seq": st.applied_seq, "resyncing": st.holding}
 

@@ -133,6 +133,14 @@ class DiskLink:
             if r.gen != gen or r.seq < seq:
                 continue
             if r.seq > seq:
+                if self.counters.get("gen") == gen and self.counters.get("acked_seq", 0) >= seq:
+                    # The splitter freed these records on an ack: the target has lost them.
+                    self.expected = None
+                    self.error = ("site B no longer holds records %d/%d.. that it acked "
+                                  "(its data was lost or replaced): unprotect and protect "
+                                  "the group again for a full sync" % (gen, seq))
+                    log.error("disk %s: %s", self.row.name, self.error)
+                    return []
                 now = trio.current_time()
                 if now - self._rewind_at > REWIND_INTERVAL:
                     self._rewind_at = now
@@ -222,24 +230,31 @@ class GroupShipper:
             index, records = await recv_ch.receive()
             items = [(index, r) for r in records]
             size = sum(r.nbytes for r in records)
-            while size < MAX_BATCH:
+            while size < MAX_BATCH and len(items) < wire.MAX_RECORDS:
                 try:
                     index, records = recv_ch.receive_nowait()
                 except trio.WouldBlock:
                     break
                 items.extend((index, r) for r in records)
                 size += sum(r.nbytes for r in records)
-            body = wire.encode_batch(self.row.name, items, time.time_ns(), time.monotonic_ns())
-            if size > 256 * 1024:
-                frame = await trio.to_thread.run_sync(fs.codec.encode, wire.T_BATCH, body, True)
-            else:
-                frame = fs.codec.encode(wire.T_BATCH, body, True)
-            await fs.send_frame(frame)
-            self.bytes_sent += len(frame)
-            for i, r in items:
-                if r.data is not None:
-                    self.links[i].shipped_bytes += r.length
-                self.links[i].shipped_records += 1
+            # A splitter message may hold more data-less records (zeroes, trims) than a
+            # frame may carry: ship them in as many frames as it takes.
+            for start in range(0, len(items), wire.MAX_RECORDS):
+                await self._send_batch(fs, items[start:start + wire.MAX_RECORDS])
+
+    async def _send_batch(self, fs: FrameStream, items: List[Tuple[int, lw.Record]]) -> None:
+        size = sum(r.nbytes for _i, r in items)
+        body = wire.encode_batch(self.row.name, items, time.time_ns(), time.monotonic_ns())
+        if size > 256 * 1024:
+            frame = await trio.to_thread.run_sync(fs.codec.encode, wire.T_BATCH, body, True)
+        else:
+            frame = fs.codec.encode(wire.T_BATCH, body, True)
+        await fs.send_frame(frame)
+        self.bytes_sent += len(frame)
+        for i, r in items:
+            if r.data is not None:
+                self.links[i].shipped_bytes += r.length
+            self.links[i].shipped_records += 1
 
     async def _receive_acks(self, fs: FrameStream) -> None:
         while True:

@@ -4,7 +4,8 @@ A splitter outlives the agent that started it: nbdkit forks into the background 
 has bound its socket, so a started splitter is ready) in a session of its own, and an agent
 that restarts finds it by its pid file and leaves it serving. Only ``unprotect`` (or an
 administrator) stops it, with SIGTERM, which makes the plugin save what the target is owed.
-The plugin appends its own messages to the disk's log file; nbdkit's go to syslog.
+nbdkit's messages from before it forks (why it could not start) and the plugin's own
+messages, always, go to the disk's log file.
 (Not ``nbdkit --foreground`` as the agent's child: such an nbdkit ends with its parent.)
 """
 
@@ -89,7 +90,7 @@ def start(paths: SplitterPaths, disk_id: str, disk_path: str, agent_socket: str,
         except FileNotFoundError:
             pass
     cmd = [nbdkit_binary(), "--unix", paths.socket, "--pidfile", paths.pidfile,
-           "--log=syslog", "--threads", str(threads),
+           "--log=stderr", "--threads", str(threads),
            "python", PLUGIN, "disk=" + disk_path, "agent=" + agent_socket,
            "state=" + paths.state, "log=" + paths.log, "disk_id=" + disk_id,
            "group=" + group, "name=" + name,

@@ -106,8 +106,11 @@ class TargetSite:
                 await fs.send(wire.T_OPENED, {"group": group_name, "durable": durable})
                 return
             with scope:
-                self._take_over(group_name, scope)
                 try:
+                    held = self.groups.get(group_name)
+                    if held is not None:
+                        _check_disks(held, disks)  # a refused source leaves the session be
+                    self._take_over(group_name, scope)
                     group = await self._open_group(group_name, disks, protection)
                 except SizeMismatch as e:
                     log.error("refusing group %s from %s: %s", group_name, peer, e)
@@ -130,6 +133,11 @@ class TargetSite:
         except OSError as e:
             log.error("group %s: storage error: %s", group_name, e)
             await fs.send_error(wire.E_STORAGE, str(e))
+        except Exception as e:
+            # A damaged group (unreadable metadata, a corrupt journal) or a bug: this
+            # session ends, the agent and every other group go on.
+            log.exception("group %s: session from %s failed", group_name, peer)
+            await fs.send_error(wire.E_STORAGE, "%s: %s" % (type(e).__name__, e))
         finally:
             if group_name is not None and self._owners.get(group_name) is scope:
                 del self._owners[group_name]

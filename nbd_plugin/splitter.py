@@ -45,6 +45,8 @@ _link: Link = None  # type: ignore[assignment]
 
 
 def _fail(err, msg):
+    # nbdkit's own messages are gone once it runs in the background: log here too.
+    log("request failed: %s (errno %d)" % (msg, err))
     nbdkit.set_error(err)
     raise OSError(err, msg)
 

@@ -10,12 +10,12 @@ generation. A clean stop writes ``clean: true`` with every range the target may 
 the next start:
 
 - no file: a new protection; the whole disk is owed (initial sync);
+- ``clean: true`` and the same size: the saved ranges are owed;
+- ``clean: false`` (killed, host crash) or another size: the whole disk is owed.
 
 Generations only grow: the next one is the saved one plus one, and never less than the
 current time in seconds, so that even a lost state file cannot bring back a generation
 the target has seen (which would make the target drop new records as duplicates).
-- ``clean: true`` and the same size: the saved ranges are owed;
-- ``clean: false`` (killed, host crash) or another size: the whole disk is owed.
 """
 
 from __future__ import annotations

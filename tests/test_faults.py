@@ -266,3 +266,68 @@ def test_out_of_bounds_batch_touches_no_replica(sites: Lab) -> None:
         assert "outside disk" in body["message"]
     assert replica.read_bytes() == before
     assert "no replica was touched" in sites.b.log.read_text()
+
+
+def test_more_dataless_records_than_a_frame_holds(lab: Lab) -> None:
+    """70,000 zero requests queue while site B is down; they go in several frames."""
+    lab.a.start()
+    disk = lab.image("vda.img", 512 * MiB)
+    with open(disk, "r+b") as f:
+        f.write(b"\xff" * MiB)
+    proc = lab.a.ferry("protect", "g1", "--disk", "vda=%s" % disk, "--target", lab.b.address,
+                       "--allow-unreachable")
+    uri = proc.stdout.split("\t")[1].strip()
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    for i in range(70_000):
+        h.aio_zero(4096, (i * 8192) % (512 * MiB - 4096))
+        if h.aio_in_flight() >= 64:
+            h.poll(-1)
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    h.flush()
+    h.shutdown()
+    lab.b.start()
+    check_identical(lab, disk)
+
+
+def test_a_damaged_group_on_site_b_fails_its_session_not_the_agent(sites: Lab) -> None:
+    disk = sites.image("vda.img", 8 * MiB)
+    sites.protect("g1", disk)
+    sites.a.ferry("wait", "g1", "--synced")
+    sites.b.stop()
+    (sites.b.data / "target" / "g1" / "meta.json").write_text("{ not json")
+    sites.b.start()
+    assert "cannot be opened" in sites.b.log.read_text()
+    wait_for(lambda: sites.a.status("g1")["groups"]["g1"]["state"] == "target-storage-error",
+             what="the source to show the target's storage error")
+    assert sites.b.proc is not None and sites.b.proc.poll() is None, "site B's agent died"
+    st = sites.b.status()["replicas"]["g1"]
+    assert "JSONDecodeError" in st["error"] or "Expecting" in st["error"]
+    assert "session from" in sites.b.log.read_text()
+
+
+def test_site_b_that_lost_a_group_is_an_error_with_advice(sites: Lab) -> None:
+    disk = sites.image("vda.img", 8 * MiB)
+    uri = sites.protect("g1", disk)["vda"]
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    h.pwrite(b"x" * 65536, 0)
+    h.flush()
+    sites.a.ferry("wait", "g1", "--synced")
+    sites.b.stop()
+    import shutil
+
+    shutil.rmtree(sites.b.data / "target" / "g1")
+    sites.b.start()
+    h.pwrite(b"y" * 4096, 65536)
+    h.flush()
+    h.shutdown()
+    wait_for(lambda: sites.a.status("g1")["groups"]["g1"]["state"] == "error",
+             what="an error state")
+    d = sites.a.status("g1")["groups"]["g1"]["disks"]["vda"]
+    assert "unprotect" in d["error"]
+    # The advice works.
+    sites.a.ferry("unprotect", "g1")
+    sites.protect("g1", disk)
+    check_identical(sites, disk)

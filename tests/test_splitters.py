@@ -1,0 +1,39 @@
+"""Starting splitters: a failure says why, in one line, from nbdkit's own words."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent import splitters
+
+
+def test_a_splitter_that_cannot_start_says_why(tmp_path) -> None:
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(1 << 20))
+    paths = splitters.SplitterPaths.for_disk(str(tmp_path), "abc")
+    with pytest.raises(splitters.SplitterError) as err:
+        splitters.start(paths, "abc", str(disk), str(tmp_path / "agent.sock"), "g", "vda",
+                        queue_bytes=-1)
+    assert "not a positive integer" in str(err.value)
+    assert splitters.running_pid(paths, "abc") is None
+
+
+def test_socket_paths_too_long_are_refused(tmp_path) -> None:
+    paths = splitters.SplitterPaths.for_disk(str(tmp_path / ("x" * 120)), "abc")
+    with pytest.raises(splitters.SplitterError, match="longer than"):
+        splitters.start(paths, "abc", "/dev/null", "/nonexistent", "g", "vda", 1 << 20)
+
+
+def test_start_and_stop_a_splitter(tmp_path) -> None:
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(1 << 20))
+    paths = splitters.SplitterPaths.for_disk(str(tmp_path), "abc")
+    pid = splitters.start(paths, "abc", str(disk), str(tmp_path / "agent.sock"), "g", "vda",
+                          1 << 20)
+    assert splitters.running_pid(paths, "abc") == pid
+    assert splitters.start(paths, "abc", str(disk), str(tmp_path / "agent.sock"), "g", "vda",
+                           1 << 20) == pid  # already running: the same one
+    assert splitters.stop(paths, "abc") is True
+    assert splitters.running_pid(paths, "abc") is None
+    assert splitters.stop(paths, "abc") is False
+    assert '"clean":true' in (tmp_path / "disks" / "abc.state.json").read_text()
