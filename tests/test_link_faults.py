@@ -1,0 +1,115 @@
+"""The link between the sites cut, stalled, flapping, slow and corrupting, through a fault
+proxy of our own: the writer sees no error and no stall, the replica ends identical."""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import pytest
+from conftest import Lab
+from test_faults import SIZE, Writer, check_identical, wait_for
+
+from agent.lab.proxy import FaultProxy
+
+
+@pytest.fixture
+def linked(sites: Lab) -> Iterator[tuple]:
+    """Sites A and B, with A's replication to B going through a fault proxy."""
+    host, port = sites.b.address.rsplit(":", 1)
+    with FaultProxy((host, int(port))) as proxy:
+        yield sites, proxy
+
+
+def protect_through(lab: Lab, proxy: FaultProxy) -> tuple:
+    disk = lab.image("vda.img", SIZE)
+    out = lab.a.ferry("protect", "g1", "--disk", "vda=%s" % disk, "--target",
+                      proxy.address).stdout
+    return disk, out.split("\t")[1].strip()
+
+
+def assert_no_stall(writer: Writer) -> None:
+    # What a VM would notice: one write that waited for the link. Generous on purpose:
+    # it is a behaviour check (the VM never waits for site B), not a speed target.
+    assert writer.max_latency < 2.0, "a write took %.2f s" % writer.max_latency
+
+
+def test_link_cut_for_seconds_during_a_burst(linked) -> None:
+    lab, proxy = linked
+    disk, uri = protect_through(lab, proxy)
+    writer = Writer(uri, 11)
+    writer.start()
+    time.sleep(1)
+    proxy.cut()
+    wait_for(lambda: lab.a.status("g1")["groups"]["g1"]["state"] != "replicating",
+             what="the source to see the cut")
+    time.sleep(4)
+    proxy.heal()
+    time.sleep(2)
+    writer.finish()
+    assert_no_stall(writer)
+    check_identical(lab, disk)
+
+
+def test_flapping_link(linked) -> None:
+    lab, proxy = linked
+    disk, uri = protect_through(lab, proxy)
+    writer = Writer(uri, 12)
+    writer.start()
+    for _ in range(8):
+        time.sleep(0.5)
+        proxy.cut()
+        time.sleep(0.5)
+        proxy.heal()
+    writer.finish()
+    assert_no_stall(writer)
+    assert proxy.connections >= 3
+    check_identical(lab, disk)
+
+
+def test_stalled_link_then_healed(linked) -> None:
+    """A black hole: nothing is refused, nothing moves. The writer goes on regardless."""
+    lab, proxy = linked
+    disk, uri = protect_through(lab, proxy)
+    writer = Writer(uri, 13)
+    writer.start()
+    time.sleep(1)
+    proxy.stall()
+    time.sleep(5)
+    proxy.heal()
+    writer.finish()
+    assert_no_stall(writer)
+    check_identical(lab, disk)
+
+
+def test_slow_and_delayed_link(linked) -> None:
+    lab, proxy = linked
+    proxy.throttle(1_000_000)
+    proxy.delay(0.05)
+    disk, uri = protect_through(lab, proxy)
+    writer = Writer(uri, 14)
+    writer.start()
+    time.sleep(4)
+    writer.finish()
+    assert_no_stall(writer)
+    st = lab.a.status("g1")["groups"]["g1"]["disks"]["vda"]
+    assert st["bytes_queued"] + st["dirty_bytes"] > 0, "the slow link should have a backlog"
+    proxy.heal()
+    check_identical(lab, disk)
+
+
+def test_corrupted_frames_are_refused_and_resent(linked) -> None:
+    lab, proxy = linked
+    disk, uri = protect_through(lab, proxy)
+    lab.a.ferry("wait", "g1", "--synced")
+    writer = Writer(uri, 15)
+    writer.start()
+    time.sleep(1)
+    proxy.corrupt(3)
+    time.sleep(2)
+    writer.finish()
+    assert_no_stall(writer)
+    check_identical(lab, disk)
+    # The flipped byte went one way or the other: whichever side read it said so.
+    logs = lab.a.log.read_text() + lab.b.log.read_text()
+    assert "fails its checksum" in logs, "no side noticed the corruption"
