@@ -25,18 +25,17 @@ import nbdkit  # provided by nbdkit's python plugin
 from nbd_plugin import localwire as lw
 from nbd_plugin import state as statefile
 from nbd_plugin.changelog import ChangeLog
-from nbd_plugin.dirtymap import DirtyMap
+from nbd_plugin.dirtymap import DEFAULT_BUDGET, DirtyMap
 from nbd_plugin.disk import LocalDisk
 from nbd_plugin.link import Link, log, set_log_file
 
 API_VERSION = 2
 
 DEFAULT_QUEUE = 256 * 1024 * 1024
-DEFAULT_DIRTY_RANGES = 200_000
 
 _config = {
     "disk": "", "agent": "", "state": "", "disk_id": "", "name": "", "group": "", "log": "",
-    "queue": str(DEFAULT_QUEUE), "dirty_ranges": str(DEFAULT_DIRTY_RANGES),
+    "queue": str(DEFAULT_QUEUE), "dirty_budget": str(DEFAULT_BUDGET),
 }
 # Set by get_ready, before nbdkit calls anything that uses them.
 _disk: LocalDisk = None  # type: ignore[assignment]
@@ -62,7 +61,7 @@ def config_complete():
     for key in ("disk", "agent", "state", "disk_id"):
         if not _config[key]:
             raise RuntimeError("ferry splitter: %s=... is required" % key)
-    for key in ("queue", "dirty_ranges"):
+    for key in ("queue", "dirty_budget"):
         try:
             if int(_config[key]) <= 0:
                 raise ValueError
@@ -78,7 +77,7 @@ def config_help():
             "disk_id=ID      the disk's id in the agent\n"
             "log=FILE        append the splitter's messages to FILE\n"
             "queue=BYTES     bound of the in-memory change queue\n"
-            "dirty_ranges=N  budget of the dirty map, in ranges")
+            "dirty_budget=BYTES  memory budget of the dirty map (default 16 MiB)")
 
 
 def thread_model():
@@ -94,7 +93,7 @@ def get_ready():
     log("disk %s (%d bytes), generation %d: %s"
         % (_config["disk"], _disk.size, loaded.gen, loaded.reason))
     _log = ChangeLog(loaded.gen, int(_config["queue"]),
-                     DirtyMap(max_ranges=int(_config["dirty_ranges"])))
+                     DirtyMap.for_budget(int(_config["dirty_budget"])))
     _log.mark_dirty([(0, _disk.size)] if loaded.dirty is None else loaded.dirty)
     _log.initial = loaded.initial
 
