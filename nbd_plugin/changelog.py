@@ -85,6 +85,7 @@ class ChangeLog:
         self._sent: Deque[Record] = deque()
         self._unsent: Deque[Record] = deque()
         self._queued_bytes = 0
+        self._sent_bytes = 0  # of the queued bytes, those in records sent and not acked
         self._next_seq = 1
         self._acked_seq = 0
         self._resyncing = 0          # resync reads taken but not committed yet
@@ -269,6 +270,7 @@ class ChangeLog:
                 out.append(r)
                 size += r.nbytes
             self.stats.sent_bytes += size
+            self._sent_bytes += size
             # Records are appended in time order under this lock: with the queue drained,
             # nothing that completed before now is left behind; otherwise, the next
             # record's time bounds what these cover.
@@ -279,6 +281,10 @@ class ChangeLog:
         with self._lock:
             return bool(self._unsent or self._sync_ready)
 
+    def unsent_bytes(self) -> int:
+        with self._lock:
+            return self._queued_bytes - self._sent_bytes
+
     def ack(self, gen: int, seq: int) -> None:
         """The target holds every record up to ``seq`` durably: free them."""
         if gen != self.gen:
@@ -287,9 +293,12 @@ class ChangeLog:
             if seq <= self._acked_seq:
                 return
             self._acked_seq = seq
-            for q in (self._sent, self._unsent):
-                while q and q[0].seq <= seq:
-                    self._queued_bytes -= q.popleft().nbytes
+            while self._sent and self._sent[0].seq <= seq:
+                n = self._sent.popleft().nbytes
+                self._queued_bytes -= n
+                self._sent_bytes -= n
+            while self._unsent and self._unsent[0].seq <= seq:
+                self._queued_bytes -= self._unsent.popleft().nbytes
             self._wake()
 
     def rewind(self) -> None:
@@ -298,6 +307,7 @@ class ChangeLog:
             self._sent.extend(self._unsent)
             self._unsent = self._sent
             self._sent = deque()
+            self._sent_bytes = 0
 
     def request_sync(self, token: str) -> None:
         """Ask for the sequence number that covers every change made before this call;

@@ -133,6 +133,12 @@ class Link:
                     sock.sendall(lw.pack_json(lw.MSG_SYNC_REPLY,
                                               {"token": token, "gen": self.changelog.gen,
                                                "seq": seq}))
+                if resynced and self.changelog.unsent_bytes() < MAX_BATCH:
+                    # Read a batch's worth of dirty data before sending: one frame and one
+                    # journal sync on site B per batch, not per piece.
+                    resynced = self._resync_step()
+                    if resynced:
+                        continue
                 records, watermark = self.changelog.take(MAX_BATCH,
                                                          timeout=0.0 if resynced else 0.1)
                 if records:

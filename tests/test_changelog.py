@@ -13,6 +13,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from nbd_plugin import localwire as lw
 from nbd_plugin.changelog import RECORD_DATA_MAX, ChangeLog
 from nbd_plugin.dirtymap import DirtyMap
 from nbd_plugin.localwire import (
@@ -815,3 +816,19 @@ class ReplicationMachine(RuleBasedStateMachine):
 ReplicationMachine.TestCase.settings = settings(
     deadline=None, max_examples=120, stateful_step_count=50)
 test_replication_machine = ReplicationMachine.TestCase
+
+
+def test_unsent_bytes_follows_take_ack_and_rewind() -> None:
+    cl = ChangeLog(1, 1 << 20)
+    for i in range(4):
+        cl.commit(cl.begin(i * 100, 10), lw.KIND_WRITE, i * 100, 10, b"x" * 10)
+    per = lw.RECORD.size + 10
+    assert cl.unsent_bytes() == 4 * per
+    cl.take(2 * per, 0)
+    assert cl.unsent_bytes() == 2 * per
+    cl.ack(1, 1)
+    assert cl.unsent_bytes() == 2 * per
+    cl.rewind()
+    assert cl.unsent_bytes() == 3 * per
+    cl.ack(1, 4)
+    assert cl.unsent_bytes() == 0
