@@ -33,6 +33,7 @@ import time
 from collections import deque
 from typing import Callable, Deque, Dict, List, Optional, Tuple
 
+from .activity import ActivityLog
 from .dirtymap import DirtyMap
 from .localwire import (
     FLAG_INCONSISTENT,
@@ -69,6 +70,7 @@ class ChangeLog:
         queue_limit: int,
         dirty: Optional[DirtyMap] = None,
         clock: Clock = time.monotonic_ns,
+        activity: Optional[ActivityLog] = None,
     ) -> None:
         self.gen = gen
         self.queue_limit = queue_limit
@@ -97,6 +99,12 @@ class ChangeLog:
         self._sync_ready: List[Tuple[str, int]] = []
         self._closed = False
         self.initial = False  # the open dirty epoch is the initial sync of a new protection
+        # The activity log, and per extent the unacked records in it (see activity.py).
+        self.activity = activity
+        self._extent_refs: Dict[int, int] = {}
+        # Ranges owed from before this run were all read back into records: the state
+        # file need not carry them any more (the activity log covers those records).
+        self.carried_done = False
 
     # -- the write path ------------------------------------------------------------------
 
@@ -114,6 +122,13 @@ class ChangeLog:
             token = self._next_token
             self._next_token += 1
             self._inflight[token] = (offset, end)
+            if self.activity is not None and not self.activity.covers(offset, length):
+                # Durably in the activity log before the disk is written (a rare fsync).
+                try:
+                    self.activity.ensure(offset, length, self._is_cold)
+                except BaseException:
+                    self._release(token)
+                    raise
             return token
 
     def release(self, token: int) -> None:
@@ -185,9 +200,49 @@ class ChangeLog:
         r = Record(self._next_seq, self._clock(), offset, length, self.gen, kind, flags, data)
         self._next_seq += 1
         self._unsent.append(r)
+        self._refs(r, 1)
         self._queued_bytes += r.nbytes
         self.stats.queued_records += 1
         self._wake()
+
+    def _is_cold(self, extent: int) -> bool:
+        """Nothing in the extent is owed to the target: it may leave the activity log."""
+        if self._extent_refs.get(extent):
+            return False
+        assert self.activity is not None
+        start = extent << self.activity.shift
+        end = start + self.activity.extent_size
+        if any(s < end and start < e for s, e in self._inflight.values()):
+            return False
+        if any(o < end and start < o + n for o, n in self._resync_regions):
+            return False
+        return not self.dirty.intersects(start, end)
+
+    def trim_activity(self, now: float, idle: float) -> int:
+        """Let extents that are cold and idle leave the activity log; how many left."""
+        if self.activity is None:
+            return 0
+        with self._lock:
+            self.activity.now = now
+            slots = self.activity.detach_idle(self._is_cold, idle)
+        if slots:
+            # Their slots are out of the log's map already: a write to one of those
+            # extents now takes a fresh slot, durably, as any new extent does.
+            self.activity.clear_slots(slots)
+            with self._lock:
+                self.activity.release_slots(slots)
+        return len(slots)
+
+    def _refs(self, r: Record, delta: int) -> None:
+        if self.activity is None or not r.length:
+            return
+        refs = self._extent_refs
+        for e in self.activity.extents(r.offset, r.length):
+            n = refs.get(e, 0) + delta
+            if n:
+                refs[e] = n
+            else:
+                del refs[e]
 
     def _wake(self) -> None:
         """Wake the link thread if it waits for work (a notify nobody waits for is not free)."""
@@ -203,6 +258,7 @@ class ChangeLog:
         if self._inconsistent and not self.dirty and not self._resyncing:
             self._inconsistent = False
             self.initial = False
+            self.carried_done = True
             self._append(KIND_CONSISTENT, 0, 0, None, 0)
             seq = self._next_seq - 1
             self._sync_ready.extend((token, seq) for token in self._sync_waiting)
@@ -294,11 +350,14 @@ class ChangeLog:
                 return
             self._acked_seq = seq
             while self._sent and self._sent[0].seq <= seq:
-                n = self._sent.popleft().nbytes
-                self._queued_bytes -= n
-                self._sent_bytes -= n
+                r = self._sent.popleft()
+                self._refs(r, -1)
+                self._queued_bytes -= r.nbytes
+                self._sent_bytes -= r.nbytes
             while self._unsent and self._unsent[0].seq <= seq:
-                self._queued_bytes -= self._unsent.popleft().nbytes
+                r = self._unsent.popleft()
+                self._refs(r, -1)
+                self._queued_bytes -= r.nbytes
             self._wake()
 
     def rewind(self) -> None:

@@ -126,6 +126,11 @@ class DirtyMap:
         self._cursor = end
         return start, end - start
 
+    def intersects(self, offset: int, end: int) -> bool:
+        """Does any dirty range overlap ``[offset, end)``?"""
+        i = bisect_right(self._ends, offset)
+        return i < len(self._starts) and self._starts[i] < end
+
     def clear(self) -> None:
         self._starts.clear()
         self._ends.clear()

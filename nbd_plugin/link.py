@@ -13,7 +13,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from . import localwire as lw
 from .changelog import ChangeLog
@@ -24,6 +24,8 @@ RESYNC_CHUNK = 1024 * 1024
 STATE_INTERVAL = 0.5       # counters go to the agent this often,
 STATE_MIN_INTERVAL = 0.02  # and this soon after an ack changed them
 RETRY_INTERVAL = 0.5
+ACTIVITY_TRIM_INTERVAL = 1.0  # look for idle extents to drop from the activity log,
+ACTIVITY_IDLE = 5.0           # cold and not written for this long
 
 
 _log_file = sys.stderr
@@ -58,6 +60,7 @@ class Link:
         self.disk = disk
         self.socket_path = socket_path
         self.hello = hello
+        self.on_carry_done: Optional[Callable[[], None]] = None
         self.connected = False
         self.state_due = False
         self._stop = threading.Event()
@@ -117,12 +120,18 @@ class Link:
         reader.start()
         self.connected = True
         log("connected to agent")
-        next_state = 0.0
+        next_state = next_trim = 0.0
         resynced = False  # the last resync step did work: look for more without waiting
         try:
             while not self._stop.is_set() and reader.is_alive():
+                if self.changelog.carried_done and self.on_carry_done is not None:
+                    self.changelog.carried_done = False
+                    self.on_carry_done()
                 replies = self.changelog.sync_replies()
                 now = time.monotonic()
+                if now >= next_trim:
+                    self.changelog.trim_activity(now, ACTIVITY_IDLE)
+                    next_trim = now + ACTIVITY_TRIM_INTERVAL
                 if replies or now >= next_state or (self.state_due and now >= next_state
                                                     - STATE_INTERVAL + STATE_MIN_INTERVAL):
                     # State first: the agent sees the counters a reply is based on.

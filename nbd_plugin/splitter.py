@@ -24,6 +24,7 @@ import nbdkit  # provided by nbdkit's python plugin
 
 from nbd_plugin import localwire as lw
 from nbd_plugin import state as statefile
+from nbd_plugin.activity import DEFAULT_SLOTS, ActivityLog
 from nbd_plugin.changelog import ChangeLog
 from nbd_plugin.dirtymap import DEFAULT_BUDGET, DirtyMap
 from nbd_plugin.disk import LocalDisk
@@ -36,6 +37,7 @@ DEFAULT_QUEUE = 256 * 1024 * 1024
 _config = {
     "disk": "", "agent": "", "state": "", "disk_id": "", "name": "", "group": "", "log": "",
     "queue": str(DEFAULT_QUEUE), "dirty_budget": str(DEFAULT_BUDGET),
+    "activity_extents": str(DEFAULT_SLOTS),
 }
 # Set by get_ready, before nbdkit calls anything that uses them.
 _disk: LocalDisk = None  # type: ignore[assignment]
@@ -61,7 +63,7 @@ def config_complete():
     for key in ("disk", "agent", "state", "disk_id"):
         if not _config[key]:
             raise RuntimeError("ferry splitter: %s=... is required" % key)
-    for key in ("queue", "dirty_budget"):
+    for key in ("queue", "dirty_budget", "activity_extents"):
         try:
             if int(_config[key]) <= 0:
                 raise ValueError
@@ -77,7 +79,8 @@ def config_help():
             "disk_id=ID      the disk's id in the agent\n"
             "log=FILE        append the splitter's messages to FILE\n"
             "queue=BYTES     bound of the in-memory change queue\n"
-            "dirty_budget=BYTES  memory budget of the dirty map (default 16 MiB)")
+            "dirty_budget=BYTES  memory budget of the dirty map (default 16 MiB)\n"
+            "activity_extents=N  4 MiB extents in the activity log (default 1024)")
 
 
 def thread_model():
@@ -89,11 +92,14 @@ def get_ready():
     if _config["log"]:
         set_log_file(_config["log"])
     _disk = LocalDisk(_config["disk"])
-    loaded = statefile.load(_config["state"], _disk.size)
+    activity_path = _config["state"] + ".al"
+    loaded = statefile.load(_config["state"], _disk.size, activity_path)
     log("disk %s (%d bytes), generation %d: %s"
         % (_config["disk"], _disk.size, loaded.gen, loaded.reason))
     _log = ChangeLog(loaded.gen, int(_config["queue"]),
-                     DirtyMap.for_budget(int(_config["dirty_budget"])))
+                     DirtyMap.for_budget(int(_config["dirty_budget"])),
+                     activity=ActivityLog(activity_path,
+                                          slots=int(_config["activity_extents"])))
     _log.mark_dirty([(0, _disk.size)] if loaded.dirty is None else loaded.dirty)
     _log.initial = loaded.initial
 
@@ -104,6 +110,7 @@ def after_fork():
     hello = {"disk_id": _config["disk_id"], "name": _config["name"], "group": _config["group"],
              "gen": _log.gen, "size": _disk.size, "pid": os.getpid()}
     _link = Link(_log, _disk, _config["agent"], hello)
+    _link.on_carry_done = lambda: statefile.carry_done(_config["state"], _log.gen, _disk.size)
     _link.start()
 
 

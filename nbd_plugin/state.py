@@ -11,7 +11,10 @@ the next start:
 
 - no file: a new protection; the whole disk is owed (initial sync);
 - ``clean: true`` and the same size: the saved ranges are owed;
-- ``clean: false`` (killed, host crash) or another size: the whole disk is owed.
+- another size: the whole disk is owed;
+- ``clean: false`` (killed, host crash): the ranges the file carries (owed from before that
+  run) and the extents in that run's activity log (see activity.py); the whole disk if
+  there is no usable log or it overflowed.
 
 Generations only grow: the next one is the saved one plus one, and never less than the
 current time in seconds, so that even a lost state file cannot bring back a generation
@@ -24,6 +27,8 @@ import json
 import os
 import time
 from typing import List, NamedTuple, Optional, Tuple
+
+from . import activity
 
 VERSION = 1
 
@@ -54,8 +59,13 @@ def write_atomic(path: str, data: bytes) -> None:
         os.close(dfd)
 
 
-def load(path: str, size: int) -> Loaded:
-    """Read the state left by the previous run and mark this run as started."""
+def load(path: str, size: int, activity_path: Optional[str] = None) -> Loaded:
+    """Read the state left by the previous run and mark this run as started.
+
+    After an unclean stop, what is owed is the ranges the previous run carried from before
+    it plus the extents in its activity log (``activity_path``); without a usable log, or
+    when the log overflowed, the whole disk. This run's state file carries what is owed
+    until the splitter has read it all back into records (``carry_done``)."""
     # A generation is at least the time in seconds, so that a splitter whose state file
     # was lost can never reuse a generation the target already holds.
     floor = int(time.time())
@@ -78,14 +88,38 @@ def load(path: str, size: int) -> Loaded:
             gen, dirty = floor, None
             reason = "unreadable state file (%s): full resync" % e
         else:
-            if not clean:
-                dirty, reason = None, "previous run did not stop cleanly: full resync"
-            elif saved_size != size:
+            if saved_size != size:
                 dirty, reason = None, "disk size changed: full resync"
+            elif not clean:
+                dirty, reason = _after_crash(ranges, activity_path, size)
             else:
                 dirty, reason = ranges, "clean restart: %d ranges owed" % len(ranges)
-    save(path, gen, size, clean=False, dirty=[])
+    save(path, gen, size, clean=False, dirty=[(0, size)] if dirty is None else dirty)
     return Loaded(gen, dirty, reason, initial)
+
+
+def carry_done(path: str, gen: int, size: int) -> None:
+    """Everything owed from before this run is in records now (the activity log covers
+    them): a crash from here on owes only what the activity log holds."""
+    save(path, gen, size, clean=False, dirty=[])
+
+
+def _after_crash(carried: List[Tuple[int, int]], activity_path: Optional[str],
+                 size: int) -> Tuple[Optional[List[Tuple[int, int]]], str]:
+    recorded = activity.read(activity_path) if activity_path else None
+    if recorded is None:
+        return None, "previous run did not stop cleanly and left no activity log: full resync"
+    if recorded.overflow:
+        return None, ("previous run did not stop cleanly and its activity log overflowed: "
+                      "full resync")
+    ranges = list(carried)
+    for e in recorded.extents:
+        start = e * recorded.extent_size
+        if start < size:
+            ranges.append((start, min(recorded.extent_size, size - start)))
+    return ranges, ("previous run did not stop cleanly: resync of %d active extents of %d "
+                    "bytes and %d carried ranges" % (len(recorded.extents),
+                                                     recorded.extent_size, len(carried)))
 
 
 def save(path: str, gen: int, size: int, clean: bool, dirty: List[Tuple[int, int]]) -> None:
