@@ -42,6 +42,9 @@ JOBS = {
 
 
 def fio(uri: str, job: list, seconds: int) -> dict:
+    # Start every run with no dirty page cache left by the one before: otherwise the
+    # kernel's writeback throttling lands on whichever server writes next.
+    os.sync()
     proc = subprocess.run(
         ["fio", "--name=bench", "--ioengine=nbd", "--uri=" + uri, "--size=%d" % SIZE,
          "--runtime=%d" % seconds, "--time_based", "--output-format=json", *job],
