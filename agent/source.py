@@ -86,10 +86,41 @@ class DiskLink:
         self._rewind_at = 0.0
         self._send_lock = trio.Lock()
         self.sync_replies: Dict[str, Tuple[int, int]] = {}
+        self.resync_start: Optional[int] = None    # resync_bytes when this resync began
+        self.resync_rate: Optional[float] = None   # bytes/s, smoothed
 
     @property
     def connected(self) -> bool:
         return self.stream is not None
+
+    def update_counters(self, counters: Dict[str, Any], now: float) -> None:
+        """A splitter's STATE: keep it, and follow how fast a resync goes."""
+        resync = int(counters.get("resync_bytes", 0))
+        if counters.get("inconsistent"):
+            if self.resync_start is None or resync < self.resync_start:
+                self.resync_start = resync
+            elif self.counters_at and now > self.counters_at:
+                rate = (resync - int(self.counters.get("resync_bytes", 0))) / \
+                    (now - self.counters_at)
+                self.resync_rate = rate if self.resync_rate is None else \
+                    0.7 * self.resync_rate + 0.3 * rate
+        else:
+            self.resync_start = None
+            self.resync_rate = None
+        self.counters = counters
+        self.counters_at = now
+
+    def resync_progress(self) -> Dict[str, Any]:
+        """How far the running resync (or initial sync) is, and when it should end."""
+        if self.resync_start is None:
+            return {"resync_progress": None, "resync_eta_seconds": None}
+        done = int(self.counters.get("resync_bytes", 0)) - self.resync_start
+        left = int(self.counters.get("dirty_bytes", 0))
+        eta = None
+        if self.resync_rate and self.resync_rate > 0:
+            eta = round(left / self.resync_rate, 1)
+        return {"resync_progress": round(done / (done + left), 4) if done + left else 1.0,
+                "resync_eta_seconds": eta}
 
     async def send(self, msg: bytes) -> None:
         stream = self.stream
@@ -401,8 +432,7 @@ class SourceSite:
                         except (trio.BrokenResourceError, trio.ClosedResourceError):
                             pass  # the session ended; the next one rewinds
                 elif msg_type == lw.MSG_STATE:
-                    link.counters = lw.unpack_json(payload)
-                    link.counters_at = time.time()
+                    link.update_counters(lw.unpack_json(payload), time.time())
                 elif msg_type == lw.MSG_SYNC_REPLY:
                     reply = lw.unpack_json(payload)
                     link.sync_replies[str(reply["token"])] = (int(reply["gen"]),
@@ -639,6 +669,7 @@ class SourceSite:
             "last_acked_gen": link.acked[0],
             "next_seq": c.get("next_seq", 0),
             "rpo_seconds": round(rpo, 3),
+            **link.resync_progress(),
         }
 
 

@@ -117,6 +117,7 @@ def test_two_disk_group_and_status_json(sites: Lab) -> None:
         assert d["bytes_queued"] == 0
         assert d["last_acked_seq"] > 0
         assert d["rpo_seconds"] < 5
+        assert d["resync_progress"] is None and d["resync_eta_seconds"] is None
     b = sites.b.status("vm1")["replicas"]["vm1"]
     assert b["connected"] is True
     assert b["disks"]["sys"]["consistent"] is True
