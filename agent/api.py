@@ -7,6 +7,9 @@
     POST   /v1/groups/NAME/wait             {timeout}: return once synced (504 if not)
     POST   /v1/groups/NAME/checkpoints      {tag?, timeout?}: cut a user checkpoint (source)
     GET    /v1/checkpoints/NAME             {"source": [...] | null, "target": [...] | null}
+    POST   /v1/replicas/NAME/views          {checkpoint?, at_ns?, test?}: serve a point (target)
+    DELETE /v1/views/ID                     close a view
+    POST   /v1/replicas/NAME/failover       {mode: test|stop-test|live, checkpoint?, at_ns?}
     POST   /v1/replicas/NAME/restore        {disk, to, checkpoint?, at_ns?}: a disk to a file
                                             (default: its newest consistent state)
     GET    /metrics                         Prometheus text format
@@ -129,6 +132,21 @@ class Api:
             if src is None and tgt is None:
                 raise RequestError("no group %s on this site" % name, 404)
             return 200, {"group": name, "source": src, "target": tgt}
+        if len(parts) == 4 and parts[:2] == ["v1", "replicas"] and parts[3] == "views" \
+                and method == "POST":
+            return 201, await self.target.open_view(parts[2], *_point(body))
+        if len(parts) == 3 and parts[:2] == ["v1", "views"] and method == "DELETE":
+            return 200, await self.target.close_view(parts[2])
+        if len(parts) == 4 and parts[:2] == ["v1", "replicas"] and parts[3] == "failover" \
+                and method == "POST":
+            mode = body.get("mode")
+            if mode == "test":
+                return 201, await self.target.open_view(parts[2], *_point(body), test=True)
+            if mode == "stop-test":
+                return 200, await self.target.stop_test(parts[2])
+            if mode == "live":
+                return 200, await self.target.failover_live(parts[2], *_point(body))
+            raise RequestError("mode must be test, stop-test or live")
         if len(parts) == 4 and parts[:2] == ["v1", "replicas"] and parts[3] == "restore" \
                 and method == "POST":
             return 200, await self.target.restore(parts[2], _str(body, "disk"), _str(body, "to"),

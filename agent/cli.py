@@ -239,6 +239,68 @@ def restore(api: str, group: str, disk: str, dest: str, checkpoint: Optional[str
                   ", checkpoint %s of %s" % (c["id"], _iso(c["wall_ns"])) if c else ""))
 
 
+def _print_view(result: Dict[str, Any], as_json: bool, what: str) -> None:
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
+        return
+    c = result.get("checkpoint")
+    click.echo("%s %s of %s at %s" % (what, result["id"], result["group"],
+                                      "checkpoint %s (%s)" % (c["id"], _iso(c["wall_ns"]))
+                                      if c else "its newest consistent state"))
+    for name, uri in sorted(result["disks"].items()):
+        click.echo("%s\t%s" % (name, uri))
+
+
+@cli.command()
+@click.argument("group")
+@point_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def view(api: str, group: str, checkpoint: Optional[str], at: Optional[str],
+         as_json: bool) -> None:
+    """On the target site: serve GROUP's disks as of a point, read-only over NBD (default:
+    the newest consistent state); prints the view id and a URI per disk."""
+    result = call(api, "POST", "/v1/replicas/%s/views" % group, point_body(checkpoint, at),
+                  timeout=600)
+    _print_view(result, as_json, "view")
+
+
+@cli.command("view-close")
+@click.argument("view_id", metavar="VIEW")
+@click.pass_obj
+def view_close(api: str, view_id: str) -> None:
+    """Close a view (or a test failover) by its id."""
+    call(api, "DELETE", "/v1/views/" + view_id)
+    click.echo("closed view %s" % view_id)
+
+
+@cli.command()
+@click.argument("group")
+@click.option("--test", "mode", flag_value="test",
+              help="Serve the point with a private writable overlay; replication goes on.")
+@click.option("--stop-test", "mode", flag_value="stop-test",
+              help="End the test failover; its writes are discarded.")
+@click.option("--live", "mode", flag_value="live",
+              help="Stop replicating; the disks as of the point become the live ones.")
+@point_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def failover(api: str, group: str, mode: Optional[str], checkpoint: Optional[str],
+             at: Optional[str], as_json: bool) -> None:
+    """On the target site: test failover, stop it, or fail over for real."""
+    if mode is None:
+        raise click.UsageError("give one of --test, --stop-test, --live")
+    body = dict(point_body(checkpoint, at), mode=mode)
+    if mode == "stop-test" and len(body) > 1:
+        raise click.UsageError("--stop-test takes no point")
+    result = call(api, "POST", "/v1/replicas/%s/failover" % group, body, timeout=3600)
+    if mode == "stop-test":
+        click.echo("test failover %s of %s stopped; its writes are discarded"
+                   % (result["id"], group))
+        return
+    _print_view(result, as_json, "test failover" if mode == "test" else "live failover")
+
+
 @cli.command()
 @click.argument("group")
 @click.option("--tag", default=None, help="A name for the checkpoint (\"before upgrade\").")

@@ -49,7 +49,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from nbd_plugin import jindex
 from nbd_plugin.disk import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
-from nbd_plugin.jindex import KIND_CHECKPOINT
+from nbd_plugin.jindex import KIND_CHECKPOINT, KIND_FAILOVER
 from nbd_plugin.localwire import (
     FLAG_INCONSISTENT,
     KIND_CONSISTENT,
@@ -174,6 +174,8 @@ class TargetGroup:
         self._save_meta()
         if self.failover is None:
             self._promote()
+        elif self.failover.get("state") != "done":
+            self._finish_failover()  # a crash stopped it half-way: do it again
 
     # -- paths and metadata --------------------------------------------------------------
 
@@ -336,6 +338,8 @@ class TargetGroup:
         self.applied = pos
 
     def _checkpoint(self) -> None:
+        if self.failover is not None:
+            return  # the replicas are live disks now: nothing moves in the journal
         for fd in self._fds:
             os.fdatasync(fd)
         segments = self.journal.segments()
@@ -528,6 +532,40 @@ class TargetGroup:
                               "upto": list(cut[i]), "start": list(self.applied),
                               "segments": segments})
             return c, specs
+
+    def failover_live(self, ref: Optional[str], at_wall_ns: Optional[int]) -> Dict[str, Any]:
+        """Make the replicas the disks as of a point (default: the newest consistent state)
+        and take no more changes. Durable when it returns; a crash half-way is finished
+        when the group is opened again (the same records are applied again, in order)."""
+        with self._lock:
+            if self.failover is not None:
+                raise CheckpointError("group %s already failed over here" % self.name)
+            if self.pins:
+                raise CheckpointError("group %s has views or a test failover open; close them "
+                                      "first" % self.name)
+            c, cut, _held = self.point(ref, at_wall_ns)
+            self.failover = {"state": "applying", "checkpoint": c.to_json() if c else None,
+                             "cut": [list(p) for p in cut], "wall_ns": time.time_ns()}
+            self._save_meta()
+            self._finish_failover()
+            return dict(self.failover)
+
+    def _finish_failover(self) -> None:
+        assert self.failover is not None
+        cut = [(p[0], p[1]) for p in self.failover["cut"]]
+        for i, fd in enumerate(self._fds):
+            self._write_overlay(fd, i, cut[i])
+            os.fdatasync(fd)
+        data = json.dumps(self.failover, sort_keys=True).encode()
+        self.journal.append([JRecord(0, 0, 0, KIND_FAILOVER, 0, 0, len(data), 0, data)])
+        for st, p in zip(self.disks, cut):
+            st.applied_gen, st.applied_seq = p
+        self.failover["state"] = "done"
+        self._save_meta()
+        c = self.failover.get("checkpoint")
+        log.warning("group %s: FAILED OVER LIVE at %s; its replicas are the live disks now and "
+                    "replication of it has stopped", self.name,
+                    "checkpoint %s" % c["id"] if c else "its newest consistent state")
 
     def unpin(self) -> None:
         with self._lock:

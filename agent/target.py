@@ -21,6 +21,7 @@ from . import checkpoints, wire
 from .journal import JournalCorrupt
 from .peer import FrameStream, keepalive
 from .replica import NoConsistentState, SizeMismatch, TargetGroup
+from .views import Views
 
 log = logging.getLogger("ferry.target")
 
@@ -41,6 +42,7 @@ class TargetSite:
         self._sessions: Dict[str, Dict[str, Any]] = {}
         self._locks: Dict[str, trio.Lock] = {}
         self.broken: Dict[str, str] = {}
+        self.views = Views(data_dir)
 
     def load(self) -> None:
         """Open every group this site already holds (restore works without a source)."""
@@ -61,8 +63,11 @@ class TargetSite:
                 self.broken[name] = "%s: %s" % (type(e).__name__, e)
                 continue
             log.info("holding group %s (%d disks)", name, len(disks))
+            if self.groups[name].failover is not None:
+                self.views.serve_live(self.groups[name])
 
     def close(self) -> None:
+        self.views.close_all(self.groups)
         for group in self.groups.values():
             group.close()
         self.groups.clear()
@@ -127,6 +132,12 @@ class TargetSite:
                 except SizeMismatch as e:
                     log.error("refusing group %s from %s: %s", group_name, peer, e)
                     await fs.send_error(wire.E_SIZE_MISMATCH, str(e))
+                    return
+                if group.failover is not None:
+                    log.warning("refusing group %s from %s: it failed over here", group_name,
+                                peer)
+                    await fs.send_error(wire.E_BAD_GROUP, "group %s failed over on the target "
+                                        "site; it takes no more changes" % group_name)
                     return
                 await fs.send(wire.T_OPENED, {"group": group_name,
                                               "durable": [list(d) for d in group.durable()]})
@@ -233,6 +244,37 @@ class TargetSite:
     def checkpoints(self, group: str) -> List[Dict[str, Any]]:
         return self.group(group).list_checkpoints()
 
+    async def open_view(self, group: str, ref: Optional[str], at_wall_ns: Optional[int],
+                        test: bool = False) -> Dict[str, Any]:
+        g = self.group(group)
+        try:
+            return await trio.to_thread.run_sync(self.views.open, g, ref, at_wall_ns, test)
+        except (NoConsistentState, checkpoints.CheckpointError) as e:
+            raise LookupError(str(e)) from None
+
+    async def close_view(self, vid: str) -> Dict[str, Any]:
+        return await trio.to_thread.run_sync(self.views.close, vid, self.groups)
+
+    async def failover_live(self, group: str, ref: Optional[str],
+                            at_wall_ns: Optional[int]) -> Dict[str, Any]:
+        g = self.group(group)
+        owner = self._owners.get(group)
+        if owner is not None:
+            owner.cancel()  # the source's session ends; a new one is refused
+        try:
+            result = await trio.to_thread.run_sync(g.failover_live, ref, at_wall_ns)
+        except (NoConsistentState, checkpoints.CheckpointError) as e:
+            raise LookupError(str(e)) from None
+        view = await trio.to_thread.run_sync(self.views.serve_live, g)
+        return dict(view, failover=result)
+
+    async def stop_test(self, group: str) -> Dict[str, Any]:
+        self.group(group)
+        view = self.views.test_of(group)
+        if view is None:
+            raise LookupError("group %s has no test failover running" % group)
+        return await self.close_view(view.id)
+
     def status(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {name: {"error": err, "connected": False, "disks": {},
                                       "journal_bytes": 0}
@@ -241,6 +283,9 @@ class TargetSite:
             st = g.status()
             st["source"] = self._sessions.get(name)
             st["connected"] = name in self._sessions
+            test = self.views.test_of(name)
+            st["test"] = test.to_json() if test else None
+            st["views"] = self.views.of_group(name)
             out[name] = st
         return out
 

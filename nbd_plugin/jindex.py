@@ -235,3 +235,32 @@ class Reader:
         for fd in self._segments.values():
             os.close(fd)
         self._segments = {}
+
+
+def build_map(spec: Dict) -> ExtentMap:
+    """The extent map of one disk of a view (the spec ``TargetGroup.view_spec`` makes):
+    the disk's records after the replica's point ``base`` up to ``upto``, read from the
+    segments' index files (the open segment's record headers, up to its size then)."""
+    emap = ExtentMap()
+    disk = spec["disk"]
+    base = tuple(spec["base"])
+    upto = tuple(spec["upto"])
+    start_seg, start_pos = spec["start"]
+    for segno, path, end in spec["segments"]:
+        buf = read_idx(path, end)
+        if buf is None:
+            buf = scan_headers(path, end)
+        for d, kind, _flags, gen, length, seq, offset, _t, pos in ENTRY.iter_unpack(buf):
+            if pos >= end:
+                break
+            if d != disk or (segno == start_seg and pos < start_pos):
+                continue
+            if kind not in (KIND_WRITE, KIND_ZERO, KIND_TRIM) or not base < (gen, seq) <= upto:
+                continue
+            emap.add(offset, length, (segno, pos + RECORD.size) if kind == KIND_WRITE else ZERO)
+    return emap
+
+
+def open_reader(spec: Dict) -> Reader:
+    return Reader(spec["replica"], {segno: path for segno, path, _end in spec["segments"]},
+                  build_map(spec))

@@ -118,3 +118,102 @@ def test_point_errors_are_one_line(sites: Lab) -> None:
     assert proc.returncode != 0 and "has no disk nope" in proc.stderr
     proc = sites.a.ferry("checkpoint", "nosuch", check=False)
     assert proc.returncode != 0 and "no group nosuch" in proc.stderr
+
+
+def read_all(uri: str, size: int) -> bytes:
+    h = connect(uri)
+    try:
+        out = bytearray()
+        for off in range(0, size, 4 * MiB):
+            out += h.pread(min(4 * MiB, size - off), off)
+        return bytes(out)
+    finally:
+        h.shutdown()
+
+
+def test_views_and_test_failover_while_writes_continue(sites: Lab) -> None:
+    disks = {"vda": sites.image("vda.img", 8 * MiB)}
+    uris = sites.protect("g1", *disks.values(), extra=("--checkpoint-interval", "0.2s"))
+    wait_replicating(sites, "g1")
+    saved = checkpoint_series(sites, "g1", disks, uris, 3, seed=11)
+    sites.a.ferry("wait", "g1", "--synced", "--timeout", "60")
+
+    # A read-only view per checkpoint, read through libnbd, equals the saved image.
+    for cid, tag, copies in saved:
+        v = json.loads(sites.b.ferry("view", "g1", "--checkpoint", cid, "--json").stdout)
+        assert v["checkpoint"]["id"] == cid and v["checkpoint"]["tag"] == tag
+        h = connect(v["disks"]["vda"])
+        assert h.is_read_only()
+        h.shutdown()
+        assert read_all(v["disks"]["vda"], 8 * MiB) == copies["vda"].read_bytes(), tag
+        sites.b.ferry("view-close", v["id"])
+
+    # A test failover from the oldest checkpoint takes writes while replication goes on.
+    before = sites.b.status("g1")["replicas"]["g1"]
+    journal = sorted(p.name for p in (sites.b.data / "target" / "g1" / "journal").iterdir())
+    replica = (sites.b.data / "target" / "g1" / "replicas" / "vda.img").read_bytes()
+    t = json.loads(sites.b.ferry("failover", "g1", "--test", "--checkpoint", saved[0][1],
+                                 "--json").stdout)
+    h = connect(t["disks"]["vda"])
+    assert not h.is_read_only()
+    h.pwrite(b"T" * 65536, 0)
+    h.flush()
+    assert h.pread(65536, 0) == b"T" * 65536
+    h.shutdown()
+    st = sites.b.status("g1")["replicas"]["g1"]
+    assert st["test"]["id"] == t["id"] and st["test"]["checkpoint"]["id"] == saved[0][0]
+    # Writes on the source go on and are checkpointed meanwhile.
+    src = connect(uris["vda"])
+    src.pwrite(b"L" * 4096, 4096)
+    src.flush()
+    src.shutdown()
+    later = sites.a.ferry("checkpoint", "g1", "--tag", "during-test").stdout.strip()
+    sites.a.ferry("wait", "g1", "--synced", "--timeout", "60")
+    sites.b.ferry("failover", "g1", "--stop-test")
+    assert sites.b.status("g1")["replicas"]["g1"]["test"] is None
+    # The replica is untouched, the journal only grew, the later checkpoint holds its bytes.
+    assert (sites.b.data / "target" / "g1" / "replicas" / "vda.img").read_bytes() == replica
+    now = sorted(p.name for p in (sites.b.data / "target" / "g1" / "journal").iterdir())
+    assert set(journal) <= set(now)
+    after = sites.b.status("g1")["replicas"]["g1"]
+    assert after["disks"]["vda"]["applied_seq"] == before["disks"]["vda"]["applied_seq"]
+    restored = restore_to(sites, "g1", "vda", "--checkpoint", later)
+    assert same_bytes(disks["vda"], restored), first_difference(disks["vda"], restored)
+    listing = json.loads(sites.b.ferry("checkpoints", "g1", "--json").stdout)["target"]
+    tested = next(c for c in listing if c["id"] == saved[0][0])
+    assert "tested" in tested["tags"]
+    # The test's write is nowhere.
+    assert read_all(restore_uri(sites, "g1", saved[0][0]), 65536) != b"T" * 65536
+
+
+def restore_uri(lab: Lab, group: str, ref: str) -> str:
+    v = json.loads(lab.b.ferry("view", group, "--checkpoint", ref, "--json").stdout)
+    return str(v["disks"]["vda"])
+
+
+def test_failover_live_at_a_checkpoint(sites: Lab) -> None:
+    disks = {"vda": sites.image("vda.img", 8 * MiB)}
+    uris = sites.protect("g1", *disks.values())
+    wait_replicating(sites, "g1")
+    saved = checkpoint_series(sites, "g1", disks, uris, 2, seed=5)
+    sites.a.ferry("wait", "g1", "--synced", "--timeout", "60")
+    sites.a.stop()  # site A is gone
+    out = json.loads(sites.b.ferry("failover", "g1", "--live", "--checkpoint", saved[0][0],
+                                   "--json").stdout)
+    assert out["live"] and out["failover"]["checkpoint"]["id"] == saved[0][0]
+    uri = out["disks"]["vda"]
+    assert read_all(uri, 8 * MiB) == saved[0][2]["vda"].read_bytes()
+    h = connect(uri)  # the live disk takes writes
+    h.pwrite(b"N" * 4096, 0)
+    h.flush()
+    h.shutdown()
+    st = sites.b.status("g1")["replicas"]["g1"]
+    assert st["failover"]["state"] == "done"
+    assert st["failover"]["checkpoint"]["id"] == saved[0][0]
+    proc = sites.b.ferry("failover", "g1", "--live", check=False)
+    assert proc.returncode != 0 and "already failed over" in proc.stderr
+    # Restarted, site B serves the live disk again, with the write.
+    sites.b.stop()
+    sites.b.start()
+    uri = sites.b.status("g1")["replicas"]["g1"]["views"][0]["disks"]["vda"]
+    assert read_all(uri, 4096) == b"N" * 4096
