@@ -14,8 +14,8 @@ library only, Python 3.9 and later: nbdkit embeds the system Python.
 
 from __future__ import annotations
 
+import builtins
 import errno
-import io
 import json
 import os
 import sys
@@ -50,7 +50,7 @@ def config_complete():
 
 def get_ready():
     global _reader
-    with io.open(_config["spec"]) as f:
+    with builtins.open(_config["spec"]) as f:
         _spec.update(json.load(f))
     _reader = jindex.open_reader(_spec)
     nbdkit.debug("ferry view: %d journal records, %d pieces"
