@@ -377,7 +377,8 @@ class TargetGroup:
         total = self.journal.size()
         now = time.time()
         limit = self.applied
-        over_limit = False
+        over_limit = False   # a segment inside the window goes for the limit
+        aged_out = False     # a segment goes because it left the window
         for segno in segments:
             if segno < self.applied[0]:
                 continue
@@ -390,12 +391,14 @@ class TargetGroup:
                     break
                 self.journal.rotate()  # the limit needs even the newest records applied
                 segments = self.journal.segments()
-            over_limit = over_limit or (over and not old)
+            over_limit = over_limit or not old
+            aged_out = aged_out or old
             limit = (segments[segments.index(segno) + 1], 0)
             total -= self.journal.segment_size(segno)
-        if over_limit != self.short_history:
-            self.short_history = over_limit
-            if over_limit:
+        short = True if over_limit else (False if aged_out else self.short_history)
+        if short != self.short_history:
+            self.short_history = short
+            if short:
                 log.warning("group %s: ALERT: the journal reached its limit of %d bytes; it "
                             "keeps less than the configured history of %g s", self.name,
                             self.journal_max, self.history_s)
