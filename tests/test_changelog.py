@@ -58,7 +58,7 @@ def change(cl: ChangeLog, kind: int, offset: int, length: int) -> None:
 
 
 def take_all(cl: ChangeLog) -> List[Record]:
-    return cl.take(1 << 30, 0)
+    return cl.take(1 << 30, 0)[0]
 
 
 def resync_all(cl: ChangeLog, disk: bytes, max_length: int = 64) -> None:
@@ -354,21 +354,21 @@ def test_take_respects_max_bytes_but_returns_at_least_one_record() -> None:
     write(cl, 0, b"x" * 1000)
     write(cl, 0, b"y" * 10)
     write(cl, 0, b"z" * 10)
-    assert seqs(cl.take(1, 0)) == [1]
-    assert seqs(cl.take(2 * (HDR + 10), 0)) == [2, 3]
+    assert seqs(cl.take(1, 0)[0]) == [1]
+    assert seqs(cl.take(2 * (HDR + 10), 0)[0]) == [2, 3]
     assert cl.counters()["sent_bytes"] == 3 * HDR + 1020
 
 
 def test_take_on_an_empty_queue_waits_for_the_timeout() -> None:
     cl = new_log()
     t0 = time.monotonic()
-    assert cl.take(1000, 0.05) == []
+    assert cl.take(1000, 0.05)[0] == []
     assert time.monotonic() - t0 >= 0.04
 
 
 def test_take_wakes_up_on_a_commit() -> None:
     cl = new_log()
-    taker = Blocker(lambda: cl.take(1000, 30))
+    taker = Blocker(lambda: cl.take(1000, 30)[0])
     time.sleep(0.05)
     write(cl, 0, b"x")
     assert taker.done.wait(10)
@@ -377,13 +377,13 @@ def test_take_wakes_up_on_a_commit() -> None:
 
 def test_close_wakes_up_take() -> None:
     cl = new_log()
-    taker = Blocker(lambda: cl.take(1000, 30))
+    taker = Blocker(lambda: cl.take(1000, 30)[0])
     time.sleep(0.05)
     cl.close()
     assert taker.done.wait(10)
     assert taker.result == []
     t0 = time.monotonic()
-    assert cl.take(1000, 30) == []
+    assert cl.take(1000, 30)[0] == []
     assert time.monotonic() - t0 < 5
 
 
@@ -391,8 +391,8 @@ def test_rewind_resends_every_unacked_record_in_order() -> None:
     cl = new_log()
     for i in range(6):
         write(cl, i, b"x")
-    assert seqs(cl.take(2 * (HDR + 1), 0)) == [1, 2]
-    assert seqs(cl.take(2 * (HDR + 1), 0)) == [3, 4]
+    assert seqs(cl.take(2 * (HDR + 1), 0)[0]) == [1, 2]
+    assert seqs(cl.take(2 * (HDR + 1), 0)[0]) == [3, 4]
     cl.ack(1, 1)
     cl.rewind()
     assert seqs(take_all(cl)) == [2, 3, 4, 5, 6]
@@ -547,7 +547,7 @@ def test_owed_ranges_cover_dirty_unacked_and_in_flight_changes() -> None:
     change(cl, KIND_ZERO, 20, 5)          # queued, unsent
     write(cl, 100, b"y" * 10)             # does not fit: dirty
     cl.flush()                            # no length: nothing owed
-    take = cl.take(1, 0)
+    take = cl.take(1, 0)[0]
     assert seqs(take) == [1]
     token = cl.begin(200, 50)             # a write in progress
     assert cl.owed_ranges() == [(0, 10), (20, 5), (100, 10), (200, 50)]
@@ -671,7 +671,7 @@ class ReplicationMachine(RuleBasedStateMachine):
 
     @rule(max_bytes=st.integers(1, 300))
     def send(self, max_bytes: int) -> None:
-        self.in_transit.extend(self.cl.take(max_bytes, 0))
+        self.in_transit.extend(self.cl.take(max_bytes, 0)[0])
 
     @rule(n=st.integers(1, 10))
     def deliver(self, n: int) -> None:
@@ -760,7 +760,7 @@ class ReplicationMachine(RuleBasedStateMachine):
             self.in_transit.clear()
             self.cl.ack(1, self.target_seq)
             self.resync(64)
-            self.in_transit.extend(self.cl.take(1 << 20, 0))
+            self.in_transit.extend(self.cl.take(1 << 20, 0)[0])
             if not self.in_transit and not self.cl.dirty and \
                     self.cl.counters()["queued_records"] == 0:
                 return
@@ -770,3 +770,31 @@ class ReplicationMachine(RuleBasedStateMachine):
 ReplicationMachine.TestCase.settings = settings(
     deadline=None, max_examples=120, stateful_step_count=50)
 test_replication_machine = ReplicationMachine.TestCase
+
+
+# -- watermarks ------------------------------------------------------------------------------
+
+def test_watermark_is_the_next_unsent_record_or_now() -> None:
+    clock = FakeClock(100)
+    cl = new_log(clock=clock)
+    write(cl, 0, b"a")
+    clock.advance(10)
+    write(cl, 8, b"b")
+    clock.advance(10)
+    records, watermark = cl.take(HDR + 1, 0)
+    assert seqs(records) == [1] and watermark == 110  # record 2 (at 110) is still queued
+    records, watermark = cl.take(1 << 20, 0)
+    assert seqs(records) == [2] and watermark == 120  # drained: now
+
+
+def test_watermark_stays_where_the_disk_became_inconsistent() -> None:
+    clock = FakeClock(100)
+    cl = new_log(queue_limit=HDR + 4, clock=clock)
+    write(cl, 0, b"x" * 4)                # queued
+    clock.advance(10)
+    write(cl, 64, b"y" * 4)               # does not fit: dirty at 110, in no record
+    clock.advance(10)
+    _records, watermark = cl.take(1 << 20, 0)
+    assert watermark == 110
+    clock.advance(100)
+    assert cl.take(1 << 20, 0) == ([], 110)

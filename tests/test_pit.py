@@ -118,6 +118,23 @@ def test_point_errors_are_one_line(sites: Lab) -> None:
     assert proc.returncode != 0 and "has no disk nope" in proc.stderr
     proc = sites.a.ferry("checkpoint", "nosuch", check=False)
     assert proc.returncode != 0 and "no group nosuch" in proc.stderr
+    for args in (("view", "g1", "--checkpoint", "nosuch"),
+                 ("failover", "g1", "--test", "--checkpoint", "nosuch"),
+                 ("failover", "g1", "--live", "--at", "2001-01-01T00:00:00Z")):
+        proc = sites.b.ferry(*args, check=False)
+        assert proc.returncode == 1 and "no checkpoint" in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    proc = sites.b.ferry("failover", "g1", "--stop-test", check=False)
+    assert proc.returncode == 1 and "no test failover running" in proc.stderr
+    proc = sites.b.ferry("view-close", "nosuch", check=False)
+    assert proc.returncode == 1 and "no view nosuch" in proc.stderr
+    sites.b.stop()  # no session: no checkpoint can be cut
+    deadline = time.monotonic() + 30
+    while sites.a.status("g1")["groups"]["g1"]["state"] == "replicating":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    proc = sites.a.ferry("checkpoint", "g1", check=False)
+    assert proc.returncode == 1 and "is not replicating" in proc.stderr, proc.stderr
 
 
 def read_all(uri: str, size: int) -> bytes:

@@ -432,3 +432,50 @@ def test_resync_holds_the_newest_state_back(tmp_path: Path) -> None:
     assert out["resyncing"] and (tmp_path / "held").read_bytes() == good
     g.close()
 
+
+
+# -- views that cannot start, promotion that fails ------------------------------------------
+
+
+def test_a_view_that_cannot_start_unpins_and_says_why(tmp_path: Path) -> None:
+    from agent.views import Views
+    model = Model(2)
+    g = start(tmp_path / "g", model)
+    fill(g, model, 2, seed=9)
+    views = Views(str(tmp_path / "data"))
+    os.rename(g.replica_path("b"), str(tmp_path / "away"))  # nbdkit cannot open it
+    with pytest.raises(OSError, match="nbdkit for the view exited"):
+        views.open(g, None, None, test=False)
+    assert g.pins == 0 and views.views == {}
+    g.failover = {"state": "done", "checkpoint": None, "cut": [], "wall_ns": 0}
+    with pytest.raises(OSError, match="nbdkit for the view exited"):
+        views.serve_live(g)
+    assert views.views == {}
+    os.rename(str(tmp_path / "away"), g.replica_path("b"))
+    g.failover = None
+    v = views.open(g, g.checkpoints[-1].id, None, test=False)
+    assert g.pins == 1 and set(v["disks"]) == {"a", "b"}
+    views.close(v["id"], {"g": g})
+    assert g.pins == 0
+    g.close()
+
+
+def test_promotion_failure_is_logged_and_the_agent_goes_on(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import trio
+
+    from agent import target
+    model = Model(2)
+    site = target.TargetSite(str(tmp_path / "data"), "B")
+    g = start(Path(site.root) / "g", model, history_s=1)
+    fill(g, model, 30, seed=10)
+    site.groups["g"] = g
+    os.unlink(g.journal.path(g.journal.segments()[0]))  # promotion will not find it
+
+    async def run() -> None:
+        with trio.move_on_after(1.5):
+            await site._maintain()
+
+    trio.run(run)
+    assert "promotion failed" in caplog.text
+    g.journal.close()
