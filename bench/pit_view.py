@@ -31,14 +31,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import nbd  # noqa: E402
+import nbd
 
-from agent.checkpoints import Checkpoint  # noqa: E402
-from agent.journal import JRecord  # noqa: E402
-from agent.replica import TargetGroup  # noqa: E402
-from agent.views import Views  # noqa: E402
-from nbd_plugin import jindex  # noqa: E402
-from nbd_plugin.localwire import KIND_CONSISTENT, KIND_WRITE  # noqa: E402
+from agent.checkpoints import Checkpoint
+from agent.journal import JRecord
+from agent.replica import TargetGroup
+from agent.views import Views
+from nbd_plugin import jindex
+from nbd_plugin.localwire import KIND_CONSISTENT, KIND_WRITE
 
 
 def build(directory: str, records: int, rsize: int, disk: int) -> TargetGroup:
