@@ -140,6 +140,17 @@ class Cutter:
         self._pending = []
         return failed
 
+    def restarted(self, disk: int) -> List[Request]:
+        """A disk's splitter came back with a new generation: what the old one had not
+        forwarded is lost to the stream (the new one resyncs it), so no pending instant
+        can be cut; they fail (returned, each with its result set)."""
+        failed = self._pending
+        for req in failed:
+            req.result = "disk %d's splitter restarted before the cut was known" % disk
+        self._pending = []
+        self._watermark[disk] = 0
+        return failed
+
     def forwarded(self, disk: int, records: Sequence[Any]) -> None:
         """Records of ``disk`` the shipper forwarded, in sequence (localwire.Record)."""
         q = self._entries[disk]

@@ -406,8 +406,10 @@ class TargetGroup:
                 log.info("group %s: the journal keeps the configured history again",
                          self.name)
         if limit > self.applied:
+            before = self.applied
             self._apply(limit)
-            self._checkpoint()
+            if self.applied != before:  # a resync's hold-back may stop it where it was
+                self._checkpoint()
 
     def maintain(self) -> None:
         """Promote what aged out of the window (called now and then, not only on batches)."""

@@ -486,7 +486,11 @@ class SourceSite:
             if link.stream is not None:
                 await link.stream.aclose()
             link.stream = stream
-            link.gen = int(hello.get("gen", 0))
+            old_gen, link.gen = link.gen, int(hello.get("gen", 0))
+            shipper = self.shippers[link.row.group]
+            if old_gen and link.gen != old_gen:
+                for req in shipper.cutter.restarted(link.row.index):
+                    shipper._finished(req)
             log.info("splitter for %s/%s connected (generation %d)",
                      link.row.group, link.row.name, link.gen)
             shipper = self.shippers[link.row.group]

@@ -479,3 +479,13 @@ def test_promotion_failure_is_logged_and_the_agent_goes_on(
     trio.run(run)
     assert "promotion failed" in caplog.text
     g.journal.close()
+
+
+def test_a_restarted_splitter_fails_what_is_pending() -> None:
+    c = Cutter(1)
+    c.reset([(1, 3)])
+    req = c.request(cp(100))
+    assert c.restarted(0) == [req] and "restarted" in str(req.result)
+    c.forwarded(0, [rec(1, 150, FLAG_INCONSISTENT, gen=2)])
+    c.watermark(0, 200)
+    assert c.resolve() == []
