@@ -375,6 +375,12 @@ def status(api: str, group: Optional[str], as_json: bool) -> None:
         src = r.get("source") or {}
         lines.append("replica %s <- %s: journal %s" % (
             name, src.get("peer", "(source not connected)"), _human(r["journal_bytes"])))
+        if "checkpoints" in r:
+            lines.append("  history %.0f s of %.0f s kept%s, %d checkpoints%s%s" % (
+                r["history_covered_s"], r["history_s"],
+                " (LESS: journal limit)" if r["history_short"] else "", r["checkpoints"],
+                ", test failover %s running" % r["test"]["id"] if r.get("test") else "",
+                ", FAILED OVER LIVE" if r.get("failover") else ""))
         for dname, d in sorted(r["disks"].items()):
             lines.append("  %-12s %-12s durable %d/%d applied %d/%d  %s" % (
                 dname, "consistent" if d["consistent"] else "inconsistent",
