@@ -34,6 +34,7 @@ between the replica's point and the chosen point, in journal order.
 
 from __future__ import annotations
 
+import bisect
 import os
 import struct
 import zlib
@@ -121,26 +122,29 @@ class ExtentMap:
     """Newest-wins map of byte ranges of one disk to journal data, zeroes or the replica.
 
     Records are added in journal order. Each is cut at BLOCK boundaries; each block keeps
-    its pieces oldest first, dropping those a newer piece covers whole, so a block written
-    many times over costs one piece."""
+    its pieces oldest first. When a block's list doubles, the pieces newer ones cover
+    whole are dropped, so a block written many times over stays small (amortized)."""
 
     def __init__(self) -> None:
         self._blocks: Dict[int, List[Tuple[int, int, Source]]] = {}
+        self._prune_at: Dict[int, int] = {}
         self.records = 0
 
     def add(self, offset: int, length: int, source: Source) -> None:
         self.records += 1
         end = offset + length
+        blocks = self._blocks
         while offset < end:
             block = offset // BLOCK
             stop = min(end, (block + 1) * BLOCK)
-            src = source
-            pieces = self._blocks.get(block)
+            pieces = blocks.get(block)
             if pieces is None:
-                self._blocks[block] = [(offset, stop, src)]
+                blocks[block] = [(offset, stop, source)]
             else:
-                pieces[:] = [p for p in pieces if not (offset <= p[0] and p[1] <= stop)]
-                pieces.append((offset, stop, src))
+                pieces.append((offset, stop, source))
+                if len(pieces) >= self._prune_at.get(block, PRUNE_MIN):
+                    pieces[:] = _prune(pieces)
+                    self._prune_at[block] = max(PRUNE_MIN, 2 * len(pieces))
             if source is not ZERO:
                 source = (source[0], source[1] + (stop - offset))
             offset = stop
@@ -167,6 +171,33 @@ class ExtentMap:
 
     def blocks(self) -> List[int]:
         return sorted(self._blocks)
+
+
+PRUNE_MIN = 16
+
+
+def _prune(pieces: List[Tuple[int, int, Source]]) -> List[Tuple[int, int, Source]]:
+    """The pieces (oldest first) without those the newer ones cover whole."""
+    covered: List[Tuple[int, int]] = []  # merged, sorted by start
+    keep = []
+    for piece in reversed(pieces):
+        s, e = piece[0], piece[1]
+        i = bisect.bisect_right(covered, (s, 1 << 62)) - 1
+        if i >= 0 and covered[i][0] <= s and e <= covered[i][1]:
+            continue
+        keep.append(piece)
+        # Merge [s, e) into the covered intervals.
+        lo = bisect.bisect_left(covered, (s, -1))
+        if lo > 0 and covered[lo - 1][1] >= s:
+            lo -= 1
+        hi = lo
+        ns, ne = s, e
+        while hi < len(covered) and covered[hi][0] <= ne:
+            ns, ne = min(ns, covered[hi][0]), max(ne, covered[hi][1])
+            hi += 1
+        covered[lo:hi] = [(ns, ne)]
+    keep.reverse()
+    return keep
 
 
 def _paint(start: int, end: int, pieces: List[Tuple[int, int, Source]]
