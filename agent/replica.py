@@ -92,6 +92,62 @@ class DiskState:
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
+class _Head:
+    """Where an applier with no window would stop: each disk's newest whole point.
+
+    Kept incrementally (status asks often, and the journal can hold millions of records):
+    it scans index entries once, from the replicas' point, and waits at a record written
+    during a resync until that disk's ``consistent`` marker is journaled (the hold-back
+    rule of the applier)."""
+
+    def __init__(self, group: TargetGroup) -> None:
+        self.segno, self.i = group.applied[0], -1  # -1: find the first entry at applied
+        self.offset = group.applied[1]
+        self.points = [(d.applied_gen, d.applied_seq) for d in group.disks]
+        self.ever = [d.ever_consistent for d in group.disks]
+        self.ahead = [0] * len(group.disks)  # consistent markers journaled past the scan
+        for segno in group.journal.segments():
+            if segno < self.segno:
+                continue
+            for e in jindex.entries(group.journal.index(segno)):
+                if e[1] == KIND_CONSISTENT and (segno > self.segno or e[8] >= self.offset):
+                    self.ahead[e[0]] += 1
+        self.held = False
+
+    def appended(self, records: List[JRecord]) -> None:
+        for r in records:
+            if r.kind == KIND_CONSISTENT:
+                self.ahead[r.disk] += 1
+
+    def advance(self, journal: Journal) -> None:
+        segments = journal.segments()
+        while True:
+            index = journal.index(self.segno)
+            n = len(index) // jindex.ENTRY.size
+            if self.i < 0:
+                self.i = 0
+                while self.i < n and jindex.ENTRY.unpack_from(
+                        index, self.i * jindex.ENTRY.size)[8] < self.offset:
+                    self.i += 1
+            while self.i < n:
+                disk, kind, flags, gen, _l, seq = jindex.ENTRY.unpack_from(
+                    index, self.i * jindex.ENTRY.size)[:6]
+                if kind < KIND_CHECKPOINT:
+                    if flags & FLAG_INCONSISTENT and self.ever[disk] and not self.ahead[disk]:
+                        self.held = True
+                        return
+                    if kind == KIND_CONSISTENT:
+                        self.ahead[disk] -= 1
+                        self.ever[disk] = True
+                    self.points[disk] = (gen, seq)
+                self.i += 1
+            self.held = False
+            later = [s for s in segments if s > self.segno]
+            if not later:
+                return
+            self.segno, self.i, self.offset = later[0], 0, 0
+
+
 class TargetGroup:
     def __init__(self, directory: str, name: str, disks: List[Tuple[str, int]],
                  protection: Optional[str] = None, history_s: Optional[float] = None,
@@ -114,6 +170,7 @@ class TargetGroup:
         self.tags: Dict[str, List[str]] = dict(meta.get("tags", {}))
         self.failover: Optional[Dict[str, Any]] = meta.get("failover")
         self.pins = 0            # open views and tests: nothing is promoted while > 0
+        self._last_status: Optional[Dict[str, Any]] = None
         self.short_history = False  # the journal limit keeps less than history_s
         self.protection = meta.get("protection") if protection is None else protection
         if meta and self.protection != meta.get("protection"):
@@ -172,6 +229,7 @@ class TargetGroup:
             if rec.kind == KIND_CONSISTENT:
                 st.consistent_pending += 1
         self._save_meta()
+        self._head_state = _Head(self)
         if self.failover is None:
             self._promote()
         elif self.failover.get("state") != "done":
@@ -270,6 +328,8 @@ class TargetGroup:
                     if r.kind == KIND_CONSISTENT:
                         st.consistent_pending += 1
                 self.checkpoints.extend(new_cps)
+                self._head_state.appended(fresh)
+                self._head()
                 self._promote()
             return len(fresh), ids
 
@@ -436,23 +496,11 @@ class TargetGroup:
     def _head(self) -> Tuple[List[Point], bool]:
         """Each disk's newest point that is whole (where an applier with no window would
         stop), and whether a resync holds it back."""
-        pending = [0] * len(self.disks)
-        for _segno, e in self._entries_from(self.applied):
-            if e[1] == KIND_CONSISTENT:
-                pending[e[0]] += 1
-        ever = [d.ever_consistent for d in self.disks]
-        points = [(d.applied_gen, d.applied_seq) for d in self.disks]
-        for _segno, e in self._entries_from(self.applied):
-            disk, kind, flags, gen, _length, seq = e[:6]
-            if kind >= KIND_CHECKPOINT:
-                continue
-            if flags & FLAG_INCONSISTENT and ever[disk] and not pending[disk]:
-                return points, True
-            if kind == KIND_CONSISTENT:
-                pending[disk] -= 1
-                ever[disk] = True
-            points[disk] = (gen, seq)
-        return points, False
+        h = self._head_state
+        if h.segno not in self.journal.segments():
+            h = self._head_state = _Head(self)  # the applier deleted where it stood
+        h.advance(self.journal)
+        return list(h.points), h.held
 
     def _index_of(self, disk: str) -> int:
         for i, st in enumerate(self.disks):
@@ -597,33 +645,45 @@ class TargetGroup:
         raise KeyError(name)
 
     def status(self) -> Dict[str, Any]:
-        with self._lock:
-            head, held = self._head()
-            now_ns = time.time_ns()
-            oldest = self.checkpoints[0] if self.checkpoints else None
-            newest = self.checkpoints[-1] if self.checkpoints else None
-            covered = (now_ns - oldest.wall_ns) / 1e9 if oldest else 0.0
-            return {
-                "journal_bytes": self.journal.size(),
-                "journal_segments": len(self.journal.segments()),
-                "history_s": self.history_s,
-                "journal_max": self.journal_max,
-                "history_covered_s": round(covered, 3),
-                "history_short": self.short_history,
-                "checkpoints": len(self.checkpoints),
-                "oldest_checkpoint": oldest.to_json() if oldest else None,
-                "newest_checkpoint": newest.to_json() if newest else None,
-                "views_open": self.pins,
-                "failover": self.failover,
-                "disks": {d.name: {"size": d.size, "durable_gen": d.gen, "durable_seq": d.seq,
-                                   "applied_gen": d.applied_gen,
-                                   "applied_seq": d.applied_seq,
-                                   "newest_gen": head[i][0], "newest_seq": head[i][1],
-                                   "consistent": d.ever_consistent and not held,
-                                   "ever_consistent": d.ever_consistent,
-                                   "replica": self.replica_path(d.name)}
-                          for i, d in enumerate(self.disks)},
-            }
+        """The group's status. It is asked from the agent's event loop: while the lock is
+        busy (a batch, a long restore) the last answer is given again, marked ``stale``."""
+        if not self._lock.acquire(timeout=0.2):
+            if self._last_status is None:
+                return {"stale": True, "disks": {}, "journal_bytes": 0}
+            return dict(self._last_status, stale=True)
+        try:
+            self._last_status = self._status()
+            return self._last_status
+        finally:
+            self._lock.release()
+
+    def _status(self) -> Dict[str, Any]:
+        head, held = self._head()
+        now_ns = time.time_ns()
+        oldest = self.checkpoints[0] if self.checkpoints else None
+        newest = self.checkpoints[-1] if self.checkpoints else None
+        covered = (now_ns - oldest.wall_ns) / 1e9 if oldest else 0.0
+        return {
+            "journal_bytes": self.journal.size(),
+            "journal_segments": len(self.journal.segments()),
+            "history_s": self.history_s,
+            "journal_max": self.journal_max,
+            "history_covered_s": round(covered, 3),
+            "history_short": self.short_history,
+            "checkpoints": len(self.checkpoints),
+            "oldest_checkpoint": oldest.to_json() if oldest else None,
+            "newest_checkpoint": newest.to_json() if newest else None,
+            "views_open": self.pins,
+            "failover": self.failover,
+            "disks": {d.name: {"size": d.size, "durable_gen": d.gen, "durable_seq": d.seq,
+                               "applied_gen": d.applied_gen,
+                               "applied_seq": d.applied_seq,
+                               "newest_gen": head[i][0], "newest_seq": head[i][1],
+                               "consistent": d.ever_consistent and not held,
+                               "ever_consistent": d.ever_consistent,
+                               "replica": self.replica_path(d.name)}
+                      for i, d in enumerate(self.disks)},
+        }
 
     def close(self) -> None:
         with self._lock:

@@ -492,3 +492,35 @@ def test_a_restarted_splitter_fails_what_is_pending() -> None:
     c.forwarded(0, [rec(1, 150, FLAG_INCONSISTENT, gen=2)])
     c.watermark(0, 200)
     assert c.resolve() == []
+
+
+def test_the_newest_state_moves_on_when_the_resync_ends(tmp_path: Path) -> None:
+    model = Model(2)
+    g = start(tmp_path / "g", model)
+    fill(g, model, 3, seed=12)
+    held = bytes(model.disks[0])
+    model.seq[0] += 1
+    g.accept([JRecord(0, 1, model.seq[0], KIND_WRITE, FLAG_INCONSISTENT, 0, 4, 0, b"zzzz")])
+    model.disks[0][0:4] = b"zzzz"
+    fill(g, model, 2, seed=13)  # the other disk goes on; this one is still held
+    assert g.status()["disks"]["a"]["consistent"] is False
+    assert restored(g, "a", tmp_path) == held
+    g.accept([model.consistent(0)])  # the resync ended
+    assert g.status()["disks"]["a"]["consistent"] is True
+    assert restored(g, "a", tmp_path) == model.disks[0]
+    assert restored(g, "b", tmp_path) == model.disks[1]
+    g.close()
+
+
+def test_status_does_not_wait_for_a_busy_group(tmp_path: Path) -> None:
+    model = Model(2)
+    g = start(tmp_path / "g", model)
+    fill(g, model, 2, seed=14)
+    with g._lock:  # never asked before: an empty answer, marked stale
+        assert g.status() == {"stale": True, "disks": {}, "journal_bytes": 0}
+    fresh = g.status()
+    assert "stale" not in fresh
+    with g._lock:  # a long restore or batch holds it
+        st = g.status()
+    assert st["stale"] is True and st["checkpoints"] == fresh["checkpoints"]
+    g.close()
