@@ -94,8 +94,8 @@ def test_every_checkpoint_restores_exact_bytes(sites: Lab) -> None:
         assert same_bytes(path, restored), first_difference(path, restored)
     # --at: the newest checkpoint at or before that time.
     last = next(c for c in listing if c["id"] == saved[-1][0])
-    at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(last["wall_ns"] / 1e9)) + ".%06dZ" % (
-        last["wall_ns"] // 1000 % 1000000)
+    up = last["wall_ns"] // 1000 + 1  # microseconds, rounded up: at or after the checkpoint
+    at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(up // 10**6)) + ".%06dZ" % (up % 10**6)
     restored = restore_to(sites, "vm1", "sys", "--at", at)
     assert same_bytes(saved[-1][2]["sys"], restored)
 
