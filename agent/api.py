@@ -191,6 +191,17 @@ class Api:
         replicas = self.target.status()
         metric("journal_bytes", "Journal size on the target", "gauge",
                [({"group": g}, r["journal_bytes"]) for g, r in replicas.items()])
+        held = {g: r for g, r in replicas.items() if "checkpoints" in r}
+        metric("history_covered_seconds", "History the target's journal covers", "gauge",
+               [({"group": g}, r["history_covered_s"]) for g, r in held.items()])
+        metric("history_short", "1 when the journal limit keeps less than the configured "
+               "history", "gauge", [({"group": g}, int(r["history_short"]))
+                                    for g, r in held.items()])
+        metric("checkpoints", "Checkpoints held in the target's window", "gauge",
+               [({"group": g}, r["checkpoints"]) for g, r in held.items()])
+        metric("checkpoints_unacked", "Checkpoints cut on the source, not yet journaled by the "
+               "target", "gauge", [({"group": g}, gs["checkpoints_unacked"])
+                                   for g, gs in groups.items()])
         return "\n".join(lines) + "\n"
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import time
+import urllib.request
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -264,6 +266,13 @@ def test_history_window_and_journal_limit_end_to_end(sites: Lab) -> None:
             assert same_bytes(copies["vda"], restored), first_difference(copies["vda"], restored)
     restored = restore_to(sites, "g1", "vda")
     assert same_bytes(disks["vda"], restored), first_difference(disks["vda"], restored)
+    with urllib.request.urlopen(sites.b.api_url + "/metrics") as resp:
+        text = resp.read().decode()
+    assert 'ferry_history_covered_seconds{group="g1"}' in text
+    assert 'ferry_history_short{group="g1"} 0' in text
+    assert re.search(r'^ferry_checkpoints\{group="g1"\} [1-9]', text, re.MULTILINE)
+    with urllib.request.urlopen(sites.a.api_url + "/metrics") as resp:
+        assert 'ferry_checkpoints_unacked{group="g1"} 0' in resp.read().decode()
 
 
 def test_journal_limit_gives_up_history_with_an_alert(sites: Lab) -> None:
