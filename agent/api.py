@@ -5,7 +5,13 @@
                                             allow_unreachable?, queue_bytes?}
     DELETE /v1/groups/NAME                  unprotect
     POST   /v1/groups/NAME/wait             {timeout}: return once synced (504 if not)
-    POST   /v1/replicas/NAME/restore        {disk, to}: newest consistent state to a file
+    POST   /v1/groups/NAME/checkpoints      {tag?, timeout?}: cut a user checkpoint (source)
+    GET    /v1/checkpoints/NAME             {"source": [...] | null, "target": [...] | null}
+    POST   /v1/replicas/NAME/views          {checkpoint?, at_ns?, test?}: serve a point (target)
+    DELETE /v1/views/ID                     close a view
+    POST   /v1/replicas/NAME/failover       {mode: test|stop-test|live, checkpoint?, at_ns?}
+    POST   /v1/replicas/NAME/restore        {disk, to, checkpoint?, at_ns?}: a disk to a file
+                                            (default: its newest consistent state)
     GET    /metrics                         Prometheus text format
 
 Errors are ``{"error": "one line for the user"}`` with a 4xx or 5xx status.
@@ -87,6 +93,17 @@ class Api:
             kwargs: Dict[str, Any] = {}
             if "queue_bytes" in body:
                 kwargs["queue_bytes"] = _positive_int(body, "queue_bytes")
+            settings: Dict[str, Any] = {}
+            for key in ("history_s", "journal_max"):
+                if key in body:
+                    settings[key] = _positive_int(body, key)
+            if "checkpoint_interval" in body:
+                interval = body["checkpoint_interval"]
+                if not isinstance(interval, (int, float)) or isinstance(interval, bool) \
+                        or interval < 0:
+                    raise RequestError("checkpoint_interval must be a number of seconds")
+                settings["checkpoint_interval"] = float(interval)
+            kwargs["settings"] = settings
             return 201, await self.source.protect(
                 _str(body, "name"), [(d["name"], d["path"]) for d in disks],
                 _str(body, "target"), allow_unreachable=bool(body.get("allow_unreachable")),
@@ -99,9 +116,41 @@ class Api:
             if not isinstance(timeout, (int, float)) or timeout < 0:
                 raise RequestError("timeout must be a number of seconds")
             return 200, await self.source.wait_synced(parts[2], float(timeout))
+        if len(parts) == 4 and parts[:2] == ["v1", "groups"] and parts[3] == "checkpoints" \
+                and method == "POST":
+            tag = body.get("tag")
+            if tag is not None and not isinstance(tag, str):
+                raise RequestError("tag must be a string")
+            timeout = body.get("timeout", 30)
+            if not isinstance(timeout, (int, float)) or timeout < 0:
+                raise RequestError("timeout must be a number of seconds")
+            return 200, await self.source.checkpoint(parts[2], tag, float(timeout))
+        if len(parts) == 3 and parts[:2] == ["v1", "checkpoints"] and method == "GET":
+            name = parts[2]
+            src = self.source.checkpoints(name) if name in self.source.shippers else None
+            tgt = self.target.checkpoints(name) if name in self.target.groups else None
+            if src is None and tgt is None:
+                raise RequestError("no group %s on this site" % name, 404)
+            return 200, {"group": name, "source": src, "target": tgt}
+        if len(parts) == 4 and parts[:2] == ["v1", "replicas"] and parts[3] == "views" \
+                and method == "POST":
+            return 201, await self.target.open_view(parts[2], *_point(body))
+        if len(parts) == 3 and parts[:2] == ["v1", "views"] and method == "DELETE":
+            return 200, await self.target.close_view(parts[2])
+        if len(parts) == 4 and parts[:2] == ["v1", "replicas"] and parts[3] == "failover" \
+                and method == "POST":
+            mode = body.get("mode")
+            if mode == "test":
+                return 201, await self.target.open_view(parts[2], *_point(body), test=True)
+            if mode == "stop-test":
+                return 200, await self.target.stop_test(parts[2])
+            if mode == "live":
+                return 200, await self.target.failover_live(parts[2], *_point(body))
+            raise RequestError("mode must be test, stop-test or live")
         if len(parts) == 4 and parts[:2] == ["v1", "replicas"] and parts[3] == "restore" \
                 and method == "POST":
-            return 200, await self.target.restore(parts[2], _str(body, "disk"), _str(body, "to"))
+            return 200, await self.target.restore(parts[2], _str(body, "disk"), _str(body, "to"),
+                                                  *_point(body))
         raise RequestError("no such endpoint: %s %s" % (method, path), 404)
 
     def status(self, group: Optional[str] = None) -> Dict[str, Any]:
@@ -142,6 +191,17 @@ class Api:
         replicas = self.target.status()
         metric("journal_bytes", "Journal size on the target", "gauge",
                [({"group": g}, r["journal_bytes"]) for g, r in replicas.items()])
+        held = {g: r for g, r in replicas.items() if "checkpoints" in r}
+        metric("history_covered_seconds", "History the target's journal covers", "gauge",
+               [({"group": g}, r["history_covered_s"]) for g, r in held.items()])
+        metric("history_short", "1 when the journal limit keeps less than the configured "
+               "history", "gauge", [({"group": g}, int(r["history_short"]))
+                                    for g, r in held.items()])
+        metric("checkpoints", "Checkpoints held in the target's window", "gauge",
+               [({"group": g}, r["checkpoints"]) for g, r in held.items()])
+        metric("checkpoints_unacked", "Checkpoints cut on the source, not yet journaled by the "
+               "target", "gauge", [({"group": g}, gs["checkpoints_unacked"])
+                                   for g, gs in groups.items()])
         return "\n".join(lines) + "\n"
 
 
@@ -176,6 +236,19 @@ def _str(body: Dict[str, Any], key: str) -> str:
     if not isinstance(value, str) or not value:
         raise RequestError("%s is required" % key)
     return value
+
+
+def _point(body: Dict[str, Any]) -> Tuple[Optional[str], Optional[int]]:
+    """The point a request names: a checkpoint id or tag, or a wall time (ns)."""
+    ref = body.get("checkpoint")
+    at = body.get("at_ns")
+    if ref is not None and (not isinstance(ref, str) or not ref):
+        raise RequestError("checkpoint must be an id or a tag")
+    if at is not None and (not isinstance(at, int) or isinstance(at, bool)):
+        raise RequestError("at_ns must be an integer")
+    if ref is not None and at is not None:
+        raise RequestError("give a checkpoint or a time, not both")
+    return ref, at
 
 
 def _positive_int(body: Dict[str, Any], key: str) -> int:

@@ -15,6 +15,7 @@ import click
 
 DEFAULT_API = "http://127.0.0.1:9080"
 SIZE_RE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.I)
+DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 
 
 class Failure(click.ClickException):
@@ -26,6 +27,50 @@ def parse_size(text: str) -> int:
     if not m:
         raise click.BadParameter("%r is not a size like 512M or 2G" % text)
     return int(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper())
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``30m``, ``4h`` or ``2d``."""
+    m = DURATION_RE.match(text.strip())
+    if not m:
+        raise click.BadParameter("%r is not a duration like 30s, 15m or 4h" % text)
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def parse_time(text: str) -> int:
+    """Nanoseconds since the epoch from an ISO 8601 time (no zone: this host's local time)."""
+    import datetime
+    try:
+        t = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter("%r is not an ISO 8601 time like 2026-11-23T05:40:00Z"
+                                 % text) from None
+    return int(t.timestamp() * 1e9)
+
+
+def _iso(wall_ns: int) -> str:
+    import datetime
+    return datetime.datetime.fromtimestamp(wall_ns / 1e9, datetime.timezone.utc).isoformat(
+        timespec="milliseconds").replace("+00:00", "Z")
+
+
+def point_options(f: Any) -> Any:
+    f = click.option("--at", "at", default=None, metavar="ISO-TIME",
+                     help="The newest checkpoint at or before this time.")(f)
+    f = click.option("--checkpoint", "checkpoint", default=None, metavar="ID|TAG",
+                     help="A checkpoint by id or tag.")(f)
+    return f
+
+
+def point_body(checkpoint: Optional[str], at: Optional[str]) -> Dict[str, Any]:
+    if checkpoint is not None and at is not None:
+        raise click.UsageError("give --checkpoint or --at, not both")
+    body: Dict[str, Any] = {}
+    if checkpoint is not None:
+        body["checkpoint"] = checkpoint
+    if at is not None:
+        body["at_ns"] = parse_time(at)
+    return body
 
 
 def call(api: str, method: str, path: str, body: Optional[Dict[str, Any]] = None,
@@ -124,15 +169,28 @@ def _split_disk(spec: str, index: int) -> Tuple[str, str]:
               help="Bound of each disk's in-memory change queue.")
 @click.option("--allow-unreachable", is_flag=True,
               help="Protect even if the target cannot be reached now.")
+@click.option("--history", default="4h", show_default=True,
+              help="How far back the target keeps points in time (30m, 4h, 2d).")
+@click.option("--journal-max", default="50G", show_default=True,
+              help="Most bytes the target's journal for the group may use; past it the "
+                   "oldest history is given up (and an alert logged).")
+@click.option("--checkpoint-interval", default="1s", show_default=True,
+              help="Automatic crash-consistent checkpoints this often (0: none).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_obj
 def protect(api: str, group: str, disks: Tuple[str, ...], target: str, queue: str,
-            allow_unreachable: bool, as_json: bool) -> None:
+            allow_unreachable: bool, history: str, journal_max: str,
+            checkpoint_interval: str, as_json: bool) -> None:
     """Protect disks as GROUP, replicated to TARGET; prints each disk's NBD URI."""
     specs = [_split_disk(s, i) for i, s in enumerate(disks)]
+    history_s = parse_duration(history)
+    if history_s < 1:
+        raise click.BadParameter("the history must be at least 1s", param_hint="--history")
     result = call(api, "POST", "/v1/groups", {
         "name": group, "target": target, "allow_unreachable": allow_unreachable,
         "queue_bytes": parse_size(queue),
+        "history_s": int(history_s), "journal_max": parse_size(journal_max),
+        "checkpoint_interval": parse_duration(checkpoint_interval),
         "disks": [{"name": n, "path": p} for n, p in specs]})
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -167,13 +225,121 @@ def wait(api: str, group: str, synced: bool, timeout: float) -> None:
 @click.option("--disk", required=True, help="The disk's name in the group.")
 @click.option("--to", "dest", required=True, type=click.Path(dir_okay=False),
               help="A new file to write (on the target site's host).")
+@point_options
 @click.pass_obj
-def restore(api: str, group: str, disk: str, dest: str) -> None:
-    """On the target site: write a disk's newest consistent state to a file."""
-    result = call(api, "POST", "/v1/replicas/%s/restore" % group,
-                  {"disk": disk, "to": os.path.abspath(dest)}, timeout=3600)
-    click.echo("restored %s/%s to %s (%d bytes, generation %d, sequence %d)"
-               % (group, disk, result["to"], result["size"], result["gen"], result["seq"]))
+def restore(api: str, group: str, disk: str, dest: str, checkpoint: Optional[str],
+            at: Optional[str]) -> None:
+    """On the target site: write a disk as of a checkpoint (default: its newest
+    consistent state) to a new file."""
+    body = dict(point_body(checkpoint, at), disk=disk, to=os.path.abspath(dest))
+    result = call(api, "POST", "/v1/replicas/%s/restore" % group, body, timeout=3600)
+    c = result.get("checkpoint")
+    click.echo("restored %s/%s to %s (%d bytes, generation %d, sequence %d%s)"
+               % (group, disk, result["to"], result["size"], result["gen"], result["seq"],
+                  ", checkpoint %s of %s" % (c["id"], _iso(c["wall_ns"])) if c else ""))
+
+
+def _print_view(result: Dict[str, Any], as_json: bool, what: str) -> None:
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
+        return
+    c = result.get("checkpoint")
+    click.echo("%s %s of %s at %s" % (what, result["id"], result["group"],
+                                      "checkpoint %s (%s)" % (c["id"], _iso(c["wall_ns"]))
+                                      if c else "its newest consistent state"))
+    for name, uri in sorted(result["disks"].items()):
+        click.echo("%s\t%s" % (name, uri))
+
+
+@cli.command()
+@click.argument("group")
+@point_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def view(api: str, group: str, checkpoint: Optional[str], at: Optional[str],
+         as_json: bool) -> None:
+    """On the target site: serve GROUP's disks as of a point, read-only over NBD (default:
+    the newest consistent state); prints the view id and a URI per disk."""
+    result = call(api, "POST", "/v1/replicas/%s/views" % group, point_body(checkpoint, at),
+                  timeout=600)
+    _print_view(result, as_json, "view")
+
+
+@cli.command("view-close")
+@click.argument("view_id", metavar="VIEW")
+@click.pass_obj
+def view_close(api: str, view_id: str) -> None:
+    """Close a view (or a test failover) by its id."""
+    call(api, "DELETE", "/v1/views/" + view_id)
+    click.echo("closed view %s" % view_id)
+
+
+@cli.command()
+@click.argument("group")
+@click.option("--test", "mode", flag_value="test",
+              help="Serve the point with a private writable overlay; replication goes on.")
+@click.option("--stop-test", "mode", flag_value="stop-test",
+              help="End the test failover; its writes are discarded.")
+@click.option("--live", "mode", flag_value="live",
+              help="Stop replicating; the disks as of the point become the live ones.")
+@point_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def failover(api: str, group: str, mode: Optional[str], checkpoint: Optional[str],
+             at: Optional[str], as_json: bool) -> None:
+    """On the target site: test failover, stop it, or fail over for real."""
+    if mode is None:
+        raise click.UsageError("give one of --test, --stop-test, --live")
+    body = dict(point_body(checkpoint, at), mode=mode)
+    if mode == "stop-test" and len(body) > 1:
+        raise click.UsageError("--stop-test takes no point")
+    result = call(api, "POST", "/v1/replicas/%s/failover" % group, body, timeout=3600)
+    if mode == "stop-test":
+        click.echo("test failover %s of %s stopped; its writes are discarded"
+                   % (result["id"], group))
+        return
+    _print_view(result, as_json, "test failover" if mode == "test" else "live failover")
+
+
+@cli.command()
+@click.argument("group")
+@click.option("--tag", default=None, help="A name for the checkpoint (\"before upgrade\").")
+@click.option("--timeout", default=30.0, show_default=True, type=float,
+              help="Seconds to wait for the target to journal it.")
+@click.pass_obj
+def checkpoint(api: str, group: str, tag: Optional[str], timeout: float) -> None:
+    """On the source site: cut a crash-consistent checkpoint of GROUP; prints its id."""
+    result = call(api, "POST", "/v1/groups/%s/checkpoints" % group,
+                  {"tag": tag, "timeout": timeout}, timeout=timeout + 30)
+    click.echo(result["id"])
+    if not result.get("acked"):
+        click.echo("ferry: warning: checkpoint %s is cut but the target has not journaled "
+                   "it yet" % result["id"], err=True)
+
+
+@cli.command()
+@click.argument("group")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def checkpoints(api: str, group: str, as_json: bool) -> None:
+    """List GROUP's checkpoints: made here (source) and held here (target)."""
+    result = call(api, "GET", "/v1/checkpoints/" + group)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
+        return
+    for side in ("source", "target"):
+        items = result.get(side)
+        if items is None:
+            continue
+        click.echo("%s checkpoints of %s (%d):" % (side, group, len(items)))
+        for c in items:
+            extra = ""
+            if side == "source":
+                extra = "acked" if c.get("acked") else "not acked"
+            extra = ", ".join(x for x in [extra, *c.get("tags", [])] if x)
+            click.echo("  %s  %s  %-4s  %s%s" % (c["id"], _iso(c["wall_ns"]), c["kind"],
+                                                 c.get("tag") or "-",
+                                                 "  (%s)" % extra if extra else ""))
 
 
 def _human(n: float) -> str:
@@ -209,6 +375,12 @@ def status(api: str, group: Optional[str], as_json: bool) -> None:
         src = r.get("source") or {}
         lines.append("replica %s <- %s: journal %s" % (
             name, src.get("peer", "(source not connected)"), _human(r["journal_bytes"])))
+        if "checkpoints" in r:
+            lines.append("  history %.0f s of %.0f s kept%s, %d checkpoints%s%s" % (
+                r["history_covered_s"], r["history_s"],
+                " (LESS: journal limit)" if r["history_short"] else "", r["checkpoints"],
+                ", test failover %s running" % r["test"]["id"] if r.get("test") else "",
+                ", FAILED OVER LIVE" if r.get("failover") else ""))
         for dname, d in sorted(r["disks"].items()):
             lines.append("  %-12s %-12s durable %d/%d applied %d/%d  %s" % (
                 dname, "consistent" if d["consistent"] else "inconsistent",

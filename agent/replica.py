@@ -12,11 +12,23 @@ until that disk's ``KIND_CONSISTENT`` marker is in the journal too, so a replica
 a crash-consistent state of its disk, the newest one known to be whole. A disk that has
 never been whole (its initial sync is running) is applied as it comes.
 
-Every ``CHECKPOINT_BYTES`` applied, and on close, the replicas are fdatasynced, then
-``meta.json`` records the journal position applied so far (atomic replace), then whole
-segments before it are deleted. A crash between those steps re-applies records from the
-last recorded position, which is harmless: applying a record twice in order gives the same
-bytes.
+The replica holds the oldest point of the group's history. Once every disk has been whole
+once, the applier (the *promoter*) only applies closed segments that have left the history
+window (``history_s``, by the segment file's time of last append) or that the journal must
+shed to stay under ``journal_max`` bytes; before that (an initial sync is running, there is
+no point in time to keep) it applies everything as it comes. While a view or a test
+failover reads a group, nothing is promoted.
+
+Every ``CHECKPOINT_BYTES`` applied, after a promotion, and on close, the replicas are
+fdatasynced, then ``meta.json`` records the journal position applied so far (atomic
+replace), then whole segments before it are deleted. A crash between those steps re-applies
+records from the last recorded position, which is harmless: applying a record twice in order
+gives the same bytes.
+
+Group checkpoints arrive with a batch and are journaled after its records, as
+``KIND_CHECKPOINT`` markers. The state of disk d at checkpoint C is the replica plus the
+journaled records of d after the replica's point up to C's cut for d; C is available while
+the replica of every disk is not past its cut.
 
 Sequence rules for a disk whose newest journaled record is (G, S): a record of a lower
 generation, or of G with a sequence up to S, is a duplicate and dropped; (G, S+1) and
@@ -31,10 +43,13 @@ import logging
 import os
 import shutil
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from nbd_plugin import jindex
 from nbd_plugin.disk import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
+from nbd_plugin.jindex import KIND_CHECKPOINT, KIND_FAILOVER
 from nbd_plugin.localwire import (
     FLAG_INCONSISTENT,
     KIND_CONSISTENT,
@@ -44,12 +59,15 @@ from nbd_plugin.localwire import (
 )
 from nbd_plugin.state import write_atomic
 
-from .journal import Journal, JRecord, Position
+from .checkpoints import Checkpoint, CheckpointError, Point
+from .journal import SEGMENT_MAX, Journal, JRecord, Position
 from .wire import MAX_RECORD, ProtocolError
 
 log = logging.getLogger("ferry.replica")
 
 CHECKPOINT_BYTES = 256 * 1024 * 1024
+DEFAULT_HISTORY = 4 * 3600
+DEFAULT_JOURNAL_MAX = 50 * 1024 ** 3
 
 
 class SizeMismatch(Exception):
@@ -74,9 +92,66 @@ class DiskState:
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
+class _Head:
+    """Where an applier with no window would stop: each disk's newest whole point.
+
+    Kept incrementally (status asks often, and the journal can hold millions of records):
+    it scans index entries once, from the replicas' point, and waits at a record written
+    during a resync until that disk's ``consistent`` marker is journaled (the hold-back
+    rule of the applier)."""
+
+    def __init__(self, group: TargetGroup) -> None:
+        self.segno, self.i = group.applied[0], -1  # -1: find the first entry at applied
+        self.offset = group.applied[1]
+        self.points = [(d.applied_gen, d.applied_seq) for d in group.disks]
+        self.ever = [d.ever_consistent for d in group.disks]
+        self.ahead = [0] * len(group.disks)  # consistent markers journaled past the scan
+        for segno in group.journal.segments():
+            if segno < self.segno:
+                continue
+            for e in jindex.entries(group.journal.index(segno)):
+                if e[1] == KIND_CONSISTENT and (segno > self.segno or e[8] >= self.offset):
+                    self.ahead[e[0]] += 1
+        self.held = False
+
+    def appended(self, records: List[JRecord]) -> None:
+        for r in records:
+            if r.kind == KIND_CONSISTENT:
+                self.ahead[r.disk] += 1
+
+    def advance(self, journal: Journal) -> None:
+        segments = journal.segments()
+        while True:
+            index = journal.index(self.segno)
+            n = len(index) // jindex.ENTRY.size
+            if self.i < 0:
+                self.i = 0
+                while self.i < n and jindex.ENTRY.unpack_from(
+                        index, self.i * jindex.ENTRY.size)[8] < self.offset:
+                    self.i += 1
+            while self.i < n:
+                disk, kind, flags, gen, _l, seq = jindex.ENTRY.unpack_from(
+                    index, self.i * jindex.ENTRY.size)[:6]
+                if kind < KIND_CHECKPOINT:
+                    if flags & FLAG_INCONSISTENT and self.ever[disk] and not self.ahead[disk]:
+                        self.held = True
+                        return
+                    if kind == KIND_CONSISTENT:
+                        self.ahead[disk] -= 1
+                        self.ever[disk] = True
+                    self.points[disk] = (gen, seq)
+                self.i += 1
+            self.held = False
+            later = [s for s in segments if s > self.segno]
+            if not later:
+                return
+            self.segno, self.i, self.offset = later[0], 0, 0
+
+
 class TargetGroup:
     def __init__(self, directory: str, name: str, disks: List[Tuple[str, int]],
-                 protection: Optional[str] = None) -> None:
+                 protection: Optional[str] = None, history_s: Optional[float] = None,
+                 journal_max: Optional[int] = None, segment_max: int = SEGMENT_MAX) -> None:
         """Open (or create) the group's storage; ``disks`` are (name, size) in group order.
 
         ``protection`` identifies one protection of the group on the source; a new one
@@ -94,6 +169,15 @@ class TargetGroup:
             raise SizeMismatch("group %s holds disks %s here; the source sent %s" % (
                 name, ", ".join("%s (%d bytes)" % d for d in held),
                 ", ".join("%s (%d bytes)" % d for d in disks)))
+        self.history_s = float(history_s if history_s is not None
+                               else meta.get("history_s", DEFAULT_HISTORY))
+        self.journal_max = int(journal_max if journal_max is not None
+                               else meta.get("journal_max", DEFAULT_JOURNAL_MAX))
+        self.tags: Dict[str, List[str]] = dict(meta.get("tags", {}))
+        self.failover: Optional[Dict[str, Any]] = meta.get("failover")
+        self.pins = 0            # open views and tests: nothing is promoted while > 0
+        self._last_status: Optional[Dict[str, Any]] = None
+        self.short_history = False  # the journal limit keeps less than history_s
         self.protection = meta.get("protection") if protection is None else protection
         if meta and self.protection != meta.get("protection"):
             log.warning("group %s: a new protection replaces the old one; its replicas wait "
@@ -123,7 +207,8 @@ class TargetGroup:
         _fsync_parent(os.path.join(directory, "replicas", "x"))
         _fsync_parent(directory)
         _fsync_parent(os.path.join(directory, "replicas"))
-        self.journal = Journal(os.path.join(directory, "journal"))
+        self.journal = Journal(os.path.join(directory, "journal"), segment_max,
+                               self._segment_age())
         if self.journal.dropped_tail:
             log.warning("group %s: dropped a torn journal tail of %d bytes",
                         name, self.journal.dropped_tail)
@@ -132,14 +217,22 @@ class TargetGroup:
         if self.applied < self.journal.start:
             self.applied = self.journal.start
         self._since_checkpoint = 0
-        # Learn what the journal holds beyond the replicas.
+        # Learn what the journal holds beyond the replicas, and its checkpoints.
+        self.checkpoints: List[Checkpoint] = []
+        self._load_checkpoints()
         for rec, _pos in self.journal.read_from(self.applied):
+            if rec.kind >= KIND_CHECKPOINT:
+                continue
             st = self.disks[rec.disk]
             st.gen, st.seq = rec.gen, rec.seq
             if rec.kind == KIND_CONSISTENT:
                 st.consistent_pending += 1
         self._save_meta()
-        self._apply()
+        self._head_state = _Head(self)
+        if self.failover is None:
+            self._promote()
+        elif self.failover.get("state") != "done":
+            self._finish_failover()  # a crash stopped it half-way: do it again
 
     # -- paths and metadata --------------------------------------------------------------
 
@@ -154,10 +247,35 @@ class TargetGroup:
         except FileNotFoundError:
             return {}
 
+    def _segment_age(self) -> float:
+        """Segments close at this age, so the window is trimmed in steps of about 1/8."""
+        return max(1.0, min(300.0, self.history_s / 8))
+
+    def set_limits(self, history_s: float, journal_max: int) -> None:
+        with self._lock:
+            if (history_s, journal_max) != (self.history_s, self.journal_max):
+                self.history_s, self.journal_max = float(history_s), int(journal_max)
+                self.journal.segment_age = self._segment_age()
+                self._save_meta()
+
+    def _load_checkpoints(self) -> None:
+        for segno in self.journal.segments():
+            for e in jindex.entries(self.journal.index(segno)):
+                if e[1] == KIND_CHECKPOINT:
+                    rec = self.journal.read_at(segno, e[8])
+                    assert rec.data is not None
+                    c = Checkpoint.decode(rec.data)
+                    c.tags = self.tags.get(c.id, [])
+                    self.checkpoints.append(c)
+
     def _save_meta(self) -> None:
         meta = {
             "group": self.name,
             "protection": self.protection,
+            "history_s": self.history_s,
+            "journal_max": self.journal_max,
+            "tags": self.tags,
+            "failover": self.failover,
             "applied": list(self.applied),
             "disks": [{"name": d.name, "size": d.size, "applied_gen": d.applied_gen,
                        "applied_seq": d.applied_seq, "ever_consistent": d.ever_consistent}
@@ -171,19 +289,48 @@ class TargetGroup:
         """(gen, seq) of the newest journaled record of each disk."""
         return [(d.gen, d.seq) for d in self.disks]
 
-    def accept(self, records: List[JRecord]) -> int:
-        """Check, journal and apply a batch; returns how many records were new."""
+    def accept(self, records: List[JRecord], checkpoints: Optional[List[Checkpoint]] = None,
+               clocks: Tuple[int, int] = (0, 0)) -> Tuple[int, List[str]]:
+        """Check, journal and promote a batch and its checkpoints; returns how many records
+        were new and the ids of the batch's checkpoints now journaled. ``clocks`` are the
+        batch's (wall_ns, mono_ns), to give each checkpoint its source wall time."""
         with self._lock:
+            if self.failover is not None:
+                raise ProtocolError("group %s failed over here; it takes no more changes"
+                                    % self.name)
             fresh = self._check(records)
-            if fresh:
-                self.journal.append(fresh)
+            cursor = [(d.gen, d.seq) for d in self.disks]
+            for r in fresh:
+                cursor[r.disk] = (r.gen, r.seq)
+            known = {c.id for c in self.checkpoints}
+            markers = []
+            new_cps = []
+            ids = []
+            for c in checkpoints or []:
+                if any(cur < cut for cur, cut in zip(cursor, c.cut)):
+                    raise ProtocolError("checkpoint %s comes before the records of its cut"
+                                        % c.id)
+                ids.append(c.id)
+                if c.id in known:
+                    continue
+                known.add(c.id)
+                c.wall_ns = clocks[0] - (clocks[1] - c.time_ns)
+                data = c.encode()
+                markers.append(JRecord(0, 0, 0, KIND_CHECKPOINT, 0, 0, len(data), c.time_ns,
+                                       data))
+                new_cps.append(c)
+            if fresh or markers:
+                self.journal.append(fresh + markers)
                 for r in fresh:
                     st = self.disks[r.disk]
                     st.gen, st.seq = r.gen, r.seq
                     if r.kind == KIND_CONSISTENT:
                         st.consistent_pending += 1
-                self._apply()
-            return len(fresh)
+                self.checkpoints.extend(new_cps)
+                self._head_state.appended(fresh)
+                self._head()
+                self._promote()
+            return len(fresh), ids
 
     def _check(self, records: List[JRecord]) -> List[JRecord]:
         """Every check before any write: a bad batch changes nothing."""
@@ -213,9 +360,12 @@ class TargetGroup:
 
     # -- applying ------------------------------------------------------------------------
 
-    def _apply(self) -> None:
+    def _apply(self, stop: Optional[Position] = None) -> None:
         pos = self.applied
-        for rec, after in self.journal.read_from(pos):
+        for rec, after in self.journal.read_from(pos, stop):
+            if rec.kind >= KIND_CHECKPOINT:
+                pos = after
+                continue
             st = self.disks[rec.disk]
             if rec.flags & FLAG_INCONSISTENT and st.ever_consistent and not st.consistent_pending:
                 if not st.holding:
@@ -247,11 +397,84 @@ class TargetGroup:
         self.applied = pos
 
     def _checkpoint(self) -> None:
+        if self.failover is not None:
+            return  # the replicas are live disks now: nothing moves in the journal
         for fd in self._fds:
             os.fdatasync(fd)
+        segments = self.journal.segments()
+        if self.applied[0] != segments[-1] and \
+                self.applied[1] >= self.journal.segment_size(self.applied[0]):
+            # A whole segment applied: start at the next one, so this one can go.
+            self.applied = (segments[segments.index(self.applied[0]) + 1], 0)
         self._save_meta()
         self.journal.drop_before(self.applied[0])
         self._since_checkpoint = 0
+        before = len(self.checkpoints)
+        self.checkpoints = [c for c in self.checkpoints if self._reachable(c)]
+        if len(self.checkpoints) != before:
+            log.debug("group %s: %d checkpoints left the window", self.name,
+                      before - len(self.checkpoints))
+
+    def _reachable(self, c: Checkpoint) -> bool:
+        return all((d.applied_gen, d.applied_seq) <= cut for d, cut in zip(self.disks, c.cut))
+
+    def _eager(self) -> bool:
+        """Before every disk was whole once there is no point in time worth keeping."""
+        return not all(d.ever_consistent for d in self.disks)
+
+    def _promote(self) -> None:
+        """Apply what leaves the window or passes the journal's limit (see the module)."""
+        if self.pins:
+            return
+        if self._eager():
+            self._apply()
+            if self._eager():
+                return
+            self._checkpoint()  # the first whole state: history starts here
+            return
+        segments = self.journal.segments()
+        total = self.journal.size()
+        now = time.time()
+        limit = self.applied
+        over_limit = False   # a segment inside the window goes for the limit
+        aged_out = False     # a segment goes because it left the window
+        for segno in segments:
+            if segno < self.applied[0]:
+                continue
+            old = self.journal.segment_mtime(segno) < now - self.history_s
+            over = total > self.journal_max
+            if not (old or over):
+                break
+            if segno == segments[-1]:
+                if not over or self.journal.segment_size(segno) == 0:
+                    break
+                self.journal.rotate()  # the limit needs even the newest records applied
+                segments = self.journal.segments()
+            over_limit = over_limit or not old
+            aged_out = aged_out or old
+            limit = (segments[segments.index(segno) + 1], 0)
+            total -= self.journal.segment_size(segno)
+        short = True if over_limit else (False if aged_out else self.short_history)
+        if short != self.short_history:
+            self.short_history = short
+            if short:
+                log.warning("group %s: ALERT: the journal reached its limit of %d bytes; it "
+                            "keeps less than the configured history of %g s", self.name,
+                            self.journal_max, self.history_s)
+            else:
+                log.info("group %s: the journal keeps the configured history again",
+                         self.name)
+        if limit > self.applied:
+            before = self.applied
+            self._apply(limit)
+            if self.applied != before:  # a resync's hold-back may stop it where it was
+                self._checkpoint()
+
+    def maintain(self) -> None:
+        """Promote what aged out of the window (called now and then, not only on batches)."""
+        with self._lock:
+            if self.failover is None:
+                self._promote()
 
     def checkpoint(self) -> None:
         with self._lock:
@@ -259,23 +482,160 @@ class TargetGroup:
 
     # -- reading -------------------------------------------------------------------------
 
-    def restore(self, disk: str, dest: str) -> Dict[str, Any]:
-        """Copy ``disk``'s newest consistent state to the new file ``dest``."""
-        with self._lock:
-            st = self._disk(disk)
+    def _entries_from(self, pos: Position) -> Iterator[Tuple[int, Tuple[int, ...]]]:
+        """(segment, index entry) of every record from ``pos`` on, in journal order."""
+        for segno in self.journal.segments():
+            if segno < pos[0]:
+                continue
+            for e in jindex.entries(self.journal.index(segno)):
+                if segno == pos[0] and e[8] < pos[1]:
+                    continue
+                yield segno, e
+
+    def _head(self) -> Tuple[List[Point], bool]:
+        """Each disk's newest point that is whole (where an applier with no window would
+        stop), and whether a resync holds it back."""
+        h = self._head_state
+        if h.segno not in self.journal.segments():
+            h = self._head_state = _Head(self)  # the applier deleted where it stood
+        h.advance(self.journal)
+        return list(h.points), h.held
+
+    def _index_of(self, disk: str) -> int:
+        for i, st in enumerate(self.disks):
+            if st.name == disk:
+                return i
+        raise CheckpointError("group %s has no disk %s (it has %s)"
+                              % (self.name, disk, ", ".join(d.name for d in self.disks)))
+
+    def point(self, ref: Optional[str] = None, at_wall_ns: Optional[int] = None
+              ) -> Tuple[Optional[Checkpoint], List[Point], bool]:
+        """The checkpoint chosen (None: the newest whole state), each disk's cut, and
+        whether a resync holds the newest state back. Call with the lock held."""
+        for st in self.disks:
             if not st.ever_consistent:
                 raise NoConsistentState(
                     "disk %s of group %s has no consistent state yet: its initial sync has "
-                    "not ended" % (disk, self.name))
-            self._apply()
-            self._checkpoint()
-            src = self.replica_path(disk)
+                    "not ended" % (st.name, self.name))
+        if ref is None and at_wall_ns is None:
+            points, held = self._head()
+            return None, points, held
+        from .checkpoints import choose
+        c = choose(self.checkpoints, ref, at_wall_ns)
+        return c, list(c.cut), False
+
+    def _overlay(self, index: int, upto: Point) -> Iterator[Tuple[int, Tuple[int, ...]]]:
+        """The journal records of disk ``index`` between the replica and ``upto``."""
+        st = self.disks[index]
+        base = (st.applied_gen, st.applied_seq)
+        for segno, e in self._entries_from(self.applied):
+            if e[0] == index and e[1] < KIND_CHECKPOINT and base < (e[3], e[5]) <= upto:
+                yield segno, e
+
+    def _write_overlay(self, fd: int, index: int, upto: Point) -> None:
+        """Apply to ``fd`` the records of disk ``index`` up to ``upto`` (journal order)."""
+        for segno, e in self._overlay(index, upto):
+            kind, offset, length = e[1], e[6], e[4]
+            if kind == KIND_WRITE:
+                rec = self.journal.read_at(segno, e[8])
+                assert rec.data is not None
+                view = memoryview(rec.data)
+                while view:
+                    n = os.pwrite(fd, view, offset)
+                    view, offset = view[n:], offset + n
+            elif kind in (KIND_ZERO, KIND_TRIM):
+                fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+
+    def restore(self, disk: str, dest: str, ref: Optional[str] = None,
+                at_wall_ns: Optional[int] = None) -> Dict[str, Any]:
+        """Write ``disk`` as of a checkpoint (default: its newest consistent state) to the
+        new file ``dest``; durable (data and name) when it returns."""
+        with self._lock:
+            index = self._index_of(disk)
+            st = self.disks[index]
+            c, cut, held = self.point(ref, at_wall_ns)
             tmp = dest + ".ferry-partial"
-            _sparse_copy(src, tmp, st.size)
+            _sparse_copy(self.replica_path(disk), tmp, st.size)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                self._write_overlay(fd, index, cut[index])
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
             os.rename(tmp, dest)
             _fsync_parent(dest)
             return {"group": self.name, "disk": disk, "to": dest, "size": st.size,
-                    "gen": st.applied_gen, "seq": st.applied_seq, "resyncing": st.holding}
+                    "gen": cut[index][0], "seq": cut[index][1], "resyncing": held,
+                    "checkpoint": c.to_json() if c else None}
+
+    def view_spec(self, ref: Optional[str], at_wall_ns: Optional[int]
+                  ) -> Tuple[Optional[Checkpoint], List[Dict[str, Any]]]:
+        """Pin the group (no promotion) and describe each disk at a point for the view
+        plugin (``nbd_plugin/view.py``). ``unpin`` when the view is closed."""
+        with self._lock:
+            c, cut, _held = self.point(ref, at_wall_ns)
+            self.pins += 1
+            segments = [[segno, self.journal.path(segno), self.journal.segment_size(segno)]
+                        for segno in self.journal.segments() if segno >= self.applied[0]]
+            specs = []
+            for i, st in enumerate(self.disks):
+                specs.append({"replica": self.replica_path(st.name), "size": st.size,
+                              "disk": i, "base": [st.applied_gen, st.applied_seq],
+                              "upto": list(cut[i]), "start": list(self.applied),
+                              "segments": segments})
+            return c, specs
+
+    def failover_live(self, ref: Optional[str], at_wall_ns: Optional[int]) -> Dict[str, Any]:
+        """Make the replicas the disks as of a point (default: the newest consistent state)
+        and take no more changes. Durable when it returns; a crash half-way is finished
+        when the group is opened again (the same records are applied again, in order)."""
+        with self._lock:
+            if self.failover is not None:
+                raise CheckpointError("group %s already failed over here" % self.name)
+            if self.pins:
+                raise CheckpointError("group %s has views or a test failover open; close them "
+                                      "first" % self.name)
+            c, cut, _held = self.point(ref, at_wall_ns)
+            self.failover = {"state": "applying", "checkpoint": c.to_json() if c else None,
+                             "cut": [list(p) for p in cut], "wall_ns": time.time_ns()}
+            self._save_meta()
+            self._finish_failover()
+            return dict(self.failover)
+
+    def _finish_failover(self) -> None:
+        assert self.failover is not None
+        cut = [(p[0], p[1]) for p in self.failover["cut"]]
+        for i, fd in enumerate(self._fds):
+            self._write_overlay(fd, i, cut[i])
+            os.fdatasync(fd)
+        data = json.dumps(self.failover, sort_keys=True).encode()
+        self.journal.append([JRecord(0, 0, 0, KIND_FAILOVER, 0, 0, len(data), 0, data)])
+        for st, p in zip(self.disks, cut):
+            st.applied_gen, st.applied_seq = p
+        self.failover["state"] = "done"
+        self._save_meta()
+        c = self.failover.get("checkpoint")
+        log.warning("group %s: FAILED OVER LIVE at %s; its replicas are the live disks now and "
+                    "replication of it has stopped", self.name,
+                    "checkpoint %s" % c["id"] if c else "its newest consistent state")
+
+    def unpin(self) -> None:
+        with self._lock:
+            self.pins = max(0, self.pins - 1)
+
+    def add_tag(self, cid: str, tag: str) -> None:
+        with self._lock:
+            tags = self.tags.setdefault(cid, [])
+            if tag not in tags:
+                tags.append(tag)
+                for c in self.checkpoints:
+                    if c.id == cid:
+                        c.tags = tags
+                self._save_meta()
+
+    def list_checkpoints(self) -> List[Dict[str, Any]]:
+        with self._lock:
+            return [c.to_json() for c in self.checkpoints]
 
     def _disk(self, name: str) -> DiskState:
         for st in self.disks:
@@ -284,15 +644,44 @@ class TargetGroup:
         raise KeyError(name)
 
     def status(self) -> Dict[str, Any]:
+        """The group's status. It is asked from the agent's event loop: while the lock is
+        busy (a batch, a long restore) the last answer is given again, marked ``stale``."""
+        if not self._lock.acquire(timeout=0.2):
+            if self._last_status is None:
+                return {"stale": True, "disks": {}, "journal_bytes": 0}
+            return dict(self._last_status, stale=True)
+        try:
+            self._last_status = self._status()
+            return self._last_status
+        finally:
+            self._lock.release()
+
+    def _status(self) -> Dict[str, Any]:
+        head, held = self._head()
+        now_ns = time.time_ns()
+        oldest = self.checkpoints[0] if self.checkpoints else None
+        newest = self.checkpoints[-1] if self.checkpoints else None
+        covered = (now_ns - oldest.wall_ns) / 1e9 if oldest else 0.0
         return {
             "journal_bytes": self.journal.size(),
             "journal_segments": len(self.journal.segments()),
+            "history_s": self.history_s,
+            "journal_max": self.journal_max,
+            "history_covered_s": round(covered, 3),
+            "history_short": self.short_history,
+            "checkpoints": len(self.checkpoints),
+            "oldest_checkpoint": oldest.to_json() if oldest else None,
+            "newest_checkpoint": newest.to_json() if newest else None,
+            "views_open": self.pins,
+            "failover": self.failover,
             "disks": {d.name: {"size": d.size, "durable_gen": d.gen, "durable_seq": d.seq,
-                               "applied_gen": d.applied_gen, "applied_seq": d.applied_seq,
-                               "consistent": d.ever_consistent and not d.holding,
+                               "applied_gen": d.applied_gen,
+                               "applied_seq": d.applied_seq,
+                               "newest_gen": head[i][0], "newest_seq": head[i][1],
+                               "consistent": d.ever_consistent and not held,
                                "ever_consistent": d.ever_consistent,
                                "replica": self.replica_path(d.name)}
-                      for d in self.disks},
+                      for i, d in enumerate(self.disks)},
         }
 
     def close(self) -> None:

@@ -15,6 +15,12 @@ duplicates are dropped, and a gap (records from before the rewind) asks for anot
 rewind. Records from all the group's disks go into one bounded channel, so a slow link
 pushes back on the splitters, whose queues fill and spill into their dirty maps: the
 VM never waits. The target's ACKs are passed on to the splitters, which free their queues.
+
+Checkpoints: the shipper feeds a ``checkpoints.Cutter`` with what it forwards and with each
+splitter batch's watermark; a ticker asks for an automatic checkpoint every
+``checkpoint_interval`` seconds (and the API for a user's), collects the cuts the cutter
+resolves, and attaches each checkpoint to the first BATCH sent after every record of its cut.
+A checkpoint the target has not acked is sent again in the next session.
 """
 
 from __future__ import annotations
@@ -26,13 +32,15 @@ import socket
 import stat
 import time
 import uuid
-from typing import Any, Dict, List, Optional, Tuple
+from collections import deque
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 import trio
 
 from nbd_plugin import localwire as lw
 
 from . import peer, splitters, wire
+from .checkpoints import Checkpoint, Cutter, Point, Request
 from .peer import FrameStream, keepalive, race
 from .store import DiskRow, GroupRow, Store
 
@@ -44,6 +52,13 @@ DEFAULT_QUEUE = 256 * 1024 * 1024
 MAX_BATCH = 4 * 1024 * 1024
 REWIND_INTERVAL = 1.0
 SUPERVISE_INTERVAL = 2.0
+CHECKPOINT_TICK = 0.05
+CHECKPOINTS_KEPT = 10000  # the source's list of checkpoints it made (since it started)
+DEFAULT_SETTINGS: Dict[str, Any] = {
+    "history_s": 4 * 3600,              # the target keeps this much history
+    "journal_max": 50 * 1024 ** 3,      # and at most this many journal bytes
+    "checkpoint_interval": 1.0,         # automatic checkpoints (0: none)
+}
 # A group shows the first of its disks' states in this order (the worst first).
 GROUP_STATE_ORDER = ("error", "splitter-down", "target-unreachable", "target-error",
                      "target-storage-error", "connecting", "paused", "bitmap",
@@ -154,12 +169,15 @@ class DiskLink:
         self._rewind_at = trio.current_time()
         await self.send(lw.pack_json(lw.MSG_REWIND, {}))
 
-    async def filter(self, records: List[lw.Record]) -> List[lw.Record]:
-        """The records to forward, strictly in sequence; asks for a rewind on a gap."""
+    async def filter(self, records: List[lw.Record]) -> Tuple[List[lw.Record], bool]:
+        """The records to forward, strictly in sequence; asks for a rewind on a gap. The
+        flag says the whole batch was taken (none left out by a gap): only then does its
+        watermark hold for what was forwarded."""
         if self.expected is None:
-            return []
+            return [], False
         out = []
         gen, seq = self.expected
+        whole = True
         for r in records:
             if r.gen != gen or r.seq < seq:
                 continue
@@ -171,16 +189,17 @@ class DiskLink:
                                   "(its data was lost or replaced): unprotect and protect "
                                   "the group again for a full sync" % (gen, seq))
                     log.error("disk %s: %s", self.row.name, self.error)
-                    return []
+                    return [], False
                 now = trio.current_time()
                 if now - self._rewind_at > REWIND_INTERVAL:
                     self._rewind_at = now
                     await self.send(lw.pack_json(lw.MSG_REWIND, {}))
+                whole = False
                 break
             out.append(r)
             seq += 1
         self.expected = (gen, seq)
-        return out
+        return out, whole
 
 
 class GroupShipper:
@@ -195,6 +214,16 @@ class GroupShipper:
         self.cancel_scope = trio.CancelScope()
         self.bytes_sent = 0
         self.connected_since: Optional[float] = None
+        self.settings = dict(DEFAULT_SETTINGS, **row.settings)
+        self.cutter = Cutter(len(links))
+        self.made: Deque[Dict[str, Any]] = deque(maxlen=CHECKPOINTS_KEPT)
+        self.unacked: Dict[str, Checkpoint] = {}   # cut, not yet acked, oldest first
+        self.waiters: Dict[str, trio.Event] = {}
+        self.results: Dict[str, str] = {}
+        self._last_cut: Optional[List[Point]] = None
+        self._sent_upto: List[Point] = []
+        self._sent_ids: Set[str] = set()
+        self._nudged = False
 
     @property
     def live(self) -> bool:
@@ -245,12 +274,18 @@ class GroupShipper:
         log.info("group %s: replicating to %s", self.row.name, self.row.target)
         self.state, self.error = "replicating", None
         self.connected_since = time.time()
+        for req in self.cutter.reset(durable):
+            self._finished(req)
+        self._sent_upto = list(durable)
+        self._sent_ids = set()
+        self._nudged = False
         for link, d in zip(self.links, durable):
             link.acked = max(link.acked, d) if link.gen == d[0] else d
             await link.start_forwarding(d)
         self.channel = send_ch
         try:
-            await race(lambda: self._send(fs, recv_ch), lambda: self._receive_acks(fs))
+            await race(lambda: self._send(fs, recv_ch), lambda: self._receive_acks(fs),
+                       lambda: self._tick(send_ch))
         finally:
             self.channel = None
             send_ch.close()
@@ -268,14 +303,25 @@ class GroupShipper:
                     break
                 items.extend((index, r) for r in records)
                 size += sum(r.nbytes for r in records)
+            self._nudged = False
+            if not items and not self._sendable():
+                continue
             # A splitter message may hold more data-less records (zeroes, trims) than a
             # frame may carry: ship them in as many frames as it takes.
-            for start in range(0, len(items), wire.MAX_RECORDS):
+            for start in range(0, max(len(items), 1), wire.MAX_RECORDS):
                 await self._send_batch(fs, items[start:start + wire.MAX_RECORDS])
 
     async def _send_batch(self, fs: FrameStream, items: List[Tuple[int, lw.Record]]) -> None:
+        """One frame: these records, and the checkpoints whose every record is now sent."""
+        for i, r in items:
+            self._sent_upto[i] = (r.gen, r.seq)
+        ready = self._sendable()
+        if not items and not ready:
+            return
         size = sum(r.nbytes for _i, r in items)
-        body = wire.encode_batch(self.row.name, items, time.time_ns(), time.monotonic_ns())
+        body = wire.encode_batch(self.row.name, items, time.time_ns(), time.monotonic_ns(),
+                                 [c.to_wire() for c in ready])
+        self._sent_ids.update(c.id for c in ready)
         if size > 256 * 1024:
             frame = await trio.to_thread.run_sync(fs.codec.encode, wire.T_BATCH, body, True)
         else:
@@ -287,9 +333,74 @@ class GroupShipper:
                 self.links[i].shipped_bytes += r.length
             self.links[i].shipped_records += 1
 
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def _sendable(self) -> List[Checkpoint]:
+        """Cut checkpoints not sent in this session whose every record has been sent."""
+        return [c for c in self.unacked.values() if c.id not in self._sent_ids
+                and all(s >= cut for s, cut in zip(self._sent_upto, c.cut))]
+
+    def request_checkpoint(self, kind: str, tag: Optional[str] = None) -> Request:
+        c = Checkpoint(uuid.uuid4().hex[:12], time.monotonic_ns(), kind, tag)
+        if kind == "user":
+            self.waiters[c.id] = trio.Event()
+        return self.cutter.request(c)
+
+    async def _tick(self, send_ch: trio.MemorySendChannel) -> None:
+        """Automatic checkpoints, cuts as they resolve, and a nudge for the sender."""
+        interval = float(self.settings["checkpoint_interval"])
+        next_auto = trio.current_time() + interval
+        while True:
+            now = trio.current_time()
+            if interval > 0 and now >= next_auto and not self.cutter.pending() and not any(
+                    link.counters.get("inconsistent") for link in self.links):
+                self.request_checkpoint("auto")
+                next_auto = now + interval
+            for req in self.cutter.resolve():
+                self._finished(req)
+            if not self._nudged and self._sendable():
+                self._nudged = True
+                await send_ch.send((-1, []))
+            await trio.sleep(CHECKPOINT_TICK)
+
+    def _finished(self, req: Request) -> None:
+        c = req.checkpoint
+        if req.result != "ok":
+            if c.kind == "user":
+                log.warning("group %s: checkpoint %s impossible: %s", self.row.name, c.id,
+                            req.result)
+                self.results[c.id] = str(req.result)
+                self._wake(c.id)
+            return
+        if c.kind == "auto" and c.cut == self._last_cut:
+            return  # nothing changed since the last checkpoint
+        self._last_cut = list(c.cut)
+        c.wall_ns = time.time_ns() - (time.monotonic_ns() - c.time_ns)
+        self.unacked[c.id] = c
+        self.made.append(dict(c.to_json(), acked=False))
+
+    def _wake(self, cid: str) -> None:
+        event = self.waiters.pop(cid, None)
+        if event is not None:
+            event.set()
+
+    def _acked_checkpoints(self, ids: List[str]) -> None:
+        for cid in ids:
+            if self.unacked.pop(cid, None) is None:
+                continue
+            for entry in reversed(self.made):
+                if entry["id"] == cid:
+                    entry["acked"] = True
+                    break
+            self.results[cid] = "ok"
+            self._wake(cid)
+
     async def _receive_acks(self, fs: FrameStream) -> None:
         while True:
             body = await fs.expect(wire.T_ACK)
+            ids = body.get("checkpoints", [])
+            if isinstance(ids, list):
+                self._acked_checkpoints([i for i in ids if isinstance(i, str)])
             durable = parse_durable(body, len(self.links))
             for link, d in zip(self.links, durable):
                 if d > link.acked:
@@ -315,9 +426,12 @@ async def open_session(fs: FrameStream, row: GroupRow, site_id: str,
                        probe: bool) -> List[Tuple[int, int]]:
     await fs.send(wire.T_HELLO, {"protocol": PROTOCOL, "site": site_id})
     await fs.expect(wire.T_WELCOME)
+    settings = dict(DEFAULT_SETTINGS, **row.settings)
     await fs.send(wire.T_OPEN, {"group": row.name, "protection": row.protection,
                                 "probe": probe,
-                                "disks": [{"name": d.name, "size": d.size} for d in row.disks]})
+                                "disks": [{"name": d.name, "size": d.size} for d in row.disks],
+                                "history_s": int(settings["history_s"]),
+                                "journal_max": int(settings["journal_max"])})
     return parse_durable(await fs.expect(wire.T_OPENED), len(row.disks))
 
 
@@ -413,7 +527,11 @@ class SourceSite:
             if link.stream is not None:
                 await link.stream.aclose()
             link.stream = stream
-            link.gen = int(hello.get("gen", 0))
+            old_gen, link.gen = link.gen, int(hello.get("gen", 0))
+            shipper = self.shippers[link.row.group]
+            if old_gen and link.gen != old_gen:
+                for req in shipper.cutter.restarted(link.row.index):
+                    shipper._finished(req)
             log.info("splitter for %s/%s connected (generation %d)",
                      link.row.group, link.row.name, link.gen)
             shipper = self.shippers[link.row.group]
@@ -423,12 +541,17 @@ class SourceSite:
                 msg_type, length = lw.unpack_header(await read_exact(lw.HEADER.size))
                 payload = await read_exact(length)
                 if msg_type == lw.MSG_RECORDS:
-                    _watermark, records = lw.unpack_records(payload)
-                    records = await link.filter(records)
+                    watermark, records = lw.unpack_records(payload)
+                    records, whole = await link.filter(records)
                     channel = shipper.channel
-                    if records and channel is not None:
+                    if channel is not None:
                         try:
-                            await channel.send((link.row.index, records))
+                            if records:
+                                await channel.send((link.row.index, records))
+                            if shipper.channel is channel:
+                                shipper.cutter.forwarded(link.row.index, records)
+                                if whole:
+                                    shipper.cutter.watermark(link.row.index, watermark)
                         except (trio.BrokenResourceError, trio.ClosedResourceError):
                             pass  # the session ended; the next one rewinds
                 elif msg_type == lw.MSG_STATE:
@@ -455,7 +578,8 @@ class SourceSite:
 
     async def protect(self, name: str, disks: List[Tuple[str, str]], target: str,
                       queue_bytes: int = DEFAULT_QUEUE,
-                      allow_unreachable: bool = False) -> Dict[str, Any]:
+                      allow_unreachable: bool = False,
+                      settings: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         if not NAME_RE.match(name):
             raise RequestError("group name %r: use letters, digits, '_', '.', '-'" % name)
         if name in self._busy or self.store.group(name) is not None:
@@ -482,10 +606,11 @@ class SourceSite:
         self._busy.add(name)
         try:
             row = GroupRow(name, target, uuid.uuid4().hex, queue_bytes, time.time(),
-                           [DiskRow("", name, i, d, p, s) for i, (d, p, s) in enumerate(rows)])
+                           [DiskRow("", name, i, d, p, s) for i, (d, p, s) in enumerate(rows)],
+                           dict(settings or {}))
             await self._probe_target(row, allow_unreachable)
             row = self.store.add_group(name, target, queue_bytes, rows,
-                                      protection=row.protection)
+                                      protection=row.protection, settings=row.settings)
             self._start_group(row)  # ready for the splitters before they start
             try:
                 await trio.to_thread.run_sync(self._start_splitters_or_fail, row)
@@ -595,6 +720,44 @@ class SourceSite:
         raise RequestError("group %s not synced after %g s (%s)"
                            % (name, seconds, "; ".join(behind)), 504)
 
+    async def checkpoint(self, name: str, tag: Optional[str], seconds: float
+                         ) -> Dict[str, Any]:
+        """Cut a user checkpoint and wait until the target has journaled it."""
+        shipper = self.shippers.get(name)
+        if shipper is None or name in self._busy:
+            raise RequestError("no group %s on this site" % name, 404)
+        if tag is not None and (not tag or len(tag) > 256 or "\n" in tag):
+            raise RequestError("a tag is 1 to 256 characters on one line")
+        if not shipper.live:
+            raise RequestError("group %s is not replicating (%s): no checkpoint can be cut "
+                               "now" % (name, shipper.state), 409)
+        bad = [link.row.name for link in shipper.links if link.counters.get("inconsistent")]
+        if bad:
+            raise RequestError("group %s: disk %s is being resynced; a crash-consistent "
+                               "checkpoint is possible once it ends" % (name, bad[0]), 409)
+        req = shipper.request_checkpoint("user", tag)
+        cid = req.checkpoint.id
+        event = shipper.waiters[cid]
+        with trio.move_on_after(seconds):
+            await event.wait()
+        result = shipper.results.pop(cid, None)
+        if result is None:
+            if cid in shipper.unacked:
+                return {"group": name, "id": cid, "tag": tag, "acked": False}
+            raise RequestError("group %s: checkpoint not cut within %g s (a splitter is not "
+                               "connected or the link is down)" % (name, seconds), 504)
+        if result != "ok":
+            raise RequestError("group %s: no crash-consistent checkpoint: %s"
+                               % (name, result), 409)
+        return {"group": name, "id": cid, "tag": tag, "acked": True,
+                "wall_ns": req.checkpoint.wall_ns, "cut": [list(c) for c in req.checkpoint.cut]}
+
+    def checkpoints(self, name: str) -> List[Dict[str, Any]]:
+        shipper = self.shippers.get(name)
+        if shipper is None:
+            raise RequestError("no group %s on this site" % name, 404)
+        return list(shipper.made)
+
     # -- status --------------------------------------------------------------------------
 
     def _group_info(self, row: GroupRow) -> Dict[str, Any]:
@@ -624,6 +787,10 @@ class SourceSite:
                 "error": shipper.error if shipper else None,
                 "rpo_seconds": max((v["rpo_seconds"] for v in disks.values()), default=0.0),
                 "bytes_sent": shipper.bytes_sent if shipper else 0,
+                "settings": dict(DEFAULT_SETTINGS, **row.settings),
+                "checkpoints_made": len(shipper.made) if shipper else 0,
+                "checkpoints_unacked": len(shipper.unacked) if shipper else 0,
+                "last_checkpoint": shipper.made[-1] if shipper and shipper.made else None,
                 "disks": disks,
             }
         return out

@@ -6,12 +6,13 @@ leaves either the old or the new configuration (SQLite's journal does the durabl
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
 import uuid
-from dataclasses import dataclass
-from typing import List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -52,6 +53,8 @@ class GroupRow:
     queue_bytes: int
     created: float
     disks: List[DiskRow]
+    # history_s, journal_max, checkpoint_interval: see source.DEFAULT_SETTINGS
+    settings: Dict[str, Any] = field(default_factory=dict)
 
 
 class Store:
@@ -63,6 +66,9 @@ class Store:
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = FULL")
         self._db.executescript(SCHEMA)
+        columns = [r[1] for r in self._db.execute("PRAGMA table_info(groups)")]
+        if "settings" not in columns:  # a database made before group settings existed
+            self._db.execute("ALTER TABLE groups ADD COLUMN settings TEXT NOT NULL DEFAULT '{}'")
 
     def close(self) -> None:
         self._db.close()
@@ -76,12 +82,14 @@ class Store:
         return value
 
     def add_group(self, name: str, target: str, queue_bytes: int, disks: List[tuple],
-                  protection: str) -> GroupRow:
+                  protection: str, settings: Optional[Dict[str, Any]] = None) -> GroupRow:
         """``disks`` are (name, path, size); their ids are made here."""
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("INSERT INTO groups VALUES (?, ?, ?, ?, ?)",
-                             (name, target, protection, queue_bytes, time.time()))
+            self._db.execute("INSERT INTO groups (name, target, protection, queue_bytes, "
+                             "created, settings) VALUES (?, ?, ?, ?, ?, ?)",
+                             (name, target, protection, queue_bytes, time.time(),
+                              json.dumps(settings or {})))
             for idx, (dname, path, size) in enumerate(disks):
                 self._db.execute("INSERT INTO disks VALUES (?, ?, ?, ?, ?, ?)",
                                  (uuid.uuid4().hex[:12], name, idx, dname, path, size))
@@ -94,15 +102,16 @@ class Store:
             self._db.execute("DELETE FROM groups WHERE name = ?", (name,))
 
     def group(self, name: str) -> Optional[GroupRow]:
-        row = self._db.execute("SELECT name, target, protection, queue_bytes, created "
-                               "FROM groups WHERE name = ?", (name,)).fetchone()
+        row = self._db.execute("SELECT name, target, protection, queue_bytes, created, "
+                               "settings FROM groups WHERE name = ?", (name,)).fetchone()
         if row is None:
             return None
         disks = [DiskRow(*r) for r in self._db.execute(
             "SELECT id, grp, idx, name, path, size FROM disks WHERE grp = ? ORDER BY idx",
             (name,))]
-        name_, target, protection, queue_bytes, created = row
-        return GroupRow(name_, target, protection, queue_bytes, created, disks)
+        name_, target, protection, queue_bytes, created, settings = row
+        return GroupRow(name_, target, protection, queue_bytes, created, disks,
+                        json.loads(settings))
 
     def groups(self) -> List[GroupRow]:
         names = [r[0] for r in self._db.execute("SELECT name FROM groups ORDER BY name")]

@@ -17,15 +17,17 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import trio
 
-from . import wire
+from . import checkpoints, wire
 from .journal import JournalCorrupt
 from .peer import FrameStream, keepalive
 from .replica import NoConsistentState, SizeMismatch, TargetGroup
+from .views import Views
 
 log = logging.getLogger("ferry.target")
 
 PROTOCOL = 1
 HANDSHAKE_TIMEOUT = 10.0
+MAINTAIN_INTERVAL = 1.0  # promotion of what aged out of the window, without batches
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -40,6 +42,7 @@ class TargetSite:
         self._sessions: Dict[str, Dict[str, Any]] = {}
         self._locks: Dict[str, trio.Lock] = {}
         self.broken: Dict[str, str] = {}
+        self.views = Views(data_dir)
 
     def load(self) -> None:
         """Open every group this site already holds (restore works without a source)."""
@@ -60,8 +63,11 @@ class TargetSite:
                 self.broken[name] = "%s: %s" % (type(e).__name__, e)
                 continue
             log.info("holding group %s (%d disks)", name, len(disks))
+            if self.groups[name].failover is not None:
+                self.views.serve_live(self.groups[name])
 
     def close(self) -> None:
+        self.views.close_all(self.groups)
         for group in self.groups.values():
             group.close()
         self.groups.clear()
@@ -69,8 +75,19 @@ class TargetSite:
     async def serve(self, host: str, port: int, *,
                     task_status: trio.TaskStatus[List[Any]] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(port, host=host or None)
-        task_status.started(listeners)
-        await trio.serve_listeners(self._handle, listeners)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._maintain)
+            task_status.started(listeners)
+            await trio.serve_listeners(self._handle, listeners)
+
+    async def _maintain(self) -> None:
+        while True:
+            await trio.sleep(MAINTAIN_INTERVAL)
+            for name, group in list(self.groups.items()):
+                try:
+                    await trio.to_thread.run_sync(group.maintain)
+                except OSError as e:
+                    log.error("group %s: promotion failed: %s", name, e)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         try:
@@ -95,6 +112,7 @@ class TargetSite:
             if handshake.cancelled_caught:
                 raise wire.ProtocolError("no handshake within %g s" % self.handshake_timeout)
             group_name, disks, protection = _parse_open(opened)
+            limits = _parse_limits(opened)
             if opened.get("probe"):
                 # protect asks whether it may: answer, change nothing.
                 try:
@@ -112,9 +130,17 @@ class TargetSite:
                         _check_disks(held, disks)  # a refused source leaves the session be
                     self._take_over(group_name, scope)
                     group = await self._open_group(group_name, disks, protection)
+                    if limits is not None:
+                        await trio.to_thread.run_sync(group.set_limits, *limits)
                 except SizeMismatch as e:
                     log.error("refusing group %s from %s: %s", group_name, peer, e)
                     await fs.send_error(wire.E_SIZE_MISMATCH, str(e))
+                    return
+                if group.failover is not None:
+                    log.warning("refusing group %s from %s: it failed over here", group_name,
+                                peer)
+                    await fs.send_error(wire.E_BAD_GROUP, "group %s failed over on the target "
+                                        "site; it takes no more changes" % group_name)
                     return
                 await fs.send(wire.T_OPENED, {"group": group_name,
                                               "durable": [list(d) for d in group.durable()]})
@@ -189,26 +215,73 @@ class TargetSite:
                 raise wire.ProtocolError("BATCH for group %r on a session of group %r"
                                          % (body.get("group"), group.name))
             records = wire.decode_batch(body)
-            await trio.to_thread.run_sync(group.accept, records)
+            raw = body.get("checkpoints", [])
+            if not isinstance(raw, list) or len(raw) > wire.MAX_DISKS * 16:
+                raise wire.ProtocolError("bad checkpoints list")
+            cps = [checkpoints.parse_wire(c, len(group.disks)) for c in raw]
+            clocks = (wire.field(body, "wall_ns", int), wire.field(body, "mono_ns", int))
+            _fresh, ids = await trio.to_thread.run_sync(group.accept, records, cps, clocks)
             session["batches"] += 1
             session["records"] += len(records)
             session["bytes"] += sum(r.length for r in records if r.data is not None)
-            await fs.send(wire.T_ACK, {"group": group.name,
-                                       "durable": [list(d) for d in group.durable()]})
+            ack: Dict[str, Any] = {"group": group.name,
+                                   "durable": [list(d) for d in group.durable()]}
+            if ids:
+                ack["checkpoints"] = ids
+            await fs.send(wire.T_ACK, ack)
 
     # -- requests from the API -----------------------------------------------------------
 
-    async def restore(self, group: str, disk: str, dest: str) -> Dict[str, Any]:
-        g = self.groups.get(group)
+    def group(self, name: str) -> TargetGroup:
+        g = self.groups.get(name)
         if g is None:
-            raise LookupError("group %s is not replicated to this site" % group)
+            raise LookupError("group %s is not replicated to this site" % name)
+        return g
+
+    async def restore(self, group: str, disk: str, dest: str, ref: Optional[str] = None,
+                      at_wall_ns: Optional[int] = None) -> Dict[str, Any]:
+        g = self.group(group)
         if disk not in [d.name for d in g.disks]:
             raise LookupError("group %s has no disk %s (it has %s)"
                               % (group, disk, ", ".join(d.name for d in g.disks)))
         try:
-            return await trio.to_thread.run_sync(_restore, g, disk, dest)
-        except NoConsistentState as e:
+            return await trio.to_thread.run_sync(_restore, g, disk, dest, ref, at_wall_ns)
+        except (NoConsistentState, checkpoints.CheckpointError) as e:
             raise LookupError(str(e)) from None
+
+    def checkpoints(self, group: str) -> List[Dict[str, Any]]:
+        return self.group(group).list_checkpoints()
+
+    async def open_view(self, group: str, ref: Optional[str], at_wall_ns: Optional[int],
+                        test: bool = False) -> Dict[str, Any]:
+        g = self.group(group)
+        try:
+            return await trio.to_thread.run_sync(self.views.open, g, ref, at_wall_ns, test)
+        except (NoConsistentState, checkpoints.CheckpointError) as e:
+            raise LookupError(str(e)) from None
+
+    async def close_view(self, vid: str) -> Dict[str, Any]:
+        return await trio.to_thread.run_sync(self.views.close, vid, self.groups)
+
+    async def failover_live(self, group: str, ref: Optional[str],
+                            at_wall_ns: Optional[int]) -> Dict[str, Any]:
+        g = self.group(group)
+        owner = self._owners.get(group)
+        if owner is not None:
+            owner.cancel()  # the source's session ends; a new one is refused
+        try:
+            result = await trio.to_thread.run_sync(g.failover_live, ref, at_wall_ns)
+        except (NoConsistentState, checkpoints.CheckpointError) as e:
+            raise LookupError(str(e)) from None
+        view = await trio.to_thread.run_sync(self.views.serve_live, g)
+        return dict(view, failover=result)
+
+    async def stop_test(self, group: str) -> Dict[str, Any]:
+        self.group(group)
+        view = self.views.test_of(group)
+        if view is None:
+            raise LookupError("group %s has no test failover running" % group)
+        return await self.close_view(view.id)
 
     def status(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {name: {"error": err, "connected": False, "disks": {},
@@ -218,6 +291,9 @@ class TargetSite:
             st = g.status()
             st["source"] = self._sessions.get(name)
             st["connected"] = name in self._sessions
+            test = self.views.test_of(name)
+            st["test"] = test.to_json() if test else None
+            st["views"] = self.views.of_group(name)
             out[name] = st
         return out
 
@@ -230,13 +306,25 @@ def _check_disks(group: TargetGroup, disks: List[Tuple[str, int]]) -> None:
             ", ".join("%s (%d bytes)" % d for d in disks)))
 
 
-def _restore(group: TargetGroup, disk: str, dest: str) -> Dict[str, Any]:
+def _restore(group: TargetGroup, disk: str, dest: str, ref: Optional[str],
+             at_wall_ns: Optional[int]) -> Dict[str, Any]:
     dest = os.path.abspath(dest)
     if os.path.exists(dest):
         raise FileExistsError("%s already exists; restore writes a new file" % dest)
     if not os.path.isdir(os.path.dirname(dest)):
         raise FileNotFoundError("directory %s does not exist" % os.path.dirname(dest))
-    return group.restore(disk, dest)
+    return group.restore(disk, dest, ref, at_wall_ns)
+
+
+def _parse_limits(body: dict) -> Optional[Tuple[float, int]]:
+    """The group's history window and journal limit from OPEN (optional keys)."""
+    if "history_s" not in body and "journal_max" not in body:
+        return None
+    history = wire.field(body, "history_s", int)
+    limit = wire.field(body, "journal_max", int)
+    if not 0 < history < 1 << 40 or not 0 < limit < 1 << 62:
+        raise wire.ProtocolError("bad history_s or journal_max")
+    return float(history), limit
 
 
 def _parse_open(body: dict) -> Tuple[str, List[Tuple[str, int]], str]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import msgpack
 import xxhash
@@ -208,12 +208,19 @@ def name_field(obj: dict, key: str) -> str:
 #     32      8     time_ns   source CLOCK_MONOTONIC at completion
 #
 # "wall_ns" and "mono_ns" are the source's wall and monotonic clocks when it sent the batch.
+#
+# "checkpoints" (optional, protocol 1 extension) is an array of group checkpoints, each
+# {"id": str, "time_ns": int, "kind": "auto"|"user", "tag": str|None, "cut": [[gen, seq]...]}
+# (checkpoints.parse_wire checks them). A checkpoint comes in the batch that holds, or after
+# the batches that held, every record of its cut; the target journals it after the batch's
+# records and lists its id in the ACK's "checkpoints".
 
 BATCH_RECORD = struct.Struct("<HBBII4xQQQ")
 assert BATCH_RECORD.size == 40
 
 
-def encode_batch(group: str, records: list, wall_ns: int, mono_ns: int) -> dict:
+def encode_batch(group: str, records: list, wall_ns: int, mono_ns: int,
+                 checkpoints: Optional[list] = None) -> dict:
     """``records`` are (disk index, localwire.Record) pairs."""
     recs = bytearray()
     data = []
@@ -222,8 +229,11 @@ def encode_batch(group: str, records: list, wall_ns: int, mono_ns: int) -> dict:
                                   r.time_ns)
         if r.kind == KIND_WRITE:
             data.append(r.data)
-    return {"group": group, "recs": bytes(recs), "data": b"".join(data),
+    body = {"group": group, "recs": bytes(recs), "data": b"".join(data),
             "wall_ns": wall_ns, "mono_ns": mono_ns}
+    if checkpoints:
+        body["checkpoints"] = checkpoints
+    return body
 
 
 def decode_batch(body: dict) -> list:

@@ -329,8 +329,12 @@ class ChangeLog:
             self._sent_bytes += size
             # Records are appended in time order under this lock: with the queue drained,
             # nothing that completed before now is left behind; otherwise, the next
-            # record's time bounds what these cover.
+            # record's time bounds what these cover. A change that went to the dirty map
+            # is in no record: while the disk is inconsistent the watermark stays at the
+            # moment it became so, and passes it only with the KIND_CONSISTENT marker.
             watermark = self._unsent[0].time_ns if self._unsent else self._clock()
+            if self._inconsistent:
+                watermark = min(watermark, self._inconsistent_since)
             return out, watermark
 
     def has_work(self) -> bool:

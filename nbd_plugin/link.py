@@ -26,6 +26,7 @@ STATE_MIN_INTERVAL = 0.02  # and this soon after an ack changed them
 RETRY_INTERVAL = 0.5
 ACTIVITY_TRIM_INTERVAL = 1.0  # look for idle extents to drop from the activity log,
 ACTIVITY_IDLE = 5.0           # cold and not written for this long
+WATERMARK_INTERVAL = 0.05  # an idle disk still tells the agent how far it is complete
 
 
 _log_file = sys.stderr
@@ -122,6 +123,7 @@ class Link:
         log("connected to agent")
         next_state = next_trim = 0.0
         resynced = False  # the last resync step did work: look for more without waiting
+        last_watermark = 0.0
         try:
             while not self._stop.is_set() and reader.is_alive():
                 if self.changelog.carried_done and self.on_carry_done is not None:
@@ -153,7 +155,13 @@ class Link:
                 if records:
                     sock.sendall(b"".join(lw.pack_records(records, watermark)))
                     resynced = False
+                    last_watermark = now
                 else:
+                    if now - last_watermark >= WATERMARK_INTERVAL:
+                        # Nothing to send: the watermark alone lets group checkpoints
+                        # cut past an idle disk.
+                        sock.sendall(b"".join(lw.pack_records([], watermark)))
+                        last_watermark = now
                     resynced = self._resync_step()
         finally:
             try:

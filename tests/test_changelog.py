@@ -832,3 +832,32 @@ def test_unsent_bytes_follows_take_ack_and_rewind() -> None:
     assert cl.unsent_bytes() == 3 * per
     cl.ack(1, 4)
     assert cl.unsent_bytes() == 0
+
+
+# -- watermarks ------------------------------------------------------------------------------
+
+def test_watermark_is_the_next_unsent_record_or_now() -> None:
+    clock = FakeClock(100)
+    cl = new_log(clock=clock)
+    write(cl, 0, b"a")
+    clock.advance(10)
+    write(cl, 8, b"b")
+    clock.advance(10)
+    records, watermark = cl.take(HDR + 1, 0)
+    assert seqs(records) == [1] and watermark == 110  # record 2 (at 110) is still queued
+    records, watermark = cl.take(1 << 20, 0)
+    assert seqs(records) == [2] and watermark == 120  # drained: now
+
+
+def test_watermark_stays_where_the_disk_became_inconsistent() -> None:
+    clock = FakeClock(100)
+    cl = new_log(queue_limit=HDR + 4, clock=clock)
+    write(cl, 0, b"x" * 4)                # queued
+    clock.advance(10)
+    write(cl, 64, b"y" * 4)               # does not fit: dirty at 110, in no record
+    clock.advance(10)
+    _records, watermark = cl.take(1 << 20, 0)
+    assert watermark == 110
+    clock.advance(100)
+    assert cl.take(1 << 20, 0) == ([], 110)
+

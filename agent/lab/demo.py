@@ -3,9 +3,12 @@
 Site A and site B are two ``ferry agent`` processes with their own data directories and
 ports. A disk image on site A is protected to site B; a tiny Linux guest (qemu, TCG) boots
 with that disk on the splitter's NBD URI, makes an ext4 file system and writes files for a
-while; ``ferry status`` is shown as it runs. Then site B restores the replica to a file,
-which must be byte-identical to the source image and pass ``e2fsck``. The last line says
-whether they match; the exit status is 0 only if they do.
+while; ``ferry status`` is shown as it runs, and a checkpoint is tagged after its third
+round. Then site B restores the replica to a file, which must be byte-identical to the
+source image and pass ``e2fsck``; site B lists its checkpoints, runs a test failover from
+the tagged checkpoint (copied out with nbdcopy and checked with e2fsck) and restores that
+checkpoint. The last line says whether the replica matches; the exit status is 0 only if
+it does.
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ def main() -> int:
         say("-- booting the guest with its virtio disk on %s" % uri)
         with Guest(kernel, initrd, [Disk(uri)], work / "console.log") as guest:
             seen = 0
+            tagged = False
             next_status = time.monotonic() + 2
             while True:
                 text = guest.output()
@@ -97,6 +101,10 @@ def main() -> int:
                     if line.startswith("guest:"):
                         say("   " + line.strip())
                 seen = len(text) - len(text.rsplit("\n", 1)[-1])
+                if not tagged and "round 2 written and synced" in text:
+                    tagged = True
+                    show("ferry --api %s checkpoint vm1 --tag after-round-2" % a.api_url,
+                         a.ferry("checkpoint", "vm1", "--tag", "after-round-2"))
                 if "FERRY-GUEST-EXIT" in text:
                     break
                 if time.monotonic() >= next_status:
@@ -121,6 +129,7 @@ def main() -> int:
         src, dst = sha256(disk), sha256(restored)
         say("source   sha256 %s" % src)
         say("replica  sha256 %s" % dst)
+        point_in_time(a, b, work)
         a.ferry("unprotect", "vm1")
         if src == dst and fsck.returncode == 0:
             say("MATCH: the replica restored on site B is identical to the source disk "
@@ -133,6 +142,32 @@ def main() -> int:
         for site in (a, b):
             site.stop()
             site.kill_splitters()
+
+
+def point_in_time(a: Site, b: Site, work: Path) -> None:
+    """Checkpoints on site B, a test failover from the tagged one, a restore of it."""
+    proc = b.ferry("checkpoints", "vm1")
+    lines = proc.stdout.rstrip().splitlines()
+    if len(lines) > 10:
+        lines = [*lines[:4], "  ... (%d more)" % (len(lines) - 8), *lines[-4:]]
+    say("$ ferry --api %s checkpoints vm1" % b.api_url)
+    say("\n".join(lines))
+    show("ferry --api %s failover vm1 --test --checkpoint after-round-2" % b.api_url,
+         proc := b.ferry("failover", "vm1", "--test", "--checkpoint", "after-round-2"))
+    uri = proc.stdout.strip().splitlines()[-1].split("\t")[1]
+    copy = work / "vm1-test.img"
+    subprocess.run(["nbdcopy", uri, str(copy)], check=True)
+    fix = subprocess.run(["e2fsck", "-fy", str(copy)], capture_output=True, text=True)
+    check = subprocess.run(["e2fsck", "-fn", str(copy)], capture_output=True, text=True)
+    say("$ nbdcopy %s %s; e2fsck -fy -> exit %d; e2fsck -fn -> exit %d"
+        % (uri, copy, fix.returncode, check.returncode))
+    show("ferry --api %s failover vm1 --stop-test" % b.api_url,
+         b.ferry("failover", "vm1", "--stop-test"))
+    restored = work / "vm1-after-round-2.img"
+    show("ferry --api %s restore vm1 --disk vda --checkpoint after-round-2 --to %s"
+         % (b.api_url, restored),
+         b.ferry("restore", "vm1", "--disk", "vda", "--checkpoint", "after-round-2",
+                 "--to", str(restored)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,81 @@
+"""Ferry's point-in-time view: an nbdkit Python plugin serving one disk of a group as it was
+at a checkpoint, read-only, from the replica and the journal, nothing copied.
+
+    nbdkit --unix SOCK python view.py spec=SPEC.json
+
+The spec (written by the agent, ``TargetGroup.view_spec``) names the replica, the journal
+segments and the disk's points; opening builds an extent map from the segments' index files
+(time in the size of the index, not of the disk). A test failover puts nbdkit's ``cow``
+filter in front, which keeps the test's writes in a private overlay.
+
+Thread model: parallel (reads are ``pread`` on file descriptors opened once). Standard
+library only, Python 3.9 and later: nbdkit embeds the system Python.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import nbdkit  # provided by nbdkit's python plugin
+
+from nbd_plugin import jindex
+
+API_VERSION = 2
+
+_config = {"spec": ""}
+_spec: dict = {}
+_reader: jindex.Reader = None  # type: ignore[assignment]
+
+
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+def config(key, value):
+    if key not in _config:
+        raise RuntimeError("ferry view: unknown parameter %r (known: spec)" % key)
+    _config[key] = value
+
+
+def config_complete():
+    if not _config["spec"]:
+        raise RuntimeError("ferry view: spec=FILE is required")
+
+
+def get_ready():
+    global _reader
+    with builtins.open(_config["spec"]) as f:
+        _spec.update(json.load(f))
+    _reader = jindex.open_reader(_spec)
+    nbdkit.debug("ferry view: %d journal records, %d pieces"
+                 % (_reader.map.records, _reader.map.pieces()))
+
+
+def open(readonly):
+    return 1
+
+
+def get_size(h):
+    return _spec["size"]
+
+
+def can_write(h):
+    return False
+
+
+def can_multi_conn(h):
+    return True
+
+
+def can_cache(h):
+    return nbdkit.CACHE_NONE
+
+
+def pread(h, buf, offset, flags):
+    # An OSError here reaches the client as an error (nbdkit's python plugin reports it).
+    buf[:] = _reader.pread(len(buf), offset)
