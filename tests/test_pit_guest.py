@@ -17,7 +17,6 @@ from test_pit import wait_replicating
 from agent.lab.guest import Disk, Guest, build_initramfs, ensure_kernel
 
 MiB = 1024 * 1024
-SAMPLE = 6  # checkpoints checked (evenly spread over the run): e2fsck twice each
 
 WRITE_AND_LOG = r"""
 mkfs.ext4 -q -F /dev/vda
@@ -72,9 +71,8 @@ def test_every_checkpoint_recovers_like_a_power_cut(sites: Lab) -> None:
     listing = json.loads(sites.b.ferry("checkpoints", "vm1", "--json").stdout)["target"]
     during = [c for c in listing if c["wall_ns"] >= mounted]
     assert len(during) >= 3, len(during)
-    step = max(1, len(during) // SAMPLE)
     checked = 0
-    for c in during[::step][:SAMPLE]:
+    for c in during:  # every checkpoint cut while the guest wrote
         image = sites.work / ("ck-%s.img" % c["id"])
         sites.b.ferry("restore", "vm1", "--disk", "vda", "--to", str(image),
                       "--checkpoint", c["id"])
@@ -89,4 +87,5 @@ def test_every_checkpoint_recovers_like_a_power_cut(sites: Lab) -> None:
                 data = debugfs_cat(image, "/" + name)
                 assert hashlib.md5(data).hexdigest() == digest, (c["id"], name)
                 checked += 1
+    print("checked %d checkpoints, %d file versions" % (len(during), checked))
     assert checked > 0
