@@ -5,6 +5,7 @@
                                             allow_unreachable?, queue_bytes?}
     DELETE /v1/groups/NAME                  unprotect
     POST   /v1/groups/NAME/wait             {timeout}: return once synced (504 if not)
+    POST   /v1/groups/NAME/settings         {bandwidth}: change the link's limit now
     POST   /v1/groups/NAME/checkpoints      {tag?, timeout?}: cut a user checkpoint (source)
     GET    /v1/checkpoints/NAME             {"source": [...] | null, "target": [...] | null}
     POST   /v1/replicas/NAME/views          {checkpoint?, at_ns?, test?}: serve a point (target)
@@ -103,11 +104,18 @@ class Api:
                         or interval < 0:
                     raise RequestError("checkpoint_interval must be a number of seconds")
                 settings["checkpoint_interval"] = float(interval)
+            if "bandwidth" in body:
+                settings["bandwidth"] = _bandwidth(body)
             kwargs["settings"] = settings
             return 201, await self.source.protect(
                 _str(body, "name"), [(d["name"], d["path"]) for d in disks],
                 _str(body, "target"), allow_unreachable=bool(body.get("allow_unreachable")),
                 **kwargs)
+        if len(parts) == 4 and parts[:2] == ["v1", "groups"] and parts[3] == "settings" \
+                and method == "POST":
+            if set(body) != {"bandwidth"}:
+                raise RequestError("settings that change at run time: bandwidth")
+            return 200, self.source.set_bandwidth(parts[2], _bandwidth(body))
         if len(parts) == 3 and parts[:2] == ["v1", "groups"] and method == "DELETE":
             return 200, await self.source.unprotect(parts[2])
         if len(parts) == 4 and parts[:2] == ["v1", "groups"] and parts[3] == "wait" \
@@ -249,6 +257,13 @@ def _point(body: Dict[str, Any]) -> Tuple[Optional[str], Optional[int]]:
     if ref is not None and at is not None:
         raise RequestError("give a checkpoint or a time, not both")
     return ref, at
+
+
+def _bandwidth(body: Dict[str, Any]) -> int:
+    value = body.get("bandwidth")
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise RequestError("bandwidth must be a number of bytes per second (0: no limit)")
+    return value
 
 
 def _positive_int(body: Dict[str, Any], key: str) -> int:

@@ -176,11 +176,14 @@ def _split_disk(spec: str, index: int) -> Tuple[str, str]:
                    "oldest history is given up (and an alert logged).")
 @click.option("--checkpoint-interval", default="1s", show_default=True,
               help="Automatic crash-consistent checkpoints this often (0: none).")
+@click.option("--bandwidth", default="0", show_default=True, metavar="RATE",
+              help="Most bytes per second the link may carry (50M, 1G; 0: no limit). "
+                   "Change it later with `ferry set`.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_obj
 def protect(api: str, group: str, disks: Tuple[str, ...], target: str, queue: str,
             allow_unreachable: bool, history: str, journal_max: str,
-            checkpoint_interval: str, as_json: bool) -> None:
+            checkpoint_interval: str, bandwidth: str, as_json: bool) -> None:
     """Protect disks as GROUP, replicated to TARGET; prints each disk's NBD URI."""
     specs = [_split_disk(s, i) for i, s in enumerate(disks)]
     history_s = parse_duration(history)
@@ -191,12 +194,26 @@ def protect(api: str, group: str, disks: Tuple[str, ...], target: str, queue: st
         "queue_bytes": parse_size(queue),
         "history_s": int(history_s), "journal_max": parse_size(journal_max),
         "checkpoint_interval": parse_duration(checkpoint_interval),
+        "bandwidth": parse_size(bandwidth),
         "disks": [{"name": n, "path": p} for n, p in specs]})
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
     for d in result["disks"]:
         click.echo("%s\t%s" % (d["name"], d["nbd_uri"]))
+
+
+@cli.command(name="set")
+@click.argument("group")
+@click.option("--bandwidth", required=True, metavar="RATE",
+              help="Most bytes per second the link may carry (50M, 1G; 0: no limit).")
+@click.pass_obj
+def set_(api: str, group: str, bandwidth: str) -> None:
+    """Change a protected group's settings while it runs."""
+    result = call(api, "POST", "/v1/groups/%s/settings" % group,
+                  {"bandwidth": parse_size(bandwidth)})
+    rate = result["bandwidth"]
+    click.echo("%s: bandwidth %s" % (group, "%s/s" % _human(rate) if rate else "unlimited"))
 
 
 @cli.command()

@@ -43,6 +43,7 @@ from . import peer, splitters, wire
 from .checkpoints import Checkpoint, Cutter, Point, Request
 from .peer import FrameStream, keepalive, race
 from .store import DiskRow, GroupRow, Store
+from .throttle import TokenBucket
 
 log = logging.getLogger("ferry.source")
 
@@ -58,6 +59,7 @@ DEFAULT_SETTINGS: Dict[str, Any] = {
     "history_s": 4 * 3600,              # the target keeps this much history
     "journal_max": 50 * 1024 ** 3,      # and at most this many journal bytes
     "checkpoint_interval": 1.0,         # automatic checkpoints (0: none)
+    "bandwidth": 0,                     # bytes/s the link may carry (0: no limit)
 }
 # A group shows the first of its disks' states in this order (the worst first).
 GROUP_STATE_ORDER = ("error", "splitter-down", "target-unreachable", "target-error",
@@ -215,6 +217,7 @@ class GroupShipper:
         self.bytes_sent = 0
         self.connected_since: Optional[float] = None
         self.settings = dict(DEFAULT_SETTINGS, **row.settings)
+        self.bucket = TokenBucket(float(self.settings["bandwidth"]))
         self.cutter = Cutter(len(links))
         self.made: Deque[Dict[str, Any]] = deque(maxlen=CHECKPOINTS_KEPT)
         self.unacked: Dict[str, Checkpoint] = {}   # cut, not yet acked, oldest first
@@ -326,6 +329,7 @@ class GroupShipper:
             frame = await trio.to_thread.run_sync(fs.codec.encode, wire.T_BATCH, body, True)
         else:
             frame = fs.codec.encode(wire.T_BATCH, body, True)
+        await self.bucket.take(len(frame))  # the link's bandwidth limit, if any
         await fs.send_frame(frame)
         self.bytes_sent += len(frame)
         for i, r in items:
@@ -751,6 +755,22 @@ class SourceSite:
                                % (name, result), 409)
         return {"group": name, "id": cid, "tag": tag, "acked": True,
                 "wall_ns": req.checkpoint.wall_ns, "cut": [list(c) for c in req.checkpoint.cut]}
+
+    def set_bandwidth(self, name: str, bytes_per_second: int) -> Dict[str, Any]:
+        """Change a group's bandwidth limit now, and for the agent's next start."""
+        row = self.store.group(name)
+        shipper = self.shippers.get(name)
+        if row is None or shipper is None or name in self._busy:
+            raise RequestError("no group %s on this site" % name, 404)
+        if bytes_per_second < 0:
+            raise RequestError("a bandwidth limit cannot be negative")
+        settings = dict(row.settings, bandwidth=int(bytes_per_second))
+        self.store.set_settings(name, settings)
+        shipper.settings["bandwidth"] = int(bytes_per_second)
+        shipper.bucket.set_rate(bytes_per_second)
+        log.info("group %s: bandwidth limit %s", name,
+                 "%d bytes/s" % bytes_per_second if bytes_per_second else "off")
+        return {"group": name, "bandwidth": int(bytes_per_second)}
 
     def checkpoints(self, name: str) -> List[Dict[str, Any]]:
         shipper = self.shippers.get(name)

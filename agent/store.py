@@ -97,6 +97,11 @@ class Store:
         assert group is not None
         return group
 
+    def set_settings(self, name: str, settings: Dict[str, Any]) -> None:
+        with self._db:
+            self._db.execute("UPDATE groups SET settings = ? WHERE name = ?",
+                             (json.dumps(settings), name))
+
     def remove_group(self, name: str) -> None:
         with self._db:
             self._db.execute("DELETE FROM groups WHERE name = ?", (name,))
