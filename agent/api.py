@@ -6,6 +6,7 @@
     DELETE /v1/groups/NAME                  unprotect
     POST   /v1/groups/NAME/wait             {timeout}: return once synced (504 if not)
     POST   /v1/groups/NAME/settings         {bandwidth}: change the link's limit now
+    POST   /v1/groups/NAME/pause, .../resume  stop / restart shipping (kept across restarts)
     POST   /v1/groups/NAME/checkpoints      {tag?, timeout?}: cut a user checkpoint (source)
     GET    /v1/checkpoints/NAME             {"source": [...] | null, "target": [...] | null}
     POST   /v1/replicas/NAME/views          {checkpoint?, at_ns?, test?}: serve a point (target)
@@ -116,6 +117,9 @@ class Api:
             if set(body) != {"bandwidth"}:
                 raise RequestError("settings that change at run time: bandwidth")
             return 200, self.source.set_bandwidth(parts[2], _bandwidth(body))
+        if len(parts) == 4 and parts[:2] == ["v1", "groups"] and parts[3] in ("pause", "resume") \
+                and method == "POST":
+            return 200, self.source.set_paused(parts[2], parts[3] == "pause")
         if len(parts) == 3 and parts[:2] == ["v1", "groups"] and method == "DELETE":
             return 200, await self.source.unprotect(parts[2])
         if len(parts) == 4 and parts[:2] == ["v1", "groups"] and parts[3] == "wait" \

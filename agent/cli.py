@@ -219,6 +219,24 @@ def set_(api: str, group: str, bandwidth: str) -> None:
 @cli.command()
 @click.argument("group")
 @click.pass_obj
+def pause(api: str, group: str) -> None:
+    """Stop shipping GROUP to the target (writes go on; their changes wait)."""
+    call(api, "POST", "/v1/groups/%s/pause" % group)
+    click.echo("%s paused" % group)
+
+
+@cli.command()
+@click.argument("group")
+@click.pass_obj
+def resume(api: str, group: str) -> None:
+    """Ship GROUP again after a pause."""
+    call(api, "POST", "/v1/groups/%s/resume" % group)
+    click.echo("%s resumed" % group)
+
+
+@cli.command()
+@click.argument("group")
+@click.pass_obj
 def unprotect(api: str, group: str) -> None:
     """Stop protecting GROUP (its splitters stop; the target keeps its replica)."""
     call(api, "DELETE", "/v1/groups/" + group)

@@ -218,6 +218,9 @@ class GroupShipper:
         self.connected_since: Optional[float] = None
         self.settings = dict(DEFAULT_SETTINGS, **row.settings)
         self.bucket = TokenBucket(float(self.settings["bandwidth"]))
+        self.paused = bool(self.settings.get("paused"))
+        self._resumed = trio.Event()
+        self._session_scope = trio.CancelScope()
         self.cutter = Cutter(len(links))
         self.made: Deque[Dict[str, Any]] = deque(maxlen=CHECKPOINTS_KEPT)
         self.unacked: Dict[str, Checkpoint] = {}   # cut, not yet acked, oldest first
@@ -232,10 +235,25 @@ class GroupShipper:
     def live(self) -> bool:
         return self.channel is not None
 
+    def pause(self) -> None:
+        """Stop shipping (the splitters queue, then dirty-map) until ``resume``."""
+        self.paused = True
+        self._resumed = trio.Event()
+        self._session_scope.cancel()
+
+    def resume(self) -> None:
+        self.paused = False
+        self._resumed.set()
+
     async def run(self) -> None:
         backoff = 0.2
         with self.cancel_scope:
             while True:
+                if self.paused:
+                    self._down("paused", "paused by the administrator (ferry resume)")
+                    await self._resumed.wait()
+                    backoff = 0.2
+                    continue
                 try:
                     stream = await trio.open_tcp_stream(self.host, self.port)
                     keepalive(stream)
@@ -244,8 +262,12 @@ class GroupShipper:
                                % (self.row.target, e.strerror or e))
                 else:
                     started = trio.current_time()
+                    self._session_scope = trio.CancelScope()
                     try:
-                        await self._session(FrameStream(stream, self.row.target))
+                        with self._session_scope:
+                            await self._session(FrameStream(stream, self.row.target))
+                        if self.paused:
+                            continue  # pause() ended the session; the loop's top waits
                     except wire.RemoteError as e:
                         self._down("target-error" if e.code != wire.E_STORAGE
                                    else "target-storage-error", "%s: %s" % (e.code, e))
@@ -756,6 +778,21 @@ class SourceSite:
         return {"group": name, "id": cid, "tag": tag, "acked": True,
                 "wall_ns": req.checkpoint.wall_ns, "cut": [list(c) for c in req.checkpoint.cut]}
 
+    def set_paused(self, name: str, paused: bool) -> Dict[str, Any]:
+        """Pause or resume shipping a group; kept across an agent restart."""
+        row = self.store.group(name)
+        shipper = self.shippers.get(name)
+        if row is None or shipper is None or name in self._busy:
+            raise RequestError("no group %s on this site" % name, 404)
+        self.store.set_settings(name, dict(row.settings, paused=paused))
+        if paused and not shipper.paused:
+            shipper.pause()
+            log.info("group %s: paused", name)
+        elif not paused and shipper.paused:
+            shipper.resume()
+            log.info("group %s: resumed", name)
+        return {"group": name, "paused": paused}
+
     def set_bandwidth(self, name: str, bytes_per_second: int) -> Dict[str, Any]:
         """Change a group's bandwidth limit now, and for the agent's next start."""
         row = self.store.group(name)
@@ -831,7 +868,7 @@ class SourceSite:
             state = "splitter-down"
         elif shipper is None or not shipper.live:
             state = shipper.state if shipper else "paused"
-            if c.get("inconsistent"):
+            if c.get("inconsistent") and state != "paused":
                 state = "bitmap"
         elif c.get("inconsistent"):
             state = "initial-sync" if c.get("initial") else "resyncing"
