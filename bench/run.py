@@ -24,8 +24,10 @@ BENCHMARKS = {
     "changelog_micro": ["changelog_micro.py"],
     "splitter_fio": ["splitter_fio.py"],
     "initial_sync": ["initial_sync.py"],
+    "pit_view": ["pit_view.py"],
 }
-QUICK_FLAGS = {"changelog_micro": ["--writes", "50000"]}
+QUICK_FLAGS = {"changelog_micro": ["--writes", "50000"],
+               "pit_view": ["--records", "100000", "--reads", "1000"]}
 
 
 def main() -> int:
