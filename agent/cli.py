@@ -216,22 +216,18 @@ def set_(api: str, group: str, bandwidth: str) -> None:
     click.echo("%s: bandwidth %s" % (group, "%s/s" % _human(rate) if rate else "unlimited"))
 
 
-@cli.command()
-@click.argument("group")
-@click.pass_obj
-def pause(api: str, group: str) -> None:
-    """Stop shipping GROUP to the target (writes go on; their changes wait)."""
-    call(api, "POST", "/v1/groups/%s/pause" % group)
-    click.echo("%s paused" % group)
+def _pause_command(verb: str, done: str, doc: str) -> None:
+    @cli.command(name=verb, help=doc)
+    @click.argument("group")
+    @click.pass_obj
+    def command(api: str, group: str) -> None:
+        call(api, "POST", "/v1/groups/%s/%s" % (group, verb))
+        click.echo("%s %s" % (group, done))
 
 
-@cli.command()
-@click.argument("group")
-@click.pass_obj
-def resume(api: str, group: str) -> None:
-    """Ship GROUP again after a pause."""
-    call(api, "POST", "/v1/groups/%s/resume" % group)
-    click.echo("%s resumed" % group)
+_pause_command("pause", "paused", "Stop shipping GROUP to the target (writes go on; their "
+               "changes wait).")
+_pause_command("resume", "resumed", "Ship GROUP again after a pause.")
 
 
 @cli.command()
