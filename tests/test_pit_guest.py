@@ -57,8 +57,9 @@ def test_every_checkpoint_recovers_like_a_power_cut(sites: Lab) -> None:
         deadline = time.monotonic() + 300
         while "ferry-done" not in guest.output():
             assert time.monotonic() < deadline, guest.tail()
-            now = time.time_ns()
-            for name, digest, removed in LINE.findall(guest.output()):
+            output = guest.output()
+            now = time.time_ns()  # after the read: every line in it was printed before now
+            for name, digest, removed in LINE.findall(output):
                 if name not in seen:
                     seen[name] = (now, digest)
                     if removed != "f0":
