@@ -14,6 +14,10 @@
     POST   /v1/replicas/NAME/failover       {mode: test|stop-test|live, checkpoint?, at_ns?}
     POST   /v1/replicas/NAME/restore        {disk, to, checkpoint?, at_ns?}: a disk to a file
                                             (default: its newest consistent state)
+    POST   /v1/pair-token                   {ttl?}: a one-time pairing token (this site)
+    POST   /v1/pairs                        {address, token}: pair with the site there
+    GET    /v1/pairs                        this site's fingerprint and paired sites
+    DELETE /v1/pairs/SITE                   forget a paired site (by name or fingerprint)
     GET    /metrics                         Prometheus text format
 
 Errors are ``{"error": "one line for the user"}`` with a 4xx or 5xx status.
@@ -24,10 +28,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Awaitable, Callable, Dict, Optional, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, unquote
 
-from .source import RequestError, SourceSite
+from . import tls
+from .pairing import Trust
+from .source import RequestError, SourceSite, parse_target
 from .target import TargetSite
 
 log = logging.getLogger("ferry.api")
@@ -38,10 +44,12 @@ Handler = Callable[..., Awaitable[Tuple[int, Any]]]
 
 
 class Api:
-    def __init__(self, source: SourceSite, target: TargetSite, site: str) -> None:
+    def __init__(self, source: SourceSite, target: TargetSite, site: str,
+                 trust: Optional[Trust] = None) -> None:
         self.source = source
         self.target = target
         self.site = site
+        self.trust = trust
         self.started = time.time()
 
     async def __call__(self, scope: Dict[str, Any], receive: Callable, send: Callable) -> None:
@@ -86,6 +94,8 @@ class Api:
             return 200, self.status((query.get("group") or [None])[0])
         if parts == ["metrics"] and method == "GET":
             return 200, self.metrics()
+        if parts[:2] in (["v1", "pair-token"], ["v1", "pairs"]):
+            return await self._pairing(method, parts, body)
         if parts == ["v1", "groups"] and method == "POST":
             disks = body.get("disks")
             if not isinstance(disks, list) or not all(
@@ -165,6 +175,34 @@ class Api:
                                                   *_point(body))
         raise RequestError("no such endpoint: %s %s" % (method, path), 404)
 
+    async def _pairing(self, method: str, parts: List[str], body: Dict[str, Any]
+                       ) -> Tuple[int, Any]:
+        trust = self.trust
+        if trust is None:
+            raise RequestError("this agent has no TLS identity", 501)
+        if parts == ["v1", "pair-token"] and method == "POST":
+            ttl = body.get("ttl", tls.TOKEN_TTL)
+            if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not 0 < ttl <= 86400:
+                raise RequestError("ttl must be a number of seconds from 1 to 86400")
+            return 201, trust.make_token(float(ttl))
+        if parts == ["v1", "pairs"] and method == "GET":
+            return 200, trust.status()
+        if parts == ["v1", "pairs"] and method == "POST":
+            address = _str(body, "address")
+            host, port = parse_target(address)
+            try:
+                return 201, await trust.pair(host, port, address, _str(body, "token"))
+            except tls.PairingError as e:
+                raise RequestError(str(e), 403) from None
+            except OSError as e:
+                raise RequestError("cannot reach %s: %s" % (address, e.strerror or e),
+                                   502) from None
+        if len(parts) == 3 and parts[1] == "pairs" and method == "DELETE":
+            if not trust.unpair(parts[2]):
+                raise RequestError("no paired site %s" % parts[2], 404)
+            return 200, trust.status()
+        raise RequestError("no such endpoint: %s /%s" % (method, "/".join(parts)), 404)
+
     def status(self, group: Optional[str] = None) -> Dict[str, Any]:
         groups = self.source.status()
         replicas = self.target.status()
@@ -173,8 +211,13 @@ class Api:
                 raise RequestError("no group %s on this site" % group, 404)
             groups = {k: v for k, v in groups.items() if k == group}
             replicas = {k: v for k, v in replicas.items() if k == group}
-        return {"site": self.site, "uptime_seconds": round(time.time() - self.started, 1),
-                "groups": groups, "replicas": replicas}
+        out = {"site": self.site, "uptime_seconds": round(time.time() - self.started, 1),
+               "groups": groups, "replicas": replicas}
+        if self.trust is not None:
+            out["security"] = {"mode": "insecure" if self.trust.insecure else "tls",
+                               "fingerprint": self.trust.identity.fingerprint,
+                               "paired_sites": [p.site for p in self.trust.peers()]}
+        return out
 
     def metrics(self) -> str:
         lines = []

@@ -128,8 +128,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 @click.option("--api", "api_addr", default="127.0.0.1:9080", show_default=True,
               help="HTTP API address HOST:PORT.")
 @click.option("--site", default=None, help="Name of this site (default: the host name).")
+@click.option("--insecure", is_flag=True,
+              help="Replicate over plain TCP and accept it from anyone (labs only). "
+                   "Without it, only TLS between paired sites.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
-def agent(data_dir: str, listen: str, api_addr: str, site: Optional[str], verbose: bool) -> None:
+def agent(data_dir: str, listen: str, api_addr: str, site: Optional[str], insecure: bool,
+          verbose: bool) -> None:
     """Run the host agent in the foreground."""
     import trio
 
@@ -145,7 +149,7 @@ def agent(data_dir: str, listen: str, api_addr: str, site: Optional[str], verbos
     data_dir = os.path.abspath(data_dir)
     try:
         os.makedirs(data_dir, exist_ok=True)
-        trio.run(daemon.run, data_dir, listen_hp, api_hp, site)
+        trio.run(daemon.run, data_dir, listen_hp, api_hp, site, insecure)
     except OSError as e:
         raise Failure("agent cannot start: %s" % e) from None
 
@@ -228,6 +232,66 @@ def _pause_command(verb: str, done: str, doc: str) -> None:
 _pause_command("pause", "paused", "Stop shipping GROUP to the target (writes go on; their "
                "changes wait).")
 _pause_command("resume", "resumed", "Ship GROUP again after a pause.")
+
+
+@cli.command("pair-token")
+@click.option("--ttl", default="10m", show_default=True,
+              help="How long the token is good for (one pairing).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def pair_token(api: str, ttl: str, as_json: bool) -> None:
+    """Print a one-time token that lets another site pair with this one."""
+    result = call(api, "POST", "/v1/pair-token", {"ttl": parse_duration(ttl)})
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(result["token"])
+    click.echo("good for one pairing until %s; on the other site run:\n  ferry pair "
+               "%s --token %s\nthis site's certificate: %s"
+               % (_iso(int(result["expires"] * 1e9)), result["address"], result["token"],
+                  result["fingerprint"]), err=True)
+
+
+@cli.command()
+@click.argument("address", metavar="HOST:PORT")
+@click.option("--token", required=True, help="The token `ferry pair-token` printed there.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def pair(api: str, address: str, token: str, as_json: bool) -> None:
+    """Pair this site with the site whose replication port is HOST:PORT."""
+    result = call(api, "POST", "/v1/pairs", {"address": address, "token": token})
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo("paired with site %s at %s\n  its certificate:  %s\n  this site's:      %s"
+               % (result["site"], result["address"], result["fingerprint"],
+                  result["own_fingerprint"]))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def peers(api: str, as_json: bool) -> None:
+    """The sites this one is paired with."""
+    result = call(api, "GET", "/v1/pairs")
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo("this site: %s%s" % (result["fingerprint"],
+                                    " (--insecure: plain TCP)" if result["insecure"] else ""))
+    for p in result["peers"]:
+        click.echo("%s\t%s\t%s" % (p["site"], p["address"], p["fingerprint"]))
+    if not result["peers"]:
+        click.echo("no paired sites (ferry pair-token on one, ferry pair on the other)")
+
+
+@cli.command()
+@click.argument("site")
+@click.pass_obj
+def unpair(api: str, site: str) -> None:
+    """Forget a paired SITE (by name or certificate fingerprint): no more TLS with it."""
+    call(api, "DELETE", "/v1/pairs/" + site)
+    click.echo("unpaired %s" % site)
 
 
 @cli.command()

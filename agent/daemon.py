@@ -18,7 +18,9 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
+from . import tls
 from .api import Api
+from .pairing import Trust
 from .source import SourceSite
 from .store import Store
 from .target import TargetSite
@@ -47,12 +49,19 @@ def sd_notify(message: str) -> None:
 
 
 async def run(data_dir: str, listen: Tuple[str, int], api: Tuple[str, int],
-              site: Optional[str] = None) -> None:
+              site: Optional[str] = None, insecure: bool = False) -> None:
     site = site or socket.gethostname()
     store = Store(data_dir)
-    target = TargetSite(data_dir, site)
+    trust = Trust(store, tls.load_identity(data_dir, site), site, insecure, listen)
+    if insecure:
+        for line in ("--insecure: replication runs over PLAIN TCP, unauthenticated and "
+                     "unencrypted,", "and this agent accepts plain TCP from ANY host that "
+                     "reaches %s:%d." % listen, "Use it for labs only; pair sites "
+                     "(ferry pair-token / ferry pair) for anything else."):
+            log.warning("%s", line)
+    target = TargetSite(data_dir, site, trust)
     await trio.to_thread.run_sync(target.load)
-    source = SourceSite(data_dir, store)
+    source = SourceSite(data_dir, store, trust.connect)
     config = hypercorn.config.Config()
     config.bind = ["%s:%d" % api if ":" not in api[0] else "[%s]:%d" % api]
     config.accesslog = None
@@ -62,11 +71,13 @@ async def run(data_dir: str, listen: Tuple[str, int], api: Tuple[str, int],
         async with trio.open_nursery() as nursery:
             await nursery.start(target.serve, listen[0], listen[1])
             await nursery.start(source.run)
-            app: Any = Api(source, target, site)
+            app: Any = Api(source, target, site, trust)
             await nursery.start(lambda task_status: hypercorn.trio.serve(
                 app, config, task_status=task_status))
-            log.info("ferry agent ready: site %s, data %s, replication %s:%d, API http://%s:%d",
-                     site, data_dir, listen[0], listen[1], api[0], api[1])
+            log.info("ferry agent ready: site %s, data %s, replication %s:%d (%s), "
+                     "API http://%s:%d", site, data_dir, listen[0], listen[1],
+                     "PLAIN TCP, --insecure" if insecure else "TLS, %d paired site(s)"
+                     % len(trust.peers()), api[0], api[1])
             sd_notify("READY=1")
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:

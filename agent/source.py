@@ -33,14 +33,15 @@ import stat
 import time
 import uuid
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Set, Tuple
+from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 import trio
 
 from nbd_plugin import localwire as lw
 
-from . import peer, splitters, wire
+from . import peer, splitters, tls, wire
 from .checkpoints import Checkpoint, Cutter, Point, Request
+from .pairing import NotPaired, how_to_pair, refused_us
 from .peer import FrameStream, keepalive, race
 from .store import DiskRow, GroupRow, Store
 from .throttle import TokenBucket
@@ -62,10 +63,15 @@ DEFAULT_SETTINGS: Dict[str, Any] = {
     "bandwidth": 0,                     # bytes/s the link may carry (0: no limit)
 }
 # A group shows the first of its disks' states in this order (the worst first).
-GROUP_STATE_ORDER = ("error", "splitter-down", "target-unreachable", "target-error",
+GROUP_STATE_ORDER = ("error", "splitter-down", "target-unpaired", "target-unreachable",
+                     "target-error",
                      "target-storage-error", "connecting", "paused", "bitmap",
                      "initial-sync", "resyncing")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# The state a group shows when the target ends a session with this error code.
+REMOTE_STATES = {wire.E_STORAGE: "target-storage-error", wire.E_TLS_REQUIRED: "target-unpaired",
+                 wire.E_UNPAIRED: "target-unpaired"}
+Connector = Callable[[str, int, str], Awaitable[trio.abc.Stream]]
 
 
 class RequestError(Exception):
@@ -204,9 +210,18 @@ class DiskLink:
         return out, whole
 
 
+async def plain_connect(host: str, port: int, address: str) -> trio.abc.Stream:
+    """Plain TCP (an ``--insecure`` agent, unit tests); ``Trust.connect`` does TLS."""
+    stream = await trio.open_tcp_stream(host, port)
+    keepalive(stream)
+    return stream
+
+
 class GroupShipper:
-    def __init__(self, row: GroupRow, site_id: str, links: List[DiskLink]) -> None:
+    def __init__(self, row: GroupRow, site_id: str, links: List[DiskLink],
+                 connect: Connector = plain_connect) -> None:
         self.row = row
+        self.connect = connect
         self.site_id = site_id
         self.links = links
         self.host, self.port = parse_target(row.target)
@@ -255,8 +270,9 @@ class GroupShipper:
                     backoff = 0.2
                     continue
                 try:
-                    stream = await trio.open_tcp_stream(self.host, self.port)
-                    keepalive(stream)
+                    stream = await self.connect(self.host, self.port, self.row.target)
+                except NotPaired as e:
+                    self._down("target-unpaired", str(e))
                 except OSError as e:
                     self._down("target-unreachable", "cannot connect to %s: %s"
                                % (self.row.target, e.strerror or e))
@@ -268,9 +284,13 @@ class GroupShipper:
                             await self._session(FrameStream(stream, self.row.target))
                         if self.paused:
                             continue  # pause() ended the session; the loop's top waits
+                    except NotPaired as e:
+                        self._down("target-unpaired", str(e))
                     except wire.RemoteError as e:
-                        self._down("target-error" if e.code != wire.E_STORAGE
-                                   else "target-storage-error", "%s: %s" % (e.code, e))
+                        state = REMOTE_STATES.get(e.code, "target-error")
+                        self._down(state, "%s: %s" % (e.code, e) if state != "target-unpaired"
+                                   else "the target accepts only TLS from paired sites: "
+                                   + how_to_pair(self.row.target))
                     except wire.ProtocolError as e:
                         self._down("target-error", "protocol error: %s" % e)
                     except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError,
@@ -451,7 +471,12 @@ def parse_durable(body: dict, ndisks: int) -> List[Tuple[int, int]]:
 async def open_session(fs: FrameStream, row: GroupRow, site_id: str,
                        probe: bool) -> List[Tuple[int, int]]:
     await fs.send(wire.T_HELLO, {"protocol": PROTOCOL, "site": site_id})
-    await fs.expect(wire.T_WELCOME)
+    try:
+        await fs.expect(wire.T_WELCOME)
+    except (EOFError, trio.BrokenResourceError):
+        if isinstance(fs.stream, tls.TLSSocketStream):
+            raise refused_us(row.target) from None  # it did not take our certificate
+        raise
     settings = dict(DEFAULT_SETTINGS, **row.settings)
     await fs.send(wire.T_OPEN, {"group": row.name, "protection": row.protection,
                                 "probe": probe,
@@ -462,9 +487,11 @@ async def open_session(fs: FrameStream, row: GroupRow, site_id: str,
 
 
 class SourceSite:
-    def __init__(self, data_dir: str, store: Store) -> None:
+    def __init__(self, data_dir: str, store: Store, connect: Connector = plain_connect
+                 ) -> None:
         self.data_dir = data_dir
         self.store = store
+        self.connect = connect
         self.site_id = store.site_id()
         self.socket_path = os.path.join(data_dir, "splitter.sock")
         self.links: Dict[str, DiskLink] = {}
@@ -513,7 +540,7 @@ class SourceSite:
         links = [DiskLink(d) for d in row.disks]
         for link in links:
             self.links[link.row.id] = link
-        shipper = GroupShipper(row, self.site_id, links)
+        shipper = GroupShipper(row, self.site_id, links, self.connect)
         self.shippers[row.name] = shipper
         assert self._nursery is not None
         self._nursery.start_soon(shipper.run)
@@ -654,13 +681,19 @@ class SourceSite:
         host, port = parse_target(row.target)
         try:
             with trio.fail_after(10):
-                stream = await trio.open_tcp_stream(host, port)
+                stream = await self.connect(host, port, row.target)
                 fs = FrameStream(stream, row.target)
                 try:
                     await open_session(fs, row, self.site_id, probe=True)
                 finally:
                     await fs.aclose()
+        except NotPaired as e:
+            raise RequestError(str(e), 403) from None
         except wire.RemoteError as e:
+            if e.code in (wire.E_TLS_REQUIRED, wire.E_UNPAIRED):
+                raise RequestError("target %s accepts only TLS from paired sites and this "
+                                   "agent runs --insecure: start it without --insecure, then "
+                                   "%s" % (row.target, how_to_pair(row.target)), 403) from None
             status = 409 if e.code == wire.E_SIZE_MISMATCH else 502
             raise RequestError("target %s refused the group: %s" % (row.target, e),
                                status) from None

@@ -32,6 +32,20 @@ CREATE TABLE IF NOT EXISTS disks (
     size INTEGER NOT NULL,
     UNIQUE (grp, name)
 );
+CREATE TABLE IF NOT EXISTS peers (
+    fingerprint TEXT PRIMARY KEY,
+    site TEXT NOT NULL,
+    address TEXT NOT NULL,
+    cert TEXT NOT NULL,
+    paired REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pair_tokens (
+    id TEXT PRIMARY KEY,
+    key BLOB,
+    expires REAL NOT NULL,
+    used REAL,
+    failures INTEGER NOT NULL DEFAULT 0
+);
 """
 
 
@@ -43,6 +57,24 @@ class DiskRow:
     name: str
     path: str
     size: int
+
+
+@dataclass(frozen=True)
+class PeerRow:
+    fingerprint: str
+    site: str
+    address: str
+    cert: str
+    paired: float
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    id: str
+    key: Optional[bytes]  # None once used or burnt
+    expires: float
+    used: Optional[float]
+    failures: int
 
 
 @dataclass(frozen=True)
@@ -126,3 +158,57 @@ class Store:
         row = self._db.execute("SELECT id, grp, idx, name, path, size FROM disks "
                                "WHERE path = ?", (path,)).fetchone()
         return DiskRow(*row) if row else None
+
+    # -- pairing -------------------------------------------------------------------------
+
+    def peers(self) -> List[PeerRow]:
+        return [PeerRow(*r) for r in self._db.execute(
+            "SELECT fingerprint, site, address, cert, paired FROM peers ORDER BY site")]
+
+    def add_peer(self, peer: PeerRow) -> List[PeerRow]:
+        """Keep ``peer``; an older certificate of the same site is replaced (returned)."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            old = [PeerRow(*r) for r in self._db.execute(
+                "SELECT fingerprint, site, address, cert, paired FROM peers "
+                "WHERE site = ? AND fingerprint != ?", (peer.site, peer.fingerprint))]
+            self._db.execute("DELETE FROM peers WHERE site = ? AND fingerprint != ?",
+                             (peer.site, peer.fingerprint))
+            self._db.execute("INSERT OR REPLACE INTO peers VALUES (?, ?, ?, ?, ?)",
+                             (peer.fingerprint, peer.site, peer.address, peer.cert,
+                              peer.paired))
+        return old
+
+    def remove_peer(self, site: str) -> int:
+        with self._db:
+            return self._db.execute("DELETE FROM peers WHERE site = ? OR fingerprint = ?",
+                                    (site, site)).rowcount
+
+    def add_token(self, token_id: str, key: bytes, expires: float) -> None:
+        with self._db:
+            self._db.execute("DELETE FROM pair_tokens WHERE expires < ?",
+                             (time.time() - 86400,))
+            self._db.execute("INSERT INTO pair_tokens (id, key, expires) VALUES (?, ?, ?)",
+                             (token_id, key, expires))
+
+    def token(self, token_id: str) -> Optional[TokenRow]:
+        row = self._db.execute("SELECT id, key, expires, used, failures FROM pair_tokens "
+                               "WHERE id = ?", (token_id,)).fetchone()
+        return TokenRow(*row) if row else None
+
+    def use_token(self, token_id: str) -> bool:
+        """Burn the token; False if it was used already (by a racing pairing)."""
+        with self._db:
+            cur = self._db.execute("UPDATE pair_tokens SET used = ?, key = NULL "
+                                   "WHERE id = ? AND used IS NULL", (time.time(), token_id))
+            return cur.rowcount == 1
+
+    def token_failed(self, token_id: str, limit: int) -> bool:
+        """Count a wrong MAC; burn the token at ``limit``. True if it is now burnt."""
+        with self._db:
+            self._db.execute("UPDATE pair_tokens SET failures = failures + 1 WHERE id = ?",
+                             (token_id,))
+            cur = self._db.execute("UPDATE pair_tokens SET used = ?, key = NULL "
+                                   "WHERE id = ? AND used IS NULL AND failures >= ?",
+                                   (time.time(), token_id, limit))
+            return cur.rowcount == 1

@@ -19,6 +19,7 @@ import trio
 
 from . import checkpoints, wire
 from .journal import JournalCorrupt
+from .pairing import Refused, Trust
 from .peer import FrameStream, keepalive
 from .replica import NoConsistentState, SizeMismatch, TargetGroup
 from .views import Views
@@ -32,9 +33,10 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 class TargetSite:
-    def __init__(self, data_dir: str, site: str) -> None:
+    def __init__(self, data_dir: str, site: str, trust: Optional[Trust] = None) -> None:
         self.root = os.path.join(data_dir, "target")
         self.site = site
+        self.trust = trust  # None: plain TCP only (unit tests)
         self.handshake_timeout = HANDSHAKE_TIMEOUT
         os.makedirs(self.root, exist_ok=True)
         self.groups: Dict[str, TargetGroup] = {}
@@ -98,12 +100,26 @@ class TargetSite:
             keepalive(stream)
         except OSError:
             pass
-        fs = FrameStream(stream, peer)
         group_name: Optional[str] = None
         scope = trio.CancelScope()
+        fs = FrameStream(stream, peer)
         try:
             with trio.move_on_after(self.handshake_timeout) as handshake:
-                hello = await fs.expect(wire.T_HELLO)
+                paired: Optional[bytes] = None
+                is_tls = False
+                if self.trust is not None:
+                    conn, paired, is_tls = await self.trust.accept(stream, peer)
+                    fs = FrameStream(conn, peer)
+                ftype, hello = await fs.receive()
+                if ftype == wire.T_PAIR and self.trust is not None:
+                    await self.trust.answer_pair(fs, hello, fs.stream, is_tls, peer)
+                    return
+                if ftype != wire.T_HELLO:
+                    raise wire.ProtocolError("expected HELLO, got %s" % wire.TYPE_NAMES[ftype])
+                if is_tls and paired is None:
+                    await fs.send_error(wire.E_UNPAIRED, "this site is not paired with yours; "
+                                        "pair them first (ferry pair-token, ferry pair)")
+                    raise Refused("refusing %s: TLS without a paired site's certificate" % peer)
                 if wire.field(hello, "protocol", int) != PROTOCOL:
                     raise wire.ProtocolError("protocol %r, this agent speaks %d"
                                              % (hello.get("protocol"), PROTOCOL))
@@ -148,6 +164,8 @@ class TargetSite:
                 self._sessions[group_name] = {"peer": peer, "batches": 0, "records": 0,
                                               "bytes": 0}
                 await self._receive_batches(fs, group)
+        except Refused as e:
+            log.warning("%s", e)
         except wire.RemoteError as e:
             log.warning("source %s ended the session: %s: %s", peer, e.code, e)
         except wire.ProtocolError as e:

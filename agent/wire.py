@@ -53,15 +53,21 @@ T_OPENED = 4     # target -> source: what the target already holds
 T_BATCH = 5      # source -> target: change records
 T_ACK = 6        # target -> source: durable up to
 T_ERROR = 7      # either way, then the sender closes
+T_PAIR = 20      # source -> target, over TLS: pair with this token (agent/tls.py)
+T_PAIRED = 21    # target -> source: paired
 
 TYPE_NAMES = {T_HELLO: "HELLO", T_WELCOME: "WELCOME", T_OPEN: "OPEN", T_OPENED: "OPENED",
-              T_BATCH: "BATCH", T_ACK: "ACK", T_ERROR: "ERROR"}
+              T_BATCH: "BATCH", T_ACK: "ACK", T_ERROR: "ERROR", T_PAIR: "PAIR",
+              T_PAIRED: "PAIRED"}
 
 # Error codes carried by T_ERROR.
 E_PROTOCOL = "protocol"
 E_SIZE_MISMATCH = "size-mismatch"
 E_BAD_GROUP = "bad-group"
 E_STORAGE = "storage"
+E_TLS_REQUIRED = "tls-required"   # plaintext to a site that speaks only TLS
+E_UNPAIRED = "unpaired"           # TLS without a paired certificate
+E_PAIRING = "pairing-refused"     # a bad, used or expired token
 
 
 class ProtocolError(Exception):

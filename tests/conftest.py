@@ -20,11 +20,11 @@ LAB_CACHE = REPO / ".cache" / "lab"
 class Lab:
     """Two sites, A (source) and B (target), and helpers for a protected disk."""
 
-    def __init__(self, root: Path, work: Path) -> None:
+    def __init__(self, root: Path, work: Path, insecure: bool = True) -> None:
         self.root = root
         self.work = work
-        self.a = Site("A", root)
-        self.b = Site("B", root)
+        self.a = Site("A", root, insecure)
+        self.b = Site("B", root, insecure)
 
     def image(self, name: str, size: int = 64 * 1024 * 1024) -> Path:
         path = self.work / name
@@ -54,9 +54,20 @@ class Lab:
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
+    """Two sites with ``--insecure`` (plain TCP): most tests are about other things."""
+    yield from _lab(tmp_path, True)
+
+
+@pytest.fixture
+def tls_lab(tmp_path: Path) -> Iterator[Lab]:
+    """Two sites that speak only TLS (not yet paired, not started)."""
+    yield from _lab(tmp_path, False)
+
+
+def _lab(tmp_path: Path, insecure: bool) -> Iterator[Lab]:
     # Unix socket paths are limited to 107 bytes: keep the agents' data short.
     root = Path(tempfile.mkdtemp(prefix="fy", dir="/tmp"))
-    lab = Lab(root, tmp_path)
+    lab = Lab(root, tmp_path, insecure)
     try:
         yield lab
     finally:

@@ -30,10 +30,12 @@ def free_port() -> int:
 
 
 class Site:
-    """One ``ferry agent`` process with its own data directory and ports."""
+    """One ``ferry agent`` process with its own data directory and ports; ``insecure``
+    runs it with ``--insecure`` (plain TCP), else sites must be paired (``pair_with``)."""
 
-    def __init__(self, name: str, root: Path) -> None:
+    def __init__(self, name: str, root: Path, insecure: bool = True) -> None:
         self.name = name
+        self.insecure = insecure
         self.data = root / name
         self.port = free_port()
         self.api_port = free_port()
@@ -46,7 +48,8 @@ class Site:
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [*FERRY, "agent", "--data", str(self.data), "--listen", self.address,
-             "--api", "127.0.0.1:%d" % self.api_port, "--site", self.name],
+             "--api", "127.0.0.1:%d" % self.api_port, "--site", self.name,
+             *(["--insecure"] if self.insecure else [])],
             stdout=logf, stderr=logf, cwd=REPO)
         logf.close()
         deadline = time.monotonic() + timeout
@@ -112,6 +115,12 @@ class Site:
             raise AssertionError("ferry %s failed (%d): %s%s" % (
                 " ".join(args), proc.returncode, proc.stdout, proc.stderr))
         return proc
+
+    def pair_with(self, target: Site) -> str:
+        """Pair this site with ``target`` as an administrator would; the token used."""
+        token = target.ferry("pair-token").stdout.strip()
+        self.ferry("pair", target.address, "--token", token)
+        return token
 
     def status(self, group: Optional[str] = None) -> Dict[str, Any]:
         args = ["status", "--json"] + ([group] if group else [])
