@@ -17,6 +17,8 @@
 #                                     system and files; print RESTORED-SHA256
 #   scenario.sh cleanup GROUP         site-a: unprotect GROUP (its splitter stops)
 #   scenario.sh listen-address        this site's replication address, from /etc/ferry
+#   scenario.sh pair-token            site-b: print a one-time pairing token
+#   scenario.sh pair TARGET TOKEN     site-a: pair with site-b (on every run, a new token)
 #
 # Environment (host): FERRY_GROUP (default lab-DATE), FERRY_KEEP=1 (leave the group
 # protected), FERRY_ACCEL (kvm; tcg where nested KVM is off), FERRY_DISK_SIZE (256M).
@@ -67,6 +69,10 @@ host() {
 
     target=$(on site-b listen-address) || { result "MISMATCH (site-b has no replication address)"; return; }
     say "group $group: site-a -> site-b ($target)"
+    if ! on site-a pair "$target" "$(on site-b pair-token)"; then
+        result "MISMATCH (site-a could not pair with site-b; see the log above)"
+        return
+    fi
     if ! src_out=$(on site-a source "$group" "$target"); then
         finish "MISMATCH (the source side failed; see the log above)"
         return
@@ -249,6 +255,12 @@ listen_address() {
     echo "$FERRY_LISTEN"
 }
 
+pair_side() {
+    # Replication runs over TLS between paired sites only; pairing twice is harmless.
+    say "pairing with $1"
+    ferry pair "$1" --token "$2" >&2
+}
+
 role=${1:-}
 case $role in
     "") host ;;
@@ -256,5 +268,7 @@ case $role in
     target) [ $# -eq 2 ] || die "usage: $0 target GROUP"; target_side "$2" ;;
     cleanup) [ $# -eq 2 ] || die "usage: $0 cleanup GROUP"; cleanup_side "$2" ;;
     listen-address) listen_address ;;
+    pair-token) ferry pair-token ;;
+    pair) [ $# -eq 3 ] || die "usage: $0 pair TARGET TOKEN"; pair_side "$2" "$3" ;;
     *) die "unknown role $role (run it without arguments on the host)" ;;
 esac

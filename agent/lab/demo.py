@@ -72,7 +72,7 @@ def main() -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     cache = REPO / ".cache" / "lab"
-    a, b = Site("A", work), Site("B", work)
+    a, b = Site("A", work, insecure=False), Site("B", work, insecure=False)
     say("== Ferry demo: two sites on this machine, working in %s" % work)
     say("-- preparing the guest (Debian cloud kernel + busybox initramfs)")
     kernel = ensure_kernel(cache)
@@ -85,6 +85,11 @@ def main() -> int:
         a.start()
         say("-- site B (target) agent: replication %s, API %s" % (b.address, b.api_url))
         say("-- site A (source) agent: replication %s, API %s" % (a.address, a.api_url))
+        say("-- pairing the sites (replication runs over mutual TLS between paired sites)")
+        token = b.ferry("pair-token")
+        show("ferry --api %s pair-token" % b.api_url, token)
+        show("ferry --api %s pair %s --token %s" % (a.api_url, b.address, token.stdout.strip()),
+             a.ferry("pair", b.address, "--token", token.stdout.strip()))
         cmd = "ferry --api %s protect vm1 --disk vda=%s --target %s" % (a.api_url, disk,
                                                                         b.address)
         proc = a.ferry("protect", "vm1", "--disk", "vda=%s" % disk, "--target", b.address)
