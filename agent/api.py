@@ -44,8 +44,8 @@ Handler = Callable[..., Awaitable[Tuple[int, Any]]]
 
 
 class Api:
-    def __init__(self, source: SourceSite, target: TargetSite, site: str,
-                 trust: Optional[Trust] = None) -> None:
+    def __init__(self, source: SourceSite, target: TargetSite, site: str, trust: Trust
+                 ) -> None:
         self.source = source
         self.target = target
         self.site = site
@@ -178,8 +178,6 @@ class Api:
     async def _pairing(self, method: str, parts: List[str], body: Dict[str, Any]
                        ) -> Tuple[int, Any]:
         trust = self.trust
-        if trust is None:
-            raise RequestError("this agent has no TLS identity", 501)
         if parts == ["v1", "pair-token"] and method == "POST":
             ttl = body.get("ttl", tls.TOKEN_TTL)
             if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not 0 < ttl <= 86400:
@@ -213,10 +211,9 @@ class Api:
             replicas = {k: v for k, v in replicas.items() if k == group}
         out = {"site": self.site, "uptime_seconds": round(time.time() - self.started, 1),
                "groups": groups, "replicas": replicas}
-        if self.trust is not None:
-            out["security"] = {"mode": "insecure" if self.trust.insecure else "tls",
-                               "fingerprint": self.trust.identity.fingerprint,
-                               "paired_sites": [p.site for p in self.trust.peers()]}
+        out["security"] = {"mode": "insecure" if self.trust.insecure else "tls",
+                           "fingerprint": self.trust.identity.fingerprint,
+                           "paired_sites": [p.site for p in self.trust.peers()]}
         return out
 
     def metrics(self) -> str:

@@ -16,6 +16,7 @@ from test_faults import SIZE, Writer, _read_frame, check_identical, wait_for
 
 from agent import tls, wire
 from agent.lab.proxy import FaultProxy
+from agent.pairing import NotPaired
 
 MiB = 1024 * 1024
 
@@ -353,3 +354,104 @@ def test_tls_reason_and_verify_failure_units() -> None:
     assert tls.is_verify_failure(wrapped)
     assert not tls.is_verify_failure(RuntimeError("x"))
     assert tls.tls_reason(RuntimeError("plain")) == "plain"
+
+
+# --- Trust's error branches, against small fake peers -----------------------------------------
+
+
+def _trust(tmp_path, name: str = "A"):
+    from agent.pairing import Trust
+    from agent.store import Store
+
+    data = str(tmp_path / name)
+    return Trust(Store(data), tls.load_identity(data, name), name)
+
+
+async def _serve(nursery, handler) -> int:
+    """Serve ``handler`` on a loopback port in ``nursery``; the port."""
+    import functools
+
+    import trio
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0,
+                                                      host="127.0.0.1"))
+    return int(listeners[0].socket.getsockname()[1])
+
+
+async def test_connect_and_pair_time_out_on_a_silent_peer(tmp_path, monkeypatch) -> None:
+    import trio
+
+    from agent import pairing
+
+    monkeypatch.setattr(pairing, "HANDSHAKE_TIMEOUT", 0.5)
+    trust = _trust(tmp_path)
+
+    async def silent(stream) -> None:
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        port = await _serve(nursery, silent)
+        with pytest.raises(OSError, match="no TLS handshake"):
+            await trust.connect("127.0.0.1", port, "x:%d" % port)
+        with pytest.raises(tls.PairingError, match="did not answer"):
+            await trust.pair("127.0.0.1", port, "x:%d" % port, "0badc0de." + "a" * 32)
+        nursery.cancel_scope.cancel()
+
+
+async def test_connect_to_something_that_is_not_tls(tmp_path) -> None:
+    import trio
+
+    trust = _trust(tmp_path)
+
+    async def http(stream) -> None:
+        await stream.send_all(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        port = await _serve(nursery, http)
+        with pytest.raises(OSError, match="TLS with") as e:
+            await trust.connect("127.0.0.1", port, "x:%d" % port)
+        assert not isinstance(e.value, NotPaired)
+        nursery.cancel_scope.cancel()
+
+
+async def test_pair_refuses_a_target_without_proof(tmp_path) -> None:
+    """A fake target that answers PAIRED without knowing the secret: nothing is kept."""
+    import trio
+
+    from agent.peer import FrameStream
+
+    trust = _trust(tmp_path)
+    fake = tls.load_identity(str(tmp_path / "fake"), "fake")
+
+    async def impostor(stream) -> None:
+        s = tls.TLSSocketStream(stream, tls.server_context(fake, []), True)
+        await s.do_handshake()
+        fs = FrameStream(s, "source")
+        await fs.expect(wire.T_PAIR)
+        await fs.send(wire.T_PAIRED, {"site": "B", "mac": b"\0" * 32})
+        await fs.aclose()
+
+    async with trio.open_nursery() as nursery:
+        port = await _serve(nursery, impostor)
+        with pytest.raises(tls.PairingError, match="without proof"):
+            await trust.pair("127.0.0.1", port, "x:%d" % port, "0badc0de." + "a" * 32)
+        nursery.cancel_scope.cancel()
+    assert trust.peers() == []
+
+
+def test_target_drops_a_pair_without_a_certificate_and_a_silent_close(tls_lab: Lab) -> None:
+    lab = tls_lab
+    lab.b.start()
+    codec = wire.Codec()
+    host, port = lab.b.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10):
+        pass  # connect and go: nothing to refuse but a log line
+    in_log(lab.b, "closed the connection before a word")
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        with tls.pairing_context().wrap_socket(raw, server_hostname=tls.SNI) as s:
+            s.sendall(codec.encode(wire.T_PAIR, {"token": "0badc0de", "site": "x",
+                                                 "cert": "junk", "mac": b""}))
+            frame = _read_frame(s, codec)  # type: ignore[arg-type]
+    assert frame is not None and frame[0] == wire.T_ERROR
+    assert frame[1]["code"] == wire.E_PROTOCOL and "no certificate" in frame[1]["message"]
