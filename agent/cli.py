@@ -483,6 +483,9 @@ def status(api: str, group: Optional[str], as_json: bool) -> None:
                 d["replica"]))
     if not lines:
         lines.append("site %s: nothing protected or replicated here" % result["site"])
+    if result.get("security", {}).get("mode") == "insecure":
+        lines.append("site %s runs --insecure: replication is plain TCP, open to anyone"
+                     % result["site"])
     click.echo("\n".join(lines))
 
 

@@ -153,6 +153,8 @@ def test_plaintext_to_a_tls_side_is_refused(tls_lab: Lab) -> None:
     lab.b.start()
     lab.a.start()
     in_log(lab.a, "--insecure: replication runs over PLAIN TCP")
+    assert "runs --insecure" in lab.a.ferry("status").stdout
+    assert "runs --insecure" not in lab.b.ferry("status").stdout
     _disk, proc = protect_vm1(lab, check=False)
     assert proc.returncode == 1 and "accepts only TLS" in proc.stderr \
         and "without --insecure" in proc.stderr and "ferry pair %s" % lab.b.address \
