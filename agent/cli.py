@@ -150,8 +150,22 @@ def agent(data_dir: str, listen: str, api_addr: str, site: Optional[str], insecu
     try:
         os.makedirs(data_dir, exist_ok=True)
         trio.run(daemon.run, data_dir, listen_hp, api_hp, site, insecure)
-    except OSError as e:
-        raise Failure("agent cannot start: %s" % e) from None
+    except Exception as e:
+        # A socket that cannot be bound fails inside the agent's nursery: an exception group.
+        cause = _first_oserror(e)
+        if cause is None:
+            raise
+        raise Failure("agent cannot start: %s" % cause) from None
+
+
+def _first_oserror(e: BaseException) -> Optional[OSError]:
+    if isinstance(e, OSError):
+        return e
+    for inner in getattr(e, "exceptions", ()):  # an ExceptionGroup (trio's nurseries)
+        found = _first_oserror(inner)
+        if found is not None:
+            return found
+    return None
 
 
 def _split_disk(spec: str, index: int) -> Tuple[str, str]:
