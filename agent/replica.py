@@ -290,10 +290,11 @@ class TargetGroup:
         return [(d.gen, d.seq) for d in self.disks]
 
     def accept(self, records: List[JRecord], checkpoints: Optional[List[Checkpoint]] = None,
-               clocks: Tuple[int, int] = (0, 0)) -> Tuple[int, List[str]]:
+               clocks: Optional[Tuple[int, int]] = None) -> Tuple[int, List[str]]:
         """Check, journal and promote a batch and its checkpoints; returns how many records
         were new and the ids of the batch's checkpoints now journaled. ``clocks`` are the
-        batch's (wall_ns, mono_ns), to give each checkpoint its source wall time."""
+        batch's (wall_ns, mono_ns), to give each checkpoint its source wall time (without
+        them, each checkpoint keeps the ``wall_ns`` it has)."""
         with self._lock:
             if self.failover is not None:
                 raise ProtocolError("group %s failed over here; it takes no more changes"
@@ -314,7 +315,8 @@ class TargetGroup:
                 if c.id in known:
                     continue
                 known.add(c.id)
-                c.wall_ns = clocks[0] - (clocks[1] - c.time_ns)
+                if clocks is not None:
+                    c.wall_ns = clocks[0] - (clocks[1] - c.time_ns)
                 data = c.encode()
                 markers.append(JRecord(0, 0, 0, KIND_CHECKPOINT, 0, 0, len(data), c.time_ns,
                                        data))

@@ -20,7 +20,7 @@ import trio
 from . import checkpoints, wire
 from .journal import JournalCorrupt
 from .pairing import Refused, Trust
-from .peer import FrameStream, keepalive
+from .peer import FrameStream, keepalive, race
 from .replica import NoConsistentState, SizeMismatch, TargetGroup
 from .views import Views
 
@@ -28,6 +28,8 @@ log = logging.getLogger("ferry.target")
 
 PROTOCOL = 1
 HANDSHAKE_TIMEOUT = 10.0
+RECEIVE_AHEAD = 4                     # frames read and checked ahead of the journal
+GROUP_COMMIT_BYTES = 16 * 1024 * 1024  # at most this much data in one journal append
 MAINTAIN_INTERVAL = 1.0  # promotion of what aged out of the window, without batches
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -224,29 +226,58 @@ class TargetSite:
             return group
 
     async def _receive_batches(self, fs: FrameStream, group: TargetGroup) -> None:
+        """Two stages: one task reads and checks frames ahead, the other journals what has
+        arrived, several frames in one append and one fdatasync when they queue up (group
+        commit), and acks them with one ACK (acks are cumulative)."""
         session = self._sessions[group.name]
-        while True:
-            ftype, body = await fs.receive()
-            if ftype != wire.T_BATCH:
-                raise wire.ProtocolError("expected BATCH, got %s" % wire.TYPE_NAMES[ftype])
-            if wire.field(body, "group", str) != group.name:
-                raise wire.ProtocolError("BATCH for group %r on a session of group %r"
-                                         % (body.get("group"), group.name))
-            records = wire.decode_batch(body)
-            raw = body.get("checkpoints", [])
-            if not isinstance(raw, list) or len(raw) > wire.MAX_DISKS * 16:
-                raise wire.ProtocolError("bad checkpoints list")
-            cps = [checkpoints.parse_wire(c, len(group.disks)) for c in raw]
-            clocks = (wire.field(body, "wall_ns", int), wire.field(body, "mono_ns", int))
-            _fresh, ids = await trio.to_thread.run_sync(group.accept, records, cps, clocks)
-            session["batches"] += 1
-            session["records"] += len(records)
-            session["bytes"] += sum(r.length for r in records if r.data is not None)
-            ack: Dict[str, Any] = {"group": group.name,
-                                   "durable": [list(d) for d in group.durable()]}
-            if ids:
-                ack["checkpoints"] = ids
-            await fs.send(wire.T_ACK, ack)
+        send_ch, recv_ch = trio.open_memory_channel[Tuple[List[Any], List[Any], int]](
+            RECEIVE_AHEAD)
+
+        async def read() -> None:
+            async with send_ch:
+                while True:
+                    ftype, body = await fs.receive()
+                    if ftype != wire.T_BATCH:
+                        raise wire.ProtocolError("expected BATCH, got %s"
+                                                 % wire.TYPE_NAMES[ftype])
+                    if wire.field(body, "group", str) != group.name:
+                        raise wire.ProtocolError("BATCH for group %r on a session of group %r"
+                                                 % (body.get("group"), group.name))
+                    records = wire.decode_batch(body)
+                    raw = body.get("checkpoints", [])
+                    if not isinstance(raw, list) or len(raw) > wire.MAX_DISKS * 16:
+                        raise wire.ProtocolError("bad checkpoints list")
+                    cps = [checkpoints.parse_wire(c, len(group.disks)) for c in raw]
+                    wall_ns, mono_ns = (wire.field(body, "wall_ns", int),
+                                        wire.field(body, "mono_ns", int))
+                    for c in cps:  # the source's wall time of each cut, by this frame's clocks
+                        c.wall_ns = wall_ns - (mono_ns - c.time_ns)
+                    nbytes = sum(r.length for r in records if r.data is not None)
+                    await send_ch.send((records, cps, nbytes))
+
+        async def write() -> None:
+            while True:
+                frames = [await recv_ch.receive()]
+                size = frames[0][2]
+                while size < GROUP_COMMIT_BYTES:
+                    try:
+                        frames.append(recv_ch.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                    size += frames[-1][2]
+                records = [r for f in frames for r in f[0]]
+                cps = [c for f in frames for c in f[1]]
+                _fresh, ids = await trio.to_thread.run_sync(group.accept, records, cps)
+                session["batches"] += len(frames)
+                session["records"] += len(records)
+                session["bytes"] += size
+                ack: Dict[str, Any] = {"group": group.name,
+                                       "durable": [list(d) for d in group.durable()]}
+                if ids:
+                    ack["checkpoints"] = ids
+                await fs.send(wire.T_ACK, ack)
+
+        await race(read, write)
 
     # -- requests from the API -----------------------------------------------------------
 

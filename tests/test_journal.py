@@ -472,3 +472,35 @@ def test_random_tail_damage_keeps_every_earlier_record(
     j = reopen(j)
     assert read_all(j) == written
     j.close()
+
+
+@pytest.mark.parametrize("limit", [None, 1000, 7])
+def test_write_all_writes_every_part_in_order(tmp_path, monkeypatch, limit) -> None:
+    """Over IOV_MAX parts, and writev calls that write only part of what they were given."""
+    import os as _os
+
+    from agent import journal as journal_mod
+
+    real = _os.writev
+    if limit is not None:
+        monkeypatch.setattr(journal_mod.os, "writev",
+                            lambda fd, bufs: real(fd, _clip(list(bufs), limit)))
+    parts = [bytes([i % 251]) * (i % 13) for i in range(3000)] + [b"tail" * 1000]
+    path = tmp_path / "out"
+    fd = _os.open(path, _os.O_WRONLY | _os.O_CREAT)
+    try:
+        assert journal_mod._write_all(fd, parts) == sum(len(p) for p in parts)
+    finally:
+        _os.close(fd)
+    assert path.read_bytes() == b"".join(parts)
+
+
+def _clip(bufs: list, limit: int) -> list:
+    """The first ``limit`` bytes of ``bufs``, as a short writev would take them."""
+    out = []
+    for b in bufs:
+        if limit <= 0:
+            break
+        out.append(b[:limit])
+        limit -= len(out[-1])
+    return out
