@@ -45,6 +45,9 @@ class Site:
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self, timeout: float = 30) -> Site:
+        """Start the agent; return once it says it is ready in its own log (not merely once
+        something answers on its API port: another process could hold that port)."""
+        readies = self._readies()
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [*FERRY, "agent", "--data", str(self.data), "--listen", self.address,
@@ -56,12 +59,16 @@ class Site:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError("agent %s exited: %s" % (self.name, self.log.read_text()))
-            try:
-                self.api("GET", "/v1/status")
+            if self._readies() > readies:
                 return self
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.05)
-        raise RuntimeError("agent %s did not answer in %s s" % (self.name, timeout))
+            time.sleep(0.05)
+        raise RuntimeError("agent %s did not say it was ready in %s s" % (self.name, timeout))
+
+    def _readies(self) -> int:
+        try:
+            return self.log.read_text(errors="replace").count("ferry agent ready:")
+        except FileNotFoundError:
+            return 0
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
