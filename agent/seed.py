@@ -36,6 +36,7 @@ read back is dropped: that costs a full sync, never a wrong replica.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 import struct
@@ -67,6 +68,7 @@ HEADER = struct.Struct("<4sIQQ")  # magic, chunk, disk size, chunks
 assert HEADER.size == 24
 MAGIC = b"FSD\x01"
 COPY_BLOCK = 8 * CHUNK
+FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 _USABLE = bytes([1] + [0] * 255)  # touched map -> usable map
 
 
@@ -231,40 +233,45 @@ def check_file(path: str, size: int) -> None:
 def adopt(src: str, dest: str, size: int, chunk: int = CHUNK) -> SeedMap:
     """Copy the seed ``src`` into the new replica ``dest`` and return its digests.
 
-    Holes and all-zero chunks of the seed stay holes in ``dest``; ``src`` is opened
-    read-only and never changed. Writes ``dest`` under a temporary name and renames it
-    when it is whole: the data and the name are durable when this returns."""
+    Where the file system can (XFS, btrfs), ``dest`` is a reflink of ``src``: nothing is
+    copied. Otherwise holes and all-zero chunks of the seed stay holes in ``dest``. Either
+    way the digests are of what ``dest`` holds, and ``src`` is opened read-only and never
+    changed. Writes ``dest`` under a temporary name and renames it when it is whole: the
+    data and the name are durable when this returns."""
     check_file(src, size)
-    zero = bytes(chunk)
-    zero_digest = xxhash.xxh3_128_digest(zero)
+    zeros = {n: xxhash.xxh3_128_digest(bytes(n)) for n in {chunk, size % chunk or chunk}}
     out = bytearray()
     tmp = dest + ".seeding"
     sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        dfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        dfd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(dfd, size)
-            for start, end, data in _extents(sfd, size, chunk):
+            cloned = _clone(sfd, dfd)
+            if not cloned:
+                os.ftruncate(dfd, size)
+            rfd = dfd if cloned else sfd
+            for start, end, data in _extents(rfd, size, chunk):
                 if not data:
-                    for off in range(start, end, chunk):
-                        n = min(chunk, size - off)
-                        out += zero_digest if n == chunk else xxhash.xxh3_128_digest(zero[:n])
+                    out += b"".join(zeros[min(chunk, size - off)]
+                                    for off in range(start, end, chunk))
                     continue
-                off = start
-                while off < end:
+                for off in range(start, end, COPY_BLOCK):
                     n = min(COPY_BLOCK, end - off)
-                    buf = os.pread(sfd, n, off)
+                    buf = os.pread(rfd, n, off)
                     if len(buf) != n:
                         raise OSError(errno.EIO, "seed %s ended early at byte %d"
                                       % (src, off + len(buf)))
                     view = memoryview(buf)
                     for i in range(0, n, chunk):
                         piece = view[i:i + chunk]
-                        out += xxhash.xxh3_128_digest(piece)
-                        if piece != zero[:len(piece)]:
+                        digest = xxhash.xxh3_128_digest(piece)
+                        out += digest
+                        if not cloned and digest != zeros[len(piece)]:
                             _pwrite_all(dfd, piece, off + i)
-                    off += n
             os.fdatasync(dfd)
+        except BaseException:
+            os.unlink(tmp)
+            raise
         finally:
             os.close(dfd)
     finally:
@@ -276,6 +283,18 @@ def adopt(src: str, dest: str, size: int, chunk: int = CHUNK) -> SeedMap:
     finally:
         os.close(fd)
     return SeedMap(size, bytes(out), chunk)
+
+
+def _clone(sfd: int, dfd: int) -> bool:
+    """Make ``dfd`` a reflink of ``sfd`` (FICLONE) if the file system can."""
+    try:
+        fcntl.ioctl(dfd, FICLONE, sfd)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL,
+                       errno.EPERM, errno.EISDIR):
+            return False  # another file system, a block device, no reflinks here
+        raise
+    return True
 
 
 def _extents(fd: int, size: int, chunk: int) -> Iterator[Tuple[int, int, bool]]:

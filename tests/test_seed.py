@@ -259,6 +259,36 @@ def test_adopt_without_seek_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert (tmp_path / "r.img").read_bytes() == data and m.digests == seed.digests_of(data)
 
 
+def test_adopt_by_reflink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On XFS or btrfs FICLONE shares the seed's blocks: adopt copies nothing itself, and
+    hashes what the clone holds. (Emulated: this machine's file system may have none.)"""
+    size = 5 * (1 << 20) + 7
+    src = tmp_path / "seed.img"
+    data = write_seed(src, size, random.Random(12))
+    calls = []
+
+    def ioctl(fd: int, request: int, arg: int) -> int:
+        assert request == seed.FICLONE
+        calls.append(fd)
+        os.ftruncate(fd, size)
+        os.pwrite(fd, os.pread(arg, size, 0), 0)
+        return 0
+
+    monkeypatch.setattr(seed.fcntl, "ioctl", ioctl)
+    monkeypatch.setattr(seed, "_pwrite_all", None)  # never called
+    m = seed.adopt(str(src), str(tmp_path / "r.img"), size)
+    assert calls and (tmp_path / "r.img").read_bytes() == data
+    assert m.digests == seed.digests_of(bytes(data))
+
+    def broken(fd: int, request: int, arg: int) -> int:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(seed.fcntl, "ioctl", broken)
+    with pytest.raises(OSError, match="Input/output"):
+        seed.adopt(str(src), str(tmp_path / "r2.img"), size)
+    assert not (tmp_path / "r2.img").exists() and not (tmp_path / "r2.img.seeding").exists()
+
+
 def test_an_all_hole_seed(tmp_path: Path) -> None:
     src = tmp_path / "seed.img"
     with open(src, "wb") as f:
