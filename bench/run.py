@@ -25,6 +25,7 @@ BENCHMARKS = {
     "splitter_fio": ["splitter_fio.py"],
     "initial_sync": ["initial_sync.py"],
     "pit_view": ["pit_view.py"],
+    "preseed_sync": ["preseed_sync.py"],
 }
 QUICK_FLAGS = {"changelog_micro": ["--writes", "50000"],
                "pit_view": ["--records", "100000", "--reads", "1000"]}
