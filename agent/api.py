@@ -201,7 +201,8 @@ class Api:
                            ("bytes_shipped", "Bytes of writes shipped to the target"),
                            ("bytes_queued", "Bytes in the splitter's queue"),
                            ("dirty_bytes", "Bytes in the dirty map"),
-                           ("resync_bytes", "Bytes read back by resyncs")):
+                           ("resync_bytes", "Bytes read back by resyncs"),
+                           ("resync_skipped_bytes", "Resync bytes the target's seed held")):
             metric(key, help_, "gauge" if key in ("bytes_queued", "dirty_bytes") else "counter",
                    [(lbl, st[key]) for lbl, st in disks])
         metric("group_bytes_sent", "Frame bytes sent to the target", "counter",

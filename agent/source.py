@@ -306,6 +306,8 @@ class GroupShipper:
 
     async def _session(self, fs: FrameStream) -> None:
         self.seeds = [None] * len(self.links)
+        if self.row.settings.get("seeds") and self.error is None:
+            self.error = "waiting for site B: it adopts the seeds of a new group first"
         durable = await open_session(fs, self.row, self.site_id, probe=False,
                                      seeds=self.seeds)
         send_ch, recv_ch = trio.open_memory_channel[Tuple[int, List[lw.Record]]](64)
