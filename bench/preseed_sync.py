@@ -139,6 +139,7 @@ def main() -> int:
     size = (args.size or (256 if args.quick else 1024)) * MiB
     work = Path(tempfile.mkdtemp(prefix="fyp", dir="/tmp"))
     try:
+        load_before = os.getloadavg()
         disk, seed, nchanged = make_files(work, size, args.changed)
         seed_sha = sha(seed)
         runs = []
@@ -180,11 +181,15 @@ def main() -> int:
         ok = all(r["ferry"]["identical"] and r["rsync"]["identical"]
                  and (r["ferry_plain"] is None or r["ferry_plain"]["identical"]) for r in runs)
         ok = ok and seed_kept
-        print("replicas identical: %s; seed file unchanged: %s" % (ok, seed_kept))
+        print("replicas identical: %s; seed file unchanged: %s; load average %.1f -> %.1f "
+              "(%d cpus)" % (ok, seed_kept, load_before[0], os.getloadavg()[0],
+                             os.cpu_count() or 0))
         report = {"benchmark": "preseed_sync", "date": time.strftime("%F %T %z"),
                   "parameters": {"disk_bytes": size, "chunk_bytes": CHUNK,
                                  "changed_percent": args.changed, "changed_chunks": nchanged,
                                  "reps": args.reps, "quick": args.quick,
+                                 "loadavg_before": load_before,
+                                 "loadavg_after": os.getloadavg(), "cpus": os.cpu_count(),
                                  "rsync": subprocess.run(["rsync", "--version"],
                                                          capture_output=True,
                                                          text=True).stdout.splitlines()[0]},
