@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd qemu-utils \
 	qemu-system-x86 fio busybox-static e2fsprogs cpio python3-venv python3-pip iproute2 \
-	rpm shellcheck
+	rpm shellcheck rsync
 PYTEST_ARGS ?=
 
 .PHONY: all deps apt venv test lint unit demo bench bench-quick clean package lint-packaging

@@ -2,7 +2,8 @@
 
     GET    /v1/status[?group=NAME]          this site's groups (source) and replicas (target)
     POST   /v1/groups                       protect: {name, target, disks: [{name, path}],
-                                            allow_unreachable?, queue_bytes?}
+                                            allow_unreachable?, queue_bytes?,
+                                            seeds?: {disk: path on site B}}
     DELETE /v1/groups/NAME                  unprotect
     POST   /v1/groups/NAME/wait             {timeout}: return once synced (504 if not)
     POST   /v1/groups/NAME/settings         {bandwidth}: change the link's limit now
@@ -118,6 +119,11 @@ class Api:
             if "bandwidth" in body:
                 settings["bandwidth"] = _bandwidth(body)
             kwargs["settings"] = settings
+            seeds = body.get("seeds", {})
+            if not isinstance(seeds, dict) or not all(
+                    isinstance(p, str) and p for p in seeds.values()):
+                raise RequestError("seeds must be an object {disk: path on the target site}")
+            kwargs["seeds"] = seeds
             return 201, await self.source.protect(
                 _str(body, "name"), [(d["name"], d["path"]) for d in disks],
                 _str(body, "target"), allow_unreachable=bool(body.get("allow_unreachable")),
@@ -235,7 +241,8 @@ class Api:
                            ("bytes_shipped", "Bytes of writes shipped to the target"),
                            ("bytes_queued", "Bytes in the splitter's queue"),
                            ("dirty_bytes", "Bytes in the dirty map"),
-                           ("resync_bytes", "Bytes read back by resyncs")):
+                           ("resync_bytes", "Bytes read back by resyncs"),
+                           ("resync_skipped_bytes", "Resync bytes the target's seed held")):
             metric(key, help_, "gauge" if key in ("bytes_queued", "dirty_bytes") else "counter",
                    [(lbl, st[key]) for lbl, st in disks])
         metric("group_bytes_sent", "Frame bytes sent to the target", "counter",

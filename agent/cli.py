@@ -197,13 +197,18 @@ def _split_disk(spec: str, index: int) -> Tuple[str, str]:
 @click.option("--bandwidth", default="0", show_default=True, metavar="RATE",
               help="Most bytes per second the link may carry (50M, 1G; 0: no limit). "
                    "Change it later with `ferry set`.")
+@click.option("--preseeded", "seeds", multiple=True, metavar="[NAME=]PATH",
+              help="A copy of disk NAME that site B already holds (absolute path there): "
+                   "only chunks that differ are shipped. Repeatable; a new group only.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_obj
 def protect(api: str, group: str, disks: Tuple[str, ...], target: str, queue: str,
             allow_unreachable: bool, history: str, journal_max: str,
-            checkpoint_interval: str, bandwidth: str, as_json: bool) -> None:
+            checkpoint_interval: str, bandwidth: str, seeds: Tuple[str, ...],
+            as_json: bool) -> None:
     """Protect disks as GROUP, replicated to TARGET; prints each disk's NBD URI."""
     specs = [_split_disk(s, i) for i, s in enumerate(disks)]
+    seeded = _seeds(seeds, [n for n, _p in specs])
     history_s = parse_duration(history)
     if history_s < 1:
         raise click.BadParameter("the history must be at least 1s", param_hint="--history")
@@ -212,13 +217,31 @@ def protect(api: str, group: str, disks: Tuple[str, ...], target: str, queue: st
         "queue_bytes": parse_size(queue),
         "history_s": int(history_s), "journal_max": parse_size(journal_max),
         "checkpoint_interval": parse_duration(checkpoint_interval),
-        "bandwidth": parse_size(bandwidth),
+        "bandwidth": parse_size(bandwidth), "seeds": seeded,
         "disks": [{"name": n, "path": p} for n, p in specs]})
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
     for d in result["disks"]:
         click.echo("%s\t%s" % (d["name"], d["nbd_uri"]))
+
+
+def _seeds(specs: Tuple[str, ...], disks: List[str]) -> Dict[str, str]:
+    """--preseeded NAME=PATH (PATH alone for a group of one disk); PATH is on site B."""
+    out: Dict[str, str] = {}
+    for spec in specs:
+        name, path = spec.split("=", 1) if "=" in spec else (
+            disks[0] if len(disks) == 1 else "", spec)
+        if not name:
+            raise click.BadParameter("give NAME=PATH for a group of several disks",
+                                     param_hint="--preseeded")
+        if not path.startswith("/"):
+            raise click.BadParameter("%s is a file on the target site: give its absolute "
+                                     "path" % path, param_hint="--preseeded")
+        if name in out:
+            raise click.BadParameter("disk %s is given twice" % name, param_hint="--preseeded")
+        out[name] = path
+    return out
 
 
 @cli.command(name="set")
@@ -476,9 +499,11 @@ def status(api: str, group: Optional[str], as_json: bool) -> None:
             " (%s)" % g["error"] if g.get("error") else ""))
         for dname, d in sorted(g["disks"].items()):
             lines.append("  %-12s %-18s written %-10s shipped %-10s queued %-10s dirty %-10s "
-                         "acked %d" % (dname, d["state"], _human(d["bytes_written"]),
-                                       _human(d["bytes_shipped"]), _human(d["bytes_queued"]),
-                                       _human(d["dirty_bytes"]), d["last_acked_seq"]))
+                         "acked %d%s" % (dname, d["state"], _human(d["bytes_written"]),
+                                         _human(d["bytes_shipped"]), _human(d["bytes_queued"]),
+                                         _human(d["dirty_bytes"]), d["last_acked_seq"],
+                                         "  seed held %s" % _human(d["resync_skipped_bytes"])
+                                         if d.get("resync_skipped_bytes") else ""))
             lines.append("  %-12s %s" % ("", d["nbd_uri"]))
     for name, r in sorted(result["replicas"].items()):
         src = r.get("source") or {}

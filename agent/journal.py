@@ -22,7 +22,9 @@ a crash. A segment is closed at ``segment_max`` bytes, or once its first record 
 (``nbd_plugin/jindex.py``) is written to ``seg-<number>.idx`` beside it.
 
 Besides the change records of the splitter protocol, two journal-only kinds carry a JSON
-object as their data: ``KIND_CHECKPOINT`` (a group checkpoint) and ``KIND_FAILOVER``.
+object as their data: ``KIND_CHECKPOINT`` (a group checkpoint) and ``KIND_FAILOVER``; and
+``KIND_SEEDED`` (a resync of a pre-seeded disk found the range as the seed has it,
+``agent/seed.py``) is a stream record without data that changes nothing.
 
 Opening a journal scans its last segment and cuts off a torn tail: the first record whose
 header or checksum does not hold, and all after it, were never acked and are dropped. A
@@ -45,7 +47,8 @@ from nbd_plugin import jindex
 from nbd_plugin.jindex import DATA_KINDS, KIND_CHECKPOINT, KIND_FAILOVER
 from nbd_plugin.localwire import KIND_NAMES
 
-JOURNAL_KINDS = set(KIND_NAMES) | {KIND_CHECKPOINT, KIND_FAILOVER}
+KIND_SEEDED = 32  # wire and journal: the range holds the seed's bytes (no data)
+JOURNAL_KINDS = set(KIND_NAMES) | {KIND_CHECKPOINT, KIND_FAILOVER, KIND_SEEDED}
 
 MAGIC = b"FJR\x01"
 RECORD = struct.Struct("<4sBBHIIQQQQ")

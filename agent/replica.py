@@ -44,7 +44,7 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from nbd_plugin import jindex
@@ -59,8 +59,9 @@ from nbd_plugin.localwire import (
 )
 from nbd_plugin.state import write_atomic
 
+from . import seed
 from .checkpoints import Checkpoint, CheckpointError, Point
-from .journal import SEGMENT_MAX, Journal, JRecord, Position
+from .journal import KIND_SEEDED, SEGMENT_MAX, Journal, JRecord, Position
 from .wire import MAX_RECORD, ProtocolError
 
 log = logging.getLogger("ferry.replica")
@@ -183,6 +184,7 @@ class TargetGroup:
             log.warning("group %s: a new protection replaces the old one; its replicas wait "
                         "for a full sync", name)
             shutil.rmtree(os.path.join(directory, "journal"), ignore_errors=True)
+            shutil.rmtree(os.path.join(directory, "seeds"), ignore_errors=True)
             meta = {"disks": [dict(d, applied_gen=0, applied_seq=0, ever_consistent=False)
                               for d in meta.get("disks", [])]}
         known = {d["name"]: d for d in meta.get("disks", [])}
@@ -217,6 +219,13 @@ class TargetGroup:
         if self.applied < self.journal.start:
             self.applied = self.journal.start
         self._since_checkpoint = 0
+        # A pre-seeded disk's seed lasts until its initial sync ends (agent/seed.py).
+        self.seeds: List[Optional[seed.SeedMap]] = [
+            None if st.ever_consistent else seed.load(directory, st.name, st.size)
+            for st in self.disks]
+        for st, m in zip(self.disks, self.seeds):
+            if m is None:
+                seed.drop(directory, st.name)
         # Learn what the journal holds beyond the replicas, and its checkpoints.
         self.checkpoints: List[Checkpoint] = []
         self._load_checkpoints()
@@ -227,6 +236,7 @@ class TargetGroup:
             st.gen, st.seq = rec.gen, rec.seq
             if rec.kind == KIND_CONSISTENT:
                 st.consistent_pending += 1
+            self._seed_note(rec)
         self._save_meta()
         self._head_state = _Head(self)
         if self.failover is None:
@@ -328,6 +338,7 @@ class TargetGroup:
                     st.gen, st.seq = r.gen, r.seq
                     if r.kind == KIND_CONSISTENT:
                         st.consistent_pending += 1
+                    self._seed_note(r)
                 self.checkpoints.extend(new_cps)
                 self._head_state.appended(fresh)
                 self._head()
@@ -338,6 +349,7 @@ class TargetGroup:
         """Every check before any write: a bad batch changes nothing."""
         cursor = [(d.gen, d.seq) for d in self.disks]
         fresh = []
+        seeds: Dict[int, Optional[seed.SeedMap]] = {}  # as this batch leaves them
         for r in records:
             if not 0 <= r.disk < len(self.disks):
                 raise ProtocolError("record for disk %d; group %s has %d disks"
@@ -357,8 +369,49 @@ class TargetGroup:
                 raise ProtocolError("disk %s: record %d/%d after %d/%d leaves a gap"
                                     % (st.name, r.gen, r.seq, gen, seq))
             cursor[r.disk] = (r.gen, r.seq)
+            if r.kind == KIND_SEEDED or self.seeds[r.disk] is not None:
+                r = self._check_seeded(r, seeds)
             fresh.append(r)
         return fresh
+
+    def _check_seeded(self, r: JRecord, seeds: Dict[int, Optional[seed.SeedMap]]) -> JRecord:
+        """Follow a batch's records through a copy of the disk's seed map: a SEEDED record
+        must name untouched chunks that the seed holds as the source does."""
+        if r.disk not in seeds:
+            m = self.seeds[r.disk]
+            seeds[r.disk] = m.copy() if m is not None else None
+        m = seeds[r.disk]
+        if r.kind == KIND_CONSISTENT:
+            seeds[r.disk] = None
+        if r.kind != KIND_SEEDED:
+            if m is not None:
+                m.touch(r.kind, r.offset, r.length)
+            return r
+        reason = "no seed (or its initial sync is over)" if m is None else \
+            m.check(r.offset, r.length, r.data)
+        if reason:
+            raise ProtocolError("disk %s: %s" % (self.disks[r.disk].name, reason))
+        return replace(r, data=None)  # nothing of it goes into the journal
+
+    def _seed_note(self, r: JRecord) -> None:
+        """A journaled record, for the disk's seed: touch it, or end it at ``consistent``."""
+        m = self.seeds[r.disk]
+        if m is None:
+            return
+        if r.kind == KIND_CONSISTENT:
+            self.seeds[r.disk] = None
+            seed.drop(self.directory, self.disks[r.disk].name)
+        else:
+            m.touch(r.kind, r.offset, r.length)
+
+    def seed_frames(self) -> Tuple[List[Tuple[int, int]], List[Tuple[int, int, int, bytes,
+                                                                      bytes]]]:
+        """What OPENED says (each disk's durable point) and, at the same instant, the SEED
+        frames: (disk, chunk, first chunk, digests, touched map)."""
+        with self._lock:
+            return self.durable(), [(i, m.chunk, first, digests, touched)
+                                    for i, m in enumerate(self.seeds) if m is not None
+                                    for first, digests, touched in m.frames()]
 
     # -- applying ------------------------------------------------------------------------
 
@@ -403,6 +456,9 @@ class TargetGroup:
             return  # the replicas are live disks now: nothing moves in the journal
         for fd in self._fds:
             os.fdatasync(fd)
+        for st, m in zip(self.disks, self.seeds):
+            if m is not None and m.changed:
+                seed.save_touched(self.directory, st.name, m)
         segments = self.journal.segments()
         if self.applied[0] != segments[-1] and \
                 self.applied[1] >= self.journal.segment_size(self.applied[0]):
@@ -664,6 +720,7 @@ class TargetGroup:
         oldest = self.checkpoints[0] if self.checkpoints else None
         newest = self.checkpoints[-1] if self.checkpoints else None
         covered = (now_ns - oldest.wall_ns) / 1e9 if oldest else 0.0
+        untouched = [m.untouched() if m is not None else None for m in self.seeds]
         return {
             "journal_bytes": self.journal.size(),
             "journal_segments": len(self.journal.segments()),
@@ -682,6 +739,7 @@ class TargetGroup:
                                "newest_gen": head[i][0], "newest_seq": head[i][1],
                                "consistent": d.ever_consistent and not held,
                                "ever_consistent": d.ever_consistent,
+                               "seed_untouched_chunks": untouched[i],
                                "replica": self.replica_path(d.name)}
                       for i, d in enumerate(self.disks)},
         }

@@ -39,7 +39,7 @@ import trio
 
 from nbd_plugin import localwire as lw
 
-from . import peer, splitters, tls, wire
+from . import peer, seed, splitters, tls, wire
 from .checkpoints import Checkpoint, Cutter, Point, Request
 from .pairing import NotPaired, how_to_pair, refused_us
 from .peer import FrameStream, keepalive, race
@@ -106,6 +106,7 @@ class DiskLink:
         self.error: Optional[str] = None
         self.shipped_bytes = 0
         self.shipped_records = 0
+        self.resync_skipped_bytes = 0   # resync data site B's seed already held
         self._rewind_at = 0.0
         self._send_lock = trio.Lock()
         self.sync_replies: Dict[str, Tuple[int, int]] = {}
@@ -230,6 +231,9 @@ class GroupShipper:
         self.channel: Optional[trio.MemorySendChannel] = None
         self.cancel_scope = trio.CancelScope()
         self.bytes_sent = 0
+        self._received = 0  # by sessions that ended
+        self._fs: Optional[FrameStream] = None
+        self.seeds: List[Optional[seed.SeedList]] = []  # site B's, for this session
         self.connected_since: Optional[float] = None
         self.settings = dict(DEFAULT_SETTINGS, **row.settings)
         self.bucket = TokenBucket(float(self.settings["bandwidth"]))
@@ -249,6 +253,10 @@ class GroupShipper:
     @property
     def live(self) -> bool:
         return self.channel is not None
+
+    @property
+    def bytes_received(self) -> int:
+        return self._received + (self._fs.bytes_received if self._fs else 0)
 
     def pause(self) -> None:
         """Stop shipping (the splitters queue, then dirty-map) until ``resume``."""
@@ -279,9 +287,10 @@ class GroupShipper:
                 else:
                     started = trio.current_time()
                     self._session_scope = trio.CancelScope()
+                    self._fs = FrameStream(stream, self.row.target)
                     try:
                         with self._session_scope:
-                            await self._session(FrameStream(stream, self.row.target))
+                            await self._session(self._fs)
                         if self.paused:
                             continue  # pause() ended the session; the loop's top waits
                     except NotPaired as e:
@@ -299,6 +308,8 @@ class GroupShipper:
                                    % (self.row.target, e or type(e).__name__))
                     finally:
                         await stream.aclose()
+                        self._received += self._fs.bytes_received
+                        self._fs, self.seeds = None, []
                     if trio.current_time() - started > 10:
                         backoff = 0.2  # it worked for a while: try again soon
                 await trio.sleep(backoff)
@@ -314,7 +325,11 @@ class GroupShipper:
             link.expected = None
 
     async def _session(self, fs: FrameStream) -> None:
-        durable = await open_session(fs, self.row, self.site_id, probe=False)
+        self.seeds = [None] * len(self.links)
+        if self.row.settings.get("seeds") and self.error is None:
+            self.error = "waiting for site B: it adopts the seeds of a new group first"
+        durable = await open_session(fs, self.row, self.site_id, probe=False,
+                                     seeds=self.seeds)
         send_ch, recv_ch = trio.open_memory_channel[Tuple[int, List[lw.Record]]](64)
         log.info("group %s: replicating to %s", self.row.name, self.row.target)
         self.state, self.error = "replicating", None
@@ -364,18 +379,26 @@ class GroupShipper:
         if not items and not ready:
             return
         size = sum(r.nbytes for _i, r in items)
-        body = wire.encode_batch(self.row.name, items, time.time_ns(), time.monotonic_ns(),
-                                 [c.to_wire() for c in ready])
+        cps = [c.to_wire() for c in ready]
         self._sent_ids.update(c.id for c in ready)
+
+        def encode() -> Tuple[List[Tuple[int, lw.Record]], bytes]:
+            out = seed.substitute(self.seeds, items) if any(self.seeds) else items
+            body = wire.encode_batch(self.row.name, out, time.time_ns(), time.monotonic_ns(),
+                                     cps)
+            return out, fs.codec.encode(wire.T_BATCH, body, True)
+
         if size > 256 * 1024:
-            frame = await trio.to_thread.run_sync(fs.codec.encode, wire.T_BATCH, body, True)
+            items, frame = await trio.to_thread.run_sync(encode)
         else:
-            frame = fs.codec.encode(wire.T_BATCH, body, True)
+            items, frame = encode()
         await self.bucket.take(len(frame))  # the link's bandwidth limit, if any
         await fs.send_frame(frame)
         self.bytes_sent += len(frame)
         for i, r in items:
-            if r.data is not None:
+            if r.kind == wire.KIND_SEEDED:
+                self.links[i].resync_skipped_bytes += r.length
+            elif r.data is not None:
                 self.links[i].shipped_bytes += r.length
             self.links[i].shipped_records += 1
 
@@ -468,8 +491,10 @@ def parse_durable(body: dict, ndisks: int) -> List[Tuple[int, int]]:
     return out
 
 
-async def open_session(fs: FrameStream, row: GroupRow, site_id: str,
-                       probe: bool) -> List[Tuple[int, int]]:
+async def open_session(fs: FrameStream, row: GroupRow, site_id: str, probe: bool,
+                       seeds: Optional[List[Optional[seed.SeedList]]] = None
+                       ) -> List[Tuple[int, int]]:
+    """HELLO, OPEN; the target's durable points, and its SEED frames into ``seeds``."""
     await fs.send(wire.T_HELLO, {"protocol": PROTOCOL, "site": site_id})
     try:
         await fs.expect(wire.T_WELCOME)
@@ -478,12 +503,20 @@ async def open_session(fs: FrameStream, row: GroupRow, site_id: str,
             raise refused_us(row.target) from None  # it did not take our certificate
         raise
     settings = dict(DEFAULT_SETTINGS, **row.settings)
-    await fs.send(wire.T_OPEN, {"group": row.name, "protection": row.protection,
-                                "probe": probe,
-                                "disks": [{"name": d.name, "size": d.size} for d in row.disks],
-                                "history_s": int(settings["history_s"]),
-                                "journal_max": int(settings["journal_max"])})
-    return parse_durable(await fs.expect(wire.T_OPENED), len(row.disks))
+    body = {"group": row.name, "protection": row.protection, "probe": probe,
+            "disks": [{"name": d.name, "size": d.size} for d in row.disks],
+            "history_s": int(settings["history_s"]),
+            "journal_max": int(settings["journal_max"])}
+    if settings.get("seeds"):
+        body["seeds"] = settings["seeds"]  # pre-seeded sync: site B's files (agent/seed.py)
+    await fs.send(wire.T_OPEN, body)
+    opened = await fs.expect(wire.T_OPENED)
+    durable = parse_durable(opened, len(row.disks))
+    frames = opened.get("seed_frames", 0)
+    if seeds is not None and isinstance(frames, int):
+        for _ in range(frames):
+            seed.parse_frame(await fs.expect(wire.T_SEED), seeds, [d.size for d in row.disks])
+    return durable
 
 
 class SourceSite:
@@ -632,7 +665,9 @@ class SourceSite:
     async def protect(self, name: str, disks: List[Tuple[str, str]], target: str,
                       queue_bytes: int = DEFAULT_QUEUE,
                       allow_unreachable: bool = False,
-                      settings: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                      settings: Optional[Dict[str, Any]] = None,
+                      seeds: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+        """``seeds``: {disk name: a file on site B to start its replica from}."""
         if not NAME_RE.match(name):
             raise RequestError("group name %r: use letters, digits, '_', '.', '-'" % name)
         if name in self._busy or self.store.group(name) is not None:
@@ -656,6 +691,15 @@ class SourceSite:
             if size == 0:
                 raise RequestError("disk %s: %s is empty" % (dname, path))
             rows.append((dname, path, size))
+        for dname, path in (seeds or {}).items():
+            if dname not in seen:
+                raise RequestError("a seed for disk %s, which group %s does not have"
+                                   % (dname, name))
+            if not path.startswith("/"):
+                raise RequestError("seed %s for disk %s: give the absolute path of a file on "
+                                   "site B" % (path, dname))
+        if seeds:
+            settings = dict(settings or {}, seeds=dict(seeds))
         self._busy.add(name)
         try:
             row = GroupRow(name, target, uuid.uuid4().hex, queue_bytes, time.time(),
@@ -694,7 +738,7 @@ class SourceSite:
                 raise RequestError("target %s accepts only TLS from paired sites and this "
                                    "agent runs --insecure: start it without --insecure, then "
                                    "%s" % (row.target, how_to_pair(row.target)), 403) from None
-            status = 409 if e.code == wire.E_SIZE_MISMATCH else 502
+            status = 409 if e.code in (wire.E_SIZE_MISMATCH, wire.E_BAD_SEED) else 502
             raise RequestError("target %s refused the group: %s" % (row.target, e),
                                status) from None
         except (OSError, EOFError, trio.TooSlowError, wire.ProtocolError,
@@ -877,6 +921,7 @@ class SourceSite:
                 "error": shipper.error if shipper else None,
                 "rpo_seconds": max((v["rpo_seconds"] for v in disks.values()), default=0.0),
                 "bytes_sent": shipper.bytes_sent if shipper else 0,
+                "bytes_received": shipper.bytes_received if shipper else 0,
                 "settings": dict(DEFAULT_SETTINGS, **row.settings),
                 "checkpoints_made": len(shipper.made) if shipper else 0,
                 "checkpoints_unacked": len(shipper.unacked) if shipper else 0,
@@ -916,6 +961,7 @@ class SourceSite:
             "generation": link.gen,
             "bytes_written": c.get("written_bytes", 0),
             "bytes_shipped": link.shipped_bytes,
+            "resync_skipped_bytes": link.resync_skipped_bytes,
             "records_shipped": link.shipped_records,
             "bytes_queued": c.get("queued_bytes", 0),
             "records_queued": c.get("queued_records", 0),

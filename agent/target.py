@@ -13,11 +13,14 @@ import json
 import logging
 import os
 import re
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import trio
 
-from . import checkpoints, wire
+from nbd_plugin.localwire import KIND_WRITE
+
+from . import checkpoints, seed, wire
 from .journal import JournalCorrupt
 from .pairing import Refused, Trust
 from .peer import FrameStream, keepalive, race
@@ -131,6 +134,7 @@ class TargetSite:
                 raise wire.ProtocolError("no handshake within %g s" % self.handshake_timeout)
             group_name, disks, protection = _parse_open(opened)
             limits = _parse_limits(opened)
+            seeds = _parse_seeds(opened)
             if opened.get("probe"):
                 # protect asks whether it may: answer, change nothing.
                 try:
@@ -139,6 +143,7 @@ class TargetSite:
                     log.error("refusing group %s from %s: %s", group_name, peer, e)
                     await fs.send_error(wire.E_SIZE_MISMATCH, str(e))
                     return
+                await self._check_seeds(group_name, disks, protection, seeds)
                 await fs.send(wire.T_OPENED, {"group": group_name, "durable": durable})
                 return
             with scope:
@@ -146,8 +151,9 @@ class TargetSite:
                     held = self.groups.get(group_name)
                     if held is not None:
                         _check_disks(held, disks)  # a refused source leaves the session be
+                    await self._check_seeds(group_name, disks, protection, seeds)
                     self._take_over(group_name, scope)
-                    group = await self._open_group(group_name, disks, protection)
+                    group = await self._open_group(group_name, disks, protection, seeds)
                     if limits is not None:
                         await trio.to_thread.run_sync(group.set_limits, *limits)
                 except SizeMismatch as e:
@@ -160,8 +166,17 @@ class TargetSite:
                     await fs.send_error(wire.E_BAD_GROUP, "group %s failed over on the target "
                                         "site; it takes no more changes" % group_name)
                     return
-                await fs.send(wire.T_OPENED, {"group": group_name,
-                                              "durable": [list(d) for d in group.durable()]})
+                durable_now, frames = await trio.to_thread.run_sync(group.seed_frames)
+                opened_body: Dict[str, Any] = {"group": group_name,
+                                               "durable": [list(d) for d in durable_now]}
+                frames = frames if seeds is not None else []  # a source that reads them
+                if frames:
+                    opened_body["seed_frames"] = len(frames)
+                await fs.send(wire.T_OPENED, opened_body)
+                for disk, chunk, first, digests, touched in frames:
+                    await fs.send(wire.T_SEED, {"group": group_name, "disk": disk,
+                                                "chunk": chunk, "first": first,
+                                                "digests": digests, "touched": touched})
                 log.info("replicating group %s from %s", group_name, peer)
                 self._sessions[group_name] = {"peer": peer, "batches": 0, "records": 0,
                                               "bytes": 0}
@@ -173,6 +188,9 @@ class TargetSite:
         except wire.ProtocolError as e:
             log.error("dropping connection from %s: %s (no replica was touched)", peer, e)
             await fs.send_error(wire.E_PROTOCOL, str(e))
+        except seed.SeedError as e:
+            log.error("refusing group %s from %s: %s", group_name, peer, e)
+            await fs.send_error(wire.E_BAD_SEED, str(e))
         except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError,
                 ConnectionError) as e:
             log.info("connection from %s ended: %s", peer, e or type(e).__name__)
@@ -207,8 +225,27 @@ class TargetSite:
             return [[0, 0] for _ in disks]
         return [list(d) for d in group.durable()]
 
+    async def _check_seeds(self, name: str, disks: List[Tuple[str, int]], protection: str,
+                           seeds: Optional[Dict[str, str]]) -> None:
+        """Refuse (seed.SeedError) seeds that cannot start this group's replicas: the
+        group must be new here, each seed readable and of its disk's size."""
+        held = self.groups.get(name)
+        if not seeds or (held is not None and held.protection == protection):
+            return  # nothing to adopt, or adopted when the group was made
+        if held is not None or name in self.broken:
+            raise seed.SeedError("site B already holds group %s: a seed starts a new group "
+                                 "only (protect without --preseeded, or move target/%s "
+                                 "aside on site B)" % (name, name))
+        sizes = dict(disks)
+        for dname, path in sorted(seeds.items()):
+            if dname not in sizes:
+                raise seed.SeedError("a seed for disk %s, which group %s does not have"
+                                     % (dname, name))
+            await trio.to_thread.run_sync(seed.check_file, path, sizes[dname])
+
     async def _open_group(self, name: str, disks: List[Tuple[str, int]],
-                          protection: str) -> TargetGroup:
+                          protection: str, seeds: Optional[Dict[str, str]] = None
+                          ) -> TargetGroup:
         lock = self._locks.setdefault(name, trio.Lock())
         async with lock:
             group = self.groups.get(name)
@@ -219,6 +256,10 @@ class TargetSite:
             if group is not None:
                 self.groups.pop(name)
                 await trio.to_thread.run_sync(group.close)
+            elif seeds:
+                await self._check_seeds(name, disks, protection, seeds)
+                await trio.to_thread.run_sync(_adopt, os.path.join(self.root, name), name,
+                                              disks, seeds)
             group = await trio.to_thread.run_sync(
                 lambda: TargetGroup(os.path.join(self.root, name), name, disks,
                                     protection=protection))
@@ -252,7 +293,7 @@ class TargetSite:
                                         wire.field(body, "mono_ns", int))
                     for c in cps:  # the source's wall time of each cut, by this frame's clocks
                         c.wall_ns = wall_ns - (mono_ns - c.time_ns)
-                    nbytes = sum(r.length for r in records if r.data is not None)
+                    nbytes = sum(r.length for r in records if r.kind == KIND_WRITE)
                     await send_ch.send((records, cps, nbytes))
 
         async def write() -> None:
@@ -363,6 +404,31 @@ def _restore(group: TargetGroup, disk: str, dest: str, ref: Optional[str],
     if not os.path.isdir(os.path.dirname(dest)):
         raise FileNotFoundError("directory %s does not exist" % os.path.dirname(dest))
     return group.restore(disk, dest, ref, at_wall_ns)
+
+
+def _adopt(directory: str, group: str, disks: List[Tuple[str, int]],
+           seeds: Dict[str, str]) -> None:
+    """Start a new group's replicas from the admin's seed files (agent/seed.py)."""
+    sizes = dict(disks)
+    os.makedirs(os.path.join(directory, "replicas"), exist_ok=True)
+    for dname, path in sorted(seeds.items()):
+        started = time.monotonic()
+        m = seed.adopt(path, os.path.join(directory, "replicas", dname + ".img"), sizes[dname])
+        seed.save_digests(directory, dname, m)  # only once its replica is whole
+        log.info("group %s: disk %s starts from the seed %s (%d bytes adopted in %.1f s)",
+                 group, dname, path, sizes[dname], time.monotonic() - started)
+
+
+def _parse_seeds(body: dict) -> Optional[Dict[str, str]]:
+    """OPEN's optional ``seeds``: {disk name: path of a seed file on this site}. Its
+    presence also says that the source reads SEED frames."""
+    if "seeds" not in body:
+        return None
+    raw = wire.field(body, "seeds", dict)
+    for dname, path in raw.items():
+        if not isinstance(path, str) or not 0 < len(path) <= 4096 or "\0" in path:
+            raise wire.ProtocolError("bad seed path for disk %r" % (dname,))
+    return dict(raw)
 
 
 def _parse_limits(body: dict) -> Optional[Tuple[float, int]]:

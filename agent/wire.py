@@ -28,7 +28,7 @@ import zstandard
 
 from nbd_plugin.localwire import KIND_NAMES, KIND_WRITE
 
-from .journal import JRecord
+from .journal import KIND_SEEDED, JRecord
 
 MAGIC = b"FRY\x01"
 WIRE_VERSION = 1
@@ -53,12 +53,13 @@ T_OPENED = 4     # target -> source: what the target already holds
 T_BATCH = 5      # source -> target: change records
 T_ACK = 6        # target -> source: durable up to
 T_ERROR = 7      # either way, then the sender closes
+T_SEED = 8       # target -> source, after OPENED: digests of a pre-seeded disk's chunks
 T_PAIR = 20      # source -> target, over TLS: pair with this token (agent/tls.py)
 T_PAIRED = 21    # target -> source: paired
 
 TYPE_NAMES = {T_HELLO: "HELLO", T_WELCOME: "WELCOME", T_OPEN: "OPEN", T_OPENED: "OPENED",
-              T_BATCH: "BATCH", T_ACK: "ACK", T_ERROR: "ERROR", T_PAIR: "PAIR",
-              T_PAIRED: "PAIRED"}
+              T_BATCH: "BATCH", T_ACK: "ACK", T_ERROR: "ERROR", T_SEED: "SEED",
+              T_PAIR: "PAIR", T_PAIRED: "PAIRED"}
 
 # Error codes carried by T_ERROR.
 E_PROTOCOL = "protocol"
@@ -68,6 +69,9 @@ E_STORAGE = "storage"
 E_TLS_REQUIRED = "tls-required"   # plaintext to a site that speaks only TLS
 E_UNPAIRED = "unpaired"           # TLS without a paired certificate
 E_PAIRING = "pairing-refused"     # a bad, used or expired token
+E_BAD_SEED = "bad-seed"
+
+SEEDED_DATA = 16  # a KIND_SEEDED record's data: the digest of its chunks' digests
 
 
 class ProtocolError(Exception):
@@ -213,6 +217,9 @@ def name_field(obj: dict, key: str) -> str:
 #     24      8     offset
 #     32      8     time_ns   source CLOCK_MONOTONIC at completion
 #
+# Besides the splitter's kinds, KIND_SEEDED (agent/seed.py): a resync of whole chunks that
+# site B's seed already holds; its "data" is SEEDED_DATA bytes, the range's digest.
+#
 # "wall_ns" and "mono_ns" are the source's wall and monotonic clocks when it sent the batch.
 #
 # "checkpoints" (optional, protocol 1 extension) is an array of group checkpoints, each
@@ -233,7 +240,7 @@ def encode_batch(group: str, records: list, wall_ns: int, mono_ns: int,
     for disk, r in records:
         recs += BATCH_RECORD.pack(disk, r.kind, r.flags, r.length, r.gen, r.seq, r.offset,
                                   r.time_ns)
-        if r.kind == KIND_WRITE:
+        if r.kind in (KIND_WRITE, KIND_SEEDED):
             data.append(r.data)
     body = {"group": group, "recs": bytes(recs), "data": b"".join(data),
             "wall_ns": wall_ns, "mono_ns": mono_ns}
@@ -254,16 +261,17 @@ def decode_batch(body: dict) -> list:
     out = []
     pos = 0
     for disk, kind, flags, length, gen, seq, offset, time_ns in BATCH_RECORD.iter_unpack(recs):
-        if kind not in KIND_NAMES:
+        if kind not in KIND_NAMES and kind != KIND_SEEDED:
             raise ProtocolError("unknown record kind %d" % kind)
         if kind == KIND_WRITE and length > MAX_RECORD:
             raise ProtocolError("write record of %d bytes is over the limit" % length)
         chunk = None
-        if kind == KIND_WRITE:
-            if pos + length > len(data):
+        if kind in (KIND_WRITE, KIND_SEEDED):
+            n = length if kind == KIND_WRITE else SEEDED_DATA
+            if pos + n > len(data):
                 raise ProtocolError("BATCH data shorter than its write records")
-            chunk = bytes(data[pos:pos + length])
-            pos += length
+            chunk = bytes(data[pos:pos + n])
+            pos += n
         out.append(JRecord(disk, gen, seq, kind, flags, offset, length, time_ns, chunk))
     if pos != len(data):
         raise ProtocolError("BATCH has %d bytes of data no record claims" % (len(data) - pos))

@@ -26,6 +26,7 @@ BENCHMARKS = {
     "initial_sync": ["initial_sync.py"],
     "pit_view": ["pit_view.py"],
     "tls_throughput": ["tls_throughput.py"],
+    "preseed_sync": ["preseed_sync.py"],
 }
 QUICK_FLAGS = {"changelog_micro": ["--writes", "50000"],
                "pit_view": ["--records", "100000", "--reads", "1000"]}

@@ -1,0 +1,404 @@
+"""Pre-seeded sync: site B starts a new group's replica from a copy it already holds.
+
+Theory of operation
+-------------------
+``protect ... --preseeded DISK=PATH`` names a file on site B (a restored backup, an old
+replica) that is nearly the disk. When the group's first session opens, site B copies that
+file into the replica (``adopt``: holes and zero chunks stay holes, the admin's file is only
+read) and keeps the xxh3_128 digest of every ``CHUNK`` of it. Site B sends those digests to
+the source at the start of every session (SEED frames) until the disk's initial sync ends.
+
+The initial sync runs as always: the splitter reads the whole disk back as resync records.
+The source's shipper (``SeedList.substitute``) hashes each resync write that covers whole
+chunks; when every chunk matches, it sends a SEEDED record in its place: same sequence
+number, no data, the range's digest. Site B journals it as a record that changes nothing.
+
+Why that is right: a chunk site B calls *untouched* (``SeedMap``) has had no record of the
+stream touch it since the seed was adopted, so the replica plus the journal hold exactly
+the seed's bytes there. A SEEDED record for it says "the disk holds these same bytes at
+this sequence number", which is what a resync write of them would have said. So site B
+refuses a SEEDED record for a chunk some earlier record touched, and the source, which
+forwards records in stream order, stops using a chunk's digest as soon as it forwards any
+other record that touches it (guest writes, zeroes, trims, resync data). A record the
+source lost (a splitter killed before it shipped) never touched site B's replica, so the
+chunk stays untouched there and a later SEEDED record for it is still right.
+
+Both sides drop the seed of a disk at its first ``consistent`` record (the initial sync
+is over): the source when it forwards it, site B when it journals it.
+
+On site B a disk's seed is two files in ``<group>/seeds/``: ``<disk>.digests`` (written
+once at adoption) and ``<disk>.touched`` (replaced when it changed, at each replica
+checkpoint). A crash loses at most touches of records still in the journal past the
+replicas' point, and opening the group touches those again. A seed file that does not
+read back is dropped: that costs a full sync, never a wrong replica.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import xxhash
+
+from nbd_plugin.localwire import (
+    FLAG_RESYNC,
+    KIND_CONSISTENT,
+    KIND_TRIM,
+    KIND_WRITE,
+    KIND_ZERO,
+    Record,
+)
+from nbd_plugin.state import write_atomic
+
+from .journal import KIND_SEEDED
+from .wire import ProtocolError, field
+
+CHUNK = 1024 * 1024        # the splitter's resync piece (nbd_plugin/link.py RESYNC_CHUNK)
+DIGEST = 16                # xxh3_128
+FRAME_CHUNKS = 65536       # digests per SEED frame (1 MiB of them)
+MAX_CHUNK = 64 * 1024 * 1024
+TOUCHING = (KIND_WRITE, KIND_ZERO, KIND_TRIM)
+
+# <group>/seeds/<disk>.digests: header, the digests, xxh3_64 of both.
+HEADER = struct.Struct("<4sIQQ")  # magic, chunk, disk size, chunks
+assert HEADER.size == 24
+MAGIC = b"FSD\x01"
+COPY_BLOCK = 8 * CHUNK
+FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
+_USABLE = bytes([1] + [0] * 255)  # touched map -> usable map
+
+
+class SeedError(Exception):
+    """A seed that cannot be used; the message says why, for the admin."""
+
+
+def chunks(size: int, chunk: int = CHUNK) -> int:
+    return -(-size // chunk)
+
+
+def digests_of(data: bytes, chunk: int = CHUNK) -> bytes:
+    """The digests of ``data``, chunk by chunk (the last one may be short)."""
+    view = memoryview(data)
+    return b"".join(xxhash.xxh3_128_digest(view[i:i + chunk])
+                    for i in range(0, len(view), chunk))
+
+
+def range_digest(digests: bytes) -> bytes:
+    """What a SEEDED record carries: the digest of its chunks' digests."""
+    return xxhash.xxh3_128_digest(digests)
+
+
+def _span(offset: int, length: int, chunk: int) -> Tuple[int, int]:
+    """The chunks ``[first, end)`` that ``[offset, offset + length)`` overlaps."""
+    return offset // chunk, -(-(offset + length) // chunk)
+
+
+def _aligned(offset: int, length: int, size: int, chunk: int) -> bool:
+    """Does the range cover whole chunks (the disk's last chunk may be short)?"""
+    end = offset + length
+    return length > 0 and offset % chunk == 0 and (end % chunk == 0 or end == size) \
+        and end <= size
+
+
+# -- site B ---------------------------------------------------------------------------------
+
+class SeedMap:
+    """Site B's digests of one disk's seed, and which chunks the stream has touched since."""
+
+    def __init__(self, size: int, digests: bytes, chunk: int = CHUNK,
+                 touched: Optional[bytearray] = None) -> None:
+        n = chunks(size, chunk)
+        if len(digests) != n * DIGEST:
+            raise ValueError("%d bytes of digests for %d chunks" % (len(digests), n))
+        self.size = size
+        self.chunk = chunk
+        self.digests = bytes(digests)
+        self.touched = touched if touched is not None else bytearray(n)  # 1: touched
+        if len(self.touched) != n:
+            raise ValueError("touched map of %d chunks for %d" % (len(self.touched), n))
+        self.changed = False  # touched since the map was last saved
+
+    def copy(self) -> SeedMap:
+        return SeedMap(self.size, self.digests, self.chunk, bytearray(self.touched))
+
+    def touch(self, kind: int, offset: int, length: int) -> None:
+        """A journaled record: a change to the replica's bytes ends their seed."""
+        if kind in TOUCHING and length:
+            first, end = _span(offset, length, self.chunk)
+            if self.touched.find(0, first, end) >= 0:
+                self.touched[first:end] = b"\x01" * (end - first)
+                self.changed = True
+
+    def check(self, offset: int, length: int, digest: Optional[bytes]) -> Optional[str]:
+        """Why a SEEDED record for this range is wrong, or None when it is right."""
+        if not _aligned(offset, length, self.size, self.chunk):
+            return "SEEDED record [%d, +%d) is not whole %d-byte chunks" % (
+                offset, length, self.chunk)
+        first, end = _span(offset, length, self.chunk)
+        if self.touched.find(1, first, end) >= 0:
+            return "SEEDED record [%d, +%d) for a chunk changed since the seed" % (
+                offset, length)
+        if digest != range_digest(self.digests[first * DIGEST:end * DIGEST]):
+            return "SEEDED record [%d, +%d) does not match the seed" % (offset, length)
+        return None
+
+    def untouched(self) -> int:
+        return len(self.touched) - self.touched.count(1)
+
+    def frames(self) -> Iterator[Tuple[int, bytes, bytes]]:
+        """(first chunk, digests, touched map) for each SEED frame."""
+        for first in range(0, len(self.touched), FRAME_CHUNKS):
+            end = min(first + FRAME_CHUNKS, len(self.touched))
+            yield first, self.digests[first * DIGEST:end * DIGEST], bytes(self.touched[first:end])
+
+
+def seed_paths(directory: str, disk: str) -> Tuple[str, str]:
+    base = os.path.join(directory, "seeds", disk)
+    return base + ".digests", base + ".touched"
+
+
+def save_digests(directory: str, disk: str, m: SeedMap) -> None:
+    """Write the seed's digests and an empty touched map; durable when it returns."""
+    os.makedirs(os.path.join(directory, "seeds"), exist_ok=True)
+    dpath, _tpath = seed_paths(directory, disk)
+    body = HEADER.pack(MAGIC, m.chunk, m.size, len(m.touched)) + m.digests
+    write_atomic(dpath, body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body)))
+    save_touched(directory, disk, m)
+
+
+def save_touched(directory: str, disk: str, m: SeedMap) -> None:
+    """Replace the touched map (atomic, durable when it returns)."""
+    _dpath, tpath = seed_paths(directory, disk)
+    body = bytes(m.touched)
+    write_atomic(tpath, body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body)))
+    m.changed = False
+
+
+def load(directory: str, disk: str, size: int) -> Optional[SeedMap]:
+    """The disk's seed, or None when there is none or it does not read back whole."""
+    dpath, tpath = seed_paths(directory, disk)
+    try:
+        with open(dpath, "rb") as f:
+            raw = f.read()
+        with open(tpath, "rb") as f:
+            touched = f.read()
+    except FileNotFoundError:
+        return None
+    for buf in (raw, touched):
+        if len(buf) < 8 or struct.unpack("<Q", buf[-8:])[0] != xxhash.xxh3_64_intdigest(
+                buf[:-8]):
+            return None
+    if len(raw) < HEADER.size + 8:
+        return None
+    magic, chunk, dsize, n = HEADER.unpack_from(raw)
+    if magic != MAGIC or dsize != size or not 0 < chunk <= MAX_CHUNK or n != chunks(size, chunk):
+        return None
+    try:
+        return SeedMap(size, raw[HEADER.size:-8], chunk, bytearray(touched[:-8]))
+    except ValueError:
+        return None
+
+
+def drop(directory: str, disk: str) -> None:
+    for path in seed_paths(directory, disk):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def check_file(path: str, size: int) -> None:
+    """Refuse a seed file the admin named that cannot be adopted (SeedError)."""
+    if not os.path.isabs(path):
+        raise SeedError("seed %s is not an absolute path" % path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise SeedError("seed %s: %s" % (path, e.strerror or e)) from None
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise SeedError("seed %s is neither a file nor a block device" % path)
+        have = os.lseek(fd, 0, os.SEEK_END)
+        if have != size:
+            raise SeedError("seed %s is %d bytes; the disk is %d bytes" % (path, have, size))
+    finally:
+        os.close(fd)
+
+
+def adopt(src: str, dest: str, size: int, chunk: int = CHUNK) -> SeedMap:
+    """Copy the seed ``src`` into the new replica ``dest`` and return its digests.
+
+    Where the file system can (XFS, btrfs), ``dest`` is a reflink of ``src``: nothing is
+    copied. Otherwise holes and all-zero chunks of the seed stay holes in ``dest``. Either
+    way the digests are of what ``dest`` holds, and ``src`` is opened read-only and never
+    changed. Writes ``dest`` under a temporary name and renames it when it is whole: the
+    data and the name are durable when this returns."""
+    check_file(src, size)
+    zeros = {n: xxhash.xxh3_128_digest(bytes(n)) for n in {chunk, size % chunk or chunk}}
+    out = bytearray()
+    tmp = dest + ".seeding"
+    sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        dfd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            cloned = _clone(sfd, dfd)
+            if not cloned:
+                os.ftruncate(dfd, size)
+            rfd = dfd if cloned else sfd
+            for start, end, data in _extents(rfd, size, chunk):
+                if not data:
+                    out += b"".join(zeros[min(chunk, size - off)]
+                                    for off in range(start, end, chunk))
+                    continue
+                for off in range(start, end, COPY_BLOCK):
+                    n = min(COPY_BLOCK, end - off)
+                    buf = os.pread(rfd, n, off)
+                    if len(buf) != n:
+                        raise OSError(errno.EIO, "seed %s ended early at byte %d"
+                                      % (src, off + len(buf)))
+                    view = memoryview(buf)
+                    for i in range(0, n, chunk):
+                        piece = view[i:i + chunk]
+                        digest = xxhash.xxh3_128_digest(piece)
+                        out += digest
+                        if not cloned and digest != zeros[len(piece)]:
+                            _pwrite_all(dfd, piece, off + i)
+            os.fdatasync(dfd)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+    os.rename(tmp, dest)
+    fd = os.open(os.path.dirname(os.path.abspath(dest)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return SeedMap(size, bytes(out), chunk)
+
+
+def _clone(sfd: int, dfd: int) -> bool:
+    """Make ``dfd`` a reflink of ``sfd`` (FICLONE) if the file system can."""
+    try:
+        fcntl.ioctl(dfd, FICLONE, sfd)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL,
+                       errno.EPERM, errno.EISDIR):
+            return False  # another file system, a block device, no reflinks here
+        raise
+    return True
+
+
+def _extents(fd: int, size: int, chunk: int) -> Iterator[Tuple[int, int, bool]]:
+    """``(start, end, holds data)`` in chunk-aligned pieces covering ``[0, size)``; a
+    chunk with any data in it counts as data. Without SEEK_DATA (a block device on some
+    kernels): one piece of data."""
+    pos = 0
+    while pos < size:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                data = size  # only a hole after pos
+            elif e.errno == errno.EINVAL:
+                yield pos, size, True
+                return
+            else:
+                raise
+        start = size if data >= size else data - data % chunk
+        if start > pos:
+            yield pos, start, False
+        if start >= size:
+            return
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        hole = min(size, -(-hole // chunk) * chunk)
+        yield start, hole, True
+        pos = hole
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+# -- site A ---------------------------------------------------------------------------------
+
+class SeedList:
+    """Site B's digests of one disk, as the source's shipper uses them in one session."""
+
+    def __init__(self, size: int, chunk: int) -> None:
+        n = chunks(size, chunk)
+        self.size = size
+        self.chunk = chunk
+        self.digests = bytearray(n * DIGEST)
+        self.usable = bytearray(n)  # 1: site B's digest of the chunk holds
+
+    def add(self, first: int, digests: bytes, touched: bytes) -> None:
+        n = len(touched)
+        if len(digests) != n * DIGEST or first < 0 or first + n > len(self.usable):
+            raise ValueError("SEED frame for chunks [%d, +%d) of a disk of %d"
+                             % (first, n, len(self.usable)))
+        self.digests[first * DIGEST:(first + n) * DIGEST] = digests
+        self.usable[first:first + n] = touched.translate(_USABLE)
+
+    def substitute(self, kind: int, flags: int, offset: int, length: int,
+                   data: Optional[bytes]) -> Optional[bytes]:
+        """A record about to be forwarded: the digest for a SEEDED record in its place
+        (a resync write of whole chunks that all match site B's), else None."""
+        if kind not in TOUCHING or not length:
+            return None
+        first, end = _span(offset, length, self.chunk)
+        if kind == KIND_WRITE and flags & FLAG_RESYNC and data is not None \
+                and _aligned(offset, length, self.size, self.chunk) \
+                and self.usable.find(0, first, end) < 0:
+            mine = digests_of(data, self.chunk)
+            if mine == self.digests[first * DIGEST:end * DIGEST]:
+                return range_digest(mine)
+        self.usable[first:end] = bytes(end - first)
+        return None
+
+
+def substitute(lists: List[Optional[SeedList]], items: List[Tuple[int, Record]]
+               ) -> List[Tuple[int, Record]]:
+    """A batch's (disk, record) pairs, in stream order, with a SEEDED record in place of
+    each resync write that site B's seed already holds; a disk's list ends at its first
+    ``consistent`` record."""
+    out = []
+    for i, r in items:
+        seeds = lists[i] if 0 <= i < len(lists) else None
+        if seeds is not None:
+            if r.kind == KIND_CONSISTENT:
+                lists[i] = None
+            else:
+                digest = seeds.substitute(r.kind, r.flags, r.offset, r.length, r.data)
+                if digest is not None:
+                    r = r._replace(kind=KIND_SEEDED, data=digest)
+        out.append((i, r))
+    return out
+
+
+def parse_frame(body: Dict, lists: List[Optional[SeedList]], sizes: List[int]) -> None:
+    """A SEED frame from site B into the session's lists (wire.ProtocolError if bad)."""
+    disk = field(body, "disk", int)
+    chunk = field(body, "chunk", int)
+    first = field(body, "first", int)
+    digests = field(body, "digests", bytes)
+    touched = field(body, "touched", bytes)
+    if not 0 <= disk < len(sizes) or not 0 < chunk <= MAX_CHUNK:
+        raise ProtocolError("SEED frame for disk %d, chunk %d" % (disk, chunk))
+    seeds = lists[disk]
+    if seeds is None or seeds.chunk != chunk:
+        seeds = lists[disk] = SeedList(sizes[disk], chunk)
+    try:
+        seeds.add(first, digests, touched)
+    except ValueError as e:
+        raise ProtocolError(str(e)) from None
