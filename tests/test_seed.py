@@ -462,6 +462,10 @@ async def test_the_target_refuses_bad_seeds_and_sends_good_ones(tmp_path: Path) 
                     await session(site, port, dict(body, seeds=seeds, probe=probe))
                 assert e.value.code == code
         assert os.listdir(site.root) == []  # nothing was made
+        site.broken["h"] = "KeyError: 'size'"  # a group site B holds but could not open
+        with pytest.raises(wire.RemoteError, match="cannot open it: KeyError") as e:
+            await session(site, port, dict(body, group="h"))
+        assert e.value.code == wire.E_BAD_SEED
         fs, opened = await session(site, port, body)  # the probe: fine, nothing made
         await fs.aclose()
         assert "seed_frames" not in opened and os.listdir(site.root) == []
