@@ -44,6 +44,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import xxhash
 
+from nbd_plugin.disk import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 from nbd_plugin.localwire import (
     FLAG_RESYNC,
     KIND_CONSISTENT,
@@ -234,40 +235,24 @@ def adopt(src: str, dest: str, size: int, chunk: int = CHUNK) -> SeedMap:
     """Copy the seed ``src`` into the new replica ``dest`` and return its digests.
 
     Where the file system can (XFS, btrfs), ``dest`` is a reflink of ``src``: nothing is
-    copied. Otherwise holes and all-zero chunks of the seed stay holes in ``dest``. Either
-    way the digests are of what ``dest`` holds, and ``src`` is opened read-only and never
-    changed. Writes ``dest`` under a temporary name and renames it when it is whole: the
-    data and the name are durable when this returns."""
+    copied. Otherwise the seed's data is copied in the kernel (``copy_file_range``, or
+    read and write where that cannot cross file systems), holes skipped. Then ``dest`` is
+    read back and hashed: the digests are of what the replica holds, and its all-zero
+    chunks are made holes. ``src`` is opened read-only and never changed. ``dest`` is
+    written under a temporary name and renamed when whole: the data and the name are
+    durable when this returns."""
     check_file(src, size)
-    zeros = {n: xxhash.xxh3_128_digest(bytes(n)) for n in {chunk, size % chunk or chunk}}
-    out = bytearray()
     tmp = dest + ".seeding"
     sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
         dfd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            cloned = _clone(sfd, dfd)
-            if not cloned:
+            if not _clone(sfd, dfd):
                 os.ftruncate(dfd, size)
-            rfd = dfd if cloned else sfd
-            for start, end, data in _extents(rfd, size, chunk):
-                if not data:
-                    out += b"".join(zeros[min(chunk, size - off)]
-                                    for off in range(start, end, chunk))
-                    continue
-                for off in range(start, end, COPY_BLOCK):
-                    n = min(COPY_BLOCK, end - off)
-                    buf = os.pread(rfd, n, off)
-                    if len(buf) != n:
-                        raise OSError(errno.EIO, "seed %s ended early at byte %d"
-                                      % (src, off + len(buf)))
-                    view = memoryview(buf)
-                    for i in range(0, n, chunk):
-                        piece = view[i:i + chunk]
-                        digest = xxhash.xxh3_128_digest(piece)
-                        out += digest
-                        if not cloned and digest != zeros[len(piece)]:
-                            _pwrite_all(dfd, piece, off + i)
+                for start, end, data in _extents(sfd, size, chunk):
+                    if data:
+                        _copy(sfd, dfd, start, end, src)
+            digests = _hash(dfd, size, chunk, src)
             os.fdatasync(dfd)
         except BaseException:
             os.unlink(tmp)
@@ -282,7 +267,7 @@ def adopt(src: str, dest: str, size: int, chunk: int = CHUNK) -> SeedMap:
         os.fsync(fd)
     finally:
         os.close(fd)
-    return SeedMap(size, bytes(out), chunk)
+    return SeedMap(size, digests, chunk)
 
 
 def _clone(sfd: int, dfd: int) -> bool:
@@ -295,6 +280,55 @@ def _clone(sfd: int, dfd: int) -> bool:
             return False  # another file system, a block device, no reflinks here
         raise
     return True
+
+
+def _copy(sfd: int, dfd: int, start: int, end: int, src: str) -> None:
+    """Copy ``[start, end)`` in the kernel; by reads and writes where it cannot."""
+    off = start
+    try:
+        while off < end:
+            n = os.copy_file_range(sfd, dfd, end - off, off, off)
+            if n == 0:
+                raise OSError(errno.EIO, "seed %s ended early at byte %d" % (src, off))
+            off += n
+        return
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+    buf = bytearray(COPY_BLOCK)
+    while off < end:
+        view = memoryview(buf)[:min(COPY_BLOCK, end - off)]
+        n = os.preadv(sfd, [view], off)
+        if n == 0:
+            raise OSError(errno.EIO, "seed %s ended early at byte %d" % (src, off))
+        _pwrite_all(dfd, view[:n], off)
+        off += n
+
+
+def _hash(fd: int, size: int, chunk: int, src: str) -> bytes:
+    """The digests of the file's chunks; all-zero chunks become holes on the way."""
+    zeros = {n: xxhash.xxh3_128_digest(bytes(n)) for n in {chunk, size % chunk or chunk}}
+    out = bytearray()
+    buf = bytearray(COPY_BLOCK - COPY_BLOCK % chunk or chunk)
+    for start, end, data in _extents(fd, size, chunk):
+        if not data:
+            out += b"".join(zeros[min(chunk, size - off)] for off in range(start, end, chunk))
+            continue
+        for off in range(start, end, len(buf)):
+            view = memoryview(buf)[:min(len(buf), end - off)]
+            if os.preadv(fd, [view], off) != len(view):
+                raise OSError(errno.EIO, "seed %s: its copy ended early" % src)
+            for i in range(0, len(view), chunk):
+                piece = view[i:i + chunk]
+                digest = xxhash.xxh3_128_digest(piece)
+                out += digest
+                if digest == zeros[len(piece)]:
+                    try:
+                        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off + i,
+                                  len(piece))
+                    except OSError:
+                        pass  # it stays allocated: the bytes are right all the same
+    return bytes(out)
 
 
 def _extents(fd: int, size: int, chunk: int) -> Iterator[Tuple[int, int, bool]]:

@@ -233,9 +233,11 @@ class TargetSite:
         if not seeds or (held is not None and held.protection == protection):
             return  # nothing to adopt, or adopted when the group was made
         if held is not None or name in self.broken:
-            raise seed.SeedError("site B already holds group %s: a seed starts a new group "
-                                 "only (protect without --preseeded, or move target/%s "
-                                 "aside on site B)" % (name, name))
+            raise seed.SeedError("site B already holds group %s%s: a seed starts a new group "
+                                 "only (protect without --preseeded, or move target/%s aside "
+                                 "on site B)" % (name, " (and cannot open it: %s)"
+                                                 % self.broken[name] if held is None else "",
+                                                 name))
         sizes = dict(disks)
         for dname, path in sorted(seeds.items()):
             if dname not in sizes:

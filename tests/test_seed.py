@@ -259,6 +259,38 @@ def test_adopt_without_seek_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert (tmp_path / "r.img").read_bytes() == data and m.digests == seed.digests_of(data)
 
 
+@pytest.mark.parametrize("errno_", [18, 22, 38, 95])  # EXDEV EINVAL ENOSYS EOPNOTSUPP
+def test_adopt_where_the_kernel_cannot_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            errno_: int) -> None:
+    """copy_file_range across file systems (older kernels, some file systems), or from a
+    block device: the copy falls back to reads and writes, after a partial copy too."""
+    size = 3 * (1 << 20) + 5
+    src = tmp_path / "seed.img"
+    data = write_seed(src, size, random.Random(13))
+    real = os.copy_file_range
+    calls = []
+
+    def copy_file_range(src_fd: int, dst_fd: int, count: int, offset_src: int,
+                        offset_dst: int) -> int:
+        calls.append(count)
+        if len(calls) == 1:
+            return real(src_fd, dst_fd, min(count, 4096), offset_src, offset_dst)
+        raise OSError(errno_, os.strerror(errno_))
+
+    monkeypatch.setattr(os, "copy_file_range", copy_file_range)
+    m = seed.adopt(str(src), str(tmp_path / "r.img"), size)
+    assert (tmp_path / "r.img").read_bytes() == data and m.digests == seed.digests_of(data)
+    assert len(calls) >= 2
+
+    def broken(*args: int) -> int:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "copy_file_range", broken)
+    with pytest.raises(OSError, match="Input/output"):
+        seed.adopt(str(src), str(tmp_path / "r2.img"), size)
+    assert not (tmp_path / "r2.img.seeding").exists()
+
+
 def test_adopt_by_reflink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On XFS or btrfs FICLONE shares the seed's blocks: adopt copies nothing itself, and
     hashes what the clone holds. (Emulated: this machine's file system may have none.)"""
@@ -462,6 +494,10 @@ async def test_the_target_refuses_bad_seeds_and_sends_good_ones(tmp_path: Path) 
                     await session(site, port, dict(body, seeds=seeds, probe=probe))
                 assert e.value.code == code
         assert os.listdir(site.root) == []  # nothing was made
+        site.broken["h"] = "KeyError: 'size'"  # a group site B holds but could not open
+        with pytest.raises(wire.RemoteError, match="cannot open it: KeyError") as e:
+            await session(site, port, dict(body, group="h"))
+        assert e.value.code == wire.E_BAD_SEED
         fs, opened = await session(site, port, body)  # the probe: fine, nothing made
         await fs.aclose()
         assert "seed_frames" not in opened and os.listdir(site.root) == []
