@@ -224,7 +224,7 @@ def main() -> int:
     ap.add_argument("--intervals", default="1,0.5", help="checkpoint intervals, seconds")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    seconds = args.seconds or (12 if args.quick else 40)
+    seconds = args.seconds or (8 if args.quick else 40)
     reps = args.reps or (1 if args.quick else 3)
     history = 4 if args.quick else 8
     warmup = history + 2.0
