@@ -87,9 +87,14 @@ def nbdcopy(work: Path, image: Path, size: int) -> float:
                        check=True)
         return time.monotonic() - t
     finally:
-        os.kill(int(pid.read_text()), 15)
-        time.sleep(0.2)
-        dest.unlink()
+        n = int(pid.read_text())
+        os.kill(n, 15)
+        deadline = time.monotonic() + 10
+        while os.path.exists("/proc/%d" % n) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # The next repetition binds the same path: nbdkit may leave its socket behind.
+        for leftover in (sock, pid, dest):
+            leftover.unlink(missing_ok=True)
 
 
 def main() -> int:
