@@ -6,9 +6,10 @@ Each benchmark is a program in this folder that prints its own table and writes 
 the machine, the versions and its parameters) and, where a curve says more, a PNG to
 bench/results/. This runner records the machine, runs them, and writes
 bench/results/summary.md: every figure of issue 6 with its baseline from the same run, its
-goal, and whether it is met. ``--quick`` passes each benchmark its quick flags (short runs,
-one repetition: the whole suite in under 5 minutes); the full run repeats every
-measurement and reports medians.
+goal, and whether it is met (with ``--only``, the other benchmarks' latest results are
+listed too, marked as from an earlier run). ``--quick`` passes each benchmark its quick
+flags (short runs, one repetition: the whole suite in under 5 minutes); the full run
+repeats every measurement and reports medians.
 """
 
 from __future__ import annotations
@@ -57,8 +58,10 @@ def summary(names: List[str], failed: List[str], machine: Dict[str, Any], quick:
              "| figure | Ferry | baseline, same run | ratio | goal | met | benchmark |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     notes = []
-    for name in names:
+    for name in BENCHMARKS:
         path = report.RESULTS / (name + ".json")
+        if name not in names and not path.exists():
+            continue
         if name in failed:
             notes.append("- `%s` FAILED in this run (see its output)." % name)
             continue
@@ -71,12 +74,13 @@ def summary(names: List[str], failed: List[str], machine: Dict[str, Any], quick:
         if not figures:
             notes.append("- `%s`: no figures in its JSON (%s)." % (name, path.name))
             continue
+        when = "" if name in names else " (earlier run, %s)" % data.get("date", "?")[:16]
         for f in figures:
             met = {True: "yes", False: "**no**", None: "-"}[f.get("met")]
             ratio = "" if f.get("ratio") is None else "%.2f" % f["ratio"]
-            lines.append("| %s | %s | %s | %s | %s | %s | `%s` |" % (
+            lines.append("| %s | %s | %s | %s | %s | %s | `%s`%s |" % (
                 f["figure"], f["ferry"], f.get("baseline") or "-", ratio,
-                f.get("goal") or "-", met, data.get("command", name)))
+                f.get("goal") or "-", met, data.get("command", name), when))
         if data.get("plot"):
             notes.append("- `%s`: plot %s" % (name, Path(data["plot"]).name))
     counted = [ln for ln in lines if ln.startswith("| ") and not ln.startswith("| figure")]
