@@ -108,7 +108,7 @@ def outage(size: int, seconds: float, resync_limit: float) -> Dict[str, Any]:
         p.b.start()
         t = time.monotonic()
         synced = p.a.ferry("wait", "big", "--synced", "--timeout", "%d" % resync_limit,
-                           check=False).returncode == 0
+                           check=False, timeout=resync_limit + 60).returncode == 0
         resync_s = time.monotonic() - t
         after = p.a.status("big")["groups"]["big"]["disks"]["big"]
     written = int(w["bytes"])
@@ -142,7 +142,7 @@ def main() -> int:
     # passes its budget many times over and must keep merging.
     outage_size = (args.outage_disk or (3 if args.quick else 64)) * GiB
     outage_s = args.outage_seconds or (8.0 if args.quick else 60.0)
-    resync_limit = 120 if args.quick else 900
+    resync_limit = 120 if args.quick else 600
 
     runs: List[Dict[str, Any]] = []
     for n in counts:
