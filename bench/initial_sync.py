@@ -26,8 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report
-
-from agent.lab.sites import Site
+from pair import start_sites
 
 MiB = 1024 * 1024
 
@@ -51,11 +50,9 @@ def fill(path: Path, size: int) -> int:
 
 
 def ferry_sync(work: Path, image: Path) -> tuple:
-    a, b = Site("A", work / "r"), Site("B", work / "r")
     (work / "r").mkdir(exist_ok=True)
+    a, b = start_sites(work / "r")
     try:
-        b.start()
-        a.start()
         t = time.monotonic()
         a.ferry("protect", "s", "--disk", "vda=%s" % image, "--target", b.address)
         a.ferry("wait", "s", "--synced", "--timeout", "1800")

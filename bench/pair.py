@@ -11,6 +11,7 @@ whatever happened, and the working directory is removed.
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 import subprocess
@@ -19,11 +20,29 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.lab.sites import Site
+
+
+def start_sites(root: Path, tries: int = 3) -> Tuple[Site, Site]:
+    """Start site B, then site A, under ``root``. ``Site`` picks free ports before the
+    agent binds them, and other work on this machine may take one meanwhile (an API port
+    that answers with a Ferry frame, or a bind that fails): then start again, new ports."""
+    for attempt in range(tries):
+        a, b = Site("A", root), Site("B", root)
+        try:
+            b.start()
+            a.start()
+            return a, b
+        except (OSError, RuntimeError, http.client.HTTPException):
+            for site in (a, b):
+                site.stop()
+            if attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 class Pair:
@@ -34,8 +53,7 @@ class Pair:
         self.b = Site("B", self.root)
 
     def __enter__(self) -> Pair:
-        self.b.start()
-        self.a.start()
+        self.a, self.b = start_sites(self.root)
         return self
 
     def __exit__(self, *exc: object) -> None:

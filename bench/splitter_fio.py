@@ -32,8 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report
-
-from agent.lab.sites import Site
+from pair import start_sites
 
 MiB = 1024 * 1024
 SIZE = 1024 * MiB
@@ -140,7 +139,7 @@ def main() -> int:
     reps = args.reps or (1 if args.quick else 3)
     work = Path(tempfile.mkdtemp(prefix="fyb", dir="/tmp"))
     pids = []
-    a, b = Site("A", work), Site("B", work)
+    a = b = None
     try:
         images = {}
         for name in ("file", "ferry"):
@@ -153,8 +152,7 @@ def main() -> int:
         uris["noop-python"], pid = nbdkit(work, "noop", "python", str(HERE / "noop_plugin.py"),
                                           "size=%d" % SIZE)
         pids.append(pid)
-        b.start()
-        a.start()
+        a, b = start_sites(work)
         out = a.ferry("protect", "bench", "--disk", "vda=%s" % images["ferry"], "--target",
                       b.address).stdout
         uris["ferry"] = out.split("\t")[1].strip()
@@ -208,8 +206,9 @@ def main() -> int:
             except (OSError, ValueError):
                 pass
         for site in (a, b):
-            site.stop()
-            site.kill_splitters()
+            if site is not None:
+                site.stop()
+                site.kill_splitters()
         shutil.rmtree(work, ignore_errors=True)
 
 
