@@ -5,9 +5,12 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd qemu-utils \
 	qemu-system-x86 fio busybox-static e2fsprogs cpio python3-venv python3-pip iproute2 \
 	rpm shellcheck rsync
+# Only the benchmarks need these (their PNG plots).
+BENCH_APT_PACKAGES := python3-matplotlib
 PYTEST_ARGS ?=
 
-.PHONY: all deps apt venv test lint unit demo bench bench-quick clean package lint-packaging
+.PHONY: all deps apt bench-apt venv test lint unit demo bench bench-quick clean package \
+	lint-packaging
 
 all: test
 
@@ -15,6 +18,13 @@ deps: apt venv
 
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p 2>/dev/null | grep -q '^Status: install ok' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+bench-apt:
+	@missing=$$(for p in $(BENCH_APT_PACKAGES); do dpkg -s $$p 2>/dev/null | grep -q '^Status: install ok' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing:" $$missing; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
@@ -48,10 +58,10 @@ unit: deps
 demo: deps
 	$(PY) -m agent.lab.demo
 
-bench: deps
+bench: deps bench-apt
 	$(PY) bench/run.py
 
-bench-quick: deps
+bench-quick: deps bench-apt
 	$(PY) bench/run.py --quick
 
 clean:

@@ -7,12 +7,14 @@ take and the target's ack every 64 writes (as when replication keeps up).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import report
 
 from nbd_plugin import localwire as lw
 from nbd_plugin.changelog import ChangeLog
@@ -34,11 +36,15 @@ def run(writes: int) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--writes", type=int, default=200_000)
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
     runs = sorted(run(args.writes) for _ in range(5))
     print("change log: %.2f us per 4 KiB write (median of 5; min %.2f, max %.2f)"
           % (runs[2], runs[0], runs[-1]))
-    print(json.dumps({"benchmark": "changelog_micro", "us_per_write": runs[2], "runs": runs}))
+    figures = [report.figure("change log cost per 4 KiB write (no nbdkit)",
+                             "%.2f us" % runs[2], us_per_write=runs[2])]
+    report.write("changelog_micro", args.out, {"writes": args.writes, "reps": 5}, figures,
+                 us_per_write=runs[2], runs=runs)
     return 0
 
 

@@ -12,7 +12,6 @@ median reported; the replica is checked against the source.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -24,11 +23,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from agent.lab.sites import Site
+import report
+from pair import start_sites
 
 MiB = 1024 * 1024
-HERE = Path(__file__).resolve().parent
 
 
 def fill(path: Path, size: int) -> int:
@@ -50,11 +50,9 @@ def fill(path: Path, size: int) -> int:
 
 
 def ferry_sync(work: Path, image: Path) -> tuple:
-    a, b = Site("A", work / "r"), Site("B", work / "r")
     (work / "r").mkdir(exist_ok=True)
+    a, b = start_sites(work / "r")
     try:
-        b.start()
-        a.start()
         t = time.monotonic()
         a.ferry("protect", "s", "--disk", "vda=%s" % image, "--target", b.address)
         a.ferry("wait", "s", "--synced", "--timeout", "1800")
@@ -86,9 +84,14 @@ def nbdcopy(work: Path, image: Path, size: int) -> float:
                        check=True)
         return time.monotonic() - t
     finally:
-        os.kill(int(pid.read_text()), 15)
-        time.sleep(0.2)
-        dest.unlink()
+        n = int(pid.read_text())
+        os.kill(n, 15)
+        deadline = time.monotonic() + 10
+        while os.path.exists("/proc/%d" % n) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # The next repetition binds the same path: nbdkit may leave its socket behind.
+        for leftover in (sock, pid, dest):
+            leftover.unlink(missing_ok=True)
 
 
 def main() -> int:
@@ -96,7 +99,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--size", type=int, default=None, help="disk size in MiB")
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--out", default=str(HERE / "results" / "initial_sync.json"))
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
     size = (args.size or (256 if args.quick else 1024)) * MiB
     reps = args.reps or (1 if args.quick else 3)
@@ -122,12 +125,15 @@ def main() -> int:
         print("%-10s %8.1f %10.0f" % ("nbdcopy", med_copy, data / med_copy / 1e6))
         print("%-10s %8.1f %10.0f   (%.0f%% of nbdcopy)" % (
             "ferry", med_ferry, data / med_ferry / 1e6, 100 * med_copy / med_ferry))
-        report = {"benchmark": "initial_sync", "date": time.strftime("%F %T %z"),
-                  "disk_bytes": size, "data_bytes": data, "runs": runs,
-                  "median": {"nbdcopy_s": med_copy, "ferry_s": med_ferry}}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
-        print("wrote %s" % args.out)
+        ratio = statistics.median(r["nbdcopy_s"] / r["ferry_s"] for r in runs)
+        figures = [report.figure(
+            "initial sync MB/s", "%.0f MB/s" % (data / med_ferry / 1e6),
+            "nbdcopy %.0f MB/s" % (data / med_copy / 1e6), ratio, ">= 90% of nbdcopy",
+            ratio >= 0.9, ferry_s=med_ferry, nbdcopy_s=med_copy)]
+        report.print_figures(figures)
+        report.write("initial_sync", args.out, {"disk_bytes": size, "data_bytes": data,
+                                                "reps": reps}, figures, runs=runs,
+                     median={"nbdcopy_s": med_copy, "ferry_s": med_ferry})
         return 0 if all(r["identical"] for r in runs) else 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
