@@ -410,6 +410,7 @@ class ChangeLog:
                 "queue_limit": self.queue_limit,
                 "dirty_bytes": self.dirty.bytes,
                 "dirty_ranges": len(self.dirty),
+                "dirty_coarsened_bytes": self.dirty.coarsened_bytes,
                 "inconsistent": int(self._inconsistent),
                 "initial": int(self.initial),
                 "lag_ns": now - since,

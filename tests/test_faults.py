@@ -141,6 +141,8 @@ def test_full_queue_spills_to_dirty_map_and_resyncs(lab: Lab) -> None:
     d = lab.a.status("g1")["groups"]["g1"]["disks"]["vda"]
     assert d["state"] == "bitmap"
     assert d["bytes_queued"] <= 1 * MiB
+    assert d["dirty_ranges"] > 0
+    assert d["dirty_coarsened_bytes"] == 0  # 400 ranges are far from the map's budget
     lab.b.start()
     # Writes go on during the resync.
     for _ in range(200):
