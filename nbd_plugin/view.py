@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import nbdkit  # provided by nbdkit's python plugin
 
 from nbd_plugin import jindex
+from nbd_plugin.threadstate import pin
 
 API_VERSION = 2
 
@@ -79,5 +80,6 @@ def can_cache(h):
 
 
 def pread(h, buf, offset, flags):
+    pin()
     # An OSError here reaches the client as an error (nbdkit's python plugin reports it).
     _reader.readinto(buf, offset)
