@@ -27,6 +27,8 @@ RETRY_INTERVAL = 0.5
 ACTIVITY_TRIM_INTERVAL = 1.0  # look for idle extents to drop from the activity log,
 ACTIVITY_IDLE = 5.0           # cold and not written for this long
 WATERMARK_INTERVAL = 0.05  # an idle disk still tells the agent how far it is complete
+BATCH_LINGER = 0.001       # after a small batch, let records gather this long
+SMALL_BATCH = 256 * 1024   # bytes
 
 
 _log_file = sys.stderr
@@ -173,9 +175,15 @@ class Link:
                 records, watermark = self.changelog.take(MAX_BATCH,
                                                          timeout=0.0 if resynced else 0.1)
                 if records:
-                    send_parts(sock, lw.pack_records(records, watermark))
+                    parts = lw.pack_records(records, watermark)
+                    send_parts(sock, parts)
                     resynced = False
                     last_watermark = now
+                    if lw.unpack_header(parts[0])[1] < SMALL_BATCH:
+                        # Few records came: let more gather (fewer wake-ups here and in
+                        # the writers, fewer messages for the agent) for a millisecond
+                        # of replication lag.
+                        time.sleep(BATCH_LINGER)
                 else:
                     if now - last_watermark >= WATERMARK_INTERVAL:
                         # Nothing to send: the watermark alone lets group checkpoints
