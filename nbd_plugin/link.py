@@ -214,7 +214,7 @@ class Link:
                 kind, data = lw.KIND_ZERO, None
             else:
                 data = self.disk.read(offset, length)
-                kind = lw.KIND_ZERO if data.count(0) == length else lw.KIND_WRITE
+                kind = lw.KIND_ZERO if self.disk.all_zero(data) else lw.KIND_WRITE
                 if kind == lw.KIND_ZERO:
                     data = None
         except OSError as e:
