@@ -31,7 +31,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import Callable, Deque, Dict, List, Optional, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Tuple, Union
 
 from .activity import ActivityLog
 from .dirtymap import DirtyMap
@@ -50,6 +50,14 @@ Clock = Callable[[], int]
 # Writes larger than this become several records (consecutive sequence numbers, queued
 # together), so a record always fits a frame however large the client's request.
 RECORD_DATA_MAX = 4 * 1024 * 1024
+
+
+def _pieces(data: Union[bytes, bytearray, memoryview], length: int) -> List[bytes]:
+    """``data`` as bytes of at most RECORD_DATA_MAX each (a copy unless it is bytes)."""
+    if length <= RECORD_DATA_MAX:
+        return [data if isinstance(data, bytes) else bytes(data)]
+    view = memoryview(data)
+    return [bytes(view[pos:pos + RECORD_DATA_MAX]) for pos in range(0, length, RECORD_DATA_MAX)]
 
 
 class Stats:
@@ -153,10 +161,23 @@ class ChangeLog:
         kind: int,
         offset: int,
         length: int,
-        data: Optional[bytes] = None,
+        data: Optional[Union[bytes, bytearray, memoryview]] = None,
         flags: int = 0,
     ) -> None:
-        """Record a change made to the disk under ``token`` and drop the range lock."""
+        """Record a change made to the disk under ``token`` and drop the range lock.
+
+        ``data`` may be a buffer the caller reuses once this returns (nbdkit's): the change
+        log keeps a copy only if it queues the change, so a change that goes to the dirty
+        map costs no copy. The copy is made before the lock is taken when the queue looks
+        like having room (and under the lock in the rare case it gained room meanwhile)."""
+        if kind == KIND_WRITE:
+            nbytes = -(-length // RECORD_DATA_MAX) * RECORD.size + length
+        else:
+            nbytes = RECORD.size
+        pieces = None
+        if (data is not None and not flags & FLAG_RESYNC
+                and self._queued_bytes + nbytes <= self.queue_limit):
+            pieces = _pieces(data, length)  # a read without the lock: only a guess
         with self._lock:
             self._release(token)
             self.stats.written_bytes += length if not flags & FLAG_RESYNC else 0
@@ -165,14 +186,10 @@ class ChangeLog:
                 self._resyncing -= 1
                 self._resync_regions.remove((offset, length))
                 self.stats.resync_bytes += length
-                self._append(kind, offset, length, data, flags)
+                self._append(kind, offset, length, None if data is None else bytes(data),
+                             flags)
                 self._maybe_consistent()
                 return
-            if kind == KIND_WRITE:
-                pieces = -(-length // RECORD_DATA_MAX)
-                nbytes = pieces * RECORD.size + length
-            else:
-                nbytes = RECORD.size
             if self._queued_bytes + nbytes > self.queue_limit:
                 self.dirty.add(offset, length)
                 self.stats.dirtied_bytes += length
@@ -180,14 +197,15 @@ class ChangeLog:
                 self._unflushed = True
                 self._wake()
                 return
-            if kind == KIND_WRITE and length > RECORD_DATA_MAX:
-                assert data is not None
-                view = memoryview(data)
-                for pos in range(0, length, RECORD_DATA_MAX):
-                    n = min(RECORD_DATA_MAX, length - pos)
-                    self._append(kind, offset + pos, n, bytes(view[pos:pos + n]), flags)
+            if data is None:
+                self._append(kind, offset, length, None, flags)
             else:
-                self._append(kind, offset, length, data, flags)
+                if pieces is None:
+                    pieces = _pieces(data, length)
+                pos = offset
+                for piece in pieces:
+                    self._append(kind, pos, len(piece), piece, flags)
+                    pos += len(piece)
             self._unflushed = True
 
     def flush(self) -> None:

@@ -184,8 +184,9 @@ def pwrite(h, buf, offset, flags):
     except OSError as e:
         _log.release(token)
         _fail(e.errno or errno.EIO, "write: %s" % e)
-    # nbdkit owns buf and reuses it once we return: the queue gets a copy.
-    _log.commit(token, lw.KIND_WRITE, offset, length, bytes(buf),
+    # nbdkit owns buf and reuses it once we return: commit copies it if it queues the
+    # change (a change that goes to the dirty map needs no copy).
+    _log.commit(token, lw.KIND_WRITE, offset, length, buf,
                 lw.FLAG_FUA if flags & nbdkit.FLAG_FUA else 0)
 
 
