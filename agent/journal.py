@@ -176,9 +176,9 @@ class Journal:
         except FileNotFoundError:
             raw = b""
         entries = jindex.unpack_idx(raw, size)
-        if entries is not None and jindex.idx_version(raw) < 2:
-            # An index from before the pieces were sorted by block: add them, so views
-            # of this segment open without sorting it.
+        if entries is not None and not jindex.idx_current(raw):
+            # An index from before the pieces were sorted by block (or sorted by blocks of
+            # another size): sort them now, so views of this segment open without it.
             self._write_index(segno, entries, size)
             self.migrated_indexes += 1
         if entries is None:

@@ -7,7 +7,8 @@ and the CPU each process used meanwhile.
 Starts two agents on this machine (``agent.lab.sites``), protects a 1 GiB raw image, waits
 for the initial sync, then runs the fio job (``--ioengine=nbd``) ``--reps`` times and prints,
 per run, IOPS, MB/s and the CPU (user + system, in % of one core) of the splitter's nbdkit
-and of both agents. CPU per unit of work varies less than throughput on a shared machine:
+and of both agents, fio's own, and how busy the whole machine was (other work included).
+CPU per unit of work varies less than throughput on a shared machine:
 use it to compare two versions of the splitter, run after run.
 
 ``--py-spy DIR`` records each process with py-spy (``--gil``: samples that hold the GIL,
@@ -42,6 +43,14 @@ def cpu_seconds(pid: int) -> float:
     with open("/proc/%d/stat" % pid) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy() -> tuple:
+    """(busy, total) jiffies of all CPUs, from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + v[4]  # idle + iowait
+    return sum(v) - idle, sum(v)
 
 
 def main() -> int:
@@ -87,6 +96,7 @@ def main() -> int:
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             os.sync()
             before = {k: cpu_seconds(p) for k, p in pids.items()}
+            busy0 = machine_busy()
             t = time.monotonic()
             proc = subprocess.run(
                 ["fio", "--name=cpu", "--ioengine=nbd", "--uri=" + uri, "--size=1G",
@@ -94,11 +104,18 @@ def main() -> int:
                  *JOBS[args.job]], capture_output=True, text=True, check=True)
             elapsed = time.monotonic() - t
             after = {k: cpu_seconds(p) for k, p in pids.items()}
-            w = json.loads(proc.stdout[proc.stdout.index("{"):])["jobs"][0]["write"]
-            print("rep %d %s: %.0f IOPS %.1f MB/s; CPU %s" % (
-                rep + 1, args.job, w["iops"], w["bw_bytes"] / 1e6,
-                ", ".join("%s %.0f%%" % (k, 100 * (after[k] - before[k]) / elapsed)
-                          for k in pids)), flush=True)
+            busy1 = machine_busy()
+            job = json.loads(proc.stdout[proc.stdout.index("{"):])["jobs"][0]
+            w = job["write"]
+            ncpu = os.cpu_count() or 1
+            print("rep %d %s: %.0f IOPS %.1f MB/s; CPU %s, fio %.0f%%; machine %.0f%% of %d"
+                  "%% busy" % (
+                      rep + 1, args.job, w["iops"], w["bw_bytes"] / 1e6,
+                      ", ".join("%s %.0f%%" % (k, 100 * (after[k] - before[k]) / elapsed)
+                                for k in pids),
+                      job["usr_cpu"] + job["sys_cpu"],
+                      100 * ncpu * (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]),
+                      100 * ncpu), flush=True)
             for tool in tools:
                 tool.wait()
         a.ferry("wait", "bench", "--synced", "--timeout", "600")

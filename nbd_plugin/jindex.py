@@ -24,7 +24,7 @@ When a segment is closed, its index file ``seg-<n>.idx`` is written beside it (v
     refs        M x 4    u32 the entry number of each piece
     spans       D x 32   per disk with pieces: disk u32, first gen u32, first seq u64,
                          last gen u32, reserved u32, last seq u64
-    counts      16       N u32, M u32, D u32, reserved u32
+    counts      16       N u32, M u32, D u32, block shift u32 (12: the keys' block size)
     trailer     16       magic b"FJX\x02", crc32 (zlib) of every byte before the magic,
                          covers u64 (the segment's size in bytes when the index was written)
 
@@ -154,7 +154,8 @@ def pack_index(ix: SegmentIndex, covers: int) -> bytes:
     spans = b"".join(SPAN.pack(d, f[0], f[1], last[0], 0, last[1])
                      for d, (f, last) in sorted(ix.spans.items()))
     body = b"".join([ix.entries, _raw(array("Q", ix.keys)), _raw(ix.refs), spans,
-                     COUNTS.pack(len(ix.entries) // ENTRY.size, len(ix.keys), len(ix.spans), 0)])
+                     COUNTS.pack(len(ix.entries) // ENTRY.size, len(ix.keys), len(ix.spans),
+                                 BLOCK_SHIFT)])
     return body + TRAILER.pack(IDX_MAGIC, zlib.crc32(body), covers)
 
 
@@ -168,6 +169,8 @@ def unpack_index(buf: bytes, covers: int) -> Optional[Tuple[SegmentIndex, int]]:
     if parts is None:
         return None
     raw, keys, refs, spans = parts
+    if _shift_v2(buf) != BLOCK_SHIFT:  # keys of another block size: sort them again
+        return index_entries(bytes(raw)), 2
     table = {}
     for d, fg, fs, lg, _r, ls in SPAN.iter_unpack(spans):
         table[d] = ((fg, fs), (lg, ls))
@@ -190,6 +193,12 @@ def idx_version(buf: bytes) -> int:
     return {IDX_MAGIC_V1: 1, IDX_MAGIC: 2}.get(bytes(magic), 0)
 
 
+def idx_current(buf: bytes) -> bool:
+    """Version 2 with keys of this ``BLOCK_SHIFT`` (the file may still not hold)."""
+    return idx_version(buf) == 2 and len(buf) >= COUNTS.size + TRAILER.size \
+        and _shift_v2(buf) == BLOCK_SHIFT
+
+
 def _entries_v1(buf: bytes, covers: int) -> Optional[bytes]:
     if len(buf) < TRAILER.size or (len(buf) - TRAILER.size) % ENTRY.size:
         return None
@@ -200,6 +209,10 @@ def _entries_v1(buf: bytes, covers: int) -> Optional[bytes]:
     return entries if crc == zlib.crc32(entries) else None
 
 
+def _shift_v2(buf: bytes) -> int:
+    return int(COUNTS.unpack_from(buf, len(buf) - COUNTS.size - TRAILER.size)[3])
+
+
 def _split_v2(buf: bytes, covers: int) -> Optional[Tuple[memoryview, ...]]:
     tail = COUNTS.size + TRAILER.size
     if len(buf) < tail:
@@ -207,7 +220,7 @@ def _split_v2(buf: bytes, covers: int) -> Optional[Tuple[memoryview, ...]]:
     magic, crc, size = TRAILER.unpack_from(buf, len(buf) - TRAILER.size)
     if magic != IDX_MAGIC or size != covers:
         return None
-    n, m, d, _r = COUNTS.unpack_from(buf, len(buf) - tail)
+    n, m, d, _shift = COUNTS.unpack_from(buf, len(buf) - tail)
     if n * ENTRY.size + m * 12 + d * SPAN.size + tail != len(buf):
         return None
     view = memoryview(buf)

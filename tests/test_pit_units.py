@@ -224,6 +224,33 @@ def test_version_1_index_files_are_read_and_migrated(tmp_path: Path) -> None:
     j2.close()
 
 
+def test_an_index_of_another_block_size_is_sorted_again(tmp_path: Path) -> None:
+    j = Journal(str(tmp_path), segment_max=10000)
+    for i in range(1, 30):
+        j.append([wrec(i, i * 70000, bytes([i]) * 1000)])
+    segno = j.segments()[0]
+    j.close()
+    path = jindex.idx_path(j.path(segno))
+    with open(path, "rb") as f:
+        good = f.read()
+    covers = os.path.getsize(j.path(segno))
+    # The file labelled with 64 KiB blocks: its keys must not be used as they are.
+    at = len(good) - jindex.TRAILER.size - jindex.COUNTS.size
+    n, m, d, _shift = jindex.COUNTS.unpack_from(good, at)
+    body = good[:at] + jindex.COUNTS.pack(n, m, d, 16)
+    other = body + jindex.TRAILER.pack(jindex.IDX_MAGIC, zlib.crc32(body), covers)
+    assert not jindex.idx_current(other) and jindex.idx_current(good)
+    got = jindex.unpack_index(other, covers)
+    assert got is not None and got[0] == jindex.unpack_index(good, covers)[0]  # type: ignore
+    with open(path, "wb") as f:
+        f.write(other)
+    j2 = Journal(str(tmp_path), segment_max=10000)
+    assert j2.migrated_indexes == 1
+    with open(path, "rb") as f:
+        assert f.read() == good
+    j2.close()
+
+
 # -- the journal --------------------------------------------------------------------------
 
 
