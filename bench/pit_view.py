@@ -15,6 +15,7 @@ checkpoint every 10,000 records), then:
 - reads ``--reads`` random 4 KiB blocks through the view and through the baseline with
   libnbd, one at a time, interleaved, ``--reps`` times, and reports p50/p99 of each and the
   median of the per-repetition ratios; every read through the view must equal the file's.
+  The same reads go to a no-op Python plugin too: the floor of any view written in Python.
 
 The last segment stays open (being written), as on a live target: the view gets its index
 from the agent. Prints figures; asserts nothing about time.
@@ -98,6 +99,12 @@ def main() -> None:
         fsock = os.path.join(root, "file.sock")
         procs.append(subprocess.Popen(["nbdkit", "--foreground", "--readonly", "--unix",
                                        fsock, "file", dest]))
+        # And the floor of any Python plugin: one that answers without reading anything.
+        nsock = os.path.join(root, "noop.sock")
+        procs.append(subprocess.Popen(["nbdkit", "--foreground", "--readonly", "--unix",
+                                       nsock, "python",
+                                       str(Path(__file__).resolve().parent / "noop_plugin.py"),
+                                       "size=%d" % args.disk_size]))
 
         views = Views(os.path.join(root, "data"))
         maps, opens = [], []
@@ -118,18 +125,20 @@ def main() -> None:
               % (statistics.median(opens), ["%.2f" % x for x in opens]))
 
         v = views.open(g, cid, None, test=False)
-        hv, hf = nbd.NBD(), nbd.NBD()
+        hv, hf, hn = nbd.NBD(), nbd.NBD(), nbd.NBD()
         hv.connect_uri(v["disks"]["vda"])
         hf.connect_uri("nbd+unix:///?socket=" + fsock)
+        hn.connect_uri("nbd+unix:///?socket=" + nsock)
         rng = random.Random(2)
         rows = []
         for rep in range(args.reps):
             offsets = [rng.randrange(0, args.disk_size // 4096) * 4096
                        for _ in range(args.reads)]
-            lat: dict = {"view": [], "file": []}
+            lat: dict = {"view": [], "file": [], "noop": []}
             for i, off in enumerate(offsets):
-                # Interleaved, alternating which goes first: both see the same machine.
-                order = ((hv, "view"), (hf, "file")) if i % 2 else ((hf, "file"), (hv, "view"))
+                # Interleaved, rotating which goes first: all see the same machine.
+                order = [(hv, "view"), (hf, "file"), (hn, "noop")]
+                order = order[i % 3:] + order[:i % 3]
                 got = {}
                 for h, name in order:
                     t = time.perf_counter()
@@ -142,20 +151,26 @@ def main() -> None:
                 row[name] = (percentile(lat[name], 0.5) * 1e6, percentile(lat[name], 0.99) * 1e6)
             rows.append(row)
             print("rep %d: 4 KiB random reads, n=%d: view p50 %.0f us p99 %.0f us | file p50 "
-                  "%.0f us p99 %.0f us | p99 ratio %.2f" % (
-                      rep + 1, args.reads, row["view"][0], row["view"][1], row["file"][0],
-                      row["file"][1], row["view"][1] / row["file"][1]))
+                  "%.0f us p99 %.0f us | no-op Python p50 %.0f us p99 %.0f us | p99 view/file "
+                  "%.2f" % (rep + 1, args.reads, row["view"][0], row["view"][1], row["file"][0],
+                            row["file"][1], row["noop"][0], row["noop"][1],
+                            row["view"][1] / row["file"][1]))
         hv.shutdown()
         hf.shutdown()
+        hn.shutdown()
         views.close(v["id"], {"bench": g})
-        print("median: view p50 %.0f us p99 %.0f us; file p50 %.0f us p99 %.0f us; "
-              "p99 view/file %.2f, p50 view/file %.2f" % (
+        print("median: view p50 %.0f us p99 %.0f us; file p50 %.0f us p99 %.0f us; no-op "
+              "Python p50 %.0f us p99 %.0f us; p99 view/file %.2f, p50 view/file %.2f, p99 "
+              "no-op/file %.2f" % (
                   statistics.median(r["view"][0] for r in rows),
                   statistics.median(r["view"][1] for r in rows),
                   statistics.median(r["file"][0] for r in rows),
                   statistics.median(r["file"][1] for r in rows),
+                  statistics.median(r["noop"][0] for r in rows),
+                  statistics.median(r["noop"][1] for r in rows),
                   statistics.median(r["view"][1] / r["file"][1] for r in rows),
-                  statistics.median(r["view"][0] / r["file"][0] for r in rows)))
+                  statistics.median(r["view"][0] / r["file"][0] for r in rows),
+                  statistics.median(r["noop"][1] / r["file"][1] for r in rows)))
         print("check: every read through the view equals the restored checkpoint")
         g.close()
     finally:

@@ -32,7 +32,8 @@ A *piece* is a write, zero or trim record of non-zero length cut at ``BLOCK`` (4
 boundaries: an aligned record of 4 KiB has one, a record of 4 MiB has 1,024 (12 bytes each,
 0.3 % of the data). With the keys sorted, the
 pieces of a block are found by bisection, which is what lets a point-in-time view open with
-one read per segment and no work per record (``JournalMap``).
+one read per segment, nothing decoded per record, and one merge of sorted lists
+(``JournalMap``).
 
 Version 1 (written before the keys existed) is the entries followed by the trailer alone,
 with magic b"FJX\x01" and the crc32 of the entries. It is still read: the agent rewrites
@@ -46,6 +47,7 @@ record headers.
 from __future__ import annotations
 
 import bisect
+import mmap
 import os
 import struct
 import sys
@@ -281,12 +283,14 @@ def entries(buf: bytes) -> Iterator[Tuple[int, int, int, int, int, int, int, int
 class JournalMap:
     """Newest-wins view of one disk's records between two points, over segment indexes.
 
-    Nothing is built per record: each segment's keys are sorted by block, so a read finds
-    the pieces of its blocks by bisection, segment by segment from the newest, newest record
-    first, and stops as soon as every byte asked for is covered. What no piece covers comes
-    from the replica. Records count when they are of ``disk``, their ``(gen, seq)`` is in
-    ``(base, upto]``, and they lie at or after ``start`` (the replica's journal position)
-    and before each segment's ``end``.
+    Nothing is decoded per record when the map is built: each segment's pieces are sorted
+    by block already, so ``seal`` only merges the disk's keys of every segment into one
+    sorted list of ints (``block << 56 | rank << 32 | ~entry``, the newest segment having
+    rank 0): about 0.2 us a piece, in C mostly. A read then bisects that list once, takes
+    the records over its blocks newest first, and stops as soon as every byte asked for is
+    covered; what no record covers comes from the replica. Records count when they are of
+    ``disk``, their ``(gen, seq)`` is in ``(base, upto]``, and they lie at or after
+    ``start`` (the replica's journal position) and before each segment's ``end``.
     """
 
     def __init__(self, disk: int, base: Point, upto: Point, start: Tuple[int, int] = (0, 0)
@@ -295,87 +299,119 @@ class JournalMap:
         self.base = base
         self.upto = upto
         self.start = start
-        # Newest first: (segment number, index, first position, end position).
-        self._parts: List[Tuple[int, SegmentIndex, int, int]] = []
+        # Oldest first until sealed: (segment number, index, first position, end position).
+        self._added: List[Tuple[int, SegmentIndex, int, int]] = []
+        # Sealed, newest first: (segment number, its entries, first position, end position).
+        self._parts: List[Tuple[int, bytes, int, int]] = []
+        self._merged: Optional[List[int]] = None
 
     def add_segment(self, segno: int, ix: SegmentIndex, end: int) -> None:
         """Add the next segment (oldest first), of which the map sees ``end`` bytes."""
+        assert self._merged is None, "the map is sealed"
         span = ix.spans.get(self.disk)
         if span is None or span[1] <= self.base or span[0] > self.upto:
             return  # no record of the disk in the window
         if segno < self.start[0]:
             return
         floor = self.start[1] if segno == self.start[0] else 0
-        self._parts.insert(0, (segno, ix, floor, end))
+        self._added.append((segno, ix, floor, end))
+
+    def seal(self) -> None:
+        """Merge the segments' keys (done by the first lookup if not called before)."""
+        if self._merged is not None:
+            return
+        if len(self._added) >= 1 << 24:
+            raise ValueError("a view of more than 16,777,216 segments")
+        lo_key, hi_key = self.disk << DISK_SHIFT, (self.disk + 1) << DISK_SHIFT
+        merged: List[int] = []
+        parts = []
+        for rank, (segno, ix, floor, end) in enumerate(reversed(self._added)):
+            lo = bisect.bisect_left(ix.keys, lo_key)
+            hi = bisect.bisect_left(ix.keys, hi_key, lo)
+            tag = rank << 32 | _ENTRY_MASK
+            merged += [(k - lo_key) << 56 | (tag - ref)
+                       for k, ref in zip(ix.keys[lo:hi], ix.refs[lo:hi])]
+            parts.append((segno, ix.entries, floor, end))
+        merged.sort()
+        self._parts = parts
+        self._added = []
+        self._merged = merged
 
     def pieces(self) -> int:
-        lo, hi = self.disk << DISK_SHIFT, (self.disk + 1) << DISK_SHIFT
-        return sum(bisect.bisect_left(ix.keys, hi) - bisect.bisect_left(ix.keys, lo)
-                   for _s, ix, _f, _e in self._parts)
+        self.seal()
+        assert self._merged is not None
+        return len(self._merged)
 
     @property
     def segments(self) -> int:
-        return len(self._parts)
+        return len(self._parts) if self._merged is not None else len(self._added)
 
     def lookup(self, offset: int, length: int) -> List[Tuple[int, int, Optional[Source]]]:
         """Cover [offset, offset+length) with (start, end, source) in order; a source of
         None means the replica."""
+        merged = self._merged
+        if merged is None:
+            self.seal()
+            merged = self._merged
+            assert merged is not None
         end = offset + length
-        # What no piece covers yet: disjoint, in order.
+        # What no record covers yet: disjoint, in order.
         starts, ends = [offset], [end]
         out: List[Tuple[int, int, Optional[Source]]] = []
-        key = self.disk << DISK_SHIFT
-        first, last = key | offset >> BLOCK_SHIFT, key | (end - 1) >> BLOCK_SHIFT
+        lo = bisect.bisect_left(merged, (offset >> BLOCK_SHIFT) << 56)
+        hi = bisect.bisect_left(merged, (((end - 1) >> BLOCK_SHIFT) + 1) << 56, lo)
+        if hi - lo == 1:
+            cands = [merged[lo] & _TAG_MASK]
+        else:
+            # Newest first (rank, then entry, both inverted in the tag), each record once
+            # (a record over several blocks has a key in each).
+            cands = sorted({c & _TAG_MASK for c in merged[lo:hi]})
+        parts = self._parts
         base, upto = self.base, self.upto
         unpack = ENTRY.unpack_from
-        for segno, ix, floor, limit in self._parts:
-            keys = ix.keys
-            lo = bisect.bisect_left(keys, first)
-            if lo == len(keys) or keys[lo] > last:
+        for tag in cands:
+            segno, entries, floor, limit = parts[tag >> 32]
+            ref = _ENTRY_MASK - (tag & _ENTRY_MASK)
+            _d, kind, _f, gen, n, seq, roff, _t, rpos = unpack(entries, ref * ENTRY.size)
+            rend = roff + n
+            i = bisect.bisect_right(ends, roff)
+            if i == len(starts) or starts[i] >= rend:
+                continue  # covers nothing left
+            if rpos < floor or rpos >= limit or not base < (gen, seq) <= upto:
                 continue
-            hi = bisect.bisect_right(keys, last, lo)
-            # Newest record first; a record over several blocks counts once.
-            refs = sorted(set(ix.refs[lo:hi]), reverse=True) if hi - lo > 1 else (ix.refs[lo],)
-            entries = ix.entries
-            for ref in refs:
-                _d, kind, _f, gen, n, seq, roff, _t, rpos = unpack(entries, ref * ENTRY.size)
-                rend = roff + n
-                i = bisect.bisect_right(ends, roff)
-                if i == len(starts) or starts[i] >= rend:
-                    continue  # covers nothing left
-                if rpos < floor or rpos >= limit or not base < (gen, seq) <= upto:
-                    continue
-                j = i
-                new_starts: List[int] = []
-                new_ends: List[int] = []
-                while j < len(starts) and starts[j] < rend:
-                    a, b = starts[j], ends[j]
-                    if a < roff:
-                        new_starts.append(a)
-                        new_ends.append(roff)
-                        a = roff
-                    e = b if b < rend else rend
-                    out.append((a, e, (segno, rpos + RECORD.size + a - roff)
-                                if kind == KIND_WRITE else ZERO))
-                    if rend < b:
-                        new_starts.append(rend)
-                        new_ends.append(b)
-                    j += 1
-                starts[i:j] = new_starts
-                ends[i:j] = new_ends
-                if not starts:
-                    break
+            j = i
+            new_starts: List[int] = []
+            new_ends: List[int] = []
+            while j < len(starts) and starts[j] < rend:
+                a, b = starts[j], ends[j]
+                if a < roff:
+                    new_starts.append(a)
+                    new_ends.append(roff)
+                    a = roff
+                e = b if b < rend else rend
+                out.append((a, e, (segno, rpos + RECORD.size + a - roff)
+                            if kind == KIND_WRITE else ZERO))
+                if rend < b:
+                    new_starts.append(rend)
+                    new_ends.append(b)
+                j += 1
+            starts[i:j] = new_starts
+            ends[i:j] = new_ends
             if not starts:
                 break
         out.extend(zip(starts, ends, [None] * len(starts)))
         out.sort(key=_start_of)
-        merged: List[Tuple[int, int, Optional[Source]]] = []
+        merged_out: List[Tuple[int, int, Optional[Source]]] = []
         for piece in out:
-            if merged and _continues(merged[-1], piece[0], piece[2]):
-                merged[-1] = (merged[-1][0], piece[1], merged[-1][2])
+            if merged_out and _continues(merged_out[-1], piece[0], piece[2]):
+                merged_out[-1] = (merged_out[-1][0], piece[1], merged_out[-1][2])
             else:
-                merged.append(piece)
-        return merged
+                merged_out.append(piece)
+        return merged_out
+
+
+_ENTRY_MASK = 0xFFFFFFFF
+_TAG_MASK = (1 << 56) - 1
 
 
 def _start_of(piece: Tuple[int, int, Optional[Source]]) -> int:
@@ -395,12 +431,32 @@ def _continues(prev: Tuple[int, int, Optional[Source]], at: int,
 
 
 class Reader:
-    """Reads a disk through a ``JournalMap``: replica file plus journal segments."""
+    """Reads a disk through a ``JournalMap``: replica file plus journal segments.
 
-    def __init__(self, replica: str, segment_paths: Dict[int, str], jmap: JournalMap) -> None:
+    Each segment is mapped read-only (``mmap``, the ``end`` bytes the view sees), so the
+    pieces of a read are copied from the page cache without a system call each; the
+    replica is read with ``preadv``. A mapped segment must not shrink under the view:
+    the agent pins the group (no promotion, no deletion) and only ever cuts an open
+    segment back to a size at or past the one the view saw."""
+
+    def __init__(self, replica: str, segments: List[Tuple[int, str, int]], jmap: JournalMap
+                 ) -> None:
         self._replica = os.open(replica, os.O_RDONLY | os.O_CLOEXEC)
-        self._segments = {n: os.open(p, os.O_RDONLY | os.O_CLOEXEC)
-                          for n, p in segment_paths.items()}
+        self._maps: Dict[int, mmap.mmap] = {}
+        self._views: Dict[int, memoryview] = {}
+        try:
+            for segno, path, end in segments:
+                if end <= 0:
+                    continue
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    self._maps[segno] = mmap.mmap(fd, end, prot=mmap.PROT_READ)
+                finally:
+                    os.close(fd)
+                self._views[segno] = memoryview(self._maps[segno])
+        except BaseException:
+            self.close()
+            raise
         self.map = jmap
 
     def pread(self, length: int, offset: int) -> bytes:
@@ -409,26 +465,33 @@ class Reader:
         return bytes(buf)
 
     def readinto(self, buf: bytearray | memoryview, offset: int) -> None:
-        """Fill ``buf`` with the disk's bytes at ``offset``: no copy beyond the kernel's."""
+        """Fill ``buf`` with the disk's bytes at ``offset``."""
         view = memoryview(buf)
         for s, e, src in self.map.lookup(offset, len(view)):
             part = view[s - offset:e - offset]
             if src is ZERO:
                 part[:] = bytes(e - s)
-                continue
-            fd, at = (self._replica, s) if src is None else (self._segments[src[0]], src[1])
-            while part:
-                got = os.preadv(fd, [part], at)
-                if got == 0:  # a replica shorter than the disk reads zeroes
-                    part[:] = bytes(len(part))
-                    break
-                part, at = part[got:], at + got
+            elif src is not None:
+                part[:] = self._views[src[0]][src[1]:src[1] + e - s]
+            else:
+                at = s
+                while part:
+                    got = os.preadv(self._replica, [part], at)
+                    if got == 0:  # a replica shorter than the disk reads zeroes
+                        part[:] = bytes(len(part))
+                        break
+                    part, at = part[got:], at + got
 
     def close(self) -> None:
-        os.close(self._replica)
-        for fd in self._segments.values():
-            os.close(fd)
-        self._segments = {}
+        if self._replica >= 0:
+            os.close(self._replica)
+            self._replica = -1
+        for v in self._views.values():
+            v.release()
+        for m in self._maps.values():
+            m.close()
+        self._views = {}
+        self._maps = {}
 
 
 def build_map(spec: Dict) -> JournalMap:
@@ -446,9 +509,10 @@ def build_map(spec: Dict) -> JournalMap:
         if ix is None:
             ix = index_entries(scan_headers(path, end))
         jmap.add_segment(segno, ix, end)
+    jmap.seal()
     return jmap
 
 
 def open_reader(spec: Dict) -> Reader:
-    return Reader(spec["replica"], {segno: path for segno, path, _end in spec["segments"]},
+    return Reader(spec["replica"], [(n, p, end) for n, p, end in spec["segments"]],
                   build_map(spec))

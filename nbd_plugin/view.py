@@ -17,6 +17,7 @@ library only, Python 3.9 and later: nbdkit embeds the system Python.
 from __future__ import annotations
 
 import builtins
+import gc
 import json
 import os
 import sys
@@ -55,6 +56,9 @@ def get_ready():
     with builtins.open(_config["spec"]) as f:
         _spec.update(json.load(f))
     _reader = jindex.open_reader(_spec)
+    # The map's lists are read, never changed: keep the collector from walking them.
+    gc.collect()
+    gc.freeze()
     nbdkit.debug("ferry view: %d pieces in %d segments"
                  % (_reader.map.pieces(), _reader.map.segments))
 
