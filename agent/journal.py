@@ -19,7 +19,8 @@ Integers are little-endian. ``append`` writes a whole batch and fdatasyncs the s
 the directory when it made a new segment) before it returns: what it returned from survives
 a crash. A segment is closed at ``segment_max`` bytes, or once its first record is
 ``segment_age`` seconds old, and never written again; when it is closed its index
-(``nbd_plugin/jindex.py``) is written to ``seg-<number>.idx`` beside it.
+(``nbd_plugin/jindex.py``: the entries, and the pieces sorted by block for the views) is
+written to ``seg-<number>.idx`` beside it.
 
 Besides the change records of the splitter protocol, two journal-only kinds carry a JSON
 object as their data: ``KIND_CHECKPOINT`` (a group checkpoint) and ``KIND_FAILOVER``; and
@@ -29,7 +30,8 @@ object as their data: ``KIND_CHECKPOINT`` (a group checkpoint) and ``KIND_FAILOV
 Opening a journal scans its last segment and cuts off a torn tail: the first record whose
 header or checksum does not hold, and all after it, were never acked and are dropped. A
 closed segment whose index file is missing or does not hold is read whole (checksums
-checked) and its index written again.
+checked) and its index written again; a version 1 index file (no pieces) is rewritten as
+version 2.
 """
 
 from __future__ import annotations
@@ -116,6 +118,7 @@ class Journal:
         os.makedirs(directory, exist_ok=True)
         self.dropped_tail = 0  # bytes cut off at open
         self.rebuilt_indexes = 0  # closed segments whose index file was written again
+        self.migrated_indexes = 0  # version 1 index files rewritten as version 2
         self._fd = -1
         self._index: Dict[int, bytearray] = {}
         self._first_at: Optional[float] = None  # monotonic time of the open segment's first append
@@ -170,7 +173,17 @@ class Journal:
     def _load_index(self, segno: int) -> None:
         path = self._path(segno)
         size = os.path.getsize(path)
-        entries = jindex.read_idx(path, size)
+        try:
+            with open(jindex.idx_path(path), "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raw = b""
+        entries = jindex.unpack_idx(raw, size)
+        if entries is not None and not jindex.idx_current(raw):
+            # An index from before the pieces were sorted by block (or sorted by blocks of
+            # another size): sort them now, so views of this segment open without it.
+            self._write_index(segno, entries, size)
+            self.migrated_indexes += 1
         if entries is None:
             built, pos, size = self._scan(segno)
             if pos != size:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import nbd_plugin
+from nbd_plugin import jindex
 
 from .checkpoints import iso
 from .replica import TargetGroup
@@ -76,6 +77,9 @@ class Views:
                     os.path.join(self.root, vid))
         try:
             os.makedirs(view.directory)
+            indexes = _index_open_segments(group, specs[0]["segments"], view.directory)
+            for spec in specs:
+                spec["indexes"] = indexes
             for st, spec in zip(group.disks, specs):
                 spec_path = os.path.join(view.directory, st.name + ".json")
                 with open(spec_path, "w") as f:
@@ -143,6 +147,30 @@ class Views:
     def close_all(self, groups: Dict[str, TargetGroup]) -> None:
         for vid in list(self.views):
             self.close(vid, groups)
+
+
+def _index_open_segments(group: TargetGroup, segments: List[List[Any]], directory: str
+                         ) -> Dict[str, str]:
+    """Write, into the view's directory, the index of every segment of the view that has
+    no index file for the size the view sees (the segment still being written): the plugin
+    then reads one file per segment, never record headers. ``{segment number: path}``."""
+    out = {}
+    for segno, path, end in segments:
+        if os.path.exists(jindex.idx_path(path)) and segno != group.journal.segments()[-1]:
+            continue
+        try:
+            entries = group.journal.index(segno)
+        except KeyError:
+            continue  # gone meanwhile: the plugin reads the segment's own files
+        # Appends go on while the view opens: keep the records it sees.
+        n = len(entries) // jindex.ENTRY.size
+        while n and jindex.ENTRY.unpack_from(entries, (n - 1) * jindex.ENTRY.size)[8] >= end:
+            n -= 1
+        idx = os.path.join(directory, "seg-%d.idx" % segno)
+        with open(idx, "wb") as f:
+            f.write(jindex.pack_idx(entries[:n * jindex.ENTRY.size], end))
+        out[str(segno)] = idx
+    return out
 
 
 def _start(spec: str, sock: str, test: bool, directory: str) -> subprocess.Popen:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import Callable, Deque, Dict, List, Optional, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Tuple, Union
 
 from .activity import ActivityLog
 from .dirtymap import DirtyMap
@@ -50,6 +50,14 @@ Clock = Callable[[], int]
 # Writes larger than this become several records (consecutive sequence numbers, queued
 # together), so a record always fits a frame however large the client's request.
 RECORD_DATA_MAX = 4 * 1024 * 1024
+
+
+def _pieces(data: Union[bytes, bytearray, memoryview], length: int) -> List[bytes]:
+    """``data`` as bytes of at most RECORD_DATA_MAX each (a copy unless it is bytes)."""
+    if length <= RECORD_DATA_MAX:
+        return [data if isinstance(data, bytes) else bytes(data)]
+    view = memoryview(data)
+    return [bytes(view[pos:pos + RECORD_DATA_MAX]) for pos in range(0, length, RECORD_DATA_MAX)]
 
 
 class Stats:
@@ -99,9 +107,10 @@ class ChangeLog:
         self._sync_ready: List[Tuple[str, int]] = []
         self._closed = False
         self.initial = False  # the open dirty epoch is the initial sync of a new protection
-        # The activity log, and per extent the unacked records in it (see activity.py).
+        # The activity log, and per extent the highest seq of a record queued in it: the
+        # extent holds an unacked record while that is above _acked_seq (see activity.py).
         self.activity = activity
-        self._extent_refs: Dict[int, int] = {}
+        self._extent_seq: Dict[int, int] = {}
         # Ranges owed from before this run were all read back into records: the state
         # file need not carry them any more (the activity log covers those records).
         self.carried_done = False
@@ -112,8 +121,7 @@ class ChangeLog:
         """Lock ``[offset, offset + length)`` against overlapping writes; return a token."""
         end = offset + length
         with self._lock:
-            while self._inflight and any(s < end and offset < e
-                                         for s, e in self._inflight.values()):
+            while self._overlaps_inflight(offset, end):
                 self._range_waiters += 1
                 try:
                     self._range_free.wait()
@@ -131,6 +139,12 @@ class ChangeLog:
                     raise
             return token
 
+    def _overlaps_inflight(self, offset: int, end: int) -> bool:
+        for s, e in self._inflight.values():  # a loop: cheaper than any() over a generator
+            if s < end and offset < e:
+                return True
+        return False
+
     def release(self, token: int) -> None:
         """Drop a range lock without recording a change (the local write failed)."""
         with self._lock:
@@ -147,10 +161,23 @@ class ChangeLog:
         kind: int,
         offset: int,
         length: int,
-        data: Optional[bytes] = None,
+        data: Optional[Union[bytes, bytearray, memoryview]] = None,
         flags: int = 0,
     ) -> None:
-        """Record a change made to the disk under ``token`` and drop the range lock."""
+        """Record a change made to the disk under ``token`` and drop the range lock.
+
+        ``data`` may be a buffer the caller reuses once this returns (nbdkit's): the change
+        log keeps a copy only if it queues the change, so a change that goes to the dirty
+        map costs no copy. The copy is made before the lock is taken when the queue looks
+        like having room (and under the lock in the rare case it gained room meanwhile)."""
+        if kind == KIND_WRITE:
+            nbytes = -(-length // RECORD_DATA_MAX) * RECORD.size + length
+        else:
+            nbytes = RECORD.size
+        pieces = None
+        if (data is not None and not flags & FLAG_RESYNC
+                and self._queued_bytes + nbytes <= self.queue_limit):
+            pieces = _pieces(data, length)  # a read without the lock: only a guess
         with self._lock:
             self._release(token)
             self.stats.written_bytes += length if not flags & FLAG_RESYNC else 0
@@ -159,14 +186,10 @@ class ChangeLog:
                 self._resyncing -= 1
                 self._resync_regions.remove((offset, length))
                 self.stats.resync_bytes += length
-                self._append(kind, offset, length, data, flags)
+                self._append(kind, offset, length, None if data is None else bytes(data),
+                             flags)
                 self._maybe_consistent()
                 return
-            if kind == KIND_WRITE:
-                pieces = -(-length // RECORD_DATA_MAX)
-                nbytes = pieces * RECORD.size + length
-            else:
-                nbytes = RECORD.size
             if self._queued_bytes + nbytes > self.queue_limit:
                 self.dirty.add(offset, length)
                 self.stats.dirtied_bytes += length
@@ -174,14 +197,15 @@ class ChangeLog:
                 self._unflushed = True
                 self._wake()
                 return
-            if kind == KIND_WRITE and length > RECORD_DATA_MAX:
-                assert data is not None
-                view = memoryview(data)
-                for pos in range(0, length, RECORD_DATA_MAX):
-                    n = min(RECORD_DATA_MAX, length - pos)
-                    self._append(kind, offset + pos, n, bytes(view[pos:pos + n]), flags)
+            if data is None:
+                self._append(kind, offset, length, None, flags)
             else:
-                self._append(kind, offset, length, data, flags)
+                if pieces is None:
+                    pieces = _pieces(data, length)
+                pos = offset
+                for piece in pieces:
+                    self._append(kind, pos, len(piece), piece, flags)
+                    pos += len(piece)
             self._unflushed = True
 
     def flush(self) -> None:
@@ -197,17 +221,26 @@ class ChangeLog:
                 flags: int) -> None:
         if self._inconsistent:
             flags |= FLAG_INCONSISTENT
-        r = Record(self._next_seq, self._clock(), offset, length, self.gen, kind, flags, data)
-        self._next_seq += 1
-        self._unsent.append(r)
-        self._refs(r, 1)
-        self._queued_bytes += r.nbytes
+        seq = self._next_seq
+        self._next_seq = seq + 1
+        self._unsent.append(Record(seq, self._clock(), offset, length, self.gen, kind, flags,
+                                   data))
+        if length and self.activity is not None:
+            shift = self.activity.shift
+            first, last = offset >> shift, (offset + length - 1) >> shift
+            if first == last:
+                self._extent_seq[first] = seq
+            else:
+                for e in range(first, last + 1):
+                    self._extent_seq[e] = seq
+        self._queued_bytes += RECORD.size + (len(data) if data is not None else 0)
         self.stats.queued_records += 1
-        self._wake()
+        if self._takers:
+            self._work.notify()
 
     def _is_cold(self, extent: int) -> bool:
         """Nothing in the extent is owed to the target: it may leave the activity log."""
-        if self._extent_refs.get(extent):
+        if self._extent_seq.get(extent, 0) > self._acked_seq:
             return False
         assert self.activity is not None
         start = extent << self.activity.shift
@@ -225,6 +258,10 @@ class ChangeLog:
         with self._lock:
             self.activity.now = now
             slots = self.activity.detach_idle(self._is_cold, idle)
+            if len(self._extent_seq) > 1024:
+                # Forget extents whose records are all acked (they read as cold anyway).
+                acked = self._acked_seq
+                self._extent_seq = {e: q for e, q in self._extent_seq.items() if q > acked}
         if slots:
             # Their slots are out of the log's map already: a write to one of those
             # extents now takes a fresh slot, durably, as any new extent does.
@@ -232,17 +269,6 @@ class ChangeLog:
             with self._lock:
                 self.activity.release_slots(slots)
         return len(slots)
-
-    def _refs(self, r: Record, delta: int) -> None:
-        if self.activity is None or not r.length:
-            return
-        refs = self._extent_refs
-        for e in self.activity.extents(r.offset, r.length):
-            n = refs.get(e, 0) + delta
-            if n:
-                refs[e] = n
-            else:
-                del refs[e]
 
     def _wake(self) -> None:
         """Wake the link thread if it waits for work (a notify nobody waits for is not free)."""
@@ -320,11 +346,15 @@ class ChangeLog:
                     self._takers -= 1
             out: List[Record] = []
             size = 0
-            while self._unsent and (not out or size + self._unsent[0].nbytes <= max_bytes):
-                r = self._unsent.popleft()
-                self._sent.append(r)
+            unsent, sent = self._unsent, self._sent
+            while unsent:
+                r = unsent[0]
+                n = RECORD.size + (len(r.data) if r.data is not None else 0)
+                if out and size + n > max_bytes:
+                    break
+                sent.append(unsent.popleft())
                 out.append(r)
-                size += r.nbytes
+                size += n
             self.stats.sent_bytes += size
             self._sent_bytes += size
             # Records are appended in time order under this lock: with the queue drained,
@@ -353,15 +383,16 @@ class ChangeLog:
             if seq <= self._acked_seq:
                 return
             self._acked_seq = seq
-            while self._sent and self._sent[0].seq <= seq:
-                r = self._sent.popleft()
-                self._refs(r, -1)
-                self._queued_bytes -= r.nbytes
-                self._sent_bytes -= r.nbytes
-            while self._unsent and self._unsent[0].seq <= seq:
-                r = self._unsent.popleft()
-                self._refs(r, -1)
-                self._queued_bytes -= r.nbytes
+            freed = freed_sent = 0
+            sent, unsent = self._sent, self._unsent
+            while sent and sent[0].seq <= seq:
+                data = sent.popleft().data
+                freed_sent += RECORD.size + (len(data) if data is not None else 0)
+            while unsent and unsent[0].seq <= seq:
+                data = unsent.popleft().data
+                freed += RECORD.size + (len(data) if data is not None else 0)
+            self._queued_bytes -= freed + freed_sent
+            self._sent_bytes -= freed_sent
             self._wake()
 
     def rewind(self) -> None:

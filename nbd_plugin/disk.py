@@ -75,9 +75,13 @@ class LocalDisk:
             offset += n
 
     def read(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        self.pread(buf, offset)
-        return bytes(buf)
+        data = os.pread(self.fd, length, offset)  # the kernel fills the bytes: one copy
+        if len(data) == length:
+            return data
+        buf = bytearray(data)  # a short read: the rest the slow way
+        rest = bytearray(length - len(data))
+        self.pread(rest, offset + len(data))
+        return bytes(buf + rest)
 
     def pwrite(self, buf: object, offset: int, fua: bool = False) -> None:
         view = memoryview(buf)  # type: ignore[arg-type]
@@ -129,6 +133,14 @@ class LocalDisk:
         fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
         if fua:
             self.flush()
+
+    @staticmethod
+    def all_zero(data: bytes) -> bool:
+        """Is ``data`` only zero bytes? (A compare with zeroes: it stops at the first
+        byte that differs, where ``data.count(0)`` reads everything, at ~4 ms a MiB.)"""
+        if len(data) == len(_ZERO_CHUNK):
+            return data == _ZERO_CHUNK
+        return data == bytes(len(data))
 
     def is_hole(self, offset: int, length: int) -> bool:
         """True when ``[offset, offset + length)`` holds no data (a file's hole)."""

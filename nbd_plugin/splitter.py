@@ -29,6 +29,7 @@ from nbd_plugin.changelog import ChangeLog
 from nbd_plugin.dirtymap import DEFAULT_BUDGET, DirtyMap
 from nbd_plugin.disk import LocalDisk
 from nbd_plugin.link import Link, log, set_log_file
+from nbd_plugin.threadstate import pin
 
 API_VERSION = 2
 
@@ -167,6 +168,7 @@ def is_rotational(h):
 
 
 def pread(h, buf, offset, flags):
+    pin()
     try:
         _disk.pread(buf, offset)
     except OSError as e:
@@ -174,6 +176,7 @@ def pread(h, buf, offset, flags):
 
 
 def pwrite(h, buf, offset, flags):
+    pin()
     length = len(buf)
     token = _log.begin(offset, length)
     try:
@@ -181,12 +184,14 @@ def pwrite(h, buf, offset, flags):
     except OSError as e:
         _log.release(token)
         _fail(e.errno or errno.EIO, "write: %s" % e)
-    # nbdkit owns buf and reuses it once we return: the queue gets a copy.
-    _log.commit(token, lw.KIND_WRITE, offset, length, bytes(buf),
+    # nbdkit owns buf and reuses it once we return: commit copies it if it queues the
+    # change (a change that goes to the dirty map needs no copy).
+    _log.commit(token, lw.KIND_WRITE, offset, length, buf,
                 lw.FLAG_FUA if flags & nbdkit.FLAG_FUA else 0)
 
 
 def zero(h, count, offset, flags):
+    pin()
     if flags & nbdkit.FLAG_FAST_ZERO:
         _fail(errno.EOPNOTSUPP, "fast zero is not offered")
     token = _log.begin(offset, count)
@@ -200,6 +205,7 @@ def zero(h, count, offset, flags):
 
 
 def trim(h, count, offset, flags):
+    pin()
     token = _log.begin(offset, count)
     fua = bool(flags & nbdkit.FLAG_FUA)
     try:
@@ -211,6 +217,7 @@ def trim(h, count, offset, flags):
 
 
 def flush(h, flags):
+    pin()
     try:
         _disk.flush()
     except OSError as e:

@@ -150,6 +150,28 @@ def test_idle_cold_extents_leave_the_log(tmp_path: Path) -> None:
     assert activity.read(path) == activity.Recorded([0], False, EXT)
 
 
+def test_many_extents_acked_and_forgotten_stay_cold(tmp_path: Path) -> None:
+    """The change log remembers, per extent, its newest queued record; a trim forgets the
+    acked ones, and an extent is owed exactly while a record in it is unacked."""
+    path = str(tmp_path / "al")
+    cl = ChangeLog(1, 1 << 40, DirtyMap(), activity=ActivityLog(path, slots=4096))
+    assert cl.activity is not None
+    cl.activity.now = 100.0
+    for e in range(3000):
+        cl.commit(cl.begin(e * EXT, 4096), lw.KIND_WRITE, e * EXT, 4096, bytes(4096))
+    # One write over two extents, one zero-length write (no extent).
+    cl.commit(cl.begin(3 * EXT - 10, 20), lw.KIND_WRITE, 3 * EXT - 10, 20, bytes(20))
+    cl.commit(cl.begin(7 * EXT, 0), lw.KIND_WRITE, 7 * EXT, 0, b"")
+    cl.take(1 << 40, 0)
+    cl.ack(1, 2000)  # extents 0..1999 acked, then 2, 3 again (seq 3001) and 2000..2999 not
+    assert cl.trim_activity(106.0, idle=5) == 1998
+    left = activity.read(path)
+    assert left is not None and sorted(left.extents) == [2, 3, *range(2000, 3000)]
+    cl.ack(1, 3002)
+    assert cl.trim_activity(107.0, idle=5) == 1002
+    assert activity.read(path) == activity.Recorded([], False, EXT)
+
+
 def test_a_write_during_a_trim_is_logged_again(tmp_path: Path) -> None:
     """Detached extents are out of the log's map before their slots are cleared: a write
     arriving between the two takes a fresh slot, so the file never misses it."""

@@ -213,6 +213,35 @@ def test_a_large_write_becomes_consecutive_records() -> None:
     assert b"".join(r.data or b"" for r in out) == data
 
 
+def test_a_reused_buffer_is_copied_when_queued() -> None:
+    """nbdkit reuses its buffer once pwrite returns: what is queued must be a copy, also
+    when the copy is made under the lock (the queue gained room after the guess)."""
+    cl = new_log(queue_limit=1 << 30)
+    for size in (4096, RECORD_DATA_MAX + 10):
+        buf = bytearray(b"a" * size)
+        cl.commit(cl.begin(0, size), KIND_WRITE, 0, size, memoryview(buf))
+        buf[:] = b"b" * size
+    cl._queued_bytes = 1 << 40  # the guess before the lock sees a full queue...
+    buf = bytearray(b"c" * 100)
+    token = cl.begin(0, 100)
+    real_lock = cl._lock
+
+    class Freeing:
+        def __enter__(self) -> None:
+            real_lock.acquire()
+            cl._queued_bytes = 0  # ...and an ack frees it before the lock is taken
+
+        def __exit__(self, *exc: object) -> None:
+            real_lock.release()
+
+    cl._lock = Freeing()  # type: ignore[assignment]
+    cl.commit(token, KIND_WRITE, 0, 100, memoryview(buf))
+    cl._lock = real_lock
+    buf[:] = b"d" * 100
+    out = take_all(cl)
+    assert [r.data for r in out] == [b"a" * 4096, b"a" * RECORD_DATA_MAX, b"a" * 10, b"c" * 100]
+
+
 def test_a_large_write_that_fits_keeps_the_queue_within_its_bound() -> None:
     length = 2 * RECORD_DATA_MAX + 100
     cl = new_log(queue_limit=HDR + length)

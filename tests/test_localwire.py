@@ -4,7 +4,9 @@ ProtocolError (never a struct.error, IndexError or the like)."""
 from __future__ import annotations
 
 import json
+import socket
 import struct
+import threading
 from typing import List, Tuple
 
 import pytest
@@ -12,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nbd_plugin import localwire as lw
+from nbd_plugin.link import send_parts
 from nbd_plugin.localwire import ProtocolError, Record
 
 
@@ -98,6 +101,30 @@ def test_pack_records_returns_header_first_for_sendmsg() -> None:
     parts = lw.pack_records([write(1, 0, b"data")], 0)
     assert parts[0] == lw.pack_header(lw.MSG_RECORDS, 16 + 40 + 4)
     assert parts[-1] == b"data"
+
+
+@pytest.mark.parametrize("sizes", [
+    [0, 8, 0],
+    [40, 4096] * 1500,                    # more buffers than one sendmsg takes
+    [16, 40, 4 * 1024 * 1024, 40, 3],     # one buffer larger than the socket's
+])
+def test_send_parts_sends_what_a_join_would(sizes: List[int]) -> None:
+    parts = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+    want = b"".join(parts)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    got = bytearray()
+
+    def drain() -> None:
+        while len(got) < len(want):
+            got.extend(b.recv(1 << 20))
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    send_parts(a, parts)
+    reader.join(timeout=30)
+    a.close()
+    b.close()
+    assert bytes(got) == want
 
 
 def test_ack_round_trip() -> None:

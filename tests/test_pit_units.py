@@ -1,14 +1,16 @@
-"""The any-point-in-time pieces as plain classes: the checkpoint cutter, the extent map, the
+"""The any-point-in-time pieces as plain classes: the checkpoint cutter, the journal map, the
 journal's index and torn tail, and a target group's window, limit, restore and crashes."""
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import random
 import time
+import zlib
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 
@@ -107,50 +109,146 @@ def test_choose_by_id_tag_and_time() -> None:
 # -- the extent map -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size,sizes", [
-    (1 << 20, [1, 512, 4096, 70000, 199999]),
-    (1 << 18, [1, 100, 512, 700, 4096]),      # many small overlapping pieces: pruning
+def _segment_indexes(records: List[tuple], per_segment: int
+                     ) -> List[Tuple[int, jindex.SegmentIndex, int]]:
+    """Index files for records ``(disk, kind, gen, seq, offset, length, pos)`` cut into
+    segments of ``per_segment`` records, written and read back as the view reads them."""
+    out = []
+    for n, i in enumerate(range(0, len(records), per_segment)):
+        chunk = records[i:i + per_segment]
+        entries = b"".join(jindex.ENTRY.pack(d, k, 0, g, ln, sq, off, 0, pos)
+                           for d, k, g, sq, off, ln, pos in chunk)
+        covers = chunk[-1][6] + 48 + chunk[-1][5] if chunk else 0
+        got = jindex.unpack_index(jindex.pack_idx(entries, covers), covers)
+        assert got is not None and got[1] == 2 and got[0].entries == entries
+        out.append((n + 1, got[0], covers))
+    return out
+
+
+@pytest.mark.parametrize("size,sizes,per_segment", [
+    (1 << 20, [1, 512, 4096, 70000, 199999], 300),
+    (1 << 18, [1, 100, 512, 700, 4096], 150),    # many small overlapping pieces
+    (1 << 20, [512, 4096], 5000),                 # one segment
 ])
-def test_extent_map_matches_a_model(size: int, sizes: List[int]) -> None:
+def test_journal_map_matches_a_model(size: int, sizes: List[int], per_segment: int) -> None:
     rng = random.Random(3)
-    model = bytearray(size)  # the replica is zeroes here
-    emap = jindex.ExtentMap()
-    store: Dict[int, bytes] = {}
+    replica = rng.randbytes(size)
+    base, upto = (1, 200), (2, 300)  # the replica's point, the view's point
+    model = bytearray(replica)
+    records = []
+    data: Dict[Tuple[int, int], bytes] = {}  # (segment, position of the data) -> bytes
     pos = 0
-    for _ in range(2000):
+    for i in range(2000):
+        gen, seq = (1, i + 1) if i < 1000 else (2, i - 999)
         length = rng.choice(sizes)
         off = rng.randrange(0, size - length)
-        if rng.random() < 0.1:
-            emap.add(off, length, jindex.ZERO)
-            model[off:off + length] = bytes(length)
-            continue
-        data = rng.randbytes(length)
-        store[pos] = data
-        emap.add(off, length, (0, pos))
-        model[off:off + length] = data
-        pos += length + 1000
-    flat = bytearray(pos)
-    for p, d in store.items():
-        flat[p:p + len(d)] = d
-    for _ in range(300):
+        disk = 0 if rng.random() < 0.8 else 1
+        kind = KIND_ZERO if rng.random() < 0.1 else KIND_WRITE
+        seg = len(records) // per_segment + 1
+        if len(records) % per_segment == 0:
+            pos = 0
+        records.append((disk, kind, gen, seq, off, length, pos))
+        blob = rng.randbytes(length) if kind == KIND_WRITE else bytes(length)
+        if kind == KIND_WRITE:
+            data[(seg, pos + 48)] = blob
+        if disk == 0 and base < (gen, seq) <= upto:
+            model[off:off + length] = blob
+        pos += 48 + (length if kind == KIND_WRITE else 0)
+    jmap = jindex.JournalMap(0, base, upto)
+    for segno, ix, covers in _segment_indexes(records, per_segment):
+        jmap.add_segment(segno, ix, covers)
+    starts = {k: sorted(p for s, p in data if s == k) for k in {s for s, _p in data}}
+
+    def source_bytes(src: Tuple[int, int], n: int) -> bytes:
+        seg, at = src
+        i = bisect.bisect_right(starts[seg], at) - 1
+        p = starts[seg][i]
+        blob = data[(seg, p)]
+        assert at + n <= p + len(blob)
+        return blob[at - p:at - p + n]
+
+    for _ in range(400):
         off = rng.randrange(0, size - 1)
         length = rng.randrange(1, min(300000, size - off) + 1)
         out = bytearray()
-        for s, e, src in emap.lookup(off, length):
+        pieces = jmap.lookup(off, length)
+        assert pieces[0][0] == off and pieces[-1][1] == off + length
+        assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
+        for s, e, src in pieces:
             if src is None:
-                out += bytes(e - s)
+                out += replica[s:e]
             elif src == jindex.ZERO:
                 out += bytes(e - s)
             else:
-                out += flat[src[1]:src[1] + e - s]
+                out += source_bytes(src, e - s)
         assert out == model[off:off + length]
 
 
-def test_a_block_written_again_costs_one_piece() -> None:
-    emap = jindex.ExtentMap()
-    for i in range(1000):
-        emap.add(4096, 4096, (0, i * 5000))
-    assert emap.pieces() <= 16
+def test_a_segment_outside_the_window_is_left_out() -> None:
+    records = [(0, KIND_WRITE, 1, i, i * 4096, 4096, i * 5000) for i in range(1, 11)]
+    segs = _segment_indexes(records, 5)
+    jmap = jindex.JournalMap(0, (1, 5), (1, 10))  # the first segment's records are applied
+    for segno, ix, covers in segs:
+        jmap.add_segment(segno, ix, covers)
+    assert jmap.segments == 1 and jmap.pieces() == 5
+    assert jmap.lookup(4096, 4096) == [(4096, 8192, None)]
+    assert jmap.lookup(6 * 4096, 4096) == [(6 * 4096, 7 * 4096, (2, 6 * 5000 + 48))]
+
+
+def test_version_1_index_files_are_read_and_migrated(tmp_path: Path) -> None:
+    j = Journal(str(tmp_path), segment_max=10000)
+    for i in range(1, 30):
+        j.append([wrec(i, i * 512, bytes([i]) * 1000)])
+    segs = j.segments()[:-1]
+    j.close()
+    want = {}
+    for segno in segs:
+        path = jindex.idx_path(j.path(segno))
+        with open(path, "rb") as f:
+            v2 = f.read()
+        covers = os.path.getsize(j.path(segno))
+        entries = jindex.unpack_idx(v2, covers)
+        assert entries is not None and jindex.idx_version(v2) == 2
+        want[segno] = v2
+        v1 = entries + jindex.TRAILER.pack(jindex.IDX_MAGIC_V1, zlib.crc32(entries), covers)
+        got = jindex.unpack_index(v1, covers)
+        assert got is not None and got[1] == 1
+        assert got[0] == jindex.unpack_index(v2, covers)[0]  # type: ignore[index]
+        with open(path, "wb") as f:
+            f.write(v1)
+    j2 = Journal(str(tmp_path), segment_max=10000)
+    assert j2.migrated_indexes == len(segs) and j2.rebuilt_indexes == 0
+    for segno in segs:
+        with open(jindex.idx_path(j2.path(segno)), "rb") as f:
+            assert f.read() == want[segno]
+    j2.close()
+
+
+def test_an_index_of_another_block_size_is_sorted_again(tmp_path: Path) -> None:
+    j = Journal(str(tmp_path), segment_max=10000)
+    for i in range(1, 30):
+        j.append([wrec(i, i * 70000, bytes([i]) * 1000)])
+    segno = j.segments()[0]
+    j.close()
+    path = jindex.idx_path(j.path(segno))
+    with open(path, "rb") as f:
+        good = f.read()
+    covers = os.path.getsize(j.path(segno))
+    # The file labelled with 64 KiB blocks: its keys must not be used as they are.
+    at = len(good) - jindex.TRAILER.size - jindex.COUNTS.size
+    n, m, d, _shift = jindex.COUNTS.unpack_from(good, at)
+    body = good[:at] + jindex.COUNTS.pack(n, m, d, 16)
+    other = body + jindex.TRAILER.pack(jindex.IDX_MAGIC, zlib.crc32(body), covers)
+    assert not jindex.idx_current(other) and jindex.idx_current(good)
+    got = jindex.unpack_index(other, covers)
+    assert got is not None and got[0] == jindex.unpack_index(good, covers)[0]  # type: ignore
+    with open(path, "wb") as f:
+        f.write(other)
+    j2 = Journal(str(tmp_path), segment_max=10000)
+    assert j2.migrated_indexes == 1
+    with open(path, "rb") as f:
+        assert f.read() == good
+    j2.close()
 
 
 # -- the journal --------------------------------------------------------------------------
