@@ -111,8 +111,8 @@ def main() -> int:
         emap = jindex.build_map(specs[0])
         map_s = time.monotonic() - t0
         g.unpin()
-        print("extent map (in process): %.2f s, %d records, %d pieces"
-              % (map_s, emap.records, emap.pieces()))
+        print("extent map (in process): %.2f s, %d pieces in %d segments"
+              % (map_s, emap.pieces(), emap.segments))
 
         views = Views(os.path.join(root, "data"))
         opens = []
