@@ -277,26 +277,27 @@ class TargetSite:
             RECEIVE_AHEAD)
 
         async def read() -> None:
-            async with send_ch:
-                while True:
-                    ftype, body = await fs.receive()
-                    if ftype != wire.T_BATCH:
-                        raise wire.ProtocolError("expected BATCH, got %s"
-                                                 % wire.TYPE_NAMES[ftype])
-                    if wire.field(body, "group", str) != group.name:
-                        raise wire.ProtocolError("BATCH for group %r on a session of group %r"
-                                                 % (body.get("group"), group.name))
-                    records = wire.decode_batch(body)
-                    raw = body.get("checkpoints", [])
-                    if not isinstance(raw, list) or len(raw) > wire.MAX_DISKS * 16:
-                        raise wire.ProtocolError("bad checkpoints list")
-                    cps = [checkpoints.parse_wire(c, len(group.disks)) for c in raw]
-                    wall_ns, mono_ns = (wire.field(body, "wall_ns", int),
-                                        wire.field(body, "mono_ns", int))
-                    for c in cps:  # the source's wall time of each cut, by this frame's clocks
-                        c.wall_ns = wall_ns - (mono_ns - c.time_ns)
-                    nbytes = sum(r.length for r in records if r.kind == KIND_WRITE)
-                    await send_ch.send((records, cps, nbytes))
+            # The channel stays open when this fails: the writer is then cancelled by
+            # race() and the session ends with this task's error, not EndOfChannel.
+            while True:
+                ftype, body = await fs.receive()
+                if ftype != wire.T_BATCH:
+                    raise wire.ProtocolError("expected BATCH, got %s"
+                                             % wire.TYPE_NAMES[ftype])
+                if wire.field(body, "group", str) != group.name:
+                    raise wire.ProtocolError("BATCH for group %r on a session of group %r"
+                                             % (body.get("group"), group.name))
+                records = wire.decode_batch(body)
+                raw = body.get("checkpoints", [])
+                if not isinstance(raw, list) or len(raw) > wire.MAX_DISKS * 16:
+                    raise wire.ProtocolError("bad checkpoints list")
+                cps = [checkpoints.parse_wire(c, len(group.disks)) for c in raw]
+                wall_ns, mono_ns = (wire.field(body, "wall_ns", int),
+                                    wire.field(body, "mono_ns", int))
+                for c in cps:  # the source's wall time of each cut, by this frame's clocks
+                    c.wall_ns = wall_ns - (mono_ns - c.time_ns)
+                nbytes = sum(r.length for r in records if r.kind == KIND_WRITE)
+                await send_ch.send((records, cps, nbytes))
 
         async def write() -> None:
             while True:

@@ -340,3 +340,37 @@ def test_site_b_that_lost_a_group_is_an_error_with_advice(sites: Lab) -> None:
     sites.a.ferry("unprotect", "g1")
     sites.protect("g1", disk)
     check_identical(sites, disk)
+
+
+def test_a_corrupt_batch_mid_session_is_a_protocol_error(sites: Lab) -> None:
+    """A BATCH that fails its checksum, read ahead of the journal, ends the session with
+    ERROR protocol (not a storage error from the journaling task it stops)."""
+    import json as _json
+
+    from nbd_plugin.localwire import KIND_WRITE, Record
+
+    disk = sites.image("vda.img", 8 * MiB)
+    sites.protect("g1", disk)
+    sites.a.ferry("wait", "g1", "--synced")
+    sites.a.ferry("pause", "g1")  # our session is the only one
+    prot = _json.loads((sites.b.data / "target" / "g1" / "meta.json").read_text())["protection"]
+    durable = sites.b.api("GET", "/v1/status")["replicas"]["g1"]["disks"]["vda"]
+    gen, seq = durable["durable_gen"], durable["durable_seq"]
+    codec = wire.Codec()
+    for attempt in range(5):  # whatever the two tasks' timing, the same answer
+        with _session(sites.b.address) as s:
+            s.sendall(codec.encode(wire.T_HELLO, {"protocol": 1, "site": "flaky-link"}))
+            assert _read_frame(s, codec)[0] == wire.T_WELCOME
+            s.sendall(codec.encode(wire.T_OPEN, {"group": "g1", "protection": prot,
+                                                 "probe": False,
+                                                 "disks": [{"name": "vda", "size": 8 * MiB}]}))
+            assert _read_frame(s, codec)[0] == wire.T_OPENED
+            rec = Record(seq + 1, 0, 0, 4096, gen, KIND_WRITE, 0, bytes([attempt]) * 4096)
+            frame = bytearray(codec.encode(wire.T_BATCH, wire.encode_batch("g1", [(0, rec)],
+                                                                          0, 0)))
+            frame[-100] ^= 0xFF  # a flipped byte in the body
+            s.sendall(bytes(frame))
+            ftype, body = _read_frame(s, codec)
+        assert ftype == wire.T_ERROR
+        assert body["code"] == wire.E_PROTOCOL and "checksum" in body["message"], body
+    assert "EndOfChannel" not in sites.b.log.read_text()
