@@ -495,8 +495,11 @@ async def open_session(fs: FrameStream, row: GroupRow, site_id: str, probe: bool
                        seeds: Optional[List[Optional[seed.SeedList]]] = None
                        ) -> List[Tuple[int, int]]:
     """HELLO, OPEN; the target's durable points, and its SEED frames into ``seeds``."""
-    await fs.send(wire.T_HELLO, {"protocol": PROTOCOL, "site": site_id})
     try:
+        # Under TLS 1.3 the target checks our certificate after our side of the handshake
+        # is done: its refusal shows up on the first send or the first read, whichever
+        # meets the closed session first.
+        await fs.send(wire.T_HELLO, {"protocol": PROTOCOL, "site": site_id})
         await fs.expect(wire.T_WELCOME)
     except (EOFError, trio.BrokenResourceError):
         if isinstance(fs.stream, tls.TLSSocketStream):

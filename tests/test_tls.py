@@ -442,6 +442,45 @@ async def test_pair_refuses_a_target_without_proof(tmp_path) -> None:
     assert trust.peers() == []
 
 
+@pytest.mark.parametrize("reset", [True, False], ids=["reset", "close"])
+async def test_a_session_closed_after_the_handshake_means_not_paired(tmp_path, reset) -> None:
+    """TLS 1.3: the target refuses our certificate after our handshake is done. Whether
+    HELLO's send meets the reset or WELCOME's read meets the close, A says how to pair."""
+    import struct
+
+    import trio
+
+    from agent.peer import FrameStream
+    from agent.source import open_session
+    from agent.store import DiskRow, GroupRow
+
+    srv = tls.load_identity(str(tmp_path / "s"), "s")
+    cli = tls.load_identity(str(tmp_path / "c"), "c")
+    closed = trio.Event()
+
+    async def refuser(stream: trio.SocketStream) -> None:
+        if reset:  # close() sends RST
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                     struct.pack("ii", 1, 0))
+        s = tls.TLSSocketStream(stream, tls.server_context(srv, [cli.cert_pem]), True)
+        await s.do_handshake()
+        await s.aclose()
+        closed.set()
+
+    row = GroupRow("vm1", "x", "async", 0, 0.0, [DiskRow("d", "vm1", 0, "vda", "/x", MiB)])
+    async with trio.open_nursery() as nursery:
+        port = await _serve(nursery, refuser)
+        c = tls.TLSSocketStream(await trio.open_tcp_stream("127.0.0.1", port),
+                                tls.client_context(cli, [srv.cert_pem]), False)
+        await c.do_handshake()
+        await closed.wait()
+        await trio.sleep(0.1)  # the reset or FIN is here before HELLO goes
+        with pytest.raises(NotPaired, match="ferry pair-token"):
+            await open_session(FrameStream(c, "x:%d" % port), row, "A", probe=True)
+        await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
 def test_target_drops_a_pair_without_a_certificate_and_a_silent_close(tls_lab: Lab) -> None:
     lab = tls_lab
     lab.b.start()
