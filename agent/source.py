@@ -972,6 +972,7 @@ class SourceSite:
             "dirty_bytes": c.get("dirty_bytes", 0),
             "dirty_ranges": c.get("dirty_ranges", 0),
             "dirty_coarsened_bytes": c.get("dirty_coarsened_bytes", 0),
+            "dirty_granularity": c.get("dirty_granularity", 0),
             "resync_bytes": c.get("resync_bytes", 0),
             "last_acked_seq": link.acked[1],
             "last_acked_gen": link.acked[0],

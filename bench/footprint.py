@@ -14,7 +14,7 @@ run a few seconds; medians reported, and the source agent's growth per added dis
 stopped; fio writes random 4 KiB blocks across the whole disk at QD 16 (fio's random map:
 no block twice, so every write is a distinct block), the worst pattern for the dirty map.
 The splitter's queue fills, then every change goes to its dirty map, which must keep its
-memory within the 16 MiB budget by merging ranges. Reported: the splitter's RSS growth over
+memory within the 16 MiB budget (exact ranges, then a bitmap of 4 KiB blocks). Reported: the splitter's RSS growth over
 the outage (queue + dirty map + allocator) against queue bound + dirty budget, and the
 map's ``dirty_bytes`` (what a resync will read). Then site B comes back, and what is sent
 again (the queue's records plus the resync's ``resync_bytes``) is set against the distinct

@@ -442,6 +442,7 @@ class ChangeLog:
                 "dirty_bytes": self.dirty.bytes,
                 "dirty_ranges": len(self.dirty),
                 "dirty_coarsened_bytes": self.dirty.coarsened_bytes,
+                "dirty_granularity": self.dirty.granularity,
                 "inconsistent": int(self._inconsistent),
                 "initial": int(self.initial),
                 "lag_ns": now - since,
@@ -454,9 +455,7 @@ class ChangeLog:
     def owed_ranges(self) -> List[Tuple[int, int]]:
         """Every range the target may lack: the dirty map plus every unacked change."""
         with self._lock:
-            m = DirtyMap(max_ranges=self.dirty.max_ranges)
-            for offset, length in self.dirty.ranges():
-                m.add(offset, length)
+            m = self.dirty.copy()
             for q in (self._sent, self._unsent):
                 for r in q:
                     if r.length:

@@ -98,7 +98,7 @@ def get_ready():
     log("disk %s (%d bytes), generation %d: %s"
         % (_config["disk"], _disk.size, loaded.gen, loaded.reason))
     _log = ChangeLog(loaded.gen, int(_config["queue"]),
-                     DirtyMap.for_budget(int(_config["dirty_budget"])),
+                     DirtyMap.for_budget(int(_config["dirty_budget"]), _disk.size),
                      activity=ActivityLog(activity_path,
                                           slots=int(_config["activity_extents"])))
     _log.mark_dirty([(0, _disk.size)] if loaded.dirty is None else loaded.dirty)
