@@ -51,6 +51,10 @@ class SplitterPaths:
         return "nbd+unix:///?socket=" + self.socket
 
 
+START_TIMEOUT = 60.0    # nbdkit binds its socket and forks into the background within this
+PIDFILE_TIMEOUT = 10.0  # then its pid file shows up within this
+
+
 def nbdkit_binary() -> str:
     path = shutil.which("nbdkit")
     if path is None:
@@ -102,14 +106,14 @@ def start(paths: SplitterPaths, disk_id: str, disk_path: str, agent_socket: str,
         # the agent is never the splitter's parent, so nothing the agent suffers reaches it.
         try:
             proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                  start_new_session=True, timeout=60, check=False)
+                                  start_new_session=True, timeout=START_TIMEOUT, check=False)
         except subprocess.TimeoutExpired:
-            raise SplitterError("nbdkit for %s did not start within 60 s; see %s"
-                                % (disk_path, paths.log)) from None
+            raise SplitterError("nbdkit for %s did not start within %g s; see %s"
+                                % (disk_path, START_TIMEOUT, paths.log)) from None
     if proc.returncode != 0:
         raise SplitterError("nbdkit for %s failed to start (exit %d): %s"
                             % (disk_path, proc.returncode, _tail(paths.log)))
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + PIDFILE_TIMEOUT
     while time.monotonic() < deadline:
         pid = running_pid(paths, disk_id)
         if pid is not None:

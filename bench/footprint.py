@@ -11,14 +11,15 @@ of each nbdkit splitter and of the target agent is sampled every 0.5 s once the 
 run a few seconds; medians reported, and the source agent's growth per added disk.
 
 **Long outage.** One large sparse disk (64 GiB) protected with a 16 MiB queue; site B is
-stopped; fio writes random 4 KiB blocks across the whole disk at QD 16 (fio's random map:
-no block twice, so every write is a distinct block), the worst pattern for the dirty map.
-The splitter's queue fills, then every change goes to its dirty map, which must keep its
-memory within the 16 MiB budget (exact ranges, then a bitmap of 4 KiB blocks). Reported: the splitter's RSS growth over
-the outage (queue + dirty map + allocator) against queue bound + dirty budget, and the
-map's ``dirty_bytes`` (what a resync will read). Then site B comes back, and what is sent
-again (the queue's records plus the resync's ``resync_bytes``) is set against the distinct
-bytes written; the data bytes the resync shipped are shown too (holes go as ranges).
+stopped; fio writes random 4 KiB blocks across the whole disk at QD 16 (fio's random map: no
+block twice, so every write is a distinct block), the worst pattern for the dirty map. The
+splitter's queue fills, then every change goes to its dirty map, which must keep its memory
+within the 16 MiB budget (exact ranges, then a bitmap of 4 KiB blocks). Reported: the
+splitter's RSS growth over the outage (queue + dirty map + allocator) against queue bound +
+dirty budget, and the map's ``dirty_bytes`` (what a resync will read). Then site B comes
+back, and what is sent again (the queue's records plus the resync's ``resync_bytes``) is set
+against the distinct bytes written; the data bytes the resync shipped are shown too (holes
+go as ranges).
 """
 
 from __future__ import annotations

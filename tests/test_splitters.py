@@ -37,3 +37,32 @@ def test_start_and_stop_a_splitter(tmp_path) -> None:
     assert splitters.running_pid(paths, "abc") is None
     assert splitters.stop(paths, "abc") is False
     assert '"clean":true' in (tmp_path / "disks" / "abc.state.json").read_text()
+
+
+def _fake_nbdkit(tmp_path, monkeypatch, script: str) -> None:
+    fake = tmp_path / "nbdkit"
+    fake.write_text("#!/bin/sh\n" + script + "\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(splitters, "nbdkit_binary", lambda: str(fake))
+
+
+def test_an_nbdkit_that_hangs_at_start_is_given_up(tmp_path, monkeypatch) -> None:
+    _fake_nbdkit(tmp_path, monkeypatch, "exec sleep 30")
+    monkeypatch.setattr(splitters, "START_TIMEOUT", 0.5)
+    paths = splitters.SplitterPaths.for_disk(str(tmp_path), "abc")
+    with pytest.raises(splitters.SplitterError, match=r"did not start within 0\.5 s; see "):
+        splitters.start(paths, "abc", "/dev/null", "/nonexistent", "g", "vda", 1 << 20)
+
+
+def test_an_nbdkit_that_writes_no_pid_file_is_reported(tmp_path, monkeypatch) -> None:
+    _fake_nbdkit(tmp_path, monkeypatch, "exit 0")
+    monkeypatch.setattr(splitters, "PIDFILE_TIMEOUT", 0.2)
+    paths = splitters.SplitterPaths.for_disk(str(tmp_path), "abc")
+    with pytest.raises(splitters.SplitterError, match="started but wrote no pid file"):
+        splitters.start(paths, "abc", "/dev/null", "/nonexistent", "g", "vda", 1 << 20)
+
+
+def test_without_nbdkit_the_error_says_what_to_install(monkeypatch) -> None:
+    monkeypatch.setattr(splitters.shutil, "which", lambda name: None)
+    with pytest.raises(splitters.SplitterError, match="apt-get install nbdkit"):
+        splitters.nbdkit_binary()
