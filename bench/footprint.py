@@ -156,8 +156,8 @@ def main() -> int:
                   PER_DISK_RATE / 1e6, ",".join(r["states"])), flush=True)
     first, last = runs[0], runs[-1]
     span = last["disks"] - first["disks"]
-    per_disk_a = (last["agent_a_kib"] - first["agent_a_kib"]) / span if span else float("nan")
-    per_disk_b = (last["agent_b_kib"] - first["agent_b_kib"]) / span if span else float("nan")
+    per_disk_a = (last["agent_a_kib"] - first["agent_a_kib"]) / span if span else None
+    per_disk_b = (last["agent_b_kib"] - first["agent_b_kib"]) / span if span else None
     o = outage(outage_size, outage_s, resync_limit)
     growth = (o["rss_peak_kib"] - o["rss_before_kib"]) * 1024
     # Bytes the map covers that were never written: the detail it gave up for its budget.
@@ -181,11 +181,15 @@ def main() -> int:
     figures = [
         report.figure(
             "agent RSS per protected disk at steady load",
-            "source agent %.1f MiB with %d disk(s), %.1f MiB with %d (+%.2f MiB per disk); "
-            "target agent +%.2f MiB per disk; splitter %.1f MiB each (max %.1f)" % (
-                first["agent_a_kib"] / 1024, first["disks"], last["agent_a_kib"] / 1024,
-                last["disks"], per_disk_a / 1024, per_disk_b / 1024,
-                last["splitter_kib"] / 1024, last["splitter_max_kib"] / 1024),
+            ("source agent %.1f MiB with %d disk(s), %.1f MiB with %d (+%.2f MiB per disk); "
+             "target agent +%.2f MiB per disk; splitter %.1f MiB each (max %.1f)" % (
+                 first["agent_a_kib"] / 1024, first["disks"], last["agent_a_kib"] / 1024,
+                 last["disks"], (per_disk_a or 0) / 1024, (per_disk_b or 0) / 1024,
+                 last["splitter_kib"] / 1024, last["splitter_max_kib"] / 1024)) if span else
+            ("source agent %.1f MiB, target agent %.1f MiB with %d disk(s) (one disk count: "
+             "no growth per disk); splitter %.1f MiB each (max %.1f)" % (
+                 last["agent_a_kib"] / 1024, last["agent_b_kib"] / 1024, last["disks"],
+                 last["splitter_kib"] / 1024, last["splitter_max_kib"] / 1024)),
             "splitter: idle RSS + queue %d MiB + dirty budget %d MiB; agents: no configured "
             "budget" % (QUEUE_DEFAULT // MiB, DIRTY_BUDGET // MiB),
             split_growth / splitter_budget, "within budget", split_growth <= splitter_budget,
