@@ -25,7 +25,10 @@ written to ``seg-<number>.idx`` beside it.
 Besides the change records of the splitter protocol, two journal-only kinds carry a JSON
 object as their data: ``KIND_CHECKPOINT`` (a group checkpoint) and ``KIND_FAILOVER``; and
 ``KIND_SEEDED`` (a resync of a pre-seeded disk found the range as the seed has it,
-``agent/seed.py``) is a stream record without data that changes nothing.
+``agent/seed.py``) is a stream record without data that changes nothing. ``KIND_APPLIED``
+is a change (write, zero or trim) of ``[offset, +length)`` that went straight to the
+replica, made durable there before the record was appended, during its disk's initial sync
+(``agent/replica.py``); it carries no data, and the applier only steps over it.
 
 Opening a journal scans its last segment and cuts off a torn tail: the first record whose
 header or checksum does not hold, and all after it, were never acked and are dropped. A
@@ -50,7 +53,8 @@ from nbd_plugin.jindex import DATA_KINDS, KIND_CHECKPOINT, KIND_FAILOVER
 from nbd_plugin.localwire import KIND_NAMES
 
 KIND_SEEDED = 32  # wire and journal: the range holds the seed's bytes (no data)
-JOURNAL_KINDS = set(KIND_NAMES) | {KIND_CHECKPOINT, KIND_FAILOVER, KIND_SEEDED}
+KIND_APPLIED = 33  # journal only: a change already in the replica (no data)
+JOURNAL_KINDS = set(KIND_NAMES) | {KIND_CHECKPOINT, KIND_FAILOVER, KIND_SEEDED, KIND_APPLIED}
 
 MAGIC = b"FJR\x01"
 RECORD = struct.Struct("<4sBBHIIQQQQ")

@@ -19,6 +19,19 @@ shed to stay under ``journal_max`` bytes; before that (an initial sync is runnin
 no point in time to keep) it applies everything as it comes. While a view or a test
 failover reads a group, nothing is promoted.
 
+During the initial sync of a disk (it was never whole, nothing before it is waiting to be
+applied, no view pins the group, it has no seed) there is no history to keep, so ``accept``
+writes that disk's changes straight to its replica, in stream order, fdatasyncs it, and
+only then journals them as ``KIND_APPLIED`` records: the header without the data. Site B
+writes each byte once instead of twice. Before the first such write after records journaled
+whole, a checkpoint makes those durable in the replica and moves meta.json's position past
+them, so a restart never re-applies an older change on top of a newer one. A crash between
+the replica's fdatasync and the journal's leaves the replica ahead of the journal with
+changes that were never acked; the source sends them again, and every
+range it owes is written again before the disk's ``consistent`` marker, so no state that
+mixes them is ever offered. The disk's own ``consistent`` marker ends this: from there on its
+changes are journaled whole.
+
 Every ``CHECKPOINT_BYTES`` applied, after a promotion, and on close, the replicas are
 fdatasynced, then ``meta.json`` records the journal position applied so far (atomic
 replace), then whole segments before it are deleted. A crash between those steps re-applies
@@ -61,7 +74,7 @@ from nbd_plugin.state import write_atomic
 
 from . import seed
 from .checkpoints import Checkpoint, CheckpointError, Point
-from .journal import KIND_SEEDED, SEGMENT_MAX, Journal, JRecord, Position
+from .journal import KIND_APPLIED, KIND_SEEDED, SEGMENT_MAX, Journal, JRecord, Position
 from .wire import MAX_RECORD, ProtocolError
 
 log = logging.getLogger("ferry.replica")
@@ -292,6 +305,7 @@ class TargetGroup:
                       for d in self.disks],
         }
         write_atomic(self._meta_path, json.dumps(meta, indent=1).encode())
+        self._meta_applied = self.applied  # where a restart re-applies the journal from
 
     # -- receiving -----------------------------------------------------------------------
 
@@ -332,6 +346,7 @@ class TargetGroup:
                                        data))
                 new_cps.append(c)
             if fresh or markers:
+                fresh = self._apply_initial(fresh)
                 self.journal.append(fresh + markers)
                 for r in fresh:
                     st = self.disks[r.disk]
@@ -415,6 +430,61 @@ class TargetGroup:
 
     # -- applying ------------------------------------------------------------------------
 
+    def _apply_initial(self, records: List[JRecord]) -> List[JRecord]:
+        """Write the changes of disks in their initial sync straight to their replicas
+        (durable when it returns) and give them back as KIND_APPLIED records; the others
+        as they were (see the module)."""
+        if self.pins or self.failover is not None or self.applied != self.journal.end:
+            return records
+        direct = {i for i, (st, m) in enumerate(zip(self.disks, self.seeds))
+                  if not st.ever_consistent and not st.consistent_pending and m is None}
+        if not direct:
+            return records
+        if self._meta_applied != self.applied:
+            # A restart would re-apply the journal from meta.json's position, and records
+            # journaled whole since then would land on top of what goes straight to the
+            # replicas now: make them durable and move that position to the journal's end.
+            self._checkpoint()
+            if self.applied != self.journal.end:
+                return records
+        # The applier's hold-back rule, followed through the batch: from a record it would
+        # hold back on, the rest waits in the journal as usual, in journal order.
+        ever = [st.ever_consistent for st in self.disks]
+        pending = [st.consistent_pending for st in self.disks]
+        for r in records:
+            if r.kind == KIND_CONSISTENT:
+                pending[r.disk] += 1
+        out: List[JRecord] = []
+        written = set()
+        for n, r in enumerate(records):
+            if r.flags & FLAG_INCONSISTENT and ever[r.disk] and not pending[r.disk]:
+                out.extend(records[n:])
+                break
+            if r.kind == KIND_CONSISTENT:
+                pending[r.disk] -= 1
+                ever[r.disk] = True
+                direct.discard(r.disk)  # whole from here: its changes keep their data
+            elif r.disk in direct and r.kind in (KIND_WRITE, KIND_ZERO, KIND_TRIM):
+                self._write_record(self._fds[r.disk], r)
+                written.add(r.disk)
+                r = replace(r, kind=KIND_APPLIED, data=None)
+            out.append(r)
+        for i in sorted(written):
+            os.fdatasync(self._fds[i])
+        return out
+
+    @staticmethod
+    def _write_record(fd: int, rec: JRecord) -> None:
+        if rec.kind == KIND_WRITE:
+            assert rec.data is not None
+            view = memoryview(rec.data)
+            off = rec.offset
+            while view:
+                n = os.pwrite(fd, view, off)
+                view, off = view[n:], off + n
+        elif rec.length:
+            fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, rec.offset, rec.length)
+
     def _apply(self, stop: Optional[Position] = None) -> None:
         pos = self.applied
         for rec, after in self.journal.read_from(pos, stop):
@@ -429,17 +499,11 @@ class TargetGroup:
                              st.applied_seq)
                 st.holding = True
                 break
-            fd = self._fds[rec.disk]
-            if rec.kind == KIND_WRITE:
-                assert rec.data is not None
-                view = memoryview(rec.data)
-                off = rec.offset
-                while view:
-                    n = os.pwrite(fd, view, off)
-                    view, off = view[n:], off + n
-                self._since_checkpoint += rec.length
-            elif rec.kind in (KIND_ZERO, KIND_TRIM) and rec.length:
-                fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, rec.offset, rec.length)
+            if rec.kind in (KIND_WRITE, KIND_ZERO, KIND_TRIM):
+                self._write_record(self._fds[rec.disk], rec)
+                self._since_checkpoint += rec.length if rec.kind == KIND_WRITE else 0
+            elif rec.kind == KIND_APPLIED:
+                self._since_checkpoint += rec.length  # in the replica already
             elif rec.kind == KIND_CONSISTENT:
                 st.consistent_pending -= 1
                 st.ever_consistent = True
@@ -449,7 +513,9 @@ class TargetGroup:
             if self._since_checkpoint >= CHECKPOINT_BYTES:
                 self.applied = pos
                 self._checkpoint()
-        self.applied = pos
+        # A checkpoint at a segment's end moved ``applied`` on to the next segment and
+        # dropped this one: never step back onto it.
+        self.applied = max(self.applied, pos)
 
     def _checkpoint(self) -> None:
         if self.failover is not None:

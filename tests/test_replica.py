@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from agent import replica as replica_module
 from agent.checkpoints import CheckpointError
-from agent.journal import JRecord
+from agent.journal import KIND_APPLIED, JRecord
 from agent.replica import NoConsistentState, SizeMismatch, TargetGroup
 from agent.wire import MAX_RECORD, ProtocolError
 from nbd_plugin.localwire import (
@@ -360,14 +360,112 @@ def test_reopen_after_a_crash_reapplies_from_meta(tmp_path: Path) -> None:
 
 
 def test_reopen_after_a_crash_without_any_checkpoint(tmp_path: Path) -> None:
-    g = open_group(tmp_path)
-    accept(g, [w(1, 0, b"a" * 10), w(2, 5, b"b" * 10), z(3, 8, 4)])
+    # Disk a is whole, disk b's initial sync runs: the group has no history yet, so a's
+    # changes are applied as they come, with no checkpoint after them.
+    disks = [("a", 64), ("b", 64)]
+    g = open_group(tmp_path, disks)
+    accept(g, [w(1, 0, b"x" * 64, flags=RESYNC), consistent(2)])
+    g.checkpoint()
+    accept(g, [w(3, 0, b"a" * 10), w(4, 5, b"b" * 10), z(5, 8, 4)])
     expected = replica(g)
     crash(g)
-    Path(g.replica_path("a")).write_bytes(bytes(64))  # every replica write was lost
-    g = open_group(tmp_path)
-    assert replica(g) == expected == image(64, (0, b"aaaaabbb"), (12, b"bbb"))
+    Path(g.replica_path("a")).write_bytes(b"x" * 64)  # every replica write since was lost
+    g = open_group(tmp_path, disks)
+    assert replica(g) == expected == image(64, (0, b"aaaaabbb"), (12, b"bbb" + b"x" * 49))
+    assert g.durable() == [(1, 5), (0, 0)]
+    g.close()
+
+
+# -- the initial sync writes straight to the replica -------------------------------------------
+
+def journal_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in (path / "journal").glob("*.fjr"))
+
+
+def test_an_initial_sync_is_written_once_and_journaled_without_data(tmp_path: Path) -> None:
+    g = open_group(tmp_path, [("a", 1 << 20)])
+    before = journal_bytes(tmp_path)
+    accept(g, [w(1, 0, b"d" * 65536, flags=RESYNC), z(2, 4096, 4096, flags=RESYNC),
+               w(3, 8192, b"e" * 100, flags=RESYNC)])
+    assert journal_bytes(tmp_path) - before == 3 * 48  # headers only
+    want = bytearray(b"d" * 65536 + bytes((1 << 20) - 65536))
+    want[4096:8192] = bytes(4096)
+    want[8192:8292] = b"e" * 100
+    assert replica(g) == bytes(want)
     assert g.durable() == [(1, 3)]
+    kinds = [r.kind for r, _ in g.journal.read_from(g.journal.start)]
+    assert kinds == [KIND_APPLIED] * 3
+    # From the disk's consistent marker on, changes keep their data in the journal.
+    accept(g, [consistent(4), w(5, 0, b"f" * 1000)])
+    assert journal_bytes(tmp_path) - before >= 5 * 48 + 1000
+    want[:1000] = b"f" * 1000
+    assert replica(g) == bytes(want)
+    crash(g)
+    g = open_group(tmp_path, [("a", 1 << 20)])
+    assert replica(g) == bytes(want) and g.durable() == [(1, 5)]
+    g.restore("a", str(tmp_path / "out.img"))
+    assert (tmp_path / "out.img").read_bytes() == bytes(want)
+    g.close()
+
+
+def test_an_initial_sync_keeps_the_order_of_a_batch(tmp_path: Path) -> None:
+    g = open_group(tmp_path)
+    accept(g, [w(1, 0, b"a" * 32), z(2, 0, 16, kind=KIND_TRIM), w(3, 8, b"b" * 4),
+               z(4, 10, 1)])
+    assert replica(g) == image(64, (8, b"bb\0b"), (16, b"a" * 16))
+    g.close()
+
+
+def test_the_straight_path_fsyncs_the_replica_before_the_journal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The journal never says a change is durable before the replica holds it; and when
+    the journal cannot take the batch, the source's resend makes the replica right."""
+    g = open_group(tmp_path, [("a", 4096)])
+    calls: List[str] = []
+    real_fdatasync = os.fdatasync
+    real_append = g.journal.append
+
+    def fdatasync(fd: int) -> None:
+        calls.append("replica" if fd in g._fds else "other")
+        real_fdatasync(fd)
+
+    def append(records):
+        calls.append("journal")
+        return real_append(records)
+
+    monkeypatch.setattr(replica_module.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(g.journal, "append", append)
+    accept(g, [w(1, 0, b"a" * 100, flags=RESYNC)])
+    assert calls[:2] == ["replica", "journal"]
+
+    def full(records):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(g.journal, "append", full)
+    with pytest.raises(OSError):
+        accept(g, [w(2, 50, b"b" * 100, flags=RESYNC)])
+    assert g.durable() == [(1, 1)]  # not acked: the source sends it again
+    crash(g)
+    g = open_group(tmp_path, [("a", 4096)])
+    assert accept(g, [w(2, 50, b"b" * 100, flags=RESYNC), consistent(3)]) == 2
+    assert replica(g)[:150] == b"a" * 50 + b"b" * 100
+    g.close()
+
+
+def test_the_straight_path_waits_for_a_held_disk_and_skips_a_whole_one(
+        tmp_path: Path) -> None:
+    g = open_group(tmp_path, [("a", 64), ("b", 64)])
+    accept(g, [w(1, 0, b"A" * 8, flags=RESYNC), consistent(2)])  # a is whole
+    accept(g, [w(3, 0, b"H" * 8, flags=RESYNC)])  # a resyncs: held back
+    accept(g, [w(1, 0, b"B" * 8, disk=1, flags=RESYNC)])  # b's initial sync waits behind it
+    assert replica(g, "a")[:8] == b"A" * 8 and replica(g, "b")[:8] == bytes(8)
+    kinds = [(r.disk, r.kind) for r, _ in g.journal.read_from(g.journal.start)]
+    assert (1, KIND_WRITE) in kinds and (0, KIND_WRITE) in kinds
+    accept(g, [consistent(4)])  # a's resync ends: everything applies in order
+    assert replica(g, "a")[:8] == b"H" * 8 and replica(g, "b")[:8] == b"B" * 8
+    accept(g, [w(2, 8, b"C" * 8, disk=1)])  # nothing held: b's changes go straight again
+    assert [(r.disk, r.kind) for r, _ in g.journal.read_from(g.journal.start)][-1] == (
+        1, KIND_APPLIED)
     g.close()
 
 
@@ -552,3 +650,35 @@ def test_random_streams_with_checkpoints_inside_accept(
     # The applier checkpoints (meta, then old segments dropped) after every written byte.
     monkeypatch.setattr(replica_module, "CHECKPOINT_BYTES", 1)
     deliver(tmp_path_factory.mktemp("g"), stream, data, lose_writes=False)
+
+
+def test_a_checkpoint_at_a_segments_end_inside_the_applier_is_not_undone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The applier checkpoints after the last record of a segment it applies: the
+    # checkpoint moves the applied position on to the next segment and drops this one. The
+    # applier used to step back onto the dropped segment, and the next checkpoint failed.
+    monkeypatch.setattr(replica_module, "CHECKPOINT_BYTES", 1)
+    g = open_group(tmp_path)
+    accept(g, [w(1, 0, b"x", flags=RESYNC), consistent(2)])
+    accept(g, [w(3, 0, b"y")])
+    accept(g, [w(4, 1, b"z")])
+    assert replica(g)[:3] == b"yz\0"
+    assert g.applied[0] == g.journal.segments()[0]
+    g.close()
+
+
+def test_records_journaled_whole_are_checkpointed_before_the_straight_path_resumes(
+        tmp_path: Path) -> None:
+    """b's first change waits behind a's resync, journaled whole; b's next one goes
+    straight to the replica. After a crash, the journal is not re-applied from before the
+    first: it would put b's older byte back over the newer one."""
+    disks = [("a", 64), ("b", 64)]
+    g = open_group(tmp_path, disks)
+    accept(g, [consistent(1), w(2, 0, b"a", flags=INC)])   # a is whole, then resyncs: held
+    accept(g, [w(1, 0, b"\x02", disk=1), consistent(3)])  # b's 1 waits, then all applied
+    accept(g, [w(2, 0, b"\x03", disk=1)])                  # straight to b's replica
+    assert replica(g, "b")[:1] == b"\x03"
+    crash(g)
+    g = open_group(tmp_path, disks)
+    assert replica(g, "b")[:1] == b"\x03" and replica(g, "a")[:1] == b"a"
+    g.close()
