@@ -232,6 +232,10 @@ class TargetGroup:
         if self.applied < self.journal.start:
             self.applied = self.journal.start
         self._since_checkpoint = 0
+        # meta.json's applied position and the disks' points there (see _save_meta), and
+        # whether the journal holds records after it that a restart would apply again.
+        self._meta_point: Optional[Tuple[Position, List[Tuple[int, int]]]] = None
+        self._whole_after_meta = False
         # A pre-seeded disk's seed lasts until its initial sync ends (agent/seed.py).
         self.seeds: List[Optional[seed.SeedMap]] = [
             None if st.ever_consistent else seed.load(directory, st.name, st.size)
@@ -242,6 +246,7 @@ class TargetGroup:
         # Learn what the journal holds beyond the replicas, and its checkpoints.
         self.checkpoints: List[Checkpoint] = []
         self._load_checkpoints()
+        whole = False
         for rec, _pos in self.journal.read_from(self.applied):
             if rec.kind >= KIND_CHECKPOINT:
                 continue
@@ -249,8 +254,10 @@ class TargetGroup:
             st.gen, st.seq = rec.gen, rec.seq
             if rec.kind == KIND_CONSISTENT:
                 st.consistent_pending += 1
+            whole = whole or rec.kind in (KIND_WRITE, KIND_ZERO, KIND_TRIM)
             self._seed_note(rec)
-        self._save_meta()
+        self._save_meta(synced=True)  # the position it was loaded from
+        self._whole_after_meta = whole
         self._head_state = _Head(self)
         if self.failover is None:
             self._promote()
@@ -291,7 +298,15 @@ class TargetGroup:
                     c.tags = self.tags.get(c.id, [])
                     self.checkpoints.append(c)
 
-    def _save_meta(self) -> None:
+    def _save_meta(self, synced: bool = False) -> None:
+        """Write meta.json. Its applied position (where a restart re-applies the journal
+        from) moves only with ``synced``: when the replicas hold everything before
+        ``applied`` durably; other saves (tags, limits) keep the last synced one."""
+        if synced or self._meta_point is None:
+            self._meta_point = (self.applied,
+                                [(d.applied_gen, d.applied_seq) for d in self.disks])
+            self._whole_after_meta = False
+        applied, points = self._meta_point
         meta = {
             "group": self.name,
             "protection": self.protection,
@@ -299,13 +314,12 @@ class TargetGroup:
             "journal_max": self.journal_max,
             "tags": self.tags,
             "failover": self.failover,
-            "applied": list(self.applied),
-            "disks": [{"name": d.name, "size": d.size, "applied_gen": d.applied_gen,
-                       "applied_seq": d.applied_seq, "ever_consistent": d.ever_consistent}
-                      for d in self.disks],
+            "applied": list(applied),
+            "disks": [{"name": d.name, "size": d.size, "applied_gen": p[0],
+                       "applied_seq": p[1], "ever_consistent": d.ever_consistent}
+                      for d, p in zip(self.disks, points)],
         }
         write_atomic(self._meta_path, json.dumps(meta, indent=1).encode())
-        self._meta_applied = self.applied  # where a restart re-applies the journal from
 
     # -- receiving -----------------------------------------------------------------------
 
@@ -347,6 +361,8 @@ class TargetGroup:
                 new_cps.append(c)
             if fresh or markers:
                 fresh = self._apply_initial(fresh)
+                if any(r.kind in (KIND_WRITE, KIND_ZERO, KIND_TRIM) for r in fresh):
+                    self._whole_after_meta = True  # a restart would re-apply them
                 self.journal.append(fresh + markers)
                 for r in fresh:
                     st = self.disks[r.disk]
@@ -440,12 +456,12 @@ class TargetGroup:
                   if not st.ever_consistent and not st.consistent_pending and m is None}
         if not direct:
             return records
-        if self._meta_applied != self.applied:
+        if self._whole_after_meta:
             # A restart would re-apply the journal from meta.json's position, and records
             # journaled whole since then would land on top of what goes straight to the
             # replicas now: make them durable and move that position to the journal's end.
             self._checkpoint()
-            if self.applied != self.journal.end:
+            if self.applied != self.journal.end or self._whole_after_meta:
                 return records
         # The applier's hold-back rule, followed through the batch: from a record it would
         # hold back on, the rest waits in the journal as usual, in journal order.
@@ -530,7 +546,7 @@ class TargetGroup:
                 self.applied[1] >= self.journal.segment_size(self.applied[0]):
             # A whole segment applied: start at the next one, so this one can go.
             self.applied = (segments[segments.index(self.applied[0]) + 1], 0)
-        self._save_meta()
+        self._save_meta(synced=True)
         self.journal.drop_before(self.applied[0])
         self._since_checkpoint = 0
         before = len(self.checkpoints)
@@ -737,7 +753,7 @@ class TargetGroup:
         for st, p in zip(self.disks, cut):
             st.applied_gen, st.applied_seq = p
         self.failover["state"] = "done"
-        self._save_meta()
+        self._save_meta(synced=True)  # the replicas were fdatasynced at the cut
         c = self.failover.get("checkpoint")
         log.warning("group %s: FAILED OVER LIVE at %s; its replicas are the live disks now and "
                     "replication of it has stopped", self.name,

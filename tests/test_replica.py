@@ -682,3 +682,20 @@ def test_records_journaled_whole_are_checkpointed_before_the_straight_path_resum
     g = open_group(tmp_path, disks)
     assert replica(g, "b")[:1] == b"\x03" and replica(g, "a")[:1] == b"a"
     g.close()
+
+
+def test_saving_settings_does_not_move_where_a_restart_re_applies_from(tmp_path: Path) -> None:
+    # a is whole, b's initial sync runs: a's changes are applied with no checkpoint after
+    # them. Saving the limits (or a tag) writes meta.json; its applied position must stay
+    # where the replicas were last made durable, or a crash would lose a's change.
+    disks = [("a", 64), ("b", 64)]
+    g = open_group(tmp_path, disks)
+    accept(g, [w(1, 0, b"x" * 64, flags=RESYNC), consistent(2)])
+    g.checkpoint()
+    accept(g, [w(3, 0, b"new")])
+    g.set_limits(3600, 1 << 30)
+    crash(g)
+    Path(g.replica_path("a")).write_bytes(b"x" * 64)  # the write since the checkpoint is lost
+    g = open_group(tmp_path, disks)
+    assert replica(g, "a")[:4] == b"newx"
+    g.close()
