@@ -250,9 +250,9 @@ def test_nbdkit_serves_through_packaged_splitter(tree, tmp_path):
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from agent.lab.sites import free_port  # below the ephemeral range: see there
+
+    return free_port()
 
 
 def _start_script_argv(tree: Path, tmp_path: Path, drop_ins: Dict[str, str]) -> List[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -23,10 +24,38 @@ REPO = Path(__file__).resolve().parent.parent.parent
 FERRY = [sys.executable, "-m", "agent.cli"]
 
 
+def _ephemeral_range() -> range:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+        return range(low, high + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)
+
+
 def free_port() -> int:
+    """A loopback port free now, below the kernel's ephemeral range when it can be: a port
+    from bind(0) is one the kernel also hands to outgoing connections, which can take it
+    before the agent binds it."""
+    ephemeral = _ephemeral_range()
+    rng = random.Random()
+    for _ in range(50):
+        port = rng.randrange(10000, 30000)
+        if port in ephemeral:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class PortTaken(RuntimeError):
+    """The agent could not bind a port: another process holds it."""
 
 
 class Site:
@@ -43,10 +72,28 @@ class Site:
         self.address = "127.0.0.1:%d" % self.port
         self.log = root / ("%s.log" % name)
         self.proc: Optional[subprocess.Popen] = None
+        self._started = False  # once it has run, its address is known: it keeps it
 
     def start(self, timeout: float = 30) -> Site:
         """Start the agent; return once it says it is ready in its own log (not merely once
-        something answers on its API port: another process could hold that port)."""
+        something answers on its API port: another process could hold that port). At its
+        first start a site whose port another process took meanwhile moves to new ports."""
+        for attempt in range(3):
+            try:
+                return self._start(timeout)
+            except PortTaken:
+                if self._started or attempt == 2:
+                    raise
+                self._new_ports()
+        raise AssertionError("unreachable")
+
+    def _new_ports(self) -> None:
+        self.port = free_port()
+        self.api_port = free_port()
+        self.api_url = "http://127.0.0.1:%d" % self.api_port
+        self.address = "127.0.0.1:%d" % self.port
+
+    def _start(self, timeout: float) -> Site:
         readies = self._readies()
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
@@ -58,8 +105,12 @@ class Site:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError("agent %s exited: %s" % (self.name, self.log.read_text()))
+                text = self.log.read_text()
+                if text.rstrip().endswith("Address already in use"):
+                    raise PortTaken("agent %s exited: %s" % (self.name, text))
+                raise RuntimeError("agent %s exited: %s" % (self.name, text))
             if self._readies() > readies:
+                self._started = True
                 return self
             time.sleep(0.05)
         raise RuntimeError("agent %s did not say it was ready in %s s" % (self.name, timeout))
