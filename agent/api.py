@@ -33,8 +33,9 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, unquote
 
 from . import tls
+from .errors import FerryError, Forbidden, Invalid, NotFound, TooLarge, Unavailable, http_status
 from .pairing import Trust
-from .source import RequestError, SourceSite, parse_target
+from .source import SourceSite, parse_target
 from .target import TargetSite
 
 log = logging.getLogger("ferry.api")
@@ -69,14 +70,15 @@ class Api:
             status, payload = await self._route(scope["method"], scope["path"],
                                                 parse_qs(scope.get("query_string", b"").decode()),
                                                 body)
-        except RequestError as e:
-            status, payload = e.status, {"error": str(e)}
-        except (LookupError, FileExistsError, FileNotFoundError) as e:
-            status = 409 if isinstance(e, FileExistsError) else 404
-            payload = {"error": str(e.args[0]) if e.args else str(e)}
+        except FerryError as e:
+            status, payload = http_status(e), {"error": str(e)}
         except OSError as e:
             log.exception("request failed")
             status, payload = 500, {"error": "%s: %s" % (type(e).__name__, e)}
+        except Exception as e:  # a bug: say so in one line, keep the agent serving
+            log.exception("request failed")
+            status, payload = 500, {"error": "internal error (%s); see the agent's log"
+                                    % type(e).__name__}
         if isinstance(payload, str):
             data = payload.encode()
             ctype = b"text/plain; version=0.0.4"
@@ -102,7 +104,7 @@ class Api:
             if not isinstance(disks, list) or not all(
                     isinstance(d, dict) and isinstance(d.get("name"), str)
                     and isinstance(d.get("path"), str) for d in disks):
-                raise RequestError("disks must be a list of {name, path}")
+                raise Invalid("disks must be a list of {name, path}")
             kwargs: Dict[str, Any] = {}
             if "queue_bytes" in body:
                 kwargs["queue_bytes"] = _positive_int(body, "queue_bytes")
@@ -114,7 +116,7 @@ class Api:
                 interval = body["checkpoint_interval"]
                 if not isinstance(interval, (int, float)) or isinstance(interval, bool) \
                         or interval < 0:
-                    raise RequestError("checkpoint_interval must be a number of seconds")
+                    raise Invalid("checkpoint_interval must be a number of seconds")
                 settings["checkpoint_interval"] = float(interval)
             if "bandwidth" in body:
                 settings["bandwidth"] = _bandwidth(body)
@@ -122,7 +124,7 @@ class Api:
             seeds = body.get("seeds", {})
             if not isinstance(seeds, dict) or not all(
                     isinstance(p, str) and p for p in seeds.values()):
-                raise RequestError("seeds must be an object {disk: path on the target site}")
+                raise Invalid("seeds must be an object {disk: path on the target site}")
             kwargs["seeds"] = seeds
             return 201, await self.source.protect(
                 _str(body, "name"), [(d["name"], d["path"]) for d in disks],
@@ -131,7 +133,7 @@ class Api:
         if len(parts) == 4 and parts[:2] == ["v1", "groups"] and parts[3] == "settings" \
                 and method == "POST":
             if set(body) != {"bandwidth"}:
-                raise RequestError("settings that change at run time: bandwidth")
+                raise Invalid("settings that change at run time: bandwidth")
             return 200, self.source.set_bandwidth(parts[2], _bandwidth(body))
         if len(parts) == 4 and parts[:2] == ["v1", "groups"] and parts[3] in ("pause", "resume") \
                 and method == "POST":
@@ -142,23 +144,23 @@ class Api:
                 and method == "POST":
             timeout = body.get("timeout", 600)
             if not isinstance(timeout, (int, float)) or timeout < 0:
-                raise RequestError("timeout must be a number of seconds")
+                raise Invalid("timeout must be a number of seconds")
             return 200, await self.source.wait_synced(parts[2], float(timeout))
         if len(parts) == 4 and parts[:2] == ["v1", "groups"] and parts[3] == "checkpoints" \
                 and method == "POST":
             tag = body.get("tag")
             if tag is not None and not isinstance(tag, str):
-                raise RequestError("tag must be a string")
+                raise Invalid("tag must be a string")
             timeout = body.get("timeout", 30)
             if not isinstance(timeout, (int, float)) or timeout < 0:
-                raise RequestError("timeout must be a number of seconds")
+                raise Invalid("timeout must be a number of seconds")
             return 200, await self.source.checkpoint(parts[2], tag, float(timeout))
         if len(parts) == 3 and parts[:2] == ["v1", "checkpoints"] and method == "GET":
             name = parts[2]
             src = self.source.checkpoints(name) if name in self.source.shippers else None
             tgt = self.target.checkpoints(name) if name in self.target.groups else None
             if src is None and tgt is None:
-                raise RequestError("no group %s on this site" % name, 404)
+                raise NotFound("no group %s on this site" % name)
             return 200, {"group": name, "source": src, "target": tgt}
         if len(parts) == 4 and parts[:2] == ["v1", "replicas"] and parts[3] == "views" \
                 and method == "POST":
@@ -174,12 +176,12 @@ class Api:
                 return 200, await self.target.stop_test(parts[2])
             if mode == "live":
                 return 200, await self.target.failover_live(parts[2], *_point(body))
-            raise RequestError("mode must be test, stop-test or live")
+            raise Invalid("mode must be test, stop-test or live")
         if len(parts) == 4 and parts[:2] == ["v1", "replicas"] and parts[3] == "restore" \
                 and method == "POST":
             return 200, await self.target.restore(parts[2], _str(body, "disk"), _str(body, "to"),
                                                   *_point(body))
-        raise RequestError("no such endpoint: %s %s" % (method, path), 404)
+        raise NotFound("no such endpoint: %s %s" % (method, path))
 
     async def _pairing(self, method: str, parts: List[str], body: Dict[str, Any]
                        ) -> Tuple[int, Any]:
@@ -187,7 +189,7 @@ class Api:
         if parts == ["v1", "pair-token"] and method == "POST":
             ttl = body.get("ttl", tls.TOKEN_TTL)
             if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not 0 < ttl <= 86400:
-                raise RequestError("ttl must be a number of seconds from 1 to 86400")
+                raise Invalid("ttl must be a number of seconds from 1 to 86400")
             return 201, trust.make_token(float(ttl))
         if parts == ["v1", "pairs"] and method == "GET":
             return 200, trust.status()
@@ -197,22 +199,21 @@ class Api:
             try:
                 return 201, await trust.pair(host, port, address, _str(body, "token"))
             except tls.PairingError as e:
-                raise RequestError(str(e), 403) from None
+                raise Forbidden(str(e)) from None
             except OSError as e:
-                raise RequestError("cannot reach %s: %s" % (address, e.strerror or e),
-                                   502) from None
+                raise Unavailable("cannot reach %s: %s" % (address, e.strerror or e)) from None
         if len(parts) == 3 and parts[1] == "pairs" and method == "DELETE":
             if not trust.unpair(parts[2]):
-                raise RequestError("no paired site %s" % parts[2], 404)
+                raise NotFound("no paired site %s" % parts[2])
             return 200, trust.status()
-        raise RequestError("no such endpoint: %s /%s" % (method, "/".join(parts)), 404)
+        raise NotFound("no such endpoint: %s /%s" % (method, "/".join(parts)))
 
     def status(self, group: Optional[str] = None) -> Dict[str, Any]:
         groups = self.source.status()
         replicas = self.target.status()
         if group is not None:
             if group not in groups and group not in replicas:
-                raise RequestError("no group %s on this site" % group, 404)
+                raise NotFound("no group %s on this site" % group)
             groups = {k: v for k, v in groups.items() if k == group}
             replicas = {k: v for k, v in replicas.items() if k == group}
         out = {"site": self.site, "uptime_seconds": round(time.time() - self.started, 1),
@@ -270,11 +271,11 @@ async def _read_body(receive: Callable) -> Dict[str, Any]:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise RequestError("client went away")
+            raise Invalid("client went away")
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > MAX_REQUEST:
-            raise RequestError("request body over %d bytes" % MAX_REQUEST, 413)
+            raise TooLarge("request body over %d bytes" % MAX_REQUEST)
         chunks.append(chunk)
         if not message.get("more_body"):
             break
@@ -284,16 +285,16 @@ async def _read_body(receive: Callable) -> Dict[str, Any]:
     try:
         obj = json.loads(raw)
     except ValueError as e:
-        raise RequestError("request body is not JSON: %s" % e) from None
+        raise Invalid("request body is not JSON: %s" % e) from None
     if not isinstance(obj, dict):
-        raise RequestError("request body must be a JSON object")
+        raise Invalid("request body must be a JSON object")
     return obj
 
 
 def _str(body: Dict[str, Any], key: str) -> str:
     value = body.get(key)
     if not isinstance(value, str) or not value:
-        raise RequestError("%s is required" % key)
+        raise Invalid("%s is required" % key)
     return value
 
 
@@ -302,23 +303,23 @@ def _point(body: Dict[str, Any]) -> Tuple[Optional[str], Optional[int]]:
     ref = body.get("checkpoint")
     at = body.get("at_ns")
     if ref is not None and (not isinstance(ref, str) or not ref):
-        raise RequestError("checkpoint must be an id or a tag")
+        raise Invalid("checkpoint must be an id or a tag")
     if at is not None and (not isinstance(at, int) or isinstance(at, bool)):
-        raise RequestError("at_ns must be an integer")
+        raise Invalid("at_ns must be an integer")
     if ref is not None and at is not None:
-        raise RequestError("give a checkpoint or a time, not both")
+        raise Invalid("give a checkpoint or a time, not both")
     return ref, at
 
 
 def _bandwidth(body: Dict[str, Any]) -> int:
     value = body.get("bandwidth")
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise RequestError("bandwidth must be a number of bytes per second (0: no limit)")
+        raise Invalid("bandwidth must be a number of bytes per second (0: no limit)")
     return value
 
 
 def _positive_int(body: Dict[str, Any], key: str) -> int:
     value = body.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise RequestError("%s must be a positive integer" % key)
+        raise Invalid("%s must be a positive integer" % key)
     return value

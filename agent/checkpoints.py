@@ -36,6 +36,7 @@ from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 from nbd_plugin.localwire import FLAG_INCONSISTENT, KIND_CONSISTENT
 
 from . import wire
+from .errors import NotFound
 
 Point = Tuple[int, int]  # (gen, seq)
 
@@ -43,7 +44,7 @@ KINDS = ("auto", "user")
 MAX_TAG = 256
 
 
-class CheckpointError(Exception):
+class CheckpointError(NotFound):
     """A checkpoint cannot be made or found; the message says why, for the user."""
 
 

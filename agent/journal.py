@@ -52,6 +52,8 @@ from nbd_plugin import jindex
 from nbd_plugin.jindex import DATA_KINDS, KIND_CHECKPOINT, KIND_FAILOVER
 from nbd_plugin.localwire import KIND_NAMES
 
+from .errors import StorageError
+
 KIND_SEEDED = 32  # wire and journal: the range holds the seed's bytes (no data)
 KIND_APPLIED = 33  # journal only: a change already in the replica (no data)
 JOURNAL_KINDS = set(KIND_NAMES) | {KIND_CHECKPOINT, KIND_FAILOVER, KIND_SEEDED, KIND_APPLIED}
@@ -67,7 +69,7 @@ _SEGMENT_RE = re.compile(r"^seg-(\d{16})\.fjr$")
 Position = Tuple[int, int]  # (segment number, byte offset in it)
 
 
-class JournalCorrupt(Exception):
+class JournalCorrupt(StorageError):
     """A record inside the journal (not at its tail) fails its checks."""
 
 

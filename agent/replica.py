@@ -74,6 +74,7 @@ from nbd_plugin.state import write_atomic
 
 from . import seed
 from .checkpoints import Checkpoint, CheckpointError, Point
+from .errors import Conflict, NotFound
 from .journal import KIND_APPLIED, KIND_SEEDED, SEGMENT_MAX, Journal, JRecord, Position
 from .wire import MAX_RECORD, ProtocolError
 
@@ -84,11 +85,11 @@ DEFAULT_HISTORY = 4 * 3600
 DEFAULT_JOURNAL_MAX = 50 * 1024 ** 3
 
 
-class SizeMismatch(Exception):
+class SizeMismatch(Conflict):
     pass
 
 
-class NoConsistentState(Exception):
+class NoConsistentState(NotFound):
     pass
 
 
@@ -781,7 +782,7 @@ class TargetGroup:
         for st in self.disks:
             if st.name == name:
                 return st
-        raise KeyError(name)
+        raise NotFound("group %s has no disk %s" % (self.name, name))
 
     def status(self) -> Dict[str, Any]:
         """The group's status. It is asked from the agent's event loop: while the lock is

@@ -55,6 +55,7 @@ from nbd_plugin.localwire import (
 )
 from nbd_plugin.state import write_atomic
 
+from .errors import Invalid
 from .journal import KIND_SEEDED
 from .wire import ProtocolError, field
 
@@ -73,7 +74,7 @@ FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 _USABLE = bytes([1] + [0] * 255)  # touched map -> usable map
 
 
-class SeedError(Exception):
+class SeedError(Invalid):
     """A seed that cannot be used; the message says why, for the admin."""
 
 

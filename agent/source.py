@@ -41,6 +41,15 @@ from nbd_plugin import localwire as lw
 
 from . import peer, seed, splitters, tls, wire
 from .checkpoints import Checkpoint, Cutter, Point, Request
+from .errors import (
+    Conflict,
+    Forbidden,
+    Invalid,
+    NotFound,
+    PeerRefused,
+    TimedOut,
+    Unavailable,
+)
 from .pairing import NotPaired, how_to_pair, refused_us
 from .peer import FrameStream, keepalive, race
 from .store import DiskRow, GroupRow, Store
@@ -74,21 +83,13 @@ REMOTE_STATES = {wire.E_STORAGE: "target-storage-error", wire.E_TLS_REQUIRED: "t
 Connector = Callable[[str, int, str], Awaitable[trio.abc.Stream]]
 
 
-class RequestError(Exception):
-    """A request the agent refuses; the message says why, for the user."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 def parse_target(text: str) -> Tuple[str, int]:
     m = re.match(r"^\[([^\]]+)\](?::(\d+))?$", text) or re.match(r"^([^:]+)(?::(\d+))?$", text)
     if not m:
-        raise RequestError("target %r is not HOST:PORT" % text)
+        raise Invalid("target %r is not HOST:PORT" % text)
     port = int(m.group(2)) if m.group(2) else DEFAULT_PORT
     if not 0 < port < 65536:
-        raise RequestError("target port %d is out of range" % port)
+        raise Invalid("target port %d is out of range" % port)
     return m.group(1), port
 
 
@@ -672,34 +673,34 @@ class SourceSite:
                       seeds: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
         """``seeds``: {disk name: a file on site B to start its replica from}."""
         if not NAME_RE.match(name):
-            raise RequestError("group name %r: use letters, digits, '_', '.', '-'" % name)
+            raise Invalid("group name %r: use letters, digits, '_', '.', '-'" % name)
         if name in self._busy or self.store.group(name) is not None:
-            raise RequestError("group %s already exists" % name, 409)
+            raise Conflict("group %s already exists" % name)
         parse_target(target)
         if not disks:
-            raise RequestError("a group needs at least one --disk")
+            raise Invalid("a group needs at least one --disk")
         rows = []
         seen = set()
         for dname, path in disks:
             if not NAME_RE.match(dname):
-                raise RequestError("disk name %r: use letters, digits, '_', '.', '-'" % dname)
+                raise Invalid("disk name %r: use letters, digits, '_', '.', '-'" % dname)
             if dname in seen:
-                raise RequestError("disk name %s is given twice" % dname)
+                raise Invalid("disk name %s is given twice" % dname)
             seen.add(dname)
             path, size = await trio.to_thread.run_sync(_disk_size, dname, path)
             other = self.store.disk_by_path(path)
             if other is not None:
-                raise RequestError("disk %s is already protected (group %s, disk %s)"
-                                   % (path, other.group, other.name), 409)
+                raise Conflict("disk %s is already protected (group %s, disk %s)"
+                                   % (path, other.group, other.name))
             if size == 0:
-                raise RequestError("disk %s: %s is empty" % (dname, path))
+                raise Invalid("disk %s: %s is empty" % (dname, path))
             rows.append((dname, path, size))
         for dname, path in (seeds or {}).items():
             if dname not in seen:
-                raise RequestError("a seed for disk %s, which group %s does not have"
+                raise Invalid("a seed for disk %s, which group %s does not have"
                                    % (dname, name))
             if not path.startswith("/"):
-                raise RequestError("seed %s for disk %s: give the absolute path of a file on "
+                raise Invalid("seed %s for disk %s: give the absolute path of a file on "
                                    "site B" % (path, dname))
         if seeds:
             settings = dict(settings or {}, seeds=dict(seeds))
@@ -735,24 +736,22 @@ class SourceSite:
                 finally:
                     await fs.aclose()
         except NotPaired as e:
-            raise RequestError(str(e), 403) from None
+            raise Forbidden(str(e)) from None
         except wire.RemoteError as e:
             if e.code in (wire.E_TLS_REQUIRED, wire.E_UNPAIRED):
-                raise RequestError("target %s accepts only TLS from paired sites and this "
-                                   "agent runs --insecure: start it without --insecure, then "
-                                   "%s" % (row.target, how_to_pair(row.target)), 403) from None
-            status = 409 if e.code in (wire.E_SIZE_MISMATCH, wire.E_BAD_SEED) else 502
-            raise RequestError("target %s refused the group: %s" % (row.target, e),
-                               status) from None
+                raise Forbidden("target %s accepts only TLS from paired sites and this "
+                                "agent runs --insecure: start it without --insecure, then "
+                                "%s" % (row.target, how_to_pair(row.target))) from None
+            raise PeerRefused("target %s refused the group: %s" % (row.target, e)) from None
         except (OSError, EOFError, trio.TooSlowError, wire.ProtocolError,
                 trio.BrokenResourceError) as e:
             if allow_unreachable:
                 log.warning("group %s: target %s unreachable (%s); protecting anyway",
                             row.name, row.target, e)
                 return
-            raise RequestError("target %s unreachable: %s (start its agent, or pass "
-                               "--allow-unreachable)" % (row.target, e or type(e).__name__),
-                               502) from None
+            raise Unavailable("target %s unreachable: %s (start its agent, or pass "
+                              "--allow-unreachable)" % (row.target, e or type(e).__name__)
+                              ) from None
 
     def _start_splitters_or_fail(self, row: GroupRow) -> None:
         started = []
@@ -766,12 +765,12 @@ class SourceSite:
             for paths, d in started:
                 splitters.stop(paths, d.id)
                 _remove_files(paths)
-            raise RequestError("cannot start the splitter: %s" % e, 500) from None
+            raise Unavailable("cannot start the splitter: %s" % e) from None
 
     async def unprotect(self, name: str) -> Dict[str, Any]:
         row = self.store.group(name)
         if row is None or name in self._busy:
-            raise RequestError("no group %s on this site" % name, 404)
+            raise NotFound("no group %s on this site" % name)
         self._busy.add(name)  # the supervisor leaves it alone from now on
         self._stop_group(row)
 
@@ -793,7 +792,7 @@ class SourceSite:
         """Return once the target holds every write made before the call."""
         row = self.store.group(name)
         if row is None:
-            raise RequestError("no group %s on this site" % name, 404)
+            raise NotFound("no group %s on this site" % name)
         links = [self.links[d.id] for d in row.disks]
         token = uuid.uuid4().hex
         points: Dict[str, Tuple[int, int]] = {}
@@ -823,24 +822,24 @@ class SourceSite:
             elif link.acked < points[link.row.id]:
                 behind.append("%s: target acked %d/%d of %d/%d" % (
                     (link.row.name,) + link.acked + points[link.row.id]))
-        raise RequestError("group %s not synced after %g s (%s)"
-                           % (name, seconds, "; ".join(behind)), 504)
+        raise TimedOut("group %s not synced after %g s (%s)"
+                           % (name, seconds, "; ".join(behind)))
 
     async def checkpoint(self, name: str, tag: Optional[str], seconds: float
                          ) -> Dict[str, Any]:
         """Cut a user checkpoint and wait until the target has journaled it."""
         shipper = self.shippers.get(name)
         if shipper is None or name in self._busy:
-            raise RequestError("no group %s on this site" % name, 404)
+            raise NotFound("no group %s on this site" % name)
         if tag is not None and (not tag or len(tag) > 256 or "\n" in tag):
-            raise RequestError("a tag is 1 to 256 characters on one line")
+            raise Invalid("a tag is 1 to 256 characters on one line")
         if not shipper.live:
-            raise RequestError("group %s is not replicating (%s): no checkpoint can be cut "
-                               "now" % (name, shipper.state), 409)
+            raise Conflict("group %s is not replicating (%s): no checkpoint can be cut "
+                               "now" % (name, shipper.state))
         bad = [link.row.name for link in shipper.links if link.counters.get("inconsistent")]
         if bad:
-            raise RequestError("group %s: disk %s is being resynced; a crash-consistent "
-                               "checkpoint is possible once it ends" % (name, bad[0]), 409)
+            raise Conflict("group %s: disk %s is being resynced; a crash-consistent "
+                               "checkpoint is possible once it ends" % (name, bad[0]))
         req = shipper.request_checkpoint("user", tag)
         cid = req.checkpoint.id
         event = shipper.waiters[cid]
@@ -850,11 +849,11 @@ class SourceSite:
         if result is None:
             if cid in shipper.unacked:
                 return {"group": name, "id": cid, "tag": tag, "acked": False}
-            raise RequestError("group %s: checkpoint not cut within %g s (a splitter is not "
-                               "connected or the link is down)" % (name, seconds), 504)
+            raise TimedOut("group %s: checkpoint not cut within %g s (a splitter is not "
+                               "connected or the link is down)" % (name, seconds))
         if result != "ok":
-            raise RequestError("group %s: no crash-consistent checkpoint: %s"
-                               % (name, result), 409)
+            raise Conflict("group %s: no crash-consistent checkpoint: %s"
+                               % (name, result))
         return {"group": name, "id": cid, "tag": tag, "acked": True,
                 "wall_ns": req.checkpoint.wall_ns, "cut": [list(c) for c in req.checkpoint.cut]}
 
@@ -863,7 +862,7 @@ class SourceSite:
         row = self.store.group(name)
         shipper = self.shippers.get(name)
         if row is None or shipper is None or name in self._busy:
-            raise RequestError("no group %s on this site" % name, 404)
+            raise NotFound("no group %s on this site" % name)
         self.store.set_settings(name, dict(row.settings, paused=paused))
         if paused and not shipper.paused:
             shipper.pause()
@@ -878,9 +877,9 @@ class SourceSite:
         row = self.store.group(name)
         shipper = self.shippers.get(name)
         if row is None or shipper is None or name in self._busy:
-            raise RequestError("no group %s on this site" % name, 404)
+            raise NotFound("no group %s on this site" % name)
         if bytes_per_second < 0:
-            raise RequestError("a bandwidth limit cannot be negative")
+            raise Invalid("a bandwidth limit cannot be negative")
         settings = dict(row.settings, bandwidth=int(bytes_per_second))
         self.store.set_settings(name, settings)
         shipper.settings["bandwidth"] = int(bytes_per_second)
@@ -892,7 +891,7 @@ class SourceSite:
     def checkpoints(self, name: str) -> List[Dict[str, Any]]:
         shipper = self.shippers.get(name)
         if shipper is None:
-            raise RequestError("no group %s on this site" % name, 404)
+            raise NotFound("no group %s on this site" % name)
         return list(shipper.made)
 
     # -- status --------------------------------------------------------------------------
@@ -998,13 +997,13 @@ def _disk_size(name: str, path: str) -> Tuple[str, int]:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise RequestError("disk %s: %s does not exist" % (name, path), 404) from None
+        raise NotFound("disk %s: %s does not exist" % (name, path)) from None
     except OSError as e:
-        raise RequestError("disk %s: %s: %s" % (name, path, e.strerror or e)) from None
+        raise Invalid("disk %s: %s: %s" % (name, path, e.strerror or e)) from None
     try:
         st = os.fstat(fd)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            raise RequestError("disk %s: %s is neither a file nor a block device" % (name, path))
+            raise Invalid("disk %s: %s is neither a file nor a block device" % (name, path))
         return path, os.lseek(fd, 0, os.SEEK_END)
     finally:
         os.close(fd)

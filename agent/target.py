@@ -21,6 +21,7 @@ import trio
 from nbd_plugin.localwire import KIND_WRITE
 
 from . import checkpoints, seed, wire
+from .errors import Conflict, NotFound
 from .journal import JournalCorrupt
 from .pairing import Refused, Trust
 from .peer import FrameStream, keepalive, race
@@ -328,19 +329,19 @@ class TargetSite:
     def group(self, name: str) -> TargetGroup:
         g = self.groups.get(name)
         if g is None:
-            raise LookupError("group %s is not replicated to this site" % name)
+            raise NotFound("group %s is not replicated to this site" % name)
         return g
 
     async def restore(self, group: str, disk: str, dest: str, ref: Optional[str] = None,
                       at_wall_ns: Optional[int] = None) -> Dict[str, Any]:
         g = self.group(group)
         if disk not in [d.name for d in g.disks]:
-            raise LookupError("group %s has no disk %s (it has %s)"
+            raise NotFound("group %s has no disk %s (it has %s)"
                               % (group, disk, ", ".join(d.name for d in g.disks)))
         try:
             return await trio.to_thread.run_sync(_restore, g, disk, dest, ref, at_wall_ns)
         except (NoConsistentState, checkpoints.CheckpointError) as e:
-            raise LookupError(str(e)) from None
+            raise NotFound(str(e)) from None
 
     def checkpoints(self, group: str) -> List[Dict[str, Any]]:
         return self.group(group).list_checkpoints()
@@ -351,7 +352,7 @@ class TargetSite:
         try:
             return await trio.to_thread.run_sync(self.views.open, g, ref, at_wall_ns, test)
         except (NoConsistentState, checkpoints.CheckpointError) as e:
-            raise LookupError(str(e)) from None
+            raise NotFound(str(e)) from None
 
     async def close_view(self, vid: str) -> Dict[str, Any]:
         return await trio.to_thread.run_sync(self.views.close, vid, self.groups)
@@ -365,7 +366,7 @@ class TargetSite:
         try:
             result = await trio.to_thread.run_sync(g.failover_live, ref, at_wall_ns)
         except (NoConsistentState, checkpoints.CheckpointError) as e:
-            raise LookupError(str(e)) from None
+            raise NotFound(str(e)) from None
         view = await trio.to_thread.run_sync(self.views.serve_live, g)
         return dict(view, failover=result)
 
@@ -373,7 +374,7 @@ class TargetSite:
         self.group(group)
         view = self.views.test_of(group)
         if view is None:
-            raise LookupError("group %s has no test failover running" % group)
+            raise NotFound("group %s has no test failover running" % group)
         return await self.close_view(view.id)
 
     def status(self) -> Dict[str, Any]:
@@ -403,9 +404,9 @@ def _restore(group: TargetGroup, disk: str, dest: str, ref: Optional[str],
              at_wall_ns: Optional[int]) -> Dict[str, Any]:
     dest = os.path.abspath(dest)
     if os.path.exists(dest):
-        raise FileExistsError("%s already exists; restore writes a new file" % dest)
+        raise Conflict("%s already exists; restore writes a new file" % dest)
     if not os.path.isdir(os.path.dirname(dest)):
-        raise FileNotFoundError("directory %s does not exist" % os.path.dirname(dest))
+        raise NotFound("directory %s does not exist" % os.path.dirname(dest))
     return group.restore(disk, dest, ref, at_wall_ns)
 
 

@@ -46,13 +46,15 @@ from typing import Any, Iterable, Optional, Tuple
 
 import trio
 
+from .errors import Forbidden
+
 TLS_RECORD_HANDSHAKE = 0x16  # the first byte of every TLS connection
 TOKEN_TTL = 600.0
 TOKEN_ATTEMPTS = 3           # wrong MACs before a token is burnt anyway
 SNI = "ferry"                # sent, never checked: sites are named by their certificate
 
 
-class PairingError(Exception):
+class PairingError(Forbidden):
     """Pairing was refused or failed; the message says why, for the administrator."""
 
 

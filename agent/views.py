@@ -26,8 +26,8 @@ import nbd_plugin
 from nbd_plugin import jindex
 
 from .checkpoints import iso
+from .errors import Conflict, NotFound
 from .replica import TargetGroup
-from .source import RequestError
 from .splitters import nbdkit_binary
 
 log = logging.getLogger("ferry.views")
@@ -64,12 +64,11 @@ class Views:
              test: bool) -> Dict[str, Any]:
         """Serve every disk of ``group`` at a point (blocking: run it in a thread)."""
         if test and any(v.test and v.group == group.name for v in self.views.values()):
-            raise RequestError("group %s already has a test failover running; stop it first "
-                               "(ferry failover %s --stop-test)" % (group.name, group.name),
-                               409)
+            raise Conflict("group %s already has a test failover running; stop it first "
+                               "(ferry failover %s --stop-test)" % (group.name, group.name))
         if ref is None and at_wall_ns is None and test:
             if not group.checkpoints:
-                raise LookupError("group %s: the journal holds no checkpoint" % group.name)
+                raise NotFound("group %s: the journal holds no checkpoint" % group.name)
             ref = group.checkpoints[-1].id
         checkpoint, specs = group.view_spec(ref, at_wall_ns)
         vid = uuid.uuid4().hex[:8]
@@ -105,7 +104,7 @@ class Views:
     def close(self, vid: str, groups: Dict[str, TargetGroup]) -> Dict[str, Any]:
         view = self.views.pop(vid, None)
         if view is None:
-            raise LookupError("no view %s on this site" % vid)
+            raise NotFound("no view %s on this site" % vid)
         _stop(view)
         group = groups.get(view.group)
         if group is not None:

@@ -28,6 +28,7 @@ import zstandard
 
 from nbd_plugin.localwire import KIND_NAMES, KIND_WRITE
 
+from .errors import FerryError, RemoteProtocolError
 from .journal import KIND_SEEDED, JRecord
 
 MAGIC = b"FRY\x01"
@@ -74,11 +75,11 @@ E_BAD_SEED = "bad-seed"
 SEEDED_DATA = 16  # a KIND_SEEDED record's data: the digest of its chunks' digests
 
 
-class ProtocolError(Exception):
+class ProtocolError(RemoteProtocolError):
     """The peer broke the protocol: log it, close the connection, touch no replica."""
 
 
-class RemoteError(Exception):
+class RemoteError(FerryError):
     """The peer refused a request with a T_ERROR frame."""
 
     def __init__(self, code: str, message: str) -> None:
