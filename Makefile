@@ -39,7 +39,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 lint: deps lint-packaging
-	$(VENV)/bin/ruff check agent nbd_plugin tests bench
+	$(VENV)/bin/ruff check agent nbd_plugin formats lab tests bench
 	$(VENV)/bin/mypy
 
 lint-packaging: apt
@@ -56,7 +56,7 @@ unit: deps
 	$(VENV)/bin/pytest -m 'not guest and not slow' $(PYTEST_ARGS)
 
 demo: deps
-	$(PY) -m agent.lab.demo
+	$(PY) -m lab.demo
 
 bench: deps bench-apt
 	$(PY) bench/run.py

@@ -33,7 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
-from nbd_plugin.localwire import FLAG_INCONSISTENT, KIND_CONSISTENT
+from formats.localwire import FLAG_INCONSISTENT, KIND_CONSISTENT
 
 from . import wire
 from .errors import NotFound

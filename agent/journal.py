@@ -1,25 +1,14 @@
 """A group's journal on the target site: append-only segment files of change records.
 
 Segment files are named ``seg-<number>.fjr`` (the number is 16 decimal digits) and hold
-records back to back, each a 48-byte header and, for writes, its data::
+records back to back, each a 48-byte header (``formats/segment.py``) and, for the kinds that
+carry data, its data.
 
-    offset  size  field
-    0       4     magic     b"FJR\\x01"
-    4       1     kind      localwire.KIND_*
-    5       1     flags     localwire.FLAG_*
-    6       2     disk      index of the disk in its group
-    8       4     gen       splitter generation
-    12      4     length    bytes of the change (data follows only for writes)
-    16      8     seq       sequence number within the generation
-    24      8     offset    byte offset on the disk
-    32      8     time_ns   source CLOCK_MONOTONIC when the write completed
-    40      8     checksum  xxh3_64 of bytes 0..39 and the data
-
-Integers are little-endian. ``append`` writes a whole batch and fdatasyncs the segment (and
+``append`` writes a whole batch and fdatasyncs the segment (and
 the directory when it made a new segment) before it returns: what it returned from survives
 a crash. A segment is closed at ``segment_max`` bytes, or once its first record is
 ``segment_age`` seconds old, and never written again; when it is closed its index
-(``nbd_plugin/jindex.py``: the entries, and the pieces sorted by block for the views) is
+(``formats/jindex.py``: the entries, and the pieces sorted by block for the views) is
 written to ``seg-<number>.idx`` beside it.
 
 Besides the change records of the splitter protocol, two journal-only kinds carry a JSON
@@ -44,24 +33,26 @@ import re
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import xxhash
 
-from nbd_plugin import jindex
-from nbd_plugin.jindex import DATA_KINDS, KIND_CHECKPOINT, KIND_FAILOVER
-from nbd_plugin.localwire import KIND_NAMES
+from formats import jindex
+from formats.durable import fsync_dir as _fsync_dir
+from formats.durable import write_all as _write_all
+from formats.durable import write_atomic
+from formats.records import (
+    DATA_KINDS,
+    JOURNAL_KINDS,
+    KIND_APPLIED,
+    KIND_SEEDED,
+)
+from formats.segment import CHECKED as _CHECKED
+from formats.segment import MAGIC, RECORD
 
 from .errors import StorageError
 
-KIND_SEEDED = 32  # wire and journal: the range holds the seed's bytes (no data)
-KIND_APPLIED = 33  # journal only: a change already in the replica (no data)
-JOURNAL_KINDS = set(KIND_NAMES) | {KIND_CHECKPOINT, KIND_FAILOVER, KIND_SEEDED, KIND_APPLIED}
-
-MAGIC = b"FJR\x01"
-RECORD = struct.Struct("<4sBBHIIQQQQ")
-assert RECORD.size == 48
-_CHECKED = 40  # header bytes covered by the checksum
+__all__ = ["KIND_APPLIED", "KIND_SEEDED", "JRecord", "Journal", "JournalCorrupt", "Position"]
 
 SEGMENT_MAX = 64 * 1024 * 1024
 _SEGMENT_RE = re.compile(r"^seg-(\d{16})\.fjr$")
@@ -201,18 +192,7 @@ class Journal:
 
     def _write_index(self, segno: int, entries: bytes, covers: int) -> None:
         """Replace the segment's index file; durable (file and name) when it returns."""
-        path = jindex.idx_path(self._path(segno))
-        tmp = path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(jindex.pack_idx(entries, covers))
-            while view:
-                view = view[os.write(fd, view):]
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-        _fsync_dir(self.directory)
+        write_atomic(jindex.idx_path(self._path(segno)), jindex.pack_idx(entries, covers))
 
     def _recover_tail(self) -> None:
         last = self._segments[-1]
@@ -358,32 +338,3 @@ class Journal:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-IOV_MAX = 1024  # Linux's limit on the buffers of one writev
-
-
-def _write_all(fd: int, parts: List[Any]) -> int:
-    """Write ``parts`` one after the other with as few writev calls as it takes (no join:
-    a batch's data is written from the buffers it arrived in). Returns the bytes written."""
-    views = [memoryview(p) for p in parts if len(p)]
-    total = sum(v.nbytes for v in views)
-    i = 0
-    while i < len(views):
-        n = os.writev(fd, views[i:i + IOV_MAX])
-        while n:  # drop what was written, keep the rest of a part written in part
-            if n >= views[i].nbytes:
-                n -= views[i].nbytes
-                i += 1
-            else:
-                views[i] = views[i][n:]
-                n = 0
-    return total

@@ -60,17 +60,18 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from nbd_plugin import jindex
-from nbd_plugin.disk import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
-from nbd_plugin.jindex import KIND_CHECKPOINT, KIND_FAILOVER
-from nbd_plugin.localwire import (
+from formats import jindex
+from formats.blockdev import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
+from formats.durable import fsync_parent as _fsync_parent
+from formats.durable import write_atomic
+from formats.jindex import KIND_CHECKPOINT, KIND_FAILOVER
+from formats.localwire import (
     FLAG_INCONSISTENT,
     KIND_CONSISTENT,
     KIND_TRIM,
     KIND_WRITE,
     KIND_ZERO,
 )
-from nbd_plugin.state import write_atomic
 
 from . import seed
 from .checkpoints import Checkpoint, CheckpointError, Point
@@ -869,14 +870,6 @@ def _sparse_copy(src: str, dest: str, size: int) -> None:
     finally:
         os.close(sfd)
     _fsync_parent(dest)
-
-
-def _fsync_parent(path: str) -> None:
-    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def open_or_none(directory: str) -> Optional[Dict[str, Any]]:

@@ -44,8 +44,9 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import xxhash
 
-from nbd_plugin.disk import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
-from nbd_plugin.localwire import (
+from formats.blockdev import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
+from formats.durable import fsync_parent, pwrite_all, write_atomic
+from formats.localwire import (
     FLAG_RESYNC,
     KIND_CONSISTENT,
     KIND_TRIM,
@@ -53,7 +54,6 @@ from nbd_plugin.localwire import (
     KIND_ZERO,
     Record,
 )
-from nbd_plugin.state import write_atomic
 
 from .errors import Invalid
 from .journal import KIND_SEEDED
@@ -263,11 +263,7 @@ def adopt(src: str, dest: str, size: int, chunk: int = CHUNK) -> SeedMap:
     finally:
         os.close(sfd)
     os.rename(tmp, dest)
-    fd = os.open(os.path.dirname(os.path.abspath(dest)), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_parent(dest)
     return SeedMap(size, digests, chunk)
 
 
@@ -302,7 +298,7 @@ def _copy(sfd: int, dfd: int, start: int, end: int, src: str) -> None:
         n = os.preadv(sfd, [view], off)
         if n == 0:
             raise OSError(errno.EIO, "seed %s ended early at byte %d" % (src, off))
-        _pwrite_all(dfd, view[:n], off)
+        pwrite_all(dfd, view[:n], off)
         off += n
 
 
@@ -357,12 +353,6 @@ def _extents(fd: int, size: int, chunk: int) -> Iterator[Tuple[int, int, bool]]:
         hole = min(size, -(-hole // chunk) * chunk)
         yield start, hole, True
         pos = hole
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        n = os.pwrite(fd, data, offset)
-        data, offset = data[n:], offset + n
 
 
 # -- site A ---------------------------------------------------------------------------------

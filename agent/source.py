@@ -37,7 +37,7 @@ from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Set, T
 
 import trio
 
-from nbd_plugin import localwire as lw
+from formats import localwire as lw
 
 from . import peer, seed, splitters, tls, wire
 from .checkpoints import Checkpoint, Cutter, Point, Request

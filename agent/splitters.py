@@ -17,12 +17,10 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
-import nbd_plugin
+from .plugins import SPLITTER as PLUGIN
 
-PLUGIN = str(Path(nbd_plugin.__file__).resolve().parent / "splitter.py")
 SOCKET_PATH_MAX = 107
 
 

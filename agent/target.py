@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import trio
 
-from nbd_plugin.localwire import KIND_WRITE
+from formats.localwire import KIND_WRITE
 
 from . import checkpoints, seed, wire
 from .errors import Conflict, NotFound

@@ -46,6 +46,8 @@ from typing import Any, Iterable, Optional, Tuple
 
 import trio
 
+from formats.durable import write_atomic
+
 from .errors import Forbidden
 
 TLS_RECORD_HANDSHAKE = 0x16  # the first byte of every TLS connection
@@ -117,14 +119,8 @@ def _make_certificate(site: str) -> Tuple[bytes, bytes]:
 
 
 def _write_private(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
+    """Replace ``path`` (mode 0600) with ``data``, durably with its name."""
+    write_atomic(path, data, 0o600)
 
 
 # --- contexts -------------------------------------------------------------------------------

@@ -19,20 +19,18 @@ import subprocess
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import nbd_plugin
-from nbd_plugin import jindex
+from formats import jindex
 
 from .checkpoints import iso
 from .errors import Conflict, NotFound
+from .plugins import VIEW as PLUGIN
 from .replica import TargetGroup
 from .splitters import nbdkit_binary
 
 log = logging.getLogger("ferry.views")
 
-PLUGIN = str(Path(nbd_plugin.__file__).resolve().parent / "view.py")
 START_TIMEOUT = 60.0
 
 

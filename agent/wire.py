@@ -26,7 +26,7 @@ import msgpack
 import xxhash
 import zstandard
 
-from nbd_plugin.localwire import KIND_NAMES, KIND_WRITE
+from formats.localwire import KIND_NAMES, KIND_WRITE
 
 from .errors import FerryError, RemoteProtocolError
 from .journal import KIND_SEEDED, JRecord

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report
 
-from nbd_plugin import localwire as lw
+from formats import localwire as lw
 from nbd_plugin.activity import ActivityLog
 from nbd_plugin.changelog import ChangeLog
 

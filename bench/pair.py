@@ -4,7 +4,7 @@
         uris = p.protect("g", [image], "--checkpoint-interval", "1s")
         p.a.ferry("wait", "g", "--synced")
 
-Each site is a real ``ferry agent`` process (``agent.lab.sites.Site``) on loopback, driven
+Each site is a real ``ferry agent`` process (``lab.sites.Site``) on loopback, driven
 through its CLI and HTTP API. On the way out both agents stop and every splitter is killed,
 whatever happened, and the working directory is removed.
 """
@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.lab.sites import Site
+from lab.sites import Site
 
 
 def start_sites(root: Path, tries: int = 3) -> Tuple[Site, Site]:

@@ -46,8 +46,8 @@ from agent.checkpoints import Checkpoint
 from agent.journal import JRecord
 from agent.replica import TargetGroup
 from agent.views import Views
-from nbd_plugin import jindex
-from nbd_plugin.localwire import KIND_CONSISTENT, KIND_WRITE
+from formats import jindex
+from formats.localwire import KIND_CONSISTENT, KIND_WRITE
 
 
 def build(directory: str, records: int, rsize: int, disk: int) -> TargetGroup:

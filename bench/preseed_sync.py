@@ -39,8 +39,8 @@ from typing import Any, Dict, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.lab.sites import Site
 from agent.seed import CHUNK
+from lab.sites import Site
 
 MiB = 1024 * 1024
 HERE = Path(__file__).resolve().parent

@@ -4,7 +4,7 @@ and the CPU each process used meanwhile.
     python bench/splitter_cpu.py [--job NAME] [--seconds N] [--reps N]
                                  [--py-spy DIR] [--perf DIR]
 
-Starts two agents on this machine (``agent.lab.sites``), protects a 1 GiB raw image, waits
+Starts two agents on this machine (``lab.sites``), protects a 1 GiB raw image, waits
 for the initial sync, then runs the fio job (``--ioengine=nbd``) ``--reps`` times and prints,
 per run, IOPS, MB/s and the CPU (user + system, in % of one core) of the splitter's nbdkit
 and of both agents, fio's own, and how busy the whole machine was (other work included).
@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.lab.sites import Site
+from lab.sites import Site
 
 JOBS = {
     "randwrite-4k-qd16": ["--rw=randwrite", "--bs=4k", "--iodepth=16"],

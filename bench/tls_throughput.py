@@ -34,8 +34,8 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent import tls
-from agent.lab.sites import Site
 from agent.peer import read_exact
+from lab.sites import Site
 
 MiB = 1024 * 1024
 HERE = Path(__file__).resolve().parent

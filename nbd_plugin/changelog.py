@@ -33,9 +33,7 @@ import time
 from collections import deque
 from typing import Callable, Deque, Dict, List, Optional, Tuple, Union
 
-from .activity import ActivityLog
-from .dirtymap import DirtyMap
-from .localwire import (
+from formats.localwire import (
     FLAG_INCONSISTENT,
     FLAG_RESYNC,
     KIND_CONSISTENT,
@@ -44,6 +42,9 @@ from .localwire import (
     RECORD,
     Record,
 )
+
+from .activity import ActivityLog
+from .dirtymap import DirtyMap
 
 Clock = Callable[[], int]
 

@@ -15,7 +15,8 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from . import localwire as lw
+from formats import localwire as lw
+
 from .changelog import ChangeLog
 from .disk import LocalDisk
 

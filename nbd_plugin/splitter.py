@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import nbdkit  # provided by nbdkit's python plugin
 
-from nbd_plugin import localwire as lw
+from formats import localwire as lw
 from nbd_plugin import state as statefile
 from nbd_plugin.activity import DEFAULT_SLOTS, ActivityLog
 from nbd_plugin.changelog import ChangeLog

@@ -24,9 +24,10 @@ the target has seen (which would make the target drop new records as duplicates)
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import List, NamedTuple, Optional, Tuple
+
+from formats.durable import write_atomic
 
 from . import activity
 
@@ -38,25 +39,6 @@ class Loaded(NamedTuple):
     dirty: Optional[List[Tuple[int, int]]]  # None: the whole disk is owed
     reason: str
     initial: bool  # no state file: the first sync of a new protection
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Replace ``path`` with ``data``; when this returns, the new content survives a crash."""
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def load(path: str, size: int, activity_path: Optional[str] = None) -> Loaded:

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import nbdkit  # provided by nbdkit's python plugin
 
-from nbd_plugin import jindex
+from formats import jindex
 from nbd_plugin.threadstate import pin
 
 API_VERSION = 2

@@ -12,7 +12,7 @@ from typing import Dict, Iterator
 
 import pytest
 
-from agent.lab.sites import REPO, Site
+from lab.sites import REPO, Site
 
 LAB_CACHE = REPO / ".cache" / "lab"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from formats import localwire as lw
 from nbd_plugin import activity, state
-from nbd_plugin import localwire as lw
 from nbd_plugin.activity import ActivityLog
 from nbd_plugin.changelog import ChangeLog
 from nbd_plugin.dirtymap import DirtyMap

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from conftest import Lab
 
-from agent.lab.sites import FERRY, REPO, free_port
+from lab.sites import FERRY, REPO, free_port
 
 MiB = 1024 * 1024
 

@@ -13,10 +13,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from nbd_plugin import localwire as lw
-from nbd_plugin.changelog import RECORD_DATA_MAX, ChangeLog
-from nbd_plugin.dirtymap import DirtyMap
-from nbd_plugin.localwire import (
+from formats import localwire as lw
+from formats.localwire import (
     FLAG_FUA,
     FLAG_INCONSISTENT,
     FLAG_RESYNC,
@@ -28,6 +26,8 @@ from nbd_plugin.localwire import (
     RECORD,
     Record,
 )
+from nbd_plugin.changelog import RECORD_DATA_MAX, ChangeLog
+from nbd_plugin.dirtymap import DirtyMap
 
 HDR = RECORD.size  # 40: what a record costs in the queue besides its data
 

@@ -251,7 +251,7 @@ def test_out_of_bounds_batch_touches_no_replica(sites: Lab) -> None:
     codec = wire.Codec()
     # Pretend to be the source, on a session of our own: a batch whose record lies past
     # the end of the disk, after a good one.
-    from nbd_plugin.localwire import KIND_WRITE, Record
+    from formats.localwire import KIND_WRITE, Record
 
     meta = (sites.b.data / "target" / "g1" / "meta.json").read_text()
     import json as _json
@@ -347,7 +347,7 @@ def test_a_corrupt_batch_mid_session_is_a_protocol_error(sites: Lab) -> None:
     ERROR protocol (not a storage error from the journaling task it stops)."""
     import json as _json
 
-    from nbd_plugin.localwire import KIND_WRITE, Record
+    from formats.localwire import KIND_WRITE, Record
 
     disk = sites.image("vda.img", 8 * MiB)
     sites.protect("g1", disk)

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.journal import MAGIC, RECORD, Journal, JournalCorrupt, JRecord
-from nbd_plugin.localwire import (
+from formats.localwire import (
     FLAG_INCONSISTENT,
     KIND_CONSISTENT,
     KIND_FLUSH,

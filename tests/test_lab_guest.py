@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.lab.guest import (
+from lab.guest import (
     Disk,
     Guest,
     GuestError,

@@ -1,4 +1,4 @@
-"""The lab's sites (agent/lab/sites.py): ports below the ephemeral range, and a first start
+"""The lab's sites (lab/sites.py): ports below the ephemeral range, and a first start
 that moves to new ports when another process took one meanwhile."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from agent.lab.sites import PortTaken, Site, _ephemeral_range, free_port
+from lab.sites import PortTaken, Site, _ephemeral_range, free_port
 
 
 def test_free_ports_are_below_the_ephemeral_range() -> None:

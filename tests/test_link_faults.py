@@ -10,7 +10,7 @@ import pytest
 from conftest import Lab
 from test_faults import SIZE, Writer, check_identical, wait_for
 
-from agent.lab.proxy import FaultProxy
+from lab.proxy import FaultProxy
 
 
 @pytest.fixture

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nbd_plugin import localwire as lw
+from formats import localwire as lw
+from formats.localwire import ProtocolError, Record
 from nbd_plugin.link import send_parts
-from nbd_plugin.localwire import ProtocolError, Record
 
 
 def write(seq: int, offset: int, data: bytes, gen: int = 1, flags: int = 0) -> Record:

@@ -250,7 +250,7 @@ def test_nbdkit_serves_through_packaged_splitter(tree, tmp_path):
 
 
 def _free_port() -> int:
-    from agent.lab.sites import free_port  # below the ephemeral range: see there
+    from lab.sites import free_port  # below the ephemeral range: see there
 
     return free_port()
 

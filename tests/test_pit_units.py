@@ -19,8 +19,8 @@ from agent import wire
 from agent.checkpoints import Checkpoint, Cutter
 from agent.journal import Journal, JournalCorrupt, JRecord
 from agent.replica import NoConsistentState, TargetGroup
-from nbd_plugin import jindex
-from nbd_plugin.localwire import (
+from formats import jindex
+from formats.localwire import (
     FLAG_INCONSISTENT,
     KIND_CONSISTENT,
     KIND_WRITE,

@@ -19,7 +19,7 @@ from agent.checkpoints import CheckpointError
 from agent.journal import KIND_APPLIED, JRecord
 from agent.replica import NoConsistentState, SizeMismatch, TargetGroup
 from agent.wire import MAX_RECORD, ProtocolError
-from nbd_plugin.localwire import (
+from formats.localwire import (
     FLAG_INCONSISTENT,
     FLAG_RESYNC,
     KIND_CONSISTENT,

@@ -18,8 +18,7 @@ from agent.journal import KIND_SEEDED, JRecord
 from agent.peer import FrameStream
 from agent.replica import TargetGroup
 from agent.wire import ProtocolError
-from nbd_plugin import link
-from nbd_plugin.localwire import (
+from formats.localwire import (
     FLAG_INCONSISTENT,
     FLAG_RESYNC,
     KIND_CONSISTENT,
@@ -29,6 +28,7 @@ from nbd_plugin.localwire import (
     KIND_ZERO,
     Record,
 )
+from nbd_plugin import link
 
 C = 4096  # a small chunk keeps these tests fast; the logic does not care
 RS = FLAG_RESYNC | FLAG_INCONSISTENT
@@ -307,7 +307,7 @@ def test_adopt_by_reflink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         return 0
 
     monkeypatch.setattr(seed.fcntl, "ioctl", ioctl)
-    monkeypatch.setattr(seed, "_pwrite_all", None)  # never called
+    monkeypatch.setattr(seed, "pwrite_all", None)  # never called
     m = seed.adopt(str(src), str(tmp_path / "r.img"), size)
     assert calls and (tmp_path / "r.img").read_bytes() == data
     assert m.digests == seed.digests_of(bytes(data))

@@ -15,8 +15,8 @@ from conftest import Lab, same_bytes
 from test_faults import SIZE, Writer, _read_frame, check_identical, wait_for
 
 from agent import tls, wire
-from agent.lab.proxy import FaultProxy
 from agent.pairing import NotPaired
+from lab.proxy import FaultProxy
 
 MiB = 1024 * 1024
 

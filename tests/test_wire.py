@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from agent import wire
 from agent.journal import JRecord
 from agent.wire import Codec, Header, ProtocolError
-from nbd_plugin.localwire import (
+from formats.localwire import (
     FLAG_FUA,
     FLAG_INCONSISTENT,
     FLAG_RESYNC,

@@ -55,6 +55,18 @@ import zlib
 from array import array
 from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
+from .records import (  # noqa: F401
+    DATA_KINDS,
+    KIND_CHECKPOINT,
+    KIND_FAILOVER,
+    KIND_TRIM,
+    KIND_WRITE,
+    KIND_ZERO,
+    MAP_KINDS,
+)
+from .segment import MAGIC as RECORD_MAGIC
+from .segment import RECORD
+
 ENTRY = struct.Struct("<HBBIIQQQQ")
 assert ENTRY.size == 44
 TRAILER = struct.Struct("<4sIQ")
@@ -66,18 +78,6 @@ assert SPAN.size == 32
 IDX_MAGIC_V1 = b"FJX\x01"
 IDX_MAGIC = b"FJX\x02"
 
-# The journal record header (agent/journal.py documents it; only its shape is needed here).
-RECORD = struct.Struct("<4sBBHIIQQQQ")
-assert RECORD.size == 48
-RECORD_MAGIC = b"FJR\x01"
-
-KIND_WRITE = 1
-KIND_ZERO = 2
-KIND_TRIM = 3
-KIND_CHECKPOINT = 64   # journal only: a group checkpoint; data is a JSON object
-KIND_FAILOVER = 65     # journal only: the group failed over live; data is a JSON object
-DATA_KINDS = (KIND_WRITE, KIND_CHECKPOINT, KIND_FAILOVER)
-MAP_KINDS = (KIND_WRITE, KIND_ZERO, KIND_TRIM)  # the kinds that change a disk's bytes
 
 BLOCK_SHIFT = 12
 BLOCK = 1 << BLOCK_SHIFT  # map granularity: a piece never crosses a BLOCK boundary

@@ -42,6 +42,20 @@ import json
 import struct
 from typing import Any, List, NamedTuple, Optional, Tuple
 
+# The record kinds and flags (records.py) are part of this format; imported here so that
+# users of the local wire find them with it.
+from .records import (  # noqa: F401
+    FLAG_FUA,
+    FLAG_INCONSISTENT,
+    FLAG_RESYNC,
+    KIND_CONSISTENT,
+    KIND_FLUSH,
+    KIND_NAMES,
+    KIND_TRIM,
+    KIND_WRITE,
+    KIND_ZERO,
+)
+
 HEADER = struct.Struct("<HHI")
 assert HEADER.size == 8
 
@@ -66,23 +80,6 @@ MSG_ACK = 16
 MSG_REWIND = 17      # JSON: {}: resend everything not acked yet
 MSG_SYNC_REQ = 18    # JSON: token
 
-KIND_WRITE = 1
-KIND_ZERO = 2
-KIND_TRIM = 3
-KIND_FLUSH = 4
-KIND_CONSISTENT = 5  # the dirty map emptied: the stream is whole again from here
-
-KIND_NAMES = {
-    KIND_WRITE: "write",
-    KIND_ZERO: "zero",
-    KIND_TRIM: "trim",
-    KIND_FLUSH: "flush",
-    KIND_CONSISTENT: "consistent",
-}
-
-FLAG_FUA = 1
-FLAG_RESYNC = 2        # data read back from the disk by a resync, not a guest write
-FLAG_INCONSISTENT = 4  # written while regions were dirty: not a crash-consistent prefix
 
 
 class ProtocolError(Exception):
