@@ -35,8 +35,8 @@ from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 from formats.localwire import FLAG_INCONSISTENT, KIND_CONSISTENT
 
-from . import wire
 from .errors import NotFound
+from .protocol import frames
 
 Point = Tuple[int, int]  # (gen, seq)
 
@@ -82,26 +82,26 @@ class Checkpoint:
 def parse_wire(obj: Any, ndisks: int) -> Checkpoint:
     """A checkpoint from a BATCH body, every field checked."""
     if not isinstance(obj, dict):
-        raise wire.ProtocolError("checkpoint entry is not a map")
-    cid = wire.field(obj, "id", str)
+        raise frames.ProtocolError("checkpoint entry is not a map")
+    cid = frames.field(obj, "id", str)
     if not cid or len(cid) > 64 or not cid.isalnum():
-        raise wire.ProtocolError("bad checkpoint id %r" % cid[:64])
-    time_ns = wire.field(obj, "time_ns", int)
-    kind = wire.field(obj, "kind", str)
+        raise frames.ProtocolError("bad checkpoint id %r" % cid[:64])
+    time_ns = frames.field(obj, "time_ns", int)
+    kind = frames.field(obj, "kind", str)
     if kind not in KINDS:
-        raise wire.ProtocolError("unknown checkpoint kind %r" % kind[:32])
+        raise frames.ProtocolError("unknown checkpoint kind %r" % kind[:32])
     tag = obj.get("tag")
     if tag is not None and (not isinstance(tag, str) or len(tag) > MAX_TAG):
-        raise wire.ProtocolError("bad checkpoint tag")
-    raw = wire.field(obj, "cut", list)
+        raise frames.ProtocolError("bad checkpoint tag")
+    raw = frames.field(obj, "cut", list)
     if len(raw) != ndisks:
-        raise wire.ProtocolError("checkpoint cut of %d disks for a group of %d"
+        raise frames.ProtocolError("checkpoint cut of %d disks for a group of %d"
                                  % (len(raw), ndisks))
     cut = []
     for c in raw:
         if not (isinstance(c, list) and len(c) == 2 and all(
                 isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in c)):
-            raise wire.ProtocolError("bad checkpoint cut entry %r" % (c,))
+            raise frames.ProtocolError("bad checkpoint cut entry %r" % (c,))
         cut.append((c[0], c[1]))
     return Checkpoint(cid, time_ns, kind, tag, cut)
 

@@ -32,7 +32,6 @@ import os
 import re
 import struct
 import time
-from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import xxhash
@@ -46,6 +45,7 @@ from formats.records import (
     JOURNAL_KINDS,
     KIND_APPLIED,
     KIND_SEEDED,
+    JRecord,
 )
 from formats.segment import CHECKED as _CHECKED
 from formats.segment import MAGIC, RECORD
@@ -64,25 +64,14 @@ class JournalCorrupt(StorageError):
     """A record inside the journal (not at its tail) fails its checks."""
 
 
-@dataclass(frozen=True)
-class JRecord:
-    disk: int
-    gen: int
-    seq: int
-    kind: int
-    flags: int
-    offset: int
-    length: int
-    time_ns: int
-    data: Optional[bytes] = None
-
-    def encode(self) -> bytes:
-        head = RECORD.pack(MAGIC, self.kind, self.flags, self.disk, self.gen, self.length,
-                           self.seq, self.offset, self.time_ns, 0)
-        h = xxhash.xxh3_64(head[:_CHECKED])
-        if self.data is not None:
-            h.update(self.data)
-        return head[:_CHECKED] + struct.pack("<Q", h.intdigest())
+def encode_header(r: JRecord) -> bytes:
+    """The record's 48-byte header (formats/segment.py), its checksum over the data too."""
+    head = RECORD.pack(MAGIC, r.kind, r.flags, r.disk, r.gen, r.length, r.seq, r.offset,
+                       r.time_ns, 0)
+    h = xxhash.xxh3_64(head[:_CHECKED])
+    if r.data is not None:
+        h.update(r.data)
+    return head[:_CHECKED] + struct.pack("<Q", h.intdigest())
 
 
 def _decode_at(buf: memoryview, pos: int) -> Optional[Tuple[JRecord, int]]:
@@ -243,7 +232,7 @@ class Journal:
         entries = bytearray()
         pos = self._size
         for r in records:
-            parts.append(r.encode())
+            parts.append(encode_header(r))
             entries += jindex.ENTRY.pack(r.disk, r.kind, r.flags, r.gen, r.length, r.seq,
                                          r.offset, r.time_ns, pos)
             pos += RECORD.size

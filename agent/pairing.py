@@ -11,8 +11,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import trio
 
-from . import tls, wire
-from .peer import FrameStream, keepalive
+from . import tls
+from .protocol import frames
+from .protocol.stream import FrameStream, keepalive
 from .store import PeerRow, Store
 
 log = logging.getLogger("ferry.tls")
@@ -110,22 +111,22 @@ class Trust:
                 await ssl_stream.do_handshake()
                 their_der = tls.peer_der(ssl_stream) or b""  # none: the MAC check fails
                 ours = self.identity.der
-                await fs.send(wire.T_PAIR, {"token": token_id, "site": self.site,
+                await fs.send(frames.T_PAIR, {"token": token_id, "site": self.site,
                                             "cert": self.identity.cert_pem,
                                             "mac": tls.pair_mac(key, "source", ours, their_der)})
-                body = await fs.expect(wire.T_PAIRED)
+                body = await fs.expect(frames.T_PAIRED)
         except trio.TooSlowError:
             raise tls.PairingError("the site at %s did not answer within %g s"
                                    % (address, HANDSHAKE_TIMEOUT)) from None
-        except wire.RemoteError as e:
+        except frames.RemoteError as e:
             raise tls.PairingError("the site at %s refused: %s" % (address, e)) from None
-        except (trio.BrokenResourceError, EOFError, wire.ProtocolError) as e:
+        except (trio.BrokenResourceError, EOFError, frames.ProtocolError) as e:
             raise tls.PairingError("pairing with %s failed: %s (is it a Ferry agent's "
                                    "replication port?)" % (address, tls.tls_reason(e))) from None
         finally:
             await fs.aclose()
-        site = wire.field(body, "site", str)
-        mac = wire.field(body, "mac", bytes)
+        site = frames.field(body, "site", str)
+        mac = frames.field(body, "mac", bytes)
         if not tls.check_mac(key, "target", ours, their_der, mac):
             raise tls.PairingError("the site at %s answered without proof that it made this "
                                    "token: someone may stand between the sites; not paired"
@@ -162,7 +163,7 @@ class Trust:
             if self.insecure:
                 return stream, None, False
             fs = FrameStream(stream, peer)
-            await fs.send_error(wire.E_TLS_REQUIRED, "this site accepts only TLS from paired "
+            await fs.send_error(frames.E_TLS_REQUIRED, "this site accepts only TLS from paired "
                                 "sites; " + how_to_pair("HOST:PORT"))
             raise Refused("refusing a plaintext connection from %s: this site accepts only "
                           "TLS from paired sites (or start it with --insecure, labs only)"
@@ -186,14 +187,14 @@ class Trust:
         """The target's side of a PAIR frame."""
         if not is_tls or not isinstance(stream, tls.TLSSocketStream):
             raise Refused("refusing to pair with %s over plaintext" % peer)
-        token_id = wire.field(body, "token", str)
-        site = wire.field(body, "site", str)
-        cert = wire.field(body, "cert", str)
-        mac = wire.field(body, "mac", bytes)
+        token_id = frames.field(body, "token", str)
+        site = frames.field(body, "site", str)
+        cert = frames.field(body, "cert", str)
+        mac = frames.field(body, "mac", bytes)
         try:
             their_der = ssl.PEM_cert_to_DER_cert(cert)
         except ValueError:
-            raise wire.ProtocolError("PAIR carries no certificate") from None
+            raise frames.ProtocolError("PAIR carries no certificate") from None
         row = self.store.token(token_id)
         reason = None
         if row is None:
@@ -210,10 +211,10 @@ class Trust:
         elif not self.store.use_token(token_id):
             reason = "token %s was already used" % token_id
         if reason is not None:
-            await fs.send_error(wire.E_PAIRING, reason)
+            await fs.send_error(frames.E_PAIRING, reason)
             raise Refused("refusing to pair with %s (site %r): %s" % (peer, site, reason))
         assert row is not None and row.key is not None
-        await fs.send(wire.T_PAIRED, {"site": self.site, "mac": tls.pair_mac(
+        await fs.send(frames.T_PAIRED, {"site": self.site, "mac": tls.pair_mac(
             row.key, "target", their_der, self.identity.der)})
         replaced = self.store.add_peer(PeerRow(tls.fingerprint(their_der), site, peer, cert,
                                                time.time()))

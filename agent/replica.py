@@ -77,7 +77,7 @@ from . import seed
 from .checkpoints import Checkpoint, CheckpointError, Point
 from .errors import Conflict, NotFound
 from .journal import KIND_APPLIED, KIND_SEEDED, SEGMENT_MAX, Journal, JRecord, Position
-from .wire import MAX_RECORD, ProtocolError
+from .protocol.frames import MAX_RECORD, ProtocolError
 
 log = logging.getLogger("ferry.replica")
 

@@ -57,7 +57,7 @@ from formats.localwire import (
 
 from .errors import Invalid
 from .journal import KIND_SEEDED
-from .wire import ProtocolError, field
+from .protocol.frames import ProtocolError, field
 
 CHUNK = 1024 * 1024        # the splitter's resync piece (nbd_plugin/link.py RESYNC_CHUNK)
 DIGEST = 16                # xxh3_128
@@ -412,7 +412,7 @@ def substitute(lists: List[Optional[SeedList]], items: List[Tuple[int, Record]]
 
 
 def parse_frame(body: Dict, lists: List[Optional[SeedList]], sizes: List[int]) -> None:
-    """A SEED frame from site B into the session's lists (wire.ProtocolError if bad)."""
+    """A SEED frame from site B into the session's lists (frames.ProtocolError if bad)."""
     disk = field(body, "disk", int)
     chunk = field(body, "chunk", int)
     first = field(body, "first", int)

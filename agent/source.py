@@ -38,8 +38,9 @@ from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Set, T
 import trio
 
 from formats import localwire as lw
+from formats.records import KIND_SEEDED
 
-from . import peer, seed, splitters, tls, wire
+from . import seed, splitters, tls
 from .checkpoints import Checkpoint, Cutter, Point, Request
 from .errors import (
     Conflict,
@@ -51,7 +52,9 @@ from .errors import (
     Unavailable,
 )
 from .pairing import NotPaired, how_to_pair, refused_us
-from .peer import FrameStream, keepalive, race
+from .protocol import batch, frames
+from .protocol.stream import FrameStream, keepalive, race
+from .protocol.stream import read_exact as read_exact_from
 from .store import DiskRow, GroupRow, Store
 from .throttle import TokenBucket
 
@@ -78,8 +81,8 @@ GROUP_STATE_ORDER = ("error", "splitter-down", "target-unpaired", "target-unreac
                      "initial-sync", "resyncing")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 # The state a group shows when the target ends a session with this error code.
-REMOTE_STATES = {wire.E_STORAGE: "target-storage-error", wire.E_TLS_REQUIRED: "target-unpaired",
-                 wire.E_UNPAIRED: "target-unpaired"}
+REMOTE_STATES = {frames.E_STORAGE: "target-storage-error", frames.E_TLS_REQUIRED: "target-unpaired",
+                 frames.E_UNPAIRED: "target-unpaired"}
 Connector = Callable[[str, int, str], Awaitable[trio.abc.Stream]]
 
 
@@ -296,12 +299,12 @@ class GroupShipper:
                             continue  # pause() ended the session; the loop's top waits
                     except NotPaired as e:
                         self._down("target-unpaired", str(e))
-                    except wire.RemoteError as e:
+                    except frames.RemoteError as e:
                         state = REMOTE_STATES.get(e.code, "target-error")
                         self._down(state, "%s: %s" % (e.code, e) if state != "target-unpaired"
                                    else "the target accepts only TLS from paired sites: "
                                    + how_to_pair(self.row.target))
-                    except wire.ProtocolError as e:
+                    except frames.ProtocolError as e:
                         self._down("target-error", "protocol error: %s" % e)
                     except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError,
                             OSError) as e:
@@ -357,7 +360,7 @@ class GroupShipper:
             index, records = await recv_ch.receive()
             items = [(index, r) for r in records]
             size = sum(r.nbytes for r in records)
-            while size < MAX_BATCH and len(items) < wire.MAX_RECORDS:
+            while size < MAX_BATCH and len(items) < frames.MAX_RECORDS:
                 try:
                     index, records = recv_ch.receive_nowait()
                 except trio.WouldBlock:
@@ -369,8 +372,8 @@ class GroupShipper:
                 continue
             # A splitter message may hold more data-less records (zeroes, trims) than a
             # frame may carry: ship them in as many frames as it takes.
-            for start in range(0, max(len(items), 1), wire.MAX_RECORDS):
-                await self._send_batch(fs, items[start:start + wire.MAX_RECORDS])
+            for start in range(0, max(len(items), 1), frames.MAX_RECORDS):
+                await self._send_batch(fs, items[start:start + frames.MAX_RECORDS])
 
     async def _send_batch(self, fs: FrameStream, items: List[Tuple[int, lw.Record]]) -> None:
         """One frame: these records, and the checkpoints whose every record is now sent."""
@@ -385,9 +388,9 @@ class GroupShipper:
 
         def encode() -> Tuple[List[Tuple[int, lw.Record]], bytes]:
             out = seed.substitute(self.seeds, items) if any(self.seeds) else items
-            body = wire.encode_batch(self.row.name, out, time.time_ns(), time.monotonic_ns(),
+            body = batch.encode_batch(self.row.name, out, time.time_ns(), time.monotonic_ns(),
                                      cps)
-            return out, fs.codec.encode(wire.T_BATCH, body, True)
+            return out, fs.codec.encode(frames.T_BATCH, body, True)
 
         if size > 256 * 1024:
             items, frame = await trio.to_thread.run_sync(encode)
@@ -397,7 +400,7 @@ class GroupShipper:
         await fs.send_frame(frame)
         self.bytes_sent += len(frame)
         for i, r in items:
-            if r.kind == wire.KIND_SEEDED:
+            if r.kind == KIND_SEEDED:
                 self.links[i].resync_skipped_bytes += r.length
             elif r.data is not None:
                 self.links[i].shipped_bytes += r.length
@@ -467,7 +470,7 @@ class GroupShipper:
 
     async def _receive_acks(self, fs: FrameStream) -> None:
         while True:
-            body = await fs.expect(wire.T_ACK)
+            body = await fs.expect(frames.T_ACK)
             ids = body.get("checkpoints", [])
             if isinstance(ids, list):
                 self._acked_checkpoints([i for i in ids if isinstance(i, str)])
@@ -480,14 +483,14 @@ class GroupShipper:
 
 
 def parse_durable(body: dict, ndisks: int) -> List[Tuple[int, int]]:
-    raw = wire.field(body, "durable", list)
+    raw = frames.field(body, "durable", list)
     if len(raw) != ndisks:
-        raise wire.ProtocolError("durable list of %d disks for a group of %d"
+        raise frames.ProtocolError("durable list of %d disks for a group of %d"
                                  % (len(raw), ndisks))
     out = []
     for d in raw:
         if not (isinstance(d, list) and len(d) == 2 and all(isinstance(x, int) for x in d)):
-            raise wire.ProtocolError("bad durable entry %r" % (d,))
+            raise frames.ProtocolError("bad durable entry %r" % (d,))
         out.append((d[0], d[1]))
     return out
 
@@ -500,8 +503,8 @@ async def open_session(fs: FrameStream, row: GroupRow, site_id: str, probe: bool
         # Under TLS 1.3 the target checks our certificate after our side of the handshake
         # is done: its refusal shows up on the first send or the first read, whichever
         # meets the closed session first.
-        await fs.send(wire.T_HELLO, {"protocol": PROTOCOL, "site": site_id})
-        await fs.expect(wire.T_WELCOME)
+        await fs.send(frames.T_HELLO, {"protocol": PROTOCOL, "site": site_id})
+        await fs.expect(frames.T_WELCOME)
     except (EOFError, trio.BrokenResourceError):
         if isinstance(fs.stream, tls.TLSSocketStream):
             raise refused_us(row.target) from None  # it did not take our certificate
@@ -513,13 +516,13 @@ async def open_session(fs: FrameStream, row: GroupRow, site_id: str, probe: bool
             "journal_max": int(settings["journal_max"])}
     if settings.get("seeds"):
         body["seeds"] = settings["seeds"]  # pre-seeded sync: site B's files (agent/seed.py)
-    await fs.send(wire.T_OPEN, body)
-    opened = await fs.expect(wire.T_OPENED)
+    await fs.send(frames.T_OPEN, body)
+    opened = await fs.expect(frames.T_OPENED)
     durable = parse_durable(opened, len(row.disks))
-    frames = opened.get("seed_frames", 0)
-    if seeds is not None and isinstance(frames, int):
-        for _ in range(frames):
-            seed.parse_frame(await fs.expect(wire.T_SEED), seeds, [d.size for d in row.disks])
+    nseed = opened.get("seed_frames", 0)
+    if seeds is not None and isinstance(nseed, int):
+        for _ in range(nseed):
+            seed.parse_frame(await fs.expect(frames.T_SEED), seeds, [d.size for d in row.disks])
     return durable
 
 
@@ -602,7 +605,7 @@ class SourceSite:
         link: Optional[DiskLink] = None
 
         async def read_exact(n: int) -> bytes:
-            return await peer.read_exact(stream, n, "splitter")
+            return await read_exact_from(stream, n, "splitter")
 
         try:
             msg_type, length = lw.unpack_header(await read_exact(lw.HEADER.size))
@@ -737,13 +740,13 @@ class SourceSite:
                     await fs.aclose()
         except NotPaired as e:
             raise Forbidden(str(e)) from None
-        except wire.RemoteError as e:
-            if e.code in (wire.E_TLS_REQUIRED, wire.E_UNPAIRED):
+        except frames.RemoteError as e:
+            if e.code in (frames.E_TLS_REQUIRED, frames.E_UNPAIRED):
                 raise Forbidden("target %s accepts only TLS from paired sites and this "
                                 "agent runs --insecure: start it without --insecure, then "
                                 "%s" % (row.target, how_to_pair(row.target))) from None
             raise PeerRefused("target %s refused the group: %s" % (row.target, e)) from None
-        except (OSError, EOFError, trio.TooSlowError, wire.ProtocolError,
+        except (OSError, EOFError, trio.TooSlowError, frames.ProtocolError,
                 trio.BrokenResourceError) as e:
             if allow_unreachable:
                 log.warning("group %s: target %s unreachable (%s); protecting anyway",

@@ -20,11 +20,12 @@ import trio
 
 from formats.localwire import KIND_WRITE
 
-from . import checkpoints, seed, wire
+from . import checkpoints, seed
 from .errors import Conflict, NotFound
 from .journal import JournalCorrupt
 from .pairing import Refused, Trust
-from .peer import FrameStream, keepalive, race
+from .protocol import batch, frames
+from .protocol.stream import FrameStream, keepalive, race
 from .replica import NoConsistentState, SizeMismatch, TargetGroup
 from .views import Views
 
@@ -117,22 +118,22 @@ class TargetSite:
                     conn, paired, is_tls = await self.trust.accept(stream, peer)
                     fs = FrameStream(conn, peer)
                 ftype, hello = await fs.receive()
-                if ftype == wire.T_PAIR and self.trust is not None:
+                if ftype == frames.T_PAIR and self.trust is not None:
                     await self.trust.answer_pair(fs, hello, fs.stream, is_tls, peer)
                     return
-                if ftype != wire.T_HELLO:
-                    raise wire.ProtocolError("expected HELLO, got %s" % wire.TYPE_NAMES[ftype])
+                if ftype != frames.T_HELLO:
+                    raise frames.ProtocolError("expected HELLO, got %s" % frames.TYPE_NAMES[ftype])
                 if is_tls and paired is None:
-                    await fs.send_error(wire.E_UNPAIRED, "this site is not paired with yours; "
+                    await fs.send_error(frames.E_UNPAIRED, "this site is not paired with yours; "
                                         "pair them first (ferry pair-token, ferry pair)")
                     raise Refused("refusing %s: TLS without a paired site's certificate" % peer)
-                if wire.field(hello, "protocol", int) != PROTOCOL:
-                    raise wire.ProtocolError("protocol %r, this agent speaks %d"
+                if frames.field(hello, "protocol", int) != PROTOCOL:
+                    raise frames.ProtocolError("protocol %r, this agent speaks %d"
                                              % (hello.get("protocol"), PROTOCOL))
-                await fs.send(wire.T_WELCOME, {"protocol": PROTOCOL, "site": self.site})
-                opened = await fs.expect(wire.T_OPEN)
+                await fs.send(frames.T_WELCOME, {"protocol": PROTOCOL, "site": self.site})
+                opened = await fs.expect(frames.T_OPEN)
             if handshake.cancelled_caught:
-                raise wire.ProtocolError("no handshake within %g s" % self.handshake_timeout)
+                raise frames.ProtocolError("no handshake within %g s" % self.handshake_timeout)
             group_name, disks, protection = _parse_open(opened)
             limits = _parse_limits(opened)
             seeds = _parse_seeds(opened)
@@ -142,10 +143,10 @@ class TargetSite:
                     durable = self._probe(group_name, disks, protection)
                 except SizeMismatch as e:
                     log.error("refusing group %s from %s: %s", group_name, peer, e)
-                    await fs.send_error(wire.E_SIZE_MISMATCH, str(e))
+                    await fs.send_error(frames.E_SIZE_MISMATCH, str(e))
                     return
                 await self._check_seeds(group_name, disks, protection, seeds)
-                await fs.send(wire.T_OPENED, {"group": group_name, "durable": durable})
+                await fs.send(frames.T_OPENED, {"group": group_name, "durable": durable})
                 return
             with scope:
                 try:
@@ -159,23 +160,23 @@ class TargetSite:
                         await trio.to_thread.run_sync(group.set_limits, *limits)
                 except SizeMismatch as e:
                     log.error("refusing group %s from %s: %s", group_name, peer, e)
-                    await fs.send_error(wire.E_SIZE_MISMATCH, str(e))
+                    await fs.send_error(frames.E_SIZE_MISMATCH, str(e))
                     return
                 if group.failover is not None:
                     log.warning("refusing group %s from %s: it failed over here", group_name,
                                 peer)
-                    await fs.send_error(wire.E_BAD_GROUP, "group %s failed over on the target "
+                    await fs.send_error(frames.E_BAD_GROUP, "group %s failed over on the target "
                                         "site; it takes no more changes" % group_name)
                     return
-                durable_now, frames = await trio.to_thread.run_sync(group.seed_frames)
+                durable_now, seeded = await trio.to_thread.run_sync(group.seed_frames)
                 opened_body: Dict[str, Any] = {"group": group_name,
                                                "durable": [list(d) for d in durable_now]}
-                frames = frames if seeds is not None else []  # a source that reads them
-                if frames:
-                    opened_body["seed_frames"] = len(frames)
-                await fs.send(wire.T_OPENED, opened_body)
-                for disk, chunk, first, digests, touched in frames:
-                    await fs.send(wire.T_SEED, {"group": group_name, "disk": disk,
+                seeded = seeded if seeds is not None else []  # a source that reads them
+                if seeded:
+                    opened_body["seed_frames"] = len(seeded)
+                await fs.send(frames.T_OPENED, opened_body)
+                for disk, chunk, first, digests, touched in seeded:
+                    await fs.send(frames.T_SEED, {"group": group_name, "disk": disk,
                                                 "chunk": chunk, "first": first,
                                                 "digests": digests, "touched": touched})
                 log.info("replicating group %s from %s", group_name, peer)
@@ -184,25 +185,25 @@ class TargetSite:
                 await self._receive_batches(fs, group)
         except Refused as e:
             log.warning("%s", e)
-        except wire.RemoteError as e:
+        except frames.RemoteError as e:
             log.warning("source %s ended the session: %s: %s", peer, e.code, e)
-        except wire.ProtocolError as e:
+        except frames.ProtocolError as e:
             log.error("dropping connection from %s: %s (no replica was touched)", peer, e)
-            await fs.send_error(wire.E_PROTOCOL, str(e))
+            await fs.send_error(frames.E_PROTOCOL, str(e))
         except seed.SeedError as e:
             log.error("refusing group %s from %s: %s", group_name, peer, e)
-            await fs.send_error(wire.E_BAD_SEED, str(e))
+            await fs.send_error(frames.E_BAD_SEED, str(e))
         except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError,
                 ConnectionError) as e:
             log.info("connection from %s ended: %s", peer, e or type(e).__name__)
         except OSError as e:
             log.error("group %s: storage error: %s", group_name, e)
-            await fs.send_error(wire.E_STORAGE, str(e))
+            await fs.send_error(frames.E_STORAGE, str(e))
         except Exception as e:
             # A damaged group (unreadable metadata, a corrupt journal) or a bug: this
             # session ends, the agent and every other group go on.
             log.exception("group %s: session from %s failed", group_name, peer)
-            await fs.send_error(wire.E_STORAGE, "%s: %s" % (type(e).__name__, e))
+            await fs.send_error(frames.E_STORAGE, "%s: %s" % (type(e).__name__, e))
         finally:
             if group_name is not None and self._owners.get(group_name) is scope:
                 del self._owners[group_name]
@@ -282,19 +283,19 @@ class TargetSite:
             # race() and the session ends with this task's error, not EndOfChannel.
             while True:
                 ftype, body = await fs.receive()
-                if ftype != wire.T_BATCH:
-                    raise wire.ProtocolError("expected BATCH, got %s"
-                                             % wire.TYPE_NAMES[ftype])
-                if wire.field(body, "group", str) != group.name:
-                    raise wire.ProtocolError("BATCH for group %r on a session of group %r"
+                if ftype != frames.T_BATCH:
+                    raise frames.ProtocolError("expected BATCH, got %s"
+                                             % frames.TYPE_NAMES[ftype])
+                if frames.field(body, "group", str) != group.name:
+                    raise frames.ProtocolError("BATCH for group %r on a session of group %r"
                                              % (body.get("group"), group.name))
-                records = wire.decode_batch(body)
+                records = batch.decode_batch(body)
                 raw = body.get("checkpoints", [])
-                if not isinstance(raw, list) or len(raw) > wire.MAX_DISKS * 16:
-                    raise wire.ProtocolError("bad checkpoints list")
+                if not isinstance(raw, list) or len(raw) > frames.MAX_DISKS * 16:
+                    raise frames.ProtocolError("bad checkpoints list")
                 cps = [checkpoints.parse_wire(c, len(group.disks)) for c in raw]
-                wall_ns, mono_ns = (wire.field(body, "wall_ns", int),
-                                    wire.field(body, "mono_ns", int))
+                wall_ns, mono_ns = (frames.field(body, "wall_ns", int),
+                                    frames.field(body, "mono_ns", int))
                 for c in cps:  # the source's wall time of each cut, by this frame's clocks
                     c.wall_ns = wall_ns - (mono_ns - c.time_ns)
                 nbytes = sum(r.length for r in records if r.kind == KIND_WRITE)
@@ -302,25 +303,25 @@ class TargetSite:
 
         async def write() -> None:
             while True:
-                frames = [await recv_ch.receive()]
-                size = frames[0][2]
+                got = [await recv_ch.receive()]
+                size = got[0][2]
                 while size < GROUP_COMMIT_BYTES:
                     try:
-                        frames.append(recv_ch.receive_nowait())
+                        got.append(recv_ch.receive_nowait())
                     except trio.WouldBlock:
                         break
-                    size += frames[-1][2]
-                records = [r for f in frames for r in f[0]]
-                cps = [c for f in frames for c in f[1]]
+                    size += got[-1][2]
+                records = [r for f in got for r in f[0]]
+                cps = [c for f in got for c in f[1]]
                 _fresh, ids = await trio.to_thread.run_sync(group.accept, records, cps)
-                session["batches"] += len(frames)
+                session["batches"] += len(got)
                 session["records"] += len(records)
                 session["bytes"] += size
                 ack: Dict[str, Any] = {"group": group.name,
                                        "durable": [list(d) for d in group.durable()]}
                 if ids:
                     ack["checkpoints"] = ids
-                await fs.send(wire.T_ACK, ack)
+                await fs.send(frames.T_ACK, ack)
 
         await race(read, write)
 
@@ -428,10 +429,10 @@ def _parse_seeds(body: dict) -> Optional[Dict[str, str]]:
     presence also says that the source reads SEED frames."""
     if "seeds" not in body:
         return None
-    raw = wire.field(body, "seeds", dict)
+    raw = frames.field(body, "seeds", dict)
     for dname, path in raw.items():
         if not isinstance(path, str) or not 0 < len(path) <= 4096 or "\0" in path:
-            raise wire.ProtocolError("bad seed path for disk %r" % (dname,))
+            raise frames.ProtocolError("bad seed path for disk %r" % (dname,))
     return dict(raw)
 
 
@@ -439,33 +440,33 @@ def _parse_limits(body: dict) -> Optional[Tuple[float, int]]:
     """The group's history window and journal limit from OPEN (optional keys)."""
     if "history_s" not in body and "journal_max" not in body:
         return None
-    history = wire.field(body, "history_s", int)
-    limit = wire.field(body, "journal_max", int)
+    history = frames.field(body, "history_s", int)
+    limit = frames.field(body, "journal_max", int)
     if not 0 < history < 1 << 40 or not 0 < limit < 1 << 62:
-        raise wire.ProtocolError("bad history_s or journal_max")
+        raise frames.ProtocolError("bad history_s or journal_max")
     return float(history), limit
 
 
 def _parse_open(body: dict) -> Tuple[str, List[Tuple[str, int]], str]:
-    name = wire.name_field(body, "group")
+    name = frames.name_field(body, "group")
     if not NAME_RE.match(name):
-        raise wire.ProtocolError("bad group name %r" % name)
-    protection = wire.field(body, "protection", str)
-    disks_raw = wire.field(body, "disks", list)
-    if not 1 <= len(disks_raw) <= wire.MAX_DISKS:
-        raise wire.ProtocolError("a group has 1 to %d disks, not %d"
-                                 % (wire.MAX_DISKS, len(disks_raw)))
+        raise frames.ProtocolError("bad group name %r" % name)
+    protection = frames.field(body, "protection", str)
+    disks_raw = frames.field(body, "disks", list)
+    if not 1 <= len(disks_raw) <= frames.MAX_DISKS:
+        raise frames.ProtocolError("a group has 1 to %d disks, not %d"
+                                 % (frames.MAX_DISKS, len(disks_raw)))
     disks = []
     for d in disks_raw:
         if not isinstance(d, dict):
-            raise wire.ProtocolError("disk entry is not a map")
-        dname = wire.name_field(d, "name")
+            raise frames.ProtocolError("disk entry is not a map")
+        dname = frames.name_field(d, "name")
         if not NAME_RE.match(dname):
-            raise wire.ProtocolError("bad disk name %r" % dname)
-        size = wire.field(d, "size", int)
+            raise frames.ProtocolError("bad disk name %r" % dname)
+        size = frames.field(d, "size", int)
         if not 0 < size < 1 << 56:
-            raise wire.ProtocolError("disk %s has a bad size %d" % (dname, size))
+            raise frames.ProtocolError("disk %s has a bad size %d" % (dname, size))
         disks.append((dname, size))
     if len({d[0] for d in disks}) != len(disks):
-        raise wire.ProtocolError("disk names repeat")
+        raise frames.ProtocolError("disk names repeat")
     return name, disks, protection

@@ -34,7 +34,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent import tls
-from agent.peer import read_exact
+from agent.protocol.stream import read_exact
 from lab.sites import Site
 
 MiB = 1024 * 1024

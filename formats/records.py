@@ -20,7 +20,8 @@ the site-to-site BATCH, ``docs/wire.md``; the journal, ``docs/journal.md``) and 
 
 from __future__ import annotations
 
-from typing import Tuple
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 KIND_WRITE = 1
 KIND_ZERO = 2
@@ -54,3 +55,18 @@ FLAG_RESYNC = 2        # data read back from the disk by a resync, not a guest w
 FLAG_INCONSISTENT = 4  # written while regions were dirty: not a crash-consistent prefix
 
 Point = Tuple[int, int]  # (generation, sequence) of a disk's change stream
+
+
+@dataclass
+class JRecord:
+    """One record of a group's change stream as site B receives and journals it: a change
+    of disk ``disk`` (its index in the group), or a marker (checkpoint, failover)."""
+    disk: int
+    gen: int
+    seq: int
+    kind: int
+    flags: int
+    offset: int
+    length: int
+    time_ns: int
+    data: Optional[bytes] = None

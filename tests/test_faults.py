@@ -13,7 +13,7 @@ import nbd
 import pytest
 from conftest import Lab, first_difference, same_bytes
 
-from agent import wire
+from agent.protocol import batch, frames
 
 MiB = 1024 * 1024
 SIZE = 64 * MiB
@@ -194,15 +194,15 @@ def _session(address: str) -> socket.socket:
     return socket.create_connection((host, int(port)), timeout=10)
 
 
-def _read_frame(sock: socket.socket, codec: wire.Codec) -> Optional[tuple]:
+def _read_frame(sock: socket.socket, codec: frames.Codec) -> Optional[tuple]:
     buf = b""
-    while len(buf) < wire.HEADER.size:
+    while len(buf) < frames.HEADER.size:
         chunk = sock.recv(65536)
         if not chunk:
             return None
         buf += chunk
-    header = codec.decode_header(buf[:wire.HEADER.size])
-    body = buf[wire.HEADER.size:]
+    header = codec.decode_header(buf[:frames.HEADER.size])
+    body = buf[frames.HEADER.size:]
     while len(body) < header.length:
         chunk = sock.recv(65536)
         if not chunk:
@@ -248,7 +248,7 @@ def test_out_of_bounds_batch_touches_no_replica(sites: Lab) -> None:
     before = replica.read_bytes()
     protection = sites.b.api("GET", "/v1/status")["replicas"]["g1"]
     assert protection["disks"]["vda"]["consistent"]
-    codec = wire.Codec()
+    codec = frames.Codec()
     # Pretend to be the source, on a session of our own: a batch whose record lies past
     # the end of the disk, after a good one.
     from formats.localwire import KIND_WRITE, Record
@@ -262,16 +262,16 @@ def test_out_of_bounds_batch_touches_no_replica(sites: Lab) -> None:
     good = Record(seq + 1, 0, 0, 4096, gen, KIND_WRITE, 0, b"g" * 4096)
     bad = Record(seq + 2, 0, 8 * MiB - 1024, 4096, gen, KIND_WRITE, 0, b"b" * 4096)
     with _session(sites.b.address) as s:
-        s.sendall(codec.encode(wire.T_HELLO, {"protocol": 1, "site": "evil"}))
-        assert _read_frame(s, codec)[0] == wire.T_WELCOME
-        s.sendall(codec.encode(wire.T_OPEN, {"group": "g1", "protection": prot, "probe": False,
+        s.sendall(codec.encode(frames.T_HELLO, {"protocol": 1, "site": "evil"}))
+        assert _read_frame(s, codec)[0] == frames.T_WELCOME
+        s.sendall(codec.encode(frames.T_OPEN, {"group": "g1", "protection": prot, "probe": False,
                                              "disks": [{"name": "vda", "size": 8 * MiB}]}))
-        assert _read_frame(s, codec)[0] == wire.T_OPENED
-        s.sendall(codec.encode(wire.T_BATCH, wire.encode_batch("g1", [(0, good), (0, bad)],
+        assert _read_frame(s, codec)[0] == frames.T_OPENED
+        s.sendall(codec.encode(frames.T_BATCH, batch.encode_batch("g1", [(0, good), (0, bad)],
                                                                0, 0)))
         ftype, body = _read_frame(s, codec)
-        assert ftype == wire.T_ERROR
-        assert body["code"] == wire.E_PROTOCOL
+        assert ftype == frames.T_ERROR
+        assert body["code"] == frames.E_PROTOCOL
         assert "outside disk" in body["message"]
     assert replica.read_bytes() == before
     assert "no replica was touched" in sites.b.log.read_text()
@@ -356,21 +356,21 @@ def test_a_corrupt_batch_mid_session_is_a_protocol_error(sites: Lab) -> None:
     prot = _json.loads((sites.b.data / "target" / "g1" / "meta.json").read_text())["protection"]
     durable = sites.b.api("GET", "/v1/status")["replicas"]["g1"]["disks"]["vda"]
     gen, seq = durable["durable_gen"], durable["durable_seq"]
-    codec = wire.Codec()
+    codec = frames.Codec()
     for attempt in range(5):  # whatever the two tasks' timing, the same answer
         with _session(sites.b.address) as s:
-            s.sendall(codec.encode(wire.T_HELLO, {"protocol": 1, "site": "flaky-link"}))
-            assert _read_frame(s, codec)[0] == wire.T_WELCOME
-            s.sendall(codec.encode(wire.T_OPEN, {"group": "g1", "protection": prot,
+            s.sendall(codec.encode(frames.T_HELLO, {"protocol": 1, "site": "flaky-link"}))
+            assert _read_frame(s, codec)[0] == frames.T_WELCOME
+            s.sendall(codec.encode(frames.T_OPEN, {"group": "g1", "protection": prot,
                                                  "probe": False,
                                                  "disks": [{"name": "vda", "size": 8 * MiB}]}))
-            assert _read_frame(s, codec)[0] == wire.T_OPENED
+            assert _read_frame(s, codec)[0] == frames.T_OPENED
             rec = Record(seq + 1, 0, 0, 4096, gen, KIND_WRITE, 0, bytes([attempt]) * 4096)
-            frame = bytearray(codec.encode(wire.T_BATCH, wire.encode_batch("g1", [(0, rec)],
+            frame = bytearray(codec.encode(frames.T_BATCH, batch.encode_batch("g1", [(0, rec)],
                                                                           0, 0)))
             frame[-100] ^= 0xFF  # a flipped byte in the body
             s.sendall(bytes(frame))
             ftype, body = _read_frame(s, codec)
-        assert ftype == wire.T_ERROR
-        assert body["code"] == wire.E_PROTOCOL and "checksum" in body["message"], body
+        assert ftype == frames.T_ERROR
+        assert body["code"] == frames.E_PROTOCOL and "checksum" in body["message"], body
     assert "EndOfChannel" not in sites.b.log.read_text()

@@ -17,7 +17,7 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.journal import MAGIC, RECORD, Journal, JournalCorrupt, JRecord
+from agent.journal import MAGIC, RECORD, Journal, JournalCorrupt, JRecord, encode_header
 from formats.localwire import (
     FLAG_INCONSISTENT,
     KIND_CONSISTENT,
@@ -64,7 +64,7 @@ def three_records() -> List[JRecord]:
 def test_record_layout() -> None:
     r = JRecord(0x0102, 0x03040506, 0x0708, KIND_WRITE, FLAG_INCONSISTENT, 0x090A, 3,
                 0x0B0C, b"abc")
-    head = r.encode()
+    head = encode_header(r)
     assert len(head) == 48
     assert head[:4] == MAGIC
     assert head[4] == KIND_WRITE and head[5] == FLAG_INCONSISTENT

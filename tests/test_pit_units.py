@@ -15,9 +15,9 @@ from typing import Dict, List, Optional, Tuple
 import pytest
 
 from agent import checkpoints as cps
-from agent import wire
 from agent.checkpoints import Checkpoint, Cutter
 from agent.journal import Journal, JournalCorrupt, JRecord
+from agent.protocol import frames
 from agent.replica import NoConsistentState, TargetGroup
 from formats import jindex
 from formats.localwire import (
@@ -87,7 +87,7 @@ def test_parse_wire_checks_every_field() -> None:
     for bad in ({**good, "id": "../x"}, {**good, "kind": "other"}, {**good, "tag": 5},
                 {**good, "cut": [[1, 2], [1, 3]]}, {**good, "cut": [[1, -2]]},
                 {**good, "cut": [[True, 2]]}, "x"):
-        with pytest.raises(wire.ProtocolError):
+        with pytest.raises(frames.ProtocolError):
             cps.parse_wire(bad, 1)
 
 
@@ -495,7 +495,7 @@ def test_failover_crash_half_way_is_finished_at_open(tmp_path: Path) -> None:
     g = open_group(tmp_path / "g")
     assert g.failover is not None and g.failover["state"] == "done"
     assert replica(g, "a") == model.at[ids[4]][0] and replica(g, "b") == model.at[ids[4]][1]
-    from agent.wire import ProtocolError
+    from agent.protocol.frames import ProtocolError
     with pytest.raises(ProtocolError):
         g.accept([model.write(0, 0, b"x")])
     g.close()
@@ -505,7 +505,7 @@ def test_checkpoint_before_its_records_is_refused(tmp_path: Path) -> None:
     model = Model(2)
     g = start(tmp_path / "g", model)
     ahead = Checkpoint("ahead", 1, "user", None, [(1, 99), (1, 1)])
-    from agent.wire import ProtocolError
+    from agent.protocol.frames import ProtocolError
     with pytest.raises(ProtocolError):
         g.accept([], [ahead])
     fresh, ids = g.accept([], [model.checkpoint("ok")])

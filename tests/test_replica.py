@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from agent import replica as replica_module
 from agent.checkpoints import CheckpointError
 from agent.journal import KIND_APPLIED, JRecord
+from agent.protocol.frames import MAX_RECORD, ProtocolError
 from agent.replica import NoConsistentState, SizeMismatch, TargetGroup
-from agent.wire import MAX_RECORD, ProtocolError
 from formats.localwire import (
     FLAG_INCONSISTENT,
     FLAG_RESYNC,

@@ -13,11 +13,12 @@ import pytest
 import trio
 import xxhash
 
-from agent import seed, target, wire
+from agent import seed, target
 from agent.journal import KIND_SEEDED, JRecord
-from agent.peer import FrameStream
+from agent.protocol import batch, frames
+from agent.protocol.frames import ProtocolError
+from agent.protocol.stream import FrameStream
 from agent.replica import TargetGroup
-from agent.wire import ProtocolError
 from formats.localwire import (
     FLAG_INCONSISTENT,
     FLAG_RESYNC,
@@ -350,19 +351,19 @@ def test_seed_files_that_cannot_be_adopted(tmp_path: Path) -> None:
 # -- the wire -------------------------------------------------------------------------------
 
 def test_a_seeded_record_on_the_wire() -> None:
-    digest = os.urandom(wire.SEEDED_DATA)
+    digest = os.urandom(batch.SEEDED_DATA)
     r = rec(7, KIND_SEEDED, 1 << 20, 1 << 20, digest)
     w = rec(8, KIND_WRITE, 0, 3, b"abc", flags=0)
-    body = wire.encode_batch("g", [(0, r), (0, w)], 1, 2)
+    body = batch.encode_batch("g", [(0, r), (0, w)], 1, 2)
     assert body["data"] == digest + b"abc"
-    assert wire.decode_batch(body) == [
+    assert batch.decode_batch(body) == [
         JRecord(0, 1, 7, KIND_SEEDED, RS, 1 << 20, 1 << 20, 70, digest),
         JRecord(0, 1, 8, KIND_WRITE, 0, 0, 3, 80, b"abc")]
-    body = wire.encode_batch("g", [(0, r)], 1, 2)
+    body = batch.encode_batch("g", [(0, r)], 1, 2)
     body["data"] = digest[:-1]
     with pytest.raises(ProtocolError, match="shorter"):
-        wire.decode_batch(body)
-    assert wire.TYPE_NAMES[wire.T_SEED] == "SEED"
+        batch.decode_batch(body)
+    assert frames.TYPE_NAMES[frames.T_SEED] == "SEED"
 
 
 # -- site B's group -------------------------------------------------------------------------
@@ -468,10 +469,10 @@ async def session(site: target.TargetSite, port: int, open_body: Dict
                   ) -> Tuple[FrameStream, Dict]:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     fs = FrameStream(stream, "B")
-    await fs.send(wire.T_HELLO, {"protocol": 1, "site": "a" * 32})
-    await fs.expect(wire.T_WELCOME)
-    await fs.send(wire.T_OPEN, open_body)
-    return fs, await fs.expect(wire.T_OPENED)
+    await fs.send(frames.T_HELLO, {"protocol": 1, "site": "a" * 32})
+    await fs.expect(frames.T_WELCOME)
+    await fs.send(frames.T_OPEN, open_body)
+    return fs, await fs.expect(frames.T_OPENED)
 
 
 async def test_the_target_refuses_bad_seeds_and_sends_good_ones(tmp_path: Path) -> None:
@@ -485,47 +486,47 @@ async def test_the_target_refuses_bad_seeds_and_sends_good_ones(tmp_path: Path) 
         listeners = await nursery.start(site.serve, "127.0.0.1", 0)
         port = listeners[0].socket.getsockname()[1]
         for seeds, words, code in (
-                ({"b": str(src)}, "does not have", wire.E_BAD_SEED),
-                ({"a": str(tmp_path / "nope")}, "No such file", wire.E_BAD_SEED),
-                ({"a": "relative.img"}, "absolute", wire.E_BAD_SEED),
-                ({"a": 7}, "bad seed path", wire.E_PROTOCOL)):
+                ({"b": str(src)}, "does not have", frames.E_BAD_SEED),
+                ({"a": str(tmp_path / "nope")}, "No such file", frames.E_BAD_SEED),
+                ({"a": "relative.img"}, "absolute", frames.E_BAD_SEED),
+                ({"a": 7}, "bad seed path", frames.E_PROTOCOL)):
             for probe in (True, False):
-                with pytest.raises(wire.RemoteError, match=words) as e:
+                with pytest.raises(frames.RemoteError, match=words) as e:
                     await session(site, port, dict(body, seeds=seeds, probe=probe))
                 assert e.value.code == code
         assert os.listdir(site.root) == []  # nothing was made
         site.broken["h"] = "KeyError: 'size'"  # a group site B holds but could not open
-        with pytest.raises(wire.RemoteError, match="cannot open it: KeyError") as e:
+        with pytest.raises(frames.RemoteError, match="cannot open it: KeyError") as e:
             await session(site, port, dict(body, group="h"))
-        assert e.value.code == wire.E_BAD_SEED
+        assert e.value.code == frames.E_BAD_SEED
         fs, opened = await session(site, port, body)  # the probe: fine, nothing made
         await fs.aclose()
         assert "seed_frames" not in opened and os.listdir(site.root) == []
         fs, opened = await session(site, port, dict(body, probe=False))
         assert opened["seed_frames"] == 1
-        frame = await fs.expect(wire.T_SEED)
+        frame = await fs.expect(frames.T_SEED)
         assert frame["digests"] == seed.digests_of(data) and frame["touched"] == bytes(2)
         assert (Path(site.root) / "g" / "replicas" / "a.img").read_bytes() == data
         # A SEEDED record for a chunk that differs: the batch is refused, nothing written.
-        await fs.send(wire.T_BATCH, wire.encode_batch(
+        await fs.send(frames.T_BATCH, batch.encode_batch(
             "g", [(0, rec(1, KIND_SEEDED, 0, MiB, bytes(16)))], 1, 2))
-        with pytest.raises(wire.RemoteError, match="does not match") as e:
+        with pytest.raises(frames.RemoteError, match="does not match") as e:
             await fs.receive()
-        assert e.value.code == wire.E_PROTOCOL
+        assert e.value.code == frames.E_PROTOCOL
         await fs.aclose()
         assert site.groups["g"].durable() == [(0, 0)]
         # The group exists now: a seed for it is refused, a session without one is not.
         for probe in (True, False):
-            with pytest.raises(wire.RemoteError, match="already holds") as e:
+            with pytest.raises(frames.RemoteError, match="already holds") as e:
                 await session(site, port, dict(body, protection="q", probe=probe))
-            assert e.value.code == wire.E_BAD_SEED
+            assert e.value.code == frames.E_BAD_SEED
         fs, opened = await session(site, port, dict(body, probe=False))  # same protection
         assert opened["seed_frames"] == 1
-        await fs.expect(wire.T_SEED)
+        await fs.expect(frames.T_SEED)
         digest = seed.range_digest(seed.digests_of(data[MiB:]))
-        await fs.send(wire.T_BATCH, wire.encode_batch(
+        await fs.send(frames.T_BATCH, batch.encode_batch(
             "g", [(0, rec(1, KIND_SEEDED, MiB, MiB, digest))], 1, 2))
-        assert (await fs.expect(wire.T_ACK))["durable"] == [[1, 1]]
+        assert (await fs.expect(frames.T_ACK))["durable"] == [[1, 1]]
         await fs.aclose()
         no_seeds = {k: v for k, v in body.items() if k != "seeds"}
         fs, opened = await session(site, port, dict(no_seeds, probe=False))

@@ -14,8 +14,9 @@ import pytest
 from conftest import Lab, same_bytes
 from test_faults import SIZE, Writer, _read_frame, check_identical, wait_for
 
-from agent import tls, wire
+from agent import tls
 from agent.pairing import NotPaired
+from agent.protocol import frames
 from lab.proxy import FaultProxy
 
 MiB = 1024 * 1024
@@ -161,38 +162,38 @@ def test_plaintext_to_a_tls_side_is_refused(tls_lab: Lab) -> None:
         in proc.stderr, proc.stderr
     in_log(lab.b, "refusing a plaintext connection")
     # A raw client sees an ERROR frame that says why, in the clear.
-    codec = wire.Codec()
+    codec = frames.Codec()
     host, port = lab.b.address.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.sendall(codec.encode(wire.T_HELLO, {"protocol": 1, "site": "plain"}))
+        s.sendall(codec.encode(frames.T_HELLO, {"protocol": 1, "site": "plain"}))
         frame = _read_frame(s, codec)
     assert frame is not None
-    assert frame[0] == wire.T_ERROR and frame[1]["code"] == wire.E_TLS_REQUIRED
+    assert frame[0] == frames.T_ERROR and frame[1]["code"] == frames.E_TLS_REQUIRED
 
 
 def test_tls_without_a_paired_certificate_may_only_pair(tls_lab: Lab) -> None:
     """A TLS client with no certificate (as in pairing) that says HELLO is refused."""
     lab = tls_lab
     lab.b.start()
-    codec = wire.Codec()
+    codec = frames.Codec()
     host, port = lab.b.address.rsplit(":", 1)
     ctx = tls.pairing_context()
     with socket.create_connection((host, int(port)), timeout=10) as raw:
         with ctx.wrap_socket(raw, server_hostname=tls.SNI) as s:
-            s.sendall(codec.encode(wire.T_HELLO, {"protocol": 1, "site": "nobody"}))
+            s.sendall(codec.encode(frames.T_HELLO, {"protocol": 1, "site": "nobody"}))
             frame = _read_frame(s, codec)  # type: ignore[arg-type]
     assert frame is not None
-    assert frame[0] == wire.T_ERROR and frame[1]["code"] == wire.E_UNPAIRED
+    assert frame[0] == frames.T_ERROR and frame[1]["code"] == frames.E_UNPAIRED
     in_log(lab.b, "TLS without a paired site's certificate")
 
 
 def test_pairing_over_plaintext_is_refused(lab: Lab) -> None:
     """Even an --insecure site pairs only over TLS (the MACs bind TLS certificates)."""
     lab.b.start()
-    codec = wire.Codec()
+    codec = frames.Codec()
     host, port = lab.b.address.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.sendall(codec.encode(wire.T_PAIR, {"token": "0badc0de", "site": "x", "cert": "",
+        s.sendall(codec.encode(frames.T_PAIR, {"token": "0badc0de", "site": "x", "cert": "",
                                              "mac": b""}))
         assert _read_frame(s, codec) is None  # closed without a word
     in_log(lab.b, "refusing to pair with")
@@ -421,7 +422,7 @@ async def test_pair_refuses_a_target_without_proof(tmp_path) -> None:
     """A fake target that answers PAIRED without knowing the secret: nothing is kept."""
     import trio
 
-    from agent.peer import FrameStream
+    from agent.protocol.stream import FrameStream
 
     trust = _trust(tmp_path)
     fake = tls.load_identity(str(tmp_path / "fake"), "fake")
@@ -430,8 +431,8 @@ async def test_pair_refuses_a_target_without_proof(tmp_path) -> None:
         s = tls.TLSSocketStream(stream, tls.server_context(fake, []), True)
         await s.do_handshake()
         fs = FrameStream(s, "source")
-        await fs.expect(wire.T_PAIR)
-        await fs.send(wire.T_PAIRED, {"site": "B", "mac": b"\0" * 32})
+        await fs.expect(frames.T_PAIR)
+        await fs.send(frames.T_PAIRED, {"site": "B", "mac": b"\0" * 32})
         await fs.aclose()
 
     async with trio.open_nursery() as nursery:
@@ -450,7 +451,7 @@ async def test_a_session_closed_after_the_handshake_means_not_paired(tmp_path, r
 
     import trio
 
-    from agent.peer import FrameStream
+    from agent.protocol.stream import FrameStream
     from agent.source import open_session
     from agent.store import DiskRow, GroupRow
 
@@ -484,15 +485,15 @@ async def test_a_session_closed_after_the_handshake_means_not_paired(tmp_path, r
 def test_target_drops_a_pair_without_a_certificate_and_a_silent_close(tls_lab: Lab) -> None:
     lab = tls_lab
     lab.b.start()
-    codec = wire.Codec()
+    codec = frames.Codec()
     host, port = lab.b.address.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=10):
         pass  # connect and go: nothing to refuse but a log line
     in_log(lab.b, "closed the connection before a word")
     with socket.create_connection((host, int(port)), timeout=10) as raw:
         with tls.pairing_context().wrap_socket(raw, server_hostname=tls.SNI) as s:
-            s.sendall(codec.encode(wire.T_PAIR, {"token": "0badc0de", "site": "x",
+            s.sendall(codec.encode(frames.T_PAIR, {"token": "0badc0de", "site": "x",
                                                  "cert": "junk", "mac": b""}))
             frame = _read_frame(s, codec)  # type: ignore[arg-type]
-    assert frame is not None and frame[0] == wire.T_ERROR
-    assert frame[1]["code"] == wire.E_PROTOCOL and "no certificate" in frame[1]["message"]
+    assert frame is not None and frame[0] == frames.T_ERROR
+    assert frame[1]["code"] == frames.E_PROTOCOL and "no certificate" in frame[1]["message"]

@@ -1,4 +1,4 @@
-"""agent/wire.py: frames between agents. Round trips with and without zstd, every malformed
+"""agent/frames.py: frames between agents. Round trips with and without zstd, every malformed
 frame or body a ProtocolError, and BATCH bodies checked before use."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import wire
 from agent.journal import JRecord
-from agent.wire import Codec, Header, ProtocolError
+from agent.protocol import batch, frames
+from agent.protocol.frames import Codec, Header, ProtocolError
 from formats.localwire import (
     FLAG_FUA,
     FLAG_INCONSISTENT,
@@ -31,19 +31,19 @@ from formats.localwire import (
 )
 
 
-def raw_frame(body: bytes, ftype: int = wire.T_BATCH, flags: int = 0,
-              magic: bytes = wire.MAGIC, version: int = wire.WIRE_VERSION,
+def raw_frame(body: bytes, ftype: int = frames.T_BATCH, flags: int = 0,
+              magic: bytes = frames.MAGIC, version: int = frames.WIRE_VERSION,
               length: int = -1, checksum: int = -1) -> bytes:
     """A frame built by hand, with a right length and checksum unless told otherwise."""
-    return wire.HEADER.pack(
+    return frames.HEADER.pack(
         magic, version, ftype, flags, len(body) if length < 0 else length, 0,
         xxhash.xxh3_64_intdigest(body) if checksum < 0 else checksum) + body
 
 
 def decode(frame: bytes, codec: Codec = None) -> Tuple[Header, dict]:  # type: ignore[assignment]
     codec = codec or Codec()
-    header = codec.decode_header(frame[:wire.HEADER.size])
-    body = frame[wire.HEADER.size:]
+    header = codec.decode_header(frame[:frames.HEADER.size])
+    body = frame[frames.HEADER.size:]
     assert header.length == len(body)
     return header, codec.decode_body(header, body)
 
@@ -73,7 +73,7 @@ def jrec(disk: int, r: Record) -> JRecord:
 
 def batch_record(disk: int = 0, kind: int = KIND_ZERO, flags: int = 0, length: int = 0,
                  gen: int = 1, seq: int = 1, offset: int = 0, time_ns: int = 0) -> bytes:
-    return wire.BATCH_RECORD.pack(disk, kind, flags, length, gen, seq, offset, time_ns)
+    return batch.BATCH_RECORD.pack(disk, kind, flags, length, gen, seq, offset, time_ns)
 
 
 def batch_body(recs: bytes, data: bytes = b"") -> dict:
@@ -83,10 +83,10 @@ def batch_body(recs: bytes, data: bytes = b"") -> dict:
 # -- frames ----------------------------------------------------------------------------------
 
 def test_header_layout() -> None:
-    frame = Codec().encode(wire.T_ACK, {"seq": 5})
+    frame = Codec().encode(frames.T_ACK, {"seq": 5})
     body = msgpack.packb({"seq": 5})
     assert frame[:4] == b"FRY\x01"
-    assert frame[4] == wire.WIRE_VERSION and frame[5] == wire.T_ACK
+    assert frame[4] == frames.WIRE_VERSION and frame[5] == frames.T_ACK
     assert frame[6:8] == b"\0\0"
     assert frame[8:12] == struct.pack("<I", len(body))
     assert frame[12:16] == b"\0\0\0\0"
@@ -96,28 +96,28 @@ def test_header_layout() -> None:
 
 def test_frame_round_trip_uncompressed() -> None:
     obj = {"group": "g1", "n": 3, "b": b"\0\1", "l": [1, "x", None], "m": {"k": True}}
-    header, out = decode(Codec().encode(wire.T_OPEN, obj))
-    assert header.type == wire.T_OPEN and header.flags == 0
+    header, out = decode(Codec().encode(frames.T_OPEN, obj))
+    assert header.type == frames.T_OPEN and header.flags == 0
     assert out == obj
 
 
 def test_frame_round_trip_compressed() -> None:
     obj = {"data": b"abc" * 10_000, "group": "g"}
-    frame = Codec().encode(wire.T_BATCH, obj, compress=True)
+    frame = Codec().encode(frames.T_BATCH, obj, compress=True)
     header, out = decode(frame)
-    assert header.flags == wire.F_ZSTD
+    assert header.flags == frames.F_ZSTD
     assert header.length < 2000
     assert out == obj
 
 
 def test_small_bodies_are_not_compressed() -> None:
-    frame = Codec().encode(wire.T_BATCH, {"data": b"a" * 100}, compress=True)
+    frame = Codec().encode(frames.T_BATCH, {"data": b"a" * 100}, compress=True)
     assert decode(frame)[0].flags == 0
 
 
 def test_incompressible_bodies_are_sent_plain() -> None:
     noise = random.Random(1).randbytes(4096)
-    frame = Codec().encode(wire.T_BATCH, {"data": noise}, compress=True)
+    frame = Codec().encode(frames.T_BATCH, {"data": noise}, compress=True)
     header, out = decode(frame)
     assert header.flags == 0
     assert out == {"data": noise}
@@ -127,12 +127,12 @@ def test_one_codec_decodes_many_frames() -> None:
     tx, rx = Codec(), Codec()
     for i in range(5):
         obj = {"i": i, "pad": b"x" * (1000 * i)}
-        assert decode(tx.encode(wire.T_BATCH, obj, compress=True), rx)[1] == obj
+        assert decode(tx.encode(frames.T_BATCH, obj, compress=True), rx)[1] == obj
 
 
 def test_encode_refuses_a_body_over_max_frame() -> None:
     with pytest.raises(ValueError):
-        Codec().encode(wire.T_BATCH, {"data": bytes(wire.MAX_FRAME)})
+        Codec().encode(frames.T_BATCH, {"data": bytes(frames.MAX_FRAME)})
 
 
 def test_bad_magic() -> None:
@@ -159,25 +159,25 @@ def test_unknown_frame_flags(flags: int) -> None:
 
 
 def test_oversize_length() -> None:
-    ok = raw_frame(b"", length=wire.MAX_FRAME)[:wire.HEADER.size]
-    assert Codec.decode_header(ok).length == wire.MAX_FRAME
-    for length in (wire.MAX_FRAME + 1, 0xFFFFFFFF):
+    ok = raw_frame(b"", length=frames.MAX_FRAME)[:frames.HEADER.size]
+    assert Codec.decode_header(ok).length == frames.MAX_FRAME
+    for length in (frames.MAX_FRAME + 1, 0xFFFFFFFF):
         with pytest.raises(ProtocolError, match="limit"):
-            Codec.decode_header(raw_frame(b"", length=length)[:wire.HEADER.size])
+            Codec.decode_header(raw_frame(b"", length=length)[:frames.HEADER.size])
 
 
 @pytest.mark.parametrize("size", [0, 1, 23, 25])
 def test_header_of_the_wrong_size(size: int) -> None:
     with pytest.raises(ProtocolError):
-        Codec.decode_header(raw_frame(b"")[:wire.HEADER.size].ljust(size, b"\0")[:size])
+        Codec.decode_header(raw_frame(b"")[:frames.HEADER.size].ljust(size, b"\0")[:size])
 
 
 def test_checksum_mismatch() -> None:
-    frame = bytearray(Codec().encode(wire.T_ACK, {"seq": 5}))
+    frame = bytearray(Codec().encode(frames.T_ACK, {"seq": 5}))
     frame[-1] ^= 1
     with pytest.raises(ProtocolError, match="checksum"):
         decode(bytes(frame))
-    frame = bytearray(Codec().encode(wire.T_ACK, {"seq": 5}))
+    frame = bytearray(Codec().encode(frames.T_ACK, {"seq": 5}))
     frame[20] ^= 1  # in the header's checksum field
     with pytest.raises(ProtocolError, match="checksum"):
         decode(bytes(frame))
@@ -185,58 +185,58 @@ def test_checksum_mismatch() -> None:
 
 def test_bad_zstd_body() -> None:
     with pytest.raises(ProtocolError, match="zstd"):
-        decode_raw_body(b"not zstd at all", flags=wire.F_ZSTD)
+        decode_raw_body(b"not zstd at all", flags=frames.F_ZSTD)
     good = zstandard.ZstdCompressor().compress(msgpack.packb({"a": 1}))
     with pytest.raises(ProtocolError):
-        decode_raw_body(good[:-3], flags=wire.F_ZSTD)
+        decode_raw_body(good[:-3], flags=frames.F_ZSTD)
 
 
 def test_zstd_body_with_trailing_bytes() -> None:
     c = zstandard.ZstdCompressor()
     good = c.compress(msgpack.packb({"a": 1}))
-    assert decode_raw_body(good, flags=wire.F_ZSTD) == {"a": 1}
+    assert decode_raw_body(good, flags=frames.F_ZSTD) == {"a": 1}
     for extra in (b"junk", c.compress(b"\xc0")):
         with pytest.raises(ProtocolError):
-            decode_raw_body(good + extra, flags=wire.F_ZSTD)
+            decode_raw_body(good + extra, flags=frames.F_ZSTD)
 
 
 def test_decompression_bomb_with_its_size_in_the_frame() -> None:
-    body = zstandard.ZstdCompressor(level=1).compress(bytes(wire.MAX_BODY + 1))
-    assert len(body) < wire.MAX_FRAME
+    body = zstandard.ZstdCompressor(level=1).compress(bytes(frames.MAX_BODY + 1))
+    assert len(body) < frames.MAX_FRAME
     with pytest.raises(ProtocolError, match="limit"):
-        decode_raw_body(body, flags=wire.F_ZSTD)
+        decode_raw_body(body, flags=frames.F_ZSTD)
 
 
 def test_decompression_bomb_without_its_size_in_the_frame() -> None:
     cctx = zstandard.ZstdCompressor(level=1, write_content_size=False)
-    body = cctx.compress(bytes(wire.MAX_BODY + 1))
+    body = cctx.compress(bytes(frames.MAX_BODY + 1))
     with pytest.raises(ProtocolError):
-        decode_raw_body(body, flags=wire.F_ZSTD)
+        decode_raw_body(body, flags=frames.F_ZSTD)
 
 
 def test_zstd_frame_claiming_a_huge_size_is_refused_before_allocating() -> None:
     # Was a MemoryError: decompress() allocates whatever the frame header claims.
     payload = msgpack.packb({"a": 1})
-    assert decode_raw_body(zstd_frame_claiming(len(payload), payload), wire.F_ZSTD) == {"a": 1}
-    for claimed in (wire.MAX_BODY + 1, 1 << 40, (1 << 64) - 3):
+    assert decode_raw_body(zstd_frame_claiming(len(payload), payload), frames.F_ZSTD) == {"a": 1}
+    for claimed in (frames.MAX_BODY + 1, 1 << 40, (1 << 64) - 3):
         with pytest.raises(ProtocolError):
-            decode_raw_body(zstd_frame_claiming(claimed, payload), flags=wire.F_ZSTD)
+            decode_raw_body(zstd_frame_claiming(claimed, payload), flags=frames.F_ZSTD)
 
 
 def test_body_of_exactly_max_body_is_accepted() -> None:
     inner = msgpack.packb({"d": b""})
-    pad = wire.MAX_BODY - len(inner) - 3  # bin 32 has a 5-byte header instead of bin 8's 2
+    pad = frames.MAX_BODY - len(inner) - 3  # bin 32 has a 5-byte header instead of bin 8's 2
     body = msgpack.packb({"d": bytes(pad)})
-    assert len(body) == wire.MAX_BODY
+    assert len(body) == frames.MAX_BODY
     compressed = zstandard.ZstdCompressor(level=1).compress(body)
-    out = decode_raw_body(compressed, flags=wire.F_ZSTD)
+    out = decode_raw_body(compressed, flags=frames.F_ZSTD)
     assert len(out["d"]) == pad
 
 
 @pytest.mark.parametrize("obj", [[1, 2], 7, "text", None, b"bin", 1.5, True])
 def test_non_map_bodies(obj: Any) -> None:
     with pytest.raises(ProtocolError, match="not a map"):
-        decode(Codec().encode(wire.T_HELLO, obj))
+        decode(Codec().encode(frames.T_HELLO, obj))
 
 
 @pytest.mark.parametrize("body", [
@@ -249,9 +249,9 @@ def test_non_map_bodies(obj: Any) -> None:
     b"\x81\xa1a\xa1\xff",                         # str that is not UTF-8
     b"\xc1",                                      # reserved byte
     b"\x81\xa1a" + b"\x91" * 100_000 + b"\xc0",   # nested too deep
-    msgpack.packb({"s": "x" * (wire.MAX_NAME * 64 + 1)}),
-    msgpack.packb({"k%d" % i: i for i in range(wire.MAX_DISKS * 4 + 1)}),
-    msgpack.packb({"a": [0] * (wire.MAX_RECORDS * 2 + 1)}),
+    msgpack.packb({"s": "x" * (frames.MAX_NAME * 64 + 1)}),
+    msgpack.packb({"k%d" % i: i for i in range(frames.MAX_DISKS * 4 + 1)}),
+    msgpack.packb({"a": [0] * (frames.MAX_RECORDS * 2 + 1)}),
     b"\x81\xa1a\xdd\xff\xff\xff\xff",             # array claiming 4G items
     b"\x81\xa1a\xc6\xff\xff\xff\xff",             # bin claiming 4 GiB
 ])
@@ -261,7 +261,7 @@ def test_bad_msgpack_bodies(body: bytes) -> None:
 
 
 def test_limits_are_inclusive() -> None:
-    obj = {"s": "x" * (wire.MAX_NAME * 64), "a": [0] * (wire.MAX_RECORDS * 2)}
+    obj = {"s": "x" * (frames.MAX_NAME * 64), "a": [0] * (frames.MAX_RECORDS * 2)}
     assert decode_raw_body(msgpack.packb(obj)) == obj
 
 
@@ -269,7 +269,7 @@ def test_limits_are_inclusive() -> None:
 
 def test_batch_layout() -> None:
     r = Record(0x0A0B, 0x0C0D, 0x0E0F, 3, 0x1112, KIND_WRITE, FLAG_FUA, b"xyz")
-    body = wire.encode_batch("grp", [(0x0102, r)], wall_ns=5, mono_ns=6)
+    body = batch.encode_batch("grp", [(0x0102, r)], wall_ns=5, mono_ns=6)
     assert body["group"] == "grp" and body["wall_ns"] == 5 and body["mono_ns"] == 6
     assert body["data"] == b"xyz"
     assert body["recs"] == (struct.pack("<HBBI", 0x0102, KIND_WRITE, FLAG_FUA, 3)
@@ -287,134 +287,134 @@ def test_batch_round_trip() -> None:
         (1, rec(3, data=b"\xff" * 300, gen=4, flags=FLAG_RESYNC | FLAG_INCONSISTENT)),
         (0, rec(4, KIND_CONSISTENT)),
     ]
-    body = wire.encode_batch("g", records, 1, 2)
-    assert wire.decode_batch(body) == [jrec(d, r) for d, r in records]
+    body = batch.encode_batch("g", records, 1, 2)
+    assert batch.decode_batch(body) == [jrec(d, r) for d, r in records]
 
 
 def test_batch_round_trip_through_a_compressed_frame() -> None:
     records = [(2, rec(i, data=bytes([i]) * 1000, offset=i * 1000)) for i in range(1, 20)]
-    frame = Codec().encode(wire.T_BATCH, wire.encode_batch("g", records, 1, 2), compress=True)
+    frame = Codec().encode(frames.T_BATCH, batch.encode_batch("g", records, 1, 2), compress=True)
     header, body = decode(frame)
-    assert header.flags == wire.F_ZSTD
-    assert wire.decode_batch(body) == [jrec(d, r) for d, r in records]
+    assert header.flags == frames.F_ZSTD
+    assert batch.decode_batch(body) == [jrec(d, r) for d, r in records]
 
 
 def test_empty_batch() -> None:
-    assert wire.decode_batch(batch_body(b"")) == []
+    assert batch.decode_batch(batch_body(b"")) == []
 
 
 @pytest.mark.parametrize("size", [1, 39, 41, 79])
 def test_batch_with_misaligned_records(size: int) -> None:
     with pytest.raises(ProtocolError, match="multiple"):
-        wire.decode_batch(batch_body(bytes(size)))
+        batch.decode_batch(batch_body(bytes(size)))
 
 
 def test_batch_data_too_short() -> None:
     recs = batch_record(kind=KIND_WRITE, length=10) + batch_record(kind=KIND_WRITE, length=5,
                                                                    seq=2)
-    assert len(wire.decode_batch(batch_body(recs, b"d" * 15))) == 2
+    assert len(batch.decode_batch(batch_body(recs, b"d" * 15))) == 2
     for n in (0, 9, 14):
         with pytest.raises(ProtocolError, match="shorter"):
-            wire.decode_batch(batch_body(recs, b"d" * n))
+            batch.decode_batch(batch_body(recs, b"d" * n))
 
 
 def test_batch_data_too_long() -> None:
     recs = batch_record(kind=KIND_WRITE, length=10)
     with pytest.raises(ProtocolError, match="no record claims"):
-        wire.decode_batch(batch_body(recs, b"d" * 11))
+        batch.decode_batch(batch_body(recs, b"d" * 11))
     with pytest.raises(ProtocolError, match="no record claims"):
-        wire.decode_batch(batch_body(batch_record(kind=KIND_ZERO, length=10), b"d"))
+        batch.decode_batch(batch_body(batch_record(kind=KIND_ZERO, length=10), b"d"))
 
 
 @pytest.mark.parametrize("kind", [0, 6, 255])
 def test_batch_with_an_unknown_kind(kind: int) -> None:
     with pytest.raises(ProtocolError, match="kind"):
-        wire.decode_batch(batch_body(batch_record(kind=kind)))
+        batch.decode_batch(batch_body(batch_record(kind=kind)))
 
 
 def test_batch_with_an_oversize_write_record() -> None:
     # Checked before the data is looked at: no data follows in this body.
     with pytest.raises(ProtocolError, match="limit"):
-        wire.decode_batch(batch_body(batch_record(kind=KIND_WRITE, length=wire.MAX_RECORD + 1)))
+        batch.decode_batch(batch_body(batch_record(kind=KIND_WRITE, length=frames.MAX_RECORD + 1)))
     with pytest.raises(ProtocolError, match="limit"):
-        wire.decode_batch(batch_body(batch_record(kind=KIND_WRITE, length=0xFFFFFFFF)))
+        batch.decode_batch(batch_body(batch_record(kind=KIND_WRITE, length=0xFFFFFFFF)))
 
 
 def test_zero_and_trim_records_carry_long_ranges() -> None:
     recs = (batch_record(kind=KIND_ZERO, length=0xFFFFFFFF)
-            + batch_record(kind=KIND_TRIM, length=wire.MAX_RECORD + 1, seq=2))
-    out = wire.decode_batch(batch_body(recs))
+            + batch_record(kind=KIND_TRIM, length=frames.MAX_RECORD + 1, seq=2))
+    out = batch.decode_batch(batch_body(recs))
     assert [(r.kind, r.length, r.data) for r in out] == [
-        (KIND_ZERO, 0xFFFFFFFF, None), (KIND_TRIM, wire.MAX_RECORD + 1, None)]
+        (KIND_ZERO, 0xFFFFFFFF, None), (KIND_TRIM, frames.MAX_RECORD + 1, None)]
 
 
 def test_batch_with_too_many_records() -> None:
     one = batch_record()
-    assert len(wire.decode_batch(batch_body(one * wire.MAX_RECORDS))) == wire.MAX_RECORDS
+    assert len(batch.decode_batch(batch_body(one * frames.MAX_RECORDS))) == frames.MAX_RECORDS
     with pytest.raises(ProtocolError, match="more than"):
-        wire.decode_batch(batch_body(one * (wire.MAX_RECORDS + 1)))
+        batch.decode_batch(batch_body(one * (frames.MAX_RECORDS + 1)))
 
 
 def test_batch_with_missing_or_mistyped_fields() -> None:
     with pytest.raises(ProtocolError, match="missing"):
-        wire.decode_batch({"data": b""})
+        batch.decode_batch({"data": b""})
     with pytest.raises(ProtocolError, match="missing"):
-        wire.decode_batch({"recs": b""})
+        batch.decode_batch({"recs": b""})
     with pytest.raises(ProtocolError, match="wrong type"):
-        wire.decode_batch({"recs": "text", "data": b""})
+        batch.decode_batch({"recs": "text", "data": b""})
     with pytest.raises(ProtocolError, match="wrong type"):
-        wire.decode_batch({"recs": b"", "data": [1]})
+        batch.decode_batch({"recs": b"", "data": [1]})
 
 
 # -- field checks ----------------------------------------------------------------------------
 
 def test_field_returns_values_of_the_right_type() -> None:
     obj = {"n": 3, "s": "x", "b": b"y", "l": [1], "t": True}
-    assert wire.field(obj, "n", int) == 3
-    assert wire.field(obj, "s", str) == "x"
-    assert wire.field(obj, "b", bytes) == b"y"
-    assert wire.field(obj, "l", list) == [1]
-    assert wire.field(obj, "t", bool) is True
-    assert wire.field(obj, "s", (str, bytes)) == "x"
+    assert frames.field(obj, "n", int) == 3
+    assert frames.field(obj, "s", str) == "x"
+    assert frames.field(obj, "b", bytes) == b"y"
+    assert frames.field(obj, "l", list) == [1]
+    assert frames.field(obj, "t", bool) is True
+    assert frames.field(obj, "s", (str, bytes)) == "x"
 
 
 def test_field_missing_or_of_the_wrong_type() -> None:
     obj = {"n": 3, "s": "x", "t": True, "none": None}
     with pytest.raises(ProtocolError, match="missing"):
-        wire.field(obj, "absent", int)
+        frames.field(obj, "absent", int)
     with pytest.raises(ProtocolError, match="wrong type"):
-        wire.field(obj, "s", int)
+        frames.field(obj, "s", int)
     with pytest.raises(ProtocolError, match="wrong type"):
-        wire.field(obj, "n", str)
+        frames.field(obj, "n", str)
     with pytest.raises(ProtocolError, match="wrong type"):
-        wire.field(obj, "none", int)
+        frames.field(obj, "none", int)
 
 
 def test_field_does_not_take_a_bool_for_an_int() -> None:
     with pytest.raises(ProtocolError, match="wrong type"):
-        wire.field({"t": True}, "t", int)
+        frames.field({"t": True}, "t", int)
     with pytest.raises(ProtocolError, match="wrong type"):
-        wire.field({"t": False}, "t", int)
+        frames.field({"t": False}, "t", int)
 
 
 def test_name_field_accepts_plain_names() -> None:
-    for name in ("g1", "vm-disk_0.img", "a" * wire.MAX_NAME, "é", "a.b", "x..y"):
-        assert wire.name_field({"k": name}, "k") == name
+    for name in ("g1", "vm-disk_0.img", "a" * frames.MAX_NAME, "é", "a.b", "x..y"):
+        assert frames.name_field({"k": name}, "k") == name
 
 
 @pytest.mark.parametrize("name", [
-    "", "a" * (wire.MAX_NAME + 1), "a/b", "/abs", "..", ".hidden", "a\0b", "a\nb",
+    "", "a" * (frames.MAX_NAME + 1), "a/b", "/abs", "..", ".hidden", "a\0b", "a\nb",
 ])
 def test_name_field_refuses_bad_names(name: str) -> None:
     with pytest.raises(ProtocolError, match="not a valid name"):
-        wire.name_field({"k": name}, "k")
+        frames.name_field({"k": name}, "k")
 
 
 def test_name_field_checks_the_type_first() -> None:
     with pytest.raises(ProtocolError, match="wrong type"):
-        wire.name_field({"k": b"bytes"}, "k")
+        frames.name_field({"k": b"bytes"}, "k")
     with pytest.raises(ProtocolError, match="missing"):
-        wire.name_field({}, "k")
+        frames.name_field({}, "k")
 
 
 # -- properties --------------------------------------------------------------------------------
@@ -428,7 +428,7 @@ msgpack_maps = st.dictionaries(st.text(max_size=8), msgpack_values, max_size=6)
 
 
 @settings(deadline=None, max_examples=150)
-@given(obj=msgpack_maps, ftype=st.sampled_from(sorted(wire.TYPE_NAMES)),
+@given(obj=msgpack_maps, ftype=st.sampled_from(sorted(frames.TYPE_NAMES)),
        compress=st.booleans(), pad=st.integers(0, 3000))
 def test_random_frames_round_trip(obj: dict, ftype: int, compress: bool, pad: int) -> None:
     obj = dict(obj, pad=b"p" * pad)
@@ -452,13 +452,13 @@ def test_random_bytes_into_decode_header(buf: bytes) -> None:
         header = Codec.decode_header(buf)
     except ProtocolError:
         return
-    assert header.type in wire.TYPE_NAMES and header.length <= wire.MAX_FRAME
+    assert header.type in frames.TYPE_NAMES and header.length <= frames.MAX_FRAME
 
 
 @settings(deadline=None, max_examples=300)
-@given(body=st.binary(max_size=300), flags=st.sampled_from([0, wire.F_ZSTD]))
+@given(body=st.binary(max_size=300), flags=st.sampled_from([0, frames.F_ZSTD]))
 def test_random_bytes_into_decode_body(body: bytes, flags: int) -> None:
-    header = Header(wire.T_BATCH, flags, len(body), xxhash.xxh3_64_intdigest(body))
+    header = Header(frames.T_BATCH, flags, len(body), xxhash.xxh3_64_intdigest(body))
     decodes_or_protocol_error(header, body)
 
 
@@ -466,18 +466,18 @@ def test_random_bytes_into_decode_body(body: bytes, flags: int) -> None:
 @given(obj=msgpack_maps, compress=st.booleans(), data=st.data())
 def test_mutated_frames_decode_or_raise_protocol_error(obj: dict, compress: bool,
                                                        data: st.DataObject) -> None:
-    frame = bytearray(Codec().encode(wire.T_OPEN, dict(obj, pad=b"q" * 600),
+    frame = bytearray(Codec().encode(frames.T_OPEN, dict(obj, pad=b"q" * 600),
                                      compress=compress))
     for _ in range(data.draw(st.integers(1, 3))):
         i = data.draw(st.integers(0, len(frame) - 1))
         frame[i] = data.draw(st.integers(0, 255))
     if data.draw(st.booleans()):
-        frame = frame[:data.draw(st.integers(wire.HEADER.size, len(frame)))]
+        frame = frame[:data.draw(st.integers(frames.HEADER.size, len(frame)))]
     try:
-        header = Codec.decode_header(bytes(frame[:wire.HEADER.size]))
+        header = Codec.decode_header(bytes(frame[:frames.HEADER.size]))
     except ProtocolError:
         return
-    body = bytes(frame[wire.HEADER.size:])
+    body = bytes(frame[frames.HEADER.size:])
     decodes_or_protocol_error(header, body)
     # With the checksum fixed up, the body reaches the decompressor and msgpack.
     fixed = Header(header.type, header.flags, len(body), xxhash.xxh3_64_intdigest(body))
@@ -505,15 +505,15 @@ def batch_records(draw) -> List[Tuple[int, Record]]:
 @settings(deadline=None, max_examples=200)
 @given(records=batch_records())
 def test_random_batches_round_trip(records: List[Tuple[int, Record]]) -> None:
-    body = wire.encode_batch("g", records, 1, 2)
-    assert wire.decode_batch(body) == [jrec(d, r) for d, r in records]
+    body = batch.encode_batch("g", records, 1, 2)
+    assert batch.decode_batch(body) == [jrec(d, r) for d, r in records]
 
 
 @settings(deadline=None, max_examples=300)
 @given(records=batch_records(), data=st.data())
 def test_mutated_batches_decode_or_raise_protocol_error(
         records: List[Tuple[int, Record]], data: st.DataObject) -> None:
-    body = wire.encode_batch("g", records, 1, 2)
+    body = batch.encode_batch("g", records, 1, 2)
     recs, payload = bytearray(body["recs"]), bytearray(body["data"])
     for buf in (recs, payload):
         if buf and data.draw(st.booleans()):
@@ -521,10 +521,10 @@ def test_mutated_batches_decode_or_raise_protocol_error(
     recs = recs[:data.draw(st.integers(0, len(recs)))] + data.draw(st.binary(max_size=3))
     payload = payload[:data.draw(st.integers(0, len(payload)))]
     try:
-        out = wire.decode_batch(batch_body(bytes(recs), bytes(payload)))
+        out = batch.decode_batch(batch_body(bytes(recs), bytes(payload)))
     except ProtocolError:
         return
-    assert all(r.kind in KIND_NAMES or r.kind == wire.KIND_SEEDED for r in out)
-    assert all(r.length <= wire.MAX_RECORD for r in out if r.kind == KIND_WRITE)
-    assert sum(r.length if r.kind == KIND_WRITE else wire.SEEDED_DATA
+    assert all(r.kind in KIND_NAMES or r.kind == frames.KIND_SEEDED for r in out)
+    assert all(r.length <= frames.MAX_RECORD for r in out if r.kind == KIND_WRITE)
+    assert sum(r.length if r.kind == KIND_WRITE else batch.SEEDED_DATA
                for r in out if r.data is not None) == len(payload)

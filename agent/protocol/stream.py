@@ -7,7 +7,7 @@ from typing import Any, Awaitable, Callable, List, Optional, Tuple
 
 import trio
 
-from . import wire
+from . import frames as wire
 
 
 class FrameStream:
