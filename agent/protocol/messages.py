@@ -1,0 +1,342 @@
+"""Every message of the site-to-site protocol, parsed and checked once.
+
+A message is a frozen dataclass with ``TYPE`` (its frame type), ``body()`` (the msgpack map
+it is sent as) and ``parse(body, ctx)`` (the map as received, every field checked against
+the limits and against what the session already knows: the group, its number of disks).
+A body that does not hold together raises ``frames.ProtocolError`` (a RemoteProtocolError)
+and nothing of it is used. The fields are documented in docs/wire.md.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
+
+from formats.records import JRecord, Point
+
+from ..checkpoints import Checkpoint, parse_wire
+from . import batch, frames
+from .frames import ProtocolError
+
+PROTOCOL = 1
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+MAX_PATH = 4096
+MAX_SIZE = 1 << 56            # a disk's size in bytes
+MAX_HISTORY = 1 << 40         # seconds
+MAX_JOURNAL = 1 << 62         # bytes
+MAX_CHECKPOINTS = frames.MAX_DISKS * 16   # in one BATCH
+MAX_SEED_CHUNK = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a session knows when a body arrives: the group's name and disk count."""
+    group: Optional[str] = None
+    ndisks: int = 0
+
+
+def _name(obj: dict, key: str) -> str:
+    value = frames.name_field(obj, key)
+    if not NAME_RE.fullmatch(value):
+        raise ProtocolError("bad %s name %r" % (key, value))
+    return value
+
+
+def _int(obj: dict, key: str, low: int, high: int) -> int:
+    value = frames.field(obj, key, int)
+    if not low <= value < high:
+        raise ProtocolError("field %r out of range: %d" % (key, value))
+    return value
+
+
+def _points(obj: dict, key: str, ndisks: int) -> List[Point]:
+    raw = frames.field(obj, key, list)
+    if len(raw) != ndisks:
+        raise ProtocolError("%s list of %d disks for a group of %d" % (key, len(raw), ndisks))
+    out = []
+    for d in raw:
+        if not (isinstance(d, list) and len(d) == 2 and all(
+                isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 64
+                for x in d)):
+            raise ProtocolError("bad %s entry %r" % (key, d))
+        out.append((d[0], d[1]))
+    return out
+
+
+def _group(obj: dict, ctx: Context) -> str:
+    name = frames.field(obj, "group", str)
+    if ctx.group is not None and name != ctx.group:
+        raise ProtocolError("a frame for group %r on a session of group %r"
+                            % (name[:frames.MAX_NAME], ctx.group))
+    return name
+
+
+class Message:
+    TYPE: ClassVar[int]
+
+    def body(self) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def parse(cls, body: dict, ctx: Context) -> Message:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    TYPE: ClassVar[int] = frames.T_HELLO
+    site: str
+    protocol: int = PROTOCOL
+
+    def body(self) -> Dict[str, Any]:
+        return {"protocol": self.protocol, "site": self.site}
+
+    @classmethod
+    def parse(cls, body: dict, ctx: Context) -> Hello:
+        protocol = frames.field(body, "protocol", int)
+        if protocol != PROTOCOL:
+            raise ProtocolError("protocol %r, this agent speaks %d" % (protocol, PROTOCOL))
+        site = body.get("site", "")
+        return cls(site if isinstance(site, str) else "", protocol)
+
+
+@dataclass(frozen=True)
+class Welcome(Message):
+    TYPE: ClassVar[int] = frames.T_WELCOME
+    site: str
+    protocol: int = PROTOCOL
+
+    def body(self) -> Dict[str, Any]:
+        return {"protocol": self.protocol, "site": self.site}
+
+    @classmethod
+    def parse(cls, body: dict, ctx: Context) -> Welcome:
+        site, protocol = body.get("site", ""), body.get("protocol", PROTOCOL)
+        return cls(site if isinstance(site, str) else "",
+                   protocol if isinstance(protocol, int) else PROTOCOL)
+
+
+@dataclass(frozen=True)
+class Open(Message):
+    """A group and its disks (name, size) in group order; a disk's place is its index."""
+    TYPE: ClassVar[int] = frames.T_OPEN
+    group: str
+    protection: str
+    disks: Tuple[Tuple[str, int], ...]
+    probe: bool = False
+    limits: Optional[Tuple[int, int]] = None       # (history_s, journal_max)
+    seeds: Optional[Dict[str, str]] = None         # disk -> a seed file on site B
+
+    def body(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"group": self.group, "protection": self.protection,
+                               "probe": self.probe,
+                               "disks": [{"name": n, "size": s} for n, s in self.disks]}
+        if self.limits is not None:
+            out["history_s"], out["journal_max"] = self.limits
+        if self.seeds is not None:
+            out["seeds"] = dict(self.seeds)
+        return out
+
+    @classmethod
+    def parse(cls, body: dict, ctx: Context) -> Open:
+        group = _name(body, "group")
+        protection = frames.field(body, "protection", str)
+        raw = frames.field(body, "disks", list)
+        if not 1 <= len(raw) <= frames.MAX_DISKS:
+            raise ProtocolError("a group has 1 to %d disks, not %d"
+                                % (frames.MAX_DISKS, len(raw)))
+        disks = []
+        for d in raw:
+            if not isinstance(d, dict):
+                raise ProtocolError("disk entry is not a map")
+            name = _name(d, "name")
+            size = frames.field(d, "size", int)
+            if not 0 < size < MAX_SIZE:
+                raise ProtocolError("disk %s has a bad size %d" % (name, size))
+            disks.append((name, size))
+        if len({n for n, _ in disks}) != len(disks):
+            raise ProtocolError("a disk name is given twice")
+        limits = None
+        if "history_s" in body or "journal_max" in body:
+            limits = (_int(body, "history_s", 1, MAX_HISTORY),
+                      _int(body, "journal_max", 1, MAX_JOURNAL))
+        seeds = None
+        if "seeds" in body:
+            raw_seeds = frames.field(body, "seeds", dict)
+            for dname, path in raw_seeds.items():
+                if not isinstance(path, str) or not 0 < len(path) <= MAX_PATH or "\0" in path:
+                    raise ProtocolError("bad seed path for disk %r" % (dname,))
+            seeds = dict(raw_seeds)
+        return cls(group, protection, tuple(disks), bool(body.get("probe")), limits, seeds)
+
+
+@dataclass(frozen=True)
+class Opened(Message):
+    """What site B holds of each disk (newest journaled point), and how many SEEDs follow."""
+    TYPE: ClassVar[int] = frames.T_OPENED
+    group: str
+    durable: Tuple[Point, ...]
+    seed_frames: int = 0
+
+    def body(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"group": self.group, "durable": [list(d) for d in self.durable]}
+        if self.seed_frames:
+            out["seed_frames"] = self.seed_frames
+        return out
+
+    @classmethod
+    def parse(cls, body: dict, ctx: Context) -> Opened:
+        n = body.get("seed_frames", 0)
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= 1 << 20:
+            raise ProtocolError("bad seed_frames %r" % (n,))
+        return cls(_group(body, ctx), tuple(_points(body, "durable", ctx.ndisks)), n)
+
+
+@dataclass(frozen=True)
+class Seed(Message):
+    """Digests of a pre-seeded disk's chunks and which of them records have touched."""
+    TYPE: ClassVar[int] = frames.T_SEED
+    group: str
+    disk: int
+    chunk: int
+    first: int
+    digests: bytes
+    touched: bytes
+
+    def body(self) -> Dict[str, Any]:
+        return {"group": self.group, "disk": self.disk, "chunk": self.chunk,
+                "first": self.first, "digests": self.digests, "touched": self.touched}
+
+    @classmethod
+    def parse(cls, body: dict, ctx: Context) -> Seed:
+        disk = frames.field(body, "disk", int)
+        chunk = frames.field(body, "chunk", int)
+        if not 0 <= disk < ctx.ndisks or not 0 < chunk <= MAX_SEED_CHUNK:
+            raise ProtocolError("SEED frame for disk %d, chunk %d" % (disk, chunk))
+        return cls(_group(body, ctx), disk, chunk, _int(body, "first", 0, 1 << 48),
+                   frames.field(body, "digests", bytes), frames.field(body, "touched", bytes))
+
+
+@dataclass(frozen=True)
+class Batch(Message):
+    """Change records (disk index, JRecord) and the checkpoints whose cut they complete.
+
+    As sent, ``records`` are (disk, localwire.Record) pairs; as received, JRecords.
+    """
+    TYPE: ClassVar[int] = frames.T_BATCH
+    group: str
+    records: List[Any]
+    wall_ns: int
+    mono_ns: int
+    checkpoints: List[Checkpoint] = field(default_factory=list)
+    wire_checkpoints: Optional[List[Dict[str, Any]]] = None
+
+    def body(self) -> Dict[str, Any]:
+        cps = self.wire_checkpoints if self.wire_checkpoints is not None else \
+            [c.to_wire() for c in self.checkpoints]
+        return batch.encode_batch(self.group, self.records, self.wall_ns, self.mono_ns, cps)
+
+    @classmethod
+    def parse(cls, body: dict, ctx: Context) -> Batch:
+        group = _group(body, ctx)
+        records: List[JRecord] = batch.decode_batch(body)
+        for r in records:
+            if r.disk >= ctx.ndisks:
+                raise ProtocolError("record for disk %d; group %s has %d disks"
+                                    % (r.disk, group, ctx.ndisks))
+        raw = body.get("checkpoints", [])
+        if not isinstance(raw, list) or len(raw) > MAX_CHECKPOINTS:
+            raise ProtocolError("bad checkpoints list")
+        cps = [parse_wire(c, ctx.ndisks) for c in raw]
+        wall_ns = frames.field(body, "wall_ns", int)
+        mono_ns = frames.field(body, "mono_ns", int)
+        for c in cps:  # the source's wall time of each cut, by this frame's clocks
+            c.wall_ns = wall_ns - (mono_ns - c.time_ns)
+        return cls(group, records, wall_ns, mono_ns, cps)
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(r.length for r in self.records if r.data is not None)
+
+
+@dataclass(frozen=True)
+class Ack(Message):
+    """Site B holds each disk durably up to ``durable``, and these checkpoints."""
+    TYPE: ClassVar[int] = frames.T_ACK
+    group: str
+    durable: Tuple[Point, ...]
+    checkpoints: Tuple[str, ...] = ()
+
+    def body(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"group": self.group, "durable": [list(d) for d in self.durable]}
+        if self.checkpoints:
+            out["checkpoints"] = list(self.checkpoints)
+        return out
+
+    @classmethod
+    def parse(cls, body: dict, ctx: Context) -> Ack:
+        ids = body.get("checkpoints", [])
+        if not isinstance(ids, list) or len(ids) > MAX_CHECKPOINTS * 64:
+            raise ProtocolError("bad checkpoints list in ACK")
+        return cls(_group(body, ctx), tuple(_points(body, "durable", ctx.ndisks)),
+                   tuple(i for i in ids if isinstance(i, str)))
+
+
+@dataclass(frozen=True)
+class Error(Message):
+    """The sender refuses and closes: ``code`` (frames.E_*) says why for programs."""
+    TYPE: ClassVar[int] = frames.T_ERROR
+    code: str
+    message: str
+
+    def body(self) -> Dict[str, Any]:
+        return {"code": self.code, "message": self.message}
+
+    @classmethod
+    def parse(cls, body: dict, ctx: Context) -> Error:
+        return cls(str(body.get("code", ""))[:64], str(body.get("message", ""))[:4096])
+
+
+@dataclass(frozen=True)
+class Pair(Message):
+    """Pair with this token (over TLS without a client certificate): agent/pairing.py."""
+    TYPE: ClassVar[int] = frames.T_PAIR
+    token: str
+    site: str
+    cert: str
+    mac: bytes
+
+    def body(self) -> Dict[str, Any]:
+        return {"token": self.token, "site": self.site, "cert": self.cert, "mac": self.mac}
+
+    @classmethod
+    def parse(cls, body: dict, ctx: Context) -> Pair:
+        return cls(frames.field(body, "token", str)[:64], frames.field(body, "site", str),
+                   frames.field(body, "cert", str), frames.field(body, "mac", bytes))
+
+
+@dataclass(frozen=True)
+class Paired(Message):
+    TYPE: ClassVar[int] = frames.T_PAIRED
+    site: str
+    mac: bytes
+
+    def body(self) -> Dict[str, Any]:
+        return {"site": self.site, "mac": self.mac}
+
+    @classmethod
+    def parse(cls, body: dict, ctx: Context) -> Paired:
+        return cls(frames.field(body, "site", str), frames.field(body, "mac", bytes))
+
+
+BY_TYPE: Dict[int, type] = {m.TYPE: m for m in (Hello, Welcome, Open, Opened, Seed, Batch, Ack,
+                                                Error, Pair, Paired)}
+assert set(BY_TYPE) == set(frames.TYPE_NAMES)
+
+
+def parse(ftype: int, body: dict, ctx: Context) -> Message:
+    """The message of a frame of type ``ftype`` (frames.decode_header checked the type)."""
+    cls: Any = BY_TYPE[ftype]
+    msg: Message = cls.parse(body, ctx)
+    return msg
