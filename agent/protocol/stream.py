@@ -1,13 +1,94 @@
-"""A connection between two agents as a stream of frames (trio; no protocol logic here)."""
+"""The trio side of a session: moves bytes between a socket and a ``session.Session``.
+
+No protocol logic here: what may be sent or received, and what a body means, is the
+session's (``session.py``, ``messages.py``). ``SessionStream`` reads exactly the bytes the
+session wants next (a frame's header, then its body), parses a large body in a worker
+thread so the event loop is not held by decompression, and sends what the session encodes.
+"""
 
 from __future__ import annotations
 
 import socket
-from typing import Any, Awaitable, Callable, List, Optional, Tuple
+from typing import Any, Awaitable, Callable, List, Optional, Tuple, TypeVar
 
 import trio
 
+from ..errors import LocalProtocolError
 from . import frames as wire
+from . import messages
+from .session import NEED_DATA, Session
+
+M = TypeVar("M", bound=messages.Message)
+PARSE_IN_THREAD = 1024 * 1024  # bodies at least this long are parsed off the event loop
+
+
+class SessionStream:
+    """A connection carrying one session (source or target end)."""
+
+    def __init__(self, stream: trio.abc.Stream, peer: str, session: Session) -> None:
+        self.stream = stream
+        self.peer = peer
+        self.session = session
+        self._send_lock = trio.Lock()
+
+    @property
+    def codec(self) -> wire.Codec:
+        return self.session.codec
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.session.bytes_sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self.session.bytes_received
+
+    async def receive(self) -> messages.Message:
+        """The next message, checked. EOFError when the peer closed; frames.RemoteError
+        for its ERROR; frames.ProtocolError for anything that does not hold together."""
+        session = self.session
+        while True:
+            if session.pending_length >= PARSE_IN_THREAD and session.wanted() == 0:
+                event = await trio.to_thread.run_sync(session.next_event)
+            else:
+                event = session.next_event()
+            if event is not NEED_DATA:
+                assert isinstance(event, messages.Message)
+                return event
+            data = await self.stream.receive_some(session.wanted())
+            session.receive_data(bytes(data) if isinstance(data, bytearray) else data)
+
+    async def expect(self, kind: type[M]) -> M:
+        """The next message, which must be a ``kind`` (else frames.ProtocolError)."""
+        msg = await self.receive()
+        if not isinstance(msg, kind):
+            raise wire.ProtocolError("expected %s, got %s" % (
+                wire.TYPE_NAMES[kind.TYPE], wire.TYPE_NAMES[msg.TYPE]))
+        return msg
+
+    async def send(self, msg: messages.Message, compress: bool = False) -> None:
+        async with self._send_lock:
+            await self.stream.send_all(self.session.send(msg, compress))
+
+    async def send_frame(self, msg_type: int, frame: bytes) -> None:
+        """Send a frame encoded elsewhere (a large BATCH encoded in a worker thread)."""
+        async with self._send_lock:
+            self.session.sent_frame(msg_type, frame)
+            await self.stream.send_all(frame)
+
+    async def send_error(self, code: str, message: str) -> None:
+        """Tell the peer why we hang up; a peer already gone, or a session already ended,
+        is no news."""
+        try:
+            with trio.move_on_after(2):
+                await self.send(messages.Error(code, message))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError,
+                LocalProtocolError):
+            pass
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self.stream.aclose()
 
 
 class FrameStream:
