@@ -283,3 +283,20 @@ def test_header_limits_are_enforced_before_the_body_is_read() -> None:
     with pytest.raises(RemoteProtocolError, match="over the limit"):
         session.next_event()
     assert struct.calcsize("<4sBBHIIQ") == frames.HEADER.size
+
+
+def test_a_strangers_first_frame_is_small() -> None:
+    """Before HELLO or PAIR, a frame over MAX_FIRST_FRAME is refused from its header alone,
+    so an unauthenticated peer never makes the target hold a large body."""
+    header = frames.HEADER.pack(frames.MAGIC, frames.WIRE_VERSION, frames.T_HELLO, 0,
+                                frames.MAX_FIRST_FRAME + 1, 0, 0)
+    session = TargetSession()
+    session.receive_data(header)
+    with pytest.raises(RemoteProtocolError, match="over the limit of %d" % frames.MAX_FIRST_FRAME):
+        session.next_event()
+    pair = ConnectionPair()
+    handshake(pair)  # after the handshake the usual limit holds
+    assert pair.target.max_frame() == frames.MAX_FRAME
+    big = messages.Batch("g1", [rec(1, b"y" * (frames.MAX_FIRST_FRAME * 2))], 1, 1)
+    (got,) = pair.source_sends(big)
+    assert len(got.records[0].data) == frames.MAX_FIRST_FRAME * 2

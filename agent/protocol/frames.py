@@ -34,6 +34,9 @@ HEADER = struct.Struct("<4sBBHIIQ")
 assert HEADER.size == 24
 
 MAX_FRAME = 48 * 1024 * 1024
+# A peer that has not said HELLO (or PAIR) yet, which may be a stranger: its first frame
+# can be no larger than the largest first frame (a PAIR carries a certificate, ~2 KiB).
+MAX_FIRST_FRAME = 64 * 1024
 MAX_BODY = 64 * 1024 * 1024
 MAX_RECORD = 32 * 1024 * 1024
 MAX_RECORDS = 65536
@@ -141,7 +144,9 @@ class Codec:
                            xxhash.xxh3_64_intdigest(body)) + body
 
     @staticmethod
-    def decode_header(buf: bytes) -> Header:
+    def decode_header(buf: bytes, limit: int = MAX_FRAME) -> Header:
+        """The header's fields, checked; ``limit`` caps the body (MAX_FRAME, or less where
+        the state allows only small frames)."""
         if len(buf) != HEADER.size:
             raise ProtocolError("frame header of %d bytes, expected %d" % (len(buf), HEADER.size))
         magic, version, ftype, flags, length, _reserved, checksum = HEADER.unpack(buf)
@@ -153,8 +158,8 @@ class Codec:
             raise ProtocolError("unknown frame type %d" % ftype)
         if flags & ~F_ZSTD:
             raise ProtocolError("unknown frame flags %#x" % flags)
-        if length > MAX_FRAME:
-            raise ProtocolError("frame of %d bytes is over the limit of %d" % (length, MAX_FRAME))
+        if length > limit:
+            raise ProtocolError("frame of %d bytes is over the limit of %d" % (length, limit))
         return Header(ftype, flags, length, checksum)
 
     def decode_body(self, header: Header, body: bytes) -> dict:

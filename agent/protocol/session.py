@@ -31,6 +31,9 @@ arrives (the connection is dropped, nothing of it used) and ``LocalProtocolError
 side tries to send it (a bug here). Received bodies are parsed once (``messages.py``),
 against what the session knows: after OPEN, its group and its number of disks.
 
+Until the peer's first frame has arrived, a frame may be at most ``MAX_FIRST_FRAME`` bytes
+(``max_frame``): a stranger's connection costs this site a small, fixed amount of memory.
+
 Frames are read in two pieces, header then body, so that a driver reads exactly what is
 missing (``wanted``) and a large body costs one join, as ``stream.read_exact`` did.
 """
@@ -132,6 +135,14 @@ class Session:
 
     # -- receiving -------------------------------------------------------------------------
 
+    def max_frame(self) -> int:
+        """The largest body the next frame may have: small until the peer has said who it
+        is (HELLO or PAIR, after TLS checked its certificate), so that a stranger cannot
+        make this site hold more than MAX_FIRST_FRAME bytes for it."""
+        if self.state in (S.AWAIT_HELLO, S.HELLO_SENT, S.PAIR_SENT):
+            return frames.MAX_FIRST_FRAME
+        return frames.MAX_FRAME
+
     def wanted(self) -> int:
         """Bytes still missing from the frame being read (its header, then its body)."""
         need = frames.HEADER.size if self._header is None else self._header.length
@@ -161,7 +172,7 @@ class Session:
         if self._header is None:
             if self._have < frames.HEADER.size:
                 return self._need()
-            self._header = self.codec.decode_header(self._take())
+            self._header = self.codec.decode_header(self._take(), self.max_frame())
             if self._header.length:
                 return self._need()
         elif self._have < self._header.length:
