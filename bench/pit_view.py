@@ -46,7 +46,7 @@ from agent.checkpoints import Checkpoint
 from agent.journal import JRecord
 from agent.replica import TargetGroup
 from agent.views import Views
-from formats import jindex
+from formats import jmap
 from formats.localwire import KIND_CONSISTENT, KIND_WRITE
 
 
@@ -108,7 +108,7 @@ def main() -> int:
 
         _c, specs = g.view_spec(cid, None)
         t0 = time.monotonic()
-        emap = jindex.build_map(specs[0])
+        emap = jmap.build_map(specs[0])
         map_s = time.monotonic() - t0
         g.unpin()
         print("extent map (in process): %.2f s, %d pieces in %d segments"

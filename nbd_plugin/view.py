@@ -26,14 +26,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import nbdkit  # provided by nbdkit's python plugin
 
-from formats import jindex
+from formats import jmap
 from nbd_plugin.threadstate import pin
 
 API_VERSION = 2
 
 _config = {"spec": ""}
 _spec: dict = {}
-_reader: jindex.Reader = None  # type: ignore[assignment]
+_reader: jmap.Reader = None  # type: ignore[assignment]
 
 
 def thread_model():
@@ -55,7 +55,7 @@ def get_ready():
     global _reader
     with builtins.open(_config["spec"]) as f:
         _spec.update(json.load(f))
-    _reader = jindex.open_reader(_spec)
+    _reader = jmap.open_reader(_spec)
     # The map's lists are read, never changed: keep the collector from walking them.
     gc.collect()
     gc.freeze()

@@ -20,6 +20,7 @@ from agent.journal import Journal, JournalCorrupt, JRecord
 from agent.protocol import frames
 from agent.replica import NoConsistentState, TargetGroup
 from formats import jindex
+from formats import jmap as journal_map
 from formats.localwire import (
     FLAG_INCONSISTENT,
     KIND_CONSISTENT,
@@ -154,7 +155,7 @@ def test_journal_map_matches_a_model(size: int, sizes: List[int], per_segment: i
         if disk == 0 and base < (gen, seq) <= upto:
             model[off:off + length] = blob
         pos += 48 + (length if kind == KIND_WRITE else 0)
-    jmap = jindex.JournalMap(0, base, upto)
+    jmap = journal_map.JournalMap(0, base, upto)
     for segno, ix, covers in _segment_indexes(records, per_segment):
         jmap.add_segment(segno, ix, covers)
     starts = {k: sorted(p for s, p in data if s == k) for k in {s for s, _p in data}}
@@ -177,7 +178,7 @@ def test_journal_map_matches_a_model(size: int, sizes: List[int], per_segment: i
         for s, e, src in pieces:
             if src is None:
                 out += replica[s:e]
-            elif src == jindex.ZERO:
+            elif src == journal_map.ZERO:
                 out += bytes(e - s)
             else:
                 out += source_bytes(src, e - s)
@@ -187,7 +188,7 @@ def test_journal_map_matches_a_model(size: int, sizes: List[int], per_segment: i
 def test_a_segment_outside_the_window_is_left_out() -> None:
     records = [(0, KIND_WRITE, 1, i, i * 4096, 4096, i * 5000) for i in range(1, 11)]
     segs = _segment_indexes(records, 5)
-    jmap = jindex.JournalMap(0, (1, 5), (1, 10))  # the first segment's records are applied
+    jmap = journal_map.JournalMap(0, (1, 5), (1, 10))  # the first segment's records are applied
     for segno, ix, covers in segs:
         jmap.add_segment(segno, ix, covers)
     assert jmap.segments == 1 and jmap.pieces() == 5
@@ -455,7 +456,7 @@ def test_a_view_pins_the_group(tmp_path: Path) -> None:
     before = g.journal.segments()
     fill(g, model, 40, seed=5)
     assert set(before) <= set(g.journal.segments())  # nothing promoted while pinned
-    reader = jindex.open_reader(specs[1])
+    reader = journal_map.open_reader(specs[1])
     assert c is not None and reader.pread(SIZE, 0) == model.at[c.id][1]
     reader.close()
     g.unpin()

@@ -1,0 +1,269 @@
+"""The point-in-time map: a disk as it was at a point, from its replica and journal segments.
+
+Standard library only, Python 3.9: the view plugin (``nbd_plugin/view.py``, inside nbdkit's
+embedded Python) serves views with it, and the agent's tests and benchmarks use it. It reads
+the segment indexes of ``jindex.py`` and builds nothing per record (see ``JournalMap``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+import os
+from typing import Dict, List, Optional, Tuple
+
+from .jindex import (
+    BLOCK_SHIFT,
+    DISK_SHIFT,
+    ENTRY,
+    RECORD,
+    Point,
+    SegmentIndex,
+    idx_path,
+    index_entries,
+    load_index,
+    scan_headers,
+)
+from .records import KIND_WRITE
+
+# A piece's source: (segment number, byte position of its data in the segment), or ZERO.
+Source = Tuple[int, int]
+ZERO: Source = (-1, 0)
+
+
+class JournalMap:
+    """Newest-wins view of one disk's records between two points, over segment indexes.
+
+    Nothing is decoded per record when the map is built: each segment's pieces are sorted
+    by block already, so ``seal`` only merges the disk's keys of every segment into one
+    sorted list of ints (``block << 56 | rank << 32 | ~entry``, the newest segment having
+    rank 0): about 0.2 us a piece, in C mostly. A read then bisects that list once, takes
+    the records over its blocks newest first, and stops as soon as every byte asked for is
+    covered; what no record covers comes from the replica. Records count when they are of
+    ``disk``, their ``(gen, seq)`` is in ``(base, upto]``, and they lie at or after
+    ``start`` (the replica's journal position) and before each segment's ``end``.
+    """
+
+    def __init__(self, disk: int, base: Point, upto: Point, start: Tuple[int, int] = (0, 0)
+                 ) -> None:
+        self.disk = disk
+        self.base = base
+        self.upto = upto
+        self.start = start
+        # Oldest first until sealed: (segment number, index, first position, end position).
+        self._added: List[Tuple[int, SegmentIndex, int, int]] = []
+        # Sealed, newest first: (segment number, its entries, first position, end position).
+        self._parts: List[Tuple[int, bytes, int, int]] = []
+        self._merged: Optional[List[int]] = None
+
+    def add_segment(self, segno: int, ix: SegmentIndex, end: int) -> None:
+        """Add the next segment (oldest first), of which the map sees ``end`` bytes."""
+        assert self._merged is None, "the map is sealed"
+        span = ix.spans.get(self.disk)
+        if span is None or span[1] <= self.base or span[0] > self.upto:
+            return  # no record of the disk in the window
+        if segno < self.start[0]:
+            return
+        floor = self.start[1] if segno == self.start[0] else 0
+        self._added.append((segno, ix, floor, end))
+
+    def seal(self) -> None:
+        """Merge the segments' keys (done by the first lookup if not called before)."""
+        if self._merged is not None:
+            return
+        if len(self._added) >= 1 << 24:
+            raise ValueError("a view of more than 16,777,216 segments")
+        lo_key, hi_key = self.disk << DISK_SHIFT, (self.disk + 1) << DISK_SHIFT
+        merged: List[int] = []
+        parts = []
+        for rank, (segno, ix, floor, end) in enumerate(reversed(self._added)):
+            lo = bisect.bisect_left(ix.keys, lo_key)
+            hi = bisect.bisect_left(ix.keys, hi_key, lo)
+            tag = rank << 32 | _ENTRY_MASK
+            merged += [(k - lo_key) << 56 | (tag - ref)
+                       for k, ref in zip(ix.keys[lo:hi], ix.refs[lo:hi])]
+            parts.append((segno, ix.entries, floor, end))
+        merged.sort()
+        self._parts = parts
+        self._added = []
+        self._merged = merged
+
+    def pieces(self) -> int:
+        self.seal()
+        assert self._merged is not None
+        return len(self._merged)
+
+    @property
+    def segments(self) -> int:
+        return len(self._parts) if self._merged is not None else len(self._added)
+
+    def lookup(self, offset: int, length: int) -> List[Tuple[int, int, Optional[Source]]]:
+        """Cover [offset, offset+length) with (start, end, source) in order; a source of
+        None means the replica."""
+        merged = self._merged
+        if merged is None:
+            self.seal()
+            merged = self._merged
+            assert merged is not None
+        end = offset + length
+        # What no record covers yet: disjoint, in order.
+        starts, ends = [offset], [end]
+        out: List[Tuple[int, int, Optional[Source]]] = []
+        lo = bisect.bisect_left(merged, (offset >> BLOCK_SHIFT) << 56)
+        hi = bisect.bisect_left(merged, (((end - 1) >> BLOCK_SHIFT) + 1) << 56, lo)
+        if hi - lo == 1:
+            cands = [merged[lo] & _TAG_MASK]
+        else:
+            # Newest first (rank, then entry, both inverted in the tag), each record once
+            # (a record over several blocks has a key in each).
+            cands = sorted({c & _TAG_MASK for c in merged[lo:hi]})
+        parts = self._parts
+        base, upto = self.base, self.upto
+        unpack = ENTRY.unpack_from
+        for tag in cands:
+            segno, entries, floor, limit = parts[tag >> 32]
+            ref = _ENTRY_MASK - (tag & _ENTRY_MASK)
+            _d, kind, _f, gen, n, seq, roff, _t, rpos = unpack(entries, ref * ENTRY.size)
+            rend = roff + n
+            i = bisect.bisect_right(ends, roff)
+            if i == len(starts) or starts[i] >= rend:
+                continue  # covers nothing left
+            if rpos < floor or rpos >= limit or not base < (gen, seq) <= upto:
+                continue
+            j = i
+            new_starts: List[int] = []
+            new_ends: List[int] = []
+            while j < len(starts) and starts[j] < rend:
+                a, b = starts[j], ends[j]
+                if a < roff:
+                    new_starts.append(a)
+                    new_ends.append(roff)
+                    a = roff
+                e = b if b < rend else rend
+                out.append((a, e, (segno, rpos + RECORD.size + a - roff)
+                            if kind == KIND_WRITE else ZERO))
+                if rend < b:
+                    new_starts.append(rend)
+                    new_ends.append(b)
+                j += 1
+            starts[i:j] = new_starts
+            ends[i:j] = new_ends
+            if not starts:
+                break
+        out.extend(zip(starts, ends, [None] * len(starts)))
+        out.sort(key=_start_of)
+        merged_out: List[Tuple[int, int, Optional[Source]]] = []
+        for piece in out:
+            if merged_out and _continues(merged_out[-1], piece[0], piece[2]):
+                merged_out[-1] = (merged_out[-1][0], piece[1], merged_out[-1][2])
+            else:
+                merged_out.append(piece)
+        return merged_out
+
+
+_ENTRY_MASK = 0xFFFFFFFF
+_TAG_MASK = (1 << 56) - 1
+
+
+def _start_of(piece: Tuple[int, int, Optional[Source]]) -> int:
+    return piece[0]
+
+
+def _continues(prev: Tuple[int, int, Optional[Source]], at: int,
+               src: Optional[Source]) -> bool:
+    if prev[1] != at:
+        return False
+    psrc = prev[2]
+    if psrc is None or src is None:
+        return psrc is None and src is None
+    if psrc is ZERO or src is ZERO:
+        return psrc is ZERO and src is ZERO
+    return psrc[0] == src[0] and psrc[1] + (at - prev[0]) == src[1]
+
+
+class Reader:
+    """Reads a disk through a ``JournalMap``: replica file plus journal segments.
+
+    Each segment is mapped read-only (``mmap``, the ``end`` bytes the view sees), so the
+    pieces of a read are copied from the page cache without a system call each; the
+    replica is read with ``preadv``. A mapped segment must not shrink under the view:
+    the agent pins the group (no promotion, no deletion) and only ever cuts an open
+    segment back to a size at or past the one the view saw."""
+
+    def __init__(self, replica: str, segments: List[Tuple[int, str, int]], jmap: JournalMap
+                 ) -> None:
+        self._replica = os.open(replica, os.O_RDONLY | os.O_CLOEXEC)
+        self._maps: Dict[int, mmap.mmap] = {}
+        self._views: Dict[int, memoryview] = {}
+        try:
+            for segno, path, end in segments:
+                if end <= 0:
+                    continue
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    self._maps[segno] = mmap.mmap(fd, end, prot=mmap.PROT_READ)
+                finally:
+                    os.close(fd)
+                self._views[segno] = memoryview(self._maps[segno])
+        except BaseException:
+            self.close()
+            raise
+        self.map = jmap
+
+    def pread(self, length: int, offset: int) -> bytes:
+        buf = bytearray(length)
+        self.readinto(buf, offset)
+        return bytes(buf)
+
+    def readinto(self, buf: bytearray | memoryview, offset: int) -> None:
+        """Fill ``buf`` with the disk's bytes at ``offset``."""
+        view = memoryview(buf)
+        for s, e, src in self.map.lookup(offset, len(view)):
+            part = view[s - offset:e - offset]
+            if src is ZERO:
+                part[:] = bytes(e - s)
+            elif src is not None:
+                part[:] = self._views[src[0]][src[1]:src[1] + e - s]
+            else:
+                at = s
+                while part:
+                    got = os.preadv(self._replica, [part], at)
+                    if got == 0:  # a replica shorter than the disk reads zeroes
+                        part[:] = bytes(len(part))
+                        break
+                    part, at = part[got:], at + got
+
+    def close(self) -> None:
+        if self._replica >= 0:
+            os.close(self._replica)
+            self._replica = -1
+        for v in self._views.values():
+            v.release()
+        for m in self._maps.values():
+            m.close()
+        self._views = {}
+        self._maps = {}
+
+
+def build_map(spec: Dict) -> JournalMap:
+    """The map of one disk of a view (the spec ``TargetGroup.view_spec`` makes): the disk's
+    records after the replica's point ``base`` up to ``upto``. Each segment's index is one
+    file read: its index file, else the snapshot the agent wrote for the view (``indexes``:
+    the open segment), else (neither holds) its record headers, scanned and sorted here."""
+    jmap = JournalMap(spec["disk"], tuple(spec["base"]), tuple(spec["upto"]),
+                      tuple(spec["start"]))
+    extra = spec.get("indexes", {})
+    for segno, path, end in spec["segments"]:
+        ix = load_index(idx_path(path), end)
+        if ix is None and str(segno) in extra:
+            ix = load_index(extra[str(segno)], end)
+        if ix is None:
+            ix = index_entries(scan_headers(path, end))
+        jmap.add_segment(segno, ix, end)
+    jmap.seal()
+    return jmap
+
+
+def open_reader(spec: Dict) -> Reader:
+    return Reader(spec["replica"], [(n, p, end) for n, p, end in spec["segments"]],
+                  build_map(spec))
