@@ -21,7 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from .guest import Disk, Guest, build_initramfs, ensure_kernel
+from .guest import Disk, Guest
+from .initramfs import build_initramfs
+from .kernel import ensure_kernel
 from .sites import REPO, Site
 
 MiB = 1024 * 1024

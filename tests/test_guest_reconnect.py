@@ -9,7 +9,9 @@ import time
 import pytest
 from conftest import LAB_CACHE, Lab, first_difference, same_bytes
 
-from lab.guest import Disk, Guest, build_initramfs, ensure_kernel
+from lab.guest import Disk, Guest
+from lab.initramfs import build_initramfs
+from lab.kernel import ensure_kernel
 
 MiB = 1024 * 1024
 

@@ -18,9 +18,9 @@ from lab.guest import (
     Guest,
     GuestError,
     GuestTimeout,
-    build_initramfs,
-    ensure_kernel,
 )
+from lab.initramfs import build_initramfs
+from lab.kernel import ensure_kernel
 
 pytestmark = pytest.mark.guest
 

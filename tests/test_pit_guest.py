@@ -14,7 +14,9 @@ import pytest
 from conftest import LAB_CACHE, Lab
 from test_pit import wait_replicating
 
-from lab.guest import Disk, Guest, build_initramfs, ensure_kernel
+from lab.guest import Disk, Guest
+from lab.initramfs import build_initramfs
+from lab.kernel import ensure_kernel
 
 MiB = 1024 * 1024
 
