@@ -24,6 +24,10 @@ longer than an overlapping write or resync read takes.
 The link thread drains the queue with ``take``, and ``ack`` frees it. After a reconnect,
 ``rewind`` makes every unacked record unsent again so it is sent once more; the target
 drops the duplicates by sequence number.
+
+One class in one module on purpose (about 470 lines): the queue, the range lock, the dirty
+map's hand-off and the resync all change under one lock, and the order of their steps is
+the crash-consistency argument above; split, that argument would span files.
 """
 
 from __future__ import annotations
