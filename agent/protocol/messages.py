@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
-from formats.records import JRecord, Point
+from formats.records import KIND_WRITE, JRecord, Point
 
 from ..checkpoints import Checkpoint, parse_wire
 from . import batch, frames
@@ -257,7 +257,8 @@ class Batch(Message):
 
     @property
     def data_bytes(self) -> int:
-        return sum(r.length for r in self.records if r.data is not None)
+        """Bytes of write data the batch carries (SEEDED digests not counted)."""
+        return sum(r.length for r in self.records if r.kind == KIND_WRITE)
 
 
 @dataclass(frozen=True)
