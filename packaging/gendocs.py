@@ -100,12 +100,23 @@ def man_page(group: click.Group, version: str, date: str) -> str:
     return "\n".join(lines) + SECTIONS_AFTER
 
 
+def find_group(module: object) -> click.Group:
+    """The module's top-level click group (``agent.cli.cli`` today), whatever its name."""
+    groups = [v for v in vars(module).values() if isinstance(v, click.Group)]
+    top = [g for g in groups if not any(g in other.commands.values() for other in groups)]
+    if len(top) != 1:
+        raise SystemExit("gendocs.py: expected one top-level click group in %s, found %d"
+                         % (getattr(module, "__name__", module), len(top)))
+    return top[0]
+
+
 def bash_completion() -> str:
     """click's own bash completion script for ``ferry`` (it asks ``ferry`` for the words)."""
     code = "import sys; from agent.cli import main; sys.exit(main())"
     env = dict(os.environ, _FERRY_COMPLETE="bash_source")
+    # From /: the ferry on PYTHONPATH (the built tree), not a source tree in the cwd.
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True, check=False)
+                          text=True, check=False, cwd="/")
     if proc.returncode != 0 or "_ferry_completion" not in proc.stdout:
         raise SystemExit("gendocs.py: no bash completion from ferry:\n" + proc.stderr)
     return proc.stdout
@@ -123,7 +134,7 @@ def main(argv: List[str]) -> int:
         epoch = int(os.environ.get("SOURCE_DATE_EPOCH", "0")) or None
         day = (datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc) if epoch
                else datetime.datetime.now(datetime.timezone.utc))
-        text = man_page(agent.cli.cli, version("ferry"), day.strftime("%Y-%m-%d"))
+        text = man_page(find_group(agent.cli), version("ferry"), day.strftime("%Y-%m-%d"))
     else:
         text = bash_completion()
     with open(argv[2], "w", encoding="utf-8") as f:
