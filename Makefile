@@ -67,7 +67,8 @@ lint: deps lint-packaging
 	$(VENV)/bin/ruff check agent nbd_plugin tests bench
 	$(VENV)/bin/mypy
 
-lint-packaging: apt
+lint-packaging: apt venv
+	$(VENV)/bin/ruff check packaging
 	shellcheck packaging/build.sh packaging/ferry-agent debian/ferry.prerm debian/ferry.postrm \
 		vagrant/provision.sh vagrant/scenario.sh .ci/run
 
