@@ -8,13 +8,14 @@ the tar branch of its source copy).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import pytest
 
@@ -48,6 +49,14 @@ def source(tmp_path) -> Path:
             (dest / os.fsdecode(name)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / os.fsdecode(name), follow_symlinks=False)
     return dest
+
+
+def load(path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def build(source: Path, what: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
@@ -168,11 +177,42 @@ def test_gendocs_man_page(tmp_path):
     assert page.startswith('.TH FERRY 1 "')
     import agent.cli
 
-    for name in agent.cli.cli.commands:
+    gendocs = load(ROOT / "packaging/gendocs.py")
+    for name in gendocs.find_group(agent.cli).commands:
         assert (".SS ferry %s" % name).replace("-", "\\-") in page, name
     if shutil.which("man"):
         check = run(["man", "--warnings", "-l", str(tmp_path / "ferry.1")])
         assert check.returncode == 0 and not check.stderr.strip(), check.stderr
+
+
+CHECK_IMPORTS = ROOT / "packaging/check_imports.py"
+
+
+def test_check_imports_usage():
+    proc = run([sys.executable, str(CHECK_IMPORTS)])
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: check_imports.py")
+
+
+def test_check_imports_wants_agent_and_plugin(tmp_path):
+    proc = run([sys.executable, str(CHECK_IMPORTS), str(tmp_path)])
+    assert proc.returncode == 1 and "no agent and nbd_plugin in" in proc.stderr
+
+
+def test_check_imports_refuses_a_splitter_beyond_the_stdlib(tmp_path):
+    """nbd_plugin (and formats) must import in nbdkit's Python with the standard library
+    alone: a module that needs an installed package fails the build."""
+    for name in ("agent", "nbd_plugin", "formats"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("")
+    (tmp_path / "formats/frame.py").write_text("import click\n")  # fine for the agent
+    (tmp_path / "nbd_plugin/splitter.py").write_text("import nbdkit\n")  # left out
+    proc = run([sys.executable, str(CHECK_IMPORTS), str(tmp_path)])
+    assert proc.returncode == 1
+    assert "the splitter's modules need more than the standard library" in proc.stderr
+    (tmp_path / "formats/frame.py").write_text("import struct\n")
+    proc = run([sys.executable, str(CHECK_IMPORTS), str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr
+    assert "4 modules import" in proc.stdout  # agent, formats, formats.frame, nbd_plugin
 
 
 COMPAT = ROOT / "packaging/rpm/pyproject.py"
