@@ -142,7 +142,7 @@ def test_deb_contents(packages):
               "/etc/ferry/conf.d", "/usr/share/man/man1/ferry.1.gz",
               "/usr/share/bash-completion/completions/ferry", "/usr/share/doc/ferry/copyright",
               "/usr/share/doc/ferry/changelog.Debian.gz",
-              "/usr/share/doc/ferry/README.packaging.md.gz",
+              "/usr/share/doc/ferry/README.packaging.md",
               "/%s/nbd_plugin/splitter.py" % DEB_SITE, "/%s/agent/cli.py" % DEB_SITE]
     wanted += ["/%s/%s/__init__.py" % (DEB_SITE, name) for name in shipped_packages()]
     for path in wanted:
