@@ -72,10 +72,12 @@ def test_every_dependency_has_its_debian_and_fedora_names():
     control = (ROOT / "debian/control").read_text()
     requires = (ROOT / "packaging/rpm/requires.txt").read_text()
     for name in dependencies():
-        assert re.search(r"^%s python3-%s; PEP386$" % (name, name), overrides, re.M), name
-        assert re.search(r"^\s+python3-%s,$" % name, control, re.M), name
-        assert re.search(r"^python3dist\(%s\)\s+python3-%s\s" % (name, name), requires,
-                         re.M), name
+        line = re.search(r"^%s (python3-\S+); PEP386$" % re.escape(name), overrides, re.M)
+        assert line, "no line for %s in debian/py3dist-overrides" % name
+        assert re.search(r"^\s+%s,$" % re.escape(line.group(1)), control, re.M), \
+            "%s is not in debian/control's Build-Depends" % line.group(1)
+        assert re.search(r"^python3dist\(%s\)\s+python3-\S+\s" % re.escape(name.lower()),
+                         requires, re.M), "no line for %s in packaging/rpm/requires.txt" % name
 
 
 def test_versions_agree():
