@@ -184,6 +184,7 @@ def host(tmp_path) -> Iterator[Host]:
         pytest.skip("ferry is installed on this host (%s): not touching it" % dpkg_status())
     if DATA.exists():
         pytest.skip("%s exists on this host: not touching it" % DATA)
+    had_group = run(["getent", "group", "ferry"], check=False).returncode == 0
     made = Host(Path(tempfile.mkdtemp(prefix="fypkg", dir="/tmp")))  # short: socket paths
     try:
         yield made
@@ -197,6 +198,8 @@ def host(tmp_path) -> Iterator[Host]:
             apt_get("purge", "ferry")
         shutil.rmtree(DATA, ignore_errors=True)
         shutil.rmtree(made.site_b, ignore_errors=True)
+        if not had_group:  # a package leaves its sysusers group; the test does not
+            run(["groupdel", "ferry"], check=False)
         for agent in made.agents:
             if agent.log.exists():
                 print("---- agent %s log (tail) ----" % agent.name)
