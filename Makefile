@@ -9,8 +9,8 @@ APT_PACKAGES := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd qemu-utils
 # linters, and the python3-* packages the build imports (man page, completion, checks).
 PACKAGE_APT_PACKAGES := dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all \
 	python3-setuptools python3-build python3-installer python3-click python3-cryptography \
-	python3-hypercorn python3-msgpack python3-trio python3-xxhash python3-zstandard \
-	rpm rpmlint lintian systemd man-db
+	python3-hypercorn python3-msgpack python3-prometheus-client python3-trio python3-xxhash \
+	python3-zstandard rpm rpmlint lintian systemd man-db
 # The test suite on Debian's python3-* packages alone (make test-distro). pytest-trio is
 # not packaged by Debian 12: that one test plugin comes from PyPI, into .cache/distro-py.
 DISTRO_TEST_APT_PACKAGES := python3-pytest python3-pytest-timeout python3-hypothesis \

@@ -144,10 +144,20 @@ def nbd_write_read(uri: str, data: bytes, offset: int, work: Path) -> None:
     run(["/usr/bin/python3", "-c", code, uri, str(chunk), str(offset)], timeout=60)
 
 
-def ferry(api: int, *args: str) -> str:
+def ferry(api: str, *args: str) -> str:
     """The installed ferry command, as an administrator runs it."""
-    return run(["/usr/bin/ferry", "--api", "http://127.0.0.1:%d" % api, *args],
-               timeout=300).stdout
+    return run(["/usr/bin/ferry", "--api", api, *args], timeout=300).stdout
+
+
+def api_endpoints(work: Path, name: str) -> Tuple[str, str]:
+    """(the agent's --api, the ferry command's --api) for a test agent of its own: a Unix
+    socket where the installed agent serves its API on one (unix:PATH), else a loopback
+    port (the HTTP API of releases before it)."""
+    if "unix:PATH" in run(["/usr/bin/ferry", "agent", "--help"]).stdout:
+        path = "unix:%s" % (work / ("%s.sock" % name))
+        return path, path
+    port = free_port()
+    return "127.0.0.1:%d" % port, "http://127.0.0.1:%d" % port
 
 
 @pytest.fixture(scope="module")
@@ -221,14 +231,17 @@ def test_install_run_protect_restore_upgrade_remove(debs, host, tmp_path):
     installed_at = time.monotonic() - t0
 
     # --- site A: the unit's ExecStart with /etc/ferry; site B: the same, its own config ----
-    a_listen, a_api, b_listen, b_api = (free_port() for _ in range(4))
-    DROP_IN.write_text("FERRY_LISTEN=127.0.0.1:%d\nFERRY_API=127.0.0.1:%d\n"
-                       "FERRY_SITE=pkgtest-a\nFERRY_ARGS=--insecure\n" % (a_listen, a_api))
+    a_listen, b_listen = free_port(), free_port()
+    a_serve, a_api = api_endpoints(host.site_b, "a")
+    b_serve, b_api = api_endpoints(host.site_b, "b")
+    DROP_IN.write_text("FERRY_LISTEN=127.0.0.1:%d\nFERRY_API=%s\n"
+                       "FERRY_SITE=pkgtest-a\nFERRY_ARGS=--insecure\n" % (a_listen, a_serve))
     conf_b = tmp_path / "etc-b"
     (conf_b / "conf.d").mkdir(parents=True)
     (conf_b / "agent.conf").write_text(
-        "FERRY_DATA=%s\nFERRY_LISTEN=127.0.0.1:%d\nFERRY_API=127.0.0.1:%d\n"
-        "FERRY_SITE=pkgtest-b\nFERRY_ARGS=--insecure\n" % (host.site_b, b_listen, b_api))
+        "FERRY_DATA=%s\nFERRY_LISTEN=127.0.0.1:%d\nFERRY_API=%s\n"
+        "FERRY_SITE=pkgtest-b\nFERRY_ARGS=--insecure\n"
+        % (host.site_b / "b", b_listen, b_serve))
     a = Agent(tmp_path, "a")
     host.agents.append(a)
     b = Agent(tmp_path, "b", conf_b)

@@ -139,7 +139,7 @@ def test_deb_contents(packages):
     entries = deb_entries(packages["deb"])
     wanted = ["/usr/bin/ferry", "/usr/libexec/ferry/ferry-agent", "/" + DEB_UNIT,
               "/usr/lib/sysusers.d/ferry.conf", "/usr/lib/tmpfiles.d/ferry.conf", CONFFILE,
-              "/etc/ferry/conf.d", "/usr/share/man/man1/ferry.1.gz",
+              "/etc/ferry/conf.d", "/etc/ferry/hooks.d", "/usr/share/man/man1/ferry.1.gz",
               "/usr/share/bash-completion/completions/ferry", "/usr/share/doc/ferry/copyright",
               "/usr/share/doc/ferry/changelog.Debian.gz",
               "/usr/share/doc/ferry/README.packaging.md",
@@ -244,16 +244,22 @@ def test_ferry_help_on_system_python(tree):
 
 
 def test_agent_and_nbdkit_share_the_plugin(tree):
-    """The agent's PLUGIN (in whichever module of agent/ names splitter.py) is the file
-    the package installs next to it."""
+    """Every path to splitter.py the agent's modules hold (agent.splitters.PLUGIN, or
+    wherever a layout keeps it) is the file the package installs next to them."""
     site = tree / DEB_SITE
-    owners = [p for p in (site / "agent").rglob("*.py")
-              if re.search(r"^PLUGIN = .*splitter\.py", p.read_text(), re.M)]
-    assert len(owners) == 1, owners
-    module = ".".join(owners[0].relative_to(site).with_suffix("").parts)
-    proc = run([SYSTEM_PYTHON, "-c", "import %s as m; print(m.PLUGIN)" % module],
-               cwd="/", env=clean_env(PYTHONPATH=str(site)))
-    assert proc.stdout.strip() == str(site / "nbd_plugin/splitter.py")
+    code = """
+import importlib, pkgutil, agent
+found = set()
+for info in pkgutil.walk_packages(agent.__path__, "agent."):
+    if info.name.endswith(".__main__"):
+        continue
+    for value in vars(importlib.import_module(info.name)).values():
+        if isinstance(value, str) and value.endswith("/nbd_plugin/splitter.py"):
+            found.add(value)
+print("\\n".join(sorted(found)))
+"""
+    proc = run([SYSTEM_PYTHON, "-c", code], cwd="/", env=clean_env(PYTHONPATH=str(site)))
+    assert proc.stdout.split() == [str(site / "nbd_plugin/splitter.py")]
 
 
 def test_system_python_loads_splitter(tree):
@@ -315,18 +321,20 @@ def _start_script_argv(tree: Path, tmp_path: Path, drop_ins: Dict[str, str]) -> 
 
 
 def test_start_script_defaults(tree, tmp_path):
+    """No FERRY_API nor FERRY_METRICS: the agent's own defaults (its local API socket)."""
     assert _start_script_argv(tree, tmp_path, {}) == [
-        "agent", "--data", "/var/lib/ferry", "--listen", "0.0.0.0:4005",
-        "--api", "127.0.0.1:9080"]
+        "agent", "--data", "/var/lib/ferry", "--listen", "0.0.0.0:4005"]
 
 
 def test_start_script_drop_ins_override_in_name_order(tree, tmp_path):
     argv = _start_script_argv(tree, tmp_path, {
         "50-site.conf": 'FERRY_SITE="site a"\nFERRY_LISTEN=10.0.0.1:4005\n',
+        "60-api.conf": "FERRY_API=unix:/run/ferry/api.sock\nFERRY_METRICS=127.0.0.1:9081\n",
         "90-local.conf": "FERRY_LISTEN=10.0.0.2:4005\nFERRY_ARGS='--verbose'\n",
         "README": "FERRY_DATA=/not/a/conf/file\n"})
     assert argv == ["agent", "--data", "/var/lib/ferry", "--listen", "10.0.0.2:4005",
-                    "--api", "127.0.0.1:9080", "--site", "site a", "--verbose"]
+                    "--api", "unix:/run/ferry/api.sock", "--metrics", "127.0.0.1:9081",
+                    "--site", "site a", "--verbose"]
 
 
 # --- the .rpm -----------------------------------------------------------------------------
@@ -419,6 +427,6 @@ def test_rpm_and_deb_ship_the_same_files(packages):
                 if not p.startswith(("/usr/lib/python3", "/usr/share/doc/", "/usr/share/lintian/"))}
     rpm_host = {p for p in rpm if not p.startswith(("/usr/lib/python3", "/usr/share/doc/",
                                                     "/usr/share/licenses/"))
-                and p not in ("/var/lib/ferry", "/etc/ferry/conf.d", "/etc/ferry",
-                              "/usr/libexec/ferry")}
+                and p not in ("/var/lib/ferry", "/etc/ferry/conf.d", "/etc/ferry/hooks.d",
+                              "/etc/ferry", "/usr/libexec/ferry")}
     assert deb_host == rpm_host
