@@ -206,7 +206,8 @@ def test_agent_and_nbdkit_share_the_plugin(tree):
     """The agent's PLUGIN is the file the unpacked tree holds, importable by its Python."""
     venv = tree / "opt/ferry"
     proc = run([str(venv / "bin/python"), "-I", "-c",
-                "import agent.splitters as s; print(s.PLUGIN)"], env=clean_env(), cwd=str(tree))
+                "import agent.source.splitters as s; print(s.PLUGIN)"],
+               env=clean_env(), cwd=str(tree))
     assert proc.stdout.strip() == str(site_packages(tree) / "nbd_plugin/splitter.py")
 
 

@@ -40,9 +40,9 @@ import trio
 from formats import localwire as lw
 from formats.records import KIND_SEEDED
 
-from . import seed, splitters, tls
-from .checkpoints import Checkpoint, Cutter, Point, Request
-from .errors import (
+from .. import seed, tls
+from ..checkpoints import Checkpoint, Cutter, Point, Request
+from ..errors import (
     Conflict,
     Forbidden,
     Invalid,
@@ -51,12 +51,13 @@ from .errors import (
     TimedOut,
     Unavailable,
 )
-from .pairing import NotPaired, how_to_pair, refused_us
-from .protocol import batch, frames
-from .protocol.stream import FrameStream, keepalive, race
-from .protocol.stream import read_exact as read_exact_from
-from .store import DiskRow, GroupRow, Store
-from .throttle import TokenBucket
+from ..pairing import NotPaired, how_to_pair, refused_us
+from ..protocol import batch, frames
+from ..protocol.stream import FrameStream, keepalive, race
+from ..protocol.stream import read_exact as read_exact_from
+from ..store import DiskRow, GroupRow, Store
+from ..throttle import TokenBucket
+from . import splitters
 
 log = logging.getLogger("ferry.source")
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from .plugins import SPLITTER as PLUGIN
+from ..plugins import SPLITTER as PLUGIN
 
 SOCKET_PATH_MAX = 107
 
