@@ -150,7 +150,7 @@ check_stage() {
     fi
     # The agent's Python imports everything, and the CLI starts (from the staged tree:
     # a venv finds its site-packages next to the python it was started as).
-    "$venv/bin/python" -I -B -c 'import agent.cli, agent.daemon, agent.splitters, nbd_plugin' \
+    "$venv/bin/python" -I -B -c 'import agent.cli, agent.daemon, agent.source.splitters, nbd_plugin' \
         || die "the staged venv cannot import Ferry"
     "$venv/bin/python" -I -B "$venv/bin/ferry" --help >/dev/null \
         || die "the staged ferry --help failed"
