@@ -85,7 +85,7 @@ class GroupRow:
     queue_bytes: int
     created: float
     disks: List[DiskRow]
-    # history_s, journal_max, checkpoint_interval: see source.DEFAULT_SETTINGS
+    # history_s, journal_max, checkpoint_interval: see source.settings.DEFAULT_SETTINGS
     settings: Dict[str, Any] = field(default_factory=dict)
 
 

@@ -27,7 +27,7 @@ from .checkpoints import iso
 from .errors import Conflict, NotFound
 from .plugins import VIEW as PLUGIN
 from .replica import TargetGroup
-from .splitters import nbdkit_binary
+from .source.splitters import nbdkit_binary
 
 log = logging.getLogger("ferry.views")
 

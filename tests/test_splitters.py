@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent import splitters
+from agent.source import splitters
 
 
 def test_a_splitter_that_cannot_start_says_why(tmp_path) -> None:

@@ -7,25 +7,33 @@ administrator) stops it, with SIGTERM, which makes the plugin save what the targ
 nbdkit's messages from before it forks (why it could not start) and the plugin's own
 messages, always, go to the disk's log file.
 (Not ``nbdkit --foreground`` as the agent's child: such an nbdkit ends with its parent.)
+
+``Fleet`` is a site's splitters, a group at a time: start them all (or none), make sure
+they run (at the agent's start, and when the supervisor finds one dead), stop them.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
-from .plugins import SPLITTER as PLUGIN
+from ..errors import Unavailable
+from ..plugins import SPLITTER as PLUGIN
+from ..store import DiskRow, GroupRow
+
+log = logging.getLogger("ferry.source")
 
 SOCKET_PATH_MAX = 107
 
 
-class SplitterError(Exception):
-    pass
+class SplitterError(Unavailable):
+    """A splitter could not be started: the message says why, from nbdkit's own words."""
 
 
 @dataclass(frozen=True)
@@ -150,3 +158,59 @@ def _tail(path: str, lines: int = 5) -> str:
             return " | ".join(line.strip() for line in f.readlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+def remove_files(paths: SplitterPaths) -> None:
+    """What a stopped splitter leaves behind (its log stays)."""
+    for p in (paths.state, paths.socket, paths.pidfile):
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
+class Fleet:
+    """The splitters of a site's groups (blocking calls: run them in a thread)."""
+
+    def __init__(self, data_dir: str, agent_socket: str) -> None:
+        self.data_dir = data_dir
+        self.agent_socket = agent_socket
+
+    def paths(self, disk: DiskRow) -> SplitterPaths:
+        return SplitterPaths.for_disk(self.data_dir, disk.id)
+
+    def _start(self, row: GroupRow, d: DiskRow) -> SplitterPaths:
+        paths = self.paths(d)
+        start(paths, d.id, d.path, self.agent_socket, row.name, d.name, row.queue_bytes)
+        return paths
+
+    def start_all(self, row: GroupRow) -> None:
+        """Start every splitter of a new group, or none (SplitterError, OSError)."""
+        started = []
+        try:
+            for d in row.disks:
+                started.append(self._start(row, d))
+        except (SplitterError, OSError):
+            for paths, d in zip(started, row.disks):
+                stop(paths, d.id)
+                remove_files(paths)
+            raise
+
+    def ensure(self, row: GroupRow) -> None:
+        """Start those of a group's splitters that do not run; log those that cannot."""
+        for d in row.disks:
+            try:
+                self._start(row, d)
+            except (SplitterError, OSError) as e:
+                log.error("group %s disk %s: splitter not running: %s", row.name, d.name, e)
+
+    def dead(self, row: GroupRow) -> List[DiskRow]:
+        """The group's disks whose splitter does not run."""
+        return [d for d in row.disks if running_pid(self.paths(d), d.id) is None]
+
+    def stop_all(self, row: GroupRow) -> None:
+        """Stop a group's splitters (each saves its state) and remove their files."""
+        for d in row.disks:
+            paths = self.paths(d)
+            stop(paths, d.id)
+            remove_files(paths)

@@ -1,0 +1,28 @@
+"""What a protected group is configured by: names, the target's address, setting defaults."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, Tuple
+
+from ..errors import Invalid
+
+DEFAULT_PORT = 4005
+DEFAULT_QUEUE = 256 * 1024 * 1024
+DEFAULT_SETTINGS: Dict[str, Any] = {
+    "history_s": 4 * 3600,              # the target keeps this much history
+    "journal_max": 50 * 1024 ** 3,      # and at most this many journal bytes
+    "checkpoint_interval": 1.0,         # automatic checkpoints (0: none)
+    "bandwidth": 0,                     # bytes/s the link may carry (0: no limit)
+}
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def parse_target(text: str) -> Tuple[str, int]:
+    m = re.match(r"^\[([^\]]+)\](?::(\d+))?$", text) or re.match(r"^([^:]+)(?::(\d+))?$", text)
+    if not m:
+        raise Invalid("target %r is not HOST:PORT" % text)
+    port = int(m.group(2)) if m.group(2) else DEFAULT_PORT
+    if not 0 < port < 65536:
+        raise Invalid("target port %d is out of range" % port)
+    return m.group(1), port

@@ -1,0 +1,267 @@
+"""A group's shipper: one session at a time with the target, carrying its disks' changes.
+
+Theory of operation
+-------------------
+A group has one shipper and, while the target is reachable, one session (one TCP
+connection). The shipper ships ``ChangeStream``s (``changes.py``) and knows nothing else of
+the disks. When a session opens (``handshake.open_session``), the target says what it holds
+(per disk, the newest durable ``(gen, seq)``); the shipper tells each stream to start
+forwarding from there, and the streams deliver their records in sequence into one bounded
+channel, so a slow link pushes back on the splitters, whose queues fill and spill into
+their dirty maps: the VM never waits. Three tasks run the session: ``_send`` batches what
+the channel holds into BATCH frames (``_send_batch``, within the bandwidth limit),
+``_receive_acks`` passes the target's ACKs back to the streams and the checkpoint book, and
+``_tick`` asks for automatic checkpoints and nudges the sender when a cut checkpoint waits.
+The first of them to fail ends the session; the shipper shows why (``ShipperState``),
+waits a backoff and connects again. ``pause`` ends the session until ``resume``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import List, Optional, Sequence, Tuple
+
+import trio
+
+from formats import localwire as lw
+
+from .. import seed
+from ..pairing import NotPaired, how_to_pair
+from ..protocol import batch, frames
+from ..protocol.stream import FrameStream, race
+from ..store import GroupRow
+from ..throttle import TokenBucket
+from .changes import ChangeStream
+from .checkpointing import CheckpointBook
+from .handshake import Connector, open_session, parse_durable, plain_connect
+from .settings import DEFAULT_SETTINGS, parse_target
+from .states import ShipperState
+
+log = logging.getLogger("ferry.source")
+
+MAX_BATCH = 4 * 1024 * 1024
+CHECKPOINT_TICK = 0.05
+# The state a group shows when the target ends a session with this error code.
+REMOTE_STATES = {frames.E_STORAGE: ShipperState.TARGET_STORAGE_ERROR,
+                 frames.E_TLS_REQUIRED: ShipperState.TARGET_UNPAIRED,
+                 frames.E_UNPAIRED: ShipperState.TARGET_UNPAIRED}
+
+
+class GroupShipper:
+    def __init__(self, row: GroupRow, site_id: str, links: Sequence[ChangeStream],
+                 connect: Connector = plain_connect) -> None:
+        self.row = row
+        self.connect = connect
+        self.site_id = site_id
+        self.links = list(links)
+        self.host, self.port = parse_target(row.target)
+        self.state = ShipperState.CONNECTING
+        self.error: Optional[str] = None
+        self.channel: Optional[trio.MemorySendChannel] = None
+        self.cancel_scope = trio.CancelScope()
+        self.bytes_sent = 0
+        self._received = 0  # by sessions that ended
+        self._fs: Optional[FrameStream] = None
+        self.seeds: List[Optional[seed.SeedList]] = []  # site B's, for this session
+        self.connected_since: Optional[float] = None
+        self.settings = dict(DEFAULT_SETTINGS, **row.settings)
+        self.bucket = TokenBucket(float(self.settings["bandwidth"]))
+        self.paused = bool(self.settings.get("paused"))
+        self._resumed = trio.Event()
+        self._session_scope = trio.CancelScope()
+        self.book = CheckpointBook(row.name, len(self.links))
+        self._nudged = False
+        for index, link in enumerate(self.links):
+            link.bind(self, index)
+
+    @property
+    def live(self) -> bool:
+        return self.channel is not None
+
+    @property
+    def bytes_received(self) -> int:
+        return self._received + (self._fs.bytes_received if self._fs else 0)
+
+    def pause(self) -> None:
+        """Stop shipping (the splitters queue, then dirty-map) until ``resume``."""
+        self.paused = True
+        self._resumed = trio.Event()
+        self._session_scope.cancel()
+
+    def resume(self) -> None:
+        self.paused = False
+        self._resumed.set()
+
+    # -- ChangeSink: what the change streams deliver -----------------------------------------
+
+    async def deliver(self, index: int, records: List[lw.Record], watermark: int,
+                      whole: bool) -> None:
+        channel = self.channel
+        if channel is None:
+            return
+        try:
+            if records:
+                await channel.send((index, records))
+            if self.channel is channel:
+                self.book.forwarded(index, records)
+                if whole:
+                    self.book.watermark(index, watermark)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the session ended; the next one rewinds
+
+    def restarted(self, index: int) -> None:
+        self.book.restarted(index)
+
+    # -- sessions --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        backoff = 0.2
+        with self.cancel_scope:
+            while True:
+                if self.paused:
+                    self._down(ShipperState.PAUSED,
+                               "paused by the administrator (ferry resume)")
+                    await self._resumed.wait()
+                    backoff = 0.2
+                    continue
+                try:
+                    stream = await self.connect(self.host, self.port, self.row.target)
+                except NotPaired as e:
+                    self._down(ShipperState.TARGET_UNPAIRED, str(e))
+                except OSError as e:
+                    self._down(ShipperState.TARGET_UNREACHABLE, "cannot connect to %s: %s"
+                               % (self.row.target, e.strerror or e))
+                else:
+                    started = trio.current_time()
+                    self._session_scope = trio.CancelScope()
+                    self._fs = FrameStream(stream, self.row.target)
+                    try:
+                        with self._session_scope:
+                            await self._session(self._fs)
+                        if self.paused:
+                            continue  # pause() ended the session; the loop's top waits
+                    except NotPaired as e:
+                        self._down(ShipperState.TARGET_UNPAIRED, str(e))
+                    except frames.RemoteError as e:
+                        state = REMOTE_STATES.get(e.code, ShipperState.TARGET_ERROR)
+                        self._down(state, "%s: %s" % (e.code, e)
+                                   if state is not ShipperState.TARGET_UNPAIRED
+                                   else "the target accepts only TLS from paired sites: "
+                                   + how_to_pair(self.row.target))
+                    except frames.ProtocolError as e:
+                        self._down(ShipperState.TARGET_ERROR, "protocol error: %s" % e)
+                    except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError,
+                            OSError) as e:
+                        self._down(ShipperState.TARGET_UNREACHABLE, "link to %s lost: %s"
+                                   % (self.row.target, e or type(e).__name__))
+                    finally:
+                        await stream.aclose()
+                        self._received += self._fs.bytes_received
+                        self._fs, self.seeds = None, []
+                    if trio.current_time() - started > 10:
+                        backoff = 0.2  # it worked for a while: try again soon
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _down(self, state: ShipperState, error: str) -> None:
+        if (state, error) != (self.state, self.error):
+            log.warning("group %s: %s", self.row.name, error)
+        self.state, self.error = self.state.to(state), error
+        self.channel = None
+        self.connected_since = None
+        for link in self.links:
+            link.stop_forwarding()
+
+    async def _session(self, fs: FrameStream) -> None:
+        self.seeds = [None] * len(self.links)
+        if self.row.settings.get("seeds") and self.error is None:
+            self.error = "waiting for site B: it adopts the seeds of a new group first"
+        durable = await open_session(fs, self.row, self.site_id, probe=False,
+                                     seeds=self.seeds)
+        send_ch, recv_ch = trio.open_memory_channel[Tuple[int, List[lw.Record]]](64)
+        log.info("group %s: replicating to %s", self.row.name, self.row.target)
+        self.state, self.error = self.state.to(ShipperState.REPLICATING), None
+        self.connected_since = time.time()
+        self.book.session_started(durable)
+        self._nudged = False
+        for link, d in zip(self.links, durable):
+            await link.start_forwarding(d)
+        self.channel = send_ch
+        try:
+            await race(lambda: self._send(fs, recv_ch), lambda: self._receive_acks(fs),
+                       lambda: self._tick(send_ch))
+        finally:
+            self.channel = None
+            send_ch.close()
+            recv_ch.close()
+
+    async def _send(self, fs: FrameStream, recv_ch: trio.MemoryReceiveChannel) -> None:
+        while True:
+            index, records = await recv_ch.receive()
+            items = [(index, r) for r in records]
+            size = sum(r.nbytes for r in records)
+            while size < MAX_BATCH and len(items) < frames.MAX_RECORDS:
+                try:
+                    index, records = recv_ch.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                items.extend((index, r) for r in records)
+                size += sum(r.nbytes for r in records)
+            self._nudged = False
+            if not items and not self.book.sendable():
+                continue
+            # A splitter message may hold more data-less records (zeroes, trims) than a
+            # frame may carry: ship them in as many frames as it takes.
+            for start in range(0, max(len(items), 1), frames.MAX_RECORDS):
+                await self._send_batch(fs, items[start:start + frames.MAX_RECORDS])
+
+    async def _send_batch(self, fs: FrameStream, items: List[Tuple[int, lw.Record]]) -> None:
+        """One frame: these records, and the checkpoints whose every record is now sent."""
+        ready = self.book.sending(items)
+        if not items and not ready:
+            return
+        size = sum(r.nbytes for _i, r in items)
+        cps = [c.to_wire() for c in ready]
+
+        def encode() -> Tuple[List[Tuple[int, lw.Record]], bytes]:
+            out = seed.substitute(self.seeds, items) if any(self.seeds) else items
+            body = batch.encode_batch(self.row.name, out, time.time_ns(), time.monotonic_ns(),
+                                     cps)
+            return out, fs.codec.encode(frames.T_BATCH, body, True)
+
+        if size > 256 * 1024:
+            items, frame = await trio.to_thread.run_sync(encode)
+        else:
+            items, frame = encode()
+        await self.bucket.take(len(frame))  # the link's bandwidth limit, if any
+        await fs.send_frame(frame)
+        self.bytes_sent += len(frame)
+        for i, r in items:
+            self.links[i].shipped(r)
+
+    async def _receive_acks(self, fs: FrameStream) -> None:
+        while True:
+            body = await fs.expect(frames.T_ACK)
+            ids = body.get("checkpoints", [])
+            if isinstance(ids, list):
+                self.book.acked([i for i in ids if isinstance(i, str)])
+            durable = parse_durable(body, len(self.links))
+            for link, d in zip(self.links, durable):
+                await link.ack(d)
+
+    async def _tick(self, send_ch: trio.MemorySendChannel) -> None:
+        """Automatic checkpoints, cuts as they resolve, and a nudge for the sender."""
+        interval = float(self.settings["checkpoint_interval"])
+        next_auto = trio.current_time() + interval
+        while True:
+            now = trio.current_time()
+            if interval > 0 and now >= next_auto and not self.book.pending() and not any(
+                    link.inconsistent for link in self.links):
+                self.book.request("auto")
+                next_auto = now + interval
+            self.book.resolve()
+            if not self._nudged and self.book.sendable():
+                self._nudged = True
+                await send_ch.send((-1, []))
+            await trio.sleep(CHECKPOINT_TICK)

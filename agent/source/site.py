@@ -1,0 +1,303 @@
+"""The groups this site protects (the source role of each) and the requests on them.
+
+``SourceSite`` keeps a group's registry (its row in the store, its ``GroupShipper``, its
+disks' ``DiskLink``s), serves the splitters' socket (``intake``), keeps the splitters
+running (``splitters.Fleet``), and answers the control API: protect, unprotect, wait until
+synced, cut a checkpoint, pause, limit bandwidth, status. Shipping itself is the shipper's
+business (``shipper.py``); this module only starts and stops shippers and asks them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+import uuid
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+import trio
+
+from formats import localwire as lw
+
+from ..errors import Conflict, Invalid, NotFound, TimedOut, Unavailable
+from ..store import DiskRow, GroupRow, Store
+from . import intake, status
+from .handshake import Connector, plain_connect, probe
+from .link import DiskLink
+from .settings import DEFAULT_QUEUE, NAME_RE, parse_target
+from .shipper import GroupShipper
+from .splitters import Fleet, SplitterError
+
+log = logging.getLogger("ferry.source")
+
+SUPERVISE_INTERVAL = 2.0
+
+
+class SourceSite:
+    def __init__(self, data_dir: str, store: Store, connect: Connector = plain_connect
+                 ) -> None:
+        self.data_dir = data_dir
+        self.store = store
+        self.connect = connect
+        self.site_id = store.site_id()
+        self.socket_path = os.path.join(data_dir, "splitter.sock")
+        self.fleet = Fleet(data_dir, self.socket_path)
+        self.links: Dict[str, DiskLink] = {}
+        self.shippers: Dict[str, GroupShipper] = {}
+        self._nursery: Optional[trio.Nursery] = None
+        self._busy: Set[str] = set()
+
+    # -- serving -------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Serve splitters and ship every protected group until cancelled."""
+        listener = await intake.bind(self.socket_path)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for row in self.store.groups():
+                self._start_group(row)
+                await trio.to_thread.run_sync(self.fleet.ensure, row)
+            task_status.started()
+            nursery.start_soon(self._supervise)
+            await intake.serve(listener, self.links.get)
+
+    async def _supervise(self) -> None:
+        """Restart a splitter that died (qemu's NBD client reconnects to the new one)."""
+        while True:
+            await trio.sleep(SUPERVISE_INTERVAL)
+            for name in list(self.shippers):
+                row = self.store.group(name)
+                if row is None or name in self._busy:
+                    continue
+                dead = self.fleet.dead(row)
+                if dead:
+                    log.warning("group %s: splitter for %s is not running; restarting it",
+                                name, ", ".join(d.name for d in dead))
+                    await trio.to_thread.run_sync(self.fleet.ensure, row)
+
+    def _start_group(self, row: GroupRow) -> None:
+        links = [DiskLink(d) for d in row.disks]
+        for link in links:
+            self.links[link.row.id] = link
+        shipper = GroupShipper(row, self.site_id, links, self.connect)
+        self.shippers[row.name] = shipper
+        assert self._nursery is not None
+        self._nursery.start_soon(shipper.run)
+
+    def _stop_group(self, row: GroupRow) -> None:
+        shipper = self.shippers.pop(row.name, None)
+        if shipper is not None:
+            shipper.cancel_scope.cancel()
+        for d in row.disks:
+            self.links.pop(d.id, None)
+
+    # -- requests ------------------------------------------------------------------------
+
+    async def protect(self, name: str, disks: List[Tuple[str, str]], target: str,
+                      queue_bytes: int = DEFAULT_QUEUE,
+                      allow_unreachable: bool = False,
+                      settings: Optional[Dict[str, Any]] = None,
+                      seeds: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+        """``seeds``: {disk name: a file on site B to start its replica from}."""
+        if not NAME_RE.match(name):
+            raise Invalid("group name %r: use letters, digits, '_', '.', '-'" % name)
+        if name in self._busy or self.store.group(name) is not None:
+            raise Conflict("group %s already exists" % name)
+        parse_target(target)
+        if not disks:
+            raise Invalid("a group needs at least one --disk")
+        rows = []
+        seen = set()
+        for dname, path in disks:
+            if not NAME_RE.match(dname):
+                raise Invalid("disk name %r: use letters, digits, '_', '.', '-'" % dname)
+            if dname in seen:
+                raise Invalid("disk name %s is given twice" % dname)
+            seen.add(dname)
+            path, size = await trio.to_thread.run_sync(_disk_size, dname, path)
+            other = self.store.disk_by_path(path)
+            if other is not None:
+                raise Conflict("disk %s is already protected (group %s, disk %s)"
+                               % (path, other.group, other.name))
+            if size == 0:
+                raise Invalid("disk %s: %s is empty" % (dname, path))
+            rows.append((dname, path, size))
+        for dname, path in (seeds or {}).items():
+            if dname not in seen:
+                raise Invalid("a seed for disk %s, which group %s does not have"
+                              % (dname, name))
+            if not path.startswith("/"):
+                raise Invalid("seed %s for disk %s: give the absolute path of a file on "
+                              "site B" % (path, dname))
+        if seeds:
+            settings = dict(settings or {}, seeds=dict(seeds))
+        self._busy.add(name)
+        try:
+            row = GroupRow(name, target, uuid.uuid4().hex, queue_bytes, time.time(),
+                           [DiskRow("", name, i, d, p, s) for i, (d, p, s) in enumerate(rows)],
+                           dict(settings or {}))
+            await probe(self.connect, row, self.site_id, allow_unreachable)
+            row = self.store.add_group(name, target, queue_bytes, rows,
+                                       protection=row.protection, settings=row.settings)
+            self._start_group(row)  # ready for the splitters before they start
+            try:
+                await trio.to_thread.run_sync(self._start_splitters_or_fail, row)
+            except BaseException:
+                self._stop_group(row)
+                self.store.remove_group(name)
+                raise
+        finally:
+            self._busy.discard(name)
+        log.info("protected group %s: %s -> %s", name,
+                 ", ".join("%s=%s" % (d.name, d.path) for d in row.disks), target)
+        return status.group_info(row, self.fleet)
+
+    def _start_splitters_or_fail(self, row: GroupRow) -> None:
+        try:
+            self.fleet.start_all(row)
+        except (SplitterError, OSError) as e:
+            raise Unavailable("cannot start the splitter: %s" % e) from None
+
+    async def unprotect(self, name: str) -> Dict[str, Any]:
+        row = self.store.group(name)
+        if row is None or name in self._busy:
+            raise NotFound("no group %s on this site" % name)
+        self._busy.add(name)  # the supervisor leaves it alone from now on
+        self._stop_group(row)
+        try:
+            await trio.to_thread.run_sync(self.fleet.stop_all, row)
+            self.store.remove_group(name)
+        finally:
+            self._busy.discard(name)
+        log.info("unprotected group %s", name)
+        return {"group": name, "disks": [d.name for d in row.disks]}
+
+    async def wait_synced(self, name: str, seconds: float) -> Dict[str, Any]:
+        """Return once the target holds every write made before the call."""
+        row = self.store.group(name)
+        if row is None:
+            raise NotFound("no group %s on this site" % name)
+        links = [self.links[d.id] for d in row.disks]
+        token = uuid.uuid4().hex
+        points: Dict[str, Tuple[int, int]] = {}
+        asked: Dict[str, Any] = {}
+        with trio.move_on_after(seconds):
+            while True:
+                for link in links:
+                    if link.row.id in points:
+                        continue
+                    reply = link.sync_replies.pop(token, None)
+                    if reply is not None:
+                        points[link.row.id] = reply
+                    elif link.connected and asked.get(link.row.id) is not link.stream:
+                        asked[link.row.id] = link.stream
+                        await link.send(lw.pack_json(lw.MSG_SYNC_REQ, {"token": token}))
+                if len(points) == len(links) and all(
+                        link.covers(points[link.row.id]) for link in links):
+                    return {"group": name, "synced": True,
+                            "disks": {link.row.name: list(points[link.row.id])
+                                      for link in links}}
+                await trio.sleep(0.02)
+        behind = []
+        for link in links:
+            if link.row.id not in points:
+                behind.append("%s: %s" % (link.row.name, "splitter not connected"
+                                          if not link.connected else "resync still running"))
+            elif link.acked < points[link.row.id]:
+                behind.append("%s: target acked %d/%d of %d/%d" % (
+                    (link.row.name,) + link.acked + points[link.row.id]))
+        raise TimedOut("group %s not synced after %g s (%s)"
+                       % (name, seconds, "; ".join(behind)))
+
+    async def checkpoint(self, name: str, tag: Optional[str], seconds: float
+                         ) -> Dict[str, Any]:
+        """Cut a user checkpoint and wait until the target has journaled it."""
+        shipper = self.shippers.get(name)
+        if shipper is None or name in self._busy:
+            raise NotFound("no group %s on this site" % name)
+        if tag is not None and (not tag or len(tag) > 256 or "\n" in tag):
+            raise Invalid("a tag is 1 to 256 characters on one line")
+        if not shipper.live:
+            raise Conflict("group %s is not replicating (%s): no checkpoint can be cut "
+                           "now" % (name, shipper.state.value))
+        bad = [d.name for d in shipper.row.disks if self.links[d.id].inconsistent]
+        if bad:
+            raise Conflict("group %s: disk %s is being resynced; a crash-consistent "
+                           "checkpoint is possible once it ends" % (name, bad[0]))
+        book = shipper.book
+        req = book.request("user", tag)
+        cid = req.checkpoint.id
+        event = book.waiters[cid]
+        with trio.move_on_after(seconds):
+            await event.wait()
+        result = book.results.pop(cid, None)
+        if result is None:
+            if cid in book.unacked:
+                return {"group": name, "id": cid, "tag": tag, "acked": False}
+            raise TimedOut("group %s: checkpoint not cut within %g s (a splitter is not "
+                           "connected or the link is down)" % (name, seconds))
+        if result != "ok":
+            raise Conflict("group %s: no crash-consistent checkpoint: %s" % (name, result))
+        return {"group": name, "id": cid, "tag": tag, "acked": True,
+                "wall_ns": req.checkpoint.wall_ns, "cut": [list(c) for c in req.checkpoint.cut]}
+
+    def set_paused(self, name: str, paused: bool) -> Dict[str, Any]:
+        """Pause or resume shipping a group; kept across an agent restart."""
+        row = self.store.group(name)
+        shipper = self.shippers.get(name)
+        if row is None or shipper is None or name in self._busy:
+            raise NotFound("no group %s on this site" % name)
+        self.store.set_settings(name, dict(row.settings, paused=paused))
+        if paused and not shipper.paused:
+            shipper.pause()
+            log.info("group %s: paused", name)
+        elif not paused and shipper.paused:
+            shipper.resume()
+            log.info("group %s: resumed", name)
+        return {"group": name, "paused": paused}
+
+    def set_bandwidth(self, name: str, bytes_per_second: int) -> Dict[str, Any]:
+        """Change a group's bandwidth limit now, and for the agent's next start."""
+        row = self.store.group(name)
+        shipper = self.shippers.get(name)
+        if row is None or shipper is None or name in self._busy:
+            raise NotFound("no group %s on this site" % name)
+        if bytes_per_second < 0:
+            raise Invalid("a bandwidth limit cannot be negative")
+        settings = dict(row.settings, bandwidth=int(bytes_per_second))
+        self.store.set_settings(name, settings)
+        shipper.settings["bandwidth"] = int(bytes_per_second)
+        shipper.bucket.set_rate(bytes_per_second)
+        log.info("group %s: bandwidth limit %s", name,
+                 "%d bytes/s" % bytes_per_second if bytes_per_second else "off")
+        return {"group": name, "bandwidth": int(bytes_per_second)}
+
+    def checkpoints(self, name: str) -> List[Dict[str, Any]]:
+        shipper = self.shippers.get(name)
+        if shipper is None:
+            raise NotFound("no group %s on this site" % name)
+        return list(shipper.book.made)
+
+    def status(self) -> Dict[str, Any]:
+        return status.site_status(self.store.groups(), self.shippers, self.links, self.fleet,
+                                  time.time())
+
+
+def _disk_size(name: str, path: str) -> Tuple[str, int]:
+    """The disk's real path and size, or a RequestError that says what is wrong."""
+    path = os.path.realpath(path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFound("disk %s: %s does not exist" % (name, path)) from None
+    except OSError as e:
+        raise Invalid("disk %s: %s: %s" % (name, path, e.strerror or e)) from None
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise Invalid("disk %s: %s is neither a file nor a block device" % (name, path))
+        return path, os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
