@@ -40,7 +40,7 @@ import fcntl
 import os
 import stat
 import struct
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import xxhash
 
@@ -57,7 +57,7 @@ from formats.localwire import (
 
 from .errors import Invalid
 from .journal import KIND_SEEDED
-from .protocol.frames import ProtocolError, field
+from .protocol.frames import ProtocolError
 
 CHUNK = 1024 * 1024        # the splitter's resync piece (nbd_plugin/link.py RESYNC_CHUNK)
 DIGEST = 16                # xxh3_128
@@ -411,19 +411,13 @@ def substitute(lists: List[Optional[SeedList]], items: List[Tuple[int, Record]]
     return out
 
 
-def parse_frame(body: Dict, lists: List[Optional[SeedList]], sizes: List[int]) -> None:
-    """A SEED frame from site B into the session's lists (frames.ProtocolError if bad)."""
-    disk = field(body, "disk", int)
-    chunk = field(body, "chunk", int)
-    first = field(body, "first", int)
-    digests = field(body, "digests", bytes)
-    touched = field(body, "touched", bytes)
-    if not 0 <= disk < len(sizes) or not 0 < chunk <= MAX_CHUNK:
-        raise ProtocolError("SEED frame for disk %d, chunk %d" % (disk, chunk))
-    seeds = lists[disk]
-    if seeds is None or seeds.chunk != chunk:
-        seeds = lists[disk] = SeedList(sizes[disk], chunk)
+def add_frame(msg: Any, lists: List[Optional[SeedList]], sizes: List[int]) -> None:
+    """A SEED message from site B (``protocol.messages.Seed``, its fields checked there)
+    into the session's lists; frames.ProtocolError if its digests do not fit the disk."""
+    seeds = lists[msg.disk]
+    if seeds is None or seeds.chunk != msg.chunk:
+        seeds = lists[msg.disk] = SeedList(sizes[msg.disk], msg.chunk)
     try:
-        seeds.add(first, digests, touched)
+        seeds.add(msg.first, msg.digests, msg.touched)
     except ValueError as e:
         raise ProtocolError(str(e)) from None

@@ -15,9 +15,10 @@ import xxhash
 
 from agent import seed, target
 from agent.journal import KIND_SEEDED, JRecord
-from agent.protocol import batch, frames
+from agent.protocol import batch, frames, messages
 from agent.protocol.frames import ProtocolError
-from agent.protocol.stream import FrameStream
+from agent.protocol.session import SourceSession
+from agent.protocol.stream import SessionStream
 from agent.replica import TargetGroup
 from formats.localwire import (
     FLAG_INCONSISTENT,
@@ -200,13 +201,15 @@ def test_a_disks_list_ends_at_its_consistent_record() -> None:
 
 def test_seed_frames_are_checked() -> None:
     lists: List[Optional[seed.SeedList]] = [None]
-    good = {"disk": 0, "chunk": C, "first": 0, "digests": bytes(32), "touched": bytes(2)}
-    seed.parse_frame(good, lists, [2 * C])
+    good = {"group": "g", "disk": 0, "chunk": C, "first": 0, "digests": bytes(32),
+            "touched": bytes(2)}
+    ctx = messages.Context("g", 1)
+    seed.add_frame(messages.Seed.parse(good, ctx), lists, [2 * C])
     assert lists[0] is not None and list(lists[0].usable) == [1, 1]
     for bad in ({"disk": 1}, {"chunk": 0}, {"first": 1}, {"digests": bytes(31)},
-                {"touched": 3}, {"chunk": seed.MAX_CHUNK * 2}):
+                {"touched": 3}, {"chunk": seed.MAX_CHUNK * 2}, {"group": "h"}):
         with pytest.raises(ProtocolError):
-            seed.parse_frame(dict(good, **bad), [None], [2 * C])
+            seed.add_frame(messages.Seed.parse(dict(good, **bad), ctx), [None], [2 * C])
 
 
 # -- adopting a seed file -------------------------------------------------------------------
@@ -466,13 +469,17 @@ def test_a_new_protection_drops_the_seed(tmp_path: Path) -> None:
 # -- the target agent, in process -----------------------------------------------------------
 
 async def session(site: target.TargetSite, port: int, open_body: Dict
-                  ) -> Tuple[FrameStream, Dict]:
+                  ) -> Tuple[SessionStream, messages.Opened]:
+    """A source's session with ``site``, its OPEN made of ``open_body`` as it is (so that
+    values a real source never sends go too)."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
-    fs = FrameStream(stream, "B")
-    await fs.send(frames.T_HELLO, {"protocol": 1, "site": "a" * 32})
-    await fs.expect(frames.T_WELCOME)
-    await fs.send(frames.T_OPEN, open_body)
-    return fs, await fs.expect(frames.T_OPENED)
+    fs = SessionStream(stream, "B", SourceSession())
+    await fs.send(messages.Hello("a" * 32))
+    await fs.expect(messages.Welcome)
+    await fs.send(messages.Open(open_body["group"], open_body["protection"],
+                                tuple((d["name"], d["size"]) for d in open_body["disks"]),
+                                bool(open_body.get("probe")), None, open_body.get("seeds")))
+    return fs, await fs.expect(messages.Opened)
 
 
 async def test_the_target_refuses_bad_seeds_and_sends_good_ones(tmp_path: Path) -> None:
@@ -501,15 +508,14 @@ async def test_the_target_refuses_bad_seeds_and_sends_good_ones(tmp_path: Path) 
         assert e.value.code == frames.E_BAD_SEED
         fs, opened = await session(site, port, body)  # the probe: fine, nothing made
         await fs.aclose()
-        assert "seed_frames" not in opened and os.listdir(site.root) == []
+        assert opened.seed_frames == 0 and os.listdir(site.root) == []
         fs, opened = await session(site, port, dict(body, probe=False))
-        assert opened["seed_frames"] == 1
-        frame = await fs.expect(frames.T_SEED)
-        assert frame["digests"] == seed.digests_of(data) and frame["touched"] == bytes(2)
+        assert opened.seed_frames == 1
+        frame = await fs.expect(messages.Seed)
+        assert frame.digests == seed.digests_of(data) and frame.touched == bytes(2)
         assert (Path(site.root) / "g" / "replicas" / "a.img").read_bytes() == data
         # A SEEDED record for a chunk that differs: the batch is refused, nothing written.
-        await fs.send(frames.T_BATCH, batch.encode_batch(
-            "g", [(0, rec(1, KIND_SEEDED, 0, MiB, bytes(16)))], 1, 2))
+        await fs.send(messages.Batch("g", [(0, rec(1, KIND_SEEDED, 0, MiB, bytes(16)))], 1, 2))
         with pytest.raises(frames.RemoteError, match="does not match") as e:
             await fs.receive()
         assert e.value.code == frames.E_PROTOCOL
@@ -521,16 +527,15 @@ async def test_the_target_refuses_bad_seeds_and_sends_good_ones(tmp_path: Path) 
                 await session(site, port, dict(body, protection="q", probe=probe))
             assert e.value.code == frames.E_BAD_SEED
         fs, opened = await session(site, port, dict(body, probe=False))  # same protection
-        assert opened["seed_frames"] == 1
-        await fs.expect(frames.T_SEED)
+        assert opened.seed_frames == 1
+        await fs.expect(messages.Seed)
         digest = seed.range_digest(seed.digests_of(data[MiB:]))
-        await fs.send(frames.T_BATCH, batch.encode_batch(
-            "g", [(0, rec(1, KIND_SEEDED, MiB, MiB, digest))], 1, 2))
-        assert (await fs.expect(frames.T_ACK))["durable"] == [[1, 1]]
+        await fs.send(messages.Batch("g", [(0, rec(1, KIND_SEEDED, MiB, MiB, digest))], 1, 2))
+        assert (await fs.expect(messages.Ack)).durable == ((1, 1),)
         await fs.aclose()
         no_seeds = {k: v for k, v in body.items() if k != "seeds"}
         fs, opened = await session(site, port, dict(no_seeds, probe=False))
-        assert "seed_frames" not in opened  # an older source: no SEED frames
+        assert opened.seed_frames == 0  # an older source: no SEED frames
         await fs.aclose()
         nursery.cancel_scope.cancel()
     site.close()

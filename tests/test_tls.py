@@ -422,7 +422,9 @@ async def test_pair_refuses_a_target_without_proof(tmp_path) -> None:
     """A fake target that answers PAIRED without knowing the secret: nothing is kept."""
     import trio
 
-    from agent.protocol.stream import FrameStream
+    from agent.protocol import messages
+    from agent.protocol.session import TargetSession
+    from agent.protocol.stream import SessionStream
 
     trust = _trust(tmp_path)
     fake = tls.load_identity(str(tmp_path / "fake"), "fake")
@@ -430,9 +432,9 @@ async def test_pair_refuses_a_target_without_proof(tmp_path) -> None:
     async def impostor(stream) -> None:
         s = tls.TLSSocketStream(stream, tls.server_context(fake, []), True)
         await s.do_handshake()
-        fs = FrameStream(s, "source")
-        await fs.expect(frames.T_PAIR)
-        await fs.send(frames.T_PAIRED, {"site": "B", "mac": b"\0" * 32})
+        fs = SessionStream(s, "source", TargetSession())
+        await fs.expect(messages.Pair)
+        await fs.send(messages.Paired("B", b"\0" * 32))
         await fs.aclose()
 
     async with trio.open_nursery() as nursery:
@@ -451,8 +453,7 @@ async def test_a_session_closed_after_the_handshake_means_not_paired(tmp_path, r
 
     import trio
 
-    from agent.protocol.stream import FrameStream
-    from agent.source import open_session
+    from agent.source import open_session, session_stream
     from agent.store import DiskRow, GroupRow
 
     srv = tls.load_identity(str(tmp_path / "s"), "s")
@@ -477,7 +478,7 @@ async def test_a_session_closed_after_the_handshake_means_not_paired(tmp_path, r
         await closed.wait()
         await trio.sleep(0.1)  # the reset or FIN is here before HELLO goes
         with pytest.raises(NotPaired, match="ferry pair-token"):
-            await open_session(FrameStream(c, "x:%d" % port), row, "A", probe=True)
+            await open_session(session_stream(c, "x:%d" % port), row, "A", probe=True)
         await c.aclose()
         nursery.cancel_scope.cancel()
 

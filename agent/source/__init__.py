@@ -15,12 +15,24 @@
 """
 
 from .changes import ChangeSink, ChangeStream
-from .handshake import open_session, parse_durable, plain_connect
+from .handshake import open_session, plain_connect, session_stream
 from .link import DiskLink
 from .settings import DEFAULT_PORT, DEFAULT_QUEUE, DEFAULT_SETTINGS, NAME_RE, parse_target
 from .shipper import GroupShipper
 from .site import SourceSite
 
-__all__ = ["DEFAULT_PORT", "DEFAULT_QUEUE", "DEFAULT_SETTINGS", "NAME_RE", "ChangeSink",
-           "ChangeStream", "DiskLink", "GroupShipper", "SourceSite", "open_session",
-           "parse_durable", "parse_target", "plain_connect"]
+__all__ = [
+           "DEFAULT_PORT",
+           "DEFAULT_QUEUE",
+           "DEFAULT_SETTINGS",
+           "NAME_RE",
+           "ChangeSink",
+           "ChangeStream",
+           "DiskLink",
+           "GroupShipper",
+           "SourceSite",
+           "open_session",
+           "parse_target",
+           "plain_connect",
+           "session_stream",
+]

@@ -14,14 +14,14 @@ import trio
 from .. import seed, tls
 from ..errors import Forbidden, PeerRefused, Unavailable
 from ..pairing import NotPaired, how_to_pair, refused_us
-from ..protocol import frames
-from ..protocol.stream import FrameStream, keepalive
+from ..protocol import frames, messages
+from ..protocol.session import SourceSession
+from ..protocol.stream import SessionStream, keepalive
 from ..store import GroupRow
 from .settings import DEFAULT_SETTINGS, parse_target
 
 log = logging.getLogger("ferry.source")
 
-PROTOCOL = 1
 Connector = Callable[[str, int, str], Awaitable[trio.abc.Stream]]
 
 
@@ -32,20 +32,21 @@ async def plain_connect(host: str, port: int, address: str) -> trio.abc.Stream:
     return stream
 
 
-def parse_durable(body: dict, ndisks: int) -> List[Tuple[int, int]]:
-    raw = frames.field(body, "durable", list)
-    if len(raw) != ndisks:
-        raise frames.ProtocolError("durable list of %d disks for a group of %d"
-                                 % (len(raw), ndisks))
-    out = []
-    for d in raw:
-        if not (isinstance(d, list) and len(d) == 2 and all(isinstance(x, int) for x in d)):
-            raise frames.ProtocolError("bad durable entry %r" % (d,))
-        out.append((d[0], d[1]))
-    return out
+def session_stream(stream: trio.abc.Stream, target: str) -> SessionStream:
+    """A connection to ``target`` that carries the source's end of a session."""
+    return SessionStream(stream, target, SourceSession())
 
 
-async def open_session(fs: FrameStream, row: GroupRow, site_id: str, probe: bool,
+def open_message(row: GroupRow, probe: bool) -> messages.Open:
+    """The OPEN that names ``row``'s group, its disks and its settings."""
+    settings = dict(DEFAULT_SETTINGS, **row.settings)
+    seeds = settings.get("seeds") or None  # pre-seeded sync: site B's files (agent/seed.py)
+    return messages.Open(row.name, row.protection, tuple((d.name, d.size) for d in row.disks),
+                         probe, (int(settings["history_s"]), int(settings["journal_max"])),
+                         dict(seeds) if seeds else None)
+
+
+async def open_session(fs: SessionStream, row: GroupRow, site_id: str, probe: bool,
                        seeds: Optional[List[Optional[seed.SeedList]]] = None
                        ) -> List[Tuple[int, int]]:
     """HELLO, OPEN; the target's durable points, and its SEED frames into ``seeds``."""
@@ -53,27 +54,20 @@ async def open_session(fs: FrameStream, row: GroupRow, site_id: str, probe: bool
         # Under TLS 1.3 the target checks our certificate after our side of the handshake
         # is done: its refusal shows up on the first send or the first read, whichever
         # meets the closed session first.
-        await fs.send(frames.T_HELLO, {"protocol": PROTOCOL, "site": site_id})
-        await fs.expect(frames.T_WELCOME)
+        await fs.send(messages.Hello(site_id))
+        await fs.expect(messages.Welcome)
     except (EOFError, trio.BrokenResourceError):
         if isinstance(fs.stream, tls.TLSSocketStream):
             raise refused_us(row.target) from None  # it did not take our certificate
         raise
-    settings = dict(DEFAULT_SETTINGS, **row.settings)
-    body = {"group": row.name, "protection": row.protection, "probe": probe,
-            "disks": [{"name": d.name, "size": d.size} for d in row.disks],
-            "history_s": int(settings["history_s"]),
-            "journal_max": int(settings["journal_max"])}
-    if settings.get("seeds"):
-        body["seeds"] = settings["seeds"]  # pre-seeded sync: site B's files (agent/seed.py)
-    await fs.send(frames.T_OPEN, body)
-    opened = await fs.expect(frames.T_OPENED)
-    durable = parse_durable(opened, len(row.disks))
-    nseed = opened.get("seed_frames", 0)
-    if seeds is not None and isinstance(nseed, int):
-        for _ in range(nseed):
-            seed.parse_frame(await fs.expect(frames.T_SEED), seeds, [d.size for d in row.disks])
-    return durable
+    await fs.send(open_message(row, probe))
+    opened = await fs.expect(messages.Opened)
+    sizes = [d.size for d in row.disks]
+    for _ in range(opened.seed_frames):
+        msg = await fs.expect(messages.Seed)
+        if seeds is not None:
+            seed.add_frame(msg, seeds, sizes)
+    return list(opened.durable)
 
 
 async def probe(connect: Connector, row: GroupRow, site_id: str,
@@ -84,7 +78,7 @@ async def probe(connect: Connector, row: GroupRow, site_id: str,
     try:
         with trio.fail_after(10):
             stream = await connect(host, port, row.target)
-            fs = FrameStream(stream, row.target)
+            fs = session_stream(stream, row.target)
             try:
                 await open_session(fs, row, site_id, probe=True)
             finally:
