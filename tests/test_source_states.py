@@ -9,8 +9,9 @@ from typing import NamedTuple
 import pytest
 
 from agent.errors import LocalProtocolError
+from agent.protocol.cursor import REWIND_INTERVAL, CursorState
+from agent.protocol.cursor import ForwardCursor as Cursor
 from agent.source.checkpointing import CheckpointBook
-from agent.source.cursor import REWIND_INTERVAL, Cursor, CursorState
 from agent.source.states import (
     GROUP_STATE_ORDER,
     IllegalTransition,

@@ -16,9 +16,10 @@ import trio
 from formats import localwire as lw
 from formats.records import KIND_SEEDED
 
+from ..protocol.cursor import CursorState
+from ..protocol.cursor import ForwardCursor as Cursor
 from ..store import DiskRow
 from .changes import ChangeSink, Point
-from .cursor import Cursor, CursorState
 
 log = logging.getLogger("ferry.source")
 
