@@ -43,9 +43,9 @@ import nbd
 import report
 
 from agent.checkpoints import Checkpoint
-from agent.journal import JRecord
-from agent.replica import TargetGroup
-from agent.views import Views
+from agent.target.group import TargetGroup
+from agent.target.journal import JRecord
+from agent.target.views import Views
 from formats import jindex
 from formats.localwire import KIND_CONSISTENT, KIND_WRITE
 

@@ -16,9 +16,9 @@ import pytest
 
 from agent import checkpoints as cps
 from agent.checkpoints import Checkpoint, Cutter
-from agent.journal import Journal, JournalCorrupt, JRecord
 from agent.protocol import frames
-from agent.replica import NoConsistentState, TargetGroup
+from agent.target.group import NoConsistentState, TargetGroup
+from agent.target.journal import Journal, JournalCorrupt, JRecord
 from formats import jindex
 from formats.localwire import (
     FLAG_INCONSISTENT,
@@ -539,7 +539,7 @@ def test_resync_holds_the_newest_state_back(tmp_path: Path) -> None:
 
 
 def test_a_view_that_cannot_start_unpins_and_says_why(tmp_path: Path) -> None:
-    from agent.views import Views
+    from agent.target.views import Views
     model = Model(2)
     g = start(tmp_path / "g", model)
     fill(g, model, 2, seed=9)

@@ -1,4 +1,4 @@
-"""agent/replica.py: a protection group on the target site, on real files.
+"""agent/target/group.py: a protection group on the target site, on real files.
 
 Records are checked before anything is written, applied in journal order, held back while a
 disk that was once whole is resyncing, re-applied after a crash, and restored as sparse
@@ -14,11 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import replica as replica_module
 from agent.checkpoints import CheckpointError
-from agent.journal import KIND_APPLIED, JRecord
 from agent.protocol.frames import MAX_RECORD, ProtocolError
-from agent.replica import NoConsistentState, SizeMismatch, TargetGroup
+from agent.target import group as replica_module
+from agent.target.group import NoConsistentState, SizeMismatch, TargetGroup
+from agent.target.journal import KIND_APPLIED, JRecord
 from formats.localwire import (
     FLAG_INCONSISTENT,
     FLAG_RESYNC,

@@ -20,13 +20,14 @@ import trio
 
 from formats.localwire import KIND_WRITE
 
-from . import checkpoints, seed
-from .errors import Conflict, NotFound
+from .. import checkpoints
+from ..errors import Conflict, NotFound
+from ..pairing import Refused, Trust
+from ..protocol import batch, frames
+from ..protocol.stream import FrameStream, keepalive, race
+from . import seeds as seed
+from .group import NoConsistentState, SizeMismatch, TargetGroup
 from .journal import JournalCorrupt
-from .pairing import Refused, Trust
-from .protocol import batch, frames
-from .protocol.stream import FrameStream, keepalive, race
-from .replica import NoConsistentState, SizeMismatch, TargetGroup
 from .views import Views
 
 log = logging.getLogger("ferry.target")
@@ -413,7 +414,7 @@ def _restore(group: TargetGroup, disk: str, dest: str, ref: Optional[str],
 
 def _adopt(directory: str, group: str, disks: List[Tuple[str, int]],
            seeds: Dict[str, str]) -> None:
-    """Start a new group's replicas from the admin's seed files (agent/seed.py)."""
+    """Start a new group's replicas from the admin's seed files (agent/target/seeds.py)."""
     sizes = dict(disks)
     os.makedirs(os.path.join(directory, "replicas"), exist_ok=True)
     for dname, path in sorted(seeds.items()):

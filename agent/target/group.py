@@ -73,11 +73,11 @@ from formats.localwire import (
     KIND_ZERO,
 )
 
-from . import seed
-from .checkpoints import Checkpoint, CheckpointError, Point
-from .errors import Conflict, NotFound
+from ..checkpoints import Checkpoint, CheckpointError, Point
+from ..errors import Conflict, NotFound
+from ..protocol.frames import MAX_RECORD, ProtocolError
+from . import seeds as seed
 from .journal import KIND_APPLIED, KIND_SEEDED, SEGMENT_MAX, Journal, JRecord, Position
-from .protocol.frames import MAX_RECORD, ProtocolError
 
 log = logging.getLogger("ferry.replica")
 
@@ -238,7 +238,7 @@ class TargetGroup:
         # whether the journal holds records after it that a restart would apply again.
         self._meta_point: Optional[Tuple[Position, List[Tuple[int, int]]]] = None
         self._whole_after_meta = False
-        # A pre-seeded disk's seed lasts until its initial sync ends (agent/seed.py).
+        # A pre-seeded disk's seed lasts until its initial sync ends (agent/target/seeds.py).
         self.seeds: List[Optional[seed.SeedMap]] = [
             None if st.ever_consistent else seed.load(directory, st.name, st.size)
             for st in self.disks]
@@ -662,7 +662,7 @@ class TargetGroup:
         if ref is None and at_wall_ns is None:
             points, held = self._head()
             return None, points, held
-        from .checkpoints import choose
+        from ..checkpoints import choose
         c = choose(self.checkpoints, ref, at_wall_ns)
         return c, list(c.cut), False
 
