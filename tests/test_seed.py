@@ -379,7 +379,7 @@ def seeded_group(tmp_path: Path, rng: random.Random) -> Tuple[TargetGroup, bytea
     data = bytearray(rng.randbytes(SIZE))
     src.write_bytes(data)
     directory = tmp_path / "g"
-    server._adopt(str(directory), "g", [("a", SIZE)], {"a": str(src)})
+    seeds.adopt_group(str(directory), "g", [("a", SIZE)], {"a": str(src)})
     return TargetGroup(str(directory), "g", [("a", SIZE)], protection="p"), data, src
 
 
@@ -446,7 +446,7 @@ def test_site_b_keeps_the_touched_map_across_a_restart(tmp_path: Path) -> None:
     g.checkpoint()  # saves the map, as promotion does every 256 MiB
     g.accept([jr(2, KIND_WRITE, 3 * MiB, 4, b"abcd")])  # journaled, map not saved yet
     g.journal.close()  # a crash: no checkpoint on the way out
-    for fd in g._fds:
+    for fd in g.fds:
         os.close(fd)
     g2 = TargetGroup(g.directory, "g", [("a", SIZE)], protection="p")
     assert list(g2.seeds[0].touched) == [1, 0, 0, 1, 0, 0, 0, 0]  # type: ignore[union-attr]

@@ -1,87 +1,62 @@
-"""A protection group on the target site: its journal, its replicas, and the applier.
+"""A protection group on the target site: its journal, its replicas, and its state.
 
 Theory of operation
 -------------------
 ``accept`` takes a batch of records from the wire, checks all of them (disk, bounds,
 sequence) before anything is written, appends the new ones to the journal (durable when it
-returns: the caller may ack them), then lets the applier catch up.
-
-The applier copies journal records, in journal order, to the replica files. It holds back
-at the first record written while its disk was being resynced (``FLAG_INCONSISTENT``)
-until that disk's ``KIND_CONSISTENT`` marker is in the journal too, so a replica is always
-a crash-consistent state of its disk, the newest one known to be whole. A disk that has
-never been whole (its initial sync is running) is applied as it comes.
-
-The replica holds the oldest point of the group's history. Once every disk has been whole
-once, the applier (the *promoter*) only applies closed segments that have left the history
-window (``history_s``, by the segment file's time of last append) or that the journal must
-shed to stay under ``journal_max`` bytes; before that (an initial sync is running, there is
-no point in time to keep) it applies everything as it comes. While a view or a test
-failover reads a group, nothing is promoted.
-
-During the initial sync of a disk (it was never whole, nothing before it is waiting to be
-applied, no view pins the group, it has no seed) there is no history to keep, so ``accept``
-writes that disk's changes straight to its replica, in stream order, fdatasyncs it, and
-only then journals them as ``KIND_APPLIED`` records: the header without the data. Site B
-writes each byte once instead of twice. Before the first such write after records journaled
-whole, a checkpoint makes those durable in the replica and moves meta.json's position past
-them, so a restart never re-applies an older change on top of a newer one. A crash between
-the replica's fdatasync and the journal's leaves the replica ahead of the journal with
-changes that were never acked; the source sends them again, and every
-range it owes is written again before the disk's ``consistent`` marker, so no state that
-mixes them is ever offered. The disk's own ``consistent`` marker ends this: from there on its
-changes are journaled whole.
-
-Every ``CHECKPOINT_BYTES`` applied, after a promotion, and on close, the replicas are
-fdatasynced, then ``meta.json`` records the journal position applied so far (atomic
-replace), then whole segments before it are deleted. A crash between those steps re-applies
-records from the last recorded position, which is harmless: applying a record twice in order
-gives the same bytes.
+returns: the caller may ack them), then lets the applier (``applier.py``) catch up under
+the hold-back rule (``holdback.py``).
 
 Group checkpoints arrive with a batch and are journaled after its records, as
 ``KIND_CHECKPOINT`` markers. The state of disk d at checkpoint C is the replica plus the
-journaled records of d after the replica's point up to C's cut for d; C is available while
-the replica of every disk is not past its cut.
+journaled records of d after the replica's point up to C's cut for d (``restore.py``); C is
+available while the replica of every disk is not past its cut.
 
 Sequence rules for a disk whose newest journaled record is (G, S): a record of a lower
 generation, or of G with a sequence up to S, is a duplicate and dropped; (G, S+1) and
 (G' > G, 1) are next; anything else is a gap and a protocol error.
+
+A group's life::
+
+    state        event       next
+    opening      opened      receiving     (its meta.json has no failover record)
+    opening      failover    failed-over   (it has one: finished again if a crash cut it)
+    receiving    failover    failed-over
+    receiving    close       closed
+    failed-over  close       closed
+
+Everything that changes the group runs in a worker thread with ``_lock`` held, and ends by
+publishing a new status snapshot (``_publish``); ``status`` reads the snapshot and never
+takes the lock, so a busy group never stalls the event loop that asks.
 """
 
 from __future__ import annotations
 
-import errno
-import json
+import enum
 import logging
 import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List, Optional, Tuple
 
 from formats import jindex
-from formats.blockdev import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
-from formats.durable import fsync_parent as _fsync_parent
-from formats.durable import write_atomic
-from formats.jindex import KIND_CHECKPOINT, KIND_FAILOVER
-from formats.localwire import (
-    FLAG_INCONSISTENT,
-    KIND_CONSISTENT,
-    KIND_TRIM,
-    KIND_WRITE,
-    KIND_ZERO,
-)
+from formats.durable import fsync_parent
+from formats.records import KIND_CHECKPOINT, KIND_CONSISTENT, KIND_WRITE, MAP_KINDS, JRecord, Point
 
-from ..checkpoints import Checkpoint, CheckpointError, Point
+from ..checkpoints import Checkpoint, CheckpointError, choose
 from ..errors import Conflict, NotFound
 from ..protocol.frames import MAX_RECORD, ProtocolError
+from . import applier, failover, meta
 from . import seeds as seed
-from .journal import KIND_APPLIED, KIND_SEEDED, SEGMENT_MAX, Journal, JRecord, Position
+from .holdback import HoldBack
+from .journal import KIND_SEEDED, SEGMENT_MAX, Journal, Position
+from .restore import restore
+from .transitions import Table
 
 log = logging.getLogger("ferry.replica")
 
-CHECKPOINT_BYTES = 256 * 1024 * 1024
 DEFAULT_HISTORY = 4 * 3600
 DEFAULT_JOURNAL_MAX = 50 * 1024 ** 3
 
@@ -94,6 +69,28 @@ class NoConsistentState(NotFound):
     pass
 
 
+class GroupState(enum.Enum):
+    OPENING = "opening"
+    RECEIVING = "receiving"
+    FAILED_OVER = "failed-over"
+    CLOSED = "closed"
+
+
+class GroupEvent(enum.Enum):
+    OPENED = "opened"
+    FAILOVER = "failover"
+    CLOSE = "close"
+
+
+LIFE = Table[GroupState, GroupEvent]("a target group", {
+    (GroupState.OPENING, GroupEvent.OPENED): GroupState.RECEIVING,
+    (GroupState.OPENING, GroupEvent.FAILOVER): GroupState.FAILED_OVER,
+    (GroupState.RECEIVING, GroupEvent.FAILOVER): GroupState.FAILED_OVER,
+    (GroupState.RECEIVING, GroupEvent.CLOSE): GroupState.CLOSED,
+    (GroupState.FAILED_OVER, GroupEvent.CLOSE): GroupState.CLOSED,
+})
+
+
 @dataclass
 class DiskState:
     name: str
@@ -102,182 +99,134 @@ class DiskState:
     seq: int = 0
     applied_gen: int = 0    # newest record applied to the replica
     applied_seq: int = 0
-    ever_consistent: bool = False
-    holding: bool = False   # the applier waits for this disk's resync to end
-    consistent_pending: int = 0  # CONSISTENT markers journaled but not yet applied
-    extra: Dict[str, Any] = field(default_factory=dict)
 
 
-class _Head:
-    """Where an applier with no window would stop: each disk's newest whole point.
-
-    Kept incrementally (status asks often, and the journal can hold millions of records):
-    it scans index entries once, from the replicas' point, and waits at a record written
-    during a resync until that disk's ``consistent`` marker is journaled (the hold-back
-    rule of the applier)."""
-
-    def __init__(self, group: TargetGroup) -> None:
-        self.segno, self.i = group.applied[0], -1  # -1: find the first entry at applied
-        self.offset = group.applied[1]
-        self.points = [(d.applied_gen, d.applied_seq) for d in group.disks]
-        self.ever = [d.ever_consistent for d in group.disks]
-        self.ahead = [0] * len(group.disks)  # consistent markers journaled past the scan
-        for segno in group.journal.segments():
-            if segno < self.segno:
-                continue
-            for e in jindex.entries(group.journal.index(segno)):
-                if e[1] == KIND_CONSISTENT and (segno > self.segno or e[8] >= self.offset):
-                    self.ahead[e[0]] += 1
-        self.held = False
-
-    def appended(self, records: List[JRecord]) -> None:
-        for r in records:
-            if r.kind == KIND_CONSISTENT:
-                self.ahead[r.disk] += 1
-
-    def advance(self, journal: Journal) -> None:
-        segments = journal.segments()
-        while True:
-            index = journal.index(self.segno)
-            n = len(index) // jindex.ENTRY.size
-            if self.i < 0:
-                self.i = 0
-                while self.i < n and jindex.ENTRY.unpack_from(
-                        index, self.i * jindex.ENTRY.size)[8] < self.offset:
-                    self.i += 1
-            while self.i < n:
-                disk, kind, flags, gen, _l, seq = jindex.ENTRY.unpack_from(
-                    index, self.i * jindex.ENTRY.size)[:6]
-                if kind < KIND_CHECKPOINT:
-                    if flags & FLAG_INCONSISTENT and self.ever[disk] and not self.ahead[disk]:
-                        self.held = True
-                        return
-                    if kind == KIND_CONSISTENT:
-                        self.ahead[disk] -= 1
-                        self.ever[disk] = True
-                    self.points[disk] = (gen, seq)
-                self.i += 1
-            self.held = False
-            later = [s for s in segments if s > self.segno]
-            if not later:
-                return
-            self.segno, self.i, self.offset = later[0], 0, 0
+def check_disks(name: str, held: List[Tuple[str, int]], sent: List[Tuple[str, int]]) -> None:
+    """SizeMismatch unless the source sends the disks (names and sizes) held here."""
+    if held != sent:
+        raise SizeMismatch("group %s holds disks %s here; the source sent %s" % (
+            name, ", ".join("%s (%d bytes)" % d for d in held),
+            ", ".join("%s (%d bytes)" % d for d in sent)))
 
 
 class TargetGroup:
     def __init__(self, directory: str, name: str, disks: List[Tuple[str, int]],
                  protection: Optional[str] = None, history_s: Optional[float] = None,
-                 journal_max: Optional[int] = None, segment_max: int = SEGMENT_MAX) -> None:
+                 journal_max: Optional[int] = None, segment_max: int = SEGMENT_MAX,
+                 saved: Optional[meta.Meta] = None) -> None:
         """Open (or create) the group's storage; ``disks`` are (name, size) in group order.
 
         ``protection`` identifies one protection of the group on the source; a new one
         (the group was unprotected and protected again) starts a new stream: the journal is
-        dropped and the replicas wait for their initial sync, keeping their old content."""
+        dropped and the replicas wait for their initial sync, keeping their old content.
+        ``saved`` is its meta.json when the caller read it already (``reopen``)."""
         self.directory = directory
         self.name = name
+        self.state = GroupState.OPENING
         self._lock = threading.Lock()
         os.makedirs(os.path.join(directory, "replicas"), exist_ok=True)
-        self._meta_path = os.path.join(directory, "meta.json")
-        meta = self._read_meta()
+        m = (saved if saved is not None else meta.load(directory)) or {}
         # Every check before anything changes: a refused group keeps all it had.
-        held = [(d["name"], d["size"]) for d in meta.get("disks", [])]
-        if held and held != list(disks):
-            raise SizeMismatch("group %s holds disks %s here; the source sent %s" % (
-                name, ", ".join("%s (%d bytes)" % d for d in held),
-                ", ".join("%s (%d bytes)" % d for d in disks)))
+        if m.get("disks"):
+            check_disks(name, meta.disks(m), list(disks))
         self.history_s = float(history_s if history_s is not None
-                               else meta.get("history_s", DEFAULT_HISTORY))
+                               else m.get("history_s", DEFAULT_HISTORY))
         self.journal_max = int(journal_max if journal_max is not None
-                               else meta.get("journal_max", DEFAULT_JOURNAL_MAX))
-        self.tags: Dict[str, List[str]] = dict(meta.get("tags", {}))
-        self.failover: Optional[Dict[str, Any]] = meta.get("failover")
+                               else m.get("journal_max", DEFAULT_JOURNAL_MAX))
+        self.tags: Dict[str, List[str]] = dict(m.get("tags", {}))
+        self.failover: Optional[Dict[str, Any]] = m.get("failover")
         self.pins = 0            # open views and tests: nothing is promoted while > 0
-        self._last_status: Optional[Dict[str, Any]] = None
         self.short_history = False  # the journal limit keeps less than history_s
-        self.protection = meta.get("protection") if protection is None else protection
-        if meta and self.protection != meta.get("protection"):
+        self.protection = m.get("protection") if protection is None else protection
+        if m and self.protection != m.get("protection"):
             log.warning("group %s: a new protection replaces the old one; its replicas wait "
                         "for a full sync", name)
             shutil.rmtree(os.path.join(directory, "journal"), ignore_errors=True)
             shutil.rmtree(os.path.join(directory, "seeds"), ignore_errors=True)
-            meta = {"disks": [dict(d, applied_gen=0, applied_seq=0, ever_consistent=False)
-                              for d in meta.get("disks", [])]}
-        known = {d["name"]: d for d in meta.get("disks", [])}
-        self.disks: List[DiskState] = []
-        for dname, size in disks:
-            old = known.get(dname)
-            st = DiskState(dname, size)
+            m = {"disks": [dict(d, applied_gen=0, applied_seq=0, ever_consistent=False)
+                           for d in m.get("disks", [])]}
+        known = {d["name"]: d for d in m.get("disks", [])}
+        self.disks = [DiskState(dname, size) for dname, size in disks]
+        for st in self.disks:
+            old = known.get(st.name)
             if old is not None:
                 st.applied_gen, st.applied_seq = old["applied_gen"], old["applied_seq"]
-                st.ever_consistent = old["ever_consistent"]
             st.gen, st.seq = st.applied_gen, st.applied_seq
-            self.disks.append(st)
-        self._fds: List[int] = []
-        for st in self.disks:
-            path = self.replica_path(st.name)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            if os.fstat(fd).st_size != st.size:
-                os.ftruncate(fd, st.size)
-                os.fsync(fd)
-            self._fds.append(fd)
+        whole = [bool(known.get(st.name, {}).get("ever_consistent")) for st in self.disks]
+        self.fds = [self._open_replica(st) for st in self.disks]
         # New directories and files must survive a crash too.
-        _fsync_parent(os.path.join(directory, "replicas", "x"))
-        _fsync_parent(directory)
-        _fsync_parent(os.path.join(directory, "replicas"))
+        fsync_parent(os.path.join(directory, "replicas", "x"))
+        fsync_parent(directory)
+        fsync_parent(os.path.join(directory, "replicas"))
         self.journal = Journal(os.path.join(directory, "journal"), segment_max,
                                self._segment_age())
         if self.journal.dropped_tail:
             log.warning("group %s: dropped a torn journal tail of %d bytes",
                         name, self.journal.dropped_tail)
-        applied = meta.get("applied")
+        applied = m.get("applied")
         self.applied: Position = (applied[0], applied[1]) if applied else self.journal.start
-        if self.applied < self.journal.start:
-            self.applied = self.journal.start
-        self._since_checkpoint = 0
-        # meta.json's applied position and the disks' points there (see _save_meta), and
+        self.applied = max(self.applied, self.journal.start)
+        self.since_checkpoint = 0
+        # meta.json's applied position and the disks' points there (see save_meta), and
         # whether the journal holds records after it that a restart would apply again.
-        self._meta_point: Optional[Tuple[Position, List[Tuple[int, int]]]] = None
-        self._whole_after_meta = False
-        # A pre-seeded disk's seed lasts until its initial sync ends (agent/target/seeds.py).
+        self._meta_point: Optional[Tuple[Position, List[Point]]] = None
+        self.whole_after_meta = False
+        # A pre-seeded disk's seed lasts until its initial sync ends (seeds.py).
         self.seeds: List[Optional[seed.SeedMap]] = [
-            None if st.ever_consistent else seed.load(directory, st.name, st.size)
-            for st in self.disks]
-        for st, m in zip(self.disks, self.seeds):
-            if m is None:
+            None if w else seed.load(directory, st.name, st.size)
+            for st, w in zip(self.disks, whole)]
+        for st, sm in zip(self.disks, self.seeds):
+            if sm is None:
                 seed.drop(directory, st.name)
-        # Learn what the journal holds beyond the replicas, and its checkpoints.
         self.checkpoints: List[Checkpoint] = []
         self._load_checkpoints()
-        whole = False
+        # Learn what the journal holds beyond the replicas: the applier starts there.
+        self.gate = HoldBack(whole, [0] * len(self.disks))
+        after = False
         for rec, _pos in self.journal.read_from(self.applied):
             if rec.kind >= KIND_CHECKPOINT:
                 continue
             st = self.disks[rec.disk]
             st.gen, st.seq = rec.gen, rec.seq
-            if rec.kind == KIND_CONSISTENT:
-                st.consistent_pending += 1
-            whole = whole or rec.kind in (KIND_WRITE, KIND_ZERO, KIND_TRIM)
+            self.gate.journaled(rec.disk, rec.kind)
+            after = after or rec.kind in MAP_KINDS
             self._seed_note(rec)
-        self._save_meta(synced=True)  # the position it was loaded from
-        self._whole_after_meta = whole
-        self._head_state = _Head(self)
+        self.save_meta(synced=True)  # the position it was loaded from
+        self.whole_after_meta = after
+        self._head = applier.Head(self)
         if self.failover is None:
-            self._promote()
-        elif self.failover.get("state") != "done":
-            self._finish_failover()  # a crash stopped it half-way: do it again
+            self._go(GroupEvent.OPENED)
+            applier.promote(self)
+        else:
+            self._go(GroupEvent.FAILOVER)
+            if failover.state_of(self.failover) is not failover.State.DONE:
+                failover.finish(self)  # a crash stopped it half-way: do it again
+        self._snapshot: Dict[str, Any] = {}
+        self._publish()
+
+    @classmethod
+    def reopen(cls, directory: str, name: str) -> Optional[TargetGroup]:
+        """The group a directory holds, as its meta.json says; None when it has none."""
+        saved = meta.load(directory)
+        if saved is None:
+            return None
+        return cls(directory, name, meta.disks(saved), protection=saved.get("protection"),
+                   saved=saved)
+
+    def _go(self, event: GroupEvent) -> None:
+        self.state = LIFE.step(self.state, event)
+
+    def _open_replica(self, st: DiskState) -> int:
+        fd = os.open(self.replica_path(st.name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if os.fstat(fd).st_size != st.size:
+            os.ftruncate(fd, st.size)
+            os.fsync(fd)
+        return fd
 
     # -- paths and metadata --------------------------------------------------------------
 
     def replica_path(self, disk: str) -> str:
         return os.path.join(self.directory, "replicas", disk + ".img")
-
-    def _read_meta(self) -> Dict[str, Any]:
-        try:
-            with open(self._meta_path) as f:
-                meta: Dict[str, Any] = json.load(f)
-                return meta
-        except FileNotFoundError:
-            return {}
 
     def _segment_age(self) -> float:
         """Segments close at this age, so the window is trimmed in steps of about 1/8."""
@@ -288,7 +237,8 @@ class TargetGroup:
             if (history_s, journal_max) != (self.history_s, self.journal_max):
                 self.history_s, self.journal_max = float(history_s), int(journal_max)
                 self.journal.segment_age = self._segment_age()
-                self._save_meta()
+                self.save_meta()
+            self._publish()
 
     def _load_checkpoints(self) -> None:
         for segno in self.journal.segments():
@@ -300,16 +250,16 @@ class TargetGroup:
                     c.tags = self.tags.get(c.id, [])
                     self.checkpoints.append(c)
 
-    def _save_meta(self, synced: bool = False) -> None:
+    def save_meta(self, synced: bool = False) -> None:
         """Write meta.json. Its applied position (where a restart re-applies the journal
         from) moves only with ``synced``: when the replicas hold everything before
         ``applied`` durably; other saves (tags, limits) keep the last synced one."""
         if synced or self._meta_point is None:
             self._meta_point = (self.applied,
                                 [(d.applied_gen, d.applied_seq) for d in self.disks])
-            self._whole_after_meta = False
+            self.whole_after_meta = False
         applied, points = self._meta_point
-        meta = {
+        meta.save(self.directory, {
             "group": self.name,
             "protection": self.protection,
             "history_s": self.history_s,
@@ -318,10 +268,9 @@ class TargetGroup:
             "failover": self.failover,
             "applied": list(applied),
             "disks": [{"name": d.name, "size": d.size, "applied_gen": p[0],
-                       "applied_seq": p[1], "ever_consistent": d.ever_consistent}
-                      for d, p in zip(self.disks, points)],
-        }
-        write_atomic(self._meta_path, json.dumps(meta, indent=1).encode())
+                       "applied_seq": p[1], "ever_consistent": self.gate.whole(i)}
+                      for i, (d, p) in enumerate(zip(self.disks, points))],
+        })
 
     # -- receiving -----------------------------------------------------------------------
 
@@ -336,7 +285,7 @@ class TargetGroup:
         batch's (wall_ns, mono_ns), to give each checkpoint its source wall time (without
         them, each checkpoint keeps the ``wall_ns`` it has)."""
         with self._lock:
-            if self.failover is not None:
+            if self.state is not GroupState.RECEIVING:
                 raise ProtocolError("group %s failed over here; it takes no more changes"
                                     % self.name)
             fresh = self._check(records)
@@ -362,20 +311,20 @@ class TargetGroup:
                                        data))
                 new_cps.append(c)
             if fresh or markers:
-                fresh = self._apply_initial(fresh)
-                if any(r.kind in (KIND_WRITE, KIND_ZERO, KIND_TRIM) for r in fresh):
-                    self._whole_after_meta = True  # a restart would re-apply them
+                fresh = applier.apply_initial(self, fresh)
+                if any(r.kind in MAP_KINDS for r in fresh):
+                    self.whole_after_meta = True  # a restart would re-apply them
                 self.journal.append(fresh + markers)
                 for r in fresh:
                     st = self.disks[r.disk]
                     st.gen, st.seq = r.gen, r.seq
-                    if r.kind == KIND_CONSISTENT:
-                        st.consistent_pending += 1
+                    self.gate.journaled(r.disk, r.kind)
                     self._seed_note(r)
                 self.checkpoints.extend(new_cps)
-                self._head_state.appended(fresh)
-                self._head()
-                self._promote()
+                self._head.appended(fresh)
+                self._newest()
+                applier.promote(self)
+                self._publish()
             return len(fresh), ids
 
     def _check(self, records: List[JRecord]) -> List[JRecord]:
@@ -448,202 +397,33 @@ class TargetGroup:
 
     # -- applying ------------------------------------------------------------------------
 
-    def _apply_initial(self, records: List[JRecord]) -> List[JRecord]:
-        """Write the changes of disks in their initial sync straight to their replicas
-        (durable when it returns) and give them back as KIND_APPLIED records; the others
-        as they were (see the module)."""
-        if self.pins or self.failover is not None or self.applied != self.journal.end:
-            return records
-        direct = {i for i, (st, m) in enumerate(zip(self.disks, self.seeds))
-                  if not st.ever_consistent and not st.consistent_pending and m is None}
-        if not direct:
-            return records
-        if self._whole_after_meta:
-            # A restart would re-apply the journal from meta.json's position, and records
-            # journaled whole since then would land on top of what goes straight to the
-            # replicas now: make them durable and move that position to the journal's end.
-            self._checkpoint()
-            if self.applied != self.journal.end or self._whole_after_meta:
-                return records
-        # The applier's hold-back rule, followed through the batch: from a record it would
-        # hold back on, the rest waits in the journal as usual, in journal order.
-        ever = [st.ever_consistent for st in self.disks]
-        pending = [st.consistent_pending for st in self.disks]
-        for r in records:
-            if r.kind == KIND_CONSISTENT:
-                pending[r.disk] += 1
-        out: List[JRecord] = []
-        written = set()
-        for n, r in enumerate(records):
-            if r.flags & FLAG_INCONSISTENT and ever[r.disk] and not pending[r.disk]:
-                out.extend(records[n:])
-                break
-            if r.kind == KIND_CONSISTENT:
-                pending[r.disk] -= 1
-                ever[r.disk] = True
-                direct.discard(r.disk)  # whole from here: its changes keep their data
-            elif r.disk in direct and r.kind in (KIND_WRITE, KIND_ZERO, KIND_TRIM):
-                self._write_record(self._fds[r.disk], r)
-                written.add(r.disk)
-                r = replace(r, kind=KIND_APPLIED, data=None)
-            out.append(r)
-        for i in sorted(written):
-            os.fdatasync(self._fds[i])
-        return out
-
-    @staticmethod
-    def _write_record(fd: int, rec: JRecord) -> None:
-        if rec.kind == KIND_WRITE:
-            assert rec.data is not None
-            view = memoryview(rec.data)
-            off = rec.offset
-            while view:
-                n = os.pwrite(fd, view, off)
-                view, off = view[n:], off + n
-        elif rec.length:
-            fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, rec.offset, rec.length)
-
     def _apply(self, stop: Optional[Position] = None) -> None:
-        pos = self.applied
-        for rec, after in self.journal.read_from(pos, stop):
-            if rec.kind >= KIND_CHECKPOINT:
-                pos = after
-                continue
-            st = self.disks[rec.disk]
-            if rec.flags & FLAG_INCONSISTENT and st.ever_consistent and not st.consistent_pending:
-                if not st.holding:
-                    log.info("group %s: disk %s is resyncing; its replica stays at %d/%d "
-                             "until the resync ends", self.name, st.name, st.applied_gen,
-                             st.applied_seq)
-                st.holding = True
-                break
-            if rec.kind in (KIND_WRITE, KIND_ZERO, KIND_TRIM):
-                self._write_record(self._fds[rec.disk], rec)
-                self._since_checkpoint += rec.length if rec.kind == KIND_WRITE else 0
-            elif rec.kind == KIND_APPLIED:
-                self._since_checkpoint += rec.length  # in the replica already
-            elif rec.kind == KIND_CONSISTENT:
-                st.consistent_pending -= 1
-                st.ever_consistent = True
-                st.holding = False
-            st.applied_gen, st.applied_seq = rec.gen, rec.seq
-            pos = after
-            if self._since_checkpoint >= CHECKPOINT_BYTES:
-                self.applied = pos
-                self._checkpoint()
-        # A checkpoint at a segment's end moved ``applied`` on to the next segment and
-        # dropped this one: never step back onto it.
-        self.applied = max(self.applied, pos)
-
-    def _checkpoint(self) -> None:
-        if self.failover is not None:
-            return  # the replicas are live disks now: nothing moves in the journal
-        for fd in self._fds:
-            os.fdatasync(fd)
-        for st, m in zip(self.disks, self.seeds):
-            if m is not None and m.changed:
-                seed.save_touched(self.directory, st.name, m)
-        segments = self.journal.segments()
-        if self.applied[0] != segments[-1] and \
-                self.applied[1] >= self.journal.segment_size(self.applied[0]):
-            # A whole segment applied: start at the next one, so this one can go.
-            self.applied = (segments[segments.index(self.applied[0]) + 1], 0)
-        self._save_meta(synced=True)
-        self.journal.drop_before(self.applied[0])
-        self._since_checkpoint = 0
-        before = len(self.checkpoints)
-        self.checkpoints = [c for c in self.checkpoints if self._reachable(c)]
-        if len(self.checkpoints) != before:
-            log.debug("group %s: %d checkpoints left the window", self.name,
-                      before - len(self.checkpoints))
-
-    def _reachable(self, c: Checkpoint) -> bool:
-        return all((d.applied_gen, d.applied_seq) <= cut for d, cut in zip(self.disks, c.cut))
-
-    def _eager(self) -> bool:
-        """Before every disk was whole once there is no point in time worth keeping."""
-        return not all(d.ever_consistent for d in self.disks)
-
-    def _promote(self) -> None:
-        """Apply what leaves the window or passes the journal's limit (see the module)."""
-        if self.pins:
-            return
-        if self._eager():
-            self._apply()
-            if self._eager():
-                return
-            self._checkpoint()  # the first whole state: history starts here
-            return
-        segments = self.journal.segments()
-        total = self.journal.size()
-        now = time.time()
-        limit = self.applied
-        over_limit = False   # a segment inside the window goes for the limit
-        aged_out = False     # a segment goes because it left the window
-        for segno in segments:
-            if segno < self.applied[0]:
-                continue
-            old = self.journal.segment_mtime(segno) < now - self.history_s
-            over = total > self.journal_max
-            if not (old or over):
-                break
-            if segno == segments[-1]:
-                if not over or self.journal.segment_size(segno) == 0:
-                    break
-                self.journal.rotate()  # the limit needs even the newest records applied
-                segments = self.journal.segments()
-            over_limit = over_limit or not old
-            aged_out = aged_out or old
-            limit = (segments[segments.index(segno) + 1], 0)
-            total -= self.journal.segment_size(segno)
-        short = True if over_limit else (False if aged_out else self.short_history)
-        if short != self.short_history:
-            self.short_history = short
-            if short:
-                log.warning("group %s: ALERT: the journal reached its limit of %d bytes; it "
-                            "keeps less than the configured history of %g s", self.name,
-                            self.journal_max, self.history_s)
-            else:
-                log.info("group %s: the journal keeps the configured history again",
-                         self.name)
-        if limit > self.applied:
-            before = self.applied
-            self._apply(limit)
-            if self.applied != before:  # a resync's hold-back may stop it where it was
-                self._checkpoint()
+        applier.apply(self, stop)
 
     def maintain(self) -> None:
         """Promote what aged out of the window (called now and then, not only on batches)."""
         with self._lock:
-            if self.failover is None:
-                self._promote()
+            if self.state is GroupState.RECEIVING:
+                applier.promote(self)
+            self._publish()
 
     def checkpoint(self) -> None:
         with self._lock:
-            self._checkpoint()
+            applier.checkpoint(self)
+            self._publish()
 
     # -- reading -------------------------------------------------------------------------
 
-    def _entries_from(self, pos: Position) -> Iterator[Tuple[int, Tuple[int, ...]]]:
-        """(segment, index entry) of every record from ``pos`` on, in journal order."""
-        for segno in self.journal.segments():
-            if segno < pos[0]:
-                continue
-            for e in jindex.entries(self.journal.index(segno)):
-                if segno == pos[0] and e[8] < pos[1]:
-                    continue
-                yield segno, e
-
-    def _head(self) -> Tuple[List[Point], bool]:
+    def _newest(self) -> Tuple[List[Point], bool]:
         """Each disk's newest point that is whole (where an applier with no window would
         stop), and whether a resync holds it back."""
-        h = self._head_state
+        h = self._head
         if h.segno not in self.journal.segments():
-            h = self._head_state = _Head(self)  # the applier deleted where it stood
+            h = self._head = applier.Head(self)  # the applier deleted where it stood
         h.advance(self.journal)
         return list(h.points), h.held
 
-    def _index_of(self, disk: str) -> int:
+    def index_of(self, disk: str) -> int:
         for i, st in enumerate(self.disks):
             if st.name == disk:
                 return i
@@ -654,61 +434,23 @@ class TargetGroup:
               ) -> Tuple[Optional[Checkpoint], List[Point], bool]:
         """The checkpoint chosen (None: the newest whole state), each disk's cut, and
         whether a resync holds the newest state back. Call with the lock held."""
-        for st in self.disks:
-            if not st.ever_consistent:
+        for i, st in enumerate(self.disks):
+            if not self.gate.whole(i):
                 raise NoConsistentState(
                     "disk %s of group %s has no consistent state yet: its initial sync has "
                     "not ended" % (st.name, self.name))
         if ref is None and at_wall_ns is None:
-            points, held = self._head()
+            points, held = self._newest()
             return None, points, held
-        from ..checkpoints import choose
         c = choose(self.checkpoints, ref, at_wall_ns)
         return c, list(c.cut), False
-
-    def _overlay(self, index: int, upto: Point) -> Iterator[Tuple[int, Tuple[int, ...]]]:
-        """The journal records of disk ``index`` between the replica and ``upto``."""
-        st = self.disks[index]
-        base = (st.applied_gen, st.applied_seq)
-        for segno, e in self._entries_from(self.applied):
-            if e[0] == index and e[1] < KIND_CHECKPOINT and base < (e[3], e[5]) <= upto:
-                yield segno, e
-
-    def _write_overlay(self, fd: int, index: int, upto: Point) -> None:
-        """Apply to ``fd`` the records of disk ``index`` up to ``upto`` (journal order)."""
-        for segno, e in self._overlay(index, upto):
-            kind, offset, length = e[1], e[6], e[4]
-            if kind == KIND_WRITE:
-                rec = self.journal.read_at(segno, e[8])
-                assert rec.data is not None
-                view = memoryview(rec.data)
-                while view:
-                    n = os.pwrite(fd, view, offset)
-                    view, offset = view[n:], offset + n
-            elif kind in (KIND_ZERO, KIND_TRIM):
-                fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
 
     def restore(self, disk: str, dest: str, ref: Optional[str] = None,
                 at_wall_ns: Optional[int] = None) -> Dict[str, Any]:
         """Write ``disk`` as of a checkpoint (default: its newest consistent state) to the
-        new file ``dest``; durable (data and name) when it returns."""
+        new file ``dest``; durable (data and name) when it returns (``restore.py``)."""
         with self._lock:
-            index = self._index_of(disk)
-            st = self.disks[index]
-            c, cut, held = self.point(ref, at_wall_ns)
-            tmp = dest + ".ferry-partial"
-            _sparse_copy(self.replica_path(disk), tmp, st.size)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                self._write_overlay(fd, index, cut[index])
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, dest)
-            _fsync_parent(dest)
-            return {"group": self.name, "disk": disk, "to": dest, "size": st.size,
-                    "gen": cut[index][0], "seq": cut[index][1], "resyncing": held,
-                    "checkpoint": c.to_json() if c else None}
+            return restore(self, disk, dest, ref, at_wall_ns)
 
     def view_spec(self, ref: Optional[str], at_wall_ns: Optional[int]
                   ) -> Tuple[Optional[Checkpoint], List[Dict[str, Any]]]:
@@ -717,6 +459,7 @@ class TargetGroup:
         with self._lock:
             c, cut, _held = self.point(ref, at_wall_ns)
             self.pins += 1
+            self._publish()
             segments = [[segno, self.journal.path(segno), self.journal.segment_size(segno)]
                         for segno in self.journal.segments() if segno >= self.applied[0]]
             specs = []
@@ -727,43 +470,25 @@ class TargetGroup:
                               "segments": segments})
             return c, specs
 
-    def failover_live(self, ref: Optional[str], at_wall_ns: Optional[int]) -> Dict[str, Any]:
-        """Make the replicas the disks as of a point (default: the newest consistent state)
-        and take no more changes. Durable when it returns; a crash half-way is finished
-        when the group is opened again (the same records are applied again, in order)."""
-        with self._lock:
-            if self.failover is not None:
-                raise CheckpointError("group %s already failed over here" % self.name)
-            if self.pins:
-                raise CheckpointError("group %s has views or a test failover open; close them "
-                                      "first" % self.name)
-            c, cut, _held = self.point(ref, at_wall_ns)
-            self.failover = {"state": "applying", "checkpoint": c.to_json() if c else None,
-                             "cut": [list(p) for p in cut], "wall_ns": time.time_ns()}
-            self._save_meta()
-            self._finish_failover()
-            return dict(self.failover)
-
-    def _finish_failover(self) -> None:
-        assert self.failover is not None
-        cut = [(p[0], p[1]) for p in self.failover["cut"]]
-        for i, fd in enumerate(self._fds):
-            self._write_overlay(fd, i, cut[i])
-            os.fdatasync(fd)
-        data = json.dumps(self.failover, sort_keys=True).encode()
-        self.journal.append([JRecord(0, 0, 0, KIND_FAILOVER, 0, 0, len(data), 0, data)])
-        for st, p in zip(self.disks, cut):
-            st.applied_gen, st.applied_seq = p
-        self.failover["state"] = "done"
-        self._save_meta(synced=True)  # the replicas were fdatasynced at the cut
-        c = self.failover.get("checkpoint")
-        log.warning("group %s: FAILED OVER LIVE at %s; its replicas are the live disks now and "
-                    "replication of it has stopped", self.name,
-                    "checkpoint %s" % c["id"] if c else "its newest consistent state")
-
     def unpin(self) -> None:
         with self._lock:
             self.pins = max(0, self.pins - 1)
+            self._publish()
+
+    # -- failover, tags ------------------------------------------------------------------
+
+    def failover_live(self, ref: Optional[str], at_wall_ns: Optional[int]) -> Dict[str, Any]:
+        """Make the replicas the live disks as of a point (``failover.py``)."""
+        with self._lock:
+            try:
+                return failover.live(self, ref, at_wall_ns)
+            finally:
+                self._publish()
+
+    def failed_over(self, record: Dict[str, Any]) -> None:
+        """The group takes no more changes: ``record`` is its failover (failover.py)."""
+        self._go(GroupEvent.FAILOVER)
+        self.failover = record
 
     def add_tag(self, cid: str, tag: str) -> None:
         with self._lock:
@@ -773,56 +498,50 @@ class TargetGroup:
                 for c in self.checkpoints:
                     if c.id == cid:
                         c.tags = tags
-                self._save_meta()
+                self.save_meta()
+            self._publish()
 
     def list_checkpoints(self) -> List[Dict[str, Any]]:
         with self._lock:
             return [c.to_json() for c in self.checkpoints]
 
-    def _disk(self, name: str) -> DiskState:
-        for st in self.disks:
-            if st.name == name:
-                return st
-        raise NotFound("group %s has no disk %s" % (self.name, name))
+    # -- status --------------------------------------------------------------------------
 
     def status(self) -> Dict[str, Any]:
-        """The group's status. It is asked from the agent's event loop: while the lock is
-        busy (a batch, a long restore) the last answer is given again, marked ``stale``."""
-        if not self._lock.acquire(timeout=0.2):
-            if self._last_status is None:
-                return {"stale": True, "disks": {}, "journal_bytes": 0}
-            return dict(self._last_status, stale=True)
-        try:
-            self._last_status = self._status()
-            return self._last_status
-        finally:
-            self._lock.release()
+        """The group's status as of its last change (never waits for the lock: it is
+        asked from the agent's event loop)."""
+        snap = self._snapshot
+        out = dict(snap)
+        oldest = snap["oldest_checkpoint"]
+        out["history_covered_s"] = round((time.time_ns() - oldest["wall_ns"]) / 1e9, 3) \
+            if oldest else 0.0
+        out["disks"] = {k: dict(v) for k, v in snap["disks"].items()}
+        return out
 
-    def _status(self) -> Dict[str, Any]:
-        head, held = self._head()
-        now_ns = time.time_ns()
+    def _publish(self) -> None:
+        """A new status snapshot, as things stand (call with the lock held)."""
+        head, held = self._newest()
         oldest = self.checkpoints[0] if self.checkpoints else None
         newest = self.checkpoints[-1] if self.checkpoints else None
-        covered = (now_ns - oldest.wall_ns) / 1e9 if oldest else 0.0
         untouched = [m.untouched() if m is not None else None for m in self.seeds]
-        return {
+        self._snapshot = {
             "journal_bytes": self.journal.size(),
             "journal_segments": len(self.journal.segments()),
             "history_s": self.history_s,
             "journal_max": self.journal_max,
-            "history_covered_s": round(covered, 3),
+            "history_covered_s": 0.0,  # from oldest_checkpoint when read
             "history_short": self.short_history,
             "checkpoints": len(self.checkpoints),
             "oldest_checkpoint": oldest.to_json() if oldest else None,
             "newest_checkpoint": newest.to_json() if newest else None,
             "views_open": self.pins,
-            "failover": self.failover,
+            "failover": dict(self.failover) if self.failover is not None else None,
             "disks": {d.name: {"size": d.size, "durable_gen": d.gen, "durable_seq": d.seq,
                                "applied_gen": d.applied_gen,
                                "applied_seq": d.applied_seq,
                                "newest_gen": head[i][0], "newest_seq": head[i][1],
-                               "consistent": d.ever_consistent and not held,
-                               "ever_consistent": d.ever_consistent,
+                               "consistent": self.gate.whole(i) and not held,
+                               "ever_consistent": self.gate.whole(i),
                                "seed_untouched_chunks": untouched[i],
                                "replica": self.replica_path(d.name)}
                       for i, d in enumerate(self.disks)},
@@ -830,53 +549,15 @@ class TargetGroup:
 
     def close(self) -> None:
         with self._lock:
-            self._checkpoint()
-            for fd in self._fds:
+            if self.state is GroupState.CLOSED:
+                return
+            applier.checkpoint(self)
+            for fd in self.fds:
                 os.close(fd)
-            self._fds = []
+            self.fds = []
             self.journal.close()
+            self._go(GroupEvent.CLOSE)
 
     def remove(self) -> None:
         self.close()
         shutil.rmtree(self.directory)
-
-
-def _sparse_copy(src: str, dest: str, size: int) -> None:
-    """Copy ``src`` to the new file ``dest`` keeping holes; durable when it returns."""
-    sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        dfd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            os.ftruncate(dfd, size)
-            pos = 0
-            while pos < size:
-                try:
-                    data = os.lseek(sfd, pos, os.SEEK_DATA)
-                except OSError as e:
-                    if e.errno == errno.ENXIO:
-                        break  # only a hole after pos
-                    raise
-                hole = min(os.lseek(sfd, data, os.SEEK_HOLE), size)
-                off = data
-                while off < hole:
-                    n = os.copy_file_range(sfd, dfd, hole - off, off, off)
-                    if n == 0:
-                        raise OSError(errno.EIO, "%s ended early at byte %d" % (src, off))
-                    off += n
-                pos = hole
-            os.fdatasync(dfd)
-        finally:
-            os.close(dfd)
-    finally:
-        os.close(sfd)
-    _fsync_parent(dest)
-
-
-def open_or_none(directory: str) -> Optional[Dict[str, Any]]:
-    """The saved metadata of a group directory, if any."""
-    try:
-        with open(os.path.join(directory, "meta.json")) as f:
-            meta: Dict[str, Any] = json.load(f)
-            return meta
-    except FileNotFoundError:
-        return None

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import stat
 import struct
-from typing import Iterator, Optional, Tuple
+import time
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import xxhash
 
@@ -37,8 +39,10 @@ from ..seed import (
     range_digest,
 )
 
-__all__ = ["CHUNK", "SeedError", "SeedMap", "adopt", "check_file", "drop", "load",
-           "save_digests", "save_touched", "seed_paths"]
+__all__ = ["CHUNK", "SeedError", "SeedMap", "adopt", "adopt_group", "check_file", "drop",
+           "load", "save_digests", "save_touched", "seed_paths"]
+
+log = logging.getLogger("ferry.target")
 
 FRAME_CHUNKS = 65536       # digests per SEED frame (1 MiB of them)
 
@@ -295,3 +299,17 @@ def _extents(fd: int, size: int, chunk: int) -> Iterator[Tuple[int, int, bool]]:
         hole = min(size, -(-hole // chunk) * chunk)
         yield start, hole, True
         pos = hole
+
+
+def adopt_group(directory: str, group: str, disks: List[Tuple[str, int]],
+                seeds: Dict[str, str]) -> None:
+    """Start a new group's replicas from the admin's seed files (``adopt``); each seed's
+    digests are saved once its replica is whole."""
+    sizes = dict(disks)
+    os.makedirs(os.path.join(directory, "replicas"), exist_ok=True)
+    for dname, path in sorted(seeds.items()):
+        started = time.monotonic()
+        m = adopt(path, os.path.join(directory, "replicas", dname + ".img"), sizes[dname])
+        save_digests(directory, dname, m)  # only once its replica is whole
+        log.info("group %s: disk %s starts from the seed %s (%d bytes adopted in %.1f s)",
+                 group, dname, path, sizes[dname], time.monotonic() - started)

@@ -9,35 +9,29 @@ frame that does not hold together ends the connection with an ERROR frame and a 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
-import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import trio
 
-from formats.localwire import KIND_WRITE
-
 from .. import checkpoints
-from ..errors import Conflict, NotFound
+from ..errors import NotFound, StorageError
 from ..pairing import Refused, Trust
-from ..protocol import batch, frames
-from ..protocol.stream import FrameStream, keepalive, race
+from ..protocol import frames
+from ..protocol.stream import FrameStream, keepalive
+from . import intake
 from . import seeds as seed
-from .group import NoConsistentState, SizeMismatch, TargetGroup
-from .journal import JournalCorrupt
+from .group import NoConsistentState, SizeMismatch, TargetGroup, check_disks
+from .messages import parse_limits, parse_open, parse_seeds
+from .restore import check_dest
 from .views import Views
 
 log = logging.getLogger("ferry.target")
 
 PROTOCOL = 1
 HANDSHAKE_TIMEOUT = 10.0
-RECEIVE_AHEAD = 4                     # frames read and checked ahead of the journal
-GROUP_COMMIT_BYTES = 16 * 1024 * 1024  # at most this much data in one journal append
 MAINTAIN_INTERVAL = 1.0  # promotion of what aged out of the window, without batches
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 class TargetSite:
@@ -57,23 +51,19 @@ class TargetSite:
     def load(self) -> None:
         """Open every group this site already holds (restore works without a source)."""
         for name in sorted(os.listdir(self.root)):
-            meta_path = os.path.join(self.root, name, "meta.json")
-            if not os.path.exists(meta_path):
-                continue
             try:
-                with open(meta_path) as f:
-                    meta = json.load(f)
-                disks = [(d["name"], d["size"]) for d in meta.get("disks", [])]
-                self.groups[name] = TargetGroup(os.path.join(self.root, name), name, disks,
-                                                protection=meta.get("protection"))
-            except (OSError, ValueError, KeyError, TypeError, JournalCorrupt) as e:
+                group = TargetGroup.reopen(os.path.join(self.root, name), name)
+            except (OSError, ValueError, KeyError, TypeError, StorageError) as e:
                 # One damaged group must not keep the others (or the agent) down.
                 log.error("group %s cannot be opened and is not served: %s: %s",
                           name, type(e).__name__, e)
                 self.broken[name] = "%s: %s" % (type(e).__name__, e)
                 continue
-            log.info("holding group %s (%d disks)", name, len(disks))
-            if self.groups[name].failover is not None:
+            if group is None:
+                continue  # no meta.json: not a group
+            self.groups[name] = group
+            log.info("holding group %s (%d disks)", name, len(group.disks))
+            if group.failover is not None:
                 self.views.serve_live(self.groups[name])
 
     def close(self) -> None:
@@ -118,72 +108,20 @@ class TargetSite:
                 if self.trust is not None:
                     conn, paired, is_tls = await self.trust.accept(stream, peer)
                     fs = FrameStream(conn, peer)
-                ftype, hello = await fs.receive()
-                if ftype == frames.T_PAIR and self.trust is not None:
-                    await self.trust.answer_pair(fs, hello, fs.stream, is_tls, peer)
-                    return
-                if ftype != frames.T_HELLO:
-                    raise frames.ProtocolError("expected HELLO, got %s" % frames.TYPE_NAMES[ftype])
-                if is_tls and paired is None:
-                    await fs.send_error(frames.E_UNPAIRED, "this site is not paired with yours; "
-                                        "pair them first (ferry pair-token, ferry pair)")
-                    raise Refused("refusing %s: TLS without a paired site's certificate" % peer)
-                if frames.field(hello, "protocol", int) != PROTOCOL:
-                    raise frames.ProtocolError("protocol %r, this agent speaks %d"
-                                             % (hello.get("protocol"), PROTOCOL))
-                await fs.send(frames.T_WELCOME, {"protocol": PROTOCOL, "site": self.site})
-                opened = await fs.expect(frames.T_OPEN)
+                opened = await self._handshake(fs, paired, is_tls, peer)
             if handshake.cancelled_caught:
                 raise frames.ProtocolError("no handshake within %g s" % self.handshake_timeout)
-            group_name, disks, protection = _parse_open(opened)
-            limits = _parse_limits(opened)
-            seeds = _parse_seeds(opened)
+            if opened is None:
+                return  # a pairing request, answered
+            group_name, disks, protection = parse_open(opened)
+            limits = parse_limits(opened)
+            seeds = parse_seeds(opened)
             if opened.get("probe"):
-                # protect asks whether it may: answer, change nothing.
-                try:
-                    durable = self._probe(group_name, disks, protection)
-                except SizeMismatch as e:
-                    log.error("refusing group %s from %s: %s", group_name, peer, e)
-                    await fs.send_error(frames.E_SIZE_MISMATCH, str(e))
-                    return
-                await self._check_seeds(group_name, disks, protection, seeds)
-                await fs.send(frames.T_OPENED, {"group": group_name, "durable": durable})
+                await self._answer_probe(fs, peer, group_name, disks, protection, seeds)
                 return
             with scope:
-                try:
-                    held = self.groups.get(group_name)
-                    if held is not None:
-                        _check_disks(held, disks)  # a refused source leaves the session be
-                    await self._check_seeds(group_name, disks, protection, seeds)
-                    self._take_over(group_name, scope)
-                    group = await self._open_group(group_name, disks, protection, seeds)
-                    if limits is not None:
-                        await trio.to_thread.run_sync(group.set_limits, *limits)
-                except SizeMismatch as e:
-                    log.error("refusing group %s from %s: %s", group_name, peer, e)
-                    await fs.send_error(frames.E_SIZE_MISMATCH, str(e))
-                    return
-                if group.failover is not None:
-                    log.warning("refusing group %s from %s: it failed over here", group_name,
-                                peer)
-                    await fs.send_error(frames.E_BAD_GROUP, "group %s failed over on the target "
-                                        "site; it takes no more changes" % group_name)
-                    return
-                durable_now, seeded = await trio.to_thread.run_sync(group.seed_frames)
-                opened_body: Dict[str, Any] = {"group": group_name,
-                                               "durable": [list(d) for d in durable_now]}
-                seeded = seeded if seeds is not None else []  # a source that reads them
-                if seeded:
-                    opened_body["seed_frames"] = len(seeded)
-                await fs.send(frames.T_OPENED, opened_body)
-                for disk, chunk, first, digests, touched in seeded:
-                    await fs.send(frames.T_SEED, {"group": group_name, "disk": disk,
-                                                "chunk": chunk, "first": first,
-                                                "digests": digests, "touched": touched})
-                log.info("replicating group %s from %s", group_name, peer)
-                self._sessions[group_name] = {"peer": peer, "batches": 0, "records": 0,
-                                              "bytes": 0}
-                await self._receive_batches(fs, group)
+                await self._session(fs, peer, scope, group_name, disks, protection, limits,
+                                    seeds)
         except Refused as e:
             log.warning("%s", e)
         except frames.RemoteError as e:
@@ -210,6 +148,78 @@ class TargetSite:
                 del self._owners[group_name]
                 self._sessions.pop(group_name, None)
             await fs.aclose()
+
+    async def _handshake(self, fs: FrameStream, paired: Optional[bytes], is_tls: bool,
+                         peer: str) -> Optional[Dict[str, Any]]:
+        """HELLO/WELCOME, then the OPEN body; None when the peer asked to pair instead
+        (answered here)."""
+        ftype, hello = await fs.receive()
+        if ftype == frames.T_PAIR and self.trust is not None:
+            await self.trust.answer_pair(fs, hello, fs.stream, is_tls, peer)
+            return None
+        if ftype != frames.T_HELLO:
+            raise frames.ProtocolError("expected HELLO, got %s" % frames.TYPE_NAMES[ftype])
+        if is_tls and paired is None:
+            await fs.send_error(frames.E_UNPAIRED, "this site is not paired with yours; "
+                                "pair them first (ferry pair-token, ferry pair)")
+            raise Refused("refusing %s: TLS without a paired site's certificate" % peer)
+        if frames.field(hello, "protocol", int) != PROTOCOL:
+            raise frames.ProtocolError("protocol %r, this agent speaks %d"
+                                       % (hello.get("protocol"), PROTOCOL))
+        await fs.send(frames.T_WELCOME, {"protocol": PROTOCOL, "site": self.site})
+        return await fs.expect(frames.T_OPEN)
+
+    async def _answer_probe(self, fs: FrameStream, peer: str, name: str,
+                            disks: List[Tuple[str, int]], protection: str,
+                            seeds: Optional[Dict[str, str]]) -> None:
+        """protect asks whether it may: answer, change nothing."""
+        try:
+            durable = self._probe(name, disks, protection)
+        except SizeMismatch as e:
+            log.error("refusing group %s from %s: %s", name, peer, e)
+            await fs.send_error(frames.E_SIZE_MISMATCH, str(e))
+            return
+        await self._check_seeds(name, disks, protection, seeds)
+        await fs.send(frames.T_OPENED, {"group": name, "durable": durable})
+
+    async def _session(self, fs: FrameStream, peer: str, scope: trio.CancelScope,
+                       group_name: str, disks: List[Tuple[str, int]], protection: str,
+                       limits: Optional[Tuple[float, int]],
+                       seeds: Optional[Dict[str, str]]) -> None:
+        """OPENED (and the SEED frames) for an OPEN, then the batches until it ends."""
+        try:
+            held = self.groups.get(group_name)
+            if held is not None:
+                _check_disks(held, disks)  # a refused source leaves the session be
+            await self._check_seeds(group_name, disks, protection, seeds)
+            self._take_over(group_name, scope)
+            group = await self._open_group(group_name, disks, protection, seeds)
+            if limits is not None:
+                await trio.to_thread.run_sync(group.set_limits, *limits)
+        except SizeMismatch as e:
+            log.error("refusing group %s from %s: %s", group_name, peer, e)
+            await fs.send_error(frames.E_SIZE_MISMATCH, str(e))
+            return
+        if group.failover is not None:
+            log.warning("refusing group %s from %s: it failed over here", group_name, peer)
+            await fs.send_error(frames.E_BAD_GROUP, "group %s failed over on the target "
+                                "site; it takes no more changes" % group_name)
+            return
+        durable_now, seeded = await trio.to_thread.run_sync(group.seed_frames)
+        opened_body: Dict[str, Any] = {"group": group_name,
+                                       "durable": [list(d) for d in durable_now]}
+        seeded = seeded if seeds is not None else []  # a source that reads them
+        if seeded:
+            opened_body["seed_frames"] = len(seeded)
+        await fs.send(frames.T_OPENED, opened_body)
+        for disk, chunk, first, digests, touched in seeded:
+            await fs.send(frames.T_SEED, {"group": group_name, "disk": disk,
+                                          "chunk": chunk, "first": first,
+                                          "digests": digests, "touched": touched})
+        log.info("replicating group %s from %s", group_name, peer)
+        session = {"peer": peer, "batches": 0, "records": 0, "bytes": 0}
+        self._sessions[group_name] = session
+        await intake.receive(fs, group, session)
 
     def _take_over(self, name: str, scope: trio.CancelScope) -> None:
         """A new session for a group replaces an older one (the source reconnected)."""
@@ -263,68 +273,13 @@ class TargetSite:
                 await trio.to_thread.run_sync(group.close)
             elif seeds:
                 await self._check_seeds(name, disks, protection, seeds)
-                await trio.to_thread.run_sync(_adopt, os.path.join(self.root, name), name,
-                                              disks, seeds)
+                await trio.to_thread.run_sync(seed.adopt_group, os.path.join(self.root, name),
+                                              name, disks, seeds)
             group = await trio.to_thread.run_sync(
                 lambda: TargetGroup(os.path.join(self.root, name), name, disks,
                                     protection=protection))
             self.groups[name] = group
             return group
-
-    async def _receive_batches(self, fs: FrameStream, group: TargetGroup) -> None:
-        """Two stages: one task reads and checks frames ahead, the other journals what has
-        arrived, several frames in one append and one fdatasync when they queue up (group
-        commit), and acks them with one ACK (acks are cumulative)."""
-        session = self._sessions[group.name]
-        send_ch, recv_ch = trio.open_memory_channel[Tuple[List[Any], List[Any], int]](
-            RECEIVE_AHEAD)
-
-        async def read() -> None:
-            # The channel stays open when this fails: the writer is then cancelled by
-            # race() and the session ends with this task's error, not EndOfChannel.
-            while True:
-                ftype, body = await fs.receive()
-                if ftype != frames.T_BATCH:
-                    raise frames.ProtocolError("expected BATCH, got %s"
-                                             % frames.TYPE_NAMES[ftype])
-                if frames.field(body, "group", str) != group.name:
-                    raise frames.ProtocolError("BATCH for group %r on a session of group %r"
-                                             % (body.get("group"), group.name))
-                records = batch.decode_batch(body)
-                raw = body.get("checkpoints", [])
-                if not isinstance(raw, list) or len(raw) > frames.MAX_DISKS * 16:
-                    raise frames.ProtocolError("bad checkpoints list")
-                cps = [checkpoints.parse_wire(c, len(group.disks)) for c in raw]
-                wall_ns, mono_ns = (frames.field(body, "wall_ns", int),
-                                    frames.field(body, "mono_ns", int))
-                for c in cps:  # the source's wall time of each cut, by this frame's clocks
-                    c.wall_ns = wall_ns - (mono_ns - c.time_ns)
-                nbytes = sum(r.length for r in records if r.kind == KIND_WRITE)
-                await send_ch.send((records, cps, nbytes))
-
-        async def write() -> None:
-            while True:
-                got = [await recv_ch.receive()]
-                size = got[0][2]
-                while size < GROUP_COMMIT_BYTES:
-                    try:
-                        got.append(recv_ch.receive_nowait())
-                    except trio.WouldBlock:
-                        break
-                    size += got[-1][2]
-                records = [r for f in got for r in f[0]]
-                cps = [c for f in got for c in f[1]]
-                _fresh, ids = await trio.to_thread.run_sync(group.accept, records, cps)
-                session["batches"] += len(got)
-                session["records"] += len(records)
-                session["bytes"] += size
-                ack: Dict[str, Any] = {"group": group.name,
-                                       "durable": [list(d) for d in group.durable()]}
-                if ids:
-                    ack["checkpoints"] = ids
-                await fs.send(frames.T_ACK, ack)
-
-        await race(read, write)
 
     # -- requests from the API -----------------------------------------------------------
 
@@ -395,79 +350,9 @@ class TargetSite:
 
 
 def _check_disks(group: TargetGroup, disks: List[Tuple[str, int]]) -> None:
-    held = [(d.name, d.size) for d in group.disks]
-    if held != disks:
-        raise SizeMismatch("group %s holds disks %s here; the source sent %s" % (
-            group.name, ", ".join("%s (%d bytes)" % d for d in held),
-            ", ".join("%s (%d bytes)" % d for d in disks)))
+    check_disks(group.name, [(d.name, d.size) for d in group.disks], disks)
 
 
 def _restore(group: TargetGroup, disk: str, dest: str, ref: Optional[str],
              at_wall_ns: Optional[int]) -> Dict[str, Any]:
-    dest = os.path.abspath(dest)
-    if os.path.exists(dest):
-        raise Conflict("%s already exists; restore writes a new file" % dest)
-    if not os.path.isdir(os.path.dirname(dest)):
-        raise NotFound("directory %s does not exist" % os.path.dirname(dest))
-    return group.restore(disk, dest, ref, at_wall_ns)
-
-
-def _adopt(directory: str, group: str, disks: List[Tuple[str, int]],
-           seeds: Dict[str, str]) -> None:
-    """Start a new group's replicas from the admin's seed files (agent/target/seeds.py)."""
-    sizes = dict(disks)
-    os.makedirs(os.path.join(directory, "replicas"), exist_ok=True)
-    for dname, path in sorted(seeds.items()):
-        started = time.monotonic()
-        m = seed.adopt(path, os.path.join(directory, "replicas", dname + ".img"), sizes[dname])
-        seed.save_digests(directory, dname, m)  # only once its replica is whole
-        log.info("group %s: disk %s starts from the seed %s (%d bytes adopted in %.1f s)",
-                 group, dname, path, sizes[dname], time.monotonic() - started)
-
-
-def _parse_seeds(body: dict) -> Optional[Dict[str, str]]:
-    """OPEN's optional ``seeds``: {disk name: path of a seed file on this site}. Its
-    presence also says that the source reads SEED frames."""
-    if "seeds" not in body:
-        return None
-    raw = frames.field(body, "seeds", dict)
-    for dname, path in raw.items():
-        if not isinstance(path, str) or not 0 < len(path) <= 4096 or "\0" in path:
-            raise frames.ProtocolError("bad seed path for disk %r" % (dname,))
-    return dict(raw)
-
-
-def _parse_limits(body: dict) -> Optional[Tuple[float, int]]:
-    """The group's history window and journal limit from OPEN (optional keys)."""
-    if "history_s" not in body and "journal_max" not in body:
-        return None
-    history = frames.field(body, "history_s", int)
-    limit = frames.field(body, "journal_max", int)
-    if not 0 < history < 1 << 40 or not 0 < limit < 1 << 62:
-        raise frames.ProtocolError("bad history_s or journal_max")
-    return float(history), limit
-
-
-def _parse_open(body: dict) -> Tuple[str, List[Tuple[str, int]], str]:
-    name = frames.name_field(body, "group")
-    if not NAME_RE.match(name):
-        raise frames.ProtocolError("bad group name %r" % name)
-    protection = frames.field(body, "protection", str)
-    disks_raw = frames.field(body, "disks", list)
-    if not 1 <= len(disks_raw) <= frames.MAX_DISKS:
-        raise frames.ProtocolError("a group has 1 to %d disks, not %d"
-                                 % (frames.MAX_DISKS, len(disks_raw)))
-    disks = []
-    for d in disks_raw:
-        if not isinstance(d, dict):
-            raise frames.ProtocolError("disk entry is not a map")
-        dname = frames.name_field(d, "name")
-        if not NAME_RE.match(dname):
-            raise frames.ProtocolError("bad disk name %r" % dname)
-        size = frames.field(d, "size", int)
-        if not 0 < size < 1 << 56:
-            raise frames.ProtocolError("disk %s has a bad size %d" % (dname, size))
-        disks.append((dname, size))
-    if len({d[0] for d in disks}) != len(disks):
-        raise frames.ProtocolError("disk names repeat")
-    return name, disks, protection
+    return group.restore(disk, check_dest(dest), ref, at_wall_ns)
