@@ -56,7 +56,6 @@ from formats.records import (
     Point,
 )
 
-from . import seeds as seed
 from .journal import Journal, Position
 
 if TYPE_CHECKING:
@@ -198,9 +197,7 @@ def checkpoint(g: TargetGroup) -> None:
         return  # the replicas are live disks now: nothing moves in the journal
     for fd in g.fds:
         os.fdatasync(fd)
-    for st, m in zip(g.disks, g.seeds):
-        if m is not None and m.changed:
-            seed.save_touched(g.directory, st.name, m)
+    g.seeds.save()
     segments = g.journal.segments()
     if g.applied[0] != segments[-1] and \
             g.applied[1] >= g.journal.segment_size(g.applied[0]):

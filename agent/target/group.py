@@ -3,18 +3,14 @@
 Theory of operation
 -------------------
 ``accept`` takes a batch of records from the wire, checks all of them (disk, bounds,
-sequence) before anything is written, appends the new ones to the journal (durable when it
-returns: the caller may ack them), then lets the applier (``applier.py``) catch up under
-the hold-back rule (``holdback.py``).
+sequence: ``admission.py``) before anything is written, appends the new ones to the journal
+(durable when it returns: the caller may ack them), then lets the applier (``applier.py``)
+catch up under the hold-back rule (``holdback.py``).
 
 Group checkpoints arrive with a batch and are journaled after its records, as
 ``KIND_CHECKPOINT`` markers. The state of disk d at checkpoint C is the replica plus the
 journaled records of d after the replica's point up to C's cut for d (``restore.py``); C is
 available while the replica of every disk is not past its cut.
-
-Sequence rules for a disk whose newest journaled record is (G, S): a record of a lower
-generation, or of G with a sequence up to S, is a duplicate and dropped; (G, S+1) and
-(G' > G, 1) are next; anything else is a gap and a protocol error.
 
 A group's life::
 
@@ -26,8 +22,12 @@ A group's life::
     failed-over  close       closed
 
 Everything that changes the group runs in a worker thread with ``_lock`` held, and ends by
-publishing a new status snapshot (``_publish``); ``status`` reads the snapshot and never
+publishing a new status snapshot (``status.py``); ``status`` reads the snapshot and never
 takes the lock, so a busy group never stalls the event loop that asks.
+
+This module passes 400 lines because opening a group (meta.json, replicas, journal and seeds
+reconciled, in that order, before anything changes) is one sequence best read in one place;
+the rules it follows live in the modules named above.
 """
 
 from __future__ import annotations
@@ -37,21 +37,20 @@ import logging
 import os
 import shutil
 import threading
-import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 from formats import jindex
 from formats.durable import fsync_parent
-from formats.records import KIND_CHECKPOINT, KIND_CONSISTENT, KIND_WRITE, MAP_KINDS, JRecord, Point
+from formats.records import KIND_CHECKPOINT, MAP_KINDS, JRecord, Point
 
 from ..checkpoints import Checkpoint, CheckpointError, choose
 from ..errors import Conflict, NotFound
-from ..protocol.frames import MAX_RECORD, ProtocolError
-from . import applier, failover, meta
+from ..protocol.frames import ProtocolError
+from . import admission, applier, failover, meta, status
 from . import seeds as seed
 from .holdback import HoldBack
-from .journal import KIND_SEEDED, SEGMENT_MAX, Journal, Position
+from .journal import SEGMENT_MAX, Journal, Position
 from .restore import restore
 from .transitions import Table
 
@@ -129,35 +128,8 @@ class TargetGroup:
         # Every check before anything changes: a refused group keeps all it had.
         if m.get("disks"):
             check_disks(name, meta.disks(m), list(disks))
-        self.history_s = float(history_s if history_s is not None
-                               else m.get("history_s", DEFAULT_HISTORY))
-        self.journal_max = int(journal_max if journal_max is not None
-                               else m.get("journal_max", DEFAULT_JOURNAL_MAX))
-        self.tags: Dict[str, List[str]] = dict(m.get("tags", {}))
-        self.failover: Optional[Dict[str, Any]] = m.get("failover")
-        self.pins = 0            # open views and tests: nothing is promoted while > 0
-        self.short_history = False  # the journal limit keeps less than history_s
-        self.protection = m.get("protection") if protection is None else protection
-        if m and self.protection != m.get("protection"):
-            log.warning("group %s: a new protection replaces the old one; its replicas wait "
-                        "for a full sync", name)
-            shutil.rmtree(os.path.join(directory, "journal"), ignore_errors=True)
-            shutil.rmtree(os.path.join(directory, "seeds"), ignore_errors=True)
-            m = {"disks": [dict(d, applied_gen=0, applied_seq=0, ever_consistent=False)
-                           for d in m.get("disks", [])]}
-        known = {d["name"]: d for d in m.get("disks", [])}
-        self.disks = [DiskState(dname, size) for dname, size in disks]
-        for st in self.disks:
-            old = known.get(st.name)
-            if old is not None:
-                st.applied_gen, st.applied_seq = old["applied_gen"], old["applied_seq"]
-            st.gen, st.seq = st.applied_gen, st.applied_seq
-        whole = [bool(known.get(st.name, {}).get("ever_consistent")) for st in self.disks]
-        self.fds = [self._open_replica(st) for st in self.disks]
-        # New directories and files must survive a crash too.
-        fsync_parent(os.path.join(directory, "replicas", "x"))
-        fsync_parent(directory)
-        fsync_parent(os.path.join(directory, "replicas"))
+        m = self._settings(m, protection, history_s, journal_max)
+        whole = self._open_replicas(m, disks)
         self.journal = Journal(os.path.join(directory, "journal"), segment_max,
                                self._segment_age())
         if self.journal.dropped_tail:
@@ -171,28 +143,10 @@ class TargetGroup:
         # whether the journal holds records after it that a restart would apply again.
         self._meta_point: Optional[Tuple[Position, List[Point]]] = None
         self.whole_after_meta = False
-        # A pre-seeded disk's seed lasts until its initial sync ends (seeds.py).
-        self.seeds: List[Optional[seed.SeedMap]] = [
-            None if w else seed.load(directory, st.name, st.size)
-            for st, w in zip(self.disks, whole)]
-        for st, sm in zip(self.disks, self.seeds):
-            if sm is None:
-                seed.drop(directory, st.name)
-        self.checkpoints: List[Checkpoint] = []
-        self._load_checkpoints()
-        # Learn what the journal holds beyond the replicas: the applier starts there.
+        self.seeds = seed.GroupSeeds(directory, disks, whole)
+        self.checkpoints = self._load_checkpoints()
         self.gate = HoldBack(whole, [0] * len(self.disks))
-        after = False
-        for rec, _pos in self.journal.read_from(self.applied):
-            if rec.kind >= KIND_CHECKPOINT:
-                continue
-            st = self.disks[rec.disk]
-            st.gen, st.seq = rec.gen, rec.seq
-            self.gate.journaled(rec.disk, rec.kind)
-            after = after or rec.kind in MAP_KINDS
-            self._seed_note(rec)
-        self.save_meta(synced=True)  # the position it was loaded from
-        self.whole_after_meta = after
+        self.whole_after_meta = self._scan_unapplied()
         self._head = applier.Head(self)
         if self.failover is None:
             self._go(GroupEvent.OPENED)
@@ -201,8 +155,64 @@ class TargetGroup:
             self._go(GroupEvent.FAILOVER)
             if failover.state_of(self.failover) is not failover.State.DONE:
                 failover.finish(self)  # a crash stopped it half-way: do it again
-        self._snapshot: Dict[str, Any] = {}
+        self._snapshot: status.Snapshot = {}
         self._publish()
+
+    def _settings(self, m: meta.Meta, protection: Optional[str], history_s: Optional[float],
+                  journal_max: Optional[int]) -> meta.Meta:
+        """The group's settings from its meta.json and the caller; the meta.json to open
+        from (a new protection forgets the journal and the replicas' points)."""
+        self.history_s = float(history_s if history_s is not None
+                               else m.get("history_s", DEFAULT_HISTORY))
+        self.journal_max = int(journal_max if journal_max is not None
+                               else m.get("journal_max", DEFAULT_JOURNAL_MAX))
+        self.tags: Dict[str, List[str]] = dict(m.get("tags", {}))
+        self.failover: Optional[Dict[str, Any]] = m.get("failover")
+        self.pins = 0            # open views and tests: nothing is promoted while > 0
+        self.short_history = False  # the journal limit keeps less than history_s
+        self.protection = m.get("protection") if protection is None else protection
+        if m and self.protection != m.get("protection"):
+            log.warning("group %s: a new protection replaces the old one; its replicas wait "
+                        "for a full sync", self.name)
+            shutil.rmtree(os.path.join(self.directory, "journal"), ignore_errors=True)
+            shutil.rmtree(os.path.join(self.directory, "seeds"), ignore_errors=True)
+            m = {"disks": [dict(d, applied_gen=0, applied_seq=0, ever_consistent=False)
+                           for d in m.get("disks", [])]}
+        return m
+
+    def _open_replicas(self, m: meta.Meta, disks: List[Tuple[str, int]]) -> List[bool]:
+        """The disks' states and replica files as meta.json left them (durable, names
+        too); whether each disk has been whole once."""
+        known = {d["name"]: d for d in m.get("disks", [])}
+        self.disks = [DiskState(dname, size) for dname, size in disks]
+        for st in self.disks:
+            old = known.get(st.name)
+            if old is not None:
+                st.applied_gen, st.applied_seq = old["applied_gen"], old["applied_seq"]
+            st.gen, st.seq = st.applied_gen, st.applied_seq
+        whole = [bool(known.get(st.name, {}).get("ever_consistent")) for st in self.disks]
+        self.fds = [self._open_replica(st) for st in self.disks]
+        # New directories and files must survive a crash too.
+        fsync_parent(os.path.join(self.directory, "replicas", "x"))
+        fsync_parent(self.directory)
+        fsync_parent(os.path.join(self.directory, "replicas"))
+        return whole
+
+    def _scan_unapplied(self) -> bool:
+        """Learn what the journal holds beyond the replicas (the applier starts there),
+        save meta.json at the position it was loaded from, and say whether a restart
+        would apply changes again."""
+        after = False
+        for rec, _pos in self.journal.read_from(self.applied):
+            if rec.kind >= KIND_CHECKPOINT:
+                continue
+            st = self.disks[rec.disk]
+            st.gen, st.seq = rec.gen, rec.seq
+            self.gate.journaled(rec.disk, rec.kind)
+            after = after or rec.kind in MAP_KINDS
+            self.seeds.note(rec.disk, rec.kind, rec.offset, rec.length)
+        self.save_meta(synced=True)
+        return after
 
     @classmethod
     def reopen(cls, directory: str, name: str) -> Optional[TargetGroup]:
@@ -240,7 +250,8 @@ class TargetGroup:
                 self.save_meta()
             self._publish()
 
-    def _load_checkpoints(self) -> None:
+    def _load_checkpoints(self) -> List[Checkpoint]:
+        out = []
         for segno in self.journal.segments():
             for e in jindex.entries(self.journal.index(segno)):
                 if e[1] == KIND_CHECKPOINT:
@@ -248,7 +259,8 @@ class TargetGroup:
                     assert rec.data is not None
                     c = Checkpoint.decode(rec.data)
                     c.tags = self.tags.get(c.id, [])
-                    self.checkpoints.append(c)
+                    out.append(c)
+        return out
 
     def save_meta(self, synced: bool = False) -> None:
         """Write meta.json. Its applied position (where a restart re-applies the journal
@@ -288,28 +300,10 @@ class TargetGroup:
             if self.state is not GroupState.RECEIVING:
                 raise ProtocolError("group %s failed over here; it takes no more changes"
                                     % self.name)
-            fresh = self._check(records)
-            cursor = [(d.gen, d.seq) for d in self.disks]
-            for r in fresh:
-                cursor[r.disk] = (r.gen, r.seq)
-            known = {c.id for c in self.checkpoints}
-            markers = []
-            new_cps = []
-            ids = []
-            for c in checkpoints or []:
-                if any(cur < cut for cur, cut in zip(cursor, c.cut)):
-                    raise ProtocolError("checkpoint %s comes before the records of its cut"
-                                        % c.id)
-                ids.append(c.id)
-                if c.id in known:
-                    continue
-                known.add(c.id)
-                if clocks is not None:
-                    c.wall_ns = clocks[0] - (clocks[1] - c.time_ns)
-                data = c.encode()
-                markers.append(JRecord(0, 0, 0, KIND_CHECKPOINT, 0, 0, len(data), c.time_ns,
-                                       data))
-                new_cps.append(c)
+            fresh = admission.fresh(self.name, self.disks, self.seeds, records)
+            new_cps, ids = admission.new_checkpoints(self.disks, fresh, self.checkpoints,
+                                                     checkpoints or [], clocks)
+            markers = [admission.marker(c) for c in new_cps]
             if fresh or markers:
                 fresh = applier.apply_initial(self, fresh)
                 if any(r.kind in MAP_KINDS for r in fresh):
@@ -319,81 +313,20 @@ class TargetGroup:
                     st = self.disks[r.disk]
                     st.gen, st.seq = r.gen, r.seq
                     self.gate.journaled(r.disk, r.kind)
-                    self._seed_note(r)
+                    self.seeds.note(r.disk, r.kind, r.offset, r.length)
                 self.checkpoints.extend(new_cps)
                 self._head.appended(fresh)
-                self._newest()
+                self.newest()
                 applier.promote(self)
                 self._publish()
             return len(fresh), ids
-
-    def _check(self, records: List[JRecord]) -> List[JRecord]:
-        """Every check before any write: a bad batch changes nothing."""
-        cursor = [(d.gen, d.seq) for d in self.disks]
-        fresh = []
-        seeds: Dict[int, Optional[seed.SeedMap]] = {}  # as this batch leaves them
-        for r in records:
-            if not 0 <= r.disk < len(self.disks):
-                raise ProtocolError("record for disk %d; group %s has %d disks"
-                                    % (r.disk, self.name, len(self.disks)))
-            st = self.disks[r.disk]
-            if (r.kind == KIND_WRITE and r.length > MAX_RECORD) or r.offset < 0 \
-                    or r.offset + r.length > st.size:
-                raise ProtocolError("record [%d, +%d) outside disk %s of %d bytes"
-                                    % (r.offset, r.length, st.name, st.size))
-            if r.kind == KIND_WRITE and (r.data is None or len(r.data) != r.length):
-                raise ProtocolError("write record with %s bytes of data for length %d"
-                                    % (None if r.data is None else len(r.data), r.length))
-            gen, seq = cursor[r.disk]
-            if r.gen < gen or (r.gen == gen and r.seq <= seq):
-                continue  # duplicate of a journaled record
-            if not ((r.gen == gen and r.seq == seq + 1) or (r.gen > gen and r.seq == 1)):
-                raise ProtocolError("disk %s: record %d/%d after %d/%d leaves a gap"
-                                    % (st.name, r.gen, r.seq, gen, seq))
-            cursor[r.disk] = (r.gen, r.seq)
-            if r.kind == KIND_SEEDED or self.seeds[r.disk] is not None:
-                r = self._check_seeded(r, seeds)
-            fresh.append(r)
-        return fresh
-
-    def _check_seeded(self, r: JRecord, seeds: Dict[int, Optional[seed.SeedMap]]) -> JRecord:
-        """Follow a batch's records through a copy of the disk's seed map: a SEEDED record
-        must name untouched chunks that the seed holds as the source does."""
-        if r.disk not in seeds:
-            m = self.seeds[r.disk]
-            seeds[r.disk] = m.copy() if m is not None else None
-        m = seeds[r.disk]
-        if r.kind == KIND_CONSISTENT:
-            seeds[r.disk] = None
-        if r.kind != KIND_SEEDED:
-            if m is not None:
-                m.touch(r.kind, r.offset, r.length)
-            return r
-        reason = "no seed (or its initial sync is over)" if m is None else \
-            m.check(r.offset, r.length, r.data)
-        if reason:
-            raise ProtocolError("disk %s: %s" % (self.disks[r.disk].name, reason))
-        return replace(r, data=None)  # nothing of it goes into the journal
-
-    def _seed_note(self, r: JRecord) -> None:
-        """A journaled record, for the disk's seed: touch it, or end it at ``consistent``."""
-        m = self.seeds[r.disk]
-        if m is None:
-            return
-        if r.kind == KIND_CONSISTENT:
-            self.seeds[r.disk] = None
-            seed.drop(self.directory, self.disks[r.disk].name)
-        else:
-            m.touch(r.kind, r.offset, r.length)
 
     def seed_frames(self) -> Tuple[List[Tuple[int, int]], List[Tuple[int, int, int, bytes,
                                                                       bytes]]]:
         """What OPENED says (each disk's durable point) and, at the same instant, the SEED
         frames: (disk, chunk, first chunk, digests, touched map)."""
         with self._lock:
-            return self.durable(), [(i, m.chunk, first, digests, touched)
-                                    for i, m in enumerate(self.seeds) if m is not None
-                                    for first, digests, touched in m.frames()]
+            return self.durable(), self.seeds.frames()
 
     # -- applying ------------------------------------------------------------------------
 
@@ -414,7 +347,7 @@ class TargetGroup:
 
     # -- reading -------------------------------------------------------------------------
 
-    def _newest(self) -> Tuple[List[Point], bool]:
+    def newest(self) -> Tuple[List[Point], bool]:
         """Each disk's newest point that is whole (where an applier with no window would
         stop), and whether a resync holds it back."""
         h = self._head
@@ -440,7 +373,7 @@ class TargetGroup:
                     "disk %s of group %s has no consistent state yet: its initial sync has "
                     "not ended" % (st.name, self.name))
         if ref is None and at_wall_ns is None:
-            points, held = self._newest()
+            points, held = self.newest()
             return None, points, held
         c = choose(self.checkpoints, ref, at_wall_ns)
         return c, list(c.cut), False
@@ -510,42 +443,11 @@ class TargetGroup:
     def status(self) -> Dict[str, Any]:
         """The group's status as of its last change (never waits for the lock: it is
         asked from the agent's event loop)."""
-        snap = self._snapshot
-        out = dict(snap)
-        oldest = snap["oldest_checkpoint"]
-        out["history_covered_s"] = round((time.time_ns() - oldest["wall_ns"]) / 1e9, 3) \
-            if oldest else 0.0
-        out["disks"] = {k: dict(v) for k, v in snap["disks"].items()}
-        return out
+        return status.read(self._snapshot)
 
     def _publish(self) -> None:
         """A new status snapshot, as things stand (call with the lock held)."""
-        head, held = self._newest()
-        oldest = self.checkpoints[0] if self.checkpoints else None
-        newest = self.checkpoints[-1] if self.checkpoints else None
-        untouched = [m.untouched() if m is not None else None for m in self.seeds]
-        self._snapshot = {
-            "journal_bytes": self.journal.size(),
-            "journal_segments": len(self.journal.segments()),
-            "history_s": self.history_s,
-            "journal_max": self.journal_max,
-            "history_covered_s": 0.0,  # from oldest_checkpoint when read
-            "history_short": self.short_history,
-            "checkpoints": len(self.checkpoints),
-            "oldest_checkpoint": oldest.to_json() if oldest else None,
-            "newest_checkpoint": newest.to_json() if newest else None,
-            "views_open": self.pins,
-            "failover": dict(self.failover) if self.failover is not None else None,
-            "disks": {d.name: {"size": d.size, "durable_gen": d.gen, "durable_seq": d.seq,
-                               "applied_gen": d.applied_gen,
-                               "applied_seq": d.applied_seq,
-                               "newest_gen": head[i][0], "newest_seq": head[i][1],
-                               "consistent": self.gate.whole(i) and not held,
-                               "ever_consistent": self.gate.whole(i),
-                               "seed_untouched_chunks": untouched[i],
-                               "replica": self.replica_path(d.name)}
-                      for i, d in enumerate(self.disks)},
-        }
+        self._snapshot = status.snapshot(self)
 
     def close(self) -> None:
         with self._lock:

@@ -26,6 +26,7 @@ import xxhash
 
 from formats.blockdev import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 from formats.durable import fsync_parent, pwrite_all, write_atomic
+from formats.records import KIND_CONSISTENT
 
 from ..seed import (
     CHUNK,
@@ -39,8 +40,8 @@ from ..seed import (
     range_digest,
 )
 
-__all__ = ["CHUNK", "SeedError", "SeedMap", "adopt", "adopt_group", "check_file", "drop",
-           "load", "save_digests", "save_touched", "seed_paths"]
+__all__ = ["CHUNK", "GroupSeeds", "SeedError", "SeedMap", "adopt", "adopt_group",
+           "check_file", "drop", "load", "save_digests", "save_touched", "seed_paths"]
 
 log = logging.getLogger("ferry.target")
 
@@ -102,6 +103,43 @@ class SeedMap:
         for first in range(0, len(self.touched), FRAME_CHUNKS):
             end = min(first + FRAME_CHUNKS, len(self.touched))
             yield first, self.digests[first * DIGEST:end * DIGEST], bytes(self.touched[first:end])
+
+
+class GroupSeeds(List[Optional[SeedMap]]):
+    """The seeds of a group's disks (None: no seed), in group order. A disk's seed lasts
+    until its initial sync ends: a disk whole once has none, and its files are dropped."""
+
+    def __init__(self, directory: str, disks: List[Tuple[str, int]],
+                 whole: List[bool]) -> None:
+        super().__init__(None if w else load(directory, name, size)
+                         for (name, size), w in zip(disks, whole))
+        self.directory = directory
+        self.names = [name for name, _size in disks]
+        for name, m in zip(self.names, self):
+            if m is None:
+                drop(directory, name)
+
+    def note(self, disk: int, kind: int, offset: int, length: int) -> None:
+        """A journaled record of ``disk``: it touches the seed, or ends it (consistent)."""
+        m = self[disk]
+        if m is None:
+            return
+        if kind == KIND_CONSISTENT:
+            self[disk] = None
+            drop(self.directory, self.names[disk])
+        else:
+            m.touch(kind, offset, length)
+
+    def save(self) -> None:
+        """Replace the touched maps that changed (durable when it returns)."""
+        for name, m in zip(self.names, self):
+            if m is not None and m.changed:
+                save_touched(self.directory, name, m)
+
+    def frames(self) -> List[Tuple[int, int, int, bytes, bytes]]:
+        """Every SEED frame: (disk, chunk, first chunk, digests, touched map)."""
+        return [(i, m.chunk, first, digests, touched) for i, m in enumerate(self)
+                if m is not None for first, digests, touched in m.frames()]
 
 
 def seed_paths(directory: str, disk: str) -> Tuple[str, str]:
