@@ -31,7 +31,7 @@ Holding in ``initial-sync`` is illegal: nothing is held before a disk was whole.
 from __future__ import annotations
 
 import enum
-from typing import List, Sequence
+from typing import Sequence
 
 from formats.records import FLAG_INCONSISTENT, KIND_CONSISTENT
 
@@ -95,6 +95,3 @@ class HoldBack:
 
     def _step(self, disk: int, event: Event) -> None:
         self.phases[disk] = DISK.step(self.phases[disk], event)
-
-    def counts(self) -> List[int]:
-        return list(self.pending)
