@@ -20,7 +20,7 @@ journaled (the source resent it) is acked again and not journaled twice.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
 from formats.records import KIND_CHECKPOINT, KIND_CONSISTENT, KIND_SEEDED, KIND_WRITE, JRecord
 
@@ -28,11 +28,16 @@ from ..checkpoints import Checkpoint
 from ..protocol.frames import MAX_RECORD, ProtocolError
 from .seeds import SeedMap
 
-if TYPE_CHECKING:
-    from .group import DiskState
+
+class Disk(Protocol):
+    """What the checks read of a disk: its size and its newest journaled record."""
+    name: str
+    size: int
+    gen: int
+    seq: int
 
 
-def fresh(group: str, disks: Sequence[DiskState], seeds: Sequence[Optional[SeedMap]],
+def fresh(group: str, disks: Sequence[Disk], seeds: Sequence[Optional[SeedMap]],
           records: List[JRecord]) -> List[JRecord]:
     """The records of a batch that are new, checked (see the module)."""
     cursor = [(d.gen, d.seq) for d in disks]
@@ -83,7 +88,7 @@ def _seeded(disk: str, r: JRecord, held: Optional[SeedMap],
     return replace(r, data=None)  # nothing of it goes into the journal
 
 
-def new_checkpoints(disks: Sequence[DiskState], fresh: List[JRecord],
+def new_checkpoints(disks: Sequence[Disk], fresh: List[JRecord],
                     known: Sequence[Checkpoint], checkpoints: List[Checkpoint],
                     clocks: Optional[Tuple[int, int]]) -> Tuple[List[Checkpoint], List[str]]:
     """The batch's checkpoints not journaled yet, and the ids of all of them (see the
