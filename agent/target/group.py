@@ -298,8 +298,8 @@ class TargetGroup:
         them, each checkpoint keeps the ``wall_ns`` it has)."""
         with self._lock:
             if self.state is not GroupState.RECEIVING:
-                raise ProtocolError("group %s failed over here; it takes no more changes"
-                                    % self.name)
+                raise ProtocolError("group %s %s here; it takes no more changes" % (
+                    self.name, "failed over" if self.failover is not None else "is closed"))
             fresh = admission.fresh(self.name, self.disks, self.seeds, records)
             new_cps, ids = admission.new_checkpoints(self.disks, fresh, self.checkpoints,
                                                      checkpoints or [], clocks)

@@ -20,7 +20,7 @@ from ..errors import NotFound, StorageError
 from ..pairing import Refused, Trust
 from ..protocol import frames
 from ..protocol.stream import FrameStream, keepalive
-from . import intake
+from . import intake, meta
 from . import seeds as seed
 from .group import NoConsistentState, SizeMismatch, TargetGroup, check_disks
 from .messages import parse_limits, parse_open, parse_seeds
@@ -51,6 +51,8 @@ class TargetSite:
     def load(self) -> None:
         """Open every group this site already holds (restore works without a source)."""
         for name in sorted(os.listdir(self.root)):
+            if not os.path.exists(meta.path(os.path.join(self.root, name))):
+                continue  # not a group
             try:
                 group = TargetGroup.reopen(os.path.join(self.root, name), name)
             except (OSError, ValueError, KeyError, TypeError, StorageError) as e:
@@ -60,7 +62,7 @@ class TargetSite:
                 self.broken[name] = "%s: %s" % (type(e).__name__, e)
                 continue
             if group is None:
-                continue  # no meta.json: not a group
+                continue  # its meta.json went meanwhile
             self.groups[name] = group
             log.info("holding group %s (%d disks)", name, len(group.disks))
             if group.failover is not None:
