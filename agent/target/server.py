@@ -5,6 +5,10 @@ answers with what it already holds durably, so the source resends only what is m
 then BATCH frames, each answered by an ACK once its records are durable in the journal. Any
 frame that does not hold together ends the connection with an ERROR frame and a log line;
 ``TargetGroup.accept`` checks a whole batch before it writes any of it.
+
+Here: the accept loop and the handshake (``_handshake``: HELLO/WELCOME, then OPEN), the
+opening of a session (``_session``: OPENED and SEED frames), and the requests of the API.
+The bodies are read in ``messages.py``, the batches taken in by ``intake.py``.
 """
 
 from __future__ import annotations
