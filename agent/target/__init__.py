@@ -10,6 +10,7 @@
     holdback.py    the hold-back rule, once: a disk's phases as a table (logic only)
     restore.py     a disk as of a point, written out; failover.py: failover live
     status.py      the status snapshot a group publishes and the event loop reads
+    state.py       DiskState, and GroupData: the group as the rooms above see it
     meta.py        meta.json, read and written here only
     journal.py     the journal's segment files;  views.py: point-in-time views over NBD
     seeds.py       site B's half of pre-seeded sync;  transitions.py: state tables

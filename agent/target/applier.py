@@ -41,7 +41,7 @@ import logging
 import os
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, List, Optional
+from typing import List, Optional
 
 from formats import jindex
 from formats.blockdev import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
@@ -57,9 +57,7 @@ from formats.records import (
 )
 
 from .journal import Journal, Position
-
-if TYPE_CHECKING:
-    from .group import TargetGroup
+from .state import GroupData
 
 log = logging.getLogger("ferry.replica")
 
@@ -73,7 +71,7 @@ class Head:
     it scans index entries once, from the replicas' point, under its own copy of the
     hold-back rule."""
 
-    def __init__(self, g: TargetGroup) -> None:
+    def __init__(self, g: GroupData) -> None:
         self.segno, self.i = g.applied[0], -1  # -1: find the first entry at applied
         self.offset = g.applied[1]
         self.points: List[Point] = [(d.applied_gen, d.applied_seq) for d in g.disks]
@@ -119,7 +117,7 @@ def write_record(fd: int, rec: JRecord) -> None:
         fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, rec.offset, rec.length)
 
 
-def apply_initial(g: TargetGroup, records: List[JRecord]) -> List[JRecord]:
+def apply_initial(g: GroupData, records: List[JRecord]) -> List[JRecord]:
     """Write the changes of disks in their initial sync straight to their replicas
     (durable when it returns) and give them back as KIND_APPLIED records; the others
     as they were (see the module)."""
@@ -159,7 +157,7 @@ def apply_initial(g: TargetGroup, records: List[JRecord]) -> List[JRecord]:
     return out
 
 
-def apply(g: TargetGroup, stop: Optional[Position] = None) -> None:
+def apply(g: GroupData, stop: Optional[Position] = None) -> None:
     """Apply the journal from the replicas' point to ``stop`` (default: its end), as far
     as the hold-back rule lets it."""
     pos = g.applied
@@ -190,7 +188,7 @@ def apply(g: TargetGroup, stop: Optional[Position] = None) -> None:
     g.applied = max(g.applied, pos)
 
 
-def checkpoint(g: TargetGroup) -> None:
+def checkpoint(g: GroupData) -> None:
     """Replicas fdatasynced, then meta.json's position moved, then whole segments before
     it deleted (see the module)."""
     if g.failover is not None:
@@ -215,12 +213,12 @@ def checkpoint(g: TargetGroup) -> None:
                   before - len(g.checkpoints))
 
 
-def eager(g: TargetGroup) -> bool:
+def eager(g: GroupData) -> bool:
     """Before every disk was whole once there is no point in time worth keeping."""
     return not all(g.gate.whole(i) for i in range(len(g.disks)))
 
 
-def promote(g: TargetGroup) -> None:
+def promote(g: GroupData) -> None:
     """Apply what leaves the window or passes the journal's limit (see the module)."""
     if g.pins:
         return

@@ -25,16 +25,14 @@ import json
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import Any, Dict, Optional
 
 from formats.records import KIND_FAILOVER, JRecord
 
 from ..checkpoints import CheckpointError
 from .restore import write_overlay
+from .state import GroupData
 from .transitions import Table
-
-if TYPE_CHECKING:
-    from .group import TargetGroup
 
 log = logging.getLogger("ferry.replica")
 
@@ -62,7 +60,7 @@ def state_of(record: Optional[Dict[str, Any]]) -> State:
     return State.NONE if record is None else State(record["state"])
 
 
-def live(g: TargetGroup, ref: Optional[str], at_wall_ns: Optional[int]) -> Dict[str, Any]:
+def live(g: GroupData, ref: Optional[str], at_wall_ns: Optional[int]) -> Dict[str, Any]:
     """Make the replicas the disks as of a point (default: the newest consistent state)
     and take no more changes. Durable when it returns (see the module). Call with the
     group's lock held."""
@@ -81,7 +79,7 @@ def live(g: TargetGroup, ref: Optional[str], at_wall_ns: Optional[int]) -> Dict[
     return dict(g.failover)
 
 
-def finish(g: TargetGroup) -> None:
+def finish(g: GroupData) -> None:
     """Bring the replicas to the failover record's cut and mark it done (see the module)."""
     assert g.failover is not None
     state = FAILOVER.step(state_of(g.failover), Event.APPLIED)

@@ -37,7 +37,6 @@ import logging
 import os
 import shutil
 import threading
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 from formats import jindex
@@ -52,6 +51,7 @@ from . import seeds as seed
 from .holdback import HoldBack
 from .journal import SEGMENT_MAX, Journal, Position
 from .restore import restore
+from .state import DiskState
 from .transitions import Table
 
 log = logging.getLogger("ferry.replica")
@@ -88,16 +88,6 @@ LIFE = Table[GroupState, GroupEvent]("a target group", {
     (GroupState.RECEIVING, GroupEvent.CLOSE): GroupState.CLOSED,
     (GroupState.FAILED_OVER, GroupEvent.CLOSE): GroupState.CLOSED,
 })
-
-
-@dataclass
-class DiskState:
-    name: str
-    size: int
-    gen: int = 0            # newest journaled record
-    seq: int = 0
-    applied_gen: int = 0    # newest record applied to the replica
-    applied_seq: int = 0
 
 
 def check_disks(name: str, held: List[Tuple[str, int]], sent: List[Tuple[str, int]]) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 from formats import jindex
 from formats.blockdev import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
@@ -21,9 +21,7 @@ from formats.records import KIND_CHECKPOINT, KIND_TRIM, KIND_WRITE, KIND_ZERO, P
 
 from ..errors import Conflict, NotFound
 from .journal import Journal, Position
-
-if TYPE_CHECKING:
-    from .group import TargetGroup
+from .state import GroupData
 
 
 def check_dest(dest: str) -> str:
@@ -48,7 +46,7 @@ def entries_from(journal: Journal, pos: Position) -> Iterator[Tuple[int, Tuple[i
             yield segno, e
 
 
-def overlay(g: TargetGroup, index: int, upto: Point) -> Iterator[Tuple[int, Tuple[int, ...]]]:
+def overlay(g: GroupData, index: int, upto: Point) -> Iterator[Tuple[int, Tuple[int, ...]]]:
     """The journal records of disk ``index`` between the replica and ``upto``."""
     st = g.disks[index]
     base = (st.applied_gen, st.applied_seq)
@@ -57,7 +55,7 @@ def overlay(g: TargetGroup, index: int, upto: Point) -> Iterator[Tuple[int, Tupl
             yield segno, e
 
 
-def write_overlay(g: TargetGroup, fd: int, index: int, upto: Point) -> None:
+def write_overlay(g: GroupData, fd: int, index: int, upto: Point) -> None:
     """Apply to ``fd`` the records of disk ``index`` up to ``upto`` (journal order);
     durability is the caller's fdatasync."""
     for segno, e in overlay(g, index, upto):
@@ -70,7 +68,7 @@ def write_overlay(g: TargetGroup, fd: int, index: int, upto: Point) -> None:
             fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
 
 
-def restore(g: TargetGroup, disk: str, dest: str, ref: Optional[str],
+def restore(g: GroupData, disk: str, dest: str, ref: Optional[str],
             at_wall_ns: Optional[int]) -> Dict[str, Any]:
     """Write ``disk`` as of a checkpoint (default: its newest consistent state) to the new
     file ``dest`` (see the module). Call with the group's lock held."""

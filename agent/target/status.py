@@ -10,15 +10,14 @@ computed when read.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Dict
+from typing import Any, Dict
 
-if TYPE_CHECKING:
-    from .group import TargetGroup
+from .state import GroupData
 
 Snapshot = Dict[str, Any]
 
 
-def snapshot(g: TargetGroup) -> Snapshot:
+def snapshot(g: GroupData) -> Snapshot:
     """The group's status as things stand (call with its lock held)."""
     head, held = g.newest()
     oldest = g.checkpoints[0] if g.checkpoints else None
