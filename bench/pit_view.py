@@ -7,7 +7,7 @@ Builds a target group's journal directly (``TargetGroup.accept``, the code the r
 runs) with N random writes (default 1,000,000 of 512 bytes on a 1 GiB disk, with a group
 checkpoint every 10,000 records), then:
 
-- opens a view at the newest checkpoint through ``agent.views.Views`` (a real nbdkit with
+- opens a view at the newest checkpoint through ``agent.target.views.Views`` (a real nbdkit with
   the view plugin, which reads the segments' index files and builds its extent map),
   ``--reps`` times, and reports the time until its socket answers (median); also the
   plugin's map build alone, in process;
@@ -43,9 +43,9 @@ import nbd
 import report
 
 from agent.checkpoints import Checkpoint
-from agent.journal import JRecord
-from agent.replica import TargetGroup
-from agent.views import Views
+from agent.target.group import TargetGroup
+from formats.records import JRecord
+from agent.target.views import Views
 from formats import jmap
 from formats.localwire import KIND_CONSISTENT, KIND_WRITE
 

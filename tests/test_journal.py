@@ -1,4 +1,4 @@
-"""agent/journal.py: append-only segments, torn tails cut at open, corruption inside the
+"""agent/target/journal.py: append-only segments, torn tails cut at open, corruption inside the
 journal reported, old segments dropped but never the one being written."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.journal import MAGIC, RECORD, Journal, JournalCorrupt, JRecord, encode_header
+from agent.target.journal import MAGIC, RECORD, Journal, JournalCorrupt, JRecord, encode_header
 from formats.localwire import (
     FLAG_INCONSISTENT,
     KIND_CONSISTENT,
@@ -479,7 +479,7 @@ def test_write_all_writes_every_part_in_order(tmp_path, monkeypatch, limit) -> N
     """Over IOV_MAX parts, and writev calls that write only part of what they were given."""
     import os as _os
 
-    from agent import journal as journal_mod
+    from agent.target import journal as journal_mod
 
     real = _os.writev
     if limit is not None:

@@ -16,9 +16,9 @@ import pytest
 
 from agent import checkpoints as cps
 from agent.checkpoints import Checkpoint, Cutter
-from agent.journal import Journal, JournalCorrupt, JRecord
 from agent.protocol import frames
-from agent.replica import NoConsistentState, TargetGroup
+from agent.target.group import NoConsistentState, TargetGroup
+from agent.target.journal import Journal, JournalCorrupt, JRecord
 from formats import jindex
 from formats import jmap as journal_map
 from formats.localwire import (
@@ -540,7 +540,7 @@ def test_resync_holds_the_newest_state_back(tmp_path: Path) -> None:
 
 
 def test_a_view_that_cannot_start_unpins_and_says_why(tmp_path: Path) -> None:
-    from agent.views import Views
+    from agent.target.views import Views
     model = Model(2)
     g = start(tmp_path / "g", model)
     fill(g, model, 2, seed=9)
@@ -614,12 +614,16 @@ def test_the_newest_state_moves_on_when_the_resync_ends(tmp_path: Path) -> None:
 def test_status_does_not_wait_for_a_busy_group(tmp_path: Path) -> None:
     model = Model(2)
     g = start(tmp_path / "g", model)
-    fill(g, model, 2, seed=14)
-    with g._lock:  # never asked before: an empty answer, marked stale
-        assert g.status() == {"stale": True, "disks": {}, "journal_bytes": 0}
-    fresh = g.status()
-    assert "stale" not in fresh
-    with g._lock:  # a long restore or batch holds it
+    with g._lock:  # a long restore or batch holds it: the snapshot of the last change
+        started = time.monotonic()
         st = g.status()
-    assert st["stale"] is True and st["checkpoints"] == fresh["checkpoints"]
+        assert time.monotonic() - started < 0.1
+    assert st["disks"]["a"]["ever_consistent"] and "stale" not in st
+    fill(g, model, 2, seed=14)
+    fresh = g.status()
+    assert fresh["checkpoints"] > st["checkpoints"]  # every change publishes a new one
+    with g._lock:
+        busy = g.status()
+    assert busy["checkpoints"] == fresh["checkpoints"]
+    assert busy["disks"] == fresh["disks"] and busy["journal_bytes"] == fresh["journal_bytes"]
     g.close()

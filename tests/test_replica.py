@@ -1,4 +1,4 @@
-"""agent/replica.py: a protection group on the target site, on real files.
+"""agent/target/group.py: a protection group on the target site, on real files.
 
 Records are checked before anything is written, applied in journal order, held back while a
 disk that was once whole is resyncing, re-applied after a crash, and restored as sparse
@@ -14,11 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import replica as replica_module
 from agent.checkpoints import CheckpointError
-from agent.journal import KIND_APPLIED, JRecord
 from agent.protocol.frames import MAX_RECORD, ProtocolError
-from agent.replica import NoConsistentState, SizeMismatch, TargetGroup
+from agent.target import applier
+from agent.target.group import NoConsistentState, SizeMismatch, TargetGroup
+from agent.target.journal import KIND_APPLIED, JRecord
 from formats.localwire import (
     FLAG_INCONSISTENT,
     FLAG_RESYNC,
@@ -76,7 +76,7 @@ def journal_files(path: Path) -> Dict[str, bytes]:
 
 def crash(g: TargetGroup) -> None:
     """The process dies: no checkpoint, no meta update; only its descriptors go away."""
-    for fd in g._fds:
+    for fd in g.fds:
         os.close(fd)
     g.journal.close()
 
@@ -426,14 +426,14 @@ def test_the_straight_path_fsyncs_the_replica_before_the_journal(
     real_append = g.journal.append
 
     def fdatasync(fd: int) -> None:
-        calls.append("replica" if fd in g._fds else "other")
+        calls.append("replica" if fd in g.fds else "other")
         real_fdatasync(fd)
 
     def append(records):
         calls.append("journal")
         return real_append(records)
 
-    monkeypatch.setattr(replica_module.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(applier.os, "fdatasync", fdatasync)
     monkeypatch.setattr(g.journal, "append", append)
     accept(g, [w(1, 0, b"a" * 100, flags=RESYNC)])
     assert calls[:2] == ["replica", "journal"]
@@ -648,7 +648,7 @@ def test_random_streams_with_checkpoints_inside_accept(
         tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch,
         stream: List[JRecord], data: st.DataObject) -> None:
     # The applier checkpoints (meta, then old segments dropped) after every written byte.
-    monkeypatch.setattr(replica_module, "CHECKPOINT_BYTES", 1)
+    monkeypatch.setattr(applier, "CHECKPOINT_BYTES", 1)
     deliver(tmp_path_factory.mktemp("g"), stream, data, lose_writes=False)
 
 
@@ -657,7 +657,7 @@ def test_a_checkpoint_at_a_segments_end_inside_the_applier_is_not_undone(
     # The applier checkpoints after the last record of a segment it applies: the
     # checkpoint moves the applied position on to the next segment and drops this one. The
     # applier used to step back onto the dropped segment, and the next checkpoint failed.
-    monkeypatch.setattr(replica_module, "CHECKPOINT_BYTES", 1)
+    monkeypatch.setattr(applier, "CHECKPOINT_BYTES", 1)
     g = open_group(tmp_path)
     accept(g, [w(1, 0, b"x", flags=RESYNC), consistent(2)])
     accept(g, [w(3, 0, b"y")])

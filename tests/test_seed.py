@@ -1,6 +1,6 @@
-"""agent/seed.py: pre-seeded sync. The digest maps of both sides, adopting a seed file, the
-SEEDED record on the wire and in site B's group, and the in-process target refusing bad
-seeds and bad SEEDED records."""
+"""agent/seed.py and agent/target/seeds.py: pre-seeded sync. The digest maps of both sides,
+adopting a seed file, the SEEDED record on the wire and in site B's group, and the
+in-process target refusing bad seeds and bad SEEDED records."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ import pytest
 import trio
 import xxhash
 
-from agent import seed, target
-from agent.journal import KIND_SEEDED, JRecord
+from agent import seed
 from agent.protocol import batch, frames, messages
 from agent.protocol.frames import ProtocolError
 from agent.protocol.session import SourceSession
 from agent.protocol.stream import SessionStream
-from agent.replica import TargetGroup
+from agent.target import seeds, server
+from agent.target.group import TargetGroup
+from formats.records import KIND_SEEDED, JRecord
 from formats.localwire import (
     FLAG_INCONSISTENT,
     FLAG_RESYNC,
@@ -45,7 +46,7 @@ def content(size: int, rng: random.Random) -> bytearray:
     return bytearray(rng.randbytes(size))
 
 
-def seed_list(m: seed.SeedMap) -> seed.SeedList:
+def seed_list(m: seeds.SeedMap) -> seed.SeedList:
     lst = seed.SeedList(m.size, m.chunk)
     for first, digests, touched in m.frames():
         lst.add(first, digests, touched)
@@ -62,7 +63,7 @@ def test_the_seed_chunk_is_the_splitters_resync_piece() -> None:
 def test_a_seeded_range_must_be_whole_untouched_chunks_that_match() -> None:
     rng = random.Random(1)
     data = content(10 * C + 100, rng)  # the last chunk is short
-    m = seed.SeedMap(len(data), seed.digests_of(bytes(data), C), C)
+    m = seeds.SeedMap(len(data), seed.digests_of(bytes(data), C), C)
     digest = seed.range_digest(seed.digests_of(bytes(data[C:3 * C]), C))
     assert m.check(C, 2 * C, digest) is None
     assert "whole" in str(m.check(C + 1, 2 * C, digest))
@@ -80,21 +81,21 @@ def test_a_seeded_range_must_be_whole_untouched_chunks_that_match() -> None:
 
 @pytest.mark.parametrize("kind", [KIND_WRITE, KIND_ZERO, KIND_TRIM])
 def test_changes_touch_every_chunk_they_overlap(kind: int) -> None:
-    m = seed.SeedMap(8 * C, bytes(8 * seed.DIGEST), C)
+    m = seeds.SeedMap(8 * C, bytes(8 * seed.DIGEST), C)
     m.touch(kind, C - 1, C + 2)  # the ends of chunks 0 and 2
     assert list(m.touched) == [1, 1, 1, 0, 0, 0, 0, 0]
 
 
 @pytest.mark.parametrize("kind", [KIND_FLUSH, KIND_CONSISTENT, KIND_SEEDED])
 def test_records_that_change_nothing_touch_nothing(kind: int) -> None:
-    m = seed.SeedMap(8 * C, bytes(8 * seed.DIGEST), C)
+    m = seeds.SeedMap(8 * C, bytes(8 * seed.DIGEST), C)
     m.touch(kind, 0, 8 * C if kind == KIND_SEEDED else 0)
     m.touch(KIND_WRITE, C, 0)
     assert m.untouched() == 8 and not m.changed
 
 
 def test_a_copy_of_the_map_is_independent() -> None:
-    m = seed.SeedMap(4 * C, bytes(4 * seed.DIGEST), C)
+    m = seeds.SeedMap(4 * C, bytes(4 * seed.DIGEST), C)
     c = m.copy()
     c.touch(KIND_WRITE, 0, 1)
     assert m.untouched() == 4 and c.untouched() == 3
@@ -102,9 +103,9 @@ def test_a_copy_of_the_map_is_independent() -> None:
 
 def test_frames_split_the_digests_and_carry_the_touched_map(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(seed, "FRAME_CHUNKS", 3)
+    monkeypatch.setattr(seeds, "FRAME_CHUNKS", 3)
     digests = b"".join(bytes([i]) * seed.DIGEST for i in range(7))
-    m = seed.SeedMap(7 * C, digests, C)
+    m = seeds.SeedMap(7 * C, digests, C)
     m.touch(KIND_ZERO, 4 * C, 1)
     frames = list(m.frames())
     assert [f[0] for f in frames] == [0, 3, 6]
@@ -113,25 +114,25 @@ def test_frames_split_the_digests_and_carry_the_touched_map(
 
 
 def test_seed_files_round_trip_and_damage_drops_them(tmp_path: Path) -> None:
-    m = seed.SeedMap(5 * C, os.urandom(5 * seed.DIGEST), C)
-    seed.save_digests(str(tmp_path), "vda", m)
+    m = seeds.SeedMap(5 * C, os.urandom(5 * seed.DIGEST), C)
+    seeds.save_digests(str(tmp_path), "vda", m)
     m.touch(KIND_WRITE, 3 * C, 1)
-    seed.save_touched(str(tmp_path), "vda", m)
-    back = seed.load(str(tmp_path), "vda", 5 * C)
+    seeds.save_touched(str(tmp_path), "vda", m)
+    back = seeds.load(str(tmp_path), "vda", 5 * C)
     assert back is not None and back.digests == m.digests and back.touched == m.touched
     assert back.chunk == C and not m.changed
-    assert seed.load(str(tmp_path), "vda", 6 * C) is None  # another size
-    assert seed.load(str(tmp_path), "vdb", 5 * C) is None  # none
-    dpath, tpath = seed.seed_paths(str(tmp_path), "vda")
+    assert seeds.load(str(tmp_path), "vda", 6 * C) is None  # another size
+    assert seeds.load(str(tmp_path), "vdb", 5 * C) is None  # none
+    dpath, tpath = seeds.seed_paths(str(tmp_path), "vda")
     for path in (dpath, tpath):
         good = Path(path).read_bytes()
         Path(path).write_bytes(good[:3] + bytes([good[3] ^ 1]) + good[4:])
-        assert seed.load(str(tmp_path), "vda", 5 * C) is None
+        assert seeds.load(str(tmp_path), "vda", 5 * C) is None
         Path(path).write_bytes(good)
     Path(dpath).write_bytes(b"short")
-    assert seed.load(str(tmp_path), "vda", 5 * C) is None
-    seed.drop(str(tmp_path), "vda")
-    seed.drop(str(tmp_path), "vda")  # nothing left: no error
+    assert seeds.load(str(tmp_path), "vda", 5 * C) is None
+    seeds.drop(str(tmp_path), "vda")
+    seeds.drop(str(tmp_path), "vda")  # nothing left: no error
     assert not os.path.exists(dpath) and not os.path.exists(tpath)
 
 
@@ -140,7 +141,7 @@ def test_seed_files_round_trip_and_damage_drops_them(tmp_path: Path) -> None:
 def test_a_resync_of_matching_chunks_becomes_a_seeded_record() -> None:
     rng = random.Random(2)
     data = content(8 * C, rng)
-    m = seed.SeedMap(len(data), seed.digests_of(bytes(data), C), C)
+    m = seeds.SeedMap(len(data), seed.digests_of(bytes(data), C), C)
     lists: List[Optional[seed.SeedList]] = [seed_list(m)]
     items = [(0, rec(1, KIND_WRITE, 0, C, bytes(data[:C]))),
              (0, rec(2, KIND_WRITE, C, 2 * C, bytes(data[C:3 * C])))]
@@ -155,7 +156,7 @@ def test_a_resync_of_matching_chunks_becomes_a_seeded_record() -> None:
 def test_what_differs_or_is_not_a_resync_of_whole_chunks_ships() -> None:
     rng = random.Random(3)
     data = content(8 * C, rng)
-    m = seed.SeedMap(len(data), seed.digests_of(bytes(data), C), C)
+    m = seeds.SeedMap(len(data), seed.digests_of(bytes(data), C), C)
     lst = seed_list(m)
     other = bytes(data[:C - 1]) + b"\0"
     assert lst.substitute(KIND_WRITE, RS, 0, C, other) is None  # differs
@@ -178,7 +179,7 @@ def test_what_differs_or_is_not_a_resync_of_whole_chunks_ships() -> None:
 def test_the_short_last_chunk_and_site_b_touched_chunks() -> None:
     rng = random.Random(4)
     data = content(3 * C + 10, rng)
-    m = seed.SeedMap(len(data), seed.digests_of(bytes(data), C), C)
+    m = seeds.SeedMap(len(data), seed.digests_of(bytes(data), C), C)
     m.touch(KIND_TRIM, 0, 1)
     lst = seed_list(m)
     assert lst.substitute(KIND_WRITE, RS, 0, C, bytes(data[:C])) is None
@@ -189,7 +190,7 @@ def test_the_short_last_chunk_and_site_b_touched_chunks() -> None:
 def test_a_disks_list_ends_at_its_consistent_record() -> None:
     rng = random.Random(5)
     data = content(4 * C, rng)
-    m = seed.SeedMap(len(data), seed.digests_of(bytes(data), C), C)
+    m = seeds.SeedMap(len(data), seed.digests_of(bytes(data), C), C)
     lists: List[Optional[seed.SeedList]] = [seed_list(m), None]
     items = [(1, rec(1, KIND_WRITE, 0, C, bytes(data[:C]))),  # disk 1 has no seed
              (0, rec(1, KIND_CONSISTENT, 0, 0, flags=0)),
@@ -237,7 +238,7 @@ def test_adopt_copies_keeps_holes_and_hashes_what_it_wrote(tmp_path: Path) -> No
     data = write_seed(src, size, random.Random(6))
     before = (src.stat().st_mtime_ns, xxhash.xxh3_64_intdigest(src.read_bytes()))
     dest = tmp_path / "replica.img"
-    m = seed.adopt(str(src), str(dest), size)
+    m = seeds.adopt(str(src), str(dest), size)
     assert dest.read_bytes() == data
     assert m.digests == seed.digests_of(bytes(data)) and m.untouched() == 10
     # Four of the nine whole chunks hold data: the zero chunk and the hole stay holes.
@@ -259,7 +260,7 @@ def test_adopt_without_seek_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         return real(fd, pos, how)
 
     monkeypatch.setattr(os, "lseek", lseek)
-    m = seed.adopt(str(src), str(tmp_path / "r.img"), size)
+    m = seeds.adopt(str(src), str(tmp_path / "r.img"), size)
     assert (tmp_path / "r.img").read_bytes() == data and m.digests == seed.digests_of(data)
 
 
@@ -282,7 +283,7 @@ def test_adopt_where_the_kernel_cannot_copy(tmp_path: Path, monkeypatch: pytest.
         raise OSError(errno_, os.strerror(errno_))
 
     monkeypatch.setattr(os, "copy_file_range", copy_file_range)
-    m = seed.adopt(str(src), str(tmp_path / "r.img"), size)
+    m = seeds.adopt(str(src), str(tmp_path / "r.img"), size)
     assert (tmp_path / "r.img").read_bytes() == data and m.digests == seed.digests_of(data)
     assert len(calls) >= 2
 
@@ -291,7 +292,7 @@ def test_adopt_where_the_kernel_cannot_copy(tmp_path: Path, monkeypatch: pytest.
 
     monkeypatch.setattr(os, "copy_file_range", broken)
     with pytest.raises(OSError, match="Input/output"):
-        seed.adopt(str(src), str(tmp_path / "r2.img"), size)
+        seeds.adopt(str(src), str(tmp_path / "r2.img"), size)
     assert not (tmp_path / "r2.img.seeding").exists()
 
 
@@ -304,24 +305,24 @@ def test_adopt_by_reflink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     calls = []
 
     def ioctl(fd: int, request: int, arg: int) -> int:
-        assert request == seed.FICLONE
+        assert request == seeds.FICLONE
         calls.append(fd)
         os.ftruncate(fd, size)
         os.pwrite(fd, os.pread(arg, size, 0), 0)
         return 0
 
-    monkeypatch.setattr(seed.fcntl, "ioctl", ioctl)
-    monkeypatch.setattr(seed, "pwrite_all", None)  # never called
-    m = seed.adopt(str(src), str(tmp_path / "r.img"), size)
+    monkeypatch.setattr(seeds.fcntl, "ioctl", ioctl)
+    monkeypatch.setattr(seeds, "pwrite_all", None)  # never called
+    m = seeds.adopt(str(src), str(tmp_path / "r.img"), size)
     assert calls and (tmp_path / "r.img").read_bytes() == data
     assert m.digests == seed.digests_of(bytes(data))
 
     def broken(fd: int, request: int, arg: int) -> int:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(seed.fcntl, "ioctl", broken)
+    monkeypatch.setattr(seeds.fcntl, "ioctl", broken)
     with pytest.raises(OSError, match="Input/output"):
-        seed.adopt(str(src), str(tmp_path / "r2.img"), size)
+        seeds.adopt(str(src), str(tmp_path / "r2.img"), size)
     assert not (tmp_path / "r2.img").exists() and not (tmp_path / "r2.img.seeding").exists()
 
 
@@ -329,7 +330,7 @@ def test_an_all_hole_seed(tmp_path: Path) -> None:
     src = tmp_path / "seed.img"
     with open(src, "wb") as f:
         f.truncate(2 * (1 << 20) + 1)
-    m = seed.adopt(str(src), str(tmp_path / "r.img"), 2 * (1 << 20) + 1)
+    m = seeds.adopt(str(src), str(tmp_path / "r.img"), 2 * (1 << 20) + 1)
     assert m.digests == seed.digests_of(bytes(2 * (1 << 20) + 1))
 
 
@@ -341,14 +342,14 @@ def test_seed_files_that_cannot_be_adopted(tmp_path: Path) -> None:
                               (tmp_path, 100, "neither a file"),
                               (Path("seed.img"), 100, "absolute")):
         with pytest.raises(seed.SeedError, match=words):
-            seed.check_file(str(path), size)
+            seeds.check_file(str(path), size)
     with pytest.raises(seed.SeedError, match="is 100 bytes"):
-        seed.adopt(str(src), str(tmp_path / "r.img"), 200)
+        seeds.adopt(str(src), str(tmp_path / "r.img"), 200)
     assert not (tmp_path / "r.img").exists()
     os.chmod(src, 0)
     if os.geteuid() != 0:  # root reads anything
         with pytest.raises(seed.SeedError, match="Permission denied"):
-            seed.check_file(str(src), 100)
+            seeds.check_file(str(src), 100)
 
 
 # -- the wire -------------------------------------------------------------------------------
@@ -381,7 +382,7 @@ def seeded_group(tmp_path: Path, rng: random.Random) -> Tuple[TargetGroup, bytea
     data = bytearray(rng.randbytes(SIZE))
     src.write_bytes(data)
     directory = tmp_path / "g"
-    target._adopt(str(directory), "g", [("a", SIZE)], {"a": str(src)})
+    seeds.adopt_group(str(directory), "g", [("a", SIZE)], {"a": str(src)})
     return TargetGroup(str(directory), "g", [("a", SIZE)], protection="p"), data, src
 
 
@@ -414,7 +415,7 @@ def test_site_b_journals_seeded_records_and_ends_identical(tmp_path: Path) -> No
     assert [f[4] for f in frames] == [bytes([0, 0, 1, 0, 0, 1, 0, 0])]
     g.accept([jr(7, KIND_CONSISTENT, 0, 0, flags=0)])
     assert g.seeds == [None] and g.seed_frames()[1] == []
-    assert not os.path.exists(seed.seed_paths(g.directory, "a")[0])
+    assert not os.path.exists(seeds.seed_paths(g.directory, "a")[0])
     dest = tmp_path / "restored.img"
     g.restore("a", str(dest))
     assert dest.read_bytes() == disk
@@ -448,7 +449,7 @@ def test_site_b_keeps_the_touched_map_across_a_restart(tmp_path: Path) -> None:
     g.checkpoint()  # saves the map, as promotion does every 256 MiB
     g.accept([jr(2, KIND_WRITE, 3 * MiB, 4, b"abcd")])  # journaled, map not saved yet
     g.journal.close()  # a crash: no checkpoint on the way out
-    for fd in g._fds:
+    for fd in g.fds:
         os.close(fd)
     g2 = TargetGroup(g.directory, "g", [("a", SIZE)], protection="p")
     assert list(g2.seeds[0].touched) == [1, 0, 0, 1, 0, 0, 0, 0]  # type: ignore[union-attr]
@@ -468,7 +469,7 @@ def test_a_new_protection_drops_the_seed(tmp_path: Path) -> None:
 
 # -- the target agent, in process -----------------------------------------------------------
 
-async def session(site: target.TargetSite, port: int, open_body: Dict
+async def session(site: server.TargetSite, port: int, open_body: Dict
                   ) -> Tuple[SessionStream, messages.Opened]:
     """A source's session with ``site``, its OPEN made of ``open_body`` as it is (so that
     values a real source never sends go too)."""
@@ -483,7 +484,7 @@ async def session(site: target.TargetSite, port: int, open_body: Dict
 
 
 async def test_the_target_refuses_bad_seeds_and_sends_good_ones(tmp_path: Path) -> None:
-    site = target.TargetSite(str(tmp_path / "data"), "B")
+    site = server.TargetSite(str(tmp_path / "data"), "B")
     src = tmp_path / "seed.img"
     data = os.urandom(2 * MiB)
     src.write_bytes(data)

@@ -14,7 +14,6 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.journal import JRecord
 from agent.protocol import batch, frames
 from agent.protocol.frames import Codec, Header, ProtocolError
 from formats.localwire import (
@@ -29,6 +28,7 @@ from formats.localwire import (
     KIND_ZERO,
     Record,
 )
+from formats.records import JRecord
 
 
 def raw_frame(body: bytes, ftype: int = frames.T_BATCH, flags: int = 0,

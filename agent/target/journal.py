@@ -14,10 +14,10 @@ written to ``seg-<number>.idx`` beside it.
 Besides the change records of the splitter protocol, two journal-only kinds carry a JSON
 object as their data: ``KIND_CHECKPOINT`` (a group checkpoint) and ``KIND_FAILOVER``; and
 ``KIND_SEEDED`` (a resync of a pre-seeded disk found the range as the seed has it,
-``agent/seed.py``) is a stream record without data that changes nothing. ``KIND_APPLIED``
+``agent/target/seeds.py``) is a stream record without data that changes nothing. ``KIND_APPLIED``
 is a change (write, zero or trim) of ``[offset, +length)`` that went straight to the
 replica, made durable there before the record was appended, during its disk's initial sync
-(``agent/replica.py``); it carries no data, and the applier only steps over it.
+(``agent/target/applier.py``); it carries no data, and the applier only steps over it.
 
 Opening a journal scans its last segment and cuts off a torn tail: the first record whose
 header or checksum does not hold, and all after it, were never acked and are dropped. A
@@ -50,7 +50,7 @@ from formats.records import (
 from formats.segment import CHECKED as _CHECKED
 from formats.segment import MAGIC, RECORD
 
-from .errors import StorageError
+from ..errors import StorageError
 
 __all__ = ["KIND_APPLIED", "KIND_SEEDED", "JRecord", "Journal", "JournalCorrupt", "Position"]
 

@@ -23,11 +23,11 @@ from typing import Any, Dict, List, Optional
 
 from formats import jindex
 
-from .checkpoints import iso
-from .errors import Conflict, NotFound
-from .plugins import VIEW as PLUGIN
-from .replica import TargetGroup
-from .source.splitters import nbdkit_binary
+from ..checkpoints import iso
+from ..errors import Conflict, NotFound
+from ..plugins import VIEW as PLUGIN
+from ..source.splitters import nbdkit_binary
+from .group import TargetGroup
 
 log = logging.getLogger("ferry.views")
 

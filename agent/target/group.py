@@ -1,0 +1,455 @@
+"""A protection group on the target site: its journal, its replicas, and its state.
+
+Theory of operation
+-------------------
+``accept`` takes a batch of records from the wire, checks all of them (disk, bounds,
+sequence: ``admission.py``) before anything is written, appends the new ones to the journal
+(durable when it returns: the caller may ack them), then lets the applier (``applier.py``)
+catch up under the hold-back rule (``holdback.py``).
+
+Group checkpoints arrive with a batch and are journaled after its records, as
+``KIND_CHECKPOINT`` markers. The state of disk d at checkpoint C is the replica plus the
+journaled records of d after the replica's point up to C's cut for d (``restore.py``); C is
+available while the replica of every disk is not past its cut.
+
+A group's life::
+
+    state        event       next
+    opening      opened      receiving     (its meta.json has no failover record)
+    opening      failover    failed-over   (it has one: finished again if a crash cut it)
+    receiving    failover    failed-over
+    receiving    close       closed
+    failed-over  close       closed
+
+Everything that changes the group runs in a worker thread with ``_lock`` held, and ends by
+publishing a new status snapshot (``status.py``); ``status`` reads the snapshot and never
+takes the lock, so a busy group never stalls the event loop that asks.
+
+This module passes 400 lines because opening a group (meta.json, replicas, journal and seeds
+reconciled, in that order, before anything changes) is one sequence best read in one place;
+the rules it follows live in the modules named above.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import shutil
+import threading
+from typing import Any, Dict, List, Optional, Tuple
+
+from formats import jindex
+from formats.durable import fsync_parent
+from formats.records import KIND_CHECKPOINT, MAP_KINDS, JRecord, Point
+
+from ..checkpoints import Checkpoint, CheckpointError, choose
+from ..errors import Conflict, NotFound
+from ..protocol.frames import ProtocolError
+from . import admission, applier, failover, meta, status
+from . import seeds as seed
+from .holdback import HoldBack
+from .journal import SEGMENT_MAX, Journal, Position
+from .restore import restore
+from .state import DiskState
+from .transitions import Table
+
+log = logging.getLogger("ferry.replica")
+
+DEFAULT_HISTORY = 4 * 3600
+DEFAULT_JOURNAL_MAX = 50 * 1024 ** 3
+
+
+class SizeMismatch(Conflict):
+    pass
+
+
+class NoConsistentState(NotFound):
+    pass
+
+
+class GroupState(enum.Enum):
+    OPENING = "opening"
+    RECEIVING = "receiving"
+    FAILED_OVER = "failed-over"
+    CLOSED = "closed"
+
+
+class GroupEvent(enum.Enum):
+    OPENED = "opened"
+    FAILOVER = "failover"
+    CLOSE = "close"
+
+
+LIFE = Table[GroupState, GroupEvent]("a target group", {
+    (GroupState.OPENING, GroupEvent.OPENED): GroupState.RECEIVING,
+    (GroupState.OPENING, GroupEvent.FAILOVER): GroupState.FAILED_OVER,
+    (GroupState.RECEIVING, GroupEvent.FAILOVER): GroupState.FAILED_OVER,
+    (GroupState.RECEIVING, GroupEvent.CLOSE): GroupState.CLOSED,
+    (GroupState.FAILED_OVER, GroupEvent.CLOSE): GroupState.CLOSED,
+})
+
+
+def check_disks(name: str, held: List[Tuple[str, int]], sent: List[Tuple[str, int]]) -> None:
+    """SizeMismatch unless the source sends the disks (names and sizes) held here."""
+    if held != sent:
+        raise SizeMismatch("group %s holds disks %s here; the source sent %s" % (
+            name, ", ".join("%s (%d bytes)" % d for d in held),
+            ", ".join("%s (%d bytes)" % d for d in sent)))
+
+
+class TargetGroup:
+    def __init__(self, directory: str, name: str, disks: List[Tuple[str, int]],
+                 protection: Optional[str] = None, history_s: Optional[float] = None,
+                 journal_max: Optional[int] = None, segment_max: int = SEGMENT_MAX,
+                 saved: Optional[meta.Meta] = None) -> None:
+        """Open (or create) the group's storage; ``disks`` are (name, size) in group order.
+
+        ``protection`` identifies one protection of the group on the source; a new one
+        (the group was unprotected and protected again) starts a new stream: the journal is
+        dropped and the replicas wait for their initial sync, keeping their old content.
+        ``saved`` is its meta.json when the caller read it already (``reopen``)."""
+        self.directory = directory
+        self.name = name
+        self.state = GroupState.OPENING
+        self._lock = threading.Lock()
+        os.makedirs(os.path.join(directory, "replicas"), exist_ok=True)
+        m = (saved if saved is not None else meta.load(directory)) or {}
+        # Every check before anything changes: a refused group keeps all it had.
+        if m.get("disks"):
+            check_disks(name, meta.disks(m), list(disks))
+        m = self._settings(m, protection, history_s, journal_max)
+        whole = self._open_replicas(m, disks)
+        self.journal = Journal(os.path.join(directory, "journal"), segment_max,
+                               self._segment_age())
+        if self.journal.dropped_tail:
+            log.warning("group %s: dropped a torn journal tail of %d bytes",
+                        name, self.journal.dropped_tail)
+        applied = m.get("applied")
+        self.applied: Position = (applied[0], applied[1]) if applied else self.journal.start
+        self.applied = max(self.applied, self.journal.start)
+        self.since_checkpoint = 0
+        # meta.json's applied position and the disks' points there (see save_meta), and
+        # whether the journal holds records after it that a restart would apply again.
+        self._meta_point: Optional[Tuple[Position, List[Point]]] = None
+        self.whole_after_meta = False
+        self.seeds = seed.GroupSeeds(directory, disks, whole)
+        self.checkpoints = self._load_checkpoints()
+        self.gate = HoldBack(whole, [0] * len(self.disks))
+        self.whole_after_meta = self._scan_unapplied()
+        self._head = applier.Head(self)
+        if self.failover is None:
+            self._go(GroupEvent.OPENED)
+            applier.promote(self)
+        else:
+            self._go(GroupEvent.FAILOVER)
+            if failover.state_of(self.failover) is not failover.State.DONE:
+                failover.finish(self)  # a crash stopped it half-way: do it again
+        self._snapshot: status.Snapshot = {}
+        self._publish()
+
+    def _settings(self, m: meta.Meta, protection: Optional[str], history_s: Optional[float],
+                  journal_max: Optional[int]) -> meta.Meta:
+        """The group's settings from its meta.json and the caller; the meta.json to open
+        from (a new protection forgets the journal and the replicas' points)."""
+        self.history_s = float(history_s if history_s is not None
+                               else m.get("history_s", DEFAULT_HISTORY))
+        self.journal_max = int(journal_max if journal_max is not None
+                               else m.get("journal_max", DEFAULT_JOURNAL_MAX))
+        self.tags: Dict[str, List[str]] = dict(m.get("tags", {}))
+        self.failover: Optional[Dict[str, Any]] = m.get("failover")
+        self.pins = 0            # open views and tests: nothing is promoted while > 0
+        self.short_history = False  # the journal limit keeps less than history_s
+        self.protection = m.get("protection") if protection is None else protection
+        if m and self.protection != m.get("protection"):
+            log.warning("group %s: a new protection replaces the old one; its replicas wait "
+                        "for a full sync", self.name)
+            shutil.rmtree(os.path.join(self.directory, "journal"), ignore_errors=True)
+            shutil.rmtree(os.path.join(self.directory, "seeds"), ignore_errors=True)
+            m = {"disks": [dict(d, applied_gen=0, applied_seq=0, ever_consistent=False)
+                           for d in m.get("disks", [])]}
+        return m
+
+    def _open_replicas(self, m: meta.Meta, disks: List[Tuple[str, int]]) -> List[bool]:
+        """The disks' states and replica files as meta.json left them (durable, names
+        too); whether each disk has been whole once."""
+        known = {d["name"]: d for d in m.get("disks", [])}
+        self.disks = [DiskState(dname, size) for dname, size in disks]
+        for st in self.disks:
+            old = known.get(st.name)
+            if old is not None:
+                st.applied_gen, st.applied_seq = old["applied_gen"], old["applied_seq"]
+            st.gen, st.seq = st.applied_gen, st.applied_seq
+        whole = [bool(known.get(st.name, {}).get("ever_consistent")) for st in self.disks]
+        self.fds = [self._open_replica(st) for st in self.disks]
+        # New directories and files must survive a crash too.
+        fsync_parent(os.path.join(self.directory, "replicas", "x"))
+        fsync_parent(self.directory)
+        fsync_parent(os.path.join(self.directory, "replicas"))
+        return whole
+
+    def _scan_unapplied(self) -> bool:
+        """Learn what the journal holds beyond the replicas (the applier starts there),
+        save meta.json at the position it was loaded from, and say whether a restart
+        would apply changes again."""
+        after = False
+        for rec, _pos in self.journal.read_from(self.applied):
+            if rec.kind >= KIND_CHECKPOINT:
+                continue
+            st = self.disks[rec.disk]
+            st.gen, st.seq = rec.gen, rec.seq
+            self.gate.journaled(rec.disk, rec.kind)
+            after = after or rec.kind in MAP_KINDS
+            self.seeds.note(rec.disk, rec.kind, rec.offset, rec.length)
+        self.save_meta(synced=True)
+        return after
+
+    @classmethod
+    def reopen(cls, directory: str, name: str) -> Optional[TargetGroup]:
+        """The group a directory holds, as its meta.json says; None when it has none."""
+        saved = meta.load(directory)
+        if saved is None:
+            return None
+        return cls(directory, name, meta.disks(saved), protection=saved.get("protection"),
+                   saved=saved)
+
+    def _go(self, event: GroupEvent) -> None:
+        self.state = LIFE.step(self.state, event)
+
+    def _open_replica(self, st: DiskState) -> int:
+        fd = os.open(self.replica_path(st.name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if os.fstat(fd).st_size != st.size:
+            os.ftruncate(fd, st.size)
+            os.fsync(fd)
+        return fd
+
+    # -- paths and metadata --------------------------------------------------------------
+
+    def replica_path(self, disk: str) -> str:
+        return os.path.join(self.directory, "replicas", disk + ".img")
+
+    def _segment_age(self) -> float:
+        """Segments close at this age, so the window is trimmed in steps of about 1/8."""
+        return max(1.0, min(300.0, self.history_s / 8))
+
+    def set_limits(self, history_s: float, journal_max: int) -> None:
+        with self._lock:
+            if (history_s, journal_max) != (self.history_s, self.journal_max):
+                self.history_s, self.journal_max = float(history_s), int(journal_max)
+                self.journal.segment_age = self._segment_age()
+                self.save_meta()
+            self._publish()
+
+    def _load_checkpoints(self) -> List[Checkpoint]:
+        out = []
+        for segno in self.journal.segments():
+            for e in jindex.entries(self.journal.index(segno)):
+                if e[1] == KIND_CHECKPOINT:
+                    rec = self.journal.read_at(segno, e[8])
+                    assert rec.data is not None
+                    c = Checkpoint.decode(rec.data)
+                    c.tags = self.tags.get(c.id, [])
+                    out.append(c)
+        return out
+
+    def save_meta(self, synced: bool = False) -> None:
+        """Write meta.json. Its applied position (where a restart re-applies the journal
+        from) moves only with ``synced``: when the replicas hold everything before
+        ``applied`` durably; other saves (tags, limits) keep the last synced one."""
+        if synced or self._meta_point is None:
+            self._meta_point = (self.applied,
+                                [(d.applied_gen, d.applied_seq) for d in self.disks])
+            self.whole_after_meta = False
+        applied, points = self._meta_point
+        meta.save(self.directory, {
+            "group": self.name,
+            "protection": self.protection,
+            "history_s": self.history_s,
+            "journal_max": self.journal_max,
+            "tags": self.tags,
+            "failover": self.failover,
+            "applied": list(applied),
+            "disks": [{"name": d.name, "size": d.size, "applied_gen": p[0],
+                       "applied_seq": p[1], "ever_consistent": self.gate.whole(i)}
+                      for i, (d, p) in enumerate(zip(self.disks, points))],
+        })
+
+    # -- receiving -----------------------------------------------------------------------
+
+    def durable(self) -> List[Tuple[int, int]]:
+        """(gen, seq) of the newest journaled record of each disk."""
+        return [(d.gen, d.seq) for d in self.disks]
+
+    def accept(self, records: List[JRecord], checkpoints: Optional[List[Checkpoint]] = None,
+               clocks: Optional[Tuple[int, int]] = None) -> Tuple[int, List[str]]:
+        """Check, journal and promote a batch and its checkpoints; returns how many records
+        were new and the ids of the batch's checkpoints now journaled. ``clocks`` are the
+        batch's (wall_ns, mono_ns), to give each checkpoint its source wall time (without
+        them, each checkpoint keeps the ``wall_ns`` it has)."""
+        with self._lock:
+            if self.state is not GroupState.RECEIVING:
+                raise ProtocolError("group %s %s here; it takes no more changes" % (
+                    self.name, "failed over" if self.failover is not None else "is closed"))
+            fresh = admission.fresh(self.name, self.disks, self.seeds, records)
+            new_cps, ids = admission.new_checkpoints(self.disks, fresh, self.checkpoints,
+                                                     checkpoints or [], clocks)
+            markers = [admission.marker(c) for c in new_cps]
+            if fresh or markers:
+                fresh = applier.apply_initial(self, fresh)
+                if any(r.kind in MAP_KINDS for r in fresh):
+                    self.whole_after_meta = True  # a restart would re-apply them
+                self.journal.append(fresh + markers)
+                for r in fresh:
+                    st = self.disks[r.disk]
+                    st.gen, st.seq = r.gen, r.seq
+                    self.gate.journaled(r.disk, r.kind)
+                    self.seeds.note(r.disk, r.kind, r.offset, r.length)
+                self.checkpoints.extend(new_cps)
+                self._head.appended(fresh)
+                self.newest()
+                applier.promote(self)
+                self._publish()
+            return len(fresh), ids
+
+    def seed_frames(self) -> Tuple[List[Tuple[int, int]], List[Tuple[int, int, int, bytes,
+                                                                      bytes]]]:
+        """What OPENED says (each disk's durable point) and, at the same instant, the SEED
+        frames: (disk, chunk, first chunk, digests, touched map)."""
+        with self._lock:
+            return self.durable(), self.seeds.frames()
+
+    # -- applying ------------------------------------------------------------------------
+
+    def _apply(self, stop: Optional[Position] = None) -> None:
+        applier.apply(self, stop)
+
+    def maintain(self) -> None:
+        """Promote what aged out of the window (called now and then, not only on batches)."""
+        with self._lock:
+            if self.state is GroupState.RECEIVING:
+                applier.promote(self)
+            self._publish()
+
+    def checkpoint(self) -> None:
+        with self._lock:
+            applier.checkpoint(self)
+            self._publish()
+
+    # -- reading -------------------------------------------------------------------------
+
+    def newest(self) -> Tuple[List[Point], bool]:
+        """Each disk's newest point that is whole (where an applier with no window would
+        stop), and whether a resync holds it back."""
+        h = self._head
+        if h.segno not in self.journal.segments():
+            h = self._head = applier.Head(self)  # the applier deleted where it stood
+        h.advance(self.journal)
+        return list(h.points), h.held
+
+    def index_of(self, disk: str) -> int:
+        for i, st in enumerate(self.disks):
+            if st.name == disk:
+                return i
+        raise CheckpointError("group %s has no disk %s (it has %s)"
+                              % (self.name, disk, ", ".join(d.name for d in self.disks)))
+
+    def point(self, ref: Optional[str] = None, at_wall_ns: Optional[int] = None
+              ) -> Tuple[Optional[Checkpoint], List[Point], bool]:
+        """The checkpoint chosen (None: the newest whole state), each disk's cut, and
+        whether a resync holds the newest state back. Call with the lock held."""
+        for i, st in enumerate(self.disks):
+            if not self.gate.whole(i):
+                raise NoConsistentState(
+                    "disk %s of group %s has no consistent state yet: its initial sync has "
+                    "not ended" % (st.name, self.name))
+        if ref is None and at_wall_ns is None:
+            points, held = self.newest()
+            return None, points, held
+        c = choose(self.checkpoints, ref, at_wall_ns)
+        return c, list(c.cut), False
+
+    def restore(self, disk: str, dest: str, ref: Optional[str] = None,
+                at_wall_ns: Optional[int] = None) -> Dict[str, Any]:
+        """Write ``disk`` as of a checkpoint (default: its newest consistent state) to the
+        new file ``dest``; durable (data and name) when it returns (``restore.py``)."""
+        with self._lock:
+            return restore(self, disk, dest, ref, at_wall_ns)
+
+    def view_spec(self, ref: Optional[str], at_wall_ns: Optional[int]
+                  ) -> Tuple[Optional[Checkpoint], List[Dict[str, Any]]]:
+        """Pin the group (no promotion) and describe each disk at a point for the view
+        plugin (``nbd_plugin/view.py``). ``unpin`` when the view is closed."""
+        with self._lock:
+            c, cut, _held = self.point(ref, at_wall_ns)
+            self.pins += 1
+            self._publish()
+            segments = [[segno, self.journal.path(segno), self.journal.segment_size(segno)]
+                        for segno in self.journal.segments() if segno >= self.applied[0]]
+            specs = []
+            for i, st in enumerate(self.disks):
+                specs.append({"replica": self.replica_path(st.name), "size": st.size,
+                              "disk": i, "base": [st.applied_gen, st.applied_seq],
+                              "upto": list(cut[i]), "start": list(self.applied),
+                              "segments": segments})
+            return c, specs
+
+    def unpin(self) -> None:
+        with self._lock:
+            self.pins = max(0, self.pins - 1)
+            self._publish()
+
+    # -- failover, tags ------------------------------------------------------------------
+
+    def failover_live(self, ref: Optional[str], at_wall_ns: Optional[int]) -> Dict[str, Any]:
+        """Make the replicas the live disks as of a point (``failover.py``)."""
+        with self._lock:
+            try:
+                return failover.live(self, ref, at_wall_ns)
+            finally:
+                self._publish()
+
+    def failed_over(self, record: Dict[str, Any]) -> None:
+        """The group takes no more changes: ``record`` is its failover (failover.py)."""
+        self._go(GroupEvent.FAILOVER)
+        self.failover = record
+
+    def add_tag(self, cid: str, tag: str) -> None:
+        with self._lock:
+            tags = self.tags.setdefault(cid, [])
+            if tag not in tags:
+                tags.append(tag)
+                for c in self.checkpoints:
+                    if c.id == cid:
+                        c.tags = tags
+                self.save_meta()
+            self._publish()
+
+    def list_checkpoints(self) -> List[Dict[str, Any]]:
+        with self._lock:
+            return [c.to_json() for c in self.checkpoints]
+
+    # -- status --------------------------------------------------------------------------
+
+    def status(self) -> Dict[str, Any]:
+        """The group's status as of its last change (never waits for the lock: it is
+        asked from the agent's event loop)."""
+        return status.read(self._snapshot)
+
+    def _publish(self) -> None:
+        """A new status snapshot, as things stand (call with the lock held)."""
+        self._snapshot = status.snapshot(self)
+
+    def close(self) -> None:
+        with self._lock:
+            if self.state is GroupState.CLOSED:
+                return
+            applier.checkpoint(self)
+            for fd in self.fds:
+                os.close(fd)
+            self.fds = []
+            self.journal.close()
+            self._go(GroupEvent.CLOSE)
+
+    def remove(self) -> None:
+        self.close()
+        shutil.rmtree(self.directory)

@@ -1,0 +1,63 @@
+"""The receive loop of a session: batches from the wire into a group's journal, and acks.
+
+Two stages (``receive``): one task reads frames and checks them ahead of the journal (at
+most ``RECEIVE_AHEAD`` waiting); the other journals what has arrived, several frames in one
+append and one fdatasync when they queue up (group commit, at most ``GROUP_COMMIT_BYTES``
+of data), in a worker thread, and acks them with one ACK (acks are cumulative). An ACK is
+sent only once ``TargetGroup.accept`` returned: what it acks is durable.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Tuple
+
+import trio
+
+from ..protocol import frames
+from ..protocol.stream import FrameStream, race
+from .group import TargetGroup
+from .messages import parse_batch
+
+RECEIVE_AHEAD = 4                     # frames read and checked ahead of the journal
+GROUP_COMMIT_BYTES = 16 * 1024 * 1024  # at most this much data in one journal append
+
+
+async def receive(fs: FrameStream, group: TargetGroup, session: Dict[str, Any]) -> None:
+    """Take BATCH frames into ``group`` until the connection ends (see the module);
+    ``session`` counts batches, records and bytes for the status."""
+    send_ch, recv_ch = trio.open_memory_channel[Tuple[List[Any], List[Any], int]](
+        RECEIVE_AHEAD)
+
+    async def read() -> None:
+        # The channel stays open when this fails: the writer is then cancelled by
+        # race() and the session ends with this task's error, not EndOfChannel.
+        while True:
+            ftype, body = await fs.receive()
+            if ftype != frames.T_BATCH:
+                raise frames.ProtocolError("expected BATCH, got %s"
+                                           % frames.TYPE_NAMES[ftype])
+            await send_ch.send(parse_batch(body, group.name, len(group.disks)))
+
+    async def write() -> None:
+        while True:
+            got = [await recv_ch.receive()]
+            size = got[0][2]
+            while size < GROUP_COMMIT_BYTES:
+                try:
+                    got.append(recv_ch.receive_nowait())
+                except trio.WouldBlock:
+                    break
+                size += got[-1][2]
+            records = [r for f in got for r in f[0]]
+            cps = [c for f in got for c in f[1]]
+            _fresh, ids = await trio.to_thread.run_sync(group.accept, records, cps)
+            session["batches"] += len(got)
+            session["records"] += len(records)
+            session["bytes"] += size
+            ack: Dict[str, Any] = {"group": group.name,
+                                   "durable": [list(d) for d in group.durable()]}
+            if ids:
+                ack["checkpoints"] = ids
+            await fs.send(frames.T_ACK, ack)
+
+    await race(read, write)

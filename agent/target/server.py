@@ -1,0 +1,364 @@
+"""The receiving half of an agent: accepts source agents and keeps their groups' journals.
+
+One connection carries one group. A session is HELLO/WELCOME, OPEN/OPENED (the target
+answers with what it already holds durably, so the source resends only what is missing),
+then BATCH frames, each answered by an ACK once its records are durable in the journal. Any
+frame that does not hold together ends the connection with an ERROR frame and a log line;
+``TargetGroup.accept`` checks a whole batch before it writes any of it.
+
+Here: the accept loop and the handshake (``_handshake``: HELLO/WELCOME, then OPEN), the
+opening of a session (``_session``: OPENED and SEED frames), and the requests of the API.
+The bodies are read in ``messages.py``, the batches taken in by ``intake.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+import trio
+
+from .. import checkpoints
+from ..errors import NotFound, StorageError
+from ..pairing import Refused, Trust
+from ..protocol import frames
+from ..protocol.stream import FrameStream, keepalive
+from . import intake, meta
+from . import seeds as seed
+from .group import NoConsistentState, SizeMismatch, TargetGroup, check_disks
+from .messages import parse_limits, parse_open, parse_seeds
+from .restore import check_dest
+from .views import Views
+
+log = logging.getLogger("ferry.target")
+
+PROTOCOL = 1
+HANDSHAKE_TIMEOUT = 10.0
+MAINTAIN_INTERVAL = 1.0  # promotion of what aged out of the window, without batches
+
+
+class TargetSite:
+    def __init__(self, data_dir: str, site: str, trust: Optional[Trust] = None) -> None:
+        self.root = os.path.join(data_dir, "target")
+        self.site = site
+        self.trust = trust  # None: plain TCP only (unit tests)
+        self.handshake_timeout = HANDSHAKE_TIMEOUT
+        os.makedirs(self.root, exist_ok=True)
+        self.groups: Dict[str, TargetGroup] = {}
+        self._owners: Dict[str, trio.CancelScope] = {}
+        self._sessions: Dict[str, Dict[str, Any]] = {}
+        self._locks: Dict[str, trio.Lock] = {}
+        self.broken: Dict[str, str] = {}
+        self.views = Views(data_dir)
+
+    def load(self) -> None:
+        """Open every group this site already holds (restore works without a source)."""
+        for name in sorted(os.listdir(self.root)):
+            if not os.path.exists(meta.path(os.path.join(self.root, name))):
+                continue  # not a group
+            try:
+                group = TargetGroup.reopen(os.path.join(self.root, name), name)
+            except (OSError, ValueError, KeyError, TypeError, StorageError) as e:
+                # One damaged group must not keep the others (or the agent) down.
+                log.error("group %s cannot be opened and is not served: %s: %s",
+                          name, type(e).__name__, e)
+                self.broken[name] = "%s: %s" % (type(e).__name__, e)
+                continue
+            if group is None:
+                continue  # its meta.json went meanwhile
+            self.groups[name] = group
+            log.info("holding group %s (%d disks)", name, len(group.disks))
+            if group.failover is not None:
+                self.views.serve_live(self.groups[name])
+
+    def close(self) -> None:
+        self.views.close_all(self.groups)
+        for group in self.groups.values():
+            group.close()
+        self.groups.clear()
+
+    async def serve(self, host: str, port: int, *,
+                    task_status: trio.TaskStatus[List[Any]] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(port, host=host or None)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._maintain)
+            task_status.started(listeners)
+            await trio.serve_listeners(self._handle, listeners)
+
+    async def _maintain(self) -> None:
+        while True:
+            await trio.sleep(MAINTAIN_INTERVAL)
+            for name, group in list(self.groups.items()):
+                try:
+                    await trio.to_thread.run_sync(group.maintain)
+                except OSError as e:
+                    log.error("group %s: promotion failed: %s", name, e)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            peer = "%s:%s" % stream.socket.getpeername()[:2]
+        except OSError:
+            peer = "?"
+        try:
+            keepalive(stream)
+        except OSError:
+            pass
+        group_name: Optional[str] = None
+        scope = trio.CancelScope()
+        fs = FrameStream(stream, peer)
+        try:
+            with trio.move_on_after(self.handshake_timeout) as handshake:
+                paired: Optional[bytes] = None
+                is_tls = False
+                if self.trust is not None:
+                    conn, paired, is_tls = await self.trust.accept(stream, peer)
+                    fs = FrameStream(conn, peer)
+                opened = await self._handshake(fs, paired, is_tls, peer)
+            if handshake.cancelled_caught:
+                raise frames.ProtocolError("no handshake within %g s" % self.handshake_timeout)
+            if opened is None:
+                return  # a pairing request, answered
+            group_name, disks, protection = parse_open(opened)
+            limits = parse_limits(opened)
+            seeds = parse_seeds(opened)
+            if opened.get("probe"):
+                await self._answer_probe(fs, peer, group_name, disks, protection, seeds)
+                return
+            with scope:
+                await self._session(fs, peer, scope, group_name, disks, protection, limits,
+                                    seeds)
+        except Refused as e:
+            log.warning("%s", e)
+        except frames.RemoteError as e:
+            log.warning("source %s ended the session: %s: %s", peer, e.code, e)
+        except frames.ProtocolError as e:
+            log.error("dropping connection from %s: %s (no replica was touched)", peer, e)
+            await fs.send_error(frames.E_PROTOCOL, str(e))
+        except seed.SeedError as e:
+            log.error("refusing group %s from %s: %s", group_name, peer, e)
+            await fs.send_error(frames.E_BAD_SEED, str(e))
+        except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError,
+                ConnectionError) as e:
+            log.info("connection from %s ended: %s", peer, e or type(e).__name__)
+        except OSError as e:
+            log.error("group %s: storage error: %s", group_name, e)
+            await fs.send_error(frames.E_STORAGE, str(e))
+        except Exception as e:
+            # A damaged group (unreadable metadata, a corrupt journal) or a bug: this
+            # session ends, the agent and every other group go on.
+            log.exception("group %s: session from %s failed", group_name, peer)
+            await fs.send_error(frames.E_STORAGE, "%s: %s" % (type(e).__name__, e))
+        finally:
+            if group_name is not None and self._owners.get(group_name) is scope:
+                del self._owners[group_name]
+                self._sessions.pop(group_name, None)
+            await fs.aclose()
+
+    async def _handshake(self, fs: FrameStream, paired: Optional[bytes], is_tls: bool,
+                         peer: str) -> Optional[Dict[str, Any]]:
+        """HELLO/WELCOME, then the OPEN body; None when the peer asked to pair instead
+        (answered here)."""
+        ftype, hello = await fs.receive()
+        if ftype == frames.T_PAIR and self.trust is not None:
+            await self.trust.answer_pair(fs, hello, fs.stream, is_tls, peer)
+            return None
+        if ftype != frames.T_HELLO:
+            raise frames.ProtocolError("expected HELLO, got %s" % frames.TYPE_NAMES[ftype])
+        if is_tls and paired is None:
+            await fs.send_error(frames.E_UNPAIRED, "this site is not paired with yours; "
+                                "pair them first (ferry pair-token, ferry pair)")
+            raise Refused("refusing %s: TLS without a paired site's certificate" % peer)
+        if frames.field(hello, "protocol", int) != PROTOCOL:
+            raise frames.ProtocolError("protocol %r, this agent speaks %d"
+                                       % (hello.get("protocol"), PROTOCOL))
+        await fs.send(frames.T_WELCOME, {"protocol": PROTOCOL, "site": self.site})
+        return await fs.expect(frames.T_OPEN)
+
+    async def _answer_probe(self, fs: FrameStream, peer: str, name: str,
+                            disks: List[Tuple[str, int]], protection: str,
+                            seeds: Optional[Dict[str, str]]) -> None:
+        """protect asks whether it may: answer, change nothing."""
+        try:
+            durable = self._probe(name, disks, protection)
+        except SizeMismatch as e:
+            log.error("refusing group %s from %s: %s", name, peer, e)
+            await fs.send_error(frames.E_SIZE_MISMATCH, str(e))
+            return
+        await self._check_seeds(name, disks, protection, seeds)
+        await fs.send(frames.T_OPENED, {"group": name, "durable": durable})
+
+    async def _session(self, fs: FrameStream, peer: str, scope: trio.CancelScope,
+                       group_name: str, disks: List[Tuple[str, int]], protection: str,
+                       limits: Optional[Tuple[float, int]],
+                       seeds: Optional[Dict[str, str]]) -> None:
+        """OPENED (and the SEED frames) for an OPEN, then the batches until it ends."""
+        try:
+            held = self.groups.get(group_name)
+            if held is not None:
+                _check_disks(held, disks)  # a refused source leaves the session be
+            await self._check_seeds(group_name, disks, protection, seeds)
+            self._take_over(group_name, scope)
+            group = await self._open_group(group_name, disks, protection, seeds)
+            if limits is not None:
+                await trio.to_thread.run_sync(group.set_limits, *limits)
+        except SizeMismatch as e:
+            log.error("refusing group %s from %s: %s", group_name, peer, e)
+            await fs.send_error(frames.E_SIZE_MISMATCH, str(e))
+            return
+        if group.failover is not None:
+            log.warning("refusing group %s from %s: it failed over here", group_name, peer)
+            await fs.send_error(frames.E_BAD_GROUP, "group %s failed over on the target "
+                                "site; it takes no more changes" % group_name)
+            return
+        durable_now, seeded = await trio.to_thread.run_sync(group.seed_frames)
+        opened_body: Dict[str, Any] = {"group": group_name,
+                                       "durable": [list(d) for d in durable_now]}
+        seeded = seeded if seeds is not None else []  # a source that reads them
+        if seeded:
+            opened_body["seed_frames"] = len(seeded)
+        await fs.send(frames.T_OPENED, opened_body)
+        for disk, chunk, first, digests, touched in seeded:
+            await fs.send(frames.T_SEED, {"group": group_name, "disk": disk,
+                                          "chunk": chunk, "first": first,
+                                          "digests": digests, "touched": touched})
+        log.info("replicating group %s from %s", group_name, peer)
+        session = {"peer": peer, "batches": 0, "records": 0, "bytes": 0}
+        self._sessions[group_name] = session
+        await intake.receive(fs, group, session)
+
+    def _take_over(self, name: str, scope: trio.CancelScope) -> None:
+        """A new session for a group replaces an older one (the source reconnected)."""
+        old = self._owners.get(name)
+        if old is not None:
+            old.cancel()
+        self._owners[name] = scope
+
+    def _probe(self, name: str, disks: List[Tuple[str, int]], protection: str) -> list:
+        """What OPEN would answer, without opening or changing anything."""
+        group = self.groups.get(name)
+        if group is None:
+            return [[0, 0] for _ in disks]
+        _check_disks(group, disks)
+        if group.protection != protection:
+            return [[0, 0] for _ in disks]
+        return [list(d) for d in group.durable()]
+
+    async def _check_seeds(self, name: str, disks: List[Tuple[str, int]], protection: str,
+                           seeds: Optional[Dict[str, str]]) -> None:
+        """Refuse (seed.SeedError) seeds that cannot start this group's replicas: the
+        group must be new here, each seed readable and of its disk's size."""
+        held = self.groups.get(name)
+        if not seeds or (held is not None and held.protection == protection):
+            return  # nothing to adopt, or adopted when the group was made
+        if held is not None or name in self.broken:
+            raise seed.SeedError("site B already holds group %s%s: a seed starts a new group "
+                                 "only (protect without --preseeded, or move target/%s aside "
+                                 "on site B)" % (name, " (and cannot open it: %s)"
+                                                 % self.broken[name] if held is None else "",
+                                                 name))
+        sizes = dict(disks)
+        for dname, path in sorted(seeds.items()):
+            if dname not in sizes:
+                raise seed.SeedError("a seed for disk %s, which group %s does not have"
+                                     % (dname, name))
+            await trio.to_thread.run_sync(seed.check_file, path, sizes[dname])
+
+    async def _open_group(self, name: str, disks: List[Tuple[str, int]],
+                          protection: str, seeds: Optional[Dict[str, str]] = None
+                          ) -> TargetGroup:
+        lock = self._locks.setdefault(name, trio.Lock())
+        async with lock:
+            group = self.groups.get(name)
+            if group is not None:
+                _check_disks(group, disks)  # before anything changes
+            if group is not None and group.protection == protection:
+                return group
+            if group is not None:
+                self.groups.pop(name)
+                await trio.to_thread.run_sync(group.close)
+            elif seeds:
+                await self._check_seeds(name, disks, protection, seeds)
+                await trio.to_thread.run_sync(seed.adopt_group, os.path.join(self.root, name),
+                                              name, disks, seeds)
+            group = await trio.to_thread.run_sync(
+                lambda: TargetGroup(os.path.join(self.root, name), name, disks,
+                                    protection=protection))
+            self.groups[name] = group
+            return group
+
+    # -- requests from the API -----------------------------------------------------------
+
+    def group(self, name: str) -> TargetGroup:
+        g = self.groups.get(name)
+        if g is None:
+            raise NotFound("group %s is not replicated to this site" % name)
+        return g
+
+    async def restore(self, group: str, disk: str, dest: str, ref: Optional[str] = None,
+                      at_wall_ns: Optional[int] = None) -> Dict[str, Any]:
+        g = self.group(group)
+        if disk not in [d.name for d in g.disks]:
+            raise NotFound("group %s has no disk %s (it has %s)"
+                              % (group, disk, ", ".join(d.name for d in g.disks)))
+        try:
+            return await trio.to_thread.run_sync(_restore, g, disk, dest, ref, at_wall_ns)
+        except (NoConsistentState, checkpoints.CheckpointError) as e:
+            raise NotFound(str(e)) from None
+
+    def checkpoints(self, group: str) -> List[Dict[str, Any]]:
+        return self.group(group).list_checkpoints()
+
+    async def open_view(self, group: str, ref: Optional[str], at_wall_ns: Optional[int],
+                        test: bool = False) -> Dict[str, Any]:
+        g = self.group(group)
+        try:
+            return await trio.to_thread.run_sync(self.views.open, g, ref, at_wall_ns, test)
+        except (NoConsistentState, checkpoints.CheckpointError) as e:
+            raise NotFound(str(e)) from None
+
+    async def close_view(self, vid: str) -> Dict[str, Any]:
+        return await trio.to_thread.run_sync(self.views.close, vid, self.groups)
+
+    async def failover_live(self, group: str, ref: Optional[str],
+                            at_wall_ns: Optional[int]) -> Dict[str, Any]:
+        g = self.group(group)
+        owner = self._owners.get(group)
+        if owner is not None:
+            owner.cancel()  # the source's session ends; a new one is refused
+        try:
+            result = await trio.to_thread.run_sync(g.failover_live, ref, at_wall_ns)
+        except (NoConsistentState, checkpoints.CheckpointError) as e:
+            raise NotFound(str(e)) from None
+        view = await trio.to_thread.run_sync(self.views.serve_live, g)
+        return dict(view, failover=result)
+
+    async def stop_test(self, group: str) -> Dict[str, Any]:
+        self.group(group)
+        view = self.views.test_of(group)
+        if view is None:
+            raise NotFound("group %s has no test failover running" % group)
+        return await self.close_view(view.id)
+
+    def status(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {name: {"error": err, "connected": False, "disks": {},
+                                      "journal_bytes": 0}
+                               for name, err in self.broken.items()}
+        for name, g in self.groups.items():
+            st = g.status()
+            st["source"] = self._sessions.get(name)
+            st["connected"] = name in self._sessions
+            test = self.views.test_of(name)
+            st["test"] = test.to_json() if test else None
+            st["views"] = self.views.of_group(name)
+            out[name] = st
+        return out
+
+
+def _check_disks(group: TargetGroup, disks: List[Tuple[str, int]]) -> None:
+    check_disks(group.name, [(d.name, d.size) for d in group.disks], disks)
+
+
+def _restore(group: TargetGroup, disk: str, dest: str, ref: Optional[str],
+             at_wall_ns: Optional[int]) -> Dict[str, Any]:
+    return group.restore(disk, check_dest(dest), ref, at_wall_ns)

@@ -1,0 +1,57 @@
+"""A target group's status, as ``ferry status --json`` shows it under ``replicas``.
+
+The group publishes a snapshot (``snapshot``) at the end of every change, with its lock held,
+in the worker thread that made the change; the event loop reads the newest one (``read``)
+without taking the lock, so a busy group (a batch, a long restore) never stalls status,
+metrics or shipping on the agent. Only ``history_covered_s`` depends on the clock, so it is
+computed when read.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict
+
+from .state import GroupData
+
+Snapshot = Dict[str, Any]
+
+
+def snapshot(g: GroupData) -> Snapshot:
+    """The group's status as things stand (call with its lock held)."""
+    head, held = g.newest()
+    oldest = g.checkpoints[0] if g.checkpoints else None
+    newest = g.checkpoints[-1] if g.checkpoints else None
+    untouched = [m.untouched() if m is not None else None for m in g.seeds]
+    return {
+        "journal_bytes": g.journal.size(),
+        "journal_segments": len(g.journal.segments()),
+        "history_s": g.history_s,
+        "journal_max": g.journal_max,
+        "history_covered_s": 0.0,  # from oldest_checkpoint, when read
+        "history_short": g.short_history,
+        "checkpoints": len(g.checkpoints),
+        "oldest_checkpoint": oldest.to_json() if oldest else None,
+        "newest_checkpoint": newest.to_json() if newest else None,
+        "views_open": g.pins,
+        "failover": dict(g.failover) if g.failover is not None else None,
+        "disks": {d.name: {"size": d.size, "durable_gen": d.gen, "durable_seq": d.seq,
+                           "applied_gen": d.applied_gen,
+                           "applied_seq": d.applied_seq,
+                           "newest_gen": head[i][0], "newest_seq": head[i][1],
+                           "consistent": g.gate.whole(i) and not held,
+                           "ever_consistent": g.gate.whole(i),
+                           "seed_untouched_chunks": untouched[i],
+                           "replica": g.replica_path(d.name)}
+                  for i, d in enumerate(g.disks)},
+    }
+
+
+def read(snap: Snapshot) -> Dict[str, Any]:
+    """A copy of a snapshot for one answer, with the history it covers as of now."""
+    out = dict(snap)
+    oldest = snap["oldest_checkpoint"]
+    out["history_covered_s"] = round((time.time_ns() - oldest["wall_ns"]) / 1e9, 3) \
+        if oldest else 0.0
+    out["disks"] = {k: dict(v) for k, v in snap["disks"].items()}
+    return out
