@@ -12,8 +12,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import trio
 
 from . import tls
-from .protocol import frames
-from .protocol.stream import FrameStream, keepalive
+from .protocol import frames, messages
+from .protocol.session import SourceSession, TargetSession
+from .protocol.stream import SessionStream, keepalive
 from .store import PeerRow, Store
 
 log = logging.getLogger("ferry.tls")
@@ -105,16 +106,15 @@ class Trust:
         token_id, key = tls.parse_token(token)
         stream = await trio.open_tcp_stream(host, port)
         ssl_stream = tls.TLSSocketStream(stream, tls.pairing_context(), server_side=False)
-        fs = FrameStream(ssl_stream, address)
+        fs = SessionStream(ssl_stream, address, SourceSession())
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 await ssl_stream.do_handshake()
                 their_der = tls.peer_der(ssl_stream) or b""  # none: the MAC check fails
                 ours = self.identity.der
-                await fs.send(frames.T_PAIR, {"token": token_id, "site": self.site,
-                                            "cert": self.identity.cert_pem,
-                                            "mac": tls.pair_mac(key, "source", ours, their_der)})
-                body = await fs.expect(frames.T_PAIRED)
+                await fs.send(messages.Pair(token_id, self.site, self.identity.cert_pem,
+                                            tls.pair_mac(key, "source", ours, their_der)))
+                paired = await fs.expect(messages.Paired)
         except trio.TooSlowError:
             raise tls.PairingError("the site at %s did not answer within %g s"
                                    % (address, HANDSHAKE_TIMEOUT)) from None
@@ -125,9 +125,8 @@ class Trust:
                                    "replication port?)" % (address, tls.tls_reason(e))) from None
         finally:
             await fs.aclose()
-        site = frames.field(body, "site", str)
-        mac = frames.field(body, "mac", bytes)
-        if not tls.check_mac(key, "target", ours, their_der, mac):
+        site = paired.site
+        if not tls.check_mac(key, "target", ours, their_der, paired.mac):
             raise tls.PairingError("the site at %s answered without proof that it made this "
                                    "token: someone may stand between the sites; not paired"
                                    % address)
@@ -162,7 +161,7 @@ class Trust:
         if first[0] != tls.TLS_RECORD_HANDSHAKE:
             if self.insecure:
                 return stream, None, False
-            fs = FrameStream(stream, peer)
+            fs = SessionStream(stream, peer, TargetSession())
             await fs.send_error(frames.E_TLS_REQUIRED, "this site accepts only TLS from paired "
                                 "sites; " + how_to_pair("HOST:PORT"))
             raise Refused("refusing a plaintext connection from %s: this site accepts only "
@@ -182,15 +181,12 @@ class Trust:
                           "this one hangs up like this)" % (peer, tls.tls_reason(e))) from None
         return ssl_stream, tls.peer_der(ssl_stream), True
 
-    async def answer_pair(self, fs: FrameStream, body: dict, stream: trio.abc.Stream,
-                          is_tls: bool, peer: str) -> None:
-        """The target's side of a PAIR frame."""
-        if not is_tls or not isinstance(stream, tls.TLSSocketStream):
+    async def answer_pair(self, fs: SessionStream, msg: messages.Pair, is_tls: bool,
+                          peer: str) -> None:
+        """The target's side of a PAIR message."""
+        if not is_tls or not isinstance(fs.stream, tls.TLSSocketStream):
             raise Refused("refusing to pair with %s over plaintext" % peer)
-        token_id = frames.field(body, "token", str)
-        site = frames.field(body, "site", str)
-        cert = frames.field(body, "cert", str)
-        mac = frames.field(body, "mac", bytes)
+        token_id, site, cert, mac = msg.token, msg.site, msg.cert, msg.mac
         try:
             their_der = ssl.PEM_cert_to_DER_cert(cert)
         except ValueError:
@@ -214,8 +210,8 @@ class Trust:
             await fs.send_error(frames.E_PAIRING, reason)
             raise Refused("refusing to pair with %s (site %r): %s" % (peer, site, reason))
         assert row is not None and row.key is not None
-        await fs.send(frames.T_PAIRED, {"site": self.site, "mac": tls.pair_mac(
-            row.key, "target", their_der, self.identity.der)})
+        await fs.send(messages.Paired(self.site, tls.pair_mac(row.key, "target", their_der,
+                                                               self.identity.der)))
         replaced = self.store.add_peer(PeerRow(tls.fingerprint(their_der), site, peer, cert,
                                                time.time()))
         self._peers_changed()

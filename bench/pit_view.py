@@ -44,10 +44,10 @@ import report
 
 from agent.checkpoints import Checkpoint
 from agent.target.group import TargetGroup
-from formats.records import JRecord
 from agent.target.views import Views
 from formats import jmap
 from formats.localwire import KIND_CONSISTENT, KIND_WRITE
+from formats.records import JRecord
 
 
 def build(directory: str, records: int, rsize: int, disk: int) -> TargetGroup:

@@ -20,7 +20,6 @@ from agent.protocol.session import SourceSession
 from agent.protocol.stream import SessionStream
 from agent.target import seeds, server
 from agent.target.group import TargetGroup
-from formats.records import KIND_SEEDED, JRecord
 from formats.localwire import (
     FLAG_INCONSISTENT,
     FLAG_RESYNC,
@@ -31,6 +30,7 @@ from formats.localwire import (
     KIND_ZERO,
     Record,
 )
+from formats.records import KIND_SEEDED, JRecord
 from nbd_plugin import link
 
 C = 4096  # a small chunk keeps these tests fast; the logic does not care

@@ -9,7 +9,7 @@ thread so the event loop is not held by decompression, and sends what the sessio
 from __future__ import annotations
 
 import socket
-from typing import Any, Awaitable, Callable, List, Optional, Tuple, TypeVar
+from typing import Any, Awaitable, Callable, List, TypeVar
 
 import trio
 
@@ -84,58 +84,6 @@ class SessionStream:
                 await self.send(messages.Error(code, message))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError,
                 LocalProtocolError):
-            pass
-
-    async def aclose(self) -> None:
-        with trio.CancelScope(shield=True):
-            await self.stream.aclose()
-
-
-class FrameStream:
-    def __init__(self, stream: trio.abc.Stream, peer: str, codec: Optional[wire.Codec] = None):
-        self.stream = stream
-        self.peer = peer
-        self.codec = codec or wire.Codec()
-        self._send_lock = trio.Lock()
-        self.bytes_sent = 0
-        self.bytes_received = 0
-
-    async def _read_exact(self, n: int) -> bytes:
-        return await read_exact(self.stream, n, self.peer, self)
-
-    async def receive(self) -> Tuple[int, dict]:
-        """The next frame as (type, body); ProtocolError if it does not hold together."""
-        header = self.codec.decode_header(await self._read_exact(wire.HEADER.size))
-        body = await self._read_exact(header.length)
-        if header.length > 1024 * 1024:
-            obj = await trio.to_thread.run_sync(self.codec.decode_body, header, body)
-        else:
-            obj = self.codec.decode_body(header, body)
-        if header.type == wire.T_ERROR:
-            raise wire.RemoteError(str(obj.get("code", "")), str(obj.get("message", "")))
-        return header.type, obj
-
-    async def expect(self, ftype: int) -> dict:
-        got, obj = await self.receive()
-        if got != ftype:
-            raise wire.ProtocolError("expected %s, got %s"
-                                     % (wire.TYPE_NAMES[ftype], wire.TYPE_NAMES[got]))
-        return obj
-
-    async def send_frame(self, frame: bytes) -> None:
-        async with self._send_lock:
-            await self.stream.send_all(frame)
-            self.bytes_sent += len(frame)
-
-    async def send(self, ftype: int, obj: Any) -> None:
-        await self.send_frame(self.codec.encode(ftype, obj))
-
-    async def send_error(self, code: str, message: str) -> None:
-        """Tell the peer why we hang up; a peer already gone is no news."""
-        try:
-            with trio.move_on_after(2):
-                await self.send(wire.T_ERROR, {"code": code, "message": message})
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
 
     async def aclose(self) -> None:

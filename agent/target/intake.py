@@ -13,16 +13,15 @@ from typing import Any, Dict, List, Tuple
 
 import trio
 
-from ..protocol import frames
-from ..protocol.stream import FrameStream, race
+from ..protocol import messages
+from ..protocol.stream import SessionStream, race
 from .group import TargetGroup
-from .messages import parse_batch
 
 RECEIVE_AHEAD = 4                     # frames read and checked ahead of the journal
 GROUP_COMMIT_BYTES = 16 * 1024 * 1024  # at most this much data in one journal append
 
 
-async def receive(fs: FrameStream, group: TargetGroup, session: Dict[str, Any]) -> None:
+async def receive(fs: SessionStream, group: TargetGroup, session: Dict[str, Any]) -> None:
     """Take BATCH frames into ``group`` until the connection ends (see the module);
     ``session`` counts batches, records and bytes for the status."""
     send_ch, recv_ch = trio.open_memory_channel[Tuple[List[Any], List[Any], int]](
@@ -32,11 +31,9 @@ async def receive(fs: FrameStream, group: TargetGroup, session: Dict[str, Any]) 
         # The channel stays open when this fails: the writer is then cancelled by
         # race() and the session ends with this task's error, not EndOfChannel.
         while True:
-            ftype, body = await fs.receive()
-            if ftype != frames.T_BATCH:
-                raise frames.ProtocolError("expected BATCH, got %s"
-                                           % frames.TYPE_NAMES[ftype])
-            await send_ch.send(parse_batch(body, group.name, len(group.disks)))
+            # The session checked the batch against the group (name, disks, cuts).
+            batch = await fs.expect(messages.Batch)
+            await send_ch.send((batch.records, batch.checkpoints, batch.data_bytes))
 
     async def write() -> None:
         while True:
@@ -54,10 +51,6 @@ async def receive(fs: FrameStream, group: TargetGroup, session: Dict[str, Any]) 
             session["batches"] += len(got)
             session["records"] += len(records)
             session["bytes"] += size
-            ack: Dict[str, Any] = {"group": group.name,
-                                   "durable": [list(d) for d in group.durable()]}
-            if ids:
-                ack["checkpoints"] = ids
-            await fs.send(frames.T_ACK, ack)
+            await fs.send(messages.Ack(group.name, tuple(group.durable()), tuple(ids)))
 
     await race(read, write)

@@ -22,18 +22,17 @@ import trio
 from .. import checkpoints
 from ..errors import NotFound, StorageError
 from ..pairing import Refused, Trust
-from ..protocol import frames
-from ..protocol.stream import FrameStream, keepalive
+from ..protocol import frames, messages
+from ..protocol.session import TargetSession
+from ..protocol.stream import SessionStream, keepalive
 from . import intake, meta
 from . import seeds as seed
 from .group import NoConsistentState, SizeMismatch, TargetGroup, check_disks
-from .messages import parse_limits, parse_open, parse_seeds
 from .restore import check_dest
 from .views import Views
 
 log = logging.getLogger("ferry.target")
 
-PROTOCOL = 1
 HANDSHAKE_TIMEOUT = 10.0
 MAINTAIN_INTERVAL = 1.0  # promotion of what aged out of the window, without batches
 
@@ -106,23 +105,23 @@ class TargetSite:
             pass
         group_name: Optional[str] = None
         scope = trio.CancelScope()
-        fs = FrameStream(stream, peer)
+        fs = SessionStream(stream, peer, TargetSession())
         try:
             with trio.move_on_after(self.handshake_timeout) as handshake:
                 paired: Optional[bytes] = None
                 is_tls = False
                 if self.trust is not None:
                     conn, paired, is_tls = await self.trust.accept(stream, peer)
-                    fs = FrameStream(conn, peer)
+                    fs = SessionStream(conn, peer, TargetSession())
                 opened = await self._handshake(fs, paired, is_tls, peer)
             if handshake.cancelled_caught:
                 raise frames.ProtocolError("no handshake within %g s" % self.handshake_timeout)
             if opened is None:
                 return  # a pairing request, answered
-            group_name, disks, protection = parse_open(opened)
-            limits = parse_limits(opened)
-            seeds = parse_seeds(opened)
-            if opened.get("probe"):
+            group_name, disks, protection = opened.group, list(opened.disks), opened.protection
+            limits = (float(opened.limits[0]), opened.limits[1]) if opened.limits else None
+            seeds = opened.seeds
+            if opened.probe:
                 await self._answer_probe(fs, peer, group_name, disks, protection, seeds)
                 return
             with scope:
@@ -155,27 +154,24 @@ class TargetSite:
                 self._sessions.pop(group_name, None)
             await fs.aclose()
 
-    async def _handshake(self, fs: FrameStream, paired: Optional[bytes], is_tls: bool,
-                         peer: str) -> Optional[Dict[str, Any]]:
-        """HELLO/WELCOME, then the OPEN body; None when the peer asked to pair instead
-        (answered here)."""
-        ftype, hello = await fs.receive()
-        if ftype == frames.T_PAIR and self.trust is not None:
-            await self.trust.answer_pair(fs, hello, fs.stream, is_tls, peer)
+    async def _handshake(self, fs: SessionStream, paired: Optional[bytes], is_tls: bool,
+                         peer: str) -> Optional[messages.Open]:
+        """HELLO/WELCOME, then the OPEN; None when the peer asked to pair instead
+        (answered here). The session admits only HELLO or PAIR first."""
+        first = await fs.receive()
+        if isinstance(first, messages.Pair):
+            if self.trust is None:
+                raise frames.ProtocolError("this site does not pair (plain TCP only)")
+            await self.trust.answer_pair(fs, first, is_tls, peer)
             return None
-        if ftype != frames.T_HELLO:
-            raise frames.ProtocolError("expected HELLO, got %s" % frames.TYPE_NAMES[ftype])
         if is_tls and paired is None:
             await fs.send_error(frames.E_UNPAIRED, "this site is not paired with yours; "
                                 "pair them first (ferry pair-token, ferry pair)")
             raise Refused("refusing %s: TLS without a paired site's certificate" % peer)
-        if frames.field(hello, "protocol", int) != PROTOCOL:
-            raise frames.ProtocolError("protocol %r, this agent speaks %d"
-                                       % (hello.get("protocol"), PROTOCOL))
-        await fs.send(frames.T_WELCOME, {"protocol": PROTOCOL, "site": self.site})
-        return await fs.expect(frames.T_OPEN)
+        await fs.send(messages.Welcome(self.site))
+        return await fs.expect(messages.Open)
 
-    async def _answer_probe(self, fs: FrameStream, peer: str, name: str,
+    async def _answer_probe(self, fs: SessionStream, peer: str, name: str,
                             disks: List[Tuple[str, int]], protection: str,
                             seeds: Optional[Dict[str, str]]) -> None:
         """protect asks whether it may: answer, change nothing."""
@@ -186,9 +182,9 @@ class TargetSite:
             await fs.send_error(frames.E_SIZE_MISMATCH, str(e))
             return
         await self._check_seeds(name, disks, protection, seeds)
-        await fs.send(frames.T_OPENED, {"group": name, "durable": durable})
+        await fs.send(messages.Opened(name, tuple((d[0], d[1]) for d in durable)))
 
-    async def _session(self, fs: FrameStream, peer: str, scope: trio.CancelScope,
+    async def _session(self, fs: SessionStream, peer: str, scope: trio.CancelScope,
                        group_name: str, disks: List[Tuple[str, int]], protection: str,
                        limits: Optional[Tuple[float, int]],
                        seeds: Optional[Dict[str, str]]) -> None:
@@ -212,16 +208,10 @@ class TargetSite:
                                 "site; it takes no more changes" % group_name)
             return
         durable_now, seeded = await trio.to_thread.run_sync(group.seed_frames)
-        opened_body: Dict[str, Any] = {"group": group_name,
-                                       "durable": [list(d) for d in durable_now]}
         seeded = seeded if seeds is not None else []  # a source that reads them
-        if seeded:
-            opened_body["seed_frames"] = len(seeded)
-        await fs.send(frames.T_OPENED, opened_body)
+        await fs.send(messages.Opened(group_name, tuple(durable_now), len(seeded)))
         for disk, chunk, first, digests, touched in seeded:
-            await fs.send(frames.T_SEED, {"group": group_name, "disk": disk,
-                                          "chunk": chunk, "first": first,
-                                          "digests": digests, "touched": touched})
+            await fs.send(messages.Seed(group_name, disk, chunk, first, digests, touched))
         log.info("replicating group %s from %s", group_name, peer)
         session = {"peer": peer, "batches": 0, "records": 0, "bytes": 0}
         self._sessions[group_name] = session
