@@ -19,7 +19,8 @@
     POST   /v1/pairs                        {address, token}: pair with the site there
     GET    /v1/pairs                        this site's fingerprint and paired sites
     DELETE /v1/pairs/SITE                   forget a paired site (by name or fingerprint)
-    GET    /metrics                         Prometheus text format
+    GET    /metrics                         Prometheus text format (agent/metrics.py)
+    GET    /healthz                         {ok, site}
 
 Errors are ``{"error": "one line for the user"}`` with a 4xx or 5xx status.
 """
@@ -29,14 +30,34 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, unquote
 
-from . import tls
-from .errors import FerryError, Forbidden, Invalid, NotFound, TooLarge, Unavailable, http_status
+from . import metrics, tls
+from .errors import (
+    FerryError,
+    Forbidden,
+    Invalid,
+    NotFound,
+    TooLarge,
+    Unavailable,
+    http_status,
+    kind_of,
+)
 from .pairing import Trust
 from .source import SourceSite, parse_target
 from .target import TargetSite
+
+if TYPE_CHECKING:
+    from .watch import Watcher
+
+
+def version() -> str:
+    try:
+        from importlib.metadata import version as dist_version
+        return dist_version("ferry")
+    except Exception:  # a source tree, not installed
+        return "0.1.0"
 
 log = logging.getLogger("ferry.api")
 
@@ -53,6 +74,7 @@ class Api:
         self.site = site
         self.trust = trust
         self.started = time.time()
+        self.watcher: Optional[Watcher] = None
 
     async def __call__(self, scope: Dict[str, Any], receive: Callable, send: Callable) -> None:
         if scope["type"] == "lifespan":
@@ -71,7 +93,7 @@ class Api:
                                                 parse_qs(scope.get("query_string", b"").decode()),
                                                 body)
         except FerryError as e:
-            status, payload = http_status(e), {"error": str(e)}
+            status, payload = http_status(e), {"error": str(e), "kind": kind_of(e)}
         except OSError as e:
             log.exception("request failed")
             status, payload = 500, {"error": "%s: %s" % (type(e).__name__, e)}
@@ -79,9 +101,9 @@ class Api:
             log.exception("request failed")
             status, payload = 500, {"error": "internal error (%s); see the agent's log"
                                     % type(e).__name__}
-        if isinstance(payload, str):
-            data = payload.encode()
-            ctype = b"text/plain; version=0.0.4"
+        if isinstance(payload, bytes):
+            data = payload
+            ctype = metrics.CONTENT_TYPE.encode()
         else:
             data = (json.dumps(payload, indent=1, sort_keys=True) + "\n").encode()
             ctype = b"application/json"
@@ -97,6 +119,8 @@ class Api:
             return 200, self.status((query.get("group") or [None])[0])
         if parts == ["metrics"] and method == "GET":
             return 200, self.metrics()
+        if parts == ["healthz"] and method == "GET":
+            return 200, {"ok": True, "site": self.site}
         if parts[:2] in (["v1", "pair-token"], ["v1", "pairs"]):
             return await self._pairing(method, parts, body)
         if parts == ["v1", "groups"] and method == "POST":
@@ -223,46 +247,9 @@ class Api:
                            "paired_sites": [p.site for p in self.trust.peers()]}
         return out
 
-    def metrics(self) -> str:
-        lines = []
-
-        def metric(name: str, help_: str, kind: str, samples: list) -> None:
-            lines.append("# HELP ferry_%s %s" % (name, help_))
-            lines.append("# TYPE ferry_%s %s" % (name, kind))
-            for labels, value in samples:
-                label = ",".join('%s="%s"' % kv for kv in labels.items())
-                lines.append("ferry_%s{%s} %s" % (name, label, value))
-
-        groups = self.source.status()
-        disks = [({"group": g, "disk": d}, st) for g, gs in groups.items()
-                 for d, st in gs["disks"].items()]
-        metric("rpo_seconds", "Replication lag of a disk", "gauge",
-               [(lbl, st["rpo_seconds"]) for lbl, st in disks])
-        for key, help_ in (("bytes_written", "Bytes written by the VM"),
-                           ("bytes_shipped", "Bytes of writes shipped to the target"),
-                           ("bytes_queued", "Bytes in the splitter's queue"),
-                           ("dirty_bytes", "Bytes in the dirty map"),
-                           ("resync_bytes", "Bytes read back by resyncs"),
-                           ("resync_skipped_bytes", "Resync bytes the target's seed held")):
-            metric(key, help_, "gauge" if key in ("bytes_queued", "dirty_bytes") else "counter",
-                   [(lbl, st[key]) for lbl, st in disks])
-        metric("group_bytes_sent", "Frame bytes sent to the target", "counter",
-               [({"group": g}, gs["bytes_sent"]) for g, gs in groups.items()])
-        replicas = self.target.status()
-        metric("journal_bytes", "Journal size on the target", "gauge",
-               [({"group": g}, r["journal_bytes"]) for g, r in replicas.items()])
-        held = {g: r for g, r in replicas.items() if "checkpoints" in r}
-        metric("history_covered_seconds", "History the target's journal covers", "gauge",
-               [({"group": g}, r["history_covered_s"]) for g, r in held.items()])
-        metric("history_short", "1 when the journal limit keeps less than the configured "
-               "history", "gauge", [({"group": g}, int(r["history_short"]))
-                                    for g, r in held.items()])
-        metric("checkpoints", "Checkpoints held in the target's window", "gauge",
-               [({"group": g}, r["checkpoints"]) for g, r in held.items()])
-        metric("checkpoints_unacked", "Checkpoints cut on the source, not yet journaled by the "
-               "target", "gauge", [({"group": g}, gs["checkpoints_unacked"])
-                                   for g, gs in groups.items()])
-        return "\n".join(lines) + "\n"
+    def metrics(self) -> bytes:
+        return metrics.exposition(metrics.StatusCollector(self.status, self.watcher,
+                                                          version()))
 
 
 async def _read_body(receive: Callable) -> Dict[str, Any]:

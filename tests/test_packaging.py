@@ -316,7 +316,9 @@ def test_packaged_agent_notifies_systemd_from_main_pid(tree, tmp_path):
                                      NOTIFY_SOCKET=notify_path))
         try:
             assert message() == ("READY=1", agent.pid)
-            status = run([str(ferry), "--api", "http://127.0.0.1:%d" % api_port, "status",
+            # A TCP API needs its token (made by the agent in its data directory).
+            status = run([str(ferry), "--api", "http://127.0.0.1:%d" % api_port,
+                          "--token-file", str(tmp_path / "data" / "api.token"), "status",
                           "--json"], env=clean_env())
             assert '"site": "pkgtest"' in status.stdout
             agent.send_signal(signal.SIGTERM)
