@@ -121,6 +121,23 @@ class Api:
             return 200, self.metrics()
         if parts == ["healthz"] and method == "GET":
             return 200, {"ok": True, "site": self.site}
+        if parts == ["v1", "events"] and method == "GET":
+            return 200, await self._events(query)
+        if parts == ["v1", "alerts"] and method == "GET":
+            return 200, self._watcher().alerts_document()
+        if parts == ["v1", "overview"] and method == "GET":
+            return 200, self.overview()
+        if len(parts) == 4 and parts[:2] == ["v1", "groups"] and parts[3] == "alerts" \
+                and method == "POST":
+            if set(body) != {"rpo_alert"}:
+                raise Invalid("alert settings: rpo_alert (seconds, or null for none)")
+            value = body["rpo_alert"]
+            if value is not None and (not isinstance(value, (int, float))
+                                      or isinstance(value, bool) or value <= 0):
+                raise Invalid("rpo_alert must be a positive number of seconds or null")
+            if parts[2] not in self.source.status():
+                raise NotFound("no group %s on this site" % parts[2])
+            return 200, self._watcher().set_rpo_alert(parts[2], value)
         if parts[:2] in (["v1", "pair-token"], ["v1", "pairs"]):
             return await self._pairing(method, parts, body)
         if parts == ["v1", "groups"] and method == "POST":
@@ -232,8 +249,45 @@ class Api:
             return 200, trust.status()
         raise NotFound("no such endpoint: %s /%s" % (method, "/".join(parts)))
 
+    def _watcher(self) -> Watcher:
+        if self.watcher is None:
+            raise Unavailable("the agent's watcher is not running")
+        return self.watcher
+
+    async def _events(self, query: Dict[str, list]) -> Dict[str, Any]:
+        """Long poll: events after ``after`` (default: from now on when ``wait`` is given,
+        else everything kept), waiting up to ``wait`` seconds (at most 60) for one."""
+        events = self._watcher().events
+        try:
+            after = int((query.get("after") or [-1])[0])
+            wait = float((query.get("wait") or [0])[0])
+            limit = int((query.get("limit") or [1000])[0])
+        except ValueError:
+            raise Invalid("after and limit are integers, wait a number of seconds") from None
+        if not 0 <= wait <= 60 or not 1 <= limit <= 10000:
+            raise Invalid("wait is 0 to 60 seconds, limit 1 to 10000 events")
+        if after < 0:
+            after = 0
+        items, lost = await events.wait(after, wait, limit) if wait else \
+            events.since(after, limit)
+        return {"events": items, "lost": lost, "last_id": events.last_id}
+
+    def overview(self) -> Dict[str, Any]:
+        """What the dashboard draws: the status, and what the watcher derived over time."""
+        w = self._watcher()
+        st = self.status()
+        return {"status": st, "rates": w.rates(), "alerts": w.alerts.active(),
+                "rpo_history": {g: w.rpo_history(g) for g in st["groups"]},
+                "events": w.events.latest(50), "pairs": self.trust.status()}
+
     def status(self, group: Optional[str] = None) -> Dict[str, Any]:
         groups = self.source.status()
+        if self.watcher is not None:
+            for g, gs in groups.items():
+                for d, ds in gs["disks"].items():
+                    p = self.watcher.progress(g, d)
+                    ds["delivered_progress"] = p["progress"] if p else None
+                    ds["delivered_eta_seconds"] = p["eta_seconds"] if p else None
         replicas = self.target.status()
         if group is not None:
             if group not in groups and group not in replicas:

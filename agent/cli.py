@@ -176,6 +176,13 @@ def main(argv: Optional[List[str]] = None) -> int:
               help="Its private key (PEM).")
 @click.option("--metrics", "metrics_addr", default=None, metavar="HOST:PORT",
               help="Read-only listener for Prometheus: GET /metrics and /healthz only.")
+@click.option("--hooks", "hooks_dir", default="/etc/ferry/hooks.d", show_default=True,
+              type=click.Path(file_okay=False),
+              help="Programs run with each alert as JSON on stdin (root's, not writable by "
+                   "others).")
+@click.option("--link-down-alert", default="60s", show_default=True, metavar="DURATION",
+              help="Alert when a protected group has had no session with its target this "
+                   "long.")
 @click.option("--site", default=None, help="Name of this site (default: the host name).")
 @click.option("--insecure", is_flag=True,
               help="Replicate over plain TCP and accept it from anyone (labs only). "
@@ -183,8 +190,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def agent(data_dir: str, listen: str, api_addrs: Tuple[str, ...], api_group: str,
           api_token_file: Optional[str], api_cert: Optional[str], api_key: Optional[str],
-          metrics_addr: Optional[str], site: Optional[str], insecure: bool,
-          verbose: bool) -> None:
+          metrics_addr: Optional[str], hooks_dir: str, link_down_alert: str,
+          site: Optional[str], insecure: bool, verbose: bool) -> None:
     """Run the host agent in the foreground."""
     import trio
 
@@ -200,7 +207,8 @@ def agent(data_dir: str, listen: str, api_addrs: Tuple[str, ...], api_group: str
         raise Failure(str(e)) from None
     data_dir = os.path.abspath(data_dir)
     opts = daemon.Options(data_dir, listen_hp, apis, site, insecure, metrics_hp, api_group,
-                          api_token_file, api_cert, api_key)
+                          api_token_file, api_cert, api_key, os.path.abspath(hooks_dir),
+                          parse_duration(link_down_alert))
     try:
         os.makedirs(data_dir, exist_ok=True)
         trio.run(daemon.run, opts)
@@ -253,6 +261,8 @@ def _split_disk(spec: str, index: int) -> Tuple[str, str]:
 @click.option("--bandwidth", default="0", show_default=True, metavar="RATE",
               help="Most bytes per second the link may carry (50M, 1G; 0: no limit). "
                    "Change it later with `ferry set`.")
+@click.option("--rpo-alert", default=None, metavar="DURATION",
+              help="Raise an alert while the group's RPO is above this (30s, 5m).")
 @click.option("--preseeded", "seeds", multiple=True, metavar="[NAME=]PATH",
               help="A copy of disk NAME that site B already holds (absolute path there): "
                    "only chunks that differ are shipped. Repeatable; a new group only.")
@@ -260,8 +270,8 @@ def _split_disk(spec: str, index: int) -> Tuple[str, str]:
 @click.pass_obj
 def protect(api: Agent, group: str, disks: Tuple[str, ...], target: str, queue: str,
             allow_unreachable: bool, history: str, journal_max: str,
-            checkpoint_interval: str, bandwidth: str, seeds: Tuple[str, ...],
-            as_json: bool) -> None:
+            checkpoint_interval: str, bandwidth: str, rpo_alert: Optional[str],
+            seeds: Tuple[str, ...], as_json: bool) -> None:
     """Protect disks as GROUP, replicated to TARGET; prints each disk's NBD URI."""
     specs = [_split_disk(s, i) for i, s in enumerate(disks)]
     seeded = _seeds(seeds, [n for n, _p in specs])
@@ -275,6 +285,9 @@ def protect(api: Agent, group: str, disks: Tuple[str, ...], target: str, queue: 
         "checkpoint_interval": parse_duration(checkpoint_interval),
         "bandwidth": parse_size(bandwidth), "seeds": seeded,
         "disks": [{"name": n, "path": p} for n, p in specs]})
+    if rpo_alert is not None:
+        result["rpo_alert"] = call(api, "POST", "/v1/groups/%s/alerts" % group, {
+            "rpo_alert": parse_duration(rpo_alert) or None})["rpo_alert"]
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -302,18 +315,32 @@ def _seeds(specs: Tuple[str, ...], disks: List[str]) -> Dict[str, str]:
 
 @cli.command(name="set")
 @click.argument("group")
-@click.option("--bandwidth", required=True, metavar="RATE",
+@click.option("--bandwidth", default=None, metavar="RATE",
               help="Most bytes per second the link may carry (50M, 1G; 0: no limit).")
+@click.option("--rpo-alert", default=None, metavar="DURATION",
+              help="Alert while the group's RPO is above this (0: no RPO alert).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
-def set_(api: Agent, group: str, bandwidth: str, as_json: bool) -> None:
+def set_(api: Agent, group: str, bandwidth: Optional[str], rpo_alert: Optional[str],
+         as_json: bool) -> None:
     """Change a protected group's settings while it runs."""
-    result = call(api, "POST", "/v1/groups/%s/settings" % group,
-                  {"bandwidth": parse_size(bandwidth)})
+    if bandwidth is None and rpo_alert is None:
+        raise click.UsageError("give --bandwidth or --rpo-alert")
+    result: Dict[str, Any] = {"group": group}
+    if bandwidth is not None:
+        result.update(call(api, "POST", "/v1/groups/%s/settings" % group,
+                           {"bandwidth": parse_size(bandwidth)}))
+    if rpo_alert is not None:
+        result.update(call(api, "POST", "/v1/groups/%s/alerts" % group,
+                           {"rpo_alert": parse_duration(rpo_alert) or None}))
     if as_json:
         return emit(result)
-    rate = result["bandwidth"]
-    click.echo("%s: bandwidth %s" % (group, "%s/s" % _human(rate) if rate else "unlimited"))
+    if "bandwidth" in result:
+        rate = result["bandwidth"]
+        click.echo("%s: bandwidth %s" % (group, "%s/s" % _human(rate) if rate else "unlimited"))
+    if "rpo_alert" in result:
+        click.echo("%s: RPO alert %s" % (group, "above %g s" % result["rpo_alert"]
+                                         if result["rpo_alert"] else "off"))
 
 
 def _pause_command(verb: str, done: str, doc: str) -> None:
@@ -558,6 +585,15 @@ def checkpoints(api: Agent, group: str, as_json: bool) -> None:
                                                  "  (%s)" % extra if extra else ""))
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return "%d s" % seconds
+    if seconds < 3600:
+        return "%d min %02d s" % divmod(seconds, 60)
+    return "%d h %02d min" % (seconds // 3600, seconds % 3600 // 60)
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -588,6 +624,11 @@ def status(api: Agent, group: Optional[str], as_json: bool) -> None:
                                          _human(d["dirty_bytes"]), d["last_acked_seq"],
                                          "  seed held %s" % _human(d["resync_skipped_bytes"])
                                          if d.get("resync_skipped_bytes") else ""))
+            if d.get("delivered_progress") is not None:
+                eta = d.get("delivered_eta_seconds")
+                lines.append("  %-12s %s %.1f%% delivered to the target, ETA %s" % (
+                    "", d["state"], 100 * d["delivered_progress"],
+                    _duration(eta) if eta is not None else "unknown yet"))
             lines.append("  %-12s %s" % ("", d["nbd_uri"]))
     for name, r in sorted(result["replicas"].items()):
         src = r.get("source") or {}
@@ -610,6 +651,58 @@ def status(api: Agent, group: Optional[str], as_json: bool) -> None:
         lines.append("site %s runs --insecure: replication is plain TCP, open to anyone"
                      % result["site"])
     click.echo("\n".join(lines))
+
+
+def _event_line(e: Dict[str, Any]) -> str:
+    import datetime
+    when = datetime.datetime.fromtimestamp(e["time"], datetime.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
+    skip = {"id", "time", "kind", "severity", "group", "message"}
+    rest = " ".join("%s=%s" % (k, json.dumps(v) if not isinstance(v, str) else v)
+                    for k, v in sorted(e.items()) if k not in skip and v is not None)
+    return "%d %s %-7s %-10s %s%s%s" % (e["id"], when, e["severity"], e["kind"],
+                                        e.get("group", "-"), " " + rest if rest else "",
+                                        "  -- " + e["message"] if e.get("message") else "")
+
+
+@cli.command()
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new events as they come.")
+@click.option("--after", default=None, type=int, metavar="ID",
+              help="Only events after this id (resume where a consumer stopped).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object a line.")
+@click.pass_obj
+def events(api: Agent, follow: bool, after: Optional[int], as_json: bool) -> None:
+    """Print the agent's events: changes of group, disk, link, checkpoint, failover, alert
+    (the last ones kept, then, with --follow, new ones as they happen)."""
+    last = after or 0
+    while True:
+        result = call(api, "GET", "/v1/events?after=%d&wait=%d" % (last, 25 if follow else 0),
+                      timeout=40)
+        if result["lost"]:
+            click.echo("ferry: warning: events after %d are no longer kept; some were "
+                       "missed" % last, err=True)
+        for e in result["events"]:
+            click.echo(json.dumps(e, sort_keys=True) if as_json else _event_line(e))
+            last = e["id"]
+        sys.stdout.flush()
+        if not follow:
+            return
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def alerts(api: Agent, as_json: bool) -> None:
+    """The alerts raised now, and the alert settings."""
+    result = call(api, "GET", "/v1/alerts")
+    if as_json:
+        return emit(result)
+    for a in result["active"]:
+        click.echo("%-7s %-16s %s%s  since %s\n        %s" % (
+            a["severity"], a["alert"], a["group"], "/" + a["disk"] if a.get("disk") else "",
+            _iso(int(a["since"] * 1e9)), a["message"]))
+    if not result["active"]:
+        click.echo("no alerts")
 
 
 if __name__ == "__main__":

@@ -22,12 +22,15 @@ import hypercorn.trio
 import trio
 
 from . import access, tls
+from .alerts import Alerts
 from .api import Api
 from .errors import Invalid
+from .events import EventLog
 from .pairing import Trust
 from .source import SourceSite
 from .store import Store
 from .target import TargetSite
+from .watch import Watcher
 
 log = logging.getLogger("ferry.agent")
 
@@ -67,6 +70,8 @@ class Options:
     token_file: Optional[str] = None
     api_cert: Optional[str] = None
     api_key: Optional[str] = None
+    hooks_dir: Optional[str] = "/etc/ferry/hooks.d"
+    link_down_alert: float = 60.0
 
 
 def _config(bind: str) -> hypercorn.config.Config:
@@ -131,7 +136,13 @@ async def run(opts: Options) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(target.serve, listen[0], listen[1])
             await nursery.start(source.run)
-            app: Any = Api(source, target, site, trust)
+            api = Api(source, target, site, trust)
+            api.watcher = Watcher(source.status, EventLog(), Alerts(opts.link_down_alert),
+                                  opts.hooks_dir, source.checkpoint, source.checkpoints,
+                                  os.path.join(data_dir, "alerts.json"))
+            api.watcher.status = lambda: api.status()
+            await nursery.start(api.watcher.run)
+            app: Any = api
             served = listeners(opts, app, made)
             for config, guarded, _name in served:
                 await nursery.start(functools.partial(_serve, guarded, config))

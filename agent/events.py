@@ -33,6 +33,7 @@ class EventLog:
 
     def emit(self, kind: str, severity: str = "info", **fields: Any) -> Dict[str, Any]:
         assert severity in SEVERITIES, severity
+        assert not {"id", "time", "kind", "severity"} & set(fields), fields
         self.last_id += 1
         event = {"id": self.last_id, "time": round(self._clock(), 3), "kind": kind,
                  "severity": severity, **fields}
