@@ -19,6 +19,13 @@
     POST   /v1/pairs                        {address, token}: pair with the site there
     GET    /v1/pairs                        this site's fingerprint and paired sites
     DELETE /v1/pairs/SITE                   forget a paired site (by name or fingerprint)
+    GET    /v1/events?after=ID&wait=S&limit=N  events after ID, waiting up to S s (long poll)
+    GET    /v1/alerts                       alerts raised now, and the alert settings
+    POST   /v1/groups/NAME/alerts           {rpo_alert: seconds | null}
+    GET    /v1/overview                     what the dashboard draws
+    POST   /v1/jobs                         {kind: restore|wait|failover, group, ...the
+                                            synchronous endpoint's body}: 202, the job
+    GET    /v1/jobs, /v1/jobs/ID[?wait=S]   jobs; one job, waiting up to S s for its end
     GET    /metrics                         Prometheus text format (agent/metrics.py)
     GET    /healthz                         {ok, site}
 
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, unquote
@@ -49,6 +57,7 @@ from .source import SourceSite, parse_target
 from .target import TargetSite
 
 if TYPE_CHECKING:
+    from .jobs import Jobs
     from .watch import Watcher
 
 
@@ -75,6 +84,7 @@ class Api:
         self.trust = trust
         self.started = time.time()
         self.watcher: Optional[Watcher] = None
+        self.jobs: Optional[Jobs] = None
 
     async def __call__(self, scope: Dict[str, Any], receive: Callable, send: Callable) -> None:
         if scope["type"] == "lifespan":
@@ -210,18 +220,13 @@ class Api:
             return 200, await self.target.close_view(parts[2])
         if len(parts) == 4 and parts[:2] == ["v1", "replicas"] and parts[3] == "failover" \
                 and method == "POST":
-            mode = body.get("mode")
-            if mode == "test":
-                return 201, await self.target.open_view(parts[2], *_point(body), test=True)
-            if mode == "stop-test":
-                return 200, await self.target.stop_test(parts[2])
-            if mode == "live":
-                return 200, await self.target.failover_live(parts[2], *_point(body))
-            raise Invalid("mode must be test, stop-test or live")
+            work = self._failover(parts[2], body)
+            return (201 if body.get("mode") == "test" else 200), await work()
         if len(parts) == 4 and parts[:2] == ["v1", "replicas"] and parts[3] == "restore" \
                 and method == "POST":
-            return 200, await self.target.restore(parts[2], _str(body, "disk"), _str(body, "to"),
-                                                  *_point(body))
+            return 200, await self._restore(parts[2], body)()
+        if parts[:2] == ["v1", "jobs"]:
+            return await self._jobs(method, parts, query, body)
         raise NotFound("no such endpoint: %s %s" % (method, path))
 
     async def _pairing(self, method: str, parts: List[str], body: Dict[str, Any]
@@ -247,6 +252,91 @@ class Api:
             if not trust.unpair(parts[2]):
                 raise NotFound("no paired site %s" % parts[2])
             return 200, trust.status()
+        raise NotFound("no such endpoint: %s /%s" % (method, "/".join(parts)))
+
+    def _failover(self, group: str, body: Dict[str, Any]) -> Callable[[], Awaitable[Any]]:
+        mode = body.get("mode")
+        point = _point(body)
+        if mode == "test":
+            return lambda: self.target.open_view(group, *point, test=True)
+        if mode == "stop-test":
+            return lambda: self.target.stop_test(group)
+        if mode == "live":
+            return lambda: self.target.failover_live(group, *point)
+        raise Invalid("mode must be test, stop-test or live")
+
+    def _restore(self, group: str, body: Dict[str, Any]) -> Callable[[], Awaitable[Any]]:
+        disk, to, point = _str(body, "disk"), _str(body, "to"), _point(body)
+        return lambda: self.target.restore(group, disk, to, *point)
+
+    def _restore_progress(self, group: str, body: Dict[str, Any]
+                          ) -> Callable[[], Optional[Dict[str, Any]]]:
+        """A restore's progress: bytes of the replica copied so far (its allocated bytes;
+        the journal's overlay written after is not counted)."""
+        replica = self.target.status()[group]["disks"][body["disk"]]["replica"]
+        partial = os.path.abspath(body["to"]) + ".ferry-partial"
+
+        def progress() -> Optional[Dict[str, Any]]:
+            total = os.stat(replica).st_blocks * 512
+            try:
+                done = os.stat(partial).st_blocks * 512
+            except FileNotFoundError:
+                done = total if os.path.exists(body["to"]) else 0
+            return {"progress": round(min(1.0, done / total), 4) if total else 1.0,
+                    "done_bytes": done, "total_bytes": total, "eta_seconds": None}
+        return progress
+
+    def _wait_progress(self, group: str) -> Callable[[], Optional[Dict[str, Any]]]:
+        def progress() -> Optional[Dict[str, Any]]:
+            if self.watcher is None:
+                return None
+            disks = self.source.status().get(group, {}).get("disks", {})
+            ps = [p for p in (self.watcher.progress(group, d) for d in disks) if p]
+            if not ps:
+                return None
+            done = sum(p["delivered_bytes"] for p in ps)
+            total = sum(p["total_bytes"] for p in ps)
+            etas = [p["eta_seconds"] for p in ps]
+            return {"progress": round(done / total, 4) if total else 0.0, "done_bytes": done,
+                    "total_bytes": total,
+                    "eta_seconds": None if None in etas else max(etas)}
+        return progress
+
+    async def _jobs(self, method: str, parts: List[str], query: Dict[str, list],
+                    body: Dict[str, Any]) -> Tuple[int, Any]:
+        if self.jobs is None:
+            raise Unavailable("the agent's job runner is not running")
+        if parts == ["v1", "jobs"] and method == "GET":
+            return 200, {"jobs": self.jobs.list()}
+        if len(parts) == 3 and method == "GET":
+            try:
+                wait = float((query.get("wait") or [0])[0])
+            except ValueError:
+                raise Invalid("wait is a number of seconds") from None
+            if not 0 <= wait <= 60:
+                raise Invalid("wait is 0 to 60 seconds")
+            return 200, await self.jobs.wait(parts[2], wait)
+        if parts == ["v1", "jobs"] and method == "POST":
+            kind, group = _str(body, "kind"), _str(body, "group")
+            if kind == "restore":
+                self.target.group(group)  # 404 now, not in the job
+                if body.get("disk") not in [d for d in self.target.status()[group]["disks"]]:
+                    raise NotFound("group %s has no disk %s" % (group, body.get("disk")))
+                return 202, self.jobs.start(kind, group, self._restore(group, body),
+                                            self._restore_progress(group, body))
+            if kind == "wait":
+                timeout = body.get("timeout", 600)
+                if not isinstance(timeout, (int, float)) or timeout < 0:
+                    raise Invalid("timeout must be a number of seconds")
+                if group not in self.source.status():
+                    raise NotFound("no group %s on this site" % group)
+                return 202, self.jobs.start(kind, group, lambda: self.source.wait_synced(
+                    group, float(timeout)), self._wait_progress(group))
+            if kind == "failover":
+                self.target.group(group)
+                return 202, self.jobs.start("failover-%s" % body.get("mode"), group,
+                                            self._failover(group, body))
+            raise Invalid("kind must be restore, wait or failover")
         raise NotFound("no such endpoint: %s /%s" % (method, "/".join(parts)))
 
     def _watcher(self) -> Watcher:

@@ -11,13 +11,22 @@ import logging
 import os
 import re
 import sys
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import click
 
-from .client import DEFAULT_API, Client
-from .errors import EXIT_FAILURE, EXIT_USAGE, FerryError, exit_status
+from .client import DEFAULT_API, Client, error_from
+from .errors import (
+    EXIT_FAILURE,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    FerryError,
+    Unavailable,
+    exit_status,
+)
 
+JOB_RECONNECT = 60.0  # seconds a CLI following a job keeps trying to reach the agent
 SIZE_RE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.I)
 DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 
@@ -435,17 +444,94 @@ def unprotect(api: Agent, group: str, as_json: bool) -> None:
     click.echo("unprotected %s" % group)
 
 
+class Bar:
+    """One line on stderr, redrawn: a job's progress (only on a terminal)."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.started = time.monotonic()
+        self.width = 0
+
+    def update(self, p: Optional[Dict[str, Any]]) -> None:
+        if p is None:
+            text = "%s: working, %s" % (self.label, _duration(time.monotonic() - self.started))
+        else:
+            filled = int(30 * p["progress"])
+            text = "%s [%s%s] %5.1f%%" % (self.label, "#" * filled, "-" * (30 - filled),
+                                           100 * p["progress"])
+            if p.get("total_bytes"):
+                text += " %s of %s" % (_human(p["done_bytes"]), _human(p["total_bytes"]))
+            if p.get("eta_seconds") is not None:
+                text += ", ETA %s" % _duration(p["eta_seconds"])
+        click.echo("\r" + text.ljust(self.width), nl=False, err=True)
+        self.width = len(text)
+
+    def close(self) -> None:
+        click.echo("\r" + " " * self.width + "\r", nl=False, err=True)
+
+
+def run_job(api: Agent, body: Dict[str, Any], label: str, progress: Optional[bool],
+            detach: bool) -> Optional[Any]:
+    """Start a job on the agent and follow it to its end; its result (None: detached)."""
+    job = call(api, "POST", "/v1/jobs", body)
+    if detach:
+        click.echo(job["id"])
+        click.echo("job %s runs on the agent: ferry job %s [--wait]" % (job["id"], job["id"]),
+                   err=True)
+        return None
+    return follow_job(api, job["id"], label, progress)
+
+
+def follow_job(api: Agent, job_id: str, label: str, progress: Optional[bool]) -> Any:
+    """Poll a job until it ends; a lost connection is retried for a minute (the job goes on
+    on the agent meanwhile). A failed job fails with its error's exit status."""
+    bar = Bar(label) if (progress if progress is not None else sys.stderr.isatty()) else None
+    lost_since: Optional[float] = None
+    try:
+        while True:
+            try:
+                job = api.client().call("GET", "/v1/jobs/%s?wait=1" % job_id, timeout=30)
+                lost_since = None
+            except Unavailable as e:
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > JOB_RECONNECT:
+                    raise Failure("%s; job %s goes on on the agent: reattach with `ferry job "
+                                  "%s --wait`" % (e, job_id, job_id), EXIT_UNAVAILABLE) from None
+                time.sleep(1)
+                continue
+            except FerryError as e:
+                raise Failure(str(e), exit_status(e)) from None
+            if job["state"] != "running":
+                break
+            if bar is not None:
+                bar.update(job["progress"])
+    finally:
+        if bar is not None:
+            bar.close()
+    if job["state"] == "failed":
+        err = error_from(400, json.dumps(job["error"]).encode())
+        raise Failure(str(err), exit_status(err))
+    return job["result"]
+
+
 @cli.command()
 @click.argument("group")
 @click.option("--synced", is_flag=True, required=True,
               help="Wait until the target holds every write made before the call.")
 @click.option("--timeout", default=600.0, show_default=True, type=float, help="Seconds.")
+@click.option("--progress", is_flag=True,
+              help="Show the initial sync's or resync's progress (on a terminal).")
+@click.option("--detach", is_flag=True,
+              help="Start the job on the agent, print its id and return (ferry job ID).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
-def wait(api: Agent, group: str, synced: bool, timeout: float, as_json: bool) -> None:
+def wait(api: Agent, group: str, synced: bool, timeout: float, progress: bool, detach: bool,
+         as_json: bool) -> None:
     """Wait for GROUP to reach a state (exit 0 once reached)."""
-    result = call(api, "POST", "/v1/groups/%s/wait" % group, {"timeout": timeout},
-                  timeout=timeout + 30)
+    result = run_job(api, {"kind": "wait", "group": group, "timeout": timeout},
+                     "syncing %s" % group, progress and sys.stderr.isatty(), detach)
+    if result is None:
+        return
     if as_json:
         return emit(result)
     click.echo("%s synced" % group)
@@ -457,14 +543,21 @@ def wait(api: Agent, group: str, synced: bool, timeout: float, as_json: bool) ->
 @click.option("--to", "dest", required=True, type=click.Path(dir_okay=False),
               help="A new file to write (on the target site's host).")
 @point_options
+@click.option("--progress/--no-progress", default=None,
+              help="Show a progress bar (default: on a terminal).")
+@click.option("--detach", is_flag=True,
+              help="Start the job on the agent, print its id and return (ferry job ID).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def restore(api: Agent, group: str, disk: str, dest: str, checkpoint: Optional[str],
-            at: Optional[str], as_json: bool) -> None:
+            at: Optional[str], progress: Optional[bool], detach: bool, as_json: bool) -> None:
     """On the target site: write a disk as of a checkpoint (default: its newest
     consistent state) to a new file."""
     body = dict(point_body(checkpoint, at), disk=disk, to=os.path.abspath(dest))
-    result = call(api, "POST", "/v1/replicas/%s/restore" % group, body, timeout=3600)
+    result = run_job(api, dict(body, kind="restore", group=group),
+                     "restoring %s/%s" % (group, disk), progress, detach)
+    if result is None:
+        return
     if as_json:
         return emit(result)
     c = result.get("checkpoint")
@@ -520,17 +613,25 @@ def view_close(api: Agent, view_id: str, as_json: bool) -> None:
 @click.option("--live", "mode", flag_value="live",
               help="Stop replicating; the disks as of the point become the live ones.")
 @point_options
+@click.option("--progress/--no-progress", default=None,
+              help="Show a progress bar (default: on a terminal).")
+@click.option("--detach", is_flag=True,
+              help="Start the job on the agent, print its id and return (ferry job ID).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def failover(api: Agent, group: str, mode: Optional[str], checkpoint: Optional[str],
-             at: Optional[str], as_json: bool) -> None:
+             at: Optional[str], progress: Optional[bool], detach: bool,
+             as_json: bool) -> None:
     """On the target site: test failover, stop it, or fail over for real."""
     if mode is None:
         raise click.UsageError("give one of --test, --stop-test, --live")
     body = dict(point_body(checkpoint, at), mode=mode)
     if mode == "stop-test" and len(body) > 1:
         raise click.UsageError("--stop-test takes no point")
-    result = call(api, "POST", "/v1/replicas/%s/failover" % group, body, timeout=3600)
+    result = run_job(api, dict(body, kind="failover", group=group),
+                     "%s failover of %s" % (mode, group), progress, detach)
+    if result is None:
+        return
     if as_json and mode == "stop-test":
         return emit(result)
     if mode == "stop-test":
@@ -687,6 +788,49 @@ def events(api: Agent, follow: bool, after: Optional[int], as_json: bool) -> Non
         sys.stdout.flush()
         if not follow:
             return
+
+
+def _job_line(j: Dict[str, Any]) -> str:
+    p = j.get("progress")
+    extra = ("%.1f%%" % (100 * p["progress"])) if p else ""
+    if j["state"] == "failed":
+        extra = j["error"]["error"]
+    return "%s  %-14s %-10s %-8s %s  %s" % (j["id"], j["kind"], j["group"], j["state"],
+                                            _iso(int(j["started"] * 1e9)), extra)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def jobs(api: Agent, as_json: bool) -> None:
+    """The agent's jobs (restores, waits, failovers): running, and ended since it started."""
+    result = call(api, "GET", "/v1/jobs")
+    if as_json:
+        return emit(result)
+    for j in result["jobs"]:
+        click.echo(_job_line(j))
+    if not result["jobs"]:
+        click.echo("no jobs")
+
+
+@cli.command()
+@click.argument("job_id", metavar="ID")
+@click.option("--wait", "wait_", is_flag=True, help="Follow the job to its end (reattach); "
+              "exit with its status.")
+@click.option("--progress/--no-progress", default=None,
+              help="With --wait: show a progress bar (default: on a terminal).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def job(api: Agent, job_id: str, wait_: bool, progress: Optional[bool], as_json: bool) -> None:
+    """One job: its state, progress and result (with --wait: once it has ended)."""
+    if wait_:
+        follow_job(api, job_id, "job %s" % job_id, progress)
+    result = call(api, "GET", "/v1/jobs/" + job_id)
+    if as_json:
+        return emit(result)
+    click.echo(_job_line(result))
+    if result["result"] is not None:
+        click.echo(json.dumps(result["result"], indent=2, sort_keys=True))
 
 
 @cli.command()

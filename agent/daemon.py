@@ -26,6 +26,7 @@ from .alerts import Alerts
 from .api import Api
 from .errors import Invalid
 from .events import EventLog
+from .jobs import Jobs
 from .pairing import Trust
 from .source import SourceSite
 from .store import Store
@@ -142,6 +143,8 @@ async def run(opts: Options) -> None:
                                   os.path.join(data_dir, "alerts.json"))
             api.watcher.status = lambda: api.status()
             await nursery.start(api.watcher.run)
+            api.jobs = Jobs(api.watcher.events)
+            await nursery.start(api.jobs.run)
             app: Any = api
             served = listeners(opts, app, made)
             for config, guarded, _name in served:

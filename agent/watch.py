@@ -39,6 +39,7 @@ RPO_EVERY = 5.0          # one RPO point per group every 5 s ...
 RPO_POINTS = 720         # ... for the last hour
 RATE_WINDOW = 10.0
 SYNCING = ("initial-sync", "resyncing")
+BACKLOG = 4 << 20        # a backlog this large is followed like a sync
 
 
 class Watcher:
@@ -303,29 +304,32 @@ class Watcher:
                 table.pop(g, None)
 
     def _track_sync(self, g: str, d: str, ds: Dict[str, Any], now: float) -> None:
-        """Progress of a resync or initial sync by bytes site B acked: read back in this
-        sync, less what is still queued (not acked), over read back plus still dirty."""
+        """Progress by bytes site B has acked, not by bytes read back (which runs ahead by a
+        whole queue). The backlog is what site B still lacks: the queue (not acked) plus
+        the dirty map (not read yet). An episode starts with a sync or a backlog of
+        ``BACKLOG`` bytes and ends when the backlog is gone; its total is the largest
+        backlog seen, and the part delivered is that less the backlog now."""
         key = (g, d)
-        if ds["state"] not in SYNCING:
-            self._sync.pop(key, None)
-            return
+        backlog = ds["bytes_queued"] + ds["dirty_bytes"]
         s = self._sync.get(key)
         if s is None:
-            p = ds.get("resync_progress") or 0.0
-            read = p * ds["dirty_bytes"] / (1 - p) if p < 1 else 0.0
-            s = self._sync[key] = {"base": ds["resync_bytes"] - read, "rate": None,
-                                   "at": now, "delivered": 0.0}
-        read = max(0.0, ds["resync_bytes"] - s["base"])
-        delivered = max(0.0, read - ds["bytes_queued"])
-        total = read + ds["dirty_bytes"]
+            if ds["state"] not in SYNCING and backlog < BACKLOG:
+                return
+            s = self._sync[key] = {"total": backlog, "rate": None, "at": now,
+                                   "delivered": 0.0}
+        elif backlog == 0 and ds["state"] not in SYNCING:
+            del self._sync[key]
+            return
+        s["total"] = max(s["total"], backlog)
+        delivered = s["total"] - backlog
         dt = now - s["at"]
         if dt >= 1.0:
             inst = max(0.0, delivered - s["delivered"]) / dt
-            s["rate"] = inst if s["rate"] is None else 0.8 * s["rate"] + 0.2 * inst
+            s["rate"] = inst if s["rate"] is None else 0.7 * s["rate"] + 0.3 * inst
             s["at"], s["delivered"] = now, delivered
-        s["progress"] = round(delivered / total, 4) if total else 0.0
-        s["total"], s["done"] = total, delivered
-        s["eta"] = round((total - delivered) / s["rate"], 1) if s["rate"] else None
+        s["progress"] = round(delivered / s["total"], 4) if s["total"] else 0.0
+        s["done"] = delivered
+        s["eta"] = round(backlog / s["rate"], 1) if s["rate"] else None
 
     def progress(self, group: str, disk: str) -> Optional[Dict[str, Any]]:
         s = self._sync.get((group, disk))
