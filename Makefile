@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd qemu-utils \
 	qemu-system-x86 fio busybox-static e2fsprogs cpio python3-venv python3-pip iproute2 \
-	rpm shellcheck rsync
+	rpm shellcheck rsync chromium chromium-driver
 # Only the benchmarks need these (their PNG plots).
 BENCH_APT_PACKAGES := python3-matplotlib
 PYTEST_ARGS ?=

@@ -196,6 +196,8 @@ class Guard:
         return None, False
 
     async def __call__(self, scope: Dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http":
+            scope = dict(scope, ferry_policy=self.policy)
         if scope["type"] != "http" or self.policy == "local":
             return await self.app(scope, receive, send)
         path, method = scope["path"], scope["method"]

@@ -28,6 +28,8 @@
     GET    /v1/jobs, /v1/jobs/ID[?wait=S]   jobs; one job, waiting up to S s for its end
     GET    /metrics                         Prometheus text format (agent/metrics.py)
     GET    /healthz                         {ok, site}
+    GET    /v1/dashboard-url                the dashboard's login addresses (local socket only)
+    GET    /, /ui/FILE                      the dashboard (agent/web/)
 
 Errors are ``{"error": "one line for the user"}`` with a 4xx or 5xx status.
 """
@@ -42,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional
 from urllib.parse import parse_qs, unquote
 
 from . import metrics, tls
+from .dashboard import Files
 from .errors import (
     FerryError,
     Forbidden,
@@ -85,6 +88,9 @@ class Api:
         self.started = time.time()
         self.watcher: Optional[Watcher] = None
         self.jobs: Optional[Jobs] = None
+        self.files = Files()
+        self.dashboard_urls: List[str] = []  # login addresses, told to local users only
+        self._policy = "local"
 
     async def __call__(self, scope: Dict[str, Any], receive: Callable, send: Callable) -> None:
         if scope["type"] == "lifespan":
@@ -97,6 +103,14 @@ class Api:
                     return
         if scope["type"] != "http":
             return
+        page = self.files.page(scope["path"]) if scope["method"] == "GET" else None
+        if page is not None:
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", page.ctype.encode()),
+                (b"content-length", str(len(page.body)).encode()), *page.headers]})
+            await send({"type": "http.response.body", "body": page.body})
+            return
+        self._policy = scope.get("ferry_policy", "local")
         try:
             body = await _read_body(receive)
             status, payload = await self._route(scope["method"], scope["path"],
@@ -137,6 +151,14 @@ class Api:
             return 200, self._watcher().alerts_document()
         if parts == ["v1", "overview"] and method == "GET":
             return 200, self.overview()
+        if parts == ["v1", "dashboard-url"] and method == "GET":
+            if self._policy != "local":
+                raise Forbidden("the dashboard's login address is told on the local socket "
+                                "only")
+            if not self.dashboard_urls:
+                raise NotFound("no TCP listener: start the agent with --api 127.0.0.1:PORT "
+                               "(or https://HOST:PORT) to serve the dashboard")
+            return 200, {"urls": self.dashboard_urls}
         if len(parts) == 4 and parts[:2] == ["v1", "groups"] and parts[3] == "alerts" \
                 and method == "POST":
             if set(body) != {"rpo_alert"}:

@@ -833,6 +833,19 @@ def job(api: Agent, job_id: str, wait_: bool, progress: Optional[bool], as_json:
         click.echo(json.dumps(result["result"], indent=2, sort_keys=True))
 
 
+@cli.command("dashboard-url")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def dashboard_url(api: Agent, as_json: bool) -> None:
+    """The web dashboard's login address (it holds the TCP listener's token: keep it
+    private). Told on the local socket only."""
+    result = call(api, "GET", "/v1/dashboard-url")
+    if as_json:
+        return emit(result)
+    for url in result["urls"]:
+        click.echo(url)
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj

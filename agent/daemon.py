@@ -112,6 +112,10 @@ def listeners(opts: Options, app: Any, made: List[Tuple[str, int, int]]
         if lst.tls:
             config.certfile, config.keyfile = opts.api_cert, opts.api_key
         out.append((config, access.Guard(app, "token", token), str(lst)))
+        host = "127.0.0.1" if lst.host in ("", "0.0.0.0") else "[::1]" if lst.host == "::" \
+            else "[%s]" % lst.host if ":" in lst.host else lst.host
+        app.dashboard_urls.append("%s://%s:%d/login?token=%s" % (
+            "https" if lst.tls else "http", host, lst.port, token))
     if opts.metrics is not None:
         out.append((_config(_tcp_bind(*opts.metrics)), access.Guard(app, "metrics"),
                     "metrics http://%s" % _tcp_bind(*opts.metrics)))
