@@ -90,6 +90,19 @@ def point_body(checkpoint: Optional[str], at: Optional[str]) -> Dict[str, Any]:
     return body
 
 
+def _complete_groups(ctx: click.Context, _param: click.Parameter, incomplete: str) -> List[str]:
+    """Shell completion of a GROUP: the groups and replicas the agent has (nothing if it
+    cannot be asked within a second)."""
+    params = ctx.find_root().params
+    try:
+        client = Client(params.get("api") or DEFAULT_API, params.get("token_file"),
+                        params.get("cacert"))
+        st = client.call("GET", "/v1/status", timeout=1)
+    except (FerryError, ValueError):
+        return []
+    return sorted(n for n in {*st["groups"], *st["replicas"]} if n.startswith(incomplete))
+
+
 class Agent:
     """The agent a command talks to: where (``--api``) and with what credential; the
     connection is made at the first call, so ``ferry agent`` and ``--help`` need none."""
@@ -148,7 +161,7 @@ def cli(ctx: click.Context, api: str, token_file: Optional[str], cacert: Optiona
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point: every error is one line on stderr and a non-zero exit status."""
     try:
-        cli.main(args=argv, prog_name="ferry", standalone_mode=False)
+        rv = cli.main(args=argv, prog_name="ferry", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("ferry: aborted", err=True)
         return 130
@@ -163,7 +176,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except FerryError as e:
         click.echo("ferry: error: %s" % e, err=True)
         return exit_status(e)
-    return 0
+    return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
 
 
 @cli.command()
@@ -252,7 +265,7 @@ def _split_disk(spec: str, index: int) -> Tuple[str, str]:
 
 
 @cli.command()
-@click.argument("group")
+@click.argument("group", shell_complete=_complete_groups)
 @click.option("--disk", "disks", multiple=True, required=True, metavar="[NAME=]PATH",
               help="A disk to protect (raw image file or block device); repeatable.")
 @click.option("--target", required=True, metavar="HOST:PORT", help="The target site's agent.")
@@ -323,7 +336,7 @@ def _seeds(specs: Tuple[str, ...], disks: List[str]) -> Dict[str, str]:
 
 
 @cli.command(name="set")
-@click.argument("group")
+@click.argument("group", shell_complete=_complete_groups)
 @click.option("--bandwidth", default=None, metavar="RATE",
               help="Most bytes per second the link may carry (50M, 1G; 0: no limit).")
 @click.option("--rpo-alert", default=None, metavar="DURATION",
@@ -354,7 +367,7 @@ def set_(api: Agent, group: str, bandwidth: Optional[str], rpo_alert: Optional[s
 
 def _pause_command(verb: str, done: str, doc: str) -> None:
     @cli.command(name=verb, help=doc)
-    @click.argument("group")
+    @click.argument("group", shell_complete=_complete_groups)
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
     @click.pass_obj
     def command(api: Agent, group: str, as_json: bool) -> None:
@@ -433,7 +446,7 @@ def unpair(api: Agent, site: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("group")
+@click.argument("group", shell_complete=_complete_groups)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def unprotect(api: Agent, group: str, as_json: bool) -> None:
@@ -515,7 +528,7 @@ def follow_job(api: Agent, job_id: str, label: str, progress: Optional[bool]) ->
 
 
 @cli.command()
-@click.argument("group")
+@click.argument("group", shell_complete=_complete_groups)
 @click.option("--synced", is_flag=True, required=True,
               help="Wait until the target holds every write made before the call.")
 @click.option("--timeout", default=600.0, show_default=True, type=float, help="Seconds.")
@@ -538,7 +551,7 @@ def wait(api: Agent, group: str, synced: bool, timeout: float, progress: bool, d
 
 
 @cli.command()
-@click.argument("group")
+@click.argument("group", shell_complete=_complete_groups)
 @click.option("--disk", required=True, help="The disk's name in the group.")
 @click.option("--to", "dest", required=True, type=click.Path(dir_okay=False),
               help="A new file to write (on the target site's host).")
@@ -579,7 +592,7 @@ def _print_view(result: Dict[str, Any], as_json: bool, what: str) -> None:
 
 
 @cli.command()
-@click.argument("group")
+@click.argument("group", shell_complete=_complete_groups)
 @point_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
@@ -605,7 +618,7 @@ def view_close(api: Agent, view_id: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("group")
+@click.argument("group", shell_complete=_complete_groups)
 @click.option("--test", "mode", flag_value="test",
               help="Serve the point with a private writable overlay; replication goes on.")
 @click.option("--stop-test", "mode", flag_value="stop-test",
@@ -642,7 +655,7 @@ def failover(api: Agent, group: str, mode: Optional[str], checkpoint: Optional[s
 
 
 @cli.command()
-@click.argument("group")
+@click.argument("group", shell_complete=_complete_groups)
 @click.option("--tag", default=None, help="A name for the checkpoint (\"before upgrade\").")
 @click.option("--timeout", default=30.0, show_default=True, type=float,
               help="Seconds to wait for the target to journal it.")
@@ -662,7 +675,7 @@ def checkpoint(api: Agent, group: str, tag: Optional[str], timeout: float,
 
 
 @cli.command()
-@click.argument("group")
+@click.argument("group", shell_complete=_complete_groups)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def checkpoints(api: Agent, group: str, as_json: bool) -> None:
@@ -704,7 +717,7 @@ def _human(n: float) -> str:
 
 
 @cli.command()
-@click.argument("group", required=False)
+@click.argument("group", required=False, shell_complete=_complete_groups)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (stable).")
 @click.pass_obj
 def status(api: Agent, group: Optional[str], as_json: bool) -> None:
@@ -831,6 +844,33 @@ def job(api: Agent, job_id: str, wait_: bool, progress: Optional[bool], as_json:
     click.echo(_job_line(result))
     if result["result"] is not None:
         click.echo(json.dumps(result["result"], indent=2, sort_keys=True))
+
+
+@cli.group()
+def config() -> None:
+    """The agent's configuration files (/etc/ferry)."""
+
+
+@config.command("check")
+@click.option("--conf-dir", default="/etc/ferry", show_default=True,
+              type=click.Path(file_okay=False), help="agent.conf and conf.d/ are here.")
+@click.option("--hooks", "hooks_dir", default="/etc/ferry/hooks.d", show_default=True,
+              type=click.Path(file_okay=False), help="The alert hooks' directory.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def config_check(conf_dir: str, hooks_dir: str, as_json: bool) -> None:
+    """Check the settings the service would start the agent with; exit 1 on an error."""
+    from .config import check
+    found = check(conf_dir, hooks_dir)
+    errors = [t for level, t in found if level == "error"]
+    if as_json:
+        emit({"ok": not errors, "findings": [{"level": lv, "text": t} for lv, t in found]})
+    else:
+        for level, text in found:
+            click.echo("%s: %s" % (level, text))
+        click.echo("%s: %d error(s), %d warning(s)" % (
+            conf_dir, len(errors), len(found) - len(errors)))
+    if errors:
+        raise click.exceptions.Exit(EXIT_FAILURE)
 
 
 @cli.command("dashboard-url")

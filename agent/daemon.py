@@ -21,7 +21,7 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
-from . import access, tls
+from . import access, logs, tls
 from .alerts import Alerts
 from .api import Api
 from .errors import Invalid
@@ -149,6 +149,7 @@ async def run(opts: Options) -> None:
             await nursery.start(api.watcher.run)
             api.jobs = Jobs(api.watcher.events)
             await nursery.start(api.jobs.run)
+            await nursery.start(logs.rotate_forever, os.path.join(data_dir, "disks"))
             app: Any = api
             served = listeners(opts, app, made)
             for config, guarded, _name in served:

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import sys
+from typing import List
+
+import trio
 
 # Python level -> syslog priority (sd-daemon.h: SD_ERR 3 ... SD_DEBUG 7).
 PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,
@@ -56,3 +60,62 @@ def setup(level: int) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+# The splitters' own logs (DATA/disks/<disk-id>.log, appended by nbdkit with O_APPEND) are
+# rotated by copy and truncate once past ROTATE_BYTES: one old copy (.log.1) is kept.
+ROTATE_BYTES = 8 << 20
+ROTATE_EVERY = 60.0
+
+
+def rotate(directory: str, limit: int = ROTATE_BYTES) -> List[str]:
+    """Rotate every ``*.log`` in ``directory`` over ``limit`` bytes; the paths rotated.
+    Lines a splitter writes between the copy and the truncation are lost (copytruncate's
+    window): a few lines at most, once per ``limit`` bytes."""
+    rotated: List[str] = []
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return rotated
+    for name in names:
+        path = os.path.join(directory, name)
+        if not name.endswith(".log"):
+            continue
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size <= limit:
+                continue
+            tmp = path + ".1.tmp"
+            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
+            try:
+                while True:
+                    chunk = os.read(fd, 1 << 20)
+                    if not chunk:
+                        break
+                    os.write(out, chunk)
+            finally:
+                os.close(out)
+            os.replace(tmp, path + ".1")
+            os.ftruncate(fd, 0)
+            rotated.append(path)
+        finally:
+            os.close(fd)
+    return rotated
+
+
+async def rotate_forever(directory: str,
+                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                         ) -> None:
+    task_status.started()
+    while True:
+        try:
+            for path in await trio.to_thread.run_sync(rotate, directory):
+                logging.getLogger("ferry.logs").info("rotated %s (kept as %s.1)", path, path)
+        except OSError as e:
+            logging.getLogger("ferry.logs").warning("cannot rotate the splitter logs in %s: "
+                                                    "%s", directory, e)
+        await trio.sleep(ROTATE_EVERY)
