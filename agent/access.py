@@ -6,7 +6,9 @@
                       a real directory (not a link) of ours that nobody else can write.
     HOST:PORT         the opt-in TCP listener: every request needs the token of the token
     https://HOST:PORT file (``Authorization: Bearer``, or the dashboard's login cookie); off
-                      loopback it also needs TLS (``--api-cert``/``--api-key``).
+                      loopback it also needs TLS (``--api-cert``/``--api-key``). With
+                      ``--api-client-ca`` an https listener wants a client certificate that
+                      CA signed instead of the token.
     --metrics H:P     read-only: ``GET /metrics`` and ``GET /healthz``, nothing else.
 
 ``Guard`` wraps the API application with one of these policies.
@@ -170,11 +172,12 @@ async def _answer(send: Callable, status: int, body: bytes, ctype: bytes,
 
 
 class Guard:
-    """The API application behind a policy: ``local`` (the socket's mode decides),
-    ``token`` (a bearer token or the login cookie), ``metrics`` (read-only endpoints)."""
+    """The API application behind a policy: ``local`` (the socket's mode decides), ``cert``
+    (the TLS handshake required a client certificate signed by --api-client-ca), ``token``
+    (a bearer token or the login cookie), ``metrics`` (read-only endpoints)."""
 
     def __init__(self, app: App, policy: str, token: Optional[str] = None) -> None:
-        assert policy in ("local", "token", "metrics")
+        assert policy in ("local", "token", "cert", "metrics")
         assert policy != "token" or token
         self.app = app
         self.policy = policy
@@ -198,7 +201,7 @@ class Guard:
     async def __call__(self, scope: Dict[str, Any], receive: Callable, send: Callable) -> None:
         if scope["type"] == "http":
             scope = dict(scope, ferry_policy=self.policy)
-        if scope["type"] != "http" or self.policy == "local":
+        if scope["type"] != "http" or self.policy in ("local", "cert"):
             return await self.app(scope, receive, send)
         path, method = scope["path"], scope["method"]
         if self.policy == "metrics":

@@ -107,15 +107,18 @@ class Agent:
     """The agent a command talks to: where (``--api``) and with what credential; the
     connection is made at the first call, so ``ferry agent`` and ``--help`` need none."""
 
-    def __init__(self, address: str, token_file: Optional[str], cafile: Optional[str]) -> None:
+    def __init__(self, address: str, token_file: Optional[str], cafile: Optional[str],
+                 cert: Optional[str] = None, key: Optional[str] = None) -> None:
         self.address = address
         self.token_file = token_file
         self.cafile = cafile
+        self.cert, self.key = cert, key
         self._client: Optional[Client] = None
 
     def client(self) -> Client:
         if self._client is None:
-            self._client = Client(self.address, self.token_file, self.cafile)
+            self._client = Client(self.address, self.token_file, self.cafile, self.cert,
+                                  self.key)
         return self._client
 
 
@@ -152,10 +155,16 @@ def _version() -> str:
               help="File holding the token of a TCP API listener (or $FERRY_TOKEN_FILE).")
 @click.option("--cacert", envvar="FERRY_CACERT", default=None, type=click.Path(dir_okay=False),
               help="CA certificate to check an https:// API with (or $FERRY_CACERT).")
+@click.option("--cert", envvar="FERRY_CERT", default=None, type=click.Path(dir_okay=False),
+              help="Client certificate (PEM) for an https:// API that wants one (or "
+                   "$FERRY_CERT).")
+@click.option("--key", envvar="FERRY_KEY", default=None, type=click.Path(dir_okay=False),
+              help="Its private key (or $FERRY_KEY; default: in the --cert file).")
 @click.pass_context
-def cli(ctx: click.Context, api: str, token_file: Optional[str], cacert: Optional[str]) -> None:
+def cli(ctx: click.Context, api: str, token_file: Optional[str], cacert: Optional[str],
+        cert: Optional[str], key: Optional[str]) -> None:
     """Ferry: continuous replication of KVM virtual machine disks."""
-    ctx.obj = Agent(api, token_file, cacert)
+    ctx.obj = Agent(api, token_file, cacert, cert, key)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -196,6 +205,9 @@ def main(argv: Optional[List[str]] = None) -> int:
               help="TLS certificate (PEM) of an https:// API listener.")
 @click.option("--api-key", default=None, type=click.Path(dir_okay=False, exists=True),
               help="Its private key (PEM).")
+@click.option("--api-client-ca", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="An https:// API listener then wants a client certificate this CA "
+                   "signed, instead of the token.")
 @click.option("--metrics", "metrics_addr", default=None, metavar="HOST:PORT",
               help="Read-only listener for Prometheus: GET /metrics and /healthz only.")
 @click.option("--hooks", "hooks_dir", default="/etc/ferry/hooks.d", show_default=True,
@@ -212,8 +224,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def agent(data_dir: str, listen: str, api_addrs: Tuple[str, ...], api_group: str,
           api_token_file: Optional[str], api_cert: Optional[str], api_key: Optional[str],
-          metrics_addr: Optional[str], hooks_dir: str, link_down_alert: str,
-          site: Optional[str], insecure: bool, verbose: bool) -> None:
+          api_client_ca: Optional[str], metrics_addr: Optional[str], hooks_dir: str,
+          link_down_alert: str, site: Optional[str], insecure: bool, verbose: bool) -> None:
     """Run the host agent in the foreground."""
     import trio
 
@@ -229,8 +241,8 @@ def agent(data_dir: str, listen: str, api_addrs: Tuple[str, ...], api_group: str
         raise Failure(str(e)) from None
     data_dir = os.path.abspath(data_dir)
     opts = daemon.Options(data_dir, listen_hp, apis, site, insecure, metrics_hp, api_group,
-                          api_token_file, api_cert, api_key, os.path.abspath(hooks_dir),
-                          parse_duration(link_down_alert))
+                          api_token_file, api_cert, api_key, api_client_ca,
+                          os.path.abspath(hooks_dir), parse_duration(link_down_alert))
     try:
         os.makedirs(data_dir, exist_ok=True)
         trio.run(daemon.run, opts)

@@ -58,13 +58,16 @@ def read_token(path: str) -> str:
 
 class Client:
     """One agent's API, at ``address``; ``token_file`` for a TCP listener, ``cafile`` to
-    check an https listener's certificate."""
+    check an https listener's certificate, ``cert`` and ``key`` to present a client
+    certificate to one that wants it."""
 
     def __init__(self, address: str, token_file: Optional[str] = None,
-                 cafile: Optional[str] = None) -> None:
+                 cafile: Optional[str] = None, cert: Optional[str] = None,
+                 key: Optional[str] = None) -> None:
         self.address = address
         self.token = read_token(token_file) if token_file else None
         self.cafile = cafile
+        self.cert, self.key = cert, key
         if address.startswith("unix:"):
             self.kind, self.path = "unix", address[5:]
             if not self.path:
@@ -86,6 +89,12 @@ class Client:
             return _UnixConnection(self.path, timeout)
         if self.kind == "https":
             ctx = ssl.create_default_context(cafile=self.cafile)
+            if self.cert:
+                try:
+                    ctx.load_cert_chain(self.cert, self.key)
+                except (OSError, ssl.SSLError) as e:
+                    raise Invalid("cannot load the client certificate %s: %s"
+                                  % (self.cert, getattr(e, "strerror", None) or e)) from None
             return http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
                                                context=ctx)
         return http.client.HTTPConnection(self.host, self.port, timeout=timeout)

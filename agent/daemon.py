@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Tuple
 
@@ -71,6 +72,7 @@ class Options:
     token_file: Optional[str] = None
     api_cert: Optional[str] = None
     api_key: Optional[str] = None
+    api_client_ca: Optional[str] = None
     hooks_dir: Optional[str] = "/etc/ferry/hooks.d"
     link_down_alert: float = 60.0
 
@@ -107,10 +109,15 @@ def listeners(opts: Options, app: Any, made: List[Tuple[str, int, int]]
                           "--api-cert and --api-key)" % lst)
         if lst.tls and not (opts.api_cert and opts.api_key):
             raise Invalid("--api %s needs --api-cert and --api-key" % lst)
-        token = access.load_token(opts.token_file or os.path.join(opts.data_dir, "api.token"))
         config = _config(_tcp_bind(lst.host, lst.port))
         if lst.tls:
             config.certfile, config.keyfile = opts.api_cert, opts.api_key
+        if lst.tls and opts.api_client_ca:
+            # The handshake is the credential: only certificates this CA signed get in.
+            config.ca_certs, config.verify_mode = opts.api_client_ca, ssl.CERT_REQUIRED
+            out.append((config, access.Guard(app, "cert"), str(lst) + " (client certificate)"))
+            continue
+        token = access.load_token(opts.token_file or os.path.join(opts.data_dir, "api.token"))
         out.append((config, access.Guard(app, "token", token), str(lst)))
         host = "127.0.0.1" if lst.host in ("", "0.0.0.0") else "[::1]" if lst.host == "::" \
             else "[%s]" % lst.host if ":" in lst.host else lst.host

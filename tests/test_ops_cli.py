@@ -169,3 +169,55 @@ def test_splitter_logs_are_rotated(tmp_path: Path) -> None:
         f.write(b"after\n")
     assert big.read_bytes() == b"after\n"
     assert logs.rotate(str(tmp_path / "missing")) == []
+
+
+def issue(ca_key: ec.EllipticCurvePrivateKey, ca_name: x509.Name, subject: str,
+          directory: Path, ip: str = "") -> Tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+               .issuer_name(ca_name).public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=1))
+               .not_valid_after(now + datetime.timedelta(days=1)))
+    if ip:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address(ip))]), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    cert_path, key_path = directory / (subject + ".crt"), directory / (subject + ".key")
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_https_listener_with_client_certificates(home: Path) -> None:
+    ca_cert, ca_key_path = self_signed(home)
+    ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ca_name = x509.load_pem_x509_certificate(ca_cert.read_bytes()).subject
+    server_cert, server_key = issue(ca_key, ca_name, "server", home, "127.0.0.1")
+    client_cert, client_key = issue(ca_key, ca_name, "admin", home)
+    other = home / "other"
+    other.mkdir()
+    stranger_cert, stranger_key = self_signed(other)  # signed by nobody the agent trusts
+    port = free_port()
+    site = Site("A", home)
+    site.extra_args = ["--api", "https://127.0.0.1:%d" % port, "--api-cert", str(server_cert),
+                       "--api-key", str(server_key), "--api-client-ca", str(ca_cert)]
+    site.start()
+    try:
+        url = "https://127.0.0.1:%d" % port
+        ok = run("--api", url, "--cacert", str(ca_cert), "--cert", str(client_cert), "--key",
+                 str(client_key), "status", "--json")
+        assert ok.returncode == 0 and json.loads(ok.stdout)["site"] == "A", ok.stderr
+        assert not (site.data / "api.token").exists()  # no token on this listener
+        for args in ([], ["--cert", str(stranger_cert), "--key", str(stranger_key)]):
+            refused = run("--api", url, "--cacert", str(ca_cert), *args, "status")
+            assert refused.returncode == EXIT_UNAVAILABLE, refused.stderr
+        bad = run("--api", url, "--cert", str(home / "missing.crt"), "status")
+        assert bad.returncode == 1 and "cannot load the client certificate" in bad.stderr
+    finally:
+        site.stop()
