@@ -43,6 +43,8 @@ import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, unquote
 
+import trio
+
 from . import metrics, tls
 from .dashboard import Files
 from .errors import (
@@ -392,7 +394,14 @@ class Api:
                 "rpo_history": {g: w.rpo_history(g) for g in st["groups"]},
                 "events": w.events.latest(50), "pairs": self.trust.status()}
 
-    def status(self, group: Optional[str] = None) -> Dict[str, Any]:
+    async def status_async(self) -> Dict[str, Any]:
+        """The status for the watcher: site B's part in a worker thread, since a busy group
+        makes it wait up to 0.2 s for its lock, which must not stall the event loop."""
+        replicas = await trio.to_thread.run_sync(self.target.status)
+        return self.status(replicas=replicas)
+
+    def status(self, group: Optional[str] = None,
+               replicas: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         groups = self.source.status()
         if self.watcher is not None:
             for g, gs in groups.items():
@@ -400,7 +409,8 @@ class Api:
                     p = self.watcher.progress(g, d)
                     ds["delivered_progress"] = p["progress"] if p else None
                     ds["delivered_eta_seconds"] = p["eta_seconds"] if p else None
-        replicas = self.target.status()
+        if replicas is None:
+            replicas = self.target.status()
         if group is not None:
             if group not in groups and group not in replicas:
                 raise NotFound("no group %s on this site" % group)

@@ -149,10 +149,9 @@ async def run(opts: Options) -> None:
             await nursery.start(target.serve, listen[0], listen[1])
             await nursery.start(source.run)
             api = Api(source, target, site, trust)
-            api.watcher = Watcher(source.status, EventLog(), Alerts(opts.link_down_alert),
+            api.watcher = Watcher(api.status, EventLog(), Alerts(opts.link_down_alert),
                                   opts.hooks_dir, source.checkpoint, source.checkpoints,
-                                  os.path.join(data_dir, "alerts.json"))
-            api.watcher.status = lambda: api.status()
+                                  os.path.join(data_dir, "alerts.json"), api.status_async)
             await nursery.start(api.watcher.run)
             api.jobs = Jobs(api.watcher.events)
             await nursery.start(api.jobs.run)

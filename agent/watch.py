@@ -22,7 +22,7 @@ import os
 import stat
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Tuple
 
 import trio
 
@@ -47,8 +47,11 @@ class Watcher:
                  alerts: Alerts, hooks_dir: Optional[str] = None,
                  checkpoint: Optional[Callable[..., Any]] = None,
                  checkpoints: Optional[Callable[[str], List[Dict[str, Any]]]] = None,
-                 settings_path: Optional[str] = None) -> None:
+                 settings_path: Optional[str] = None,
+                 status_async: Optional[Callable[[], Awaitable[Dict[str, Any]]]] = None
+                 ) -> None:
         self.status = status
+        self.status_async = status_async
         self.events = events
         self.alerts = alerts
         self.hooks_dir = hooks_dir
@@ -110,13 +113,15 @@ class Watcher:
             task_status.started()
             while True:
                 try:
-                    self.sample(time.time())
+                    st = await self.status_async() if self.status_async else self.status()
+                    self.sample(time.time(), st)
+                except RuntimeError as e:  # a dict changed under the worker thread: next time
+                    log.warning("status sample skipped: %s", e)
                 except Exception:  # a bug here must not stop the agent: say so, go on
                     log.exception("the watcher failed to sample the status")
                 await trio.sleep(INTERVAL)
 
-    def sample(self, now: float) -> None:
-        st = self.status()
+    def sample(self, now: float, st: Dict[str, Any]) -> None:
         prev = self._prev
         self._prev = st
         self._track(st, now)

@@ -196,3 +196,18 @@ async def test_api_without_its_watcher_and_jobs_and_bad_alert_settings() -> None
     api._policy = "token"
     with pytest.raises(Exception, match="local socket only"):
         await api._route("GET", "/v1/dashboard-url", {}, {})
+
+
+async def test_a_sample_that_races_a_change_is_skipped(caplog: Any) -> None:
+    calls: List[int] = []
+
+    async def status() -> Dict[str, Any]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("dictionary changed size during iteration")
+        return empty()
+
+    w = Watcher(empty, EventLog(), Alerts(), status_async=status)
+    with trio.move_on_after(1.2):
+        await w.run()
+    assert len(calls) >= 2 and "status sample skipped" in caplog.text
