@@ -25,6 +25,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from .metrics import link_up
 
+SPLITTER_START = 10.0   # seconds a splitter may take to come up before it is an alert
 HISTORY_WARNING = 0.85
 HISTORY_ERROR = 0.75
 JOURNAL_FULL = 0.90
@@ -112,6 +113,7 @@ class Alerts:
         self.detectors: Dict[str, Detector] = {}
         self._down_since: Dict[str, float] = {}
         self._generations: Dict[Tuple[str, str], int] = {}
+        self._splitter_down: Dict[Tuple[str, str], float] = {}
 
     def active(self) -> List[Dict[str, Any]]:
         return [dict(a) for a in self._active.values()]
@@ -172,9 +174,15 @@ class Alerts:
             before = self._generations.get((g, d))
             self._generations[(g, d)] = gen or before or 0
             if ds["state"] == "splitter-down":
-                self._set(out, now, "splitter-restart", g, "warning", "the splitter of %s/%s "
-                          "is not running" % (g, d), disk=d)
-            elif before and gen and gen != before:
+                # One that ran and went away, or one that has not come up for a while (a
+                # splitter that is starting, at protect or agent start, is not an alert).
+                since = self._splitter_down.setdefault((g, d), now)
+                if before or now - since >= SPLITTER_START:
+                    self._set(out, now, "splitter-restart", g, "warning", "the splitter of "
+                              "%s/%s is not running" % (g, d), disk=d)
+                continue
+            self._splitter_down.pop((g, d), None)
+            if before and gen and gen != before:
                 self._set(out, now, "splitter-restart", g, "warning", "the splitter of %s/%s "
                           "restarted (generation %d, was %d)" % (g, d, gen, before), disk=d)
             elif ds["state"] == "replicating":

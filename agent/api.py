@@ -142,9 +142,10 @@ class Api:
                      body: Dict[str, Any]) -> Tuple[int, Any]:
         parts = [unquote(p) for p in path.strip("/").split("/")]
         if parts == ["v1", "status"] and method == "GET":
-            return 200, self.status((query.get("group") or [None])[0])
+            return 200, self.status((query.get("group") or [None])[0],
+                                    await trio.to_thread.run_sync(self.target.status))
         if parts == ["metrics"] and method == "GET":
-            return 200, self.metrics()
+            return 200, self.metrics(await self.status_async())
         if parts == ["healthz"] and method == "GET":
             return 200, {"ok": True, "site": self.site}
         if parts == ["v1", "events"] and method == "GET":
@@ -152,7 +153,8 @@ class Api:
         if parts == ["v1", "alerts"] and method == "GET":
             return 200, self._watcher().alerts_document()
         if parts == ["v1", "overview"] and method == "GET":
-            return 200, self.overview()
+            self._watcher()  # 503 before any work when it is not running
+            return 200, self.overview(await self.status_async())
         if parts == ["v1", "dashboard-url"] and method == "GET":
             if self._policy != "local":
                 raise Forbidden("the dashboard's login address is told on the local socket "
@@ -386,10 +388,9 @@ class Api:
             events.since(after, limit)
         return {"events": items, "lost": lost, "last_id": events.last_id}
 
-    def overview(self) -> Dict[str, Any]:
+    def overview(self, st: Dict[str, Any]) -> Dict[str, Any]:
         """What the dashboard draws: the status, and what the watcher derived over time."""
         w = self._watcher()
-        st = self.status()
         return {"status": st, "rates": w.rates(), "alerts": w.alerts.active(),
                 "rpo_history": {g: w.rpo_history(g) for g in st["groups"]},
                 "events": w.events.latest(50), "pairs": self.trust.status()}
@@ -423,9 +424,8 @@ class Api:
                            "paired_sites": [p.site for p in self.trust.peers()]}
         return out
 
-    def metrics(self) -> bytes:
-        return metrics.exposition(metrics.StatusCollector(self.status, self.watcher,
-                                                          version()))
+    def metrics(self, st: Dict[str, Any]) -> bytes:
+        return metrics.exposition(metrics.StatusCollector(lambda: st, self.watcher, version()))
 
 
 async def _read_body(receive: Callable) -> Dict[str, Any]:

@@ -63,6 +63,7 @@ class Watcher:
         self._prev: Optional[Dict[str, Any]] = None
         self._rpo: Dict[str, Deque[Tuple[float, float]]] = {}
         self._rpo_at: Dict[str, float] = {}
+        self._rpo_peak: Dict[str, float] = {}
         self._counters: Dict[str, Deque[Tuple[float, int, Dict[str, int]]]] = {}
         self._ratio: Dict[str, Deque[Tuple[float, int, int]]] = {}
         self._sync: Dict[Tuple[str, str], Dict[str, Any]] = {}
@@ -289,10 +290,13 @@ class Watcher:
 
     def _track(self, st: Dict[str, Any], now: float) -> None:
         for g, gs in st["groups"].items():
+            # Each point is the worst RPO of its RPO_EVERY seconds, not one sample of them.
+            peak = max(self._rpo_peak.get(g, 0.0), gs["rpo_seconds"])
             if now - self._rpo_at.get(g, 0.0) >= RPO_EVERY:
                 self._rpo_at[g] = now
-                self._rpo.setdefault(g, deque(maxlen=RPO_POINTS)).append(
-                    (round(now, 1), gs["rpo_seconds"]))
+                self._rpo.setdefault(g, deque(maxlen=RPO_POINTS)).append((round(now, 1), peak))
+                peak = 0.0
+            self._rpo_peak[g] = peak
             shipped = {d: ds["bytes_shipped"] for d, ds in gs["disks"].items()}
             q = self._counters.setdefault(g, deque())
             q.append((now, gs["bytes_sent"], shipped))
@@ -305,7 +309,7 @@ class Watcher:
             for d, ds in gs["disks"].items():
                 self._track_sync(g, d, ds, now)
         for g in [g for g in self._counters if g not in st["groups"]]:
-            for table in (self._counters, self._ratio, self._rpo, self._rpo_at):
+            for table in (self._counters, self._ratio, self._rpo, self._rpo_at, self._rpo_peak):
                 table.pop(g, None)
 
     def _track_sync(self, g: str, d: str, ds: Dict[str, Any], now: float) -> None:

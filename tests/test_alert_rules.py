@@ -79,6 +79,12 @@ def test_splitter_restart_raised_and_cleared() -> None:
     back = {"groups": {"g": source("replicating", gen=9)}, "replicas": {}}
     assert names(al.update(back, 2)) == []  # the new generation is the restart itself
     assert names(al.update(back, 3)) == [("cleared", "splitter-restart", "warning")]
+    # A splitter starting (first seen down, no generation yet) is an alert only after 10 s.
+    starting = Alerts()
+    down = {"groups": {"g": source("splitter-down", gen=0)}, "replicas": {}}
+    assert names(starting.update(down, 0)) == []
+    assert names(starting.update(down, 5)) == []
+    assert names(starting.update(down, 11)) == [("raised", "splitter-restart", "warning")]
     al2 = Alerts()
     al2.update({"groups": {"g": source(gen=5)}, "replicas": {}}, 0)
     assert names(al2.update({"groups": {"g": source("resyncing", gen=6)}, "replicas": {}},

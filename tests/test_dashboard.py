@@ -59,12 +59,26 @@ def wait_until(predicate: Any, timeout: float = 30, what: str = "condition") -> 
     raise AssertionError("timed out waiting for " + what)
 
 
-def confirm(driver: Any, selector: str) -> None:
+def click(driver: Any, selector: str) -> None:
+    """Click the element once the page shows it (it is redrawn every 2 s: a click can meet
+    an element just replaced, and is then tried again)."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
-    wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, selector), 15, selector)
-    driver.find_element(By.CSS_SELECTOR, selector).click()
+
+    def attempt() -> bool:
+        try:
+            driver.find_element(By.CSS_SELECTOR, selector).click()
+            return True
+        except (NoSuchElementException, StaleElementReferenceException):
+            return False
+    wait_until(attempt, 15, selector)
+
+
+def confirm(driver: Any, selector: str, ok: bool = True) -> None:
+    from selenium.webdriver.common.by import By
+    click(driver, selector)
     wait_until(lambda: driver.find_element(By.ID, "confirm").is_displayed(), 10, "dialog")
-    driver.find_element(By.ID, "confirm-ok").click()
+    driver.find_element(By.ID, "confirm-ok" if ok else "confirm-cancel").click()
 
 
 def test_dashboard_in_headless_chromium(sites: Lab, browser: Any) -> None:
@@ -120,9 +134,7 @@ def test_dashboard_in_headless_chromium(sites: Lab, browser: Any) -> None:
                "resumed")
     sites.a.ferry("wait", "g1", "--synced", "--timeout", "60")
     # A cancelled confirmation does nothing.
-    browser.find_element(By.CSS_SELECTOR, 'button[data-action="pause"]').click()
-    wait_until(lambda: browser.find_element(By.ID, "confirm").is_displayed(), 10, "dialog")
-    browser.find_element(By.ID, "confirm-cancel").click()
+    confirm(browser, 'button[data-action="pause"][data-group="g1"]', ok=False)
     time.sleep(1)
     assert sites.a.status("g1")["groups"]["g1"]["state"] == "replicating"
     wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, 'svg[data-chart="g1"] polyline'),

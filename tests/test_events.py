@@ -239,3 +239,16 @@ def test_anomaly_alert_on_a_burst_of_random_writes(sites: Lab) -> None:
              "hook of the clearing")
     h.shutdown()
     assert "ERROR ferry.alerts: ALERT anomaly raised" in sites.a.log.read_text()
+
+
+def test_a_killed_splitter_raises_and_clears_splitter_restart(sites: Lab) -> None:
+    disk = sites.image("vda.img", 8 * MiB)
+    sites.protect("g1", disk)
+    sites.a.ferry("wait", "g1", "--synced", "--timeout", "60")
+    time.sleep(1)
+    assert not find(events(sites.a), kind="alert")  # starting splitters raise nothing
+    sites.a.kill_splitters()
+    wait_for(lambda: find(events(sites.a), kind="alert", alert="splitter-restart",
+                          change="cleared"), 60, "splitter-restart raised and cleared")
+    [raised] = find(events(sites.a), kind="alert", alert="splitter-restart", change="raised")
+    assert raised["disk"] == "vda" and raised["severity"] == "warning"

@@ -211,3 +211,17 @@ async def test_a_sample_that_races_a_change_is_skipped(caplog: Any) -> None:
     with trio.move_on_after(1.2):
         await w.run()
     assert len(calls) >= 2 and "status sample skipped" in caplog.text
+
+
+def test_rpo_history_keeps_the_worst_of_each_interval() -> None:
+    def status(rpo: float) -> Dict[str, Any]:
+        return {"site": "t", "uptime_seconds": 0, "replicas": {}, "groups": {"g": {
+            "state": "replicating", "rpo_seconds": rpo, "bytes_sent": 0, "target": "b",
+            "error": None, "disks": {}}}}
+
+    w = Watcher(empty, EventLog(), Alerts())
+    for t, rpo in ((100.0, 0.0), (101.0, 7.5), (102.0, 0.2), (105.5, 0.1), (106.0, 0.0)):
+        w.sample(t, status(rpo))
+    assert w.rpo_history("g") == [(100.0, 0.0), (105.5, 7.5)]
+    w.sample(107.0, {"site": "t", "uptime_seconds": 0, "replicas": {}, "groups": {}})
+    assert w.rpo_history("g") == [] and w.rates() == {}
