@@ -122,3 +122,28 @@ def test_a_cli_that_loses_the_agent_says_so(sites: Lab) -> None:
     sites.a.start()
     _out, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_NOT_FOUND and "no job" in err, err
+
+
+def test_json_on_every_command_that_changes_something(sites: Lab) -> None:
+    """--json everywhere: the agent's answer, parseable, for the commands that printed
+    only a sentence before."""
+    def j(site, *args: str):  # type: ignore[no-untyped-def]
+        return json.loads(site.ferry(*args, "--json").stdout)
+
+    disk = sites.image("vda.img", 4 * MiB)
+    sites.protect("g1", disk)
+    assert j(sites.a, "wait", "g1", "--synced")["synced"] is True
+    assert j(sites.a, "checkpoint", "g1", "--tag", "t1")["tag"] == "t1"
+    assert j(sites.a, "pause", "g1")["paused"] is True
+    assert j(sites.a, "resume", "g1")["paused"] is False
+    assert j(sites.a, "set", "g1", "--bandwidth", "10M")["bandwidth"] == 10 * MiB
+    view = j(sites.b, "view", "g1")
+    assert j(sites.b, "view-close", view["id"])["id"] == view["id"]
+    test = j(sites.b, "failover", "g1", "--test")
+    assert test["id"]
+    assert j(sites.b, "failover", "g1", "--stop-test")["id"] == test["id"]
+    dest = sites.work / "r.img"
+    assert j(sites.b, "restore", "g1", "--disk", "vda", "--to", str(dest))["to"] == str(dest)
+    assert j(sites.a, "alerts")["active"] == []
+    assert "urls" not in j(sites.a, "jobs")
+    assert j(sites.a, "unprotect", "g1")
