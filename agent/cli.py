@@ -801,15 +801,27 @@ def events(api: Agent, follow: bool, after: Optional[int], as_json: bool) -> Non
     """Print the agent's events: changes of group, disk, link, checkpoint, failover, alert
     (the last ones kept, then, with --follow, new ones as they happen)."""
     last = after or 0
+    lost_since: Optional[float] = None
     while True:
-        result = call(api, "GET", "/v1/events?after=%d&wait=%d" % (last, 25 if follow else 0),
-                      timeout=40)
+        try:
+            result = api.client().call(
+                "GET", "/v1/events?after=%d&wait=%d" % (last, 25 if follow else 0), timeout=40)
+        except Unavailable as e:
+            # --follow outlives an agent restart (a minute at most); its new events follow.
+            lost_since = lost_since or time.monotonic()
+            if not follow or time.monotonic() - lost_since > JOB_RECONNECT:
+                raise Failure(str(e), EXIT_UNAVAILABLE) from None
+            time.sleep(1)
+            continue
+        except FerryError as e:
+            raise Failure(str(e), exit_status(e)) from None
+        lost_since = None
         if result["lost"]:
             click.echo("ferry: warning: events after %d are no longer kept; some were "
                        "missed" % last, err=True)
-        for e in result["events"]:
-            click.echo(json.dumps(e, sort_keys=True) if as_json else _event_line(e))
-            last = e["id"]
+        for event in result["events"]:
+            click.echo(json.dumps(event, sort_keys=True) if as_json else _event_line(event))
+            last = event["id"]
         sys.stdout.flush()
         if not follow:
             return

@@ -252,3 +252,27 @@ def test_a_killed_splitter_raises_and_clears_splitter_restart(sites: Lab) -> Non
                           change="cleared"), 60, "splitter-restart raised and cleared")
     [raised] = find(events(sites.a), kind="alert", alert="splitter-restart", change="raised")
     assert raised["disk"] == "vda" and raised["severity"] == "warning"
+
+
+def test_events_follow_outlives_an_agent_restart(sites: Lab) -> None:
+    follower = subprocess.Popen([*FERRY, "--api", sites.a.api_url, "events", "--follow",
+                                 "--json"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1)
+        sites.a.stop()
+        time.sleep(2)
+        sites.a.start()
+        disk = sites.image("vda.img", 4 * MiB)
+        sites.protect("g1", disk)
+        time.sleep(1.5)
+    finally:
+        follower.terminate()
+        out, _ = follower.communicate(timeout=30)
+    followed = [json.loads(line) for line in out.splitlines()]
+    assert len(find(followed, kind="agent", change="started")) == 2
+    assert find(followed, kind="group", change="protected", group="g1")
+    ids = [e["id"] for e in followed]
+    assert ids == sorted(set(ids))  # ids grow across the restart
+    proc = subprocess.run([*FERRY, "--api", "unix:%s/none.sock" % sites.root, "events"],
+                          cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 5
