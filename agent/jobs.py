@@ -15,6 +15,7 @@ was running when the agent stopped is gone; its effect, a file or a failover, is
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections import OrderedDict
@@ -24,6 +25,8 @@ import trio
 
 from .errors import Conflict, FerryError, NotFound, Unavailable, kind_of
 from .events import EventLog
+
+log = logging.getLogger("ferry.jobs")
 
 KEEP = 100
 MAX_RUNNING = 16
@@ -71,7 +74,9 @@ class Jobs:
         except FerryError as e:
             job["state"] = "failed"
             job["error"] = {"error": str(e), "kind": kind_of(e)}
-        except OSError as e:
+        except OSError as e:  # storage: say where in the log, as the API does
+            log.exception("job %s (%s of %s): request failed", job["id"], job["kind"],
+                          job["group"])
             job["state"] = "failed"
             job["error"] = {"error": "%s: %s" % (type(e).__name__, e), "kind": "FerryError"}
         finally:
