@@ -6,8 +6,9 @@ microseconds), so a consumer resumes with ``after=<last id it saw>``. The log ke
 ``KEEP`` events in memory; a consumer that fell further behind is told (``lost``).
 
 Kinds: ``group`` (protected, unprotected, state), ``disk`` (state), ``resync`` (start, end),
-``link`` (up, down), ``checkpoint``, ``failover`` (test started or stopped, live),
-``alert`` (raised, cleared), ``job`` (started, done, failed), ``agent`` (started).
+``link`` (up, down), ``checkpoint`` (a user's, not the automatic ones), ``failover`` (test
+started or stopped, live), ``alert`` (raised, cleared), ``job`` (started, done, failed),
+``agent`` (started).
 """
 
 from __future__ import annotations

@@ -67,6 +67,7 @@ class Watcher:
         self._counters: Dict[str, Deque[Tuple[float, int, Dict[str, int]]]] = {}
         self._ratio: Dict[str, Deque[Tuple[float, int, int]]] = {}
         self._sync: Dict[Tuple[str, str], Dict[str, Any]] = {}
+        self._seen_checkpoints: Dict[str, Deque[str]] = {}
         self._nursery: Optional[trio.Nursery] = None
         self.load_settings()
 
@@ -162,10 +163,10 @@ class Watcher:
                 emit("link", "info" if link_up(gs) else "warning", group=g, side="source",
                      change="up" if link_up(gs) else "down", target=gs["target"],
                      error=gs["error"])
-            last, was = gs.get("last_checkpoint"), before.get("last_checkpoint")
-            if last and (not was or was["id"] != last["id"]):
-                emit("checkpoint", group=g, side="source", checkpoint=last["id"], type=last["kind"],
-                     tag=last.get("tag"), wall_ns=last["wall_ns"])
+            if gs.get("checkpoints_made") != before.get("checkpoints_made"):
+                for c in self._new_user_checkpoints(g, gs):
+                    emit("checkpoint", group=g, side="source", checkpoint=c["id"],
+                         type=c["kind"], tag=c.get("tag"), wall_ns=c["wall_ns"])
             for d, ds in sorted(gs["disks"].items()):
                 bd = before["disks"].get(d)
                 if bd is None or bd["state"] == ds["state"]:
@@ -192,7 +193,7 @@ class Watcher:
                 emit("link", "info" if r.get("connected") else "warning", group=g,
                      side="target", change="up" if r.get("connected") else "down")
             newest, was = r.get("newest_checkpoint"), before.get("newest_checkpoint")
-            if newest and (not was or was["id"] != newest["id"]):
+            if newest and newest.get("kind") != "auto" and (not was or was["id"] != newest["id"]):
                 emit("checkpoint", group=g, side="target", checkpoint=newest["id"],
                      type=newest.get("kind"), tag=newest.get("tag"),
                      wall_ns=newest.get("wall_ns"))
@@ -205,6 +206,18 @@ class Watcher:
                      checkpoint=r["failover"].get("checkpoint"))
         for g in sorted(set(orr) - set(nr)):
             emit("group", group=g, side="target", change="replica-removed")
+
+    def _new_user_checkpoints(self, group: str, gs: Dict[str, Any]) -> List[Dict[str, Any]]:
+        """Checkpoints a user (or an alert) cut since the last sample. Automatic ones, every
+        second or so, are not events: the metrics count them."""
+        try:
+            made = self.checkpoints(group) if self.checkpoints else [gs["last_checkpoint"]]
+        except FerryError:
+            return []
+        seen = self._seen_checkpoints.setdefault(group, deque(maxlen=1000))
+        new = [c for c in made if c and c["kind"] != "auto" and c["id"] not in seen]
+        seen.extend(c["id"] for c in new)
+        return new
 
     # -- alerts ----------------------------------------------------------------------------
 

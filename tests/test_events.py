@@ -77,6 +77,9 @@ def test_events_follow_a_protect_an_outage_and_a_resync(sites: Lab) -> None:
         wait_for(lambda: find(events(sites.a), kind="resync", change="end", sync="resyncing"),
                  30, "resync end")
         h.shutdown()
+        sites.a.ferry("checkpoint", "g1", "--tag", "after the outage")
+        wait_for(lambda: find(events(sites.b), kind="checkpoint", tag="after the outage"), 30,
+                 "the tagged checkpoint on site B")
         time.sleep(1.5)
     finally:
         follower.terminate()
@@ -91,7 +94,8 @@ def test_events_follow_a_protect_an_outage_and_a_resync(sites: Lab) -> None:
                    {"kind": "link", "change": "up", "group": "g1"},
                    {"kind": "resync", "change": "start", "sync": "resyncing"},
                    {"kind": "resync", "change": "end", "sync": "resyncing"},
-                   {"kind": "checkpoint", "side": "source", "group": "g1"}):
+                   {"kind": "checkpoint", "side": "source", "group": "g1",
+                    "tag": "after the outage", "type": "user"}):
         assert find(followed, **fields), (fields, followed)
     down = find(followed, kind="link", change="down")[0]
     assert down["severity"] == "warning"
@@ -107,7 +111,8 @@ def test_events_follow_a_protect_an_outage_and_a_resync(sites: Lab) -> None:
     # Site B saw its side: the replica made, the source connected, checkpoints journaled.
     b = events(sites.b)
     assert find(b, kind="link", side="target", change="up", group="g1")
-    assert find(b, kind="checkpoint", side="target", group="g1")
+    assert find(b, kind="checkpoint", side="target", group="g1", tag="after the outage")
+    assert not find(followed, kind="checkpoint", type="auto")  # automatic ones are no events
     # The status and the metrics agree on the state.
     m = samples(sites.a.api("GET", "/metrics"))
     assert m[("ferry_group_state", (("group", "g1"), ("state", "replicating")))] == 1
