@@ -1,4 +1,8 @@
-"""The ``ferry`` command: runs the agent, and talks to a running agent over its HTTP API."""
+"""The ``ferry`` command: runs the agent, and talks to a running agent over its API.
+
+Exit statuses (``errors.EXIT_STATUS``): 0 done, 1 failed, 2 usage, 3 not found, 4 conflict,
+5 unavailable, 6 timed out, 7 permission denied, 130 interrupted.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +11,29 @@ import logging
 import os
 import re
 import sys
-import urllib.error
-import urllib.request
 from typing import Any, Dict, List, Optional, Tuple
 
 import click
 
-DEFAULT_API = "http://127.0.0.1:9080"
+from .client import DEFAULT_API, Client
+from .errors import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    FerryError,
+    exit_status,
+)
+
+JOB_RECONNECT = 60.0  # seconds a CLI following a job keeps trying to reach the agent
 SIZE_RE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.I)
 DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 
 
 class Failure(click.ClickException):
-    """One line for the user, exit status 1."""
+    """One line for the user; exit status 1 unless told (``errors.EXIT_STATUS``)."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.status = exit_code
 
 
 def parse_size(text: str) -> int:
@@ -73,39 +87,87 @@ def point_body(checkpoint: Optional[str], at: Optional[str]) -> Dict[str, Any]:
     return body
 
 
-def call(api: str, method: str, path: str, body: Optional[Dict[str, Any]] = None,
-         timeout: float = 60) -> Any:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(api.rstrip("/") + path, data=data, method=method,
-                                 headers={"content-type": "application/json"})
+def _complete_groups(ctx: click.Context, _param: click.Parameter, incomplete: str) -> List[str]:
+    """Shell completion of a GROUP: the groups and replicas the agent has (nothing if it
+    cannot be asked within a second)."""
+    params = ctx.find_root().params
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        try:
-            message = json.loads(e.read()).get("error") or e.reason
-        except ValueError:
-            message = e.reason
-        raise Failure(str(message)) from None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise Failure("cannot reach the agent at %s: %s (is `ferry agent` running there?)"
-                      % (api, reason)) from None
+        client = Client(params.get("api") or DEFAULT_API, params.get("token_file"),
+                        params.get("cacert"))
+        st = client.call("GET", "/v1/status", timeout=1)
+    except (FerryError, ValueError):
+        return []
+    return sorted(n for n in {*st["groups"], *st["replicas"]} if n.startswith(incomplete))
+
+
+class Agent:
+    """The agent a command talks to: where (``--api``) and with what credential; the
+    connection is made at the first call, so ``ferry agent`` and ``--help`` need none."""
+
+    def __init__(self, address: str, token_file: Optional[str], cafile: Optional[str],
+                 cert: Optional[str] = None, key: Optional[str] = None) -> None:
+        self.address = address
+        self.token_file = token_file
+        self.cafile = cafile
+        self.cert, self.key = cert, key
+        self._client: Optional[Client] = None
+
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = Client(self.address, self.token_file, self.cafile, self.cert,
+                                  self.key)
+        return self._client
+
+
+def call(api: Agent, method: str, path: str, body: Optional[Dict[str, Any]] = None,
+         timeout: float = 60) -> Any:
+    """The agent's answer; its error as a one-line ``Failure`` with the error's exit status."""
+    try:
+        return api.client().call(method, path, body, timeout)
+    except FerryError as e:
+        raise Failure(str(e), exit_status(e)) from None
+
+
+def emit(result: Any) -> None:
+    """``--json``: the agent's answer, indented, keys sorted."""
+    click.echo(json.dumps(result, indent=2, sort_keys=True))
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("ferry")
+    except Exception:  # not installed as a distribution (a source tree)
+        return "0.1.0"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(_version(), "-V", "--version", prog_name="ferry",
+                      message="%(prog)s %(version)s")
 @click.option("--api", envvar="FERRY_API", default=DEFAULT_API, show_default=True,
-              help="URL of the agent's HTTP API (or $FERRY_API).")
+              metavar="unix:PATH|https://HOST:PORT",
+              help="The agent's API (or $FERRY_API): its Unix socket, or its TCP listener.")
+@click.option("--token-file", envvar="FERRY_TOKEN_FILE", default=None,
+              type=click.Path(dir_okay=False),
+              help="File holding the token of a TCP API listener (or $FERRY_TOKEN_FILE).")
+@click.option("--cacert", envvar="FERRY_CACERT", default=None, type=click.Path(dir_okay=False),
+              help="CA certificate to check an https:// API with (or $FERRY_CACERT).")
+@click.option("--cert", envvar="FERRY_CERT", default=None, type=click.Path(dir_okay=False),
+              help="Client certificate (PEM) for an https:// API that wants one (or "
+                   "$FERRY_CERT).")
+@click.option("--key", envvar="FERRY_KEY", default=None, type=click.Path(dir_okay=False),
+              help="Its private key (or $FERRY_KEY; default: in the --cert file).")
 @click.pass_context
-def cli(ctx: click.Context, api: str) -> None:
+def cli(ctx: click.Context, api: str, token_file: Optional[str], cacert: Optional[str],
+        cert: Optional[str], key: Optional[str]) -> None:
     """Ferry: continuous replication of KVM virtual machine disks."""
-    ctx.obj = api
+    ctx.obj = Agent(api, token_file, cacert, cert, key)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point: every error is one line on stderr and a non-zero exit status."""
     try:
-        cli.main(args=argv, prog_name="ferry", standalone_mode=False)
+        rv = cli.main(args=argv, prog_name="ferry", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("ferry: aborted", err=True)
         return 130
@@ -113,11 +175,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         hint = " (see ferry %s--help)" % (e.ctx.command_path.split(" ", 1)[1] + " "
                                           if e.ctx and " " in e.ctx.command_path else "")
         click.echo("ferry: error: %s%s" % (e.format_message(), hint), err=True)
-        return 2
+        return EXIT_USAGE
     except click.ClickException as e:
         click.echo("ferry: error: %s" % e.format_message(), err=True)
-        return e.exit_code
-    return 0
+        return e.status if isinstance(e, Failure) else e.exit_code
+    except FerryError as e:
+        click.echo("ferry: error: %s" % e, err=True)
+        return exit_status(e)
+    return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
 
 
 @cli.command()
@@ -125,41 +190,71 @@ def main(argv: Optional[List[str]] = None) -> int:
               help="Directory for this agent's state, journals and replicas.")
 @click.option("--listen", default="0.0.0.0:4005", show_default=True,
               help="Replication address HOST:PORT.")
-@click.option("--api", "api_addr", default="127.0.0.1:9080", show_default=True,
-              help="HTTP API address HOST:PORT.")
+@click.option("--api", "api_addrs", multiple=True, metavar="unix:PATH|HOST:PORT|https://HOST:PORT",
+              help="Where the API listens; repeatable. Default unix:/run/ferry/api.sock "
+                   "(root and group ferry). A TCP listener needs the token of "
+                   "--api-token-file, and TLS off loopback.")
+@click.option("--api-group", default="ferry", show_default=True,
+              help="Group that may use the API socket (0600, root only, if it does not exist).")
+@click.option("--api-token-file", default=None, type=click.Path(dir_okay=False),
+              help="Token of the TCP API listener (default DATA/api.token, made if absent).")
+@click.option("--api-cert", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="TLS certificate (PEM) of an https:// API listener.")
+@click.option("--api-key", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="Its private key (PEM).")
+@click.option("--api-client-ca", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="An https:// API listener then wants a client certificate this CA "
+                   "signed, instead of the token.")
+@click.option("--metrics", "metrics_addr", default=None, metavar="HOST:PORT",
+              help="Read-only listener for Prometheus: GET /metrics and /healthz only.")
+@click.option("--hooks", "hooks_dir", default="/etc/ferry/hooks.d", show_default=True,
+              type=click.Path(file_okay=False),
+              help="Programs run with each alert as JSON on stdin (root's, not writable by "
+                   "others).")
+@click.option("--link-down-alert", default="60s", show_default=True, metavar="DURATION",
+              help="Alert when a protected group has had no session with its target this "
+                   "long.")
 @click.option("--site", default=None, help="Name of this site (default: the host name).")
 @click.option("--insecure", is_flag=True,
               help="Replicate over plain TCP and accept it from anyone (labs only). "
                    "Without it, only TLS between paired sites.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
-def agent(data_dir: str, listen: str, api_addr: str, site: Optional[str], insecure: bool,
-          verbose: bool) -> None:
+def agent(data_dir: str, listen: str, api_addrs: Tuple[str, ...], api_group: str,
+          api_token_file: Optional[str], api_cert: Optional[str], api_key: Optional[str],
+          api_client_ca: Optional[str], metrics_addr: Optional[str], hooks_dir: str,
+          link_down_alert: str, site: Optional[str], insecure: bool, verbose: bool) -> None:
     """Run the host agent in the foreground."""
     import trio
 
-    from . import daemon
+    from . import access, daemon, logs
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(logging.DEBUG if verbose else logging.INFO)
     try:
         listen_hp = daemon.parse_hostport(listen, 4005)
-        api_hp = daemon.parse_hostport(api_addr, 9080)
-    except ValueError as e:
+        metrics_hp = daemon.parse_hostport(metrics_addr, 9081) if metrics_addr else None
+        apis = [access.parse_listener(a) for a in api_addrs] or [
+            access.Listener("unix", path=access.DEFAULT_SOCKET)]
+    except (ValueError, FerryError) as e:
         raise Failure(str(e)) from None
     data_dir = os.path.abspath(data_dir)
+    opts = daemon.Options(data_dir, listen_hp, apis, site, insecure, metrics_hp, api_group,
+                          api_token_file, api_cert, api_key, api_client_ca,
+                          os.path.abspath(hooks_dir), parse_duration(link_down_alert))
     try:
         os.makedirs(data_dir, exist_ok=True)
-        trio.run(daemon.run, data_dir, listen_hp, api_hp, site, insecure)
+        trio.run(daemon.run, opts)
     except Exception as e:
         # A socket that cannot be bound fails inside the agent's nursery: an exception group.
         cause = _first_oserror(e)
         if cause is None:
             raise
-        raise Failure("agent cannot start: %s" % cause) from None
+        raise Failure("agent cannot start: %s" % cause,
+                      exit_status(cause) if isinstance(cause, FerryError) else EXIT_FAILURE
+                      ) from None
 
 
-def _first_oserror(e: BaseException) -> Optional[OSError]:
-    if isinstance(e, OSError):
+def _first_oserror(e: BaseException) -> Optional[Exception]:
+    if isinstance(e, (OSError, FerryError)):
         return e
     for inner in getattr(e, "exceptions", ()):  # an ExceptionGroup (trio's nurseries)
         found = _first_oserror(inner)
@@ -179,7 +274,7 @@ def _split_disk(spec: str, index: int) -> Tuple[str, str]:
 
 
 @cli.command()
-@click.argument("group")
+@click.argument("group", shell_complete=_complete_groups)
 @click.option("--disk", "disks", multiple=True, required=True, metavar="[NAME=]PATH",
               help="A disk to protect (raw image file or block device); repeatable.")
 @click.option("--target", required=True, metavar="HOST:PORT", help="The target site's agent.")
@@ -197,15 +292,17 @@ def _split_disk(spec: str, index: int) -> Tuple[str, str]:
 @click.option("--bandwidth", default="0", show_default=True, metavar="RATE",
               help="Most bytes per second the link may carry (50M, 1G; 0: no limit). "
                    "Change it later with `ferry set`.")
+@click.option("--rpo-alert", default=None, metavar="DURATION",
+              help="Raise an alert while the group's RPO is above this (30s, 5m).")
 @click.option("--preseeded", "seeds", multiple=True, metavar="[NAME=]PATH",
               help="A copy of disk NAME that site B already holds (absolute path there): "
                    "only chunks that differ are shipped. Repeatable; a new group only.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_obj
-def protect(api: str, group: str, disks: Tuple[str, ...], target: str, queue: str,
+def protect(api: Agent, group: str, disks: Tuple[str, ...], target: str, queue: str,
             allow_unreachable: bool, history: str, journal_max: str,
-            checkpoint_interval: str, bandwidth: str, seeds: Tuple[str, ...],
-            as_json: bool) -> None:
+            checkpoint_interval: str, bandwidth: str, rpo_alert: Optional[str],
+            seeds: Tuple[str, ...], as_json: bool) -> None:
     """Protect disks as GROUP, replicated to TARGET; prints each disk's NBD URI."""
     specs = [_split_disk(s, i) for i, s in enumerate(disks)]
     seeded = _seeds(seeds, [n for n, _p in specs])
@@ -219,6 +316,9 @@ def protect(api: str, group: str, disks: Tuple[str, ...], target: str, queue: st
         "checkpoint_interval": parse_duration(checkpoint_interval),
         "bandwidth": parse_size(bandwidth), "seeds": seeded,
         "disks": [{"name": n, "path": p} for n, p in specs]})
+    if rpo_alert is not None:
+        result["rpo_alert"] = call(api, "POST", "/v1/groups/%s/alerts" % group, {
+            "rpo_alert": parse_duration(rpo_alert) or None})["rpo_alert"]
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -245,24 +345,44 @@ def _seeds(specs: Tuple[str, ...], disks: List[str]) -> Dict[str, str]:
 
 
 @cli.command(name="set")
-@click.argument("group")
-@click.option("--bandwidth", required=True, metavar="RATE",
+@click.argument("group", shell_complete=_complete_groups)
+@click.option("--bandwidth", default=None, metavar="RATE",
               help="Most bytes per second the link may carry (50M, 1G; 0: no limit).")
+@click.option("--rpo-alert", default=None, metavar="DURATION",
+              help="Alert while the group's RPO is above this (0: no RPO alert).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
-def set_(api: str, group: str, bandwidth: str) -> None:
+def set_(api: Agent, group: str, bandwidth: Optional[str], rpo_alert: Optional[str],
+         as_json: bool) -> None:
     """Change a protected group's settings while it runs."""
-    result = call(api, "POST", "/v1/groups/%s/settings" % group,
-                  {"bandwidth": parse_size(bandwidth)})
-    rate = result["bandwidth"]
-    click.echo("%s: bandwidth %s" % (group, "%s/s" % _human(rate) if rate else "unlimited"))
+    if bandwidth is None and rpo_alert is None:
+        raise click.UsageError("give --bandwidth or --rpo-alert")
+    result: Dict[str, Any] = {"group": group}
+    if bandwidth is not None:
+        result.update(call(api, "POST", "/v1/groups/%s/settings" % group,
+                           {"bandwidth": parse_size(bandwidth)}))
+    if rpo_alert is not None:
+        result.update(call(api, "POST", "/v1/groups/%s/alerts" % group,
+                           {"rpo_alert": parse_duration(rpo_alert) or None}))
+    if as_json:
+        return emit(result)
+    if "bandwidth" in result:
+        rate = result["bandwidth"]
+        click.echo("%s: bandwidth %s" % (group, "%s/s" % _human(rate) if rate else "unlimited"))
+    if "rpo_alert" in result:
+        click.echo("%s: RPO alert %s" % (group, "above %g s" % result["rpo_alert"]
+                                         if result["rpo_alert"] else "off"))
 
 
 def _pause_command(verb: str, done: str, doc: str) -> None:
     @cli.command(name=verb, help=doc)
-    @click.argument("group")
+    @click.argument("group", shell_complete=_complete_groups)
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
     @click.pass_obj
-    def command(api: str, group: str) -> None:
-        call(api, "POST", "/v1/groups/%s/%s" % (group, verb))
+    def command(api: Agent, group: str, as_json: bool) -> None:
+        result = call(api, "POST", "/v1/groups/%s/%s" % (group, verb))
+        if as_json:
+            return emit(result)
         click.echo("%s %s" % (group, done))
 
 
@@ -276,7 +396,7 @@ _pause_command("resume", "resumed", "Ship GROUP again after a pause.")
               help="How long the token is good for (one pairing).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
-def pair_token(api: str, ttl: str, as_json: bool) -> None:
+def pair_token(api: Agent, ttl: str, as_json: bool) -> None:
     """Print a one-time token that lets another site pair with this one."""
     result = call(api, "POST", "/v1/pair-token", {"ttl": parse_duration(ttl)})
     if as_json:
@@ -294,7 +414,7 @@ def pair_token(api: str, ttl: str, as_json: bool) -> None:
 @click.option("--token", required=True, help="The token `ferry pair-token` printed there.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
-def pair(api: str, address: str, token: str, as_json: bool) -> None:
+def pair(api: Agent, address: str, token: str, as_json: bool) -> None:
     """Pair this site with the site whose replication port is HOST:PORT."""
     result = call(api, "POST", "/v1/pairs", {"address": address, "token": token})
     if as_json:
@@ -308,7 +428,7 @@ def pair(api: str, address: str, token: str, as_json: bool) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
-def peers(api: str, as_json: bool) -> None:
+def peers(api: Agent, as_json: bool) -> None:
     """The sites this one is paired with."""
     result = call(api, "GET", "/v1/pairs")
     if as_json:
@@ -324,47 +444,76 @@ def peers(api: str, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("site")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
-def unpair(api: str, site: str) -> None:
+def unpair(api: Agent, site: str, as_json: bool) -> None:
     """Forget a paired SITE (by name or certificate fingerprint): no more TLS with it."""
-    call(api, "DELETE", "/v1/pairs/" + site)
+    result = call(api, "DELETE", "/v1/pairs/" + site)
+    if as_json:
+        return emit(result)
     click.echo("unpaired %s" % site)
 
 
 @cli.command()
-@click.argument("group")
+@click.argument("group", shell_complete=_complete_groups)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
-def unprotect(api: str, group: str) -> None:
+def unprotect(api: Agent, group: str, as_json: bool) -> None:
     """Stop protecting GROUP (its splitters stop; the target keeps its replica)."""
-    call(api, "DELETE", "/v1/groups/" + group)
+    result = call(api, "DELETE", "/v1/groups/" + group)
+    if as_json:
+        return emit(result)
     click.echo("unprotected %s" % group)
 
 
 @cli.command()
-@click.argument("group")
+@click.argument("group", shell_complete=_complete_groups)
 @click.option("--synced", is_flag=True, required=True,
               help="Wait until the target holds every write made before the call.")
 @click.option("--timeout", default=600.0, show_default=True, type=float, help="Seconds.")
+@click.option("--progress", is_flag=True,
+              help="Show the initial sync's or resync's progress (on a terminal).")
+@click.option("--detach", is_flag=True,
+              help="Start the job on the agent, print its id and return (ferry job ID).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
-def wait(api: str, group: str, synced: bool, timeout: float) -> None:
+def wait(api: Agent, group: str, synced: bool, timeout: float, progress: bool, detach: bool,
+         as_json: bool) -> None:
     """Wait for GROUP to reach a state (exit 0 once reached)."""
-    call(api, "POST", "/v1/groups/%s/wait" % group, {"timeout": timeout}, timeout=timeout + 30)
+    from .cli_ops import run_job
+    result = run_job(api, {"kind": "wait", "group": group, "timeout": timeout},
+                     "syncing %s" % group, progress and sys.stderr.isatty(), detach)
+    if result is None:
+        return
+    if as_json:
+        return emit(result)
     click.echo("%s synced" % group)
 
 
 @cli.command()
-@click.argument("group")
+@click.argument("group", shell_complete=_complete_groups)
 @click.option("--disk", required=True, help="The disk's name in the group.")
 @click.option("--to", "dest", required=True, type=click.Path(dir_okay=False),
               help="A new file to write (on the target site's host).")
 @point_options
+@click.option("--progress/--no-progress", default=None,
+              help="Show a progress bar (default: on a terminal).")
+@click.option("--detach", is_flag=True,
+              help="Start the job on the agent, print its id and return (ferry job ID).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
-def restore(api: str, group: str, disk: str, dest: str, checkpoint: Optional[str],
-            at: Optional[str]) -> None:
+def restore(api: Agent, group: str, disk: str, dest: str, checkpoint: Optional[str],
+            at: Optional[str], progress: Optional[bool], detach: bool, as_json: bool) -> None:
     """On the target site: write a disk as of a checkpoint (default: its newest
     consistent state) to a new file."""
     body = dict(point_body(checkpoint, at), disk=disk, to=os.path.abspath(dest))
-    result = call(api, "POST", "/v1/replicas/%s/restore" % group, body, timeout=3600)
+    from .cli_ops import run_job
+    result = run_job(api, dict(body, kind="restore", group=group),
+                     "restoring %s/%s" % (group, disk), progress, detach)
+    if result is None:
+        return
+    if as_json:
+        return emit(result)
     c = result.get("checkpoint")
     click.echo("restored %s/%s to %s (%d bytes, generation %d, sequence %d%s)"
                % (group, disk, result["to"], result["size"], result["gen"], result["seq"],
@@ -384,11 +533,11 @@ def _print_view(result: Dict[str, Any], as_json: bool, what: str) -> None:
 
 
 @cli.command()
-@click.argument("group")
+@click.argument("group", shell_complete=_complete_groups)
 @point_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
-def view(api: str, group: str, checkpoint: Optional[str], at: Optional[str],
+def view(api: Agent, group: str, checkpoint: Optional[str], at: Optional[str],
          as_json: bool) -> None:
     """On the target site: serve GROUP's disks as of a point, read-only over NBD (default:
     the newest consistent state); prints the view id and a URI per disk."""
@@ -399,15 +548,18 @@ def view(api: str, group: str, checkpoint: Optional[str], at: Optional[str],
 
 @cli.command("view-close")
 @click.argument("view_id", metavar="VIEW")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
-def view_close(api: str, view_id: str) -> None:
+def view_close(api: Agent, view_id: str, as_json: bool) -> None:
     """Close a view (or a test failover) by its id."""
-    call(api, "DELETE", "/v1/views/" + view_id)
+    result = call(api, "DELETE", "/v1/views/" + view_id)
+    if as_json:
+        return emit(result)
     click.echo("closed view %s" % view_id)
 
 
 @cli.command()
-@click.argument("group")
+@click.argument("group", shell_complete=_complete_groups)
 @click.option("--test", "mode", flag_value="test",
               help="Serve the point with a private writable overlay; replication goes on.")
 @click.option("--stop-test", "mode", flag_value="stop-test",
@@ -415,17 +567,28 @@ def view_close(api: str, view_id: str) -> None:
 @click.option("--live", "mode", flag_value="live",
               help="Stop replicating; the disks as of the point become the live ones.")
 @point_options
+@click.option("--progress/--no-progress", default=None,
+              help="Show a progress bar (default: on a terminal).")
+@click.option("--detach", is_flag=True,
+              help="Start the job on the agent, print its id and return (ferry job ID).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
-def failover(api: str, group: str, mode: Optional[str], checkpoint: Optional[str],
-             at: Optional[str], as_json: bool) -> None:
+def failover(api: Agent, group: str, mode: Optional[str], checkpoint: Optional[str],
+             at: Optional[str], progress: Optional[bool], detach: bool,
+             as_json: bool) -> None:
     """On the target site: test failover, stop it, or fail over for real."""
     if mode is None:
         raise click.UsageError("give one of --test, --stop-test, --live")
     body = dict(point_body(checkpoint, at), mode=mode)
     if mode == "stop-test" and len(body) > 1:
         raise click.UsageError("--stop-test takes no point")
-    result = call(api, "POST", "/v1/replicas/%s/failover" % group, body, timeout=3600)
+    from .cli_ops import run_job
+    result = run_job(api, dict(body, kind="failover", group=group),
+                     "%s failover of %s" % (mode, group), progress, detach)
+    if result is None:
+        return
+    if as_json and mode == "stop-test":
+        return emit(result)
     if mode == "stop-test":
         click.echo("test failover %s of %s stopped; its writes are discarded"
                    % (result["id"], group))
@@ -434,15 +597,19 @@ def failover(api: str, group: str, mode: Optional[str], checkpoint: Optional[str
 
 
 @cli.command()
-@click.argument("group")
+@click.argument("group", shell_complete=_complete_groups)
 @click.option("--tag", default=None, help="A name for the checkpoint (\"before upgrade\").")
 @click.option("--timeout", default=30.0, show_default=True, type=float,
               help="Seconds to wait for the target to journal it.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
-def checkpoint(api: str, group: str, tag: Optional[str], timeout: float) -> None:
+def checkpoint(api: Agent, group: str, tag: Optional[str], timeout: float,
+               as_json: bool) -> None:
     """On the source site: cut a crash-consistent checkpoint of GROUP; prints its id."""
     result = call(api, "POST", "/v1/groups/%s/checkpoints" % group,
                   {"tag": tag, "timeout": timeout}, timeout=timeout + 30)
+    if as_json:
+        return emit(result)
     click.echo(result["id"])
     if not result.get("acked"):
         click.echo("ferry: warning: checkpoint %s is cut but the target has not journaled "
@@ -450,10 +617,10 @@ def checkpoint(api: str, group: str, tag: Optional[str], timeout: float) -> None
 
 
 @cli.command()
-@click.argument("group")
+@click.argument("group", shell_complete=_complete_groups)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
-def checkpoints(api: str, group: str, as_json: bool) -> None:
+def checkpoints(api: Agent, group: str, as_json: bool) -> None:
     """List GROUP's checkpoints: made here (source) and held here (target)."""
     result = call(api, "GET", "/v1/checkpoints/" + group)
     if as_json:
@@ -474,6 +641,15 @@ def checkpoints(api: str, group: str, as_json: bool) -> None:
                                                  "  (%s)" % extra if extra else ""))
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return "%d s" % seconds
+    if seconds < 3600:
+        return "%d min %02d s" % divmod(seconds, 60)
+    return "%d h %02d min" % (seconds // 3600, seconds % 3600 // 60)
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -483,10 +659,10 @@ def _human(n: float) -> str:
 
 
 @cli.command()
-@click.argument("group", required=False)
+@click.argument("group", required=False, shell_complete=_complete_groups)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (stable).")
 @click.pass_obj
-def status(api: str, group: Optional[str], as_json: bool) -> None:
+def status(api: Agent, group: Optional[str], as_json: bool) -> None:
     """Show protected groups (source side) and replicas (target side)."""
     result = call(api, "GET", "/v1/status" + ("?group=" + group if group else ""))
     if as_json:
@@ -504,6 +680,11 @@ def status(api: str, group: Optional[str], as_json: bool) -> None:
                                          _human(d["dirty_bytes"]), d["last_acked_seq"],
                                          "  seed held %s" % _human(d["resync_skipped_bytes"])
                                          if d.get("resync_skipped_bytes") else ""))
+            if d.get("delivered_progress") is not None:
+                eta = d.get("delivered_eta_seconds")
+                lines.append("  %-12s %s %.1f%% delivered to the target, ETA %s" % (
+                    "", d["state"], 100 * d["delivered_progress"],
+                    _duration(eta) if eta is not None else "unknown yet"))
             lines.append("  %-12s %s" % ("", d["nbd_uri"]))
     for name, r in sorted(result["replicas"].items()):
         src = r.get("source") or {}
@@ -528,5 +709,11 @@ def status(api: str, group: Optional[str], as_json: bool) -> None:
     click.echo("\n".join(lines))
 
 
+# The operations commands (events, alerts, jobs, config, dashboard-url) live in cli_ops.py;
+# importing it registers them on ``cli``.
+from . import cli_ops  # noqa: E402, F401
+
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the module's imported copy: cli_ops registered its commands on that one.
+    from agent.cli import main as _main
+    sys.exit(_main())

@@ -1,6 +1,6 @@
 """``ferry agent``: one per host, the replication engine and control plane of that host.
 
-It binds its three sockets (replication, splitters, HTTP API) before it says it is ready,
+It binds its sockets (replication, splitters, the API's listeners) before it says it is ready,
 on stderr and, under systemd, with ``READY=1`` on ``$NOTIFY_SOCKET`` (``Type=notify``).
 SIGTERM or SIGINT stops it cleanly: the target's replicas are synced and their metadata
 saved. The splitters keep serving their VMs whether the agent runs or not.
@@ -8,22 +8,31 @@ saved. The splitters keep serving their VMs whether the agent runs or not.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import signal
 import socket
-from typing import Any, Optional, Tuple
+import ssl
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Tuple
 
 import hypercorn.config
 import hypercorn.trio
 import trio
 
-from . import tls
+from . import access, logs, tls
+from .alerts import Alerts
 from .api import Api
+from .errors import Invalid
+from .events import EventLog
+from .jobs import Jobs
 from .pairing import Trust
 from .source import SourceSite
 from .store import Store
 from .target import TargetSite
+from .watch import Watcher
 
 log = logging.getLogger("ferry.agent")
 
@@ -48,9 +57,81 @@ def sd_notify(message: str) -> None:
         s.sendall(message.encode())
 
 
-async def run(data_dir: str, listen: Tuple[str, int], api: Tuple[str, int],
-              site: Optional[str] = None, insecure: bool = False) -> None:
-    site = site or socket.gethostname()
+@dataclass
+class Options:
+    """What ``ferry agent`` was told (cli.py parses; docs/operations.md describes)."""
+
+    data_dir: str
+    listen: Tuple[str, int]
+    apis: List[access.Listener] = field(default_factory=lambda: [
+        access.Listener("unix", path=access.DEFAULT_SOCKET)])
+    site: Optional[str] = None
+    insecure: bool = False
+    metrics: Optional[Tuple[str, int]] = None
+    api_group: str = "ferry"
+    token_file: Optional[str] = None
+    api_cert: Optional[str] = None
+    api_key: Optional[str] = None
+    api_client_ca: Optional[str] = None
+    hooks_dir: Optional[str] = "/etc/ferry/hooks.d"
+    link_down_alert: float = 60.0
+
+
+def _config(bind: str) -> hypercorn.config.Config:
+    config = hypercorn.config.Config()
+    config.bind = [bind]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("ferry.http")
+    config.graceful_timeout = 1
+    return config
+
+
+def _tcp_bind(host: str, port: int) -> str:
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+def listeners(opts: Options, app: Any, made: List[Tuple[str, int, int]]
+              ) -> List[Tuple[hypercorn.config.Config, Any, str]]:
+    """A hypercorn config and a guarded application for each listener, sockets bound now
+    (Unix: each added to ``made`` as path, device, inode) or by hypercorn (TCP). Raises
+    ``FerryError`` for a listener that would be unsafe."""
+    out = []
+    for lst in opts.apis:
+        if lst.kind == "unix":
+            sock = access.unix_socket(lst.path, opts.api_group)
+            st = os.lstat(lst.path)
+            made.append((lst.path, st.st_dev, st.st_ino))
+            out.append((_config("fd://%d" % sock.detach()), access.Guard(app, "local"),
+                        str(lst)))
+            continue
+        if not lst.tls and not access.is_loopback(lst.host):
+            raise Invalid("--api %s: a TCP API off loopback needs TLS (https://, with "
+                          "--api-cert and --api-key)" % lst)
+        if lst.tls and not (opts.api_cert and opts.api_key):
+            raise Invalid("--api %s needs --api-cert and --api-key" % lst)
+        config = _config(_tcp_bind(lst.host, lst.port))
+        if lst.tls:
+            config.certfile, config.keyfile = opts.api_cert, opts.api_key
+        if lst.tls and opts.api_client_ca:
+            # The handshake is the credential: only certificates this CA signed get in.
+            config.ca_certs, config.verify_mode = opts.api_client_ca, ssl.CERT_REQUIRED
+            out.append((config, access.Guard(app, "cert"), str(lst) + " (client certificate)"))
+            continue
+        token = access.load_token(opts.token_file or os.path.join(opts.data_dir, "api.token"))
+        out.append((config, access.Guard(app, "token", token), str(lst)))
+        host = "127.0.0.1" if lst.host in ("", "0.0.0.0") else "[::1]" if lst.host == "::" \
+            else "[%s]" % lst.host if ":" in lst.host else lst.host
+        app.dashboard_urls.append("%s://%s:%d/login?token=%s" % (
+            "https" if lst.tls else "http", host, lst.port, token))
+    if opts.metrics is not None:
+        out.append((_config(_tcp_bind(*opts.metrics)), access.Guard(app, "metrics"),
+                    "metrics http://%s" % _tcp_bind(*opts.metrics)))
+    return out
+
+
+async def run(opts: Options) -> None:
+    data_dir, listen, insecure = opts.data_dir, opts.listen, opts.insecure
+    site = opts.site or socket.gethostname()
     store = Store(data_dir)
     trust = Trust(store, tls.load_identity(data_dir, site), site, insecure, listen)
     if insecure:
@@ -62,22 +143,27 @@ async def run(data_dir: str, listen: Tuple[str, int], api: Tuple[str, int],
     target = TargetSite(data_dir, site, trust)
     await trio.to_thread.run_sync(target.load)
     source = SourceSite(data_dir, store, trust.connect)
-    config = hypercorn.config.Config()
-    config.bind = ["%s:%d" % api if ":" not in api[0] else "[%s]:%d" % api]
-    config.accesslog = None
-    config.errorlog = logging.getLogger("ferry.http")
-    config.graceful_timeout = 1
+    made: List[Tuple[str, int, int]] = []
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(target.serve, listen[0], listen[1])
             await nursery.start(source.run)
-            app: Any = Api(source, target, site, trust)
-            await nursery.start(lambda task_status: hypercorn.trio.serve(
-                app, config, task_status=task_status))
+            api = Api(source, target, site, trust)
+            api.watcher = Watcher(api.status, EventLog(), Alerts(opts.link_down_alert),
+                                  opts.hooks_dir, source.checkpoint, source.checkpoints,
+                                  os.path.join(data_dir, "alerts.json"), api.status_async)
+            await nursery.start(api.watcher.run)
+            api.jobs = Jobs(api.watcher.events)
+            await nursery.start(api.jobs.run)
+            await nursery.start(logs.rotate_forever, os.path.join(data_dir, "disks"))
+            app: Any = api
+            served = listeners(opts, app, made)
+            for config, guarded, _name in served:
+                await nursery.start(functools.partial(_serve, guarded, config))
             log.info("ferry agent ready: site %s, data %s, replication %s:%d (%s), "
-                     "API http://%s:%d", site, data_dir, listen[0], listen[1],
+                     "API %s", site, data_dir, listen[0], listen[1],
                      "PLAIN TCP, --insecure" if insecure else "TLS, %d paired site(s)"
-                     % len(trust.peers()), api[0], api[1])
+                     % len(trust.peers()), ", ".join(name for _c, _a, name in served))
             sd_notify("READY=1")
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
@@ -88,4 +174,14 @@ async def run(data_dir: str, listen: Tuple[str, int], api: Tuple[str, int],
     finally:
         target.close()
         store.close()
+        for path, dev, ino in made:  # ours only: never what stood there before
+            with contextlib.suppress(OSError):
+                st = os.lstat(path)
+                if (st.st_dev, st.st_ino) == (dev, ino):
+                    os.unlink(path)
         log.info("ferry agent stopped")
+
+
+async def _serve(app: Any, config: hypercorn.config.Config,
+                 task_status: trio.TaskStatus[List[str]] = trio.TASK_STATUS_IGNORED) -> None:
+    await hypercorn.trio.serve(app, config, task_status=task_status)

@@ -111,3 +111,51 @@ def http_status(exc: FerryError) -> int:
         if cls in HTTP_STATUS:
             return HTTP_STATUS[cls]
     return 500
+
+
+# ``ferry``'s exit statuses, by the same classes (docs/operations.md, "Exit statuses").
+EXIT_FAILURE = 1        # anything not below
+EXIT_USAGE = 2          # the command line is wrong (click)
+EXIT_NOT_FOUND = 3
+EXIT_CONFLICT = 4
+EXIT_UNAVAILABLE = 5    # the agent, a peer or a process cannot be reached now
+EXIT_TIMEOUT = 6
+EXIT_DENIED = 7         # permission denied: the API socket, a token, a pairing credential
+
+EXIT_STATUS: Dict[Type[FerryError], int] = {
+    NotFound: EXIT_NOT_FOUND,
+    Conflict: EXIT_CONFLICT,
+    PeerRefused: EXIT_CONFLICT,
+    Unavailable: EXIT_UNAVAILABLE,
+    TimedOut: EXIT_TIMEOUT,
+    Forbidden: EXIT_DENIED,
+    FerryError: EXIT_FAILURE,
+}
+
+# The classes by name, as the API reports them (``{"error": ..., "kind": "NotFound"}``).
+BY_NAME: Dict[str, Type[FerryError]] = {
+    cls.__name__: cls for cls in (
+        FerryError, RequestError, Invalid, NotFound, Conflict, Forbidden, TooLarge,
+        PeerRefused, Unavailable, TimedOut, ProtocolError, LocalProtocolError,
+        RemoteProtocolError, StorageError)}
+
+# What an HTTP status means when the answer names no class (a proxy, an older agent).
+BY_HTTP_STATUS: Dict[int, Type[FerryError]] = {
+    400: Invalid, 401: Forbidden, 403: Forbidden, 404: NotFound, 409: Conflict,
+    413: TooLarge, 503: Unavailable, 504: TimedOut}
+
+
+def exit_status(exc: FerryError) -> int:
+    """The ``ferry`` exit status for an error: its nearest class in ``EXIT_STATUS``."""
+    for cls in type(exc).__mro__:
+        if cls in EXIT_STATUS:
+            return EXIT_STATUS[cls]
+    return EXIT_FAILURE
+
+
+def kind_of(exc: FerryError) -> str:
+    """The name the API gives an error's class: the nearest one a client knows."""
+    for cls in type(exc).__mro__:
+        if cls.__name__ in BY_NAME and BY_NAME[cls.__name__] is cls:
+            return cls.__name__
+    return "FerryError"

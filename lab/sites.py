@@ -1,7 +1,8 @@
 """Agents as processes, for the lab: the demo and the tests run two sites on one machine.
 
-Each ``Site`` is a real ``ferry agent`` process with its own data directory and loopback
-ports, driven through the real ``ferry`` CLI and HTTP API, as an administrator would.
+Each ``Site`` is a real ``ferry agent`` process with its own data directory, loopback
+replication port and API socket (``unix:DATA/api.sock``), driven through the real ``ferry``
+CLI and API, as an administrator would.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+
+from agent.client import Client
 
 REPO = Path(__file__).resolve().parent.parent
 FERRY = [sys.executable, "-m", "agent.cli"]
@@ -67,9 +68,9 @@ class Site:
         self.insecure = insecure
         self.data = root / name
         self.port = free_port()
-        self.api_port = free_port()
-        self.api_url = "http://127.0.0.1:%d" % self.api_port
+        self.api_url = "unix:%s" % (self.data / "api.sock")
         self.address = "127.0.0.1:%d" % self.port
+        self.extra_args: List[str] = []  # more ``ferry agent`` options (--metrics, --api)
         self.log = root / ("%s.log" % name)
         self.proc: Optional[subprocess.Popen] = None
         self._started = False  # once it has run, its address is known: it keeps it
@@ -89,8 +90,6 @@ class Site:
 
     def _new_ports(self) -> None:
         self.port = free_port()
-        self.api_port = free_port()
-        self.api_url = "http://127.0.0.1:%d" % self.api_port
         self.address = "127.0.0.1:%d" % self.port
 
     def _start(self, timeout: float) -> Site:
@@ -98,8 +97,8 @@ class Site:
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [*FERRY, "agent", "--data", str(self.data), "--listen", self.address,
-             "--api", "127.0.0.1:%d" % self.api_port, "--site", self.name,
-             *(["--insecure"] if self.insecure else [])],
+             "--api", self.api_url, "--site", self.name,
+             *(["--insecure"] if self.insecure else []), *self.extra_args],
             stdout=logf, stderr=logf, cwd=REPO)
         logf.close()
         deadline = time.monotonic() + timeout
@@ -159,10 +158,9 @@ class Site:
 
     def api(self, method: str, path: str, body: Optional[Dict[str, Any]] = None,
             timeout: float = 60) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.api_url + path, data=data, method=method)
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read())
+        """The agent's answer (JSON, or text for /metrics); an error raised as its
+        ``FerryError``."""
+        return Client(self.api_url).call(method, path, body, timeout)
 
     def ferry(self, *args: str, check: bool = True, timeout: float = 300
               ) -> subprocess.CompletedProcess:

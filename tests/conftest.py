@@ -86,6 +86,17 @@ def sites(lab: Lab) -> Lab:
     return lab
 
 
+def samples(text: str) -> Dict[tuple, float]:
+    """Prometheus text parsed by ``prometheus_client.parser``: {(name, ((label, value),
+    ...)): value}, labels sorted."""
+    from prometheus_client.parser import text_string_to_metric_families
+    out: Dict[tuple, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
 def same_bytes(a: Path, b: Path) -> bool:
     return subprocess.run(["cmp", "-s", str(a), str(b)]).returncode == 0
 

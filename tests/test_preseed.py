@@ -10,12 +10,11 @@ import shutil
 import subprocess
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, Set
 
 import nbd
-from conftest import Lab, first_difference, same_bytes
+from conftest import Lab, first_difference, same_bytes, samples
 
 MiB = 1024 * 1024
 SIZE = 128 * MiB
@@ -152,9 +151,9 @@ def test_preseeded_sync_ships_about_the_differing_chunks(sites: Lab) -> None:
     assert b["ever_consistent"] and b["seed_untouched_chunks"] is None  # dropped at the end
     assert not (sites.b.data / "target" / "g1" / "seeds" / "vda.digests").exists()
     assert "seed held" in sites.a.ferry("status").stdout
-    with urllib.request.urlopen(sites.a.api_url + "/metrics") as resp:
-        assert 'ferry_resync_skipped_bytes{group="g1",disk="vda"} %d' % (
-            st["resync_skipped_bytes"]) in resp.read().decode()
+    metrics = samples(sites.a.api("GET", "/metrics"))
+    assert metrics[("ferry_resync_skipped_bytes_total", (("disk", "vda"), ("group", "g1")))] \
+        == st["resync_skipped_bytes"]
 
 
 def test_preseeded_sync_goes_on_after_site_b_is_killed(sites: Lab) -> None:

@@ -15,9 +15,11 @@ from conftest import Lab, same_bytes
 from test_faults import SIZE, Writer, _read_frame, check_identical, wait_for
 
 from agent import tls
+from agent.errors import EXIT_DENIED, EXIT_NOT_FOUND, EXIT_UNAVAILABLE
 from agent.pairing import NotPaired
 from agent.protocol import frames
 from lab.proxy import FaultProxy
+from lab.sites import free_port
 
 MiB = 1024 * 1024
 
@@ -50,7 +52,7 @@ def test_pair_then_replicate_over_mutual_tls(tls_lab: Lab) -> None:
     lab.a.start()
     # Unpaired: protect refuses and says how to pair; nothing is left behind.
     disk, proc = protect_vm1(lab, check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == EXIT_DENIED
     assert "not paired" in proc.stderr and "ferry pair-token" in proc.stderr \
         and "ferry pair %s --token" % lab.b.address in proc.stderr, proc.stderr
     assert lab.a.status()["groups"] == {}
@@ -69,7 +71,7 @@ def test_pair_then_replicate_over_mutual_tls(tls_lab: Lab) -> None:
     assert peers_b["peers"][0]["fingerprint"] == peers_a["fingerprint"]
     # The token was for one pairing.
     again = lab.a.ferry("pair", lab.b.address, "--token", token, check=False)
-    assert again.returncode == 1 and "already used" in again.stderr, again.stderr
+    assert again.returncode == EXIT_DENIED and "already used" in again.stderr, again.stderr
     in_log(lab.b, "already used")
     # Replication now runs over TLS.
     uri = lab.a.ferry("protect", "vm1", "--disk", "vda=%s" % disk, "--target",
@@ -101,7 +103,7 @@ def test_expired_token_is_refused(tls_lab: Lab) -> None:
     token = lab.b.ferry("pair-token", "--ttl", "1s").stdout.strip()
     time.sleep(1.5)
     proc = lab.a.ferry("pair", lab.b.address, "--token", token, check=False)
-    assert proc.returncode == 1 and "expired" in proc.stderr, proc.stderr
+    assert proc.returncode == EXIT_DENIED and "expired" in proc.stderr, proc.stderr
     assert lab.a.api("GET", "/v1/pairs")["peers"] == []
     assert lab.b.api("GET", "/v1/pairs")["peers"] == []
 
@@ -115,13 +117,13 @@ def test_wrong_secret_is_refused_then_burns_the_token(tls_lab: Lab) -> None:
     forged = token_id + "." + ("a" if secret[0] != "a" else "b") + secret[1:]
     for _attempt in range(tls.TOKEN_ATTEMPTS):
         proc = lab.a.ferry("pair", lab.b.address, "--token", forged, check=False)
-        assert proc.returncode == 1 and "wrong secret" in proc.stderr, proc.stderr
+        assert proc.returncode == EXIT_DENIED and "wrong secret" in proc.stderr, proc.stderr
     assert "now burnt" in proc.stderr
     proc = lab.a.ferry("pair", lab.b.address, "--token", token, check=False)
-    assert proc.returncode == 1 and "already used" in proc.stderr, proc.stderr
+    assert proc.returncode == EXIT_DENIED and "already used" in proc.stderr, proc.stderr
     unknown = lab.a.ferry("pair", lab.b.address, "--token", "0badc0de." + "a" * 32,
                           check=False)
-    assert unknown.returncode == 1 and "unknown token" in unknown.stderr
+    assert unknown.returncode == EXIT_DENIED and "unknown token" in unknown.stderr
     assert lab.b.api("GET", "/v1/pairs")["peers"] == []
 
 
@@ -130,21 +132,25 @@ def test_malformed_token_is_refused_before_connecting(tls_lab: Lab, token: str) 
     tls_lab.a.start()
     proc = tls_lab.a.ferry("pair", "127.0.0.1:9", "--token", token, check=False)
     expected = "token is required" if not token else "is not a pairing token"
-    assert proc.returncode == 1 and expected in proc.stderr, proc.stderr
+    # An empty token is a request without one (1); a malformed one is refused (7).
+    assert proc.returncode == (EXIT_DENIED if token else 1) and expected in proc.stderr, \
+        proc.stderr
 
 
 def test_pair_with_nothing_listening_or_not_a_ferry_port(tls_lab: Lab) -> None:
     lab = tls_lab
+    metrics_port = free_port()
+    lab.a.extra_args = ["--metrics", "127.0.0.1:%d" % metrics_port]
     lab.a.start()
     token = "0badc0de." + "a" * 32
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed = "127.0.0.1:%d" % s.getsockname()[1]
     proc = lab.a.ferry("pair", closed, "--token", token, check=False)
-    assert proc.returncode == 1 and "cannot reach" in proc.stderr, proc.stderr
-    # The agent's own HTTP port speaks HTTP, not TLS.
-    proc = lab.a.ferry("pair", "127.0.0.1:%d" % lab.a.api_port, "--token", token, check=False)
-    assert proc.returncode == 1 and "pairing with" in proc.stderr \
+    assert proc.returncode == EXIT_UNAVAILABLE and "cannot reach" in proc.stderr, proc.stderr
+    # The agent's own HTTP port (its metrics listener) speaks HTTP, not TLS.
+    proc = lab.a.ferry("pair", "127.0.0.1:%d" % metrics_port, "--token", token, check=False)
+    assert proc.returncode == EXIT_DENIED and "pairing with" in proc.stderr \
         and "Ferry agent's replication port" in proc.stderr, proc.stderr
 
 
@@ -157,7 +163,7 @@ def test_plaintext_to_a_tls_side_is_refused(tls_lab: Lab) -> None:
     assert "runs --insecure" in lab.a.ferry("status").stdout
     assert "runs --insecure" not in lab.b.ferry("status").stdout
     _disk, proc = protect_vm1(lab, check=False)
-    assert proc.returncode == 1 and "accepts only TLS" in proc.stderr \
+    assert proc.returncode == EXIT_DENIED and "accepts only TLS" in proc.stderr \
         and "without --insecure" in proc.stderr and "ferry pair %s" % lab.b.address \
         in proc.stderr, proc.stderr
     in_log(lab.b, "refusing a plaintext connection")
@@ -217,7 +223,7 @@ def test_unpaired_peer_is_refused_and_re_pairing_resumes(tls_lab: Lab) -> None:
     assert "ferry pair-token" in error, error
     in_log(lab.b, "its certificate is not one of a paired site")
     missing = lab.b.ferry("unpair", "A", check=False)
-    assert missing.returncode == 1 and "no paired site A" in missing.stderr
+    assert missing.returncode == EXIT_NOT_FOUND and "no paired site A" in missing.stderr
     # Writes go on meanwhile; pairing again lets replication catch up.
     h = nbd.NBD()
     h.connect_uri(uri)
