@@ -14,6 +14,7 @@ into status codes (``HTTP_STATUS``); the engine knows nothing of HTTP.
     │   ├── PeerRefused     the other site said no, with its reason                (409)
     │   ├── Unavailable     a peer or process we need cannot be reached now        (503)
     │   └── TimedOut        it did not happen within the time given                (504)
+    ├── IllegalTransition   a state machine asked for a move its table lacks: a bug here
     ├── ProtocolError       bytes from a peer broke the protocol: drop that connection
     │   ├── LocalProtocolError   we were about to send something illegal (a bug here)
     │   └── RemoteProtocolError  the peer sent something illegal
@@ -77,6 +78,10 @@ class LocalProtocolError(ProtocolError):
 
 class RemoteProtocolError(ProtocolError):
     """The peer broke the protocol."""
+
+
+class IllegalTransition(FerryError):
+    """A state machine was asked for a move its table does not have: a bug on this site."""
 
 
 class StorageError(FerryError):

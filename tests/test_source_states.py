@@ -8,13 +8,12 @@ from typing import NamedTuple
 
 import pytest
 
-from agent.errors import LocalProtocolError
+from agent.errors import IllegalTransition
 from agent.protocol.cursor import REWIND_INTERVAL, CursorState
 from agent.protocol.cursor import ForwardCursor as Cursor
 from agent.source.checkpointing import CheckpointBook
 from agent.source.states import (
     GROUP_STATE_ORDER,
-    IllegalTransition,
     ShipperState,
     disk_state,
     group_state,
@@ -75,7 +74,7 @@ def test_an_older_splitter_generation_breaks_the_cursor() -> None:
 def test_an_illegal_cursor_move_raises() -> None:
     c = Cursor()
     c.state = CursorState.BROKEN
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(IllegalTransition):
         c._go(CursorState.IDLE)
 
 

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import StorageError
+from agent.errors import IllegalTransition, StorageError
 from agent.target import failover, meta
 from agent.target.group import LIFE, GroupEvent, GroupState
 from agent.target.holdback import DISK, Event, HoldBack, Phase
-from agent.target.transitions import IllegalTransition
 from formats.records import FLAG_INCONSISTENT, KIND_CONSISTENT, KIND_WRITE
 
 

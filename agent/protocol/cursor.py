@@ -33,7 +33,7 @@ state file was lost). Both need the group protected again.
     BROKEN      FORWARDING   BROKEN          BROKEN      -
 
 A BROKEN cursor keeps its ``error`` until a start succeeds. A move not in the table raises
-``LocalProtocolError`` (a bug here). It serves any change stream, not only a splitter's.
+``IllegalTransition`` (a bug here). It serves any change stream, not only a splitter's.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any, Dict, FrozenSet, List, NamedTuple, Optional, Sequence, Tuple
 
-from ..errors import LocalProtocolError
+from ..errors import IllegalTransition
 
 Point = Tuple[int, int]
 
@@ -123,7 +123,7 @@ class ForwardCursor:
 
     def _go(self, new: CursorState) -> None:
         if new not in CURSOR_MOVES[self.state]:
-            raise LocalProtocolError("cursor: %s -> %s" % (self.state.value, new.value))
+            raise IllegalTransition("cursor: %s -> %s" % (self.state.value, new.value))
         self.state = new
 
     def start(self, gen: int, durable: Point, now: float) -> Start:

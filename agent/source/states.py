@@ -28,11 +28,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any, Dict, FrozenSet, Mapping, Optional
 
-from ..errors import LocalProtocolError
-
-
-class IllegalTransition(LocalProtocolError):
-    """A state machine was asked for a move its table does not have: a bug on this side."""
+from ..errors import IllegalTransition
 
 
 class ShipperState(str, Enum):

@@ -1,4 +1,4 @@
-"""State machines as tables: a table of (state, event) -> next state, and the error for a step
+"""State machines as tables (the error, ``errors.IllegalTransition``, is shared): a table of (state, event) -> next state, and the error for a step
 it does not have. The target role's machines (a disk under the hold-back rule,
 ``holdback.py``; a replica group, ``group.py``; a failover, ``failover.py``) each write their
 table beside a theory-of-operation comment and step through ``Table.step``.
@@ -9,14 +9,10 @@ from __future__ import annotations
 import enum
 from typing import Dict, Generic, Tuple, TypeVar
 
-from ..errors import FerryError
+from ..errors import IllegalTransition
 
 S = TypeVar("S", bound=enum.Enum)
 E = TypeVar("E", bound=enum.Enum)
-
-
-class IllegalTransition(FerryError):
-    """A state machine was asked for a step its table does not have: a bug on this site."""
 
 
 class Table(Generic[S, E]):
