@@ -1,7 +1,7 @@
-"""State machines as tables (the error, ``errors.IllegalTransition``, is shared): a table of (state, event) -> next state, and the error for a step
-it does not have. The target role's machines (a disk under the hold-back rule,
-``holdback.py``; a replica group, ``group.py``; a failover, ``failover.py``) each write their
-table beside a theory-of-operation comment and step through ``Table.step``.
+"""State machines as tables: a table of (state, event) -> next state; a step it does not have
+raises ``errors.IllegalTransition``. The target role's machines (a disk under the hold-back
+rule, ``holdback.py``; a replica group, ``group.py``; a failover, ``failover.py``) each write
+their table beside a theory-of-operation comment and step through ``Table.step``.
 """
 
 from __future__ import annotations
