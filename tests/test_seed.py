@@ -18,6 +18,7 @@ from agent.protocol import batch, frames, messages
 from agent.protocol.frames import ProtocolError
 from agent.protocol.session import SourceSession
 from agent.protocol.stream import SessionStream
+from agent.source import seeds as source_seeds
 from agent.target import seeds, server
 from agent.target.group import TargetGroup
 from formats.localwire import (
@@ -46,8 +47,8 @@ def content(size: int, rng: random.Random) -> bytearray:
     return bytearray(rng.randbytes(size))
 
 
-def seed_list(m: seeds.SeedMap) -> seed.SeedList:
-    lst = seed.SeedList(m.size, m.chunk)
+def seed_list(m: seeds.SeedMap) -> source_seeds.SeedList:
+    lst = source_seeds.SeedList(m.size, m.chunk)
     for first, digests, touched in m.frames():
         lst.add(first, digests, touched)
     return lst
@@ -142,10 +143,10 @@ def test_a_resync_of_matching_chunks_becomes_a_seeded_record() -> None:
     rng = random.Random(2)
     data = content(8 * C, rng)
     m = seeds.SeedMap(len(data), seed.digests_of(bytes(data), C), C)
-    lists: List[Optional[seed.SeedList]] = [seed_list(m)]
+    lists: List[Optional[source_seeds.SeedList]] = [seed_list(m)]
     items = [(0, rec(1, KIND_WRITE, 0, C, bytes(data[:C]))),
              (0, rec(2, KIND_WRITE, C, 2 * C, bytes(data[C:3 * C])))]
-    out = seed.substitute(lists, items)
+    out = source_seeds.substitute(lists, items)
     assert [r.kind for _d, r in out] == [KIND_SEEDED, KIND_SEEDED]
     assert [(r.seq, r.offset, r.length, r.flags) for _d, r in out] == [
         (1, 0, C, RS), (2, C, 2 * C, RS)]
@@ -191,26 +192,26 @@ def test_a_disks_list_ends_at_its_consistent_record() -> None:
     rng = random.Random(5)
     data = content(4 * C, rng)
     m = seeds.SeedMap(len(data), seed.digests_of(bytes(data), C), C)
-    lists: List[Optional[seed.SeedList]] = [seed_list(m), None]
+    lists: List[Optional[source_seeds.SeedList]] = [seed_list(m), None]
     items = [(1, rec(1, KIND_WRITE, 0, C, bytes(data[:C]))),  # disk 1 has no seed
              (0, rec(1, KIND_CONSISTENT, 0, 0, flags=0)),
              (0, rec(2, KIND_WRITE, 0, C, bytes(data[:C])))]
-    out = seed.substitute(lists, items)
+    out = source_seeds.substitute(lists, items)
     assert [r.kind for _d, r in out] == [KIND_WRITE, KIND_CONSISTENT, KIND_WRITE]
     assert lists == [None, None]
 
 
 def test_seed_frames_are_checked() -> None:
-    lists: List[Optional[seed.SeedList]] = [None]
+    lists: List[Optional[source_seeds.SeedList]] = [None]
     good = {"group": "g", "disk": 0, "chunk": C, "first": 0, "digests": bytes(32),
             "touched": bytes(2)}
     ctx = messages.Context("g", 1)
-    seed.add_frame(messages.Seed.parse(good, ctx), lists, [2 * C])
+    source_seeds.add_frame(messages.Seed.parse(good, ctx), lists, [2 * C])
     assert lists[0] is not None and list(lists[0].usable) == [1, 1]
     for bad in ({"disk": 1}, {"chunk": 0}, {"first": 1}, {"digests": bytes(31)},
                 {"touched": 3}, {"chunk": seed.MAX_CHUNK * 2}, {"group": "h"}):
         with pytest.raises(ProtocolError):
-            seed.add_frame(messages.Seed.parse(dict(good, **bad), ctx), [None], [2 * C])
+            source_seeds.add_frame(messages.Seed.parse(dict(good, **bad), ctx), [None], [2 * C])
 
 
 # -- adopting a seed file -------------------------------------------------------------------

@@ -11,13 +11,14 @@ from typing import Awaitable, Callable, List, Optional, Tuple
 
 import trio
 
-from .. import seed, tls
+from .. import tls
 from ..errors import Forbidden, PeerRefused, Unavailable
 from ..pairing import NotPaired, how_to_pair, refused_us
 from ..protocol import frames, messages
 from ..protocol.session import SourceSession
 from ..protocol.stream import SessionStream, keepalive
 from ..store import GroupRow
+from .seeds import SeedList, add_frame
 from .settings import DEFAULT_SETTINGS, parse_target
 
 log = logging.getLogger("ferry.source")
@@ -47,7 +48,7 @@ def open_message(row: GroupRow, probe: bool) -> messages.Open:
 
 
 async def open_session(fs: SessionStream, row: GroupRow, site_id: str, probe: bool,
-                       seeds: Optional[List[Optional[seed.SeedList]]] = None
+                       seeds: Optional[List[Optional[SeedList]]] = None
                        ) -> List[Tuple[int, int]]:
     """HELLO, OPEN; the target's durable points, and its SEED frames into ``seeds``."""
     try:
@@ -66,7 +67,7 @@ async def open_session(fs: SessionStream, row: GroupRow, site_id: str, probe: bo
     for _ in range(opened.seed_frames):
         msg = await fs.expect(messages.Seed)
         if seeds is not None:
-            seed.add_frame(msg, seeds, sizes)
+            add_frame(msg, seeds, sizes)
     return list(opened.durable)
 
 

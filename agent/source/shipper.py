@@ -26,7 +26,6 @@ import trio
 
 from formats import localwire as lw
 
-from .. import seed
 from ..pairing import NotPaired, how_to_pair
 from ..protocol import frames, messages
 from ..protocol.stream import SessionStream, race
@@ -35,6 +34,7 @@ from ..throttle import TokenBucket
 from .changes import ChangeStream
 from .checkpointing import CheckpointBook
 from .handshake import Connector, open_session, plain_connect, session_stream
+from .seeds import SeedList, substitute
 from .settings import DEFAULT_SETTINGS, parse_target
 from .states import ShipperState
 
@@ -63,7 +63,7 @@ class GroupShipper:
         self.bytes_sent = 0
         self._received = 0  # by sessions that ended
         self._fs: Optional[SessionStream] = None
-        self.seeds: List[Optional[seed.SeedList]] = []  # site B's, for this session
+        self.seeds: List[Optional[SeedList]] = []  # site B's, for this session
         self.connected_since: Optional[float] = None
         self.settings = dict(DEFAULT_SETTINGS, **row.settings)
         self.bucket = TokenBucket(float(self.settings["bandwidth"]))
@@ -227,7 +227,7 @@ class GroupShipper:
         def encode() -> Tuple[List[Tuple[int, lw.Record]], bytes]:
             # Off the event loop for a large batch: only the codec's compressor is used
             # here; the session checks and counts the frame when it is sent.
-            out = seed.substitute(self.seeds, items) if any(self.seeds) else items
+            out = substitute(self.seeds, items) if any(self.seeds) else items
             msg = messages.Batch(self.row.name, out, time.time_ns(), time.monotonic_ns(),
                                  wire_checkpoints=cps)
             return out, fs.codec.encode(msg.TYPE, msg.body(), True)

@@ -34,10 +34,10 @@ from ..seed import (
     MAX_CHUNK,
     TOUCHING,
     SeedError,
-    _aligned,
-    _span,
+    aligned,
     chunks,
     range_digest,
+    span,
 )
 
 __all__ = ["CHUNK", "GroupSeeds", "SeedError", "SeedMap", "adopt", "adopt_group",
@@ -77,17 +77,17 @@ class SeedMap:
     def touch(self, kind: int, offset: int, length: int) -> None:
         """A journaled record: a change to the replica's bytes ends their seed."""
         if kind in TOUCHING and length:
-            first, end = _span(offset, length, self.chunk)
+            first, end = span(offset, length, self.chunk)
             if self.touched.find(0, first, end) >= 0:
                 self.touched[first:end] = b"\x01" * (end - first)
                 self.changed = True
 
     def check(self, offset: int, length: int, digest: Optional[bytes]) -> Optional[str]:
         """Why a SEEDED record for this range is wrong, or None when it is right."""
-        if not _aligned(offset, length, self.size, self.chunk):
+        if not aligned(offset, length, self.size, self.chunk):
             return "SEEDED record [%d, +%d) is not whole %d-byte chunks" % (
                 offset, length, self.chunk)
-        first, end = _span(offset, length, self.chunk)
+        first, end = span(offset, length, self.chunk)
         if self.touched.find(1, first, end) >= 0:
             return "SEEDED record [%d, +%d) for a chunk changed since the seed" % (
                 offset, length)
