@@ -66,3 +66,22 @@ def test_without_nbdkit_the_error_says_what_to_install(monkeypatch) -> None:
     monkeypatch.setattr(splitters.shutil, "which", lambda name: None)
     with pytest.raises(splitters.SplitterError, match="apt-get install nbdkit"):
         splitters.nbdkit_binary()
+
+
+async def test_the_splitters_socket_is_for_root_only(tmp_path) -> None:
+    """Another local user cannot connect to the agent's splitter socket and pose as a
+    splitter: it is made 0600 before it listens."""
+    import os
+    import stat as stat_
+
+    from agent.source import intake
+
+    path = str(tmp_path / "splitter.sock")
+    with open(path, "w"):
+        pass  # a stale file at the name is replaced
+    listener = await intake.bind(path)
+    try:
+        mode = os.stat(path).st_mode
+        assert stat_.S_ISSOCK(mode) and stat_.S_IMODE(mode) == 0o600
+    finally:
+        await listener.aclose()

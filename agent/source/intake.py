@@ -32,13 +32,15 @@ LinkOf = Callable[[str], Optional[DiskLink]]
 
 
 async def bind(path: str) -> trio.SocketListener:
-    """The splitters' socket at ``path`` (a stale one is replaced)."""
+    """The splitters' socket at ``path`` (a stale one is replaced), for root only: made
+    0600 before it listens, so no other local user can pose as a splitter."""
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
     await sock.bind(path)
+    os.chmod(path, 0o600)
     sock.listen(64)
     return trio.SocketListener(sock)
 
