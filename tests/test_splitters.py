@@ -77,8 +77,7 @@ async def test_the_splitters_socket_is_for_root_only(tmp_path) -> None:
     from agent.source import intake
 
     path = str(tmp_path / "splitter.sock")
-    with open(path, "w"):
-        pass  # a stale file at the name is replaced
+    (tmp_path / "splitter.sock").write_bytes(b"")  # a stale file at the name is replaced
     listener = await intake.bind(path)
     try:
         mode = os.stat(path).st_mode
