@@ -39,7 +39,6 @@ cat >"$conf" <<CONF
 # Written by vagrant/provision.sh: this lab site's name and replication address.
 FERRY_SITE=$site
 FERRY_LISTEN=$address:4005
-FERRY_API=127.0.0.1:9080
 CONF
 
 systemctl enable ferry-agent.service
