@@ -107,7 +107,7 @@ def check(conf_dir: str, hooks_dir: str = "/etc/ferry/hooks.d") -> List[Finding]
 
 def _args(values: Dict[str, str]) -> List[Finding]:
     """FERRY_ARGS parsed by the agent command itself, as the start script passes them."""
-    from .cli import agent
+    from .cli.daemon import agent
     args = ["--data", values["FERRY_DATA"] or "/", "--listen", values["FERRY_LISTEN"],
             "--api", values["FERRY_API"], *(values["FERRY_ARGS"].split())]
     try:

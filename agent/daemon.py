@@ -59,7 +59,7 @@ def sd_notify(message: str) -> None:
 
 @dataclass
 class Options:
-    """What ``ferry agent`` was told (cli.py parses; docs/operations.md describes)."""
+    """What ``ferry agent`` was told (cli/daemon.py parses; docs/operations.md describes)."""
 
     data_dir: str
     listen: Tuple[str, int]

@@ -1,7 +1,7 @@
 """What went wrong, by what to do about it.
 
 Every error the engine raises on purpose is a ``FerryError``; its class says what the caller
-should do, never a number or a message text. The HTTP edge (``api.py``) alone turns classes
+should do, never a number or a message text. The HTTP edge (``api/``) alone turns classes
 into status codes (``HTTP_STATUS``); the engine knows nothing of HTTP.
 
     FerryError

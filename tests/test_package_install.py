@@ -225,7 +225,7 @@ def test_install_run_protect_restore_upgrade_remove(debs, host, tmp_path):
     assert run(["getent", "group", "ferry"]).stdout.startswith("ferry:")
     assert DATA.is_dir() and DATA.stat().st_mode & 0o777 == 0o750  # tmpfiles.d
     # py3compile made the bytecode for this host's python3.
-    assert list(Path("/usr/lib/python3/dist-packages/agent/__pycache__").glob("cli.*.pyc"))
+    assert list(Path("/usr/lib/python3/dist-packages/agent/cli/__pycache__").glob("app.*.pyc"))
     assert "protect" in run(["/usr/bin/ferry", "--help"]).stdout
     assert "ferry" in run(["man", "-w", "ferry"]).stdout
     installed_at = time.monotonic() - t0

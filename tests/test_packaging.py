@@ -143,7 +143,7 @@ def test_deb_contents(packages):
               "/usr/share/bash-completion/completions/ferry", "/usr/share/doc/ferry/copyright",
               "/usr/share/doc/ferry/changelog.Debian.gz",
               "/usr/share/doc/ferry/README.packaging.md",
-              "/%s/nbd_plugin/splitter.py" % DEB_SITE, "/%s/agent/cli.py" % DEB_SITE]
+              "/%s/nbd_plugin/splitter.py" % DEB_SITE, "/%s/agent/cli/__init__.py" % DEB_SITE]
     wanted += ["/%s/%s/__init__.py" % (DEB_SITE, name) for name in shipped_packages()]
     for path in wanted:
         assert path in entries, "%s is not in the .deb" % path

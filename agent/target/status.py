@@ -54,4 +54,6 @@ def read(snap: Snapshot) -> Dict[str, Any]:
     out["history_covered_s"] = round((time.time_ns() - oldest["wall_ns"]) / 1e9, 3) \
         if oldest else 0.0
     out["disks"] = {k: dict(v) for k, v in snap["disks"].items()}
+    # Kept for scripts that read it: a snapshot is never an older answer given again.
+    out["stale"] = False
     return out

@@ -1,0 +1,162 @@
+"""The API's ASGI application: ``Api`` holds what the endpoints serve (the source and
+target sites, the trust, the watcher and the job runner), reads a request, hands it to
+the routes of each family in turn (``monitoring``, ``groups``, ``pairing``, ``replicas``,
+``jobs``) and writes the answer as JSON; an error becomes ``{"error", "kind"}`` with its
+HTTP status (``errors.http_status``). It also builds the status document the watcher,
+the metrics and the dashboard read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Tuple
+from urllib.parse import parse_qs, unquote
+
+import trio
+
+from .. import metrics
+from ..dashboard import Files
+from ..errors import FerryError, NotFound, Unavailable, http_status, kind_of
+from ..pairing import Trust
+from ..source import SourceSite
+from ..target import TargetSite
+from .groups import route as group_routes
+from .jobs import route as job_routes
+from .monitoring import route as monitoring_routes
+from .pairing import route as pairing_routes
+from .replicas import route as replica_routes
+from .request import read_body
+
+if TYPE_CHECKING:
+    from ..jobs import Jobs
+    from ..watch import Watcher
+
+
+def version() -> str:
+    try:
+        from importlib.metadata import version as dist_version
+        return dist_version("ferry")
+    except Exception:  # a source tree, not installed
+        return "0.1.0"
+
+log = logging.getLogger("ferry.api")
+
+# A family's routes: its answer (status, payload), or None when the request is not theirs.
+Route = Callable[["Api", str, List[str], Dict[str, list], Dict[str, Any]],
+                 Awaitable[Optional[Tuple[int, Any]]]]
+ROUTES: Tuple[Route, ...] = (monitoring_routes, group_routes, pairing_routes, replica_routes,
+                             job_routes)
+
+
+class Api:
+    def __init__(self, source: SourceSite, target: TargetSite, site: str, trust: Trust
+                 ) -> None:
+        self.source = source
+        self.target = target
+        self.site = site
+        self.trust = trust
+        self.started = time.time()
+        self.watcher: Optional[Watcher] = None
+        self.jobs: Optional[Jobs] = None
+        self.files = Files()
+        self.dashboard_urls: List[str] = []  # login addresses, told to local users only
+        self._policy = "local"
+
+    async def __call__(self, scope: Dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        page = self.files.page(scope["path"]) if scope["method"] == "GET" else None
+        if page is not None:
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", page.ctype.encode()),
+                (b"content-length", str(len(page.body)).encode()), *page.headers]})
+            await send({"type": "http.response.body", "body": page.body})
+            return
+        self._policy = scope.get("ferry_policy", "local")
+        try:
+            body = await read_body(receive)
+            status, payload = await self._route(scope["method"], scope["path"],
+                                                parse_qs(scope.get("query_string", b"").decode()),
+                                                body)
+        except FerryError as e:
+            status, payload = http_status(e), {"error": str(e), "kind": kind_of(e)}
+        except OSError as e:
+            log.exception("request failed")
+            status, payload = 500, {"error": "%s: %s" % (type(e).__name__, e)}
+        except Exception as e:  # a bug: say so in one line, keep the agent serving
+            log.exception("request failed")
+            status, payload = 500, {"error": "internal error (%s); see the agent's log"
+                                    % type(e).__name__}
+        if isinstance(payload, bytes):
+            data = payload
+            ctype = metrics.CONTENT_TYPE.encode()
+        else:
+            data = (json.dumps(payload, indent=1, sort_keys=True) + "\n").encode()
+            ctype = b"application/json"
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", ctype),
+                                (b"content-length", str(len(data)).encode())]})
+        await send({"type": "http.response.body", "body": data})
+
+    async def _route(self, method: str, path: str, query: Dict[str, list],
+                     body: Dict[str, Any]) -> Tuple[int, Any]:
+        parts = [unquote(p) for p in path.strip("/").split("/")]
+        for route in ROUTES:
+            answer = await route(self, method, parts, query, body)
+            if answer is not None:
+                return answer
+        raise NotFound("no such endpoint: %s %s" % (method, path))
+
+    def _watcher(self) -> Watcher:
+        if self.watcher is None:
+            raise Unavailable("the agent's watcher is not running")
+        return self.watcher
+
+    def overview(self, st: Dict[str, Any]) -> Dict[str, Any]:
+        """What the dashboard draws: the status, and what the watcher derived over time."""
+        w = self._watcher()
+        return {"status": st, "rates": w.rates(), "alerts": w.alerts.active(),
+                "rpo_history": {g: w.rpo_history(g) for g in st["groups"]},
+                "events": w.events.latest(50), "pairs": self.trust.status()}
+
+    async def status_async(self) -> Dict[str, Any]:
+        """The status for the watcher: site B's part in a worker thread, since a busy group
+        makes it wait up to 0.2 s for its lock, which must not stall the event loop."""
+        replicas = await trio.to_thread.run_sync(self.target.status)
+        return self.status(replicas=replicas)
+
+    def status(self, group: Optional[str] = None,
+               replicas: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        groups = self.source.status()
+        if self.watcher is not None:
+            for g, gs in groups.items():
+                for d, ds in gs["disks"].items():
+                    p = self.watcher.progress(g, d)
+                    ds["delivered_progress"] = p["progress"] if p else None
+                    ds["delivered_eta_seconds"] = p["eta_seconds"] if p else None
+        if replicas is None:
+            replicas = self.target.status()
+        if group is not None:
+            if group not in groups and group not in replicas:
+                raise NotFound("no group %s on this site" % group)
+            groups = {k: v for k, v in groups.items() if k == group}
+            replicas = {k: v for k, v in replicas.items() if k == group}
+        out = {"site": self.site, "uptime_seconds": round(time.time() - self.started, 1),
+               "groups": groups, "replicas": replicas}
+        out["security"] = {"mode": "insecure" if self.trust.insecure else "tls",
+                           "fingerprint": self.trust.identity.fingerprint,
+                           "paired_sites": [p.site for p in self.trust.peers()]}
+        return out
+
+    def metrics(self, st: Dict[str, Any]) -> bytes:
+        return metrics.exposition(metrics.StatusCollector(lambda: st, self.watcher, version()))

@@ -1,0 +1,66 @@
+"""The target site's endpoints of recovery: views (``/v1/replicas/NAME/views``,
+``/v1/views/ID``), failover and restore, each at a point in time; and the work of a
+failover or a restore, which a job (``jobs.py``) runs as well."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Tuple
+
+from ..errors import Invalid
+from .request import point_of, str_of
+
+if TYPE_CHECKING:
+    from .app import Api
+
+
+async def route(api: Api, method: str, parts: List[str], query: Dict[str, list],
+                body: Dict[str, Any]) -> Optional[Tuple[int, Any]]:
+    if len(parts) == 4 and parts[:2] == ["v1", "replicas"] and parts[3] == "views" \
+            and method == "POST":
+        return 201, await api.target.open_view(parts[2], *point_of(body))
+    if len(parts) == 3 and parts[:2] == ["v1", "views"] and method == "DELETE":
+        return 200, await api.target.close_view(parts[2])
+    if len(parts) == 4 and parts[:2] == ["v1", "replicas"] and parts[3] == "failover" \
+            and method == "POST":
+        work = failover(api, parts[2], body)
+        return (201 if body.get("mode") == "test" else 200), await work()
+    if len(parts) == 4 and parts[:2] == ["v1", "replicas"] and parts[3] == "restore" \
+            and method == "POST":
+        return 200, await restore(api, parts[2], body)()
+    return None
+
+
+def failover(api: Api, group: str, body: Dict[str, Any]) -> Callable[[], Awaitable[Any]]:
+    mode = body.get("mode")
+    point = point_of(body)
+    if mode == "test":
+        return lambda: api.target.open_view(group, *point, test=True)
+    if mode == "stop-test":
+        return lambda: api.target.stop_test(group)
+    if mode == "live":
+        return lambda: api.target.failover_live(group, *point)
+    raise Invalid("mode must be test, stop-test or live")
+
+
+def restore(api: Api, group: str, body: Dict[str, Any]) -> Callable[[], Awaitable[Any]]:
+    disk, to, point = str_of(body, "disk"), str_of(body, "to"), point_of(body)
+    return lambda: api.target.restore(group, disk, to, *point)
+
+
+def restore_progress(api: Api, group: str, body: Dict[str, Any]
+                     ) -> Callable[[], Optional[Dict[str, Any]]]:
+    """A restore's progress: bytes of the replica copied so far (its allocated bytes;
+    the journal's overlay written after is not counted)."""
+    replica = api.target.status()[group]["disks"][body["disk"]]["replica"]
+    partial = os.path.abspath(body["to"]) + ".ferry-partial"
+
+    def progress() -> Optional[Dict[str, Any]]:
+        total = os.stat(replica).st_blocks * 512
+        try:
+            done = os.stat(partial).st_blocks * 512
+        except FileNotFoundError:
+            done = total if os.path.exists(body["to"]) else 0
+        return {"progress": round(min(1.0, done / total), 4) if total else 1.0,
+                "done_bytes": done, "total_bytes": total, "eta_seconds": None}
+    return progress

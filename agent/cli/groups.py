@@ -1,0 +1,224 @@
+"""The commands of the source site's protected groups: ``protect``, ``set``, ``pause``,
+``resume``, ``unprotect``, ``wait``, ``checkpoint`` and ``checkpoints``."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from typing import Any, Dict, List, Optional, Tuple
+
+import click
+
+from .app import Agent, call, cli, complete_groups, emit
+from .jobs import run_job
+from .units import human, iso, parse_duration, parse_size
+
+
+def _split_disk(spec: str, index: int) -> Tuple[str, str]:
+    if "=" in spec:
+        name, path = spec.split("=", 1)
+    else:
+        path = spec
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(path))[0])
+        name = name.lstrip("._-") or "disk%d" % index
+    return name, os.path.abspath(path)
+
+
+@cli.command()
+@click.argument("group", shell_complete=complete_groups)
+@click.option("--disk", "disks", multiple=True, required=True, metavar="[NAME=]PATH",
+              help="A disk to protect (raw image file or block device); repeatable.")
+@click.option("--target", required=True, metavar="HOST:PORT", help="The target site's agent.")
+@click.option("--queue", default="256M", show_default=True,
+              help="Bound of each disk's in-memory change queue.")
+@click.option("--allow-unreachable", is_flag=True,
+              help="Protect even if the target cannot be reached now.")
+@click.option("--history", default="4h", show_default=True,
+              help="How far back the target keeps points in time (30m, 4h, 2d).")
+@click.option("--journal-max", default="50G", show_default=True,
+              help="Most bytes the target's journal for the group may use; past it the "
+                   "oldest history is given up (and an alert logged).")
+@click.option("--checkpoint-interval", default="1s", show_default=True,
+              help="Automatic crash-consistent checkpoints this often (0: none).")
+@click.option("--bandwidth", default="0", show_default=True, metavar="RATE",
+              help="Most bytes per second the link may carry (50M, 1G; 0: no limit). "
+                   "Change it later with `ferry set`.")
+@click.option("--rpo-alert", default=None, metavar="DURATION",
+              help="Raise an alert while the group's RPO is above this (30s, 5m).")
+@click.option("--preseeded", "seeds", multiple=True, metavar="[NAME=]PATH",
+              help="A copy of disk NAME that site B already holds (absolute path there): "
+                   "only chunks that differ are shipped. Repeatable; a new group only.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_obj
+def protect(api: Agent, group: str, disks: Tuple[str, ...], target: str, queue: str,
+            allow_unreachable: bool, history: str, journal_max: str,
+            checkpoint_interval: str, bandwidth: str, rpo_alert: Optional[str],
+            seeds: Tuple[str, ...], as_json: bool) -> None:
+    """Protect disks as GROUP, replicated to TARGET; prints each disk's NBD URI."""
+    specs = [_split_disk(s, i) for i, s in enumerate(disks)]
+    seeded = _seeds(seeds, [n for n, _p in specs])
+    history_s = parse_duration(history)
+    if history_s < 1:
+        raise click.BadParameter("the history must be at least 1s", param_hint="--history")
+    result = call(api, "POST", "/v1/groups", {
+        "name": group, "target": target, "allow_unreachable": allow_unreachable,
+        "queue_bytes": parse_size(queue),
+        "history_s": int(history_s), "journal_max": parse_size(journal_max),
+        "checkpoint_interval": parse_duration(checkpoint_interval),
+        "bandwidth": parse_size(bandwidth), "seeds": seeded,
+        "disks": [{"name": n, "path": p} for n, p in specs]})
+    if rpo_alert is not None:
+        result["rpo_alert"] = call(api, "POST", "/v1/groups/%s/alerts" % group, {
+            "rpo_alert": parse_duration(rpo_alert) or None})["rpo_alert"]
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for d in result["disks"]:
+        click.echo("%s\t%s" % (d["name"], d["nbd_uri"]))
+
+
+def _seeds(specs: Tuple[str, ...], disks: List[str]) -> Dict[str, str]:
+    """--preseeded NAME=PATH (PATH alone for a group of one disk); PATH is on site B."""
+    out: Dict[str, str] = {}
+    for spec in specs:
+        name, path = spec.split("=", 1) if "=" in spec else (
+            disks[0] if len(disks) == 1 else "", spec)
+        if not name:
+            raise click.BadParameter("give NAME=PATH for a group of several disks",
+                                     param_hint="--preseeded")
+        if not path.startswith("/"):
+            raise click.BadParameter("%s is a file on the target site: give its absolute "
+                                     "path" % path, param_hint="--preseeded")
+        if name in out:
+            raise click.BadParameter("disk %s is given twice" % name, param_hint="--preseeded")
+        out[name] = path
+    return out
+
+
+@cli.command(name="set")
+@click.argument("group", shell_complete=complete_groups)
+@click.option("--bandwidth", default=None, metavar="RATE",
+              help="Most bytes per second the link may carry (50M, 1G; 0: no limit).")
+@click.option("--rpo-alert", default=None, metavar="DURATION",
+              help="Alert while the group's RPO is above this (0: no RPO alert).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def set_(api: Agent, group: str, bandwidth: Optional[str], rpo_alert: Optional[str],
+         as_json: bool) -> None:
+    """Change a protected group's settings while it runs."""
+    if bandwidth is None and rpo_alert is None:
+        raise click.UsageError("give --bandwidth or --rpo-alert")
+    result: Dict[str, Any] = {"group": group}
+    if bandwidth is not None:
+        result.update(call(api, "POST", "/v1/groups/%s/settings" % group,
+                           {"bandwidth": parse_size(bandwidth)}))
+    if rpo_alert is not None:
+        result.update(call(api, "POST", "/v1/groups/%s/alerts" % group,
+                           {"rpo_alert": parse_duration(rpo_alert) or None}))
+    if as_json:
+        return emit(result)
+    if "bandwidth" in result:
+        rate = result["bandwidth"]
+        click.echo("%s: bandwidth %s" % (group, "%s/s" % human(rate) if rate else "unlimited"))
+    if "rpo_alert" in result:
+        click.echo("%s: RPO alert %s" % (group, "above %g s" % result["rpo_alert"]
+                                         if result["rpo_alert"] else "off"))
+
+
+def _pause_command(verb: str, done: str, doc: str) -> None:
+    @cli.command(name=verb, help=doc)
+    @click.argument("group", shell_complete=complete_groups)
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+    @click.pass_obj
+    def command(api: Agent, group: str, as_json: bool) -> None:
+        result = call(api, "POST", "/v1/groups/%s/%s" % (group, verb))
+        if as_json:
+            return emit(result)
+        click.echo("%s %s" % (group, done))
+
+
+_pause_command("pause", "paused", "Stop shipping GROUP to the target (writes go on; their "
+               "changes wait).")
+_pause_command("resume", "resumed", "Ship GROUP again after a pause.")
+
+
+@cli.command()
+@click.argument("group", shell_complete=complete_groups)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def unprotect(api: Agent, group: str, as_json: bool) -> None:
+    """Stop protecting GROUP (its splitters stop; the target keeps its replica)."""
+    result = call(api, "DELETE", "/v1/groups/" + group)
+    if as_json:
+        return emit(result)
+    click.echo("unprotected %s" % group)
+
+
+@cli.command()
+@click.argument("group", shell_complete=complete_groups)
+@click.option("--synced", is_flag=True, required=True,
+              help="Wait until the target holds every write made before the call.")
+@click.option("--timeout", default=600.0, show_default=True, type=float, help="Seconds.")
+@click.option("--progress", is_flag=True,
+              help="Show the initial sync's or resync's progress (on a terminal).")
+@click.option("--detach", is_flag=True,
+              help="Start the job on the agent, print its id and return (ferry job ID).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def wait(api: Agent, group: str, synced: bool, timeout: float, progress: bool, detach: bool,
+         as_json: bool) -> None:
+    """Wait for GROUP to reach a state (exit 0 once reached)."""
+    result = run_job(api, {"kind": "wait", "group": group, "timeout": timeout},
+                     "syncing %s" % group, progress and sys.stderr.isatty(), detach)
+    if result is None:
+        return
+    if as_json:
+        return emit(result)
+    click.echo("%s synced" % group)
+
+
+@cli.command()
+@click.argument("group", shell_complete=complete_groups)
+@click.option("--tag", default=None, help="A name for the checkpoint (\"before upgrade\").")
+@click.option("--timeout", default=30.0, show_default=True, type=float,
+              help="Seconds to wait for the target to journal it.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def checkpoint(api: Agent, group: str, tag: Optional[str], timeout: float,
+               as_json: bool) -> None:
+    """On the source site: cut a crash-consistent checkpoint of GROUP; prints its id."""
+    result = call(api, "POST", "/v1/groups/%s/checkpoints" % group,
+                  {"tag": tag, "timeout": timeout}, timeout=timeout + 30)
+    if as_json:
+        return emit(result)
+    click.echo(result["id"])
+    if not result.get("acked"):
+        click.echo("ferry: warning: checkpoint %s is cut but the target has not journaled "
+                   "it yet" % result["id"], err=True)
+
+
+@cli.command()
+@click.argument("group", shell_complete=complete_groups)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def checkpoints(api: Agent, group: str, as_json: bool) -> None:
+    """List GROUP's checkpoints: made here (source) and held here (target)."""
+    result = call(api, "GET", "/v1/checkpoints/" + group)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
+        return
+    for side in ("source", "target"):
+        items = result.get(side)
+        if items is None:
+            continue
+        click.echo("%s checkpoints of %s (%d):" % (side, group, len(items)))
+        for c in items:
+            extra = ""
+            if side == "source":
+                extra = "acked" if c.get("acked") else "not acked"
+            extra = ", ".join(x for x in [extra, *c.get("tags", [])] if x)
+            click.echo("  %s  %s  %-4s  %s%s" % (c["id"], iso(c["wall_ns"]), c["kind"],
+                                                 c.get("tag") or "-",
+                                                 "  (%s)" % extra if extra else ""))

@@ -1,0 +1,137 @@
+"""The target site's commands of recovery: ``restore``, ``view``, ``view-close`` and
+``failover``, each at a point in time (``--checkpoint`` or ``--at``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Optional
+
+import click
+
+from .app import Agent, call, cli, complete_groups, emit
+from .jobs import run_job
+from .units import iso, parse_time
+
+
+def point_options(f: Any) -> Any:
+    f = click.option("--at", "at", default=None, metavar="ISO-TIME",
+                     help="The newest checkpoint at or before this time.")(f)
+    f = click.option("--checkpoint", "checkpoint", default=None, metavar="ID|TAG",
+                     help="A checkpoint by id or tag.")(f)
+    return f
+
+
+def point_body(checkpoint: Optional[str], at: Optional[str]) -> Dict[str, Any]:
+    if checkpoint is not None and at is not None:
+        raise click.UsageError("give --checkpoint or --at, not both")
+    body: Dict[str, Any] = {}
+    if checkpoint is not None:
+        body["checkpoint"] = checkpoint
+    if at is not None:
+        body["at_ns"] = parse_time(at)
+    return body
+
+
+@cli.command()
+@click.argument("group", shell_complete=complete_groups)
+@click.option("--disk", required=True, help="The disk's name in the group.")
+@click.option("--to", "dest", required=True, type=click.Path(dir_okay=False),
+              help="A new file to write (on the target site's host).")
+@point_options
+@click.option("--progress/--no-progress", default=None,
+              help="Show a progress bar (default: on a terminal).")
+@click.option("--detach", is_flag=True,
+              help="Start the job on the agent, print its id and return (ferry job ID).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def restore(api: Agent, group: str, disk: str, dest: str, checkpoint: Optional[str],
+            at: Optional[str], progress: Optional[bool], detach: bool, as_json: bool) -> None:
+    """On the target site: write a disk as of a checkpoint (default: its newest
+    consistent state) to a new file."""
+    body = dict(point_body(checkpoint, at), disk=disk, to=os.path.abspath(dest))
+    result = run_job(api, dict(body, kind="restore", group=group),
+                     "restoring %s/%s" % (group, disk), progress, detach)
+    if result is None:
+        return
+    if as_json:
+        return emit(result)
+    c = result.get("checkpoint")
+    click.echo("restored %s/%s to %s (%d bytes, generation %d, sequence %d%s)"
+               % (group, disk, result["to"], result["size"], result["gen"], result["seq"],
+                  ", checkpoint %s of %s" % (c["id"], iso(c["wall_ns"])) if c else ""))
+
+
+def _print_view(result: Dict[str, Any], as_json: bool, what: str) -> None:
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
+        return
+    c = result.get("checkpoint")
+    click.echo("%s %s of %s at %s" % (what, result["id"], result["group"],
+                                      "checkpoint %s (%s)" % (c["id"], iso(c["wall_ns"]))
+                                      if c else "its newest consistent state"))
+    for name, uri in sorted(result["disks"].items()):
+        click.echo("%s\t%s" % (name, uri))
+
+
+@cli.command()
+@click.argument("group", shell_complete=complete_groups)
+@point_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def view(api: Agent, group: str, checkpoint: Optional[str], at: Optional[str],
+         as_json: bool) -> None:
+    """On the target site: serve GROUP's disks as of a point, read-only over NBD (default:
+    the newest consistent state); prints the view id and a URI per disk."""
+    result = call(api, "POST", "/v1/replicas/%s/views" % group, point_body(checkpoint, at),
+                  timeout=600)
+    _print_view(result, as_json, "view")
+
+
+@cli.command("view-close")
+@click.argument("view_id", metavar="VIEW")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def view_close(api: Agent, view_id: str, as_json: bool) -> None:
+    """Close a view (or a test failover) by its id."""
+    result = call(api, "DELETE", "/v1/views/" + view_id)
+    if as_json:
+        return emit(result)
+    click.echo("closed view %s" % view_id)
+
+
+@cli.command()
+@click.argument("group", shell_complete=complete_groups)
+@click.option("--test", "mode", flag_value="test",
+              help="Serve the point with a private writable overlay; replication goes on.")
+@click.option("--stop-test", "mode", flag_value="stop-test",
+              help="End the test failover; its writes are discarded.")
+@click.option("--live", "mode", flag_value="live",
+              help="Stop replicating; the disks as of the point become the live ones.")
+@point_options
+@click.option("--progress/--no-progress", default=None,
+              help="Show a progress bar (default: on a terminal).")
+@click.option("--detach", is_flag=True,
+              help="Start the job on the agent, print its id and return (ferry job ID).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def failover(api: Agent, group: str, mode: Optional[str], checkpoint: Optional[str],
+             at: Optional[str], progress: Optional[bool], detach: bool,
+             as_json: bool) -> None:
+    """On the target site: test failover, stop it, or fail over for real."""
+    if mode is None:
+        raise click.UsageError("give one of --test, --stop-test, --live")
+    body = dict(point_body(checkpoint, at), mode=mode)
+    if mode == "stop-test" and len(body) > 1:
+        raise click.UsageError("--stop-test takes no point")
+    result = run_job(api, dict(body, kind="failover", group=group),
+                     "%s failover of %s" % (mode, group), progress, detach)
+    if result is None:
+        return
+    if as_json and mode == "stop-test":
+        return emit(result)
+    if mode == "stop-test":
+        click.echo("test failover %s of %s stopped; its writes are discarded"
+                   % (result["id"], group))
+        return
+    _print_view(result, as_json, "test failover" if mode == "test" else "live failover")
