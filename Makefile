@@ -14,7 +14,7 @@ PACKAGE_APT_PACKAGES := dpkg-dev debhelper dh-python pybuild-plugin-pyproject py
 # The test suite on Debian's python3-* packages alone (make test-distro). pytest-trio is
 # not packaged by Debian 12: that one test plugin comes from PyPI, into .cache/distro-py.
 DISTRO_TEST_APT_PACKAGES := python3-pytest python3-pytest-timeout python3-hypothesis \
-	python3-outcome
+	python3-outcome python3-selenium
 DISTRO_PYTEST_TRIO := pytest-trio==0.8.0
 # Only the benchmarks need these (their PNG plots).
 BENCH_APT_PACKAGES := python3-matplotlib
