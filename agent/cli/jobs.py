@@ -129,3 +129,12 @@ def job(api: Agent, job_id: str, wait_: bool, progress: Optional[bool], as_json:
     click.echo(_job_line(result))
     if result["result"] is not None:
         click.echo(json.dumps(result["result"], indent=2, sort_keys=True))
+
+
+def job_options(f: Any) -> Any:
+    """--progress and --detach, for every command that runs as a job on the agent."""
+    f = click.option("--detach", is_flag=True,
+                     help="Start the job on the agent, print its id and return (ferry job ID)."
+                     )(f)
+    return click.option("--progress/--no-progress", default=None,
+                        help="Show a progress bar (default: on a terminal).")(f)

@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional
 import click
 
 from .app import Agent, call, cli, complete_groups, emit
-from .jobs import run_job
+from .jobs import job_options, run_job
 from .units import iso, parse_time
 
 
@@ -39,10 +39,7 @@ def point_body(checkpoint: Optional[str], at: Optional[str]) -> Dict[str, Any]:
 @click.option("--to", "dest", required=True, type=click.Path(dir_okay=False),
               help="A new file to write (on the target site's host).")
 @point_options
-@click.option("--progress/--no-progress", default=None,
-              help="Show a progress bar (default: on a terminal).")
-@click.option("--detach", is_flag=True,
-              help="Start the job on the agent, print its id and return (ferry job ID).")
+@job_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def restore(api: Agent, group: str, disk: str, dest: str, checkpoint: Optional[str],
@@ -109,10 +106,7 @@ def view_close(api: Agent, view_id: str, as_json: bool) -> None:
 @click.option("--live", "mode", flag_value="live",
               help="Stop replicating; the disks as of the point become the live ones.")
 @point_options
-@click.option("--progress/--no-progress", default=None,
-              help="Show a progress bar (default: on a terminal).")
-@click.option("--detach", is_flag=True,
-              help="Start the job on the agent, print its id and return (ferry job ID).")
+@job_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def failover(api: Agent, group: str, mode: Optional[str], checkpoint: Optional[str],
