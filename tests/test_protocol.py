@@ -300,3 +300,26 @@ def test_a_strangers_first_frame_is_small() -> None:
     big = messages.Batch("g1", [rec(1, b"y" * (frames.MAX_FIRST_FRAME * 2))], 1, 1)
     (got,) = pair.source_sends(big)
     assert len(got.records[0].data) == frames.MAX_FIRST_FRAME * 2
+
+
+@pytest.mark.parametrize("body, why", [
+    ({"group": "g1", "durable": [[0, 0], [0, 0]], "seed_frames": -1}, "bad seed_frames"),
+    ({"group": "g1", "durable": [[0, 0], [0, 0]], "seed_frames": True}, "bad seed_frames"),
+    ({"group": "g1", "durable": [[0, 0], [0, -1]]}, "bad durable entry"),
+    ({"group": "g2", "durable": [[0, 0], [0, 0]]}, "group"),
+])
+def test_opened_is_checked(body: dict, why: str) -> None:
+    session = SourceSession()
+    session.send(messages.Hello("a"))
+    feed(session, frame_of(messages.Welcome("B")))
+    session.send(OPEN)
+    with pytest.raises(RemoteProtocolError, match=why):
+        feed(session, frames.Codec().encode(frames.T_OPENED, body))
+
+
+def test_ack_checkpoints_are_checked() -> None:
+    pair = ConnectionPair()
+    handshake(pair)
+    body = {"group": "g1", "durable": [[0, 0], [0, 0]], "checkpoints": "c1"}
+    with pytest.raises(RemoteProtocolError, match="bad checkpoints list in ACK"):
+        feed(pair.source, frames.Codec().encode(frames.T_ACK, body))
