@@ -3,6 +3,7 @@ proxy of our own: the writer sees no error and no stall, the replica ends identi
 
 from __future__ import annotations
 
+import datetime
 import time
 from typing import Iterator
 
@@ -113,3 +114,62 @@ def test_corrupted_frames_are_refused_and_resent(linked) -> None:
     # The flipped byte went one way or the other: whichever side read it said so.
     logs = lab.a.log.read_text() + lab.b.log.read_text()
     assert "fails its checksum" in logs, "no side noticed the corruption"
+
+
+def test_frozen_relay_is_detected_and_the_link_reconnects(linked) -> None:
+    """The relay's TCP stack answers but nothing moves: an idle link's ping gets no ACK, so
+    the link shows down with the cause within the stall timeout (15 s by default), and comes
+    back by itself once the relay moves again."""
+    lab, proxy = linked
+    disk, uri = protect_through(lab, proxy)
+    lab.a.ferry("wait", "g1", "--synced")
+    link = lab.a.status("g1")["groups"]["g1"]["link"]
+    assert link["state"] == "connected" and link["cause"] is None, link
+    assert lab.a.status("g1")["groups"]["g1"]["settings"]["stall_timeout"] == 15.0
+    proxy.stall()
+    stalled_at = time.monotonic()
+    wait_for(lambda: lab.a.status("g1")["groups"]["g1"]["link"]["state"] == "down",
+             what="the frozen relay to be noticed", timeout=60)
+    took = time.monotonic() - stalled_at
+    link = lab.a.status("g1")["groups"]["g1"]["link"]
+    assert "stalled" in link["cause"], link
+    since = datetime.datetime.fromisoformat(link["since"])
+    assert abs(since.timestamp() - time.time()) < 60, link
+    # Not before the timeout: an idle link is only pinged every third of it.
+    assert took > 10, "a link down after %.1f s of silence" % took
+    proxy.heal()
+    wait_for(lambda: lab.a.status("g1")["groups"]["g1"]["link"]["state"] == "connected",
+             what="the link to come back", timeout=60)
+    writer = Writer(uri, 16)
+    writer.start()
+    time.sleep(1)
+    writer.finish()
+    check_identical(lab, disk)
+
+
+def test_tcp_bytes_acked_reads_the_kernel_counter() -> None:
+    import socket
+
+    from agent.source.shipper import tcp_bytes_acked
+
+    class Holder:
+        def __init__(self, sock: socket.socket) -> None:
+            self.socket = sock
+
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    peer, _ = server.accept()
+    try:
+        before = tcp_bytes_acked(Holder(client))
+        assert before is not None
+        client.sendall(b"x" * 100_000)
+        wait_for(lambda: tcp_bytes_acked(Holder(client)) >= before + 100_000,
+                 what="the kernel to count the acknowledged bytes")
+        a, b = socket.socketpair()
+        assert tcp_bytes_acked(Holder(a)) is None  # not TCP
+        assert tcp_bytes_acked(object()) is None   # no socket at all
+        a.close()
+        b.close()
+    finally:
+        for s in (client, peer, server):
+            s.close()

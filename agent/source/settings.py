@@ -14,6 +14,8 @@ DEFAULT_SETTINGS: Dict[str, Any] = {
     "journal_max": 50 * 1024 ** 3,      # and at most this many journal bytes
     "checkpoint_interval": 1.0,         # automatic checkpoints (0: none)
     "bandwidth": 0,                     # bytes/s the link may carry (0: no limit)
+    "stall_timeout": 15.0,              # a link that moves nothing this long while data
+                                        # is owed is dropped and reconnected
 }
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 

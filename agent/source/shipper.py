@@ -11,7 +11,12 @@ channel, so a slow link pushes back on the splitters, whose queues fill and spil
 their dirty maps: the VM never waits. Three tasks run the session: ``_send`` batches what
 the channel holds into BATCH frames (``_send_batch``, within the bandwidth limit),
 ``_receive_acks`` passes the target's ACKs back to the streams and the checkpoint book, and
-``_tick`` asks for automatic checkpoints and nudges the sender when a cut checkpoint waits.
+``_tick`` asks for automatic checkpoints and nudges the sender when a cut checkpoint waits,
+and ``_heartbeat`` keeps the link honest: an idle link is pinged every third of the stall
+timeout (an empty BATCH, which the target answers with an ACK like any other), and a link on
+which something was sent but nothing came back for ``stall_timeout`` seconds (a hung agent, a
+frozen relay whose TCP stack still answers) ends the session with ``LinkStalled``.
+Connecting and the handshake are bounded by the same timeout.
 The first of them to fail ends the session; the shipper shows why (``ShipperState``),
 waits a backoff and connects again. ``pause`` ends the session until ``resume``.
 """
@@ -19,6 +24,8 @@ waits a backoff and connects again. ``pause`` ends the session until ``resume``.
 from __future__ import annotations
 
 import logging
+import socket
+import struct
 import time
 from typing import List, Optional, Sequence, Tuple
 
@@ -26,6 +33,7 @@ import trio
 
 from formats import localwire as lw
 
+from ..checkpoints import iso as iso_time
 from ..pairing import NotPaired, how_to_pair
 from ..protocol import frames, messages
 from ..protocol.stream import SessionStream, race
@@ -42,6 +50,10 @@ log = logging.getLogger("ferry.source")
 
 MAX_BATCH = 4 * 1024 * 1024
 CHECKPOINT_TICK = 0.05
+class LinkStalled(Exception):
+    """Nothing came back from the target for the stall timeout while data was owed."""
+
+
 # The state a group shows when the target ends a session with this error code.
 REMOTE_STATES = {frames.E_STORAGE: ShipperState.TARGET_STORAGE_ERROR,
                  frames.E_TLS_REQUIRED: ShipperState.TARGET_UNPAIRED,
@@ -72,6 +84,12 @@ class GroupShipper:
         self._session_scope = trio.CancelScope()
         self.book = CheckpointBook(row.name, len(self.links))
         self._nudged = False
+        self.stall_timeout = float(self.settings["stall_timeout"])
+        self._waiting_since: Optional[float] = None  # first send the target has not answered
+        self._last_send = 0.0
+        self._ping = False
+        self.link_state = "connecting"  # connected | connecting | down, for status
+        self.link_since = time.time()
         for index, link in enumerate(self.links):
             link.bind(self, index)
 
@@ -126,7 +144,11 @@ class GroupShipper:
                     backoff = 0.2
                     continue
                 try:
-                    stream = await self.connect(self.host, self.port, self.row.target)
+                    with trio.fail_after(self.stall_timeout):
+                        stream = await self.connect(self.host, self.port, self.row.target)
+                except trio.TooSlowError:
+                    self._down(ShipperState.TARGET_UNREACHABLE, "cannot connect to %s: no "
+                               "answer within %g s" % (self.row.target, self.stall_timeout))
                 except NotPaired as e:
                     self._down(ShipperState.TARGET_UNPAIRED, str(e))
                 except OSError as e:
@@ -151,12 +173,15 @@ class GroupShipper:
                                    + how_to_pair(self.row.target))
                     except frames.ProtocolError as e:
                         self._down(ShipperState.TARGET_ERROR, "protocol error: %s" % e)
+                    except LinkStalled as e:
+                        self._down(ShipperState.TARGET_UNREACHABLE, str(e))
                     except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError,
                             OSError) as e:
                         self._down(ShipperState.TARGET_UNREACHABLE, "link to %s lost: %s"
                                    % (self.row.target, e or type(e).__name__))
                     finally:
-                        await stream.aclose()
+                        # Forcefully: a frozen peer would never take a TLS close_notify.
+                        await trio.aclose_forcefully(stream)
                         self._received += self._fs.bytes_received
                         self._fs, self.seeds = None, []
                     if trio.current_time() - started > 10:
@@ -168,6 +193,7 @@ class GroupShipper:
         if (state, error) != (self.state, self.error):
             log.warning("group %s: %s", self.row.name, error)
         self.state, self.error = self.state.to(state), error
+        self._link("down")
         self.channel = None
         self.connected_since = None
         for link in self.links:
@@ -177,12 +203,19 @@ class GroupShipper:
         self.seeds = [None] * len(self.links)
         if self.row.settings.get("seeds") and self.error is None:
             self.error = "waiting for site B: it adopts the seeds of a new group first"
-        durable = await open_session(fs, self.row, self.site_id, probe=False,
-                                     seeds=self.seeds)
+        try:
+            with trio.fail_after(self.stall_timeout):
+                durable = await open_session(fs, self.row, self.site_id, probe=False,
+                                             seeds=self.seeds)
+        except trio.TooSlowError:
+            raise LinkStalled("link to %s stalled: the handshake did not complete within "
+                              "%g s" % (self.row.target, self.stall_timeout)) from None
         send_ch, recv_ch = trio.open_memory_channel[Tuple[int, List[lw.Record]]](64)
         log.info("group %s: replicating to %s", self.row.name, self.row.target)
         self.state, self.error = self.state.to(ShipperState.REPLICATING), None
         self.connected_since = time.time()
+        self._link("connected")
+        self._waiting_since, self._last_send, self._ping = None, trio.current_time(), False
         self.book.session_started(durable)
         self._nudged = False
         for link, d in zip(self.links, durable):
@@ -190,7 +223,7 @@ class GroupShipper:
         self.channel = send_ch
         try:
             await race(lambda: self._send(fs, recv_ch), lambda: self._receive_acks(fs),
-                       lambda: self._tick(send_ch))
+                       lambda: self._tick(send_ch), lambda: self._heartbeat(fs, send_ch))
         finally:
             self.channel = None
             send_ch.close()
@@ -209,7 +242,7 @@ class GroupShipper:
                 items.extend((index, r) for r in records)
                 size += sum(r.nbytes for r in records)
             self._nudged = False
-            if not items and not self.book.sendable():
+            if not items and not self.book.sendable() and not self._ping:
                 continue
             # A splitter message may hold more data-less records (zeroes, trims) than a
             # frame may carry: ship them in as many frames as it takes.
@@ -219,8 +252,9 @@ class GroupShipper:
     async def _send_batch(self, fs: SessionStream, items: List[Tuple[int, lw.Record]]) -> None:
         """One frame: these records, and the checkpoints whose every record is now sent."""
         ready = self.book.sending(items)
-        if not items and not ready:
+        if not items and not ready and not self._ping:
             return
+        self._ping = False  # this frame, empty or not, asks for an ACK
         size = sum(r.nbytes for _i, r in items)
         cps = [c.to_wire() for c in ready]
 
@@ -237,7 +271,10 @@ class GroupShipper:
         else:
             items, frame = encode()
         await self.bucket.take(len(frame))  # the link's bandwidth limit, if any
+        if self._waiting_since is None:
+            self._waiting_since = trio.current_time()
         await fs.send_frame(frames.T_BATCH, frame)
+        self._last_send = trio.current_time()
         self.bytes_sent += len(frame)
         for i, r in items:
             self.links[i].shipped(r)
@@ -245,6 +282,7 @@ class GroupShipper:
     async def _receive_acks(self, fs: SessionStream) -> None:
         while True:
             ack = await fs.expect(messages.Ack)
+            self._waiting_since = None  # the link moves
             self.book.acked(list(ack.checkpoints))
             for link, d in zip(self.links, ack.durable):
                 await link.ack(d)
@@ -264,3 +302,51 @@ class GroupShipper:
                 self._nudged = True
                 await send_ch.send((-1, []))
             await trio.sleep(CHECKPOINT_TICK)
+
+    async def _heartbeat(self, fs: SessionStream, send_ch: trio.MemorySendChannel) -> None:
+        """Ping an idle link; end a stalled one (see the module). A slow link is not a
+        stalled one: while the peer's TCP stack keeps acknowledging bytes of a large frame
+        (``tcp_bytes_acked``), the wait for its ACK starts again."""
+        timeout = self.stall_timeout
+        acked = tcp_bytes_acked(fs.stream)
+        while True:
+            await trio.sleep(min(1.0, timeout / 6))
+            now = trio.current_time()
+            waiting = self._waiting_since
+            if waiting is not None and now - waiting > timeout:
+                moved = tcp_bytes_acked(fs.stream)
+                if moved is not None and moved != acked:
+                    acked, self._waiting_since = moved, now
+                    continue
+                raise LinkStalled("link to %s stalled: nothing came back for %g s while "
+                                  "data was owed; reconnecting" % (self.row.target, timeout))
+            if waiting is None and not self._ping and now - self._last_send >= timeout / 3:
+                self._ping = True
+                await send_ch.send((-1, []))
+
+    def _link(self, state: str) -> None:
+        if state != self.link_state:
+            self.link_state, self.link_since = state, time.time()
+
+    def link_status(self) -> dict:
+        """``"link"`` in status: connected, connecting or down, since when, and why."""
+        return {"state": self.link_state, "since": iso_time(int(self.link_since * 1e9)),
+                "cause": self.error if self.link_state == "down" else None}
+
+
+_TCP_INFO_BYTES_ACKED = struct.Struct("<Q")  # struct tcp_info's tcpi_bytes_acked
+
+
+def tcp_bytes_acked(stream: object) -> Optional[int]:
+    """How many bytes the peer's TCP stack has acknowledged on this connection (Linux
+    ``TCP_INFO``), or None where that cannot be read (not TCP, an older kernel)."""
+    sock = getattr(getattr(stream, "transport_stream", stream), "socket", None)
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    except OSError:
+        return None
+    if len(info) < 128:
+        return None
+    return int(_TCP_INFO_BYTES_ACKED.unpack_from(info, 120)[0])
