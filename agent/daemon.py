@@ -22,10 +22,12 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
+from formats.durable import fsync_dir
+
 from . import access, logs, tls
 from .alerts import Alerts
 from .api import Api
-from .errors import Invalid
+from .errors import Invalid, Unavailable
 from .events import EventLog
 from .jobs import Jobs
 from .pairing import Trust
@@ -75,6 +77,7 @@ class Options:
     api_client_ca: Optional[str] = None
     hooks_dir: Optional[str] = "/etc/ferry/hooks.d"
     link_down_alert: float = 60.0
+    new_identity: bool = False  # make a new TLS identity although peers know the old one
 
 
 def _config(bind: str) -> hypercorn.config.Config:
@@ -129,10 +132,39 @@ def listeners(opts: Options, app: Any, made: List[Tuple[str, int, int]]
     return out
 
 
+def check_identity(data_dir: str, store: Store, new_identity: bool) -> None:
+    """Refuse to start where this site's TLS identity is gone (or half gone) while paired
+    sites know it: a new one made silently would leave every peer unpaired. The
+    administrator restores the files, or says ``--new-identity`` and pairs again."""
+    tls_dir = os.path.join(data_dir, "tls")
+    if not os.path.isdir(tls_dir):
+        os.makedirs(tls_dir, mode=0o700, exist_ok=True)
+        fsync_dir(data_dir)  # the directory's name survives a crash with the files in it
+    files = [os.path.join(tls_dir, name) for name in ("site.crt", "site.key")]
+    missing = [f for f in files if not os.path.exists(f)]
+    if not missing or new_identity:
+        if missing:
+            for f in files:  # a half identity is replaced whole
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f)
+            log.warning("making a new TLS identity (--new-identity): paired sites must "
+                        "pair with this site again")
+        return
+    peers = store.peers()
+    if len(missing) == len(files) and not peers:
+        return  # a new site: its identity is made on first start
+    raise Unavailable(
+        "this site's TLS identity is incomplete or gone (%s missing)%s: restore the files "
+        "from a backup, or start with --new-identity and pair again"
+        % (", ".join(missing), " and %d paired site(s) know it (%s)" % (
+            len(peers), ", ".join(p.site for p in peers)) if peers else ""))
+
+
 async def run(opts: Options) -> None:
     data_dir, listen, insecure = opts.data_dir, opts.listen, opts.insecure
     site = opts.site or socket.gethostname()
     store = Store(data_dir)
+    check_identity(data_dir, store, opts.new_identity)
     trust = Trust(store, tls.load_identity(data_dir, site), site, insecure, listen)
     if insecure:
         for line in ("--insecure: replication runs over PLAIN TCP, unauthenticated and "

@@ -46,11 +46,15 @@ from .units import parse_duration
 @click.option("--insecure", is_flag=True,
               help="Replicate over plain TCP and accept it from anyone (labs only). "
                    "Without it, only TLS between paired sites.")
+@click.option("--new-identity", is_flag=True,
+              help="Make a new TLS identity where this site's is gone although paired "
+              "sites know it (they must pair again).")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def agent(data_dir: str, listen: str, api_addrs: Tuple[str, ...], api_group: str,
           api_token_file: Optional[str], api_cert: Optional[str], api_key: Optional[str],
           api_client_ca: Optional[str], metrics_addr: Optional[str], hooks_dir: str,
-          link_down_alert: str, site: Optional[str], insecure: bool, verbose: bool) -> None:
+          link_down_alert: str, site: Optional[str], insecure: bool, new_identity: bool,
+          verbose: bool) -> None:
     """Run the host agent in the foreground."""
     import trio
 
@@ -67,7 +71,8 @@ def agent(data_dir: str, listen: str, api_addrs: Tuple[str, ...], api_group: str
     data_dir = os.path.abspath(data_dir)
     opts = daemon.Options(data_dir, listen_hp, apis, site, insecure, metrics_hp, api_group,
                           api_token_file, api_cert, api_key, api_client_ca,
-                          os.path.abspath(hooks_dir), parse_duration(link_down_alert))
+                          os.path.abspath(hooks_dir), parse_duration(link_down_alert),
+                          new_identity)
     try:
         os.makedirs(data_dir, exist_ok=True)
         trio.run(daemon.run, opts)
