@@ -112,6 +112,10 @@ class ChangeLog:
         self._sync_ready: List[Tuple[str, int]] = []
         self._closed = False
         self.initial = False  # the open dirty epoch is the initial sync of a new protection
+        # The seq of the last ``consistent`` record, and whether it ended an initial sync:
+        # until the target acks it, site B cannot yet give back a consistent disk.
+        self._consistent_seq = 0
+        self._consistent_initial = False
         # The activity log, and per extent the highest seq of a record queued in it: the
         # extent holds an unacked record while that is above _acked_seq (see activity.py).
         self.activity = activity
@@ -288,10 +292,12 @@ class ChangeLog:
     def _maybe_consistent(self) -> None:
         if self._inconsistent and not self.dirty and not self._resyncing:
             self._inconsistent = False
+            self._consistent_initial = self.initial
             self.initial = False
             self.carried_done = True
             self._append(KIND_CONSISTENT, 0, 0, None, 0)
             seq = self._next_seq - 1
+            self._consistent_seq = seq
             self._sync_ready.extend((token, seq) for token in self._sync_waiting)
             self._sync_waiting.clear()
 
@@ -450,6 +456,8 @@ class ChangeLog:
                 "dirty_granularity": self.dirty.granularity,
                 "inconsistent": int(self._inconsistent),
                 "initial": int(self.initial),
+                "consistent_seq": self._consistent_seq,
+                "consistent_initial": int(self._consistent_initial),
                 "lag_ns": now - since,
                 "written_bytes": self.stats.written_bytes,
                 "dirtied_bytes": self.stats.dirtied_bytes,

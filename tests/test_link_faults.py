@@ -4,6 +4,7 @@ proxy of our own: the writer sees no error and no stall, the replica ends identi
 from __future__ import annotations
 
 import datetime
+import os
 import time
 from typing import Iterator
 
@@ -173,3 +174,30 @@ def test_tcp_bytes_acked_reads_the_kernel_counter() -> None:
     finally:
         for s in (client, peer, server):
             s.close()
+
+
+def test_a_disk_is_replicating_only_once_site_b_holds_it_consistent(linked) -> None:
+    """Honest states: A has read the whole disk into its queue long before a slow link
+    has carried it; the disk says initial-sync until site B holds a consistent replica."""
+    lab, proxy = linked
+    proxy.throttle(4_000_000)
+    disk = lab.image("vda.img", 24 * 1024 * 1024)
+    with open(disk, "r+b") as f:
+        f.write(os.urandom(24 * 1024 * 1024))
+    lab.a.ferry("protect", "g1", "--disk", "vda=%s" % disk, "--target", proxy.address)
+    seen = set()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        d = lab.a.status("g1")["groups"]["g1"]["disks"]["vda"]
+        seen.add((d["state"], d["bytes_queued"] > 0 and d["dirty_bytes"] == 0))
+        if d["state"] == "replicating":
+            b = lab.b.status()["replicas"]["g1"]["disks"]["vda"]
+            assert b["ever_consistent"], (d, b)
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("never replicating: %s" % seen)
+    # The case this is about was met: everything read, nothing dirty, still initial-sync.
+    assert ("initial-sync", True) in seen, seen
+    proxy.heal()
+    check_identical(lab, disk)

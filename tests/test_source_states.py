@@ -107,6 +107,13 @@ def test_states_keep_the_strings_status_has_always_shown() -> None:
      "initial-sync"),
     ((False, True, ShipperState.REPLICATING, True, {"inconsistent": 1}), "resyncing"),
     ((False, True, ShipperState.REPLICATING, True, {}), "replicating"),
+    # Read and queued, its end not yet acked by site B: still syncing.
+    ((False, True, ShipperState.REPLICATING, True,
+      {"consistent_seq": 9, "consistent_initial": 1, "acked_seq": 8}), "initial-sync"),
+    ((False, True, ShipperState.REPLICATING, True,
+      {"consistent_seq": 9, "acked_seq": 8}), "resyncing"),
+    ((False, True, ShipperState.REPLICATING, True,
+      {"consistent_seq": 9, "consistent_initial": 1, "acked_seq": 9}), "replicating"),
 ])
 def test_a_disk_state_is_read_off_its_link_and_shipper(args, state) -> None:
     assert disk_state(*args) == state

@@ -16,7 +16,9 @@ A disk's state is not kept but read off its link and its shipper each time statu
     no splitter connected                   -> splitter-down
     the shipper has no session              -> the shipper's state, or bitmap while a
                                                resync waits (unless paused)
-    a resync or initial sync runs           -> initial-sync / resyncing
+    a resync or initial sync runs, or its   -> initial-sync / resyncing
+    end (the splitter's ``consistent``
+    record) is not yet acked by site B
     otherwise                               -> replicating
 
 A group shows the first of its disks' states in ``GROUP_STATE_ORDER`` (the worst first),
@@ -83,6 +85,10 @@ def disk_state(broken: bool, connected: bool, shipper: Optional[ShipperState], l
         return state
     if counters.get("inconsistent"):
         return (DiskState.INITIAL_SYNC if counters.get("initial") else DiskState.RESYNCING).value
+    if counters.get("consistent_seq", 0) > counters.get("acked_seq", 0):
+        # Read and queued, not yet held by site B: nothing consistent to restore there yet.
+        return (DiskState.INITIAL_SYNC if counters.get("consistent_initial")
+                else DiskState.RESYNCING).value
     return DiskState.REPLICATING.value
 
 
