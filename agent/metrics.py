@@ -18,16 +18,18 @@ if TYPE_CHECKING:
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Every state a group or disk can be in (source.GROUP_STATE_ORDER and ``replicating``).
-STATES = ("error", "splitter-down", "target-unpaired", "target-unreachable", "target-error",
-          "target-storage-error", "connecting", "paused", "bitmap", "initial-sync",
-          "resyncing", "replicating")
+STATES = ("error", "source-io-error", "splitter-down", "target-unpaired",
+          "target-unreachable", "target-error", "target-storage-error", "connecting",
+          "paused", "bitmap", "initial-sync", "resyncing", "replicating")
 
 DISK_COUNTERS = (("bytes_written", "Bytes of guest writes, zeroes and trims since nbdkit "
                   "started"),
                  ("bytes_shipped", "Write data bytes put into batches for the target"),
                  ("records_shipped", "Write records put into batches for the target"),
                  ("resync_bytes", "Bytes read back by resyncs since nbdkit started"),
-                 ("resync_skipped_bytes", "Resync bytes the target's seed already held"))
+                 ("resync_skipped_bytes", "Resync bytes the target's seed already held"),
+                 ("io_errors", "Failed reads, writes, zeroes, trims and flushes on the disk "
+                  "since nbdkit started"))
 DISK_GAUGES = (("bytes_queued", "Bytes in the splitter's queue (not acked yet)"),
                ("queue_limit", "Bound of the splitter's queue in bytes"),
                ("dirty_bytes", "Bytes in the dirty map"))

@@ -42,6 +42,9 @@ SYNCING = ("initial-sync", "resyncing")
 BACKLOG = 4 << 20        # a backlog this large is followed like a sync
 
 
+WARN_STATES = ("error", "source-io-error", "splitter-down")
+
+
 class Watcher:
     def __init__(self, status: Callable[[], Dict[str, Any]], events: EventLog,
                  alerts: Alerts, hooks_dir: Optional[str] = None,
@@ -156,8 +159,8 @@ class Watcher:
                              dirty_bytes=ds["dirty_bytes"])
                 continue
             if before["state"] != gs["state"]:
-                emit("group", "warning" if gs["state"] in ("error", "splitter-down") else
-                     "info", group=g, side="source", change="state", old=before["state"],
+                emit("group", "warning" if gs["state"] in WARN_STATES else "info",
+                     group=g, side="source", change="state", old=before["state"],
                      new=gs["state"], error=gs["error"])
             if link_up(before) != link_up(gs):
                 emit("link", "info" if link_up(gs) else "warning", group=g, side="source",

@@ -35,7 +35,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import Callable, Deque, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 from formats.localwire import (
     FLAG_INCONSISTENT,
@@ -49,6 +49,7 @@ from formats.localwire import (
 
 from .activity import ActivityLog
 from .dirtymap import DirtyMap
+from .ioerrors import IoErrors, WrittenSinceFlush
 
 Clock = Callable[[], int]
 
@@ -116,6 +117,8 @@ class ChangeLog:
         # until the target acks it, site B cannot yet give back a consistent disk.
         self._consistent_seq = 0
         self._consistent_initial = False
+        self.io_errors = IoErrors()  # failed I/O on the disk (ioerrors.py)
+        self._since_flush = WrittenSinceFlush()
         # The activity log, and per extent the highest seq of a record queued in it: the
         # extent holds an unacked record while that is above _acked_seq (see activity.py).
         self.activity = activity
@@ -199,6 +202,7 @@ class ChangeLog:
                              flags)
                 self._maybe_consistent()
                 return
+            self._since_flush.add(offset, length)
             if self._queued_bytes + nbytes > self.queue_limit:
                 self.dirty.add(offset, length)
                 self.stats.dirtied_bytes += length
@@ -217,9 +221,36 @@ class ChangeLog:
                     pos += len(piece)
             self._unflushed = True
 
+    def failed(self, token: int, offset: int, length: int, what: str) -> None:
+        """The write, zero or trim under ``token`` failed on the disk: drop the range lock
+        and owe the range, now of unknown content (ioerrors.py)."""
+        with self._lock:
+            self._release(token)
+            self.io_errors.failed(what, owes=True)
+            self._owe([(offset, length)])
+
+    def flush_failed(self, what: str) -> None:
+        """The disk's flush failed: every change since the last good flush is owed."""
+        with self._lock:
+            self.io_errors.failed(what, owes=True)
+            self._owe(self._since_flush.take())
+
+    def read_failed(self, what: str) -> None:
+        """A guest read failed: counted and shown; it changed nothing."""
+        with self._lock:
+            self.io_errors.failed(what, owes=False)
+
+    def _owe(self, ranges: List[Tuple[int, int]]) -> None:
+        for offset, length in ranges:
+            self.dirty.add(offset, length)
+        self._set_inconsistent()
+        self._unflushed = True
+        self._wake()
+
     def flush(self) -> None:
         """Record an ordering point after the disk was flushed (only if anything changed)."""
         with self._lock:
+            self._since_flush.take()
             if not self._unflushed:
                 return
             self._unflushed = False
@@ -298,6 +329,7 @@ class ChangeLog:
             self._append(KIND_CONSISTENT, 0, 0, None, 0)
             seq = self._next_seq - 1
             self._consistent_seq = seq
+            self.io_errors.resolved()
             self._sync_ready.extend((token, seq) for token in self._sync_waiting)
             self._sync_waiting.clear()
 
@@ -436,7 +468,7 @@ class ChangeLog:
 
     # -- views for status and persistence ------------------------------------------------
 
-    def counters(self) -> Dict[str, int]:
+    def counters(self) -> Dict[str, Any]:
         with self._lock:
             oldest = self._sent[0] if self._sent else (self._unsent[0] if self._unsent else None)
             now = self._clock()
@@ -458,6 +490,7 @@ class ChangeLog:
                 "initial": int(self.initial),
                 "consistent_seq": self._consistent_seq,
                 "consistent_initial": int(self._consistent_initial),
+                **self.io_errors.counters(),
                 "lag_ns": now - since,
                 "written_bytes": self.stats.written_bytes,
                 "dirtied_bytes": self.stats.dirtied_bytes,

@@ -172,6 +172,7 @@ def pread(h, buf, offset, flags):
     try:
         _disk.pread(buf, offset)
     except OSError as e:
+        _log.read_failed("read of %d bytes at %d: %s" % (len(buf), offset, e))
         _fail(e.errno or errno.EIO, "read: %s" % e)
 
 
@@ -182,7 +183,8 @@ def pwrite(h, buf, offset, flags):
     try:
         _disk.pwrite(buf, offset, fua=bool(flags & nbdkit.FLAG_FUA))
     except OSError as e:
-        _log.release(token)
+        # The range may hold old bytes, new ones or a mix: owed, read back once it answers.
+        _log.failed(token, offset, length, "write of %d bytes at %d: %s" % (length, offset, e))
         _fail(e.errno or errno.EIO, "write: %s" % e)
     # nbdkit owns buf and reuses it once we return: commit copies it if it queues the
     # change (a change that goes to the dirty map needs no copy).
@@ -199,7 +201,10 @@ def zero(h, count, offset, flags):
     try:
         _disk.zero(offset, count, may_trim=bool(flags & nbdkit.FLAG_MAY_TRIM), fua=fua)
     except OSError as e:
-        _log.release(token)
+        if e.errno == errno.EOPNOTSUPP:  # refused, nothing changed
+            _log.release(token)
+        else:
+            _log.failed(token, offset, count, "zero of %d bytes at %d: %s" % (count, offset, e))
         _fail(e.errno or errno.EIO, "zero: %s" % e)
     _log.commit(token, lw.KIND_ZERO, offset, count, None, lw.FLAG_FUA if fua else 0)
 
@@ -211,7 +216,10 @@ def trim(h, count, offset, flags):
     try:
         _disk.trim(offset, count, fua=fua)
     except OSError as e:
-        _log.release(token)
+        if e.errno == errno.EOPNOTSUPP:  # refused, nothing changed
+            _log.release(token)
+        else:
+            _log.failed(token, offset, count, "trim of %d bytes at %d: %s" % (count, offset, e))
         _fail(e.errno or errno.EIO, "trim: %s" % e)
     _log.commit(token, lw.KIND_TRIM, offset, count, None, lw.FLAG_FUA if fua else 0)
 
@@ -221,5 +229,7 @@ def flush(h, flags):
     try:
         _disk.flush()
     except OSError as e:
+        # What the device cached since the last good flush may be lost: owed, all of it.
+        _log.flush_failed("flush: %s" % e)
         _fail(e.errno or errno.EIO, "flush: %s" % e)
     _log.flush()

@@ -90,8 +90,9 @@ def test_states_keep_the_strings_status_has_always_shown() -> None:
         "connecting", "replicating", "paused", "target-unreachable", "target-unpaired",
         "target-error", "target-storage-error"]
     assert GROUP_STATE_ORDER == (
-        "error", "splitter-down", "target-unpaired", "target-unreachable", "target-error",
-        "target-storage-error", "connecting", "paused", "bitmap", "initial-sync", "resyncing")
+        "error", "source-io-error", "splitter-down", "target-unpaired", "target-unreachable",
+        "target-error", "target-storage-error", "connecting", "paused", "bitmap", "initial-sync",
+        "resyncing")
     assert group_state(["replicating", "bitmap", "paused"]) == "paused"
     assert group_state([]) == "replicating"
 
@@ -107,6 +108,11 @@ def test_states_keep_the_strings_status_has_always_shown() -> None:
      "initial-sync"),
     ((False, True, ShipperState.REPLICATING, True, {"inconsistent": 1}), "resyncing"),
     ((False, True, ShipperState.REPLICATING, True, {}), "replicating"),
+    ((False, True, ShipperState.REPLICATING, True, {"io_error_unresolved": 1,
+                                                     "inconsistent": 1}), "source-io-error"),
+    ((False, True, ShipperState.PAUSED, False, {"io_error_unresolved": 1}), "source-io-error"),
+    ((False, False, ShipperState.REPLICATING, True, {"io_error_unresolved": 1}),
+     "splitter-down"),
     # Read and queued, its end not yet acked by site B: still syncing.
     ((False, True, ShipperState.REPLICATING, True,
       {"consistent_seq": 9, "consistent_initial": 1, "acked_seq": 8}), "initial-sync"),

@@ -14,6 +14,8 @@ A disk's state is not kept but read off its link and its shipper each time statu
 
     the link's sequence is broken           -> error
     no splitter connected                   -> splitter-down
+    a write or flush on the disk failed and -> source-io-error
+    its ranges are not yet read back
     the shipper has no session              -> the shipper's state, or bitmap while a
                                                resync waits (unless paused)
     a resync or initial sync runs, or its   -> initial-sync / resyncing
@@ -57,6 +59,7 @@ SHIPPER_MOVES: Dict[ShipperState, FrozenSet[ShipperState]] = {
 
 class DiskState(str, Enum):
     ERROR = "error"
+    SOURCE_IO_ERROR = "source-io-error"
     SPLITTER_DOWN = "splitter-down"
     BITMAP = "bitmap"
     INITIAL_SYNC = "initial-sync"
@@ -65,8 +68,8 @@ class DiskState(str, Enum):
 
 
 GROUP_STATE_ORDER = tuple(s.value for s in (
-    DiskState.ERROR, DiskState.SPLITTER_DOWN, ShipperState.TARGET_UNPAIRED,
-    ShipperState.TARGET_UNREACHABLE, ShipperState.TARGET_ERROR,
+    DiskState.ERROR, DiskState.SOURCE_IO_ERROR, DiskState.SPLITTER_DOWN,
+    ShipperState.TARGET_UNPAIRED, ShipperState.TARGET_UNREACHABLE, ShipperState.TARGET_ERROR,
     ShipperState.TARGET_STORAGE_ERROR, ShipperState.CONNECTING, ShipperState.PAUSED,
     DiskState.BITMAP, DiskState.INITIAL_SYNC, DiskState.RESYNCING))
 
@@ -78,6 +81,8 @@ def disk_state(broken: bool, connected: bool, shipper: Optional[ShipperState], l
         return DiskState.ERROR.value
     if not connected:
         return DiskState.SPLITTER_DOWN.value
+    if counters.get("io_error_unresolved"):
+        return DiskState.SOURCE_IO_ERROR.value
     if shipper is None or not live:
         state = shipper.value if shipper is not None else ShipperState.PAUSED.value
         if counters.get("inconsistent") and state != ShipperState.PAUSED.value:

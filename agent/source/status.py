@@ -68,7 +68,10 @@ def disk_status(row: GroupRow, d: DiskRow, link: DiskLink, shipper: Optional[Gro
                        shipper is not None and shipper.live, c)
     return {
         "state": state,
-        "error": link.error,
+        "error": link.error or (c.get("io_error") or None
+                                if c.get("io_error_unresolved") else None),
+        "io_errors": link.counters.get("io_errors", 0),
+        "last_io_error": link.counters.get("io_error") or None,
         "path": d.path,
         "size": d.size,
         "nbd_uri": fleet.paths(d).nbd_uri,
