@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Every state a group or disk can be in (source.GROUP_STATE_ORDER and ``replicating``).
-STATES = ("error", "source-io-error", "splitter-down", "target-unpaired",
+STATES = ("error", "fenced", "source-io-error", "splitter-down", "target-unpaired",
           "target-unreachable", "target-error", "target-storage-error", "connecting",
           "paused", "bitmap", "initial-sync", "resyncing", "replicating")
 
@@ -37,7 +37,7 @@ DISK_GAUGES = (("bytes_queued", "Bytes in the splitter's queue (not acked yet)")
 
 # A source group whose shipper has no live session with its target.
 LINK_DOWN = ("connecting", "target-unpaired", "target-unreachable", "target-error",
-             "target-storage-error", "paused")
+             "target-storage-error", "paused", "fenced")
 
 
 def link_up(group: Dict[str, Any]) -> bool:

@@ -79,6 +79,8 @@ MSG_SYNC_REPLY = 4   # JSON: token, gen, seq
 MSG_ACK = 16
 MSG_REWIND = 17      # JSON: {}: resend everything not acked yet
 MSG_SYNC_REQ = 18    # JSON: token
+MSG_FENCE = 19       # JSON: {"fenced": bool, "reason": str}: refuse (or again take) writes;
+                     # sent only to splitters whose HELLO says "fence": 1
 
 
 

@@ -118,6 +118,9 @@ class ChangeLog:
         self._consistent_seq = 0
         self._consistent_initial = False
         self.io_errors = IoErrors()  # failed I/O on the disk (ioerrors.py)
+        # Why writes are refused (the group failed over to its target site), or None.
+        # Set by the link's reader thread, read by nbdkit's threads without the lock.
+        self.fenced: Optional[str] = None
         self._since_flush = WrittenSinceFlush()
         # The activity log, and per extent the highest seq of a record queued in it: the
         # extent holds an unacked record while that is above _acked_seq (see activity.py).
@@ -491,6 +494,7 @@ class ChangeLog:
                 "consistent_seq": self._consistent_seq,
                 "consistent_initial": int(self._consistent_initial),
                 **self.io_errors.counters(),
+                "fenced": int(self.fenced is not None),
                 "lag_ns": now - since,
                 "written_bytes": self.stats.written_bytes,
                 "dirtied_bytes": self.stats.dirtied_bytes,

@@ -236,6 +236,12 @@ class Link:
                     self.state_due = True
                 elif msg_type == lw.MSG_REWIND:
                     self.changelog.rewind()
+                elif msg_type == lw.MSG_FENCE:
+                    fence = lw.unpack_json(payload)
+                    reason = str(fence.get("reason") or "fenced by the agent")
+                    self.changelog.fenced = reason if fence.get("fenced") else None
+                    log("writes %s: %s" % ("refused (EROFS)" if fence.get("fenced")
+                                           else "taken again", reason))
                 elif msg_type == lw.MSG_SYNC_REQ:
                     token = lw.unpack_json(payload).get("token")
                     if not isinstance(token, str):

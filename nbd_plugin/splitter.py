@@ -109,7 +109,7 @@ def after_fork():
     # Threads must start after nbdkit has forked into the background.
     global _link
     hello = {"disk_id": _config["disk_id"], "name": _config["name"], "group": _config["group"],
-             "gen": _log.gen, "size": _disk.size, "pid": os.getpid()}
+             "gen": _log.gen, "size": _disk.size, "pid": os.getpid(), "fence": 1}
     _link = Link(_log, _disk, _config["agent"], hello)
     _link.on_carry_done = lambda: statefile.carry_done(_config["state"], _log.gen, _disk.size)
     _link.start()
@@ -176,8 +176,15 @@ def pread(h, buf, offset, flags):
         _fail(e.errno or errno.EIO, "read: %s" % e)
 
 
+def _check_fence():
+    reason = _log.fenced
+    if reason is not None:
+        _fail(errno.EROFS, "writes refused: %s" % reason)
+
+
 def pwrite(h, buf, offset, flags):
     pin()
+    _check_fence()
     length = len(buf)
     token = _log.begin(offset, length)
     try:
@@ -196,6 +203,7 @@ def zero(h, count, offset, flags):
     pin()
     if flags & nbdkit.FLAG_FAST_ZERO:
         _fail(errno.EOPNOTSUPP, "fast zero is not offered")
+    _check_fence()
     token = _log.begin(offset, count)
     fua = bool(flags & nbdkit.FLAG_FUA)
     try:
@@ -211,6 +219,7 @@ def zero(h, count, offset, flags):
 
 def trim(h, count, offset, flags):
     pin()
+    _check_fence()
     token = _log.begin(offset, count)
     fua = bool(flags & nbdkit.FLAG_FUA)
     try:

@@ -88,11 +88,11 @@ def test_nothing_goes_back_to_connecting() -> None:
 def test_states_keep_the_strings_status_has_always_shown() -> None:
     assert [s.value for s in ShipperState] == [
         "connecting", "replicating", "paused", "target-unreachable", "target-unpaired",
-        "target-error", "target-storage-error"]
+        "target-error", "target-storage-error", "fenced"]
     assert GROUP_STATE_ORDER == (
-        "error", "source-io-error", "splitter-down", "target-unpaired", "target-unreachable",
-        "target-error", "target-storage-error", "connecting", "paused", "bitmap", "initial-sync",
-        "resyncing")
+        "error", "fenced", "source-io-error", "splitter-down", "target-unpaired",
+        "target-unreachable", "target-error", "target-storage-error", "connecting", "paused",
+        "bitmap", "initial-sync", "resyncing")
     assert group_state(["replicating", "bitmap", "paused"]) == "paused"
     assert group_state([]) == "replicating"
 
@@ -103,6 +103,7 @@ def test_states_keep_the_strings_status_has_always_shown() -> None:
     ((False, True, None, False, {"inconsistent": 1}), "paused"),
     ((False, True, ShipperState.PAUSED, False, {"inconsistent": 1}), "paused"),
     ((False, True, ShipperState.TARGET_ERROR, False, {}), "target-error"),
+    ((False, True, ShipperState.FENCED, False, {"inconsistent": 1}), "fenced"),
     ((False, True, ShipperState.TARGET_ERROR, False, {"inconsistent": 1}), "bitmap"),
     ((False, True, ShipperState.REPLICATING, True, {"inconsistent": 1, "initial": 1}),
      "initial-sync"),

@@ -71,6 +71,7 @@ E_TLS_REQUIRED = "tls-required"   # plaintext to a site that speaks only TLS
 E_UNPAIRED = "unpaired"           # TLS without a paired certificate
 E_PAIRING = "pairing-refused"     # a bad, used or expired token
 E_BAD_SEED = "bad-seed"
+E_FAILED_OVER = "failed-over"     # the group failed over to the target: the source is fenced
 
 
 

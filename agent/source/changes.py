@@ -13,12 +13,15 @@ the stream then delivers its records strictly in sequence from there to the sink
 (``ChangeSink.restarted``), which no checkpoint may span. The target's acks go back to the
 stream (``ack``), which lets its source free what is now durable; when the session ends, the
 shipper stops it (``stop_forwarding``). ``inconsistent`` says a resync runs, so that no
-automatic checkpoint is cut across it, and ``shipped`` counts what went out.
+automatic checkpoint is cut across it, and ``shipped`` counts what went out. When the
+target holds the group failed over, the shipper ``fence``s every stream: its source must
+take no more writes (``unreplicated_bytes`` says how much it holds that the target never
+got).
 """
 
 from __future__ import annotations
 
-from typing import Any, List, Protocol, Tuple
+from typing import Any, List, Optional, Protocol, Tuple
 
 from formats import localwire as lw
 
@@ -64,3 +67,11 @@ class ChangeStream(Protocol):
 
     def shipped(self, record: Any) -> None:
         """``record`` went out to the target (as data, as a seeded reference or a range)."""
+
+    async def fence(self, reason: Optional[str]) -> None:
+        """Refuse writes at the source for ``reason`` (None: take them again)."""
+
+    @property
+    def unreplicated_bytes(self) -> int:
+        """Bytes of changes the source holds that the target has not acked."""
+        ...

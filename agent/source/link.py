@@ -44,6 +44,8 @@ class DiskLink:
         self.resync_rate: Optional[float] = None   # bytes/s, smoothed
         self.sink: Optional[ChangeSink] = None
         self.index = row.index
+        self.fenced: Optional[str] = None  # why the splitter must refuse writes, or None
+        self.can_fence = False             # its HELLO said it understands MSG_FENCE
 
     @property
     def connected(self) -> bool:
@@ -59,11 +61,15 @@ class DiskLink:
 
     # -- the splitter's side (intake) ------------------------------------------------------
 
-    async def attach(self, stream: trio.SocketStream, gen: int) -> None:
+    async def attach(self, stream: trio.SocketStream, gen: int, can_fence: bool = False
+                     ) -> None:
         """A splitter of generation ``gen`` connected: it replaces any earlier one."""
         if self.stream is not None:
             await self.stream.aclose()
         self.stream = stream
+        self.can_fence = can_fence
+        if self.fenced is not None:
+            await self._send_fence()
         old_gen, self.gen = self.gen, gen
         assert self.sink is not None
         if old_gen and self.gen != old_gen:
@@ -159,6 +165,30 @@ class DiskLink:
 
     def stop_forwarding(self) -> None:
         self.cursor.stop()
+
+    @property
+    def unreplicated_bytes(self) -> int:
+        return int(self.counters.get("queued_bytes", 0)) + int(
+            self.counters.get("dirty_bytes", 0))
+
+    async def fence(self, reason: Optional[str]) -> None:
+        """Make the splitter refuse writes (EROFS) for ``reason``, or take them again
+        (None); a splitter that connects later is told when it does."""
+        if reason == self.fenced:
+            return
+        self.fenced = reason
+        log.warning("%s/%s: %s", self.row.group, self.row.name,
+                    "writes refused: %s" % reason if reason else "writes taken again")
+        await self._send_fence()
+
+    async def _send_fence(self) -> None:
+        if not self.can_fence:
+            if self.fenced is not None and self.stream is not None:
+                log.error("%s/%s: its splitter is too old to refuse writes; stop the VM "
+                          "writing to it", self.row.group, self.row.name)
+            return
+        await self.send(lw.pack_json(lw.MSG_FENCE, {"fenced": self.fenced is not None,
+                                                    "reason": self.fenced or ""}))
 
     async def ack(self, durable: Point) -> None:
         if durable > self.acked:

@@ -49,6 +49,7 @@ from .states import ShipperState
 log = logging.getLogger("ferry.source")
 
 MAX_BATCH = 4 * 1024 * 1024
+FENCED_RETRY = 30.0  # seconds between asks while the target holds the group failed over
 CHECKPOINT_TICK = 0.05
 class LinkStalled(Exception):
     """Nothing came back from the target for the stall timeout while data was owed."""
@@ -56,6 +57,7 @@ class LinkStalled(Exception):
 
 # The state a group shows when the target ends a session with this error code.
 REMOTE_STATES = {frames.E_STORAGE: ShipperState.TARGET_STORAGE_ERROR,
+                 frames.E_FAILED_OVER: ShipperState.FENCED,
                  frames.E_TLS_REQUIRED: ShipperState.TARGET_UNPAIRED,
                  frames.E_UNPAIRED: ShipperState.TARGET_UNPAIRED}
 
@@ -89,6 +91,8 @@ class GroupShipper:
         self._last_send = 0.0
         self._ping = False
         self.link_state = "connecting"  # connected | connecting | down, for status
+        self.fenced: Optional[str] = None  # why the splitters refuse writes (see _fence)
+        self.fenced_since = 0.0
         self.link_since = time.time()
         for index, link in enumerate(self.links):
             link.bind(self, index)
@@ -171,6 +175,8 @@ class GroupShipper:
                                    if state is not ShipperState.TARGET_UNPAIRED
                                    else "the target accepts only TLS from paired sites: "
                                    + how_to_pair(self.row.target))
+                        if state is ShipperState.FENCED:
+                            await self._fence(str(e))
                     except frames.ProtocolError as e:
                         self._down(ShipperState.TARGET_ERROR, "protocol error: %s" % e)
                     except LinkStalled as e:
@@ -186,6 +192,10 @@ class GroupShipper:
                         self._fs, self.seeds = None, []
                     if trio.current_time() - started > 10:
                         backoff = 0.2  # it worked for a while: try again soon
+                if self.state is ShipperState.FENCED:
+                    # Asked again now and then: a rolled-back failover takes A back.
+                    await trio.sleep(FENCED_RETRY)
+                    continue
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
@@ -215,6 +225,7 @@ class GroupShipper:
         self.state, self.error = self.state.to(ShipperState.REPLICATING), None
         self.connected_since = time.time()
         self._link("connected")
+        await self._fence(None)  # the target takes the group again (a rolled-back failover)
         self._waiting_since, self._last_send, self._ping = None, trio.current_time(), False
         self.book.session_started(durable)
         self._nudged = False
@@ -323,6 +334,25 @@ class GroupShipper:
             if waiting is None and not self._ping and now - self._last_send >= timeout / 3:
                 self._ping = True
                 await send_ch.send((-1, []))
+
+    async def _fence(self, reason: Optional[str]) -> None:
+        """The target holds the group failed over (``reason``): the splitters refuse writes
+        from now on, so that the two sites cannot both take them; None lifts that."""
+        if reason is not None and self.fenced is None:
+            self.fenced_since = time.time()
+            log.error("group %s FENCED: %s", self.row.name, reason)
+        self.fenced = reason
+        for link in self.links:
+            await link.fence(reason)
+
+    def fence_status(self) -> Optional[dict]:
+        """``"fenced"`` in status: since when, why, and what A holds that B never received
+        (writes taken before the fence landed: on A only, kept on A's disk)."""
+        if self.fenced is None:
+            return None
+        held = sum(link.unreplicated_bytes for link in self.links)
+        return {"since": iso_time(int(self.fenced_since * 1e9)), "reason": self.fenced,
+                "unreplicated_bytes": held}
 
     def _link(self, state: str) -> None:
         if state != self.link_state:

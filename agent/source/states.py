@@ -43,6 +43,7 @@ class ShipperState(str, Enum):
     TARGET_UNPAIRED = "target-unpaired"
     TARGET_ERROR = "target-error"
     TARGET_STORAGE_ERROR = "target-storage-error"
+    FENCED = "fenced"  # the group failed over to its target: the splitters refuse writes
 
     def to(self, new: ShipperState) -> ShipperState:
         """``new``, if the table allows the move from here; else IllegalTransition."""
@@ -68,7 +69,7 @@ class DiskState(str, Enum):
 
 
 GROUP_STATE_ORDER = tuple(s.value for s in (
-    DiskState.ERROR, DiskState.SOURCE_IO_ERROR, DiskState.SPLITTER_DOWN,
+    DiskState.ERROR, ShipperState.FENCED, DiskState.SOURCE_IO_ERROR, DiskState.SPLITTER_DOWN,
     ShipperState.TARGET_UNPAIRED, ShipperState.TARGET_UNREACHABLE, ShipperState.TARGET_ERROR,
     ShipperState.TARGET_STORAGE_ERROR, ShipperState.CONNECTING, ShipperState.PAUSED,
     DiskState.BITMAP, DiskState.INITIAL_SYNC, DiskState.RESYNCING))
@@ -85,7 +86,8 @@ def disk_state(broken: bool, connected: bool, shipper: Optional[ShipperState], l
         return DiskState.SOURCE_IO_ERROR.value
     if shipper is None or not live:
         state = shipper.value if shipper is not None else ShipperState.PAUSED.value
-        if counters.get("inconsistent") and state != ShipperState.PAUSED.value:
+        if counters.get("inconsistent") and state not in (ShipperState.PAUSED.value,
+                                                          ShipperState.FENCED.value):
             return DiskState.BITMAP.value
         return state
     if counters.get("inconsistent"):

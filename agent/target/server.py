@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import trio
 
 from .. import checkpoints
+from ..checkpoints import iso
 from ..errors import NotFound, StorageError
 from ..pairing import Refused, Trust
 from ..protocol import frames, messages
@@ -204,8 +205,7 @@ class TargetSite:
             return
         if group.failover is not None:
             log.warning("refusing group %s from %s: it failed over here", group_name, peer)
-            await fs.send_error(frames.E_BAD_GROUP, "group %s failed over on the target "
-                                "site; it takes no more changes" % group_name)
+            await fs.send_error(frames.E_FAILED_OVER, failed_over_message(group))
             return
         durable_now, seeded = await trio.to_thread.run_sync(group.seed_frames)
         seeded = seeded if seeds is not None else []  # a source that reads them
@@ -352,3 +352,14 @@ def _check_disks(group: TargetGroup, disks: List[Tuple[str, int]]) -> None:
 def _restore(group: TargetGroup, disk: str, dest: str, ref: Optional[str],
              at_wall_ns: Optional[int]) -> Dict[str, Any]:
     return group.restore(disk, check_dest(dest), ref, at_wall_ns)
+
+
+def failed_over_message(group: TargetGroup) -> str:
+    """Why a failed-over group refuses its source, for the source's status (it fences)."""
+    record = group.failover or {}
+    c = record.get("checkpoint")
+    when = iso(int(record.get("wall_ns", 0))) if record.get("wall_ns") else "an unknown time"
+    return ("group %s failed over live on site B at %s (%s); site A must not write to it: "
+            "its writes are refused until the failover is rolled back or the group fails "
+            "back" % (group.name, when, "checkpoint %s" % c["id"] if c else
+                      "its newest consistent state"))
