@@ -65,7 +65,7 @@ class CheckpointBook:
 
     def request(self, kind: str, tag: Optional[str] = None) -> Request:
         c = Checkpoint(uuid.uuid4().hex[:12], time.monotonic_ns(), kind, tag)
-        if kind == "user":
+        if kind != "auto":  # someone waits for it (a user checkpoint, a move)
             self.waiters[c.id] = trio.Event()
         return self.cutter.request(c)
 
@@ -80,7 +80,7 @@ class CheckpointBook:
     def _finished(self, req: Request) -> None:
         c = req.checkpoint
         if req.result != "ok":
-            if c.kind == "user":
+            if c.kind != "auto":
                 log.warning("group %s: checkpoint %s impossible: %s", self.group, c.id,
                             req.result)
                 self.results[c.id] = str(req.result)

@@ -211,9 +211,10 @@ class SourceSite:
         raise TimedOut("group %s not synced after %g s (%s)"
                        % (name, seconds, "; ".join(behind)))
 
-    async def checkpoint(self, name: str, tag: Optional[str], seconds: float
-                         ) -> Dict[str, Any]:
-        """Cut a user checkpoint and wait until the target has journaled it."""
+    async def checkpoint(self, name: str, tag: Optional[str], seconds: float,
+                         kind: str = "user") -> Dict[str, Any]:
+        """Cut a user checkpoint (or a move's, ``move.py``) and wait until the target has
+        journaled it."""
         shipper = self.shippers.get(name)
         if shipper is None or name in self._busy:
             raise NotFound("no group %s on this site" % name)
@@ -227,7 +228,7 @@ class SourceSite:
             raise Conflict("group %s: disk %s is being resynced; a crash-consistent "
                            "checkpoint is possible once it ends" % (name, bad[0]))
         book = shipper.book
-        req = book.request("user", tag)
+        req = book.request(kind, tag)
         cid = req.checkpoint.id
         event = book.waiters[cid]
         with trio.move_on_after(seconds):

@@ -9,7 +9,7 @@ sent only once ``TargetGroup.accept`` returned: what it acks is durable.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
 import trio
 
@@ -21,9 +21,11 @@ RECEIVE_AHEAD = 4                     # frames read and checked ahead of the jou
 GROUP_COMMIT_BYTES = 16 * 1024 * 1024  # at most this much data in one journal append
 
 
-async def receive(fs: SessionStream, group: TargetGroup, session: Dict[str, Any]) -> None:
+async def receive(fs: SessionStream, group: TargetGroup, session: Dict[str, Any],
+                  on_move: Optional[Callable[[str], Awaitable[None]]] = None) -> None:
     """Take BATCH frames into ``group`` until the connection ends (see the module);
-    ``session`` counts batches, records and bytes for the status."""
+    ``session`` counts batches, records and bytes for the status. Once a checkpoint of
+    kind ``move`` is journaled and acked, ``on_move(its id)`` runs and the session ends."""
     send_ch, recv_ch = trio.open_memory_channel[Tuple[List[Any], List[Any], int]](
         RECEIVE_AHEAD)
 
@@ -52,5 +54,9 @@ async def receive(fs: SessionStream, group: TargetGroup, session: Dict[str, Any]
             session["records"] += len(records)
             session["bytes"] += size
             await fs.send(messages.Ack(group.name, tuple(group.durable()), tuple(ids)))
+            moves = [c.id for c in cps if c.kind == "move" and c.id in ids]
+            if moves and on_move is not None:
+                await on_move(moves[-1])
+                return
 
     await race(read, write)

@@ -215,7 +215,18 @@ class TargetSite:
         log.info("replicating group %s from %s", group_name, peer)
         session = {"peer": peer, "batches": 0, "records": 0, "bytes": 0}
         self._sessions[group_name] = session
-        await intake.receive(fs, group, session)
+
+        async def on_move(cid: str) -> None:
+            # The source asked for this (ferry move): live at the checkpoint, this session
+            # ends, and the source's next contact is answered failed-over.
+            if self._owners.get(group_name) is scope:
+                del self._owners[group_name]
+            with trio.CancelScope(shield=True):
+                await self.failover_live(group_name, cid, None)
+            log.warning("group %s MOVED here from %s: live at checkpoint %s",
+                        group_name, peer, cid)
+
+        await intake.receive(fs, group, session, on_move)
 
     def _take_over(self, name: str, scope: trio.CancelScope) -> None:
         """A new session for a group replaces an older one (the source reconnected)."""
