@@ -182,7 +182,8 @@ def test_a_trailing_newline_is_not_a_name(fuzzed: Dict[str, Any], tmp_path: Path
 
 
 def test_a_nul_in_a_path_is_refused(fuzzed: Dict[str, Any]) -> None:
-    body = b'{"name": "g3", "target": "127.0.0.1:1", "disks": [{"name": "d", "path": "/tmp/a\\u0000b"}]}'
+    body = (b'{"name": "g3", "target": "127.0.0.1:1", '
+            b'"disks": [{"name": "d", "path": "/tmp/a\\u0000b"}]}')
     status, payload = call(fuzzed["A"], "POST", "/v1/groups", body)
     assert status == 400 and b"NUL" in payload, payload
     status, payload = call(fuzzed["B"], "POST", "/v1/replicas/%s/restore" % GROUP,

@@ -96,7 +96,7 @@ def test_a_zstd_bomb_before_hello_is_refused() -> None:
 ])
 def test_a_first_frame_is_decoded_under_small_limits(obj) -> None:
     session = TargetSession()
-    with pytest.raises(frames.ProtocolError, match="bad msgpack body|not a map"):
+    with pytest.raises(frames.ProtocolError, match=r"bad msgpack body|not a map"):
         feed(session, frame(frames.T_HELLO, msgpack.packb(obj, use_bin_type=True)))
 
 
@@ -227,7 +227,8 @@ def test_unauthenticated_tls_peers_stay_within_the_budget(replicating, tmp_path:
     assert not [o for o in outcomes if o.startswith("sent")], outcomes
     assert any("over the limit of %d" % frames.MAX_FIRST_FRAME in o for o in outcomes), \
         outcomes
-    print("B peak RSS: alone %.1f MiB, attacked %.1f MiB; outcomes %s" % (alone / MiB, attacked / MiB, sorted(set(o[:60] for o in outcomes))))
+    print("B peak RSS: alone %.1f MiB, attacked %.1f MiB; outcomes %s"
+          % (alone / MiB, attacked / MiB, sorted({o[:60] for o in outcomes})))
     assert attacked <= alone + PREAUTH_BUDGET, (
         "B's peak RSS %d MiB under attack, %d MiB with replication alone"
         % (attacked // MiB, alone // MiB))
