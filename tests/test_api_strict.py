@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import socket
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 from urllib.parse import quote
 
 import pytest
@@ -236,3 +236,55 @@ def test_addresses_taken(text: str) -> None:
 def test_addresses_refused(text: str) -> None:
     with pytest.raises(Invalid):
         parse_address(text)
+
+
+# -- the ASGI application alone: the answers for what a site raises or returns ---------------
+
+class _Source:
+    """A source site whose pause answers as told (the rest of the API is not reached)."""
+
+    def __init__(self, outcome: Any) -> None:
+        self.outcome = outcome
+
+    def set_paused(self, name: str, paused: bool) -> Any:
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+
+def _asgi(outcome: Any) -> Tuple[int, Dict[str, Any]]:
+    import trio
+
+    from agent.api import Api
+
+    api = Api(_Source(outcome), None, "A", None)  # type: ignore[arg-type]
+    sent: List[Dict[str, Any]] = []
+
+    async def receive() -> Dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/groups/g/pause",
+             "query_string": b""}
+    trio.run(api, scope, receive, send)
+    return sent[0]["status"], strict_json(sent[1]["body"])
+
+
+def test_a_peer_refusal_is_409_with_its_reason() -> None:
+    from agent.protocol import frames
+    status, answer = _asgi(frames.RemoteError("bad-group", "group g failed over\nhere"))
+    assert status == 409 and answer["kind"] == "PeerRefused"
+    assert answer["error"] == "the other site refused: group g failed over here"
+
+
+def test_an_answer_with_a_nan_is_a_one_line_500_not_nan() -> None:
+    status, answer = _asgi({"bandwidth": float("nan")})
+    assert status == 500 and "not strict JSON" in answer["error"]
+
+
+def test_an_empty_error_message_still_says_something() -> None:
+    from agent.errors import Conflict
+    status, answer = _asgi(Conflict(""))
+    assert status == 409 and answer["error"] == "Conflict"
