@@ -232,6 +232,28 @@ def test_unauthenticated_tls_peers_stay_within_the_budget(replicating, tmp_path:
     assert attacked <= alone + PREAUTH_BUDGET, (
         "B's peak RSS %d MiB under attack, %d MiB with replication alone"
         % (attacked // MiB, alone // MiB))
+    # The worst a stranger can make B hold: every slot with a first frame short of one byte.
+    holders: List[ssl.SSLSocket] = []
+
+    def hold():
+        for _ in range(40):
+            try:
+                conn = contexts[0].wrap_socket(socket.create_connection(b_addr, timeout=10),
+                                               server_hostname=tls.SNI)
+                conn.sendall(header(frames.T_HELLO, frames.MAX_FIRST_FRAME)
+                             + os.urandom(frames.MAX_FIRST_FRAME - 1))
+                holders.append(conn)
+            except (ssl.SSLError, OSError):
+                pass  # over the gate's bound: closed at once
+    try:
+        held, _ = _peak_over(pid, 2, hold)
+    finally:
+        for conn in holders:
+            conn.close()
+    print("B peak RSS with %d connections holding a first frame: %.1f MiB"
+          % (len(holders), held / MiB))
+    assert 1 <= len(holders) <= preauth.MAX_UNAUTHENTICATED_PER_ADDRESS + 1
+    assert held <= alone + PREAUTH_BUDGET
     writer.finish()
     check_identical(lab, disk)
     assert lab.b.proc.poll() is None
