@@ -121,7 +121,7 @@ def fuzzed(sites: Any) -> Dict[str, Any]:
     return {"lab": lab, "A": str(lab.a.data / "api.sock"), "B": str(lab.b.data / "api.sock")}
 
 
-@settings(max_examples=250, deadline=None, derandomize=True,
+@settings(max_examples=500, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture,
                                  HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data())

@@ -20,15 +20,15 @@ import math
 import re
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from ..checkpoints import MAX_TAG  # a checkpoint's tag
 from ..errors import Invalid, TooLarge
+from ..protocol.messages import MAX_PATH  # a path: what the target takes
 from ..source.settings import DEFAULT_PORT, NAME_RE
 
 MAX_REQUEST = 1024 * 1024
 MAX_DEPTH = 8                 # {"disks": [{"name": ...}]} is 3
 MAX_INT = 2 ** 63             # integers are below this, and above -MAX_INT
 MAX_STRING = 64 * 1024        # any string in a body
-MAX_PATH = 4096               # a path (protocol.messages.MAX_PATH: what the target takes)
-MAX_TAG = 256                 # a checkpoint's tag (checkpoints.MAX_TAG)
 MAX_SECONDS = 366 * 86400.0   # a timeout or an interval: a year at most
 MAX_NS = 2 ** 63 - 1          # a wall time in ns
 HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
@@ -135,7 +135,7 @@ def only(body: Dict[str, Any], allowed: Tuple[str, ...], what: str) -> None:
     """Refuse a field this request does not have (a typo would silently do nothing)."""
     extra = sorted(set(body) - set(allowed))
     if extra:
-        raise Invalid("%s: unknown field %s (fields: %s)" % (what, extra[0][:64],
+        raise Invalid("%s: unknown field %s (fields: %s)" % (what, shown(extra[0]),
                                                              ", ".join(allowed)))
 
 
@@ -214,10 +214,6 @@ def bandwidth_of(body: Dict[str, Any]) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 62:
         raise Invalid("bandwidth must be a number of bytes per second (0: no limit)")
     return value
-
-
-def positive_int_of(body: Dict[str, Any], key: str, high: int = MAX_INT - 1) -> int:
-    return int_of(body, key, 1, high)
 
 
 def point_of(body: Dict[str, Any]) -> Tuple[Optional[str], Optional[int]]:
