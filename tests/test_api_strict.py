@@ -19,6 +19,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.api.request import parse_address, parse_body
+
+try:
+    from builtins import ExceptionGroup  # type: ignore[attr-defined]  # Python 3.11
+except ImportError:  # older Pythons: trio's backport
+    from exceptiongroup import ExceptionGroup
 from agent.errors import Invalid, TooLarge
 from agent.source.settings import NAME_RE
 
@@ -288,3 +293,21 @@ def test_an_empty_error_message_still_says_something() -> None:
     from agent.errors import Conflict
     status, answer = _asgi(Conflict(""))
     assert status == 409 and answer["error"] == "Conflict"
+
+
+def test_a_group_of_one_error_is_answered_as_that_error() -> None:
+    from agent.errors import Conflict
+    status, answer = _asgi(ExceptionGroup("nursery", [Conflict("disk held by group g")]))
+    assert (status, answer["kind"], answer["error"]) == (409, "Conflict",
+                                                         "disk held by group g")
+
+
+@pytest.mark.parametrize("exc, text", [
+    (OSError(5, "Input/output error"), "OSError: [Errno 5] Input/output error"),
+    (KeyError("x"), "internal error (KeyError); see the agent's log"),
+    (ExceptionGroup("n", [ValueError("a"), ValueError("b")]),
+     "internal error (ExceptionGroup); see the agent's log"),
+])
+def test_a_failure_of_this_site_is_a_one_line_500(exc: Exception, text: str) -> None:
+    status, answer = _asgi(exc)
+    assert status == 500 and answer["error"] == text

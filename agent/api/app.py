@@ -64,6 +64,26 @@ def query_of(raw: bytes) -> Dict[str, list]:
     return query
 
 
+def answer_for(exc: Exception) -> Tuple[int, Dict[str, str]]:
+    """The status and the one-line error for what a request raised. An exception group
+    of one (a nursery's) is answered as the exception inside it."""
+    inner = getattr(exc, "exceptions", None)  # an ExceptionGroup (3.11, or trio's backport)
+    while isinstance(inner, tuple) and len(inner) == 1 and isinstance(inner[0], Exception):
+        exc = inner[0]
+        inner = getattr(exc, "exceptions", None)
+    if isinstance(exc, frames.RemoteError):  # the other site refused: its reason, not a 5xx
+        return 409, {"error": one_line("the other site refused: %s" % exc),
+                     "kind": "PeerRefused"}
+    if isinstance(exc, FerryError):
+        return http_status(exc), {"error": one_line(str(exc) or type(exc).__name__),
+                                  "kind": kind_of(exc)}
+    log.error("request failed", exc_info=exc)
+    if isinstance(exc, OSError):
+        return 500, {"error": one_line("%s: %s" % (type(exc).__name__, exc))}
+    # a bug: say so in one line, keep the agent serving
+    return 500, {"error": "internal error (%s); see the agent's log" % type(exc).__name__}
+
+
 def one_line(text: str) -> str:
     return " ".join(text.split()) or "error"
 
@@ -111,19 +131,8 @@ class Api:
             body = await read_body(receive)
             status, payload = await self._route(scope["method"], scope["path"],
                                                 query_of(scope.get("query_string", b"")), body)
-        except frames.RemoteError as e:  # the other site refused: its reason, not a 5xx
-            status, payload = 409, {"error": one_line("the other site refused: %s" % e),
-                                    "kind": "PeerRefused"}
-        except FerryError as e:
-            status, payload = http_status(e), {"error": one_line(str(e) or type(e).__name__),
-                                               "kind": kind_of(e)}
-        except OSError as e:
-            log.exception("request failed")
-            status, payload = 500, {"error": one_line("%s: %s" % (type(e).__name__, e))}
-        except Exception as e:  # a bug: say so in one line, keep the agent serving
-            log.exception("request failed")
-            status, payload = 500, {"error": "internal error (%s); see the agent's log"
-                                    % type(e).__name__}
+        except Exception as e:
+            status, payload = answer_for(e)
         if isinstance(payload, bytes):
             data = payload
             ctype = metrics.CONTENT_TYPE.encode()
