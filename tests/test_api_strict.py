@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from agent.api.request import parse_address, parse_body
 
 try:
-    from builtins import ExceptionGroup  # type: ignore[attr-defined]  # Python 3.11
+    from builtins import ExceptionGroup  # Python 3.11
 except ImportError:  # older Pythons: trio's backport
     from exceptiongroup import ExceptionGroup
 from agent.errors import Invalid, TooLarge
