@@ -121,7 +121,7 @@ class Store:
             self._db.execute("INSERT INTO groups (name, target, protection, queue_bytes, "
                              "created, settings) VALUES (?, ?, ?, ?, ?, ?)",
                              (name, target, protection, queue_bytes, time.time(),
-                              json.dumps(settings or {})))
+                              json.dumps(settings or {}, allow_nan=False)))
             for idx, (dname, path, size) in enumerate(disks):
                 self._db.execute("INSERT INTO disks VALUES (?, ?, ?, ?, ?, ?)",
                                  (uuid.uuid4().hex[:12], name, idx, dname, path, size))
@@ -132,7 +132,7 @@ class Store:
     def set_settings(self, name: str, settings: Dict[str, Any]) -> None:
         with self._db:
             self._db.execute("UPDATE groups SET settings = ? WHERE name = ?",
-                             (json.dumps(settings), name))
+                             (json.dumps(settings, allow_nan=False), name))
 
     def remove_group(self, name: str) -> None:
         with self._db:

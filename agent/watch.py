@@ -97,7 +97,7 @@ class Watcher:
         if self.settings_path:
             tmp = self.settings_path + ".tmp"
             with open(tmp, "w") as f:
-                json.dump({"rpo": self.alerts.rpo}, f, sort_keys=True)
+                json.dump({"rpo": self.alerts.rpo}, f, sort_keys=True, allow_nan=False)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.settings_path)

@@ -31,7 +31,9 @@
     GET    /v1/dashboard-url                the dashboard's login addresses (local socket only)
     GET    /, /ui/FILE                      the dashboard (agent/web/)
 
-Errors are ``{"error": "one line for the user"}`` with a 4xx or 5xx status.
+Errors are ``{"error": "one line for the user", "kind"}`` with a 4xx status for any bad
+input (a 5xx only for this site's own failures). docs/api.md gives every route's fields,
+types, bounds and statuses; ``request.py`` enforces them.
 
 ``app.py`` holds ``Api``, the ASGI application, and its request and answer plumbing;
 ``request.py`` reads and checks a request's body; the routes live by what they serve:

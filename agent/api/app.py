@@ -18,8 +18,9 @@ import trio
 
 from .. import metrics
 from ..dashboard import Files
-from ..errors import FerryError, NotFound, Unavailable, http_status, kind_of
+from ..errors import FerryError, Invalid, NotFound, Unavailable, http_status, kind_of
 from ..pairing import Trust
+from ..protocol import frames
 from ..source import SourceSite
 from ..target import TargetSite
 from .groups import route as group_routes
@@ -42,6 +43,49 @@ def version() -> str:
         return "0.1.0"
 
 log = logging.getLogger("ferry.api")
+
+MAX_PATH_PART = 1024  # a name or an id in a request's path
+
+
+def encode(payload: Any) -> bytes:
+    """An answer as strict JSON: a NaN or an infinity anywhere is a bug here, refused
+    (ValueError) rather than sent as something no strict parser reads."""
+    return (json.dumps(payload, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+def query_of(raw: bytes) -> Dict[str, list]:
+    """A request's query parameters; Invalid for bytes that are not UTF-8 or hold a NUL."""
+    try:
+        query = parse_qs(raw.decode("utf-8"), errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        raise Invalid("the query string is not UTF-8") from None
+    if any("\0" in k or any("\0" in v for v in vs) for k, vs in query.items()):
+        raise Invalid("the query string has a NUL")
+    return query
+
+
+def answer_for(exc: Exception) -> Tuple[int, Dict[str, str]]:
+    """The status and the one-line error for what a request raised. An exception group
+    of one (a nursery's) is answered as the exception inside it."""
+    inner = getattr(exc, "exceptions", None)  # an ExceptionGroup (3.11, or trio's backport)
+    while isinstance(inner, tuple) and len(inner) == 1 and isinstance(inner[0], Exception):
+        exc = inner[0]
+        inner = getattr(exc, "exceptions", None)
+    if isinstance(exc, frames.RemoteError):  # the other site refused: its reason, not a 5xx
+        return 409, {"error": one_line("the other site refused: %s" % exc),
+                     "kind": "PeerRefused"}
+    if isinstance(exc, FerryError):
+        return http_status(exc), {"error": one_line(str(exc) or type(exc).__name__),
+                                  "kind": kind_of(exc)}
+    log.error("request failed", exc_info=exc)
+    if isinstance(exc, OSError):
+        return 500, {"error": one_line("%s: %s" % (type(exc).__name__, exc))}
+    # a bug: say so in one line, keep the agent serving
+    return 500, {"error": "internal error (%s); see the agent's log" % type(exc).__name__}
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split()) or "error"
 
 # A family's routes: its answer (status, payload), or None when the request is not theirs.
 Route = Callable[["Api", str, List[str], Dict[str, list], Dict[str, Any]],
@@ -86,23 +130,21 @@ class Api:
         try:
             body = await read_body(receive)
             status, payload = await self._route(scope["method"], scope["path"],
-                                                parse_qs(scope.get("query_string", b"").decode()),
-                                                body)
-        except FerryError as e:
-            status, payload = http_status(e), {"error": str(e), "kind": kind_of(e)}
-        except OSError as e:
-            log.exception("request failed")
-            status, payload = 500, {"error": "%s: %s" % (type(e).__name__, e)}
-        except Exception as e:  # a bug: say so in one line, keep the agent serving
-            log.exception("request failed")
-            status, payload = 500, {"error": "internal error (%s); see the agent's log"
-                                    % type(e).__name__}
+                                                query_of(scope.get("query_string", b"")), body)
+        except Exception as e:
+            status, payload = answer_for(e)
         if isinstance(payload, bytes):
             data = payload
             ctype = metrics.CONTENT_TYPE.encode()
         else:
-            data = (json.dumps(payload, indent=1, sort_keys=True) + "\n").encode()
-            ctype = b"application/json"
+            try:
+                data, ctype = encode(payload), b"application/json"
+            except ValueError as e:  # a NaN or an infinity in an answer: a bug here
+                log.error("%s %s: answer is not strict JSON: %s", scope["method"],
+                          scope["path"], e)
+                status, ctype = 500, b"application/json"
+                data = encode({"error": "internal error (the answer is not strict JSON); "
+                                        "see the agent's log", "kind": "FerryError"})
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", ctype),
                                 (b"content-length", str(len(data)).encode())]})
@@ -110,7 +152,13 @@ class Api:
 
     async def _route(self, method: str, path: str, query: Dict[str, list],
                      body: Dict[str, Any]) -> Tuple[int, Any]:
-        parts = [unquote(p) for p in path.strip("/").split("/")]
+        try:
+            parts = [unquote(p, errors="strict") for p in path.strip("/").split("/")]
+        except UnicodeDecodeError:
+            raise Invalid("the request path is not UTF-8") from None
+        if any("\0" in p or len(p) > MAX_PATH_PART for p in parts):
+            raise Invalid("the request path has a NUL or a part longer than %d characters"
+                          % MAX_PATH_PART)
         for route in ROUTES:
             answer = await route(self, method, parts, query, body)
             if answer is not None:

@@ -7,7 +7,24 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from ..errors import Invalid, NotFound
-from .request import bandwidth_of, positive_int_of, str_of
+from ..protocol.frames import MAX_DISKS
+from ..protocol.messages import MAX_HISTORY, MAX_JOURNAL
+from .request import (
+    bandwidth_of,
+    bool_of,
+    int_of,
+    is_name,
+    name_of,
+    only,
+    parse_address,
+    path_of,
+    path_value,
+    seconds_of,
+    str_of,
+    tag_of,
+)
+
+MAX_QUEUE = 1 << 40  # queue_bytes: what the source may hold in memory for a group
 
 if TYPE_CHECKING:
     from .app import Api
@@ -19,10 +36,8 @@ async def route(api: Api, method: str, parts: List[str], query: Dict[str, list],
             and method == "POST":
         if set(body) != {"rpo_alert"}:
             raise Invalid("alert settings: rpo_alert (seconds, or null for none)")
-        value = body["rpo_alert"]
-        if value is not None and (not isinstance(value, (int, float))
-                                  or isinstance(value, bool) or value <= 0):
-            raise Invalid("rpo_alert must be a positive number of seconds or null")
+        value = None if body["rpo_alert"] is None else \
+            seconds_of(body, "rpo_alert", positive=True)
         if parts[2] not in api.source.status():
             raise NotFound("no group %s on this site" % parts[2])
         return 200, api._watcher().set_rpo_alert(parts[2], value)
@@ -40,19 +55,11 @@ async def route(api: Api, method: str, parts: List[str], query: Dict[str, list],
         return 200, await api.source.unprotect(parts[2])
     if len(parts) == 4 and parts[:2] == ["v1", "groups"] and parts[3] == "wait" \
             and method == "POST":
-        timeout = body.get("timeout", 600)
-        if not isinstance(timeout, (int, float)) or timeout < 0:
-            raise Invalid("timeout must be a number of seconds")
-        return 200, await api.source.wait_synced(parts[2], float(timeout))
+        return 200, await api.source.wait_synced(parts[2], seconds_of(body, "timeout", 600.0))
     if len(parts) == 4 and parts[:2] == ["v1", "groups"] and parts[3] == "checkpoints" \
             and method == "POST":
-        tag = body.get("tag")
-        if tag is not None and not isinstance(tag, str):
-            raise Invalid("tag must be a string")
-        timeout = body.get("timeout", 30)
-        if not isinstance(timeout, (int, float)) or timeout < 0:
-            raise Invalid("timeout must be a number of seconds")
-        return 200, await api.source.checkpoint(parts[2], tag, float(timeout))
+        return 200, await api.source.checkpoint(parts[2], tag_of(body),
+                                                seconds_of(body, "timeout", 30.0))
     if len(parts) == 3 and parts[:2] == ["v1", "checkpoints"] and method == "GET":
         name = parts[2]
         src = api.source.checkpoints(name) if name in api.source.shippers else None
@@ -63,37 +70,40 @@ async def route(api: Api, method: str, parts: List[str], query: Dict[str, list],
     return None
 
 
+PROTECT_FIELDS = ("name", "target", "disks", "allow_unreachable", "queue_bytes", "history_s",
+                  "journal_max", "checkpoint_interval", "bandwidth", "seeds")
+
+
 async def _protect(api: Api, body: Dict[str, Any]) -> Any:
+    only(body, PROTECT_FIELDS, "protect")
+    name = name_of(body, "name", "group")
+    target = str_of(body, "target", 300)
+    parse_address(target, "target")
     disks = body.get("disks")
-    if not isinstance(disks, list) or not all(
-            isinstance(d, dict) and isinstance(d.get("name"), str)
-            and isinstance(d.get("path"), str) for d in disks):
-        raise Invalid("disks must be a list of {name, path}")
+    if not isinstance(disks, list) or not 0 < len(disks) <= MAX_DISKS or not all(
+            isinstance(d, dict) and set(d) == {"name", "path"} for d in disks):
+        raise Invalid("disks must be a list of 1 to %d {name, path}" % MAX_DISKS)
+    pairs = [(name_of(d, "name", "disk"), path_of(d, "path")) for d in disks]
     kwargs: Dict[str, Any] = {}
     if "queue_bytes" in body:
-        kwargs["queue_bytes"] = positive_int_of(body, "queue_bytes")
+        kwargs["queue_bytes"] = int_of(body, "queue_bytes", 1, MAX_QUEUE)
     settings: Dict[str, Any] = {}
-    for key in ("history_s", "journal_max"):
-        if key in body:
-            settings[key] = positive_int_of(body, key)
+    if "history_s" in body:
+        settings["history_s"] = int_of(body, "history_s", 1, MAX_HISTORY - 1)
+    if "journal_max" in body:
+        settings["journal_max"] = int_of(body, "journal_max", 1, MAX_JOURNAL - 1)
     if "checkpoint_interval" in body:
-        interval = body["checkpoint_interval"]
-        if not isinstance(interval, (int, float)) or isinstance(interval, bool) \
-                or interval < 0:
-            raise Invalid("checkpoint_interval must be a number of seconds")
-        settings["checkpoint_interval"] = float(interval)
+        settings["checkpoint_interval"] = seconds_of(body, "checkpoint_interval")
     if "bandwidth" in body:
         settings["bandwidth"] = bandwidth_of(body)
     kwargs["settings"] = settings
     seeds = body.get("seeds", {})
-    if not isinstance(seeds, dict) or not all(
-            isinstance(p, str) and p for p in seeds.values()):
+    if not isinstance(seeds, dict) or len(seeds) > MAX_DISKS or not all(
+            is_name(k) for k in seeds):
         raise Invalid("seeds must be an object {disk: path on the target site}")
-    kwargs["seeds"] = seeds
+    kwargs["seeds"] = {k: path_value(p, "seed of disk %s" % k) for k, p in seeds.items()}
     return await api.source.protect(
-        str_of(body, "name"), [(d["name"], d["path"]) for d in disks],
-        str_of(body, "target"), allow_unreachable=bool(body.get("allow_unreachable")),
-        **kwargs)
+        name, pairs, target, allow_unreachable=bool_of(body, "allow_unreachable"), **kwargs)
 
 
 def wait_progress(api: Api, group: str) -> Callable[[], Optional[Dict[str, Any]]]:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from .. import tls
-from ..errors import Forbidden, Invalid, NotFound, Unavailable
-from ..source import parse_target
-from .request import str_of
+from ..errors import Forbidden, NotFound, Unavailable
+from .request import parse_address, seconds_of, str_of
 
 if TYPE_CHECKING:
     from .app import Api
@@ -19,17 +18,16 @@ async def route(api: Api, method: str, parts: List[str], query: Dict[str, list],
         return None
     trust = api.trust
     if parts == ["v1", "pair-token"] and method == "POST":
-        ttl = body.get("ttl", tls.TOKEN_TTL)
-        if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not 0 < ttl <= 86400:
-            raise Invalid("ttl must be a number of seconds from 1 to 86400")
-        return 201, trust.make_token(float(ttl))
+        ttl = seconds_of(body, "ttl", tls.TOKEN_TTL, 1.0, 86400.0)
+        return 201, trust.make_token(ttl)
     if parts == ["v1", "pairs"] and method == "GET":
         return 200, trust.status()
     if parts == ["v1", "pairs"] and method == "POST":
-        address = str_of(body, "address")
-        host, port = parse_target(address)
+        address = str_of(body, "address", 300)
+        host, port = parse_address(address)
+        token = str_of(body, "token", 256)
         try:
-            return 201, await trust.pair(host, port, address, str_of(body, "token"))
+            return 201, await trust.pair(host, port, address, token)
         except tls.PairingError as e:
             raise Forbidden(str(e)) from None
         except OSError as e:

@@ -8,7 +8,7 @@ import os
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
 from ..errors import Invalid
-from .request import point_of, str_of
+from .request import name_of, path_of, point_of, shown
 
 if TYPE_CHECKING:
     from .app import Api
@@ -40,11 +40,11 @@ def failover(api: Api, group: str, body: Dict[str, Any]) -> Callable[[], Awaitab
         return lambda: api.target.stop_test(group)
     if mode == "live":
         return lambda: api.target.failover_live(group, *point)
-    raise Invalid("mode must be test, stop-test or live")
+    raise Invalid("mode must be test, stop-test or live, not %s" % shown(mode))
 
 
 def restore(api: Api, group: str, body: Dict[str, Any]) -> Callable[[], Awaitable[Any]]:
-    disk, to, point = str_of(body, "disk"), str_of(body, "to"), point_of(body)
+    disk, to, point = name_of(body, "disk"), path_of(body, "to"), point_of(body)
     return lambda: api.target.restore(group, disk, to, *point)
 
 

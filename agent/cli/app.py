@@ -70,7 +70,7 @@ def call(api: Agent, method: str, path: str, body: Optional[Dict[str, Any]] = No
 
 def emit(result: Any) -> None:
     """``--json``: the agent's answer, indented, keys sorted."""
-    click.echo(json.dumps(result, indent=2, sort_keys=True))
+    click.echo(json.dumps(result, indent=2, sort_keys=True, allow_nan=False))
 
 
 def _version() -> str:

@@ -20,7 +20,7 @@ def status(api: Agent, group: Optional[str], as_json: bool) -> None:
     """Show protected groups (source side) and replicas (target side)."""
     result = call(api, "GET", "/v1/status" + ("?group=" + group if group else ""))
     if as_json:
-        click.echo(json.dumps(result, indent=2, sort_keys=True))
+        click.echo(json.dumps(result, indent=2, sort_keys=True, allow_nan=False))
         return
     lines: List[str] = []
     for name, g in sorted(result["groups"].items()):

@@ -35,8 +35,14 @@ assert HEADER.size == 24
 
 MAX_FRAME = 48 * 1024 * 1024
 # A peer that has not said HELLO (or PAIR) yet, which may be a stranger: its first frame
-# can be no larger than the largest first frame (a PAIR carries a certificate, ~2 KiB).
-MAX_FIRST_FRAME = 64 * 1024
+# can be no larger than the largest first frame (a PAIR carries a certificate, ~1 KiB, a
+# HELLO ~40 bytes). A header announcing more is refused before any of the body is read;
+# a frame read under this limit is also decoded under small limits (``PREAUTH_UNPACK``,
+# and zstd may not inflate it past MAX_FIRST_FRAME), so a stranger's frame costs this site
+# a few tens of KiB at most (docs/security.md).
+MAX_FIRST_FRAME = 16 * 1024
+PREAUTH_UNPACK = {"max_bin_len": 1024, "max_str_len": 8 * 1024, "max_array_len": 16,
+                  "max_map_len": 16, "max_ext_len": 0}
 MAX_BODY = 64 * 1024 * 1024
 MAX_RECORD = 32 * 1024 * 1024
 MAX_RECORDS = 65536
@@ -93,20 +99,25 @@ class Header:
     flags: int
     length: int
     checksum: int
+    limit: int = MAX_FRAME  # the limit it was read under: MAX_FIRST_FRAME before the peer is known
+
+    @property
+    def preauth(self) -> bool:
+        return self.limit <= MAX_FIRST_FRAME
 
 
 def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def unpack(body: bytes) -> Any:
-    """msgpack from the network: limits on every container, str keys only."""
+def unpack(body: bytes, preauth: bool = False) -> Any:
+    """msgpack from the network: limits on every container, str keys only; ``preauth``:
+    the small limits of a stranger's first frame (PREAUTH_UNPACK)."""
+    limits = PREAUTH_UNPACK if preauth else {
+        "max_bin_len": MAX_BODY, "max_str_len": MAX_NAME * 64,
+        "max_array_len": MAX_RECORDS * 2, "max_map_len": MAX_DISKS * 4, "max_ext_len": 0}
     try:
-        return msgpack.unpackb(
-            body, raw=False, strict_map_key=True, use_list=True,
-            max_bin_len=MAX_BODY, max_str_len=MAX_NAME * 64, max_array_len=MAX_RECORDS * 2,
-            max_map_len=MAX_DISKS * 4, max_ext_len=0,
-        )
+        return msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True, **limits)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
             TypeError) as e:
         raise ProtocolError("bad msgpack body: %s" % e) from None
@@ -161,23 +172,25 @@ class Codec:
             raise ProtocolError("unknown frame flags %#x" % flags)
         if length > limit:
             raise ProtocolError("frame of %d bytes is over the limit of %d" % (length, limit))
-        return Header(ftype, flags, length, checksum)
+        return Header(ftype, flags, length, checksum, limit)
 
     def decode_body(self, header: Header, body: bytes) -> dict:
         if xxhash.xxh3_64_intdigest(body) != header.checksum:
             raise ProtocolError("%s frame fails its checksum" % TYPE_NAMES[header.type])
         if header.flags & F_ZSTD:
+            most = MAX_FIRST_FRAME if header.preauth else MAX_BODY
             try:
-                # decompress() trusts a content size in the frame over max_output_size.
-                if zstandard.frame_content_size(body) > MAX_BODY:
-                    raise ProtocolError("body decompresses past the limit")
-                body = self._dctx.decompress(body, max_output_size=MAX_BODY,
+                # decompress() trusts a content size in the frame over max_output_size,
+                # and without one it needs max_output_size (else it refuses).
+                if zstandard.frame_content_size(body) > most:
+                    raise ProtocolError("body decompresses past the limit of %d" % most)
+                body = self._dctx.decompress(body, max_output_size=most,
                                              allow_extra_data=False)
             except zstandard.ZstdError as e:
                 raise ProtocolError("bad zstd body: %s" % e) from None
-            if len(body) > MAX_BODY:
-                raise ProtocolError("body decompresses past the limit")
-        obj = unpack(body)
+            if len(body) > most:
+                raise ProtocolError("body decompresses past the limit of %d" % most)
+        obj = unpack(body, header.preauth)
         if not isinstance(obj, dict):
             raise ProtocolError("%s body is not a map" % TYPE_NAMES[header.type])
         return obj

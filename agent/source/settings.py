@@ -17,11 +17,13 @@ DEFAULT_SETTINGS: Dict[str, Any] = {
     "stall_timeout": 15.0,              # a link that moves nothing this long while data
                                         # is owed is dropped and reconnected
 }
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# A group's or a disk's name. Anchored with \A and \Z, not ^ and $: ``$`` also matches before
+# a trailing newline, so ``NAME_RE.match("g\n")`` passed. Prefer ``NAME_RE.fullmatch``.
+NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 
 
 def parse_target(text: str) -> Tuple[str, int]:
-    m = re.match(r"^\[([^\]]+)\](?::(\d+))?$", text) or re.match(r"^([^:]+)(?::(\d+))?$", text)
+    m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?", text) or re.fullmatch(r"([^:]+)(?::(\d+))?", text)
     if not m:
         raise Invalid("target %r is not HOST:PORT" % text)
     port = int(m.group(2)) if m.group(2) else DEFAULT_PORT

@@ -26,7 +26,7 @@ from ..pairing import Refused, Trust
 from ..protocol import frames, messages
 from ..protocol.session import TargetSession
 from ..protocol.stream import SessionStream, keepalive
-from . import intake, meta
+from . import intake, meta, preauth
 from . import seeds as seed
 from .group import NoConsistentState, SizeMismatch, TargetGroup, check_disks
 from .restore import check_dest
@@ -34,7 +34,8 @@ from .views import Views
 
 log = logging.getLogger("ferry.target")
 
-HANDSHAKE_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0  # a new connection's time to authenticate (TLS, HELLO) and OPEN
+REFUSAL_LOG_INTERVAL = 10.0
 MAINTAIN_INTERVAL = 1.0  # promotion of what aged out of the window, without batches
 
 
@@ -44,6 +45,9 @@ class TargetSite:
         self.site = site
         self.trust = trust  # None: plain TCP only (unit tests)
         self.handshake_timeout = HANDSHAKE_TIMEOUT
+        self.gate = preauth.Gate()
+        self._refusals_logged_at = -REFUSAL_LOG_INTERVAL
+        self._refusals_logged = 0
         os.makedirs(self.root, exist_ok=True)
         self.groups: Dict[str, TargetGroup] = {}
         self._owners: Dict[str, trio.CancelScope] = {}
@@ -97,9 +101,33 @@ class TargetSite:
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         try:
-            peer = "%s:%s" % stream.socket.getpeername()[:2]
+            address, port = stream.socket.getpeername()[:2]
+            peer = "%s:%s" % (address, port)
         except OSError:
-            peer = "?"
+            address = peer = "?"
+        ticket = self.gate.enter(address)
+        if ticket is None:  # over a bound of connections not yet authenticated: close now
+            self._refused(peer)
+            await stream.aclose()
+            return
+        try:
+            await self._handle_admitted(stream, peer, ticket)
+        finally:
+            ticket.release()
+
+    def _refused(self, peer: str) -> None:
+        """Log refusals at most every REFUSAL_LOG_INTERVAL s: a flood must not flood the log."""
+        now = trio.current_time()
+        if now - self._refusals_logged_at >= REFUSAL_LOG_INTERVAL:
+            gate = self.gate
+            log.warning("refused %d connection(s) (the latest from %s): at most %d connections "
+                        "may be unauthenticated, %d from one address",
+                        gate.refused - self._refusals_logged, peer, gate.total,
+                        gate.per_address)
+            self._refusals_logged_at, self._refusals_logged = now, gate.refused
+
+    async def _handle_admitted(self, stream: trio.SocketStream, peer: str,
+                               ticket: preauth.Ticket) -> None:
         try:
             keepalive(stream)
         except OSError:
@@ -114,7 +142,7 @@ class TargetSite:
                 if self.trust is not None:
                     conn, paired, is_tls = await self.trust.accept(stream, peer)
                     fs = SessionStream(conn, peer, TargetSession())
-                opened = await self._handshake(fs, paired, is_tls, peer)
+                opened = await self._handshake(fs, paired, is_tls, peer, ticket)
             if handshake.cancelled_caught:
                 raise frames.ProtocolError("no handshake within %g s" % self.handshake_timeout)
             if opened is None:
@@ -156,9 +184,11 @@ class TargetSite:
             await fs.aclose()
 
     async def _handshake(self, fs: SessionStream, paired: Optional[bytes], is_tls: bool,
-                         peer: str) -> Optional[messages.Open]:
+                         peer: str, ticket: preauth.Ticket) -> Optional[messages.Open]:
         """HELLO/WELCOME, then the OPEN; None when the peer asked to pair instead
-        (answered here). The session admits only HELLO or PAIR first."""
+        (answered here). The session admits only HELLO or PAIR first, in a frame of at most
+        MAX_FIRST_FRAME bytes; once a paired peer's HELLO is in, the connection is
+        authenticated and gives back its slot of the gate."""
         first = await fs.receive()
         if isinstance(first, messages.Pair):
             if self.trust is None:
@@ -169,6 +199,7 @@ class TargetSite:
             await fs.send_error(frames.E_UNPAIRED, "this site is not paired with yours; "
                                 "pair them first (ferry pair-token, ferry pair)")
             raise Refused("refusing %s: TLS without a paired site's certificate" % peer)
+        ticket.release()  # authenticated: a paired certificate (or --insecure) and a HELLO
         await fs.send(messages.Welcome(self.site))
         return await fs.expect(messages.Open)
 
