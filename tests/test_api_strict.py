@@ -35,6 +35,7 @@ ROUTES = [
     ("POST", "/v1/groups/NAME/wait"), ("POST", "/v1/groups/NAME/settings"),
     ("POST", "/v1/groups/NAME/pause"), ("POST", "/v1/groups/NAME/resume"),
     ("POST", "/v1/groups/NAME/checkpoints"), ("GET", "/v1/checkpoints/NAME"),
+    ("POST", "/v1/groups/NAME/move"),
     ("POST", "/v1/replicas/NAME/views"), ("DELETE", "/v1/views/NAME"),
     ("POST", "/v1/replicas/NAME/failover"), ("POST", "/v1/replicas/NAME/restore"),
     ("POST", "/v1/pair-token"), ("POST", "/v1/pairs"), ("GET", "/v1/pairs"),
@@ -45,7 +46,7 @@ ROUTES = [
 ]
 # Routes that may wait as long as a body says (a wait, a checkpoint of a paused group):
 # the real group is not named there, so they answer at once.
-WAITS = ("/wait", "/checkpoints")
+WAITS = ("/wait", "/checkpoints", "/move")
 
 FIELDS = ["name", "target", "disks", "path", "allow_unreachable", "queue_bytes", "history_s",
           "journal_max", "checkpoint_interval", "bandwidth", "seeds", "timeout", "tag",

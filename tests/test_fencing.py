@@ -73,3 +73,69 @@ def _write_refused(uri: str) -> bool:
         return e.errno in ("EPERM", errno.EPERM)
     finally:
         del h
+
+
+def read_all(uri: str, size: int) -> bytes:
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        return h.pread(size, 0)
+    finally:
+        h.shutdown()
+
+
+def test_move_goes_live_on_site_b_with_nothing_lost(sites: Lab) -> None:
+    import json
+
+    disk = sites.image("vda.img", 8 * MiB)
+    uri = sites.protect("g1", disk)["vda"]
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    for i in range(32):  # the last of these are still in flight when the move starts
+        h.pwrite(bytes([65 + i % 26]) * 65536, i * 131072)
+    h.flush()
+    out = json.loads(sites.a.ferry("move", "g1", "--json").stdout)
+    assert out["moved"] and out["lost_writes"] == 0, out
+    with pytest.raises(nbd.Error):
+        h.pwrite(b"z" * 4096, 0)  # A is fenced: the VM there can change nothing now
+    h.shutdown()
+    b = sites.b.status("g1")["replicas"]["g1"]
+    assert b["failover"]["state"] == "done", b["failover"]
+    assert b["failover"]["checkpoint"]["id"] == out["checkpoint"]
+    assert b["failover"]["checkpoint"]["kind"] == "move"
+    live = b["views"][0]["disks"]["vda"]
+    assert read_all(live, 8 * MiB) == disk.read_bytes(), "site B is not what A held"
+    wait_for(lambda: group(sites)["state"] == "fenced", what="A fenced after the move")
+    proc = sites.a.ferry("move", "g1", check=False)
+    assert proc.returncode == 4 and "fenced already" in proc.stderr, proc.stderr
+
+
+def test_a_move_that_cannot_finish_lifts_the_fence(lab: Lab) -> None:
+    from lab.proxy import FaultProxy
+
+    lab.b.start()
+    lab.a.start()
+    host, port = lab.b.address.rsplit(":", 1)
+    with FaultProxy((host, int(port))) as proxy:
+        disk = lab.image("vda.img", 8 * MiB)
+        out = lab.a.ferry("protect", "g1", "--disk", "vda=%s" % disk, "--target",
+                          proxy.address).stdout
+        uri = out.split("\t")[1].strip()
+        lab.a.ferry("wait", "g1", "--synced", "--timeout", "60")
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        proxy.stall()
+        h.pwrite(b"q" * 65536, 0)  # owed to B, which cannot get it now
+        proc = lab.a.ferry("move", "g1", "--timeout", "3", check=False)
+        assert proc.returncode == 6 and "not synced" in proc.stderr, proc.stderr
+        h.pwrite(b"r" * 4096, 0)  # the fence is lifted: the VM writes on
+        h.flush()
+        h.shutdown()
+        assert "move aborted" in lab.a.log.read_text()
+        proxy.heal()
+        lab.a.ferry("wait", "g1", "--synced", "--timeout", "90")
+        assert lab.b.status("g1")["replicas"]["g1"]["failover"] is None
+    # A move refused before it starts fences nothing.
+    lab.a.ferry("pause", "g1")
+    proc = lab.a.ferry("move", "g1", check=False)
+    assert proc.returncode == 4 and "not replicating" in proc.stderr, proc.stderr

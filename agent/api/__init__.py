@@ -9,6 +9,7 @@
     POST   /v1/groups/NAME/settings         {bandwidth}: change the link's limit now
     POST   /v1/groups/NAME/pause, .../resume  stop / restart shipping (kept across restarts)
     POST   /v1/groups/NAME/checkpoints      {tag?, timeout?}: cut a user checkpoint (source)
+    POST   /v1/groups/NAME/move             {timeout?}: planned move to the target, no loss
     GET    /v1/checkpoints/NAME             {"source": [...] | null, "target": [...] | null}
     POST   /v1/replicas/NAME/views          {checkpoint?, at_ns?, test?}: serve a point (target)
     DELETE /v1/views/ID                     close a view

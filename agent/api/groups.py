@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 from ..errors import Invalid, NotFound
 from ..protocol.frames import MAX_DISKS
 from ..protocol.messages import MAX_HISTORY, MAX_JOURNAL
+from ..source.move import move
 from .request import (
     bandwidth_of,
     bool_of,
@@ -60,6 +61,9 @@ async def route(api: Api, method: str, parts: List[str], query: Dict[str, list],
             and method == "POST":
         return 200, await api.source.checkpoint(parts[2], tag_of(body),
                                                 seconds_of(body, "timeout", 30.0))
+    if len(parts) == 4 and parts[:2] == ["v1", "groups"] and parts[3] == "move" \
+            and method == "POST":
+        return 200, await move(api.source, parts[2], seconds_of(body, "timeout", 120.0))
     if len(parts) == 3 and parts[:2] == ["v1", "checkpoints"] and method == "GET":
         name = parts[2]
         src = api.source.checkpoints(name) if name in api.source.shippers else None

@@ -201,6 +201,26 @@ def checkpoint(api: Agent, group: str, tag: Optional[str], timeout: float,
 
 @cli.command()
 @click.argument("group", shell_complete=complete_groups)
+@click.option("--timeout", default=120.0, show_default=True, type=float,
+              help="Seconds each step may take (the last writes out, site B live).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def move(api: Agent, group: str, timeout: float, as_json: bool) -> None:
+    """On the source site: move GROUP to its target site with nothing lost.
+
+    The splitters refuse writes from now on (the VMs must be stopped, or ready to stop),
+    the last writes are shipped, and site B goes live at that point: start the VMs there.
+    On failure the splitters take writes again and replication goes on."""
+    result = call(api, "POST", "/v1/groups/%s/move" % group, {"timeout": timeout},
+                  timeout=4 * timeout + 30)
+    if as_json:
+        return emit(result)
+    click.echo("group %s moved to %s at checkpoint %s; writes lost: %d" % (
+        group, result["target"], result["checkpoint"], result["lost_writes"]))
+
+
+@cli.command()
+@click.argument("group", shell_complete=complete_groups)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def checkpoints(api: Agent, group: str, as_json: bool) -> None:
