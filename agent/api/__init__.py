@@ -15,6 +15,8 @@
     DELETE /v1/views/ID                     close a view
     POST   /v1/replicas/NAME/failover       {mode: test|stop-test|live, checkpoint?, at_ns?}
     POST   /v1/replicas/NAME/restore        {disk, to, checkpoint?, at_ns?}: a disk to a file
+    POST   /v1/replicas/NAME/mounts         {disk, dir, checkpoint?, at_ns?}: mount read-only
+    POST   /v1/umount                       {dir}: undo such a mount
                                             (default: its newest consistent state)
     POST   /v1/pair-token                   {ttl?}: a one-time pairing token (this site)
     POST   /v1/pairs                        {address, token}: pair with the site there

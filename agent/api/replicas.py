@@ -1,6 +1,7 @@
 """The target site's endpoints of recovery: views (``/v1/replicas/NAME/views``,
-``/v1/views/ID``), failover and restore, each at a point in time; and the work of a
-failover or a restore, which a job (``jobs.py``) runs as well."""
+``/v1/views/ID``), failover, restore and file-level mounts (``/v1/replicas/NAME/mounts``,
+``/v1/umount``), each at a point in time; and the work of a failover or a restore, which a
+job (``jobs.py``) runs as well."""
 
 from __future__ import annotations
 
@@ -28,6 +29,12 @@ async def route(api: Api, method: str, parts: List[str], query: Dict[str, list],
     if len(parts) == 4 and parts[:2] == ["v1", "replicas"] and parts[3] == "restore" \
             and method == "POST":
         return 200, await restore(api, parts[2], body)()
+    if len(parts) == 4 and parts[:2] == ["v1", "replicas"] and parts[3] == "mounts" \
+            and method == "POST":
+        disk, directory, point = name_of(body, "disk"), path_of(body, "dir"), point_of(body)
+        return 201, await api.target.mount(parts[2], disk, directory, *point)
+    if parts == ["v1", "umount"] and method == "POST":
+        return 200, await api.target.umount(path_of(body, "dir"))
     return None
 
 

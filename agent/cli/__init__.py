@@ -12,7 +12,7 @@ checkpoint, checkpoints), ``status``, ``pairing`` (pair-token, pair, peers, unpa
 durations and times.
 """
 
-from . import daemon, groups, jobs, operations, pairing, recovery, status  # noqa: F401
+from . import daemon, groups, jobs, mounts, operations, pairing, recovery, status  # noqa: F401
 from .app import cli, main
 
 __all__ = ["cli", "main"]

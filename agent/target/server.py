@@ -29,6 +29,7 @@ from ..protocol.stream import SessionStream, keepalive
 from . import intake, meta, preauth
 from . import seeds as seed
 from .group import NoConsistentState, SizeMismatch, TargetGroup, check_disks
+from .mounts import Mounts
 from .restore import check_dest
 from .views import Views
 
@@ -55,6 +56,9 @@ class TargetSite:
         self._locks: Dict[str, trio.Lock] = {}
         self.broken: Dict[str, str] = {}
         self.views = Views(data_dir)
+        self.mounts = Mounts(
+            data_dir, lambda name, ref, at: self.views.open(self.group(name), ref, at, False),
+            lambda vid: self.views.close(vid, self.groups))
 
     def load(self) -> None:
         """Open every group this site already holds (restore works without a source)."""
@@ -77,6 +81,7 @@ class TargetSite:
                 self.views.serve_live(self.groups[name])
 
     def close(self) -> None:
+        self.mounts.close_all()
         self.views.close_all(self.groups)
         for group in self.groups.values():
             group.close()
@@ -365,6 +370,19 @@ class TargetSite:
         view = await trio.to_thread.run_sync(self.views.serve_live, g)
         return dict(view, failover=result)
 
+    async def mount(self, group: str, disk: str, directory: str, ref: Optional[str],
+                    at_wall_ns: Optional[int]) -> Dict[str, Any]:
+        """A point of ``disk`` mounted read-only under ``directory`` (mounts.py)."""
+        self.group(group)
+        try:
+            return await trio.to_thread.run_sync(self.mounts.mount, group, disk, directory,
+                                                 ref, at_wall_ns)
+        except (NoConsistentState, checkpoints.CheckpointError) as e:
+            raise NotFound(str(e)) from None
+
+    async def umount(self, directory: str) -> Dict[str, Any]:
+        return await trio.to_thread.run_sync(self.mounts.umount, directory)
+
     async def stop_test(self, group: str) -> Dict[str, Any]:
         self.group(group)
         view = self.views.test_of(group)
@@ -383,6 +401,7 @@ class TargetSite:
             test = self.views.test_of(name)
             st["test"] = test.to_json() if test else None
             st["views"] = self.views.of_group(name)
+            st["mounts"] = self.mounts.of_group(name)
             out[name] = st
         return out
 

@@ -1,0 +1,51 @@
+"""File-level restore on the target site: ``mount`` a disk's file systems at a point
+read-only under a directory, ``umount`` them (agent/target/mounts.py)."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import click
+
+from .app import Agent, call, cli, complete_groups, emit
+from .recovery import point_body, point_options
+from .units import iso
+
+
+@cli.command()
+@click.argument("group", shell_complete=complete_groups)
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--disk", required=True, help="The disk's name in the group.")
+@point_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def mount(api: Agent, group: str, directory: str, disk: str, checkpoint: Optional[str],
+          at: Optional[str], as_json: bool) -> None:
+    """On the target site: mount DISK's file systems as of a point (default: the newest
+    consistent state) read-only under DIRECTORY, an empty directory; one file system is
+    mounted on DIRECTORY itself, partitions on DIRECTORY/p1, p2... Undo with ferry umount."""
+    body = dict(point_body(checkpoint, at), disk=disk, dir=os.path.abspath(directory))
+    result = call(api, "POST", "/v1/replicas/%s/mounts" % group, body, timeout=600)
+    if as_json:
+        return emit(result)
+    c = result.get("checkpoint")
+    click.echo("mounted %s/%s at %s read-only" % (
+        group, disk, "checkpoint %s (%s)" % (c["id"], iso(c["wall_ns"])) if c
+        else "its newest consistent state"))
+    for fs in result["file_systems"]:
+        click.echo("%s\t%s\t%s" % (fs["directory"], fs["type"], fs["device"]))
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def umount(api: Agent, directory: str, as_json: bool) -> None:
+    """On the target site: unmount what ferry mount mounted at DIRECTORY."""
+    result = call(api, "POST", "/v1/umount", {"dir": os.path.abspath(directory)},
+                  timeout=300)
+    if as_json:
+        return emit(result)
+    click.echo("unmounted %s/%s from %s" % (result["group"], result["disk"],
+                                           result["directory"]))
