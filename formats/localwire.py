@@ -81,6 +81,9 @@ MSG_REWIND = 17      # JSON: {}: resend everything not acked yet
 MSG_SYNC_REQ = 18    # JSON: token
 MSG_FENCE = 19       # JSON: {"fenced": bool, "reason": str}: refuse (or again take) writes;
                      # sent only to splitters whose HELLO says "fence": 1
+MSG_RESYNC = 20      # JSON: {"ranges": [[offset, length], ...]}: read these again and send
+                     # them (a repair); only to splitters whose HELLO says "resync": 1
+MAX_RESYNC_RANGES = 65536
 
 
 

@@ -13,7 +13,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from formats import localwire as lw
 
@@ -242,6 +242,11 @@ class Link:
                     self.changelog.fenced = reason if fence.get("fenced") else None
                     log("writes %s: %s" % ("refused (EROFS)" if fence.get("fenced")
                                            else "taken again", reason))
+                elif msg_type == lw.MSG_RESYNC:
+                    ranges = _ranges(lw.unpack_json(payload), self.disk.size)
+                    self.changelog.mark_dirty(ranges)
+                    log("resync of %d range(s), %d bytes, asked by the agent"
+                        % (len(ranges), sum(n for _o, n in ranges)))
                 elif msg_type == lw.MSG_SYNC_REQ:
                     token = lw.unpack_json(payload).get("token")
                     if not isinstance(token, str):
@@ -252,3 +257,18 @@ class Link:
         except (OSError, lw.ProtocolError) as e:
             if not self._stop.is_set():
                 errors.append(e)
+
+
+def _ranges(obj: Any, size: int) -> List[Tuple[int, int]]:
+    """The ranges of a RESYNC message, each within the disk (else ProtocolError)."""
+    raw = obj.get("ranges") if isinstance(obj, dict) else None
+    if not isinstance(raw, list) or len(raw) > lw.MAX_RESYNC_RANGES:
+        raise lw.ProtocolError("RESYNC without a list of ranges")
+    out = []
+    for r in raw:
+        if not (isinstance(r, list) and len(r) == 2 and all(
+                isinstance(x, int) and not isinstance(x, bool) for x in r)
+                and r[0] >= 0 and r[1] > 0 and r[0] + r[1] <= size):
+            raise lw.ProtocolError("RESYNC range %r is not within the disk" % (r,))
+        out.append((r[0], r[1]))
+    return out

@@ -109,7 +109,8 @@ def after_fork():
     # Threads must start after nbdkit has forked into the background.
     global _link
     hello = {"disk_id": _config["disk_id"], "name": _config["name"], "group": _config["group"],
-             "gen": _log.gen, "size": _disk.size, "pid": os.getpid(), "fence": 1}
+             "gen": _log.gen, "size": _disk.size, "pid": os.getpid(), "fence": 1,
+             "resync": 1}
     _link = Link(_log, _disk, _config["agent"], hello)
     _link.on_carry_done = lambda: statefile.carry_done(_config["state"], _log.gen, _disk.size)
     _link.start()

@@ -39,6 +39,7 @@ ROUTES = [
     ("POST", "/v1/replicas/NAME/views"), ("DELETE", "/v1/views/NAME"),
     ("POST", "/v1/replicas/NAME/failover"), ("POST", "/v1/replicas/NAME/restore"),
     ("POST", "/v1/replicas/NAME/mounts"), ("POST", "/v1/umount"),
+    ("POST", "/v1/groups/NAME/resync"), ("POST", "/v1/replicas/NAME/repair"),
     ("POST", "/v1/pair-token"), ("POST", "/v1/pairs"), ("GET", "/v1/pairs"),
     ("DELETE", "/v1/pairs/NAME"), ("GET", "/v1/events"), ("GET", "/v1/alerts"),
     ("POST", "/v1/groups/NAME/alerts"), ("GET", "/v1/overview"), ("POST", "/v1/jobs"),
@@ -52,7 +53,7 @@ WAITS = ("/wait", "/checkpoints", "/move")
 FIELDS = ["name", "target", "disks", "path", "allow_unreachable", "queue_bytes", "history_s",
           "journal_max", "checkpoint_interval", "bandwidth", "seeds", "timeout", "tag",
           "checkpoint", "at_ns", "mode", "disk", "to", "ttl", "address", "token", "kind",
-          "group", "rpo_alert", "dir"]
+          "group", "rpo_alert", "dir", "ranges"]
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(2 ** 70), max_value=2 ** 70),

@@ -10,6 +10,7 @@ from ..errors import Invalid, NotFound
 from ..protocol.frames import MAX_DISKS
 from ..protocol.messages import MAX_HISTORY, MAX_JOURNAL
 from ..source.move import move
+from ..source.resync import resync
 from .request import (
     bandwidth_of,
     bool_of,
@@ -20,6 +21,7 @@ from .request import (
     parse_address,
     path_of,
     path_value,
+    ranges_of,
     seconds_of,
     str_of,
     tag_of,
@@ -61,6 +63,9 @@ async def route(api: Api, method: str, parts: List[str], query: Dict[str, list],
             and method == "POST":
         return 200, await api.source.checkpoint(parts[2], tag_of(body),
                                                 seconds_of(body, "timeout", 30.0))
+    if len(parts) == 4 and parts[:2] == ["v1", "groups"] and parts[3] == "resync" \
+            and method == "POST":
+        return 200, await resync(api.source, parts[2], name_of(body, "disk"), ranges_of(body))
     if len(parts) == 4 and parts[:2] == ["v1", "groups"] and parts[3] == "move" \
             and method == "POST":
         return 200, await move(api.source, parts[2], seconds_of(body, "timeout", 120.0))

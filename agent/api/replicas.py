@@ -9,7 +9,7 @@ import os
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
 from ..errors import Invalid
-from .request import name_of, path_of, point_of, shown
+from .request import name_of, path_of, point_of, ranges_of, shown
 
 if TYPE_CHECKING:
     from .app import Api
@@ -33,6 +33,9 @@ async def route(api: Api, method: str, parts: List[str], query: Dict[str, list],
             and method == "POST":
         disk, directory, point = name_of(body, "disk"), path_of(body, "dir"), point_of(body)
         return 201, await api.target.mount(parts[2], disk, directory, *point)
+    if len(parts) == 4 and parts[:2] == ["v1", "replicas"] and parts[3] == "repair" \
+            and method == "POST":
+        return 200, api.target.repair(parts[2], name_of(body, "disk"), ranges_of(body))
     if parts == ["v1", "umount"] and method == "POST":
         return 200, await api.target.umount(path_of(body, "dir"))
     return None

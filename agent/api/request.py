@@ -194,6 +194,27 @@ def int_of(body: Dict[str, Any], key: str, low: int, high: int,
     return value
 
 
+MAX_RANGES = 65536
+
+
+def ranges_of(body: Dict[str, Any]) -> Optional[List[Tuple[int, int]]]:
+    """``ranges``: a list of [offset, length] byte ranges (absent: the whole disk)."""
+    raw = body.get("ranges")
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not 0 < len(raw) <= MAX_RANGES:
+        raise Invalid("ranges must be a list of 1 to %d [offset, length] pairs" % MAX_RANGES)
+    out = []
+    for r in raw:
+        if not (isinstance(r, list) and len(r) == 2 and all(
+                isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 62
+                for x in r) and r[1] > 0):
+            raise Invalid("a range is [offset, length] with offset >= 0 and length > 0, "
+                          "not %s" % shown(r))
+        out.append((r[0], r[1]))
+    return out
+
+
 def seconds_of(body: Dict[str, Any], key: str, default: Optional[float] = None,
                low: float = 0.0, high: float = MAX_SECONDS,
                positive: bool = False) -> float:

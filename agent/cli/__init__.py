@@ -12,7 +12,17 @@ checkpoint, checkpoints), ``status``, ``pairing`` (pair-token, pair, peers, unpa
 durations and times.
 """
 
-from . import daemon, groups, jobs, mounts, operations, pairing, recovery, status  # noqa: F401
+from . import (  # noqa: F401
+    daemon,
+    groups,
+    jobs,
+    mounts,
+    operations,
+    pairing,
+    recovery,
+    repair,
+    status,
+)
 from .app import cli, main
 
 __all__ = ["cli", "main"]

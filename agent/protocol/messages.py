@@ -261,18 +261,29 @@ class Batch(Message):
         return sum(r.length for r in self.records if r.kind == KIND_WRITE)
 
 
+MAX_REPAIRS = 4096  # ranges one ACK may ask to have sent again
+
+Repair = Tuple[int, int, int]  # (disk index, offset, length)
+
+
 @dataclass(frozen=True)
 class Ack(Message):
-    """Site B holds each disk durably up to ``durable``, and these checkpoints."""
+    """Site B holds each disk durably up to ``durable``, and these checkpoints; ``repair``
+    asks the source to read these ranges of its disks again and send them (B found its copy
+    of them damaged or missing): an optional field, which a source that does not know it
+    ignores."""
     TYPE: ClassVar[int] = frames.T_ACK
     group: str
     durable: Tuple[Point, ...]
     checkpoints: Tuple[str, ...] = ()
+    repair: Tuple[Repair, ...] = ()
 
     def body(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"group": self.group, "durable": [list(d) for d in self.durable]}
         if self.checkpoints:
             out["checkpoints"] = list(self.checkpoints)
+        if self.repair:
+            out["repair"] = [list(r) for r in self.repair]
         return out
 
     @classmethod
@@ -280,8 +291,18 @@ class Ack(Message):
         ids = body.get("checkpoints", [])
         if not isinstance(ids, list) or len(ids) > MAX_CHECKPOINTS * 64:
             raise ProtocolError("bad checkpoints list in ACK")
+        raw = body.get("repair", [])
+        if not isinstance(raw, list) or len(raw) > MAX_REPAIRS:
+            raise ProtocolError("bad repair list in ACK")
+        repair = []
+        for r in raw:
+            if not (isinstance(r, list) and len(r) == 3 and all(
+                    isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 63
+                    for x in r) and r[0] < ctx.ndisks and r[2] > 0):
+                raise ProtocolError("bad repair entry %r in ACK" % (r,))
+            repair.append((r[0], r[1], r[2]))
         return cls(_group(body, ctx), tuple(_points(body, "durable", ctx.ndisks)),
-                   tuple(i for i in ids if isinstance(i, str)))
+                   tuple(i for i in ids if isinstance(i, str)), tuple(repair))
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,11 @@ class ChangeStream(Protocol):
     def shipped(self, record: Any) -> None:
         """``record`` went out to the target (as data, as a seeded reference or a range)."""
 
+    async def resync(self, ranges: List[Tuple[int, int]]) -> bool:
+        """Read these ranges from the source again and deliver them (a repair); False when
+        the source cannot now."""
+        ...
+
     async def fence(self, reason: Optional[str]) -> None:
         """Refuse writes at the source for ``reason`` (None: take them again)."""
 

@@ -69,7 +69,8 @@ async def splitter_conn(stream: trio.SocketStream, link_of: LinkOf) -> None:
             log.warning("a splitter for unknown disk %r connected; closing it",
                         hello.get("disk_id"))
             return
-        await link.attach(stream, int(hello.get("gen", 0)), hello.get("fence") == 1)
+        await link.attach(stream, int(hello.get("gen", 0)), hello.get("fence") == 1,
+                          hello.get("resync") == 1)
         while True:
             msg_type, length = lw.unpack_header(await read_exact(lw.HEADER.size))
             payload = await read_exact(length)

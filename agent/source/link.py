@@ -46,6 +46,7 @@ class DiskLink:
         self.index = row.index
         self.fenced: Optional[str] = None  # why the splitter must refuse writes, or None
         self.can_fence = False             # its HELLO said it understands MSG_FENCE
+        self.can_resync = False            # ... and MSG_RESYNC
 
     @property
     def connected(self) -> bool:
@@ -61,13 +62,14 @@ class DiskLink:
 
     # -- the splitter's side (intake) ------------------------------------------------------
 
-    async def attach(self, stream: trio.SocketStream, gen: int, can_fence: bool = False
-                     ) -> None:
+    async def attach(self, stream: trio.SocketStream, gen: int, can_fence: bool = False,
+                     can_resync: bool = False) -> None:
         """A splitter of generation ``gen`` connected: it replaces any earlier one."""
         if self.stream is not None:
             await self.stream.aclose()
         self.stream = stream
         self.can_fence = can_fence
+        self.can_resync = can_resync
         if self.fenced is not None:
             await self._send_fence()
         old_gen, self.gen = self.gen, gen
@@ -180,6 +182,18 @@ class DiskLink:
         log.warning("%s/%s: %s", self.row.group, self.row.name,
                     "writes refused: %s" % reason if reason else "writes taken again")
         await self._send_fence()
+
+    async def resync(self, ranges: List[Tuple[int, int]]) -> bool:
+        """Have the splitter read these ranges of its disk again and send them (a repair);
+        False when no splitter that can is connected (the ranges are not owed then)."""
+        if self.stream is None or not self.can_resync:
+            return False
+        for start in range(0, len(ranges), lw.MAX_RESYNC_RANGES):
+            await self.send(lw.pack_json(lw.MSG_RESYNC, {
+                "ranges": [list(r) for r in ranges[start:start + lw.MAX_RESYNC_RANGES]]}))
+        log.warning("%s/%s: %d range(s), %d bytes, to be read again and sent (repair)",
+                    self.row.group, self.row.name, len(ranges), sum(n for _o, n in ranges))
+        return True
 
     async def _send_fence(self) -> None:
         if not self.can_fence:

@@ -92,6 +92,7 @@ class GroupShipper:
         self._ping = False
         self.link_state = "connecting"  # connected | connecting | down, for status
         self.fenced: Optional[str] = None  # why the splitters refuse writes (see _fence)
+        self.owed_repairs: dict = {}  # disk index -> ranges B asked for, no splitter then
         self.fenced_since = 0.0
         self.link_since = time.time()
         for index, link in enumerate(self.links):
@@ -294,6 +295,8 @@ class GroupShipper:
         while True:
             ack = await fs.expect(messages.Ack)
             self._waiting_since = None  # the link moves
+            if ack.repair:
+                await self._repair(ack.repair)
             self.book.acked(list(ack.checkpoints))
             for link, d in zip(self.links, ack.durable):
                 await link.ack(d)
@@ -309,6 +312,7 @@ class GroupShipper:
                 self.book.request("auto")
                 next_auto = now + interval
             self.book.resolve()
+            await self._repair_owed()
             if not self._nudged and self.book.sendable():
                 self._nudged = True
                 await send_ch.send((-1, []))
@@ -334,6 +338,23 @@ class GroupShipper:
             if waiting is None and not self._ping and now - self._last_send >= timeout / 3:
                 self._ping = True
                 await send_ch.send((-1, []))
+
+    async def _repair(self, repair: Sequence[Tuple[int, int, int]]) -> None:
+        """Site B asks for these ranges again (it found its copy damaged or missing)."""
+        by_disk: dict = {}
+        for disk, offset, length in repair:
+            by_disk.setdefault(disk, []).append((offset, length))
+        for disk, ranges in sorted(by_disk.items()):
+            if not await self.links[disk].resync(ranges):
+                log.error("group %s: site B asks for %d range(s) of disk %d again, but its "
+                          "splitter is not connected; they are owed until it is", self.row.name,
+                          len(ranges), disk)
+                self.owed_repairs.setdefault(disk, []).extend(ranges)
+
+    async def _repair_owed(self) -> None:
+        for disk in list(self.owed_repairs):
+            if await self.links[disk].resync(self.owed_repairs[disk]):
+                del self.owed_repairs[disk]
 
     async def _fence(self, reason: Optional[str]) -> None:
         """The target holds the group failed over (``reason``): the splitters refuse writes

@@ -22,10 +22,12 @@ GROUP_COMMIT_BYTES = 16 * 1024 * 1024  # at most this much data in one journal a
 
 
 async def receive(fs: SessionStream, group: TargetGroup, session: Dict[str, Any],
-                  on_move: Optional[Callable[[str], Awaitable[None]]] = None) -> None:
+                  on_move: Optional[Callable[[str], Awaitable[None]]] = None,
+                  repairs: Callable[[], Tuple[Any, ...]] = tuple) -> None:
     """Take BATCH frames into ``group`` until the connection ends (see the module);
     ``session`` counts batches, records and bytes for the status. Once a checkpoint of
-    kind ``move`` is journaled and acked, ``on_move(its id)`` runs and the session ends."""
+    kind ``move`` is journaled and acked, ``on_move(its id)`` runs and the session ends.
+    Each ACK carries the ranges ``repairs()`` gives (repairs.py)."""
     send_ch, recv_ch = trio.open_memory_channel[Tuple[List[Any], List[Any], int]](
         RECEIVE_AHEAD)
 
@@ -53,7 +55,8 @@ async def receive(fs: SessionStream, group: TargetGroup, session: Dict[str, Any]
             session["batches"] += len(got)
             session["records"] += len(records)
             session["bytes"] += size
-            await fs.send(messages.Ack(group.name, tuple(group.durable()), tuple(ids)))
+            await fs.send(messages.Ack(group.name, tuple(group.durable()), tuple(ids),
+                                       repairs()))
             moves = [c.id for c in cps if c.kind == "move" and c.id in ids]
             if moves and on_move is not None:
                 await on_move(moves[-1])

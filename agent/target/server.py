@@ -21,7 +21,7 @@ import trio
 
 from .. import checkpoints
 from ..checkpoints import iso
-from ..errors import NotFound, StorageError
+from ..errors import Invalid, NotFound, StorageError
 from ..pairing import Refused, Trust
 from ..protocol import frames, messages
 from ..protocol.session import TargetSession
@@ -30,6 +30,7 @@ from . import intake, meta, preauth
 from . import seeds as seed
 from .group import NoConsistentState, SizeMismatch, TargetGroup, check_disks
 from .mounts import Mounts
+from .repairs import Repairs
 from .restore import check_dest
 from .views import Views
 
@@ -56,6 +57,7 @@ class TargetSite:
         self._locks: Dict[str, trio.Lock] = {}
         self.broken: Dict[str, str] = {}
         self.views = Views(data_dir)
+        self.repairs = Repairs()
         self.mounts = Mounts(
             data_dir, lambda name, ref, at: self.views.open(self.group(name), ref, at, False),
             lambda vid: self.views.close(vid, self.groups))
@@ -262,7 +264,8 @@ class TargetSite:
             log.warning("group %s MOVED here from %s: live at checkpoint %s",
                         group_name, peer, cid)
 
-        await intake.receive(fs, group, session, on_move)
+        await intake.receive(fs, group, session, on_move,
+                             lambda: self.repairs.take(group_name))
 
     def _take_over(self, name: str, scope: trio.CancelScope) -> None:
         """A new session for a group replaces an older one (the source reconnected)."""
@@ -380,6 +383,20 @@ class TargetSite:
         except (NoConsistentState, checkpoints.CheckpointError) as e:
             raise NotFound(str(e)) from None
 
+    def repair(self, group: str, disk: str, ranges: Optional[List[Tuple[int, int]]]
+               ) -> Dict[str, Any]:
+        """Ask the source to send these ranges of ``disk`` again (default: all of it)."""
+        g = self.group(group)
+        index = g.index_of(disk)
+        size = g.disks[index].size
+        ranges = check_ranges(ranges, size, "disk %s of group %s" % (disk, group))
+        self.repairs.request(group, index, ranges)
+        log.warning("group %s: asked the source for %d range(s) of %s again (%d bytes)",
+                    group, len(ranges), disk, sum(n for _o, n in ranges))
+        return {"group": group, "disk": disk, "ranges": [list(r) for r in ranges],
+                "bytes": sum(n for _o, n in ranges), "queued": self.repairs.pending(group),
+                "connected": group in self._sessions}
+
     async def umount(self, directory: str) -> Dict[str, Any]:
         return await trio.to_thread.run_sync(self.mounts.umount, directory)
 
@@ -424,3 +441,17 @@ def failed_over_message(group: TargetGroup) -> str:
             "its writes are refused until the failover is rolled back or the group fails "
             "back" % (group.name, when, "checkpoint %s" % c["id"] if c else
                       "its newest consistent state"))
+
+
+def check_ranges(ranges: Optional[List[Tuple[int, int]]], size: int, what: str
+                 ) -> List[Tuple[int, int]]:
+    """``ranges`` (default: the whole disk), each non-empty and within ``size`` bytes."""
+    if ranges is None:
+        return [(0, size)]
+    if not ranges:
+        raise Invalid("no ranges given")
+    for offset, length in ranges:
+        if offset < 0 or length <= 0 or offset + length > size:
+            raise Invalid("range %d+%d is not within %s (%d bytes)"
+                          % (offset, length, what, size))
+    return list(ranges)
