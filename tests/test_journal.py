@@ -197,11 +197,17 @@ def make_torn_base(directory: Path) -> Tuple[List[JRecord], int, int]:
     j.append([records[0]])           # segment 1 (63 + 48 > 60: full)
     j.append([records[1]])           # segment 2
     start = j.end[1]
-    j.append([records[2]])           # segment 2, the tail
     segno = j.end[0]
     j.close()
     assert segno == 2
+    # The tail: written, never acked (a crash before append's fdatasync returned).
+    with open(seg_path(directory, segno), "ab") as f:
+        f.write(raw(records[2]))
     return records, segno, start
+
+
+def raw(r: JRecord) -> bytes:
+    return encode_header(r) + (r.data or b"")
 
 
 def test_torn_tail_at_every_offset_is_cut_and_appends_continue(tmp_path: Path) -> None:
@@ -453,6 +459,10 @@ def test_random_tail_damage_keeps_every_earlier_record(
         written.extend(batch)
     j.close()
     path = seg_path(d, 1)
+    # The last record as a crash before its ack left it: past the acked mark.
+    buf = bytearray(path.read_bytes())
+    (d / "acked").write_bytes(b"")
+    assert buf.endswith(raw(written[-1]))
     buf = bytearray(path.read_bytes())
     last = written[-1]
     start = len(buf) - size_of(last)
