@@ -77,6 +77,7 @@ class JournalCorrupt(StorageError):
                  damage: Optional[Damage] = None) -> None:
         super().__init__(message, path)
         self.damage = damage
+        self.position: Optional[Position] = None  # where a reader stopped, if it says
 
 
 def encode_header(r: JRecord) -> bytes:
