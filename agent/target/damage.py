@@ -14,7 +14,8 @@ checksum). Then::
     the bytes that fail            acked end        verdict
     are followed by a record       any              damage [bad, next): kept, reported
     run to the end of the file     at or before     torn tail: cut (never acked)
-    run to the end of the file     after them       damage [bad, EOF): kept, reported
+    run to the end of the file     after them       damage [bad, acked): kept, reported;
+                                                    past acked: a torn tail, cut
     (the file ends)                past the end     damage: acked bytes are missing
 
 so only bytes after the last acked record are ever cut, and a record failing its checks
@@ -91,6 +92,9 @@ def classify(raw: bytes, decode: Decode, acked: Optional[int]) -> Classified:
             continue
         if acked is None or pos >= acked:
             cut = pos
+        elif acked < len(buf):
+            damage.append((pos, acked))  # acked, failing
+            cut = acked                  # after it: never acked
         else:
             damage.append((pos, len(buf)))
         break
