@@ -48,6 +48,8 @@ import shutil
 import threading
 from typing import Any, Dict, List, Optional, Set, Tuple
 
+import xxhash
+
 from formats import jindex
 from formats.durable import fsync_parent
 from formats.records import KIND_CHECKPOINT, MAP_KINDS, JRecord, Point
@@ -64,6 +66,9 @@ from .state import DiskState
 from .transitions import Table
 
 log = logging.getLogger("ferry.replica")
+
+# Where this Python has xxhash: the view plugin (another Python) may use it to check records.
+_XXHASH_PATH = os.path.dirname(os.path.dirname(os.path.abspath(xxhash.__file__)))
 
 DEFAULT_HISTORY = 4 * 3600
 DEFAULT_JOURNAL_MAX = 50 * 1024 ** 3
@@ -431,7 +436,7 @@ class TargetGroup:
                         for segno in self.journal.segments() if segno >= self.applied[0]]
             specs = []
             for i, st in enumerate(self.disks):
-                specs.append({"group": self.name, "name": st.name,
+                specs.append({"group": self.name, "name": st.name, "xxhash_path": _XXHASH_PATH,
                               "damage": [[d.segment, d.offset, max(d.end, d.offset + 1)]
                                          for d in self.journal.damage],
                               "replica": self.replica_path(st.name), "size": st.size,
