@@ -376,3 +376,22 @@ def test_a_lost_acked_segment_is_damage(tmp_path: Path) -> None:
     assert j.damage_from((1, 0)) is not None
     assert "128 acknowledged bytes missing" in j.describe(j.damage[0])
     j.close()
+
+
+def test_live_failover_refuses_a_point_that_needs_damage(sites: Lab) -> None:
+    disk, uri = protected(sites, "g1")
+    (old_id, old_copy), _new = two_points(sites, "g1", disk, uri, 8)
+    seg = segments(sites, "g1")[-1]
+    flip_big_write(seg)  # B running, nobody has read it yet
+    proc = sites.b.ferry("failover", "g1", "--live", check=False)
+    err = proc.stderr.strip()
+    assert proc.returncode != 0 and len(err.splitlines()) == 1, err
+    assert "group g1" in err and str(seg) in err, err
+    st = replica_status(sites, "g1")
+    assert st["failover"] is None and st["state"] == "journal-damaged"
+    # An older point fails over; its replica holds that point's bytes.
+    sites.b.ferry("failover", "g1", "--live", "--checkpoint", old_id)
+    st = replica_status(sites, "g1")
+    assert st["failover"]["state"] == "done" and st["state"] == "failed-over"
+    replica = sites.b.data / "target" / "g1" / "replicas" / "g1-vda.img"
+    assert same_bytes(old_copy, replica), first_difference(old_copy, replica)

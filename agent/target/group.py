@@ -456,6 +456,9 @@ class TargetGroup:
         """Make the replicas the live disks as of a point (``failover.py``)."""
         with self._lock:
             try:
+                # Every record it may apply checked first: a failover never stops half-way
+                # on damage (point() refuses the points that need it).
+                self.journal.verify(self.applied, last=True)
                 return failover.live(self, ref, at_wall_ns)
             finally:
                 self._publish()

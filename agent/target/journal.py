@@ -279,15 +279,15 @@ class Journal:
         if self.dropped_tail:
             os.fdatasync(self._fd)
 
-    def verify(self, pos: Position) -> List[Damage]:
-        """Check every record from ``pos`` on (the last segment was checked at open);
-        record what fails as damage and return it."""
+    def verify(self, pos: Position, last: bool = False) -> List[Damage]:
+        """Check every record from ``pos`` on (the last segment, checked at open, only with
+        ``last``); record what fails as damage and return it."""
         out = []
-        for s in self._segments[:-1]:
+        for s in self._segments if last else self._segments[:-1]:
             if s < pos[0]:
                 continue
             with open(self._path(s), "rb") as f:
-                buf = memoryview(f.read())
+                buf = memoryview(f.read(self.segment_size(s)))
             starts = [e[8] for e in jindex.entries(self.index(s))]
             for n, p in enumerate(starts):
                 if (s, p) < pos or _holds(buf, p) is not None:
