@@ -362,13 +362,13 @@ def build_map(spec: Dict) -> JournalMap:
     return jmap
 
 
-def open_reader(spec: Dict, check: Optional[Hasher] = None) -> Reader:
-    """The reader of a view's spec; ``check`` as ``Reader`` (default: ``hasher``'s)."""
+def open_reader(spec: Dict, find: Callable[[Optional[str]], Optional[Hasher]] = hasher
+                ) -> Reader:
+    """The reader of a view's spec, checking records with what ``find`` finds."""
     damage: Dict[int, List[Tuple[int, int]]] = {}
     for segno, start, end in spec.get("damage", []):
         damage.setdefault(segno, []).append((start, end))
-    if check is None:
-        check = hasher(spec.get("xxhash_path"))
+    check = find(spec.get("xxhash_path"))
     label = "group %s, disk %s" % (spec.get("group", "?"), spec.get("name", spec["disk"]))
     return Reader(spec["replica"], [(n, p, end) for n, p, end in spec["segments"]],
                   build_map(spec), check, damage, label)
