@@ -360,7 +360,7 @@ def test_damage_json_that_does_not_parse_names_the_file(tmp_path: Path) -> None:
     j = Journal(str(tmp_path))
     j.close()
     (tmp_path / "damage.json").write_text("{not json")
-    with pytest.raises(JournalCorrupt, match="damage.json does not hold"):
+    with pytest.raises(JournalCorrupt, match=r"damage\.json does not hold"):
         Journal(str(tmp_path), group="g1")
 
 
@@ -475,3 +475,49 @@ def test_the_plugins_python_finds_the_agents_xxhash() -> None:
                           text=True, check=True).stdout.strip()
     native = subprocess.run([system, "-c", "import xxhash"], capture_output=True).returncode == 0
     assert none == (got if native else "none")
+
+
+# -- a target group with damage (real files, no agent) ------------------------------------
+
+def test_group_table_has_the_damaged_state() -> None:
+    from agent.errors import IllegalTransition
+    from agent.target.group import LIFE, GroupEvent, GroupState
+    assert LIFE.step(GroupState.RECEIVING, GroupEvent.DAMAGED) is GroupState.JOURNAL_DAMAGED
+    assert LIFE.step(GroupState.JOURNAL_DAMAGED, GroupEvent.FAILOVER) is \
+        GroupState.FAILED_OVER
+    assert LIFE.step(GroupState.JOURNAL_DAMAGED, GroupEvent.CLOSE) is GroupState.CLOSED
+    with pytest.raises(IllegalTransition):
+        LIFE.step(GroupState.CLOSED, GroupEvent.DAMAGED)
+
+
+def test_promotion_stops_before_damage_and_the_group_goes_on(tmp_path: Path) -> None:
+    from agent.target.group import GroupState, TargetGroup
+    from formats.records import FLAG_INCONSISTENT, FLAG_RESYNC, KIND_CONSISTENT
+
+    def w(seq: int, offset: int, data: bytes) -> JRecord:
+        return JRecord(0, 1, seq, KIND_WRITE, 0, offset, len(data), seq * 10, data)
+
+    g = TargetGroup(str(tmp_path), "g", [("a", 64)], protection="p1", history_s=3600,
+                    journal_max=10**9)
+    first = JRecord(0, 1, 1, KIND_WRITE, FLAG_RESYNC | FLAG_INCONSISTENT, 0, 16, 10,
+                    b"A" * 16)
+    g.accept([first, JRecord(0, 1, 2, KIND_CONSISTENT, 0, 0, 0, 20, None)])
+    for seq, offset, byte in ((3, 16, b"B"), (4, 32, b"C"), (5, 48, b"D")):
+        g.accept([w(seq, offset, byte * 16)])
+    seg = Path(g.journal.path(g.journal.segments()[-1]))
+    pos = [p for p, kind, n in records(seg) if kind == KIND_WRITE][-2]  # seq 4
+    g.close()
+    flip(seg, pos + RECORD.size + 3)
+    g2 = TargetGroup.reopen(str(tmp_path), "g")
+    assert g2 is not None and g2.state is GroupState.JOURNAL_DAMAGED
+    assert [(d["offset"], d["disk"], d["disk_offset"]) for d in g2.status()["damage"]] == \
+        [(pos, "a", 32)]
+    g2.set_limits(0, 0)  # no history kept: everything goes to the replica, up to the damage
+    g2.maintain()
+    assert Path(g2.replica_path("a")).read_bytes() == b"A" * 16 + b"B" * 16 + bytes(32)
+    assert g2.status()["disks"]["a"]["applied_seq"] == 3
+    assert g2.accept([w(6, 0, b"E" * 16)])[0] == 1  # new writes are still journaled
+    assert g2.status()["disks"]["a"]["durable_seq"] == 6
+    g2.maintain()
+    assert g2.status()["disks"]["a"]["applied_seq"] == 3
+    g2.close()
