@@ -18,6 +18,7 @@ import nbd
 import pytest
 from conftest import Lab, first_difference, same_bytes
 
+from agent.errors import JournalCorrupt
 from agent.target import damage
 from agent.target.journal import Journal, JRecord, _holds, encode_header
 from formats.records import DATA_KINDS, KIND_WRITE
@@ -258,7 +259,12 @@ def test_flip_with_b_running(sites: Lab) -> None:
     assert "fails its checksum" in logs and str(seg) in logs, logs
     sites.b.ferry("view-close", view["id"])
 
-    # Restore: one line, no file left; the group shows the damage.
+    # Restore: one line, no file left; the group shows the damage. Over the API the error
+    # is a JournalCorrupt (HTTP 500 with its message).
+    with pytest.raises(JournalCorrupt, match="group g1, disk g1-vda: journal segment"):
+        sites.b.api("POST", "/v1/replicas/g1/restore",
+                    {"disk": "g1-vda", "to": str(sites.work / "api.img")})
+    assert not list(sites.work.glob("api.img*"))
     assert_refused(sites, "g1", "g1-vda", seg)
     st = replica_status(sites, "g1")
     assert st["state"] == "journal-damaged" and st["damage"][0]["found"] == "read"
@@ -356,7 +362,6 @@ def test_acked_mark_round_trip_and_a_damaged_mark_is_ignored(tmp_path: Path) -> 
 
 
 def test_damage_json_that_does_not_parse_names_the_file(tmp_path: Path) -> None:
-    from agent.target.journal import JournalCorrupt
     j = Journal(str(tmp_path))
     j.close()
     (tmp_path / "damage.json").write_text("{not json")

@@ -56,7 +56,7 @@ from formats.records import (
 from formats.segment import CHECKED as _CHECKED
 from formats.segment import MAGIC, RECORD
 
-from ..errors import StorageError
+from ..errors import JournalCorrupt
 from . import damage as _damage
 from .damage import Damage
 
@@ -67,17 +67,6 @@ SEGMENT_MAX = 64 * 1024 * 1024
 _SEGMENT_RE = re.compile(r"^seg-(\d{16})\.fjr$")
 
 Position = Tuple[int, int]  # (segment number, byte offset in it)
-
-
-class JournalCorrupt(StorageError):
-    """A record of the journal fails its checks, or a read reached known damage; the
-    message is one line naming the group, the disk, the segment file and the offset."""
-
-    def __init__(self, message: str, path: Optional[str] = None,
-                 damage: Optional[Damage] = None) -> None:
-        super().__init__(message, path)
-        self.damage = damage
-        self.position: Optional[Position] = None  # where a reader stopped, if it says
 
 
 def encode_header(r: JRecord) -> bytes:
