@@ -17,6 +17,8 @@ from typing import Dict, List, Optional, Tuple
 import nbd
 import pytest
 from conftest import Lab, first_difference, same_bytes
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.errors import JournalCorrupt
 from agent.target import damage
@@ -338,6 +340,31 @@ def test_classify_garbage_with_a_false_magic_inside() -> None:
     buf = rec(1, 100) + b"\0" * 10 + b"FJR\x01" + b"\xff" * 60 + rec(2, 20)
     got = classify(buf, len(buf))
     assert got.damage == [(148, 222)] and got.records[-1] == (222, 290)
+
+
+@settings(deadline=None, max_examples=200)
+@given(sizes=st.lists(st.integers(0, 300), min_size=1, max_size=8), data=st.data())
+def test_classify_keeps_every_other_record_and_cuts_only_past_acked(
+        sizes: List[int], data: st.DataObject) -> None:
+    parts = [rec(i + 1, n) for i, n in enumerate(sizes)]
+    bounds = [0]
+    for part in parts:
+        bounds.append(bounds[-1] + len(part))
+    buf = bytearray(b"".join(parts))
+    acked_n = data.draw(st.integers(0, len(parts)), label="records acked")
+    acked = bounds[acked_n] if data.draw(st.booleans(), label="mark") else None
+    victim = data.draw(st.integers(0, len(parts) - 1), label="victim")
+    buf[data.draw(st.integers(bounds[victim], bounds[victim + 1] - 1), label="byte")] ^= \
+        data.draw(st.integers(1, 255), label="xor")
+    got = classify(bytes(buf), acked)
+    assert got.records == [(bounds[i], bounds[i + 1]) for i in range(len(parts)) if i != victim]
+    start, end = bounds[victim], bounds[victim + 1]
+    if victim < len(parts) - 1:
+        assert got.damage == [(start, end)] and got.cut is None
+    elif acked is None or start >= acked:
+        assert got.damage == [] and got.cut == start  # never acked: a torn tail
+    else:
+        assert got.damage == [(start, end)] and got.cut is None
 
 
 def test_header_range_only_when_it_fits_its_place() -> None:
