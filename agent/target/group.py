@@ -273,7 +273,6 @@ class TargetGroup:
                         rec = self.journal.read_at(segno, e[8])
                     except JournalCorrupt:
                         continue  # recorded as damage; the checkpoint is lost
-
                     assert rec.data is not None
                     c = Checkpoint.decode(rec.data)
                     c.tags = self.tags.get(c.id, [])
