@@ -258,8 +258,8 @@ class Reader:
         self._check = check
         self._damage = damage or {}
         self._label = label
-        self._starts: Dict[int, Sequence[int]] = {}
-        self._good: set = set()  # (segment, record position) checked
+        self._starts: Dict[int, Sequence[int]] = {}  # segment -> its records' positions
+        self._good: Dict[int, bytearray] = {}        # segment -> 1 per record checked
         try:
             for segno, path, end in segments:
                 if end <= 0:
@@ -310,8 +310,11 @@ class Reader:
         starts = self._starts.get(segno)
         if starts is None:
             starts = self._starts[segno] = self.map.record_starts(segno)
-        rpos = starts[bisect.bisect_right(starts, data_pos - RECORD.size) - 1]
-        if (segno, rpos) in self._good:
+            self._good[segno] = bytearray(len(starts))
+        n = bisect.bisect_right(starts, data_pos - RECORD.size) - 1
+        rpos = starts[n]
+        good = self._good[segno]
+        if good[n]:
             return
         for start, end in self._damage.get(segno, ()):
             if start <= rpos < end:
@@ -325,7 +328,7 @@ class Reader:
             if end > len(seg) or \
                     h.intdigest() != struct.unpack_from("<Q", seg, rpos + CHECKED)[0]:
                 raise self._corrupt(segno, rpos, "fails its checksum")
-        self._good.add((segno, rpos))
+        good[n] = 1
 
     def _corrupt(self, segno: int, rpos: int, why: str) -> RecordCorrupt:
         return RecordCorrupt("%s: journal segment %s: the record at byte %d %s"
