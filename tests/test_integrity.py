@@ -553,3 +553,34 @@ def test_promotion_stops_before_damage_and_the_group_goes_on(tmp_path: Path) -> 
     g2.maintain()
     assert g2.status()["disks"]["a"]["applied_seq"] == 3
     g2.close()
+
+
+def test_promotion_reaching_damage_stops_there_and_the_agent_goes_on(sites: Lab) -> None:
+    # History 10 s: segments close after 1.25 s and are promoted 10 s after their last append.
+    _disk, uri = protected(sites, "g1", "--history", "10s")
+    disk2, uri2 = protected(sites, "g2")
+    rng = random.Random(9)
+    write(uri, rng, big=True)
+    sites.a.ferry("wait", "g1", "--synced", "--timeout", "120")
+    seg = segments(sites, "g1")[-1]
+    flip_big_write(seg)  # before the promoter reaches it
+    deadline = time.monotonic() + 120
+    while True:  # later batches close the segment; the promoter gets to it
+        write(uri, rng)
+        st = replica_status(sites, "g1")
+        if st["damage"]:
+            break
+        assert time.monotonic() < deadline, st
+        time.sleep(0.5)
+    assert st["state"] == "journal-damaged" and st["damage"][0]["file"] == str(seg)
+    assert st["damage"][0]["found"] == "read"
+    assert sites.b.proc is not None and sites.b.proc.poll() is None, "site B's agent died"
+    # The damaged group still takes writes; the other one replicates and restores.
+    write(uri, rng)
+    synced(sites, "g1")
+    write(uri2, rng, big=True)
+    synced(sites, "g2")
+    restored = sites.restore("g2", "g2-vda")
+    assert same_bytes(disk2, restored), first_difference(disk2, restored)
+    assert seg.exists()  # never applied past, never deleted
+    assert sites.b.proc.poll() is None
