@@ -584,3 +584,11 @@ def test_promotion_reaching_damage_stops_there_and_the_agent_goes_on(sites: Lab)
     assert same_bytes(disk2, restored), first_difference(disk2, restored)
     assert seg.exists()  # never applied past, never deleted
     assert sites.b.proc.poll() is None
+
+
+def test_a_mark_that_cannot_be_written_stays_older(tmp_path: Path) -> None:
+    (tmp_path / "acked").mkdir()  # opening it for writing fails (EISDIR)
+    mark = damage.AckedMark(str(tmp_path))
+    mark.write(1, 100)
+    assert mark.failed == 1 and mark.read() is None
+    mark.close(sync=True)

@@ -139,13 +139,14 @@ class AckedMark:
 
     def __init__(self, directory: str) -> None:
         self.path = os.path.join(directory, "acked")
+        self.failed = 0  # writes that failed (the mark stayed older)
         self._fd = -1
 
     def read(self) -> Optional[Tuple[int, int]]:
         try:
             with open(self.path, "rb") as f:
                 raw = f.read(_MARK.size)
-        except FileNotFoundError:
+        except OSError:  # none, or unreadable: the structure alone decides
             return None
         if len(raw) != _MARK.size:
             return None
@@ -155,11 +156,16 @@ class AckedMark:
         return segno, end
 
     def write(self, segno: int, end: int) -> None:
-        """Not synced: written after the segment's fdatasync, it never says more than that."""
-        if self._fd < 0:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        body = _MARK.pack(_MARK_MAGIC, segno, end, 0)[:-4]
-        os.pwrite(self._fd, body + struct.pack("<I", zlib.crc32(body)), 0)
+        """Not synced: written after the segment's fdatasync, it never says more than that.
+        A mark that cannot be written stays older, still a lower bound: the batch it would
+        have marked is durable and acked all the same, so an error here is not raised."""
+        try:
+            if self._fd < 0:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            body = _MARK.pack(_MARK_MAGIC, segno, end, 0)[:-4]
+            os.pwrite(self._fd, body + struct.pack("<I", zlib.crc32(body)), 0)
+        except OSError:
+            self.failed += 1
 
     def close(self, sync: bool = False) -> None:
         if self._fd >= 0:
