@@ -34,6 +34,7 @@ disk, segment file, offset) at a record that fails or at known damage.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import struct
@@ -62,6 +63,8 @@ from .damage import Damage
 
 __all__ = ["KIND_APPLIED", "KIND_SEEDED", "Damage", "JRecord", "Journal", "JournalCorrupt",
            "Position"]
+
+log = logging.getLogger("ferry.replica")
 
 SEGMENT_MAX = 64 * 1024 * 1024
 _SEGMENT_RE = re.compile(r"^seg-(\d{16})\.fjr$")
@@ -190,7 +193,11 @@ class Journal:
                 return old
         self.damage.append(d)
         self.damage.sort(key=lambda x: (x.segment, x.offset))
-        _damage.save(self.directory, self.damage)
+        try:
+            _damage.save(self.directory, self.damage)
+        except OSError as e:  # kept in memory; a scan finds it again after a restart
+            log.error("group %s: %s cannot be written: %s", self.group,
+                      _damage.path(self.directory), e)
         return d
 
     def _note_scan(self, segno: int, raw: bytes, found: _damage.Classified) -> None:
