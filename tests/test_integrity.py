@@ -486,7 +486,7 @@ def test_reader_without_xxhash_refuses_known_damage_only(tmp_path: Path) -> None
     r.close()
 
 
-def test_the_plugins_python_finds_the_agents_xxhash() -> None:
+def test_the_plugins_python_finds_the_agents_xxhash(tmp_path: Path) -> None:
     """nbdkit embeds the system Python, which may lack xxhash: the spec's path serves."""
     import subprocess
     import sys
@@ -507,6 +507,12 @@ def test_the_plugins_python_finds_the_agents_xxhash() -> None:
                           text=True, check=True).stdout.strip()
     native = subprocess.run([system, "-c", "import xxhash"], capture_output=True).returncode == 0
     assert none == (got if native else "none")
+    # A module there that does not import (built for another Python) is not used.
+    (tmp_path / "xxhash").mkdir()
+    (tmp_path / "xxhash" / "__init__.py").write_text("raise ImportError('another Python')\n")
+    other = subprocess.run([system, "-c", code, str(tmp_path)], capture_output=True,
+                           text=True, check=True).stdout.strip()
+    assert other == (got if native else "none")
 
 
 # -- a target group with damage (real files, no agent) ------------------------------------
@@ -604,3 +610,34 @@ def test_damage_that_cannot_be_saved_is_still_refused(tmp_path: Path, caplog) ->
     assert [d.offset for d in j.damage] == [0]
     assert "damage.json cannot be written" in caplog.text
     j.close()
+
+
+def test_a_damaged_checkpoint_marker_loses_that_checkpoint_only(tmp_path: Path) -> None:
+    from agent.checkpoints import Checkpoint
+    from agent.target.group import GroupState, TargetGroup
+    from formats.records import FLAG_INCONSISTENT, FLAG_RESYNC, KIND_CHECKPOINT, KIND_CONSISTENT
+
+    def w(seq: int, offset: int, data: bytes) -> JRecord:
+        return JRecord(0, 1, seq, KIND_WRITE, 0, offset, len(data), seq * 10, data)
+
+    g = TargetGroup(str(tmp_path), "g", [("a", 64)], protection="p1", history_s=3600,
+                    journal_max=10**9, segment_max=200)
+    g.accept([JRecord(0, 1, 1, KIND_WRITE, FLAG_RESYNC | FLAG_INCONSISTENT, 0, 16, 10,
+                      b"A" * 16), JRecord(0, 1, 2, KIND_CONSISTENT, 0, 0, 0, 20, None)])
+    g.accept([w(3, 16, b"B" * 16)], [Checkpoint("c1", 30, "user", "one", [(1, 3)])])
+    g.accept([w(4, 32, b"C" * 16)], [Checkpoint("c2", 40, "user", "two", [(1, 4)])])
+    g.accept([w(5, 48, b"D" * 16)])
+    marker = next((Path(g.journal.path(s)), p) for s in g.journal.segments()
+              for p, kind, _n in records(Path(g.journal.path(s))) if kind == KIND_CHECKPOINT)
+    assert marker[0] != Path(g.journal.path(g.journal.segments()[-1]))  # a closed segment
+    g.close()
+    flip(marker[0], marker[1] + RECORD.size + 5)
+    g2 = TargetGroup.reopen(str(tmp_path), "g")
+    assert g2 is not None and g2.state is GroupState.JOURNAL_DAMAGED
+    assert [c.id for c in g2.checkpoints] == ["c2"]
+    assert [(d["offset"], d["disk"], d["disk_offset"]) for d in g2.status()["damage"]] == \
+        [(marker[1], None, None)]
+    with pytest.raises(JournalCorrupt, match="group g, disk unknown"):
+        g2.restore("a", str(tmp_path / "two.img"), "two")
+    assert not (tmp_path / "two.img").exists()
+    g2.close()

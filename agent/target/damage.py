@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from formats.durable import write_atomic
-from formats.records import DATA_KINDS, JOURNAL_KINDS
+from formats.records import DATA_KINDS, JOURNAL_KINDS, KIND_CHECKPOINT
 from formats.segment import MAGIC, RECORD
 
 # A record decoder: the position after the record at ``pos``, or None if it does not hold.
@@ -117,12 +117,13 @@ def next_record(raw: bytes, decode: Decode, start: int) -> Optional[int]:
 
 def header_range(buf: memoryview, start: int, end: int) -> Optional[Tuple[int, int, int]]:
     """(disk, offset, length) from a failing record's header when it still fits its place
-    (its magic and kind hold and it ends exactly where the next record starts)."""
+    (its magic and kind hold, it is a disk's record, and it ends exactly where the next
+    record starts)."""
     if start + RECORD.size > len(buf):
         return None
     magic, kind, _f, disk, _g, length, _s, offset, _t, _c = RECORD.unpack_from(buf, start)
-    if magic != MAGIC or kind not in JOURNAL_KINDS:
-        return None
+    if magic != MAGIC or kind not in JOURNAL_KINDS or kind >= KIND_CHECKPOINT:
+        return None  # not a record of a disk (a group marker), or no header at all
     if start + RECORD.size + (length if kind in DATA_KINDS else 0) != end:
         return None
     return disk, offset, length

@@ -51,6 +51,7 @@ from formats.records import (
     DATA_KINDS,
     JOURNAL_KINDS,
     KIND_APPLIED,
+    KIND_CHECKPOINT,
     KIND_SEEDED,
     JRecord,
 )
@@ -299,7 +300,8 @@ class Journal:
                 size = RECORD.size + (e[4] if e[1] in DATA_KINDS else 0)
                 is_range = e[1] < KIND_SEEDED or e[1] == KIND_APPLIED
                 return self._note(Damage(segno, pos, end if end is not None else pos + size,
-                                         0, "read", e[0], e[6] if is_range else None,
+                                         0, "read", e[0] if e[1] < KIND_CHECKPOINT else None,
+                                         e[6] if is_range else None,
                                          e[4] if is_range else None))
         return self._note(Damage(segno, pos, end if end is not None else pos, 0, "read"))
 
