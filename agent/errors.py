@@ -19,13 +19,14 @@ into status codes (``HTTP_STATUS``); the engine knows nothing of HTTP.
     │   ├── LocalProtocolError   we were about to send something illegal (a bug here)
     │   └── RemoteProtocolError  the peer sent something illegal
     └── StorageError        this site's storage failed; names the file     (500 if it escapes)
+        └── JournalCorrupt  a journal record B cannot vouch for: never returned as data (500)
 
 ``RequestError`` keeps its old name (scripts and tests catch it); its subclasses say more.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Type
+from typing import Any, Dict, Optional, Tuple, Type
 
 
 class FerryError(Exception):
@@ -94,6 +95,18 @@ class StorageError(FerryError):
         self.errno = errno
 
 
+class JournalCorrupt(StorageError):
+    """A journal record fails its checks, or a read reached damage found before
+    (``agent/target/journal.py``); the message is one line naming the group, the disk, the
+    segment file and the offset. ``damage`` is the journal's record of it."""
+
+    def __init__(self, message: str, path: Optional[str] = None,
+                 damage: Optional[Any] = None) -> None:
+        super().__init__(message, path)
+        self.damage = damage
+        self.position: Optional[Tuple[int, int]] = None  # where a reader stopped, if it says
+
+
 HTTP_STATUS: Dict[Type[FerryError], int] = {
     Invalid: 400,
     Forbidden: 403,
@@ -142,7 +155,7 @@ BY_NAME: Dict[str, Type[FerryError]] = {
     cls.__name__: cls for cls in (
         FerryError, RequestError, Invalid, NotFound, Conflict, Forbidden, TooLarge,
         PeerRefused, Unavailable, TimedOut, ProtocolError, LocalProtocolError,
-        RemoteProtocolError, StorageError)}
+        RemoteProtocolError, StorageError, JournalCorrupt)}
 
 # What an HTTP status means when the answer names no class (a proxy, an older agent).
 BY_HTTP_STATUS: Dict[int, Type[FerryError]] = {

@@ -270,3 +270,14 @@ def scan_headers(segment_path: str, end: int) -> bytes:
 def entries(buf: bytes) -> Iterator[Tuple[int, int, int, int, int, int, int, int, int]]:
     """(disk, kind, flags, gen, length, seq, offset, time_ns, pos) of each entry."""
     return ENTRY.iter_unpack(buf)
+
+
+def idx_covers(buf: bytes) -> Optional[int]:
+    """The segment size a version 2 index file says it covers when its crc holds (whatever
+    the segment's size now), else None: a closed segment shorter than this lost bytes."""
+    if len(buf) < TRAILER.size + COUNTS.size:
+        return None
+    magic, crc, size = TRAILER.unpack_from(buf, len(buf) - TRAILER.size)
+    if magic != IDX_MAGIC or crc != zlib.crc32(memoryview(buf)[:len(buf) - TRAILER.size]):
+        return None
+    return int(size)

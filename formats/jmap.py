@@ -3,14 +3,30 @@
 Standard library only, Python 3.9: the view plugin (``nbd_plugin/view.py``, inside nbdkit's
 embedded Python) serves views with it, and the agent's tests and benchmarks use it. It reads
 the segment indexes of ``jindex.py`` and builds nothing per record (see ``JournalMap``).
+
+**What a Reader vouches for.** Journal data is returned only from a record whose checksum
+(xxh3_64 of header bytes 0..39 and the data, ``segment.py``) holds, checked the first time
+the record is read, and never from a record inside damage the agent found (the spec's
+``damage``); otherwise the read raises ``RecordCorrupt`` (an ``OSError``, EIO) naming the
+group, disk, segment file and offset. xxh3 is not in the standard library: ``hasher`` finds
+the ``xxhash`` module where the Python running the plugin has it, or where the agent's
+Python has it (the spec's ``xxhash_path``, used only when its compiled module fits this
+Python). Where neither is importable the Reader cannot check checksums itself: it still
+refuses the damage the agent knows (found at open by checking every record the replicas
+lack, or by a checked read) and ``Reader.verified`` is False (the plugin says so in its log).
 """
 
 from __future__ import annotations
 
 import bisect
+import errno
+import importlib
 import mmap
 import os
-from typing import Dict, List, Optional, Tuple
+import struct
+import sys
+from array import array
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .jindex import (
     BLOCK_SHIFT,
@@ -24,7 +40,8 @@ from .jindex import (
     load_index,
     scan_headers,
 )
-from .records import KIND_WRITE
+from .records import DATA_KINDS, KIND_WRITE
+from .segment import CHECKED
 
 # A piece's source: (segment number, byte position of its data in the segment), or ZERO.
 Source = Tuple[int, int]
@@ -87,6 +104,13 @@ class JournalMap:
         self._parts = parts
         self._added = []
         self._merged = merged
+
+    def record_starts(self, segno: int) -> Sequence[int]:
+        """The header positions of a sealed map's segment's records, ascending."""
+        for n, entries, _floor, _end in self._parts:
+            if n == segno:
+                return array("Q", [e[8] for e in ENTRY.iter_unpack(entries)])
+        return array("Q")
 
     def pieces(self) -> int:
         self.seal()
@@ -181,6 +205,37 @@ def _continues(prev: Tuple[int, int, Optional[Source]], at: int,
     return psrc[0] == src[0] and psrc[1] + (at - prev[0]) == src[1]
 
 
+class RecordCorrupt(OSError):
+    """A journal record a read needs fails its checksum or lies in known damage (EIO)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EIO, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+Hasher = Callable[[Any], Any]  # xxhash.xxh3_64
+
+
+def hasher(path: Optional[str] = None) -> Optional[Hasher]:
+    """``xxhash.xxh3_64`` from this Python, else from ``path`` (the agent's site-packages),
+    else None (see the module)."""
+    try:
+        return importlib.import_module("xxhash").xxh3_64
+    except ImportError:
+        pass
+    if not path or not os.path.isdir(path):
+        return None
+    sys.path.append(path)
+    try:
+        return importlib.import_module("xxhash").xxh3_64
+    except ImportError:  # built for another Python
+        return None
+    finally:
+        sys.path.remove(path)
+
+
 class Reader:
     """Reads a disk through a ``JournalMap``: replica file plus journal segments.
 
@@ -188,13 +243,23 @@ class Reader:
     pieces of a read are copied from the page cache without a system call each; the
     replica is read with ``preadv``. A mapped segment must not shrink under the view:
     the agent pins the group (no promotion, no deletion) and only ever cuts an open
-    segment back to a size at or past the one the view saw."""
+    segment back to a size at or past the one the view saw. Every record is checked
+    before its data is first returned (see the module): ``check`` is the hash to check
+    with (None: only ``damage``, ``{segment: [(start, end)]}``, is refused)."""
 
-    def __init__(self, replica: str, segments: List[Tuple[int, str, int]], jmap: JournalMap
-                 ) -> None:
+    def __init__(self, replica: str, segments: List[Tuple[int, str, int]], jmap: JournalMap,
+                 check: Optional[Hasher] = None,
+                 damage: Optional[Dict[int, List[Tuple[int, int]]]] = None,
+                 label: str = "a view") -> None:
         self._replica = os.open(replica, os.O_RDONLY | os.O_CLOEXEC)
         self._maps: Dict[int, mmap.mmap] = {}
         self._views: Dict[int, memoryview] = {}
+        self._paths = {segno: path for segno, path, _end in segments}
+        self._check = check
+        self._damage = damage or {}
+        self._label = label
+        self._starts: Dict[int, Sequence[int]] = {}  # segment -> its records' positions
+        self._good: Dict[int, bytearray] = {}        # segment -> 1 per record checked
         try:
             for segno, path, end in segments:
                 if end <= 0:
@@ -210,19 +275,26 @@ class Reader:
             raise
         self.map = jmap
 
+    @property
+    def verified(self) -> bool:
+        """Are record checksums checked (not only the damage the agent knows)?"""
+        return self._check is not None
+
     def pread(self, length: int, offset: int) -> bytes:
         buf = bytearray(length)
         self.readinto(buf, offset)
         return bytes(buf)
 
     def readinto(self, buf: bytearray | memoryview, offset: int) -> None:
-        """Fill ``buf`` with the disk's bytes at ``offset``."""
+        """Fill ``buf`` with the disk's bytes at ``offset``; RecordCorrupt if a record it
+        needs cannot be vouched for."""
         view = memoryview(buf)
         for s, e, src in self.map.lookup(offset, len(view)):
             part = view[s - offset:e - offset]
             if src is ZERO:
                 part[:] = bytes(e - s)
             elif src is not None:
+                self._vouch(src[0], src[1])
                 part[:] = self._views[src[0]][src[1]:src[1] + e - s]
             else:
                 at = s
@@ -232,6 +304,35 @@ class Reader:
                         part[:] = bytes(len(part))
                         break
                     part, at = part[got:], at + got
+
+    def _vouch(self, segno: int, data_pos: int) -> None:
+        """Check the record whose data holds byte ``data_pos`` of segment ``segno``."""
+        starts = self._starts.get(segno)
+        if starts is None:
+            starts = self._starts[segno] = self.map.record_starts(segno)
+            self._good[segno] = bytearray(len(starts))
+        n = bisect.bisect_right(starts, data_pos - RECORD.size) - 1
+        rpos = starts[n]
+        good = self._good[segno]
+        if good[n]:
+            return
+        for start, end in self._damage.get(segno, ()):
+            if start <= rpos < end:
+                raise self._corrupt(segno, rpos, "lies in damage site B found")
+        if self._check is not None:
+            seg = self._views[segno]
+            kind, length = seg[rpos + 4], struct.unpack_from("<I", seg, rpos + 12)[0]
+            end = rpos + RECORD.size + (length if kind in DATA_KINDS else 0)
+            h = self._check(seg[rpos:rpos + CHECKED])
+            h.update(seg[rpos + RECORD.size:end])
+            if end > len(seg) or \
+                    h.intdigest() != struct.unpack_from("<Q", seg, rpos + CHECKED)[0]:
+                raise self._corrupt(segno, rpos, "fails its checksum")
+        good[n] = 1
+
+    def _corrupt(self, segno: int, rpos: int, why: str) -> RecordCorrupt:
+        return RecordCorrupt("%s: journal segment %s: the record at byte %d %s"
+                             % (self._label, self._paths.get(segno, segno), rpos, why))
 
     def close(self) -> None:
         if self._replica >= 0:
@@ -264,6 +365,13 @@ def build_map(spec: Dict) -> JournalMap:
     return jmap
 
 
-def open_reader(spec: Dict) -> Reader:
+def open_reader(spec: Dict, find: Callable[[Optional[str]], Optional[Hasher]] = hasher
+                ) -> Reader:
+    """The reader of a view's spec, checking records with what ``find`` finds."""
+    damage: Dict[int, List[Tuple[int, int]]] = {}
+    for segno, start, end in spec.get("damage", []):
+        damage.setdefault(segno, []).append((start, end))
+    check = find(spec.get("xxhash_path"))
+    label = "group %s, disk %s" % (spec.get("group", "?"), spec.get("name", spec["disk"]))
     return Reader(spec["replica"], [(n, p, end) for n, p, end in spec["segments"]],
-                  build_map(spec))
+                  build_map(spec), check, damage, label)

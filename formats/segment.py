@@ -16,7 +16,8 @@ bytes of data::
     40      8     checksum  xxh3_64 of bytes 0..39 and the data
 
 Integers are little-endian. The agent writes and checks records (``agent/target/journal.py``);
-the view plugin only reads headers and data at positions the index gives (``jindex.py``).
+the view plugin reads headers and data at positions the index gives (``jindex.py``) and checks
+a record's checksum before it returns its data (``jmap.Reader``).
 """
 
 from __future__ import annotations

@@ -11,12 +11,15 @@ failover puts nbdkit's ``cow`` filter in front, which keeps the test's writes in
 overlay.
 
 Thread model: parallel (reads are ``pread`` on file descriptors opened once). Standard
-library only, Python 3.9 and later: nbdkit embeds the system Python.
+library only, Python 3.9 and later: nbdkit embeds the system Python. A read that needs a
+journal record which fails its checksum (or lies in damage site B found) fails with EIO
+and one line in the view's log (``formats/jmap.py``: what the reader vouches for).
 """
 
 from __future__ import annotations
 
 import builtins
+import errno
 import gc
 import json
 import os
@@ -61,6 +64,9 @@ def get_ready():
     gc.freeze()
     nbdkit.debug("ferry view: %d pieces in %d segments"
                  % (_reader.map.pieces(), _reader.map.segments))
+    if not _reader.verified:
+        sys.stderr.write("ferry view: xxhash is not importable here: journal records are "
+                         "not checked, only the damage site B found is refused\n")
 
 
 def open(readonly):
@@ -85,5 +91,12 @@ def can_cache(h):
 
 def pread(h, buf, offset, flags):
     pin()
-    # An OSError here reaches the client as an error (nbdkit's python plugin reports it).
-    _reader.readinto(buf, offset)
+    try:
+        _reader.readinto(buf, offset)
+    except jmap.RecordCorrupt as e:
+        # Never bytes B cannot vouch for: the client gets EIO, the log the one line.
+        sys.stderr.write("ferry view: %s\n" % e)
+        sys.stderr.flush()
+        nbdkit.set_error(errno.EIO)
+        raise
+    # Another OSError reaches the client as an error too (nbdkit's python plugin reports it).

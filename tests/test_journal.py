@@ -197,11 +197,17 @@ def make_torn_base(directory: Path) -> Tuple[List[JRecord], int, int]:
     j.append([records[0]])           # segment 1 (63 + 48 > 60: full)
     j.append([records[1]])           # segment 2
     start = j.end[1]
-    j.append([records[2]])           # segment 2, the tail
     segno = j.end[0]
     j.close()
     assert segno == 2
+    # The tail: written, never acked (a crash before append's fdatasync returned).
+    with open(seg_path(directory, segno), "ab") as f:
+        f.write(raw(records[2]))
     return records, segno, start
+
+
+def raw(r: JRecord) -> bytes:
+    return encode_header(r) + (r.data or b"")
 
 
 def test_torn_tail_at_every_offset_is_cut_and_appends_continue(tmp_path: Path) -> None:
@@ -453,6 +459,10 @@ def test_random_tail_damage_keeps_every_earlier_record(
         written.extend(batch)
     j.close()
     path = seg_path(d, 1)
+    # The last record as a crash before its ack left it: past the acked mark.
+    buf = bytearray(path.read_bytes())
+    (d / "acked").write_bytes(b"")
+    assert buf.endswith(raw(written[-1]))
     buf = bytearray(path.read_bytes())
     last = written[-1]
     start = len(buf) - size_of(last)
@@ -504,3 +514,70 @@ def _clip(bufs: list, limit: int) -> list:
         out.append(b[:limit])
         limit -= len(out[-1])
     return out
+
+
+# -- damage: kept, listed, refused when read ------------------------------------------------
+
+def test_a_flipped_acked_record_is_damage_kept_across_reopens(tmp_path: Path) -> None:
+    j = Journal(str(tmp_path), group="g1", disks=["vda"])
+    records = [w(1, b"a" * 100), w(2, b"b" * 100, offset=4096), w(3, b"c" * 100)]
+    for r in records:
+        j.append([r])
+    j.close()
+    path = seg_path(tmp_path, 1)
+    buf = bytearray(path.read_bytes())
+    buf[size_of(records[0]) + 60] ^= 0x10  # the last but one record's data
+    path.write_bytes(bytes(buf))
+    for _ in range(2):  # found again, listed once
+        j = Journal(str(tmp_path), group="g1", disks=["vda"])
+        assert j.dropped_tail == 0 and path.stat().st_size == len(buf)
+        assert [(d.offset, d.end, d.disk, d.disk_offset, d.disk_length) for d in j.damage] \
+            == [(148, 296, 0, 4096, 100)]
+        with pytest.raises(JournalCorrupt) as e:
+            read_all(j)
+        assert str(e.value) == ("group g1, disk vda: journal segment %s: 148 damaged bytes "
+                                "at byte 148" % path)
+        assert e.value.damage is j.damage[0]
+        assert [r for r, _ in j.read_from((1, 296))] == records[2:]
+        j.close()
+    j = Journal(str(tmp_path))
+    j.append([w(4, b"d")])  # appends go on after the damage
+    assert [r for r, _ in j.read_from((1, 296))] == [records[2], w(4, b"d")]
+    j.close()
+
+
+def test_verify_and_read_at_record_damage_in_a_closed_segment(tmp_path: Path) -> None:
+    j = Journal(str(tmp_path), segment_max=100)
+    j.append([w(1, b"a" * 60)])
+    j.append([w(2, b"b" * 60)])
+    j.append([w(3, b"c" * 60)])
+    assert j.segments() == [1, 2, 3]
+    j.close()
+    for segno in (1, 2):
+        path = seg_path(tmp_path, segno)
+        buf = bytearray(path.read_bytes())
+        buf[RECORD.size + 5] ^= 1
+        path.write_bytes(bytes(buf))
+    j = Journal(str(tmp_path), segment_max=100)
+    assert j.damage == []  # their index files hold: found when checked
+    assert [(d.segment, d.found) for d in j.verify((2, 0))] == [(2, "read")]
+    with pytest.raises(JournalCorrupt, match="byte 0"):
+        j.read_at(1, 0)
+    assert [(d.segment, d.offset, d.end) for d in j.damage] == [(1, 0, 108), (2, 0, 108)]
+    assert j.damage_from((1, 1)).segment == 2  # type: ignore[union-attr]
+    j.drop_before(2)  # applied: the replicas hold segment 1, its damage is forgotten
+    assert [d.segment for d in j.damage] == [2]
+    j.close()
+    assert [d.segment for d in Journal(str(tmp_path), segment_max=100).damage] == [2]
+
+
+def test_a_closed_segment_cut_short_is_missing_acked_bytes(tmp_path: Path) -> None:
+    j = Journal(str(tmp_path), segment_max=200)
+    j.append([w(1, b"a" * 60), w(2, b"b" * 60)])  # segment 1: 216 bytes
+    j.append([w(3, b"c")])
+    j.close()
+    os.truncate(seg_path(tmp_path, 1), 150)  # its index still says 216
+    j = Journal(str(tmp_path), segment_max=200)
+    assert [(d.segment, d.offset, d.end, d.missing) for d in j.damage] == [(1, 108, 150, 66)]
+    assert "66 acknowledged bytes missing after it" in j.describe(j.damage[0])
+    j.close()

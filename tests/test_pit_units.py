@@ -282,7 +282,7 @@ def test_closed_segments_get_an_index_and_a_lost_one_is_rebuilt(tmp_path: Path) 
     j2.close()
 
 
-def test_flipped_byte_in_a_closed_segment_without_index_is_corrupt(tmp_path: Path) -> None:
+def test_flipped_byte_in_a_closed_segment_without_index_is_damage(tmp_path: Path) -> None:
     j = Journal(str(tmp_path), segment_max=5000)
     for i in range(1, 10):
         j.append([wrec(i, 0, b"x" * 3000)])
@@ -292,11 +292,16 @@ def test_flipped_byte_in_a_closed_segment_without_index_is_corrupt(tmp_path: Pat
     with open(j.path(first), "r+b") as f:
         f.seek(100)
         f.write(b"y")
-    with pytest.raises(JournalCorrupt):
-        Journal(str(tmp_path), segment_max=5000)
+    j2 = Journal(str(tmp_path), segment_max=5000)  # opens: the damage is kept and listed
+    assert [(d.segment, d.offset, d.end) for d in j2.damage] == [(first, 0, 3048)]
+    # The damaged record stays out of the index; the one after it is kept.
+    assert [e[8] for e in jindex.entries(j2.index(first))] == [3048]
+    with pytest.raises(JournalCorrupt, match="byte 0"):
+        list(j2.read_from(j2.start))
+    j2.close()
 
 
-def test_torn_and_flipped_tail_is_dropped(tmp_path: Path) -> None:
+def test_flipped_acked_tail_is_damage_and_a_torn_tail_after_it_is_cut(tmp_path: Path) -> None:
     j = Journal(str(tmp_path))
     j.append([wrec(1, 0, b"a" * 100)])
     end = j.end
@@ -305,15 +310,18 @@ def test_torn_and_flipped_tail_is_dropped(tmp_path: Path) -> None:
     path = j.path(end[0])
     with open(path, "r+b") as f:
         f.seek(end[1] + 60)
-        f.write(b"!")  # the second record's data: fails its checksum
+        f.write(b"!")  # the second record's data: fails its checksum, but it was acked
     j2 = Journal(str(tmp_path))
-    assert j2.dropped_tail == 148 and j2.end == end
-    assert [r.seq for r, _ in j2.read_from(j2.start)] == [1]
+    assert j2.dropped_tail == 0 and j2.end == (end[0], end[1] + 148)
+    assert [(d.offset, d.end, d.disk_offset) for d in j2.damage] == [(end[1], end[1] + 148, 0)]
+    with pytest.raises(JournalCorrupt, match="byte %d" % end[1]):
+        list(j2.read_from(j2.start))
     j2.close()
     with open(path, "ab") as f:
-        f.write(b"FJR\x01partial")
+        f.write(b"FJR\x01partial")  # never acked
     j3 = Journal(str(tmp_path))
     assert j3.dropped_tail == 11 and [e[5] for e in jindex.entries(j3.index(end[0]))] == [1]
+    assert len(j3.damage) == 1
     j3.close()
 
 

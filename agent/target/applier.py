@@ -56,7 +56,7 @@ from formats.records import (
     Point,
 )
 
-from .journal import Journal, Position
+from .journal import Journal, JournalCorrupt, Position
 from .state import GroupData
 
 log = logging.getLogger("ferry.replica")
@@ -161,7 +161,31 @@ def apply(g: GroupData, stop: Optional[Position] = None) -> None:
     """Apply the journal from the replicas' point to ``stop`` (default: its end), as far
     as the hold-back rule lets it."""
     pos = g.applied
-    for rec, after in g.journal.read_from(pos, stop):
+    try:
+        pos = _apply_records(g, pos, stop)
+    except JournalCorrupt as e:
+        # Promotion stops before the damage (the group shows it, journal-damaged);
+        # what the records before it applied stays, the rest waits for the repair.
+        log.debug("group %s: promotion stops: %s", g.name, e)
+        pos = max(g.applied, e.position) if e.position is not None else g.applied
+    # A checkpoint at a segment's end moved ``applied`` on to the next segment and
+    # dropped this one: never step back onto it.
+    g.applied = max(g.applied, pos)
+
+
+def _apply_records(g: GroupData, pos: Position, stop: Optional[Position]) -> Position:
+    """Apply records from ``pos``; the position after the last one applied. Raises
+    JournalCorrupt (its ``position``: after the last applied) at damage."""
+    reader = g.journal.read_from(pos, stop)
+    while True:
+        try:
+            item = next(reader, None)
+        except JournalCorrupt as e:
+            e.position = pos
+            raise
+        if item is None:
+            return pos
+        rec, after = item
         if rec.kind >= KIND_CHECKPOINT:
             pos = after
             continue
@@ -172,7 +196,7 @@ def apply(g: GroupData, stop: Optional[Position] = None) -> None:
                 log.info("group %s: disk %s is resyncing; its replica stays at %d/%d "
                          "until the resync ends", g.name, st.name, st.applied_gen,
                          st.applied_seq)
-            break
+            return pos
         if rec.kind in MAP_KINDS:
             write_record(g.fds[rec.disk], rec)
             g.since_checkpoint += rec.length if rec.kind == KIND_WRITE else 0
@@ -183,9 +207,6 @@ def apply(g: GroupData, stop: Optional[Position] = None) -> None:
         if g.since_checkpoint >= CHECKPOINT_BYTES:
             g.applied = pos
             checkpoint(g)
-    # A checkpoint at a segment's end moved ``applied`` on to the next segment and
-    # dropped this one: never step back onto it.
-    g.applied = max(g.applied, pos)
 
 
 def checkpoint(g: GroupData) -> None:

@@ -15,11 +15,20 @@ available while the replica of every disk is not past its cut.
 A group's life::
 
     state        event       next
-    opening      opened      receiving     (its meta.json has no failover record)
-    opening      failover    failed-over   (it has one: finished again if a crash cut it)
-    receiving    failover    failed-over
-    receiving    close       closed
-    failed-over  close       closed
+    opening          opened      receiving     (its meta.json has no failover record)
+    opening          failover    failed-over   (it has one: finished again if a crash cut it)
+    receiving        damaged     journal-damaged
+    receiving        failover    failed-over
+    receiving        close       closed
+    journal-damaged  damaged     journal-damaged
+    journal-damaged  failover    failed-over
+    journal-damaged  close       closed
+    failed-over      damaged     failed-over
+    failed-over      close       closed
+
+A journal-damaged group (``journal.py``: records that fail their checks, found at open or
+when read) still takes batches and promotes up to the damage; the points that need the
+damaged records are refused (``point``), older ones restore.
 
 Everything that changes the group runs in a worker thread with ``_lock`` held, and ends by
 publishing a new status snapshot (``status.py``); ``status`` reads the snapshot and never
@@ -37,7 +46,9 @@ import logging
 import os
 import shutil
 import threading
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+import xxhash
 
 from formats import jindex
 from formats.durable import fsync_parent
@@ -49,12 +60,15 @@ from ..protocol.frames import ProtocolError
 from . import admission, applier, failover, meta, status
 from . import seeds as seed
 from .holdback import HoldBack
-from .journal import SEGMENT_MAX, Journal, Position
-from .restore import restore
+from .journal import SEGMENT_MAX, Journal, JournalCorrupt, Position
+from .restore import entries_from, restore
 from .state import DiskState
 from .transitions import Table
 
 log = logging.getLogger("ferry.replica")
+
+# Where this Python has xxhash: the view plugin (another Python) may use it to check records.
+_XXHASH_PATH = os.path.dirname(os.path.dirname(os.path.abspath(xxhash.__file__)))
 
 DEFAULT_HISTORY = 4 * 3600
 DEFAULT_JOURNAL_MAX = 50 * 1024 ** 3
@@ -71,6 +85,7 @@ class NoConsistentState(NotFound):
 class GroupState(enum.Enum):
     OPENING = "opening"
     RECEIVING = "receiving"
+    JOURNAL_DAMAGED = "journal-damaged"
     FAILED_OVER = "failed-over"
     CLOSED = "closed"
 
@@ -78,6 +93,7 @@ class GroupState(enum.Enum):
 class GroupEvent(enum.Enum):
     OPENED = "opened"
     FAILOVER = "failover"
+    DAMAGED = "damaged"
     CLOSE = "close"
 
 
@@ -86,6 +102,11 @@ LIFE = Table[GroupState, GroupEvent]("a target group", {
     (GroupState.OPENING, GroupEvent.FAILOVER): GroupState.FAILED_OVER,
     (GroupState.RECEIVING, GroupEvent.FAILOVER): GroupState.FAILED_OVER,
     (GroupState.RECEIVING, GroupEvent.CLOSE): GroupState.CLOSED,
+    (GroupState.RECEIVING, GroupEvent.DAMAGED): GroupState.JOURNAL_DAMAGED,
+    (GroupState.JOURNAL_DAMAGED, GroupEvent.DAMAGED): GroupState.JOURNAL_DAMAGED,
+    (GroupState.JOURNAL_DAMAGED, GroupEvent.FAILOVER): GroupState.FAILED_OVER,
+    (GroupState.JOURNAL_DAMAGED, GroupEvent.CLOSE): GroupState.CLOSED,
+    (GroupState.FAILED_OVER, GroupEvent.DAMAGED): GroupState.FAILED_OVER,
     (GroupState.FAILED_OVER, GroupEvent.CLOSE): GroupState.CLOSED,
 })
 
@@ -112,6 +133,7 @@ class TargetGroup:
         self.directory = directory
         self.name = name
         self.state = GroupState.OPENING
+        self._reported: Set[Tuple[int, int]] = set()  # damage logged (segment, offset)
         self._lock = threading.Lock()
         os.makedirs(os.path.join(directory, "replicas"), exist_ok=True)
         m = (saved if saved is not None else meta.load(directory)) or {}
@@ -121,7 +143,7 @@ class TargetGroup:
         m = self._settings(m, protection, history_s, journal_max)
         whole = self._open_replicas(m, disks)
         self.journal = Journal(os.path.join(directory, "journal"), segment_max,
-                               self._segment_age())
+                               self._segment_age(), name, [st.name for st in self.disks])
         if self.journal.dropped_tail:
             log.warning("group %s: dropped a torn journal tail of %d bytes",
                         name, self.journal.dropped_tail)
@@ -193,14 +215,16 @@ class TargetGroup:
         save meta.json at the position it was loaded from, and say whether a restart
         would apply changes again."""
         after = False
-        for rec, _pos in self.journal.read_from(self.applied):
-            if rec.kind >= KIND_CHECKPOINT:
+        self.journal.verify(self.applied)  # damage is recorded, the records stay out
+        for _segno, e in entries_from(self.journal, self.applied):
+            disk, kind, _f, gen, length, seq, offset = e[:7]
+            if kind >= KIND_CHECKPOINT:
                 continue
-            st = self.disks[rec.disk]
-            st.gen, st.seq = rec.gen, rec.seq
-            self.gate.journaled(rec.disk, rec.kind)
-            after = after or rec.kind in MAP_KINDS
-            self.seeds.note(rec.disk, rec.kind, rec.offset, rec.length)
+            st = self.disks[disk]
+            st.gen, st.seq = gen, seq
+            self.gate.journaled(disk, kind)
+            after = after or kind in MAP_KINDS
+            self.seeds.note(disk, kind, offset, length)
         self.save_meta(synced=True)
         return after
 
@@ -245,7 +269,10 @@ class TargetGroup:
         for segno in self.journal.segments():
             for e in jindex.entries(self.journal.index(segno)):
                 if e[1] == KIND_CHECKPOINT:
-                    rec = self.journal.read_at(segno, e[8])
+                    try:
+                        rec = self.journal.read_at(segno, e[8])
+                    except JournalCorrupt:
+                        continue  # recorded as damage; the checkpoint is lost
                     assert rec.data is not None
                     c = Checkpoint.decode(rec.data)
                     c.tags = self.tags.get(c.id, [])
@@ -287,7 +314,7 @@ class TargetGroup:
         batch's (wall_ns, mono_ns), to give each checkpoint its source wall time (without
         them, each checkpoint keeps the ``wall_ns`` it has)."""
         with self._lock:
-            if self.state is not GroupState.RECEIVING:
+            if self.state not in (GroupState.RECEIVING, GroupState.JOURNAL_DAMAGED):
                 raise ProtocolError("group %s %s here; it takes no more changes" % (
                     self.name, "failed over" if self.failover is not None else "is closed"))
             fresh = admission.fresh(self.name, self.disks, self.seeds, records)
@@ -326,7 +353,7 @@ class TargetGroup:
     def maintain(self) -> None:
         """Promote what aged out of the window (called now and then, not only on batches)."""
         with self._lock:
-            if self.state is GroupState.RECEIVING:
+            if self.state in (GroupState.RECEIVING, GroupState.JOURNAL_DAMAGED):
                 applier.promote(self)
             self._publish()
 
@@ -364,16 +391,37 @@ class TargetGroup:
                     "not ended" % (st.name, self.name))
         if ref is None and at_wall_ns is None:
             points, held = self.newest()
+            self._check_intact(None)
             return None, points, held
         c = choose(self.checkpoints, ref, at_wall_ns)
+        self._check_intact(c)
         return c, list(c.cut), False
+
+    def _check_intact(self, c: Optional[Checkpoint]) -> None:
+        """JournalCorrupt if the point (a checkpoint, None: the newest) needs damaged
+        records: damage between the replicas' position and the checkpoint's marker (every
+        record of its cut is journaled before it), or anywhere after them for the newest."""
+        d = self.journal.damage_from(self.applied)
+        if d is None:
+            return
+        if c is not None:
+            marker = None
+            for segno, e in entries_from(self.journal, self.applied):
+                if e[1] == KIND_CHECKPOINT and e[7] == c.time_ns:
+                    marker = (segno, e[8])
+            if marker is not None and marker <= (d.segment, d.offset):
+                return
+        raise self.journal.corrupt(d)
 
     def restore(self, disk: str, dest: str, ref: Optional[str] = None,
                 at_wall_ns: Optional[int] = None) -> Dict[str, Any]:
         """Write ``disk`` as of a checkpoint (default: its newest consistent state) to the
         new file ``dest``; durable (data and name) when it returns (``restore.py``)."""
         with self._lock:
-            return restore(self, disk, dest, ref, at_wall_ns)
+            try:
+                return restore(self, disk, dest, ref, at_wall_ns)
+            finally:
+                self._publish()  # a read may have found damage
 
     def view_spec(self, ref: Optional[str], at_wall_ns: Optional[int]
                   ) -> Tuple[Optional[Checkpoint], List[Dict[str, Any]]]:
@@ -387,7 +435,10 @@ class TargetGroup:
                         for segno in self.journal.segments() if segno >= self.applied[0]]
             specs = []
             for i, st in enumerate(self.disks):
-                specs.append({"replica": self.replica_path(st.name), "size": st.size,
+                specs.append({"group": self.name, "name": st.name, "xxhash_path": _XXHASH_PATH,
+                              "damage": [[d.segment, d.offset, max(d.end, d.offset + 1)]
+                                         for d in self.journal.damage],
+                              "replica": self.replica_path(st.name), "size": st.size,
                               "disk": i, "base": [st.applied_gen, st.applied_seq],
                               "upto": list(cut[i]), "start": list(self.applied),
                               "segments": segments})
@@ -404,6 +455,9 @@ class TargetGroup:
         """Make the replicas the live disks as of a point (``failover.py``)."""
         with self._lock:
             try:
+                # Every record it may apply checked first: a failover never stops half-way
+                # on damage (point() refuses the points that need it).
+                self.journal.verify(self.applied, last=True)
                 return failover.live(self, ref, at_wall_ns)
             finally:
                 self._publish()
@@ -437,6 +491,13 @@ class TargetGroup:
 
     def _publish(self) -> None:
         """A new status snapshot, as things stand (call with the lock held)."""
+        if self.journal.damage and self.state is not GroupState.CLOSED:
+            for d in self.journal.damage:
+                if (d.segment, d.offset) not in self._reported:
+                    self._reported.add((d.segment, d.offset))
+                    log.error("%s; the points that need it are refused",
+                              self.journal.describe(d))
+            self._go(GroupEvent.DAMAGED)
         self._snapshot = status.snapshot(self)
 
     def close(self) -> None:

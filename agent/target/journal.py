@@ -19,15 +19,22 @@ is a change (write, zero or trim) of ``[offset, +length)`` that went straight to
 replica, made durable there before the record was appended, during its disk's initial sync
 (``agent/target/applier.py``); it carries no data, and the applier only steps over it.
 
-Opening a journal scans its last segment and cuts off a torn tail: the first record whose
-header or checksum does not hold, and all after it, were never acked and are dropped. A
-closed segment whose index file is missing or does not hold is read whole (checksums
-checked) and its index written again; a version 1 index file (no pieces) is rewritten as
-version 2.
+Opening a journal scans its last segment (``damage.classify``): only bytes past the last
+acked record (``journal/acked``, written after each append's fdatasync) are a torn tail and
+cut; a record that fails its checks with valid records after it, or inside what was acked,
+is *damage*: kept, never returned as data, listed in ``damage`` and in
+``journal/damage.json`` (durable), so the group can refuse the points that need it and the
+repair can find it. A closed segment whose index file is missing or does not hold is read
+whole (checksums checked, damage recorded the same way) and its index written again; a
+version 1 index file (no pieces) is rewritten as version 2. ``verify`` checks every record
+from a position on (the group runs it at open for what the replicas lack); ``read_at`` and
+``read_from`` check every record they return and raise ``JournalCorrupt`` (one line: group,
+disk, segment file, offset) at a record that fails or at known damage.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import struct
@@ -44,24 +51,26 @@ from formats.records import (
     DATA_KINDS,
     JOURNAL_KINDS,
     KIND_APPLIED,
+    KIND_CHECKPOINT,
     KIND_SEEDED,
     JRecord,
 )
 from formats.segment import CHECKED as _CHECKED
 from formats.segment import MAGIC, RECORD
 
-from ..errors import StorageError
+from ..errors import JournalCorrupt
+from . import damage as _damage
+from .damage import Damage
 
-__all__ = ["KIND_APPLIED", "KIND_SEEDED", "JRecord", "Journal", "JournalCorrupt", "Position"]
+__all__ = ["KIND_APPLIED", "KIND_SEEDED", "Damage", "JRecord", "Journal", "JournalCorrupt",
+           "Position"]
+
+log = logging.getLogger("ferry.replica")
 
 SEGMENT_MAX = 64 * 1024 * 1024
 _SEGMENT_RE = re.compile(r"^seg-(\d{16})\.fjr$")
 
 Position = Tuple[int, int]  # (segment number, byte offset in it)
-
-
-class JournalCorrupt(StorageError):
-    """A record inside the journal (not at its tail) fails its checks."""
 
 
 def encode_header(r: JRecord) -> bytes:
@@ -95,12 +104,26 @@ def _decode_at(buf: memoryview, pos: int) -> Optional[Tuple[JRecord, int]]:
     return JRecord(disk, gen, seq, kind, flags, offset, length, time_ns, data), end
 
 
+def _holds(buf: memoryview, pos: int) -> Optional[int]:
+    decoded = _decode_at(buf, pos)
+    return None if decoded is None else decoded[1]
+
+
+def _entry(buf: memoryview, pos: int) -> bytes:
+    """The index entry of the (checked) record whose header is at ``pos``."""
+    _m, kind, flags, disk, gen, length, seq, offset, time_ns, _c = RECORD.unpack_from(buf, pos)
+    return jindex.ENTRY.pack(disk, kind, flags, gen, length, seq, offset, time_ns, pos)
+
+
 class Journal:
     def __init__(self, directory: str, segment_max: int = SEGMENT_MAX,
-                 segment_age: Optional[float] = None) -> None:
+                 segment_age: Optional[float] = None, group: str = "?",
+                 disks: Optional[List[str]] = None) -> None:
         self.directory = directory
         self.segment_max = segment_max
         self.segment_age = segment_age
+        self.group = group
+        self.disk_names = list(disks or [])
         os.makedirs(directory, exist_ok=True)
         self.dropped_tail = 0  # bytes cut off at open
         self.rebuilt_indexes = 0  # closed segments whose index file was written again
@@ -108,6 +131,12 @@ class Journal:
         self._fd = -1
         self._index: Dict[int, bytearray] = {}
         self._first_at: Optional[float] = None  # monotonic time of the open segment's first append
+        self._mark = _damage.AckedMark(directory)
+        try:
+            self.damage: List[Damage] = _damage.load(directory)
+        except (ValueError, KeyError, TypeError) as e:
+            raise JournalCorrupt("group %s: %s does not hold: %s" % (
+                group, _damage.path(directory), e), _damage.path(directory)) from None
         self._segments = self._list()
         if not self._segments:
             self._segments = [1]
@@ -140,21 +169,65 @@ class Journal:
             self._index[segno] = bytearray()
         self._size = os.fstat(self._fd).st_size
 
-    def _scan(self, segno: int) -> Tuple[bytearray, int, int]:
-        """Index entries of the records that hold, where they end, and the file's size."""
+    # -- damage --------------------------------------------------------------------------
+
+    def describe(self, d: Damage) -> str:
+        """One line: the group, the disk, the segment file and the offset."""
+        disk = "disk %s" % (self.disk_names[d.disk] if d.disk is not None and
+                            d.disk < len(self.disk_names) else d.disk) \
+            if d.disk is not None else "disk unknown"
+        what = "%d damaged bytes at byte %d" % (d.end - d.offset, d.offset)
+        if d.missing:
+            what = "%d acknowledged bytes missing at byte %d" % (d.missing, d.end) \
+                if d.end == d.offset else what + ", %d acknowledged bytes missing after it" \
+                % d.missing
+        return "group %s, %s: journal segment %s: %s" % (self.group, disk, self._path(d.segment),
+                                                         what)
+
+    def corrupt(self, d: Damage) -> JournalCorrupt:
+        return JournalCorrupt(self.describe(d), self._path(d.segment), d)
+
+    def _note(self, d: Damage) -> Damage:
+        """Record damage (once per segment and offset), durably in damage.json."""
+        for old in self.damage:
+            if (old.segment, old.offset) == (d.segment, d.offset):
+                return old
+        self.damage.append(d)
+        self.damage.sort(key=lambda x: (x.segment, x.offset))
+        try:
+            _damage.save(self.directory, self.damage)
+        except OSError as e:  # kept in memory; a scan finds it again after a restart
+            log.error("group %s: %s cannot be written: %s", self.group,
+                      _damage.path(self.directory), e)
+        return d
+
+    def _note_scan(self, segno: int, raw: bytes, found: _damage.Classified) -> None:
+        for start, end in found.damage:
+            rng = _damage.header_range(memoryview(raw), start, end)
+            missing = found.missing if end == len(raw) else 0
+            self._note(Damage(segno, start, end, missing, "open", *(rng or (None, None, None))))
+
+    def damage_from(self, pos: Position) -> Optional[Damage]:
+        """The first damage at or after ``pos``, or None."""
+        for d in self.damage:
+            if (d.segment, d.offset) >= pos and (d.segment in self._index
+                                                 or d.segment > self._segments[-1]):
+                return d
+        return None
+
+    # -- opening -------------------------------------------------------------------------
+
+    def _scan(self, segno: int, acked: Optional[int]) -> Tuple[bytearray, _damage.Classified]:
+        """Index entries of the records that hold, and what the scan found."""
         with open(self._path(segno), "rb") as f:
-            buf = memoryview(f.read())
+            raw = f.read()
+        found = _damage.classify(raw, _holds, acked)
+        buf = memoryview(raw)
         entries = bytearray()
-        pos = 0
-        while pos < len(buf):
-            decoded = _decode_at(buf, pos)
-            if decoded is None:
-                break
-            r, after = decoded
-            entries += jindex.ENTRY.pack(r.disk, r.kind, r.flags, r.gen, r.length, r.seq,
-                                         r.offset, r.time_ns, pos)
-            pos = after
-        return entries, pos, len(buf)
+        for pos, _after in found.records:
+            entries += _entry(buf, pos)
+        self._note_scan(segno, raw, found)
+        return entries, found
 
     def _load_index(self, segno: int) -> None:
         path = self._path(segno)
@@ -171,9 +244,10 @@ class Journal:
             self._write_index(segno, entries, size)
             self.migrated_indexes += 1
         if entries is None:
-            built, pos, size = self._scan(segno)
-            if pos != size:
-                raise JournalCorrupt("%s: bad record at byte %d" % (path, pos))
+            # Every byte of a closed segment was acked: what fails is damage, never a tail;
+            # an index that holds but covers more says how much is missing.
+            covers = jindex.idx_covers(raw)
+            built, _found = self._scan(segno, max(size, covers or 0))
             self._write_index(segno, bytes(built), size)
             self.rebuilt_indexes += 1
             entries = bytes(built)
@@ -186,16 +260,52 @@ class Journal:
     def _recover_tail(self) -> None:
         last = self._segments[-1]
         path = self._path(last)
-        entries, pos, size = self._scan(last)
-        if pos < size:
-            self.dropped_tail = size - pos
-            os.truncate(path, pos)
+        mark = self._mark.read()
+        if mark is not None and mark[0] > last:
+            # Segments that were acked are gone altogether.
+            self._note(Damage(mark[0], 0, 0, mark[1]))
+        acked = mark[1] if mark is not None and mark[0] == last else None
+        entries, found = self._scan(last, acked)
+        if found.cut is not None:
+            self.dropped_tail = os.path.getsize(path) - found.cut
+            os.truncate(path, found.cut)
         self._open_segment(last, create=False)
         self._index[last] = entries
         if entries:
             self._first_at = time.monotonic()
         if self.dropped_tail:
             os.fdatasync(self._fd)
+
+    def verify(self, pos: Position, last: bool = False) -> List[Damage]:
+        """Check every record from ``pos`` on (the last segment, checked at open, only with
+        ``last``); record what fails as damage and return it."""
+        out = []
+        for s in self._segments if last else self._segments[:-1]:
+            if s < pos[0]:
+                continue
+            with open(self._path(s), "rb") as f:
+                buf = memoryview(f.read(self.segment_size(s)))
+            starts = [e[8] for e in jindex.entries(self.index(s))]
+            for n, p in enumerate(starts):
+                if (s, p) < pos or _holds(buf, p) is not None:
+                    continue
+                end = starts[n + 1] if n + 1 < len(starts) else len(buf)
+                out.append(self._note_read(s, p, end))
+        return out
+
+    def _note_read(self, segno: int, pos: int, end: Optional[int] = None) -> Damage:
+        """Damage at a record the index knows (its entry was made from a checked record)."""
+        for e in jindex.entries(self.index(segno)):
+            if e[8] == pos:
+                size = RECORD.size + (e[4] if e[1] in DATA_KINDS else 0)
+                is_range = e[1] < KIND_SEEDED or e[1] == KIND_APPLIED
+                return self._note(Damage(segno, pos, end if end is not None else pos + size,
+                                         0, "read", e[0] if e[1] < KIND_CHECKPOINT else None,
+                                         e[6] if is_range else None,
+                                         e[4] if is_range else None))
+        return self._note(Damage(segno, pos, end if end is not None else pos, 0, "read"))
+
+    # -- writing -------------------------------------------------------------------------
 
     @property
     def end(self) -> Position:
@@ -223,7 +333,8 @@ class Journal:
         self._first_at = None
 
     def append(self, records: List[JRecord]) -> Position:
-        """Write ``records`` and make them durable; return the journal's new end."""
+        """Write ``records`` and make them durable; return the journal's new end. The acked
+        mark (``damage.AckedMark``) moves after the fdatasync."""
         if not records:
             return self.end
         if self._due_to_close():
@@ -251,14 +362,18 @@ class Journal:
         self._index[self._segments[-1]] += entries
         if self._first_at is None:
             self._first_at = time.monotonic()
+        self._mark.write(self._segments[-1], self._size)
         return self.end
+
+    # -- reading -------------------------------------------------------------------------
 
     def index(self, segno: int) -> bytes:
         """The index entries of a segment (``jindex.ENTRY``), in record order."""
         return bytes(self._index[segno])
 
     def read_at(self, segno: int, pos: int) -> JRecord:
-        """The record whose header is at ``pos`` of segment ``segno``, checked."""
+        """The record whose header is at ``pos`` of segment ``segno``, checked;
+        JournalCorrupt (and the damage recorded) if it fails."""
         with open(self._path(segno), "rb") as f:
             f.seek(pos)
             head = f.read(RECORD.size)
@@ -267,29 +382,39 @@ class Journal:
                 head += f.read(length if kind in DATA_KINDS else 0)
         decoded = _decode_at(memoryview(head), 0)
         if decoded is None:
-            raise JournalCorrupt("%s: bad record at byte %d" % (self._path(segno), pos))
+            raise self.corrupt(self._note_read(segno, pos))
         return decoded[0]
 
     def read_from(self, pos: Position, stop: Optional[Position] = None
                   ) -> Iterator[Tuple[JRecord, Position]]:
-        """Records from ``pos`` (to ``stop`` or the end), each with the position after it."""
+        """Records from ``pos`` (to ``stop`` or the end), each checked, with the position
+        after it; JournalCorrupt at the first that fails or at known damage."""
         segno, offset = pos
         end = stop if stop is not None else self.end
         for s in list(self._segments):
             if s < segno or s > end[0]:
                 continue
             start = offset if s == segno else 0
+            limit = end[1] if s == end[0] else self.segment_size(s)
+            known = [d for d in self.damage if d.segment == s and start <= d.offset < limit]
             with open(self._path(s), "rb") as f:
                 f.seek(start)
-                limit = end[1] if s == end[0] else None
-                buf = memoryview(f.read() if limit is None else f.read(max(0, limit - start)))
-            p = 0
-            while p < len(buf):
-                decoded = _decode_at(buf, p)
+                buf = memoryview(f.read(max(0, limit - start)))
+            for e in jindex.entries(self.index(s)):
+                p = e[8]
+                if p < start:
+                    continue
+                if p >= limit:
+                    break
+                if known and p >= known[0].offset:
+                    raise self.corrupt(known[0])
+                decoded = _decode_at(buf, p - start)
                 if decoded is None:
-                    raise JournalCorrupt("%s: bad record at byte %d" % (self._path(s), start + p))
-                record, p = decoded
-                yield record, (s, start + p)
+                    raise self.corrupt(self._note_read(s, p))
+                record, after = decoded
+                yield record, (s, start + after)
+            if known:
+                raise self.corrupt(known[0])
 
     def drop_before(self, segno: int) -> None:
         """Delete whole segments older than ``segno`` (never the one being written), and
@@ -308,6 +433,10 @@ class Journal:
         if len(keep) != len(self._segments):
             self._segments = keep
             _fsync_dir(self.directory)
+            gone = [d for d in self.damage if d.segment < keep[0]]
+            if gone:  # applied before it was found: the replicas hold it
+                self.damage = [d for d in self.damage if d not in gone]
+                _damage.save(self.directory, self.damage)
 
     def segments(self) -> List[int]:
         return list(self._segments)
@@ -327,3 +456,4 @@ class Journal:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        self._mark.close(sync=True)

@@ -79,8 +79,11 @@ def restore(g: GroupData, disk: str, dest: str, ref: Optional[str],
     sparse_copy(g.replica_path(disk), tmp, st.size)
     fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
     try:
-        write_overlay(g, fd, index, cut[index])
+        write_overlay(g, fd, index, cut[index])  # each record checked: JournalCorrupt
         os.fdatasync(fd)
+    except BaseException:
+        os.unlink(tmp)  # never a partial file left behind
+        raise
     finally:
         os.close(fd)
     os.rename(tmp, dest)

@@ -46,6 +46,7 @@ class GroupData(Protocol):
     short_history: bool
     pins: int
     failover: Optional[Dict[str, Any]]
+    state: Any                       # GroupState (group.py): its value is the status' state
 
     def replica_path(self, disk: str) -> str: ...
 

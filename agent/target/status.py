@@ -35,6 +35,12 @@ def snapshot(g: GroupData) -> Snapshot:
         "newest_checkpoint": newest.to_json() if newest else None,
         "views_open": g.pins,
         "failover": dict(g.failover) if g.failover is not None else None,
+        "state": g.state.value,
+        # Journal records B cannot vouch for (journal.py): what the repair must resend.
+        "damage": [dict(d.to_json(), file=g.journal.path(d.segment),
+                        disk=g.disks[d.disk].name if d.disk is not None
+                        and d.disk < len(g.disks) else None)
+                   for d in g.journal.damage],
         "disks": {d.name: {"size": d.size, "durable_gen": d.gen, "durable_seq": d.seq,
                            "applied_gen": d.applied_gen,
                            "applied_seq": d.applied_seq,
