@@ -140,6 +140,11 @@ class StatusCollector(Collector):
             gauge("checkpoints", "Checkpoints held in the target's window", g,
                   r["checkpoints"])
             gauge("views_open", "Views and test failovers open", g, r.get("views_open", 0))
+            gauge("journal_damaged", "1 while the target's journal of the group holds "
+                  "damaged records (status: damage)", g,
+                  int(r.get("state") == "journal-damaged"))
+            gauge("journal_damage_ranges", "Damaged stretches of the group's journal", g,
+                  len(r.get("damage") or ()))
         yield from fams.values()
 
     def _derived(self, w: Watcher) -> Iterator[Metric]:

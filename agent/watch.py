@@ -204,6 +204,14 @@ class Watcher:
             if bool(test) != bool(was_test):
                 emit("failover", group=g, mode="test", change="started" if test else "stopped",
                      view=(test or was_test or {}).get("id"))
+            if len(r.get("damage") or ()) > len(before.get("damage") or ()):
+                for d in (r.get("damage") or [])[len(before.get("damage") or ()):]:
+                    emit("journal", "error", group=g, side="target", change="damaged",
+                         damage=d)
+            if r.get("state") != before.get("state") and "state" in r:
+                emit("group", "error" if r["state"] == "journal-damaged" else "info",
+                     group=g, side="target", change="state", old=before.get("state"),
+                     new=r["state"])
             if r.get("failover") and not before.get("failover"):
                 emit("failover", "warning", group=g, mode="live", change="started",
                      checkpoint=r["failover"].get("checkpoint"))

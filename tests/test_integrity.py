@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Tuple
 
 import nbd
 import pytest
-from conftest import Lab, first_difference, same_bytes
+from conftest import Lab, first_difference, same_bytes, samples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -273,6 +273,14 @@ def test_flip_with_b_running(sites: Lab) -> None:
     assert_refused(sites, "g1", "g1-vda", seg, "--checkpoint", new_id)
     restored, _ = restore(sites, "g1", "g1-vda", "--checkpoint", old_id)
     assert same_bytes(old_copy, restored)
+    # Metrics and events say so too.
+    m = samples(sites.b.api("GET", "/metrics"))
+    assert m[("ferry_journal_damaged", (("group", "g1"),))] == 1
+    assert m[("ferry_journal_damaged", (("group", "g2"),))] == 0
+    events = [json.loads(line) for line in
+              sites.b.ferry("events", "--json").stdout.splitlines() if line.strip()]
+    assert any(e["kind"] == "journal" and e.get("change") == "damaged" and e["group"] == "g1"
+               for e in events), events
 
     # The other group replicates meanwhile and restores; the agent is up.
     write(uri2, random.Random(7), big=True)
