@@ -1,11 +1,13 @@
 """One nbdkit serving one disk of a view, a test failover or a live failover on a Unix
 socket, for as long as it is not stopped, whoever started it.
 
-An export runs detached: ``start_new_session`` and no ``--exit-with-parent``. (That option
-is PR_SET_PDEATHSIG, which fires when the *thread* that forked exits, and trio retires idle
-worker threads after 10 s: a view or a live disk stopped soon after it was opened, with
-nothing logged.) So it outlives the request, the worker thread and the agent itself; only
-``stop`` ends it. Its pid is written beside its socket (``<disk>.pid``, atomically with
+An export runs detached: in a new session, and forked into the background by nbdkit itself
+(the way the splitters run), never ``--foreground`` under the agent. (A foreground nbdkit
+sets PR_SET_PDEATHSIG, always in nbdkit 1.32 and with ``--exit-with-parent`` anyway, and
+that signal fires when the *thread* that forked it exits: trio retires idle worker threads
+after 10 s, so a view or a live disk stopped soon after it was opened, with nothing
+logged.) So it outlives the request, the worker thread and the agent itself; only ``stop``
+ends it. Its pid is written beside its socket (``<disk>.pid``, atomically with
 ``formats.durable.write_atomic``) once the socket answers. An agent that starts again takes
 it back (``adopt``) only if ``/proc/<pid>/cmdline`` is an nbdkit serving that very socket
 and the socket answers: a recycled pid is never taken, or killed, for an export.
@@ -34,22 +36,14 @@ class Export:
     disk: str
     sock: str
     pid: int
-    proc: Optional[subprocess.Popen] = None  # set when this agent started it (and reaps it)
 
     def alive(self) -> bool:
-        """The nbdkit still runs (and, for one this agent did not start, is still ours)."""
-        if self.proc is not None:
-            return self.proc.poll() is None
+        """The nbdkit still runs (and its pid is still that nbdkit's)."""
         return is_ours(self.pid, self.sock)
 
     def stop(self) -> None:
         """SIGKILL and wait: views keep no state, a test's overlay is thrown away, and a
         live disk's writes are in its file already (nbdkit's file plugin writes through)."""
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc.wait()
-            return
         if not is_ours(self.pid, self.sock):
             return  # gone, or its pid is another process's now: never kill that
         try:
@@ -72,19 +66,31 @@ def start(directory: str, disk: str, args: List[str],
     once its socket answers and its pid file is written. OSError (with its log's last lines)
     if it exits or does not answer within START_TIMEOUT."""
     p = paths(directory, disk)
-    for stale in (p["sock"], p["pid"]):
+    own = p["pid"] + ".nbdkit"  # nbdkit's own pid file, read once
+    for stale in (p["sock"], p["pid"], own):
         try:
             os.unlink(stale)
         except FileNotFoundError:
             pass
-    cmd = [nbdkit_binary(), "--foreground", "--unix", p["sock"], *args]
+    cmd = [nbdkit_binary(), "--unix", p["sock"], "--pidfile", own, "--log=stderr", *args]
     with open(p["log"], "ab") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True, close_fds=True)
-    export = Export(disk, p["sock"], proc.pid, proc)
+        try:
+            proc = subprocess.run(cmd, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL,
+                                  env=env, start_new_session=True, timeout=START_TIMEOUT,
+                                  check=False)
+        except subprocess.TimeoutExpired:
+            raise OSError("nbdkit for the view did not start within %g s"
+                          % START_TIMEOUT) from None
+    if proc.returncode != 0:
+        raise OSError("nbdkit for the view exited (%d): %s" % (proc.returncode,
+                                                               _tail(p["log"])))
+    export = Export(disk, p["sock"], _wait_pid(own, p["log"]))
     try:
-        _wait_ready(proc, p["sock"], p["log"])
-        write_atomic(p["pid"], b"%d\n" % proc.pid, 0o644)
+        if not answers(p["sock"]):
+            raise OSError("nbdkit for the view does not answer on %s: %s"
+                          % (p["sock"], _tail(p["log"])))
+        write_atomic(p["pid"], b"%d\n" % export.pid, 0o644)
+        os.unlink(own)
     except BaseException:
         export.stop()
         raise
@@ -141,14 +147,21 @@ def _running(pid: int) -> bool:
         return False
 
 
-def _wait_ready(proc: subprocess.Popen, sock: str, logpath: str) -> None:
+def _wait_pid(pidfile: str, logpath: str) -> int:
+    """The pid nbdkit wrote (once its socket is bound, before its first process exits)."""
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            with open(logpath, errors="replace") as f:
-                tail = " | ".join(f.read().strip().splitlines()[-3:])
-            raise OSError("nbdkit for the view exited (%d): %s" % (proc.returncode, tail))
-        if answers(sock):
-            return
-        time.sleep(0.02)
-    raise OSError("nbdkit for the view did not start within %g s" % START_TIMEOUT)
+        try:
+            with open(pidfile) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            time.sleep(0.02)
+    raise OSError("nbdkit for the view started but wrote no pid file: %s" % _tail(logpath))
+
+
+def _tail(logpath: str) -> str:
+    try:
+        with open(logpath, errors="replace") as f:
+            return " | ".join(f.read().strip().splitlines()[-3:])
+    except OSError as e:
+        return "(no log: %s)" % e

@@ -78,7 +78,7 @@ class View:
 
 class Views:
     def __init__(self, data_dir: str) -> None:
-        self.root = os.path.join(data_dir, "views")
+        self.root = os.path.join(os.path.abspath(data_dir), "views")
         self.views: Dict[str, View] = {}
         self._lock = threading.Lock()
         self._found = self._scan()  # an earlier agent's views, until ``adopt``
