@@ -199,3 +199,68 @@ def test_a_pid_file_naming_another_process_is_not_taken(sites: Lab, tmp_path: Pa
     finally:
         bystander.kill()
         bystander.wait()
+
+
+# -- Views on their own (no agent): taking back, watching, refusing ------------------------
+
+def test_views_taken_back_watched_and_dropped(tmp_path: Path, caplog: Any) -> None:
+    from test_pit_units import Model, fill, start
+
+    from agent.target import exports
+    from agent.target.views import Views
+    model = Model(2)
+    g = start(tmp_path / "g", model)
+    ids = fill(g, model, 4, seed=14)
+    g.failover_live(ids[2], None)
+    data = str(tmp_path / "data")
+    views = Views(data)
+    live = views.serve_live(g)
+    view = views.open(g, ids[1], None, test=False)
+    assert g.pins == 1 and g.failover["exports"] == live["disks"]
+    pids = {(v, d): pid_of_dir(Path(data), v, d) for v in (live["id"], view["id"])
+            for d in ("a", "b")}
+    views.release()  # the agent stops: nothing stops with it
+
+    again = Views(data)
+    assert again.pins_of("g") == 1 and again.pins_of("other") == 0
+    again.adopt({"g": g})
+    assert {v["id"]: v["state"] for v in again.of_group("g")} == {
+        live["id"]: "serving", view["id"]: "serving"}
+    assert {k: pid_of_dir(Path(data), *k) for k in pids} == pids
+    assert read_all(view["disks"]["a"], 4096) == model.at[ids[1]][0][:4096]
+
+    # A live disk that cannot start again: logged once, shown dead, tried every time.
+    from agent.target import failover
+    path = failover.live_path(g, "a")
+    os.rename(path, path + ".away")
+    os.kill(pids[(live["id"], "a")], signal.SIGKILL)
+    wait_for("dead", lambda: not exports.is_ours(pids[(live["id"], "a")],
+                                                 live["disks"]["a"].split("socket=")[1]))
+    again.watch({"g": g})
+    again.watch({"g": g})
+    assert caplog.text.count("cannot restart its live export") == 1
+    [st] = [v for v in again.of_group("g") if v["live"]]
+    assert st["state"] == "dead" and st["dead_disks"] == ["a"]
+    os.rename(path + ".away", path)
+    again.watch({"g": g})
+    [st] = [v for v in again.of_group("g") if v["live"]]
+    assert st["state"] == "serving" and answers(live["disks"]["a"])
+    again.release()
+
+    # Its group no longer failed over (a rollback cut short), or gone: dropped, stopped.
+    g.failover_rollback()
+    third = Views(data)
+    third.adopt({"g": g})
+    assert [v["id"] for v in third.of_group("g")] == [view["id"]]
+    assert not answers(live["disks"]["a"]) and not (Path(data) / "views" / live["id"]).exists()
+    third.release()
+    g.pins = 0
+    fourth = Views(data)
+    fourth.adopt({})
+    assert fourth.views == {} and not answers(view["disks"]["a"])
+    assert os.listdir(Path(data) / "views") == []
+    g.close()
+
+
+def pid_of_dir(data: Path, vid: str, disk: str) -> int:
+    return int((data / "views" / vid / (disk + ".pid")).read_text())

@@ -175,6 +175,7 @@ def test_points_commit_and_its_refusals(sites: Lab) -> None:
     st = sites.b.status("g1")["replicas"]["g1"]["failover"]
     assert st["state"] == "done" and st["label"] == "failed over, uncommitted"
     assert st["exports"] == {"vda": uri}
+    assert "FAILED OVER LIVE (failed over, uncommitted)" in sites.b.ferry("status").stdout
 
     # Points: the newest is the live disk, later ones are off the timeline; earlier ones
     # read true (not the live disk).
@@ -209,6 +210,7 @@ def test_points_commit_and_its_refusals(sites: Lab) -> None:
     st = sites.b.status("g1")["replicas"]["g1"]
     assert st["failover"]["state"] == "committed" and st["checkpoints"] == 0
     assert st["failover"]["label"] == "failed over, committed"
+    assert "FAILED OVER LIVE (failed over, committed)" in sites.b.ferry("status").stdout
     # The failover point is the base: the replica holds it, the live disk its writes.
     assert same_bytes(Path(st["disks"]["vda"]["replica"]), saved[0][2]["vda"])
     assert read_all(uri, 65536) == b"L" * 65536

@@ -125,7 +125,12 @@ class Views:
             group = groups.get(view.group)
             if view.live:
                 if group is not None and fo.serving(group.failover):
-                    self._restart_dead(view, group)
+                    try:
+                        self._restart_dead(view, group)
+                    except OSError as e:  # shown dead; ``watch`` tries again
+                        log.error("group %s: cannot restart its live export: %s",
+                                  view.group, e)
+                        view.reported = True
                     self.views[vid] = view
                     log.info("group %s: live export taken back (%s)", view.group,
                              ", ".join("%s pid %d" % (d, e.pid)
@@ -163,13 +168,17 @@ class Views:
                     continue
                 group = groups.get(view.group)
                 if view.live and group is not None and fo.serving(group.failover):
-                    log.error("group %s: the live export of %s died; starting it again",
-                              view.group, ", ".join(dead))
+                    if not view.reported:
+                        log.error("group %s: the live export of %s died; starting it again",
+                                  view.group, ", ".join(dead))
                     try:
                         self._restart_dead(view, group)
-                    except OSError as e:
-                        log.error("group %s: cannot restart its live export: %s",
-                                  view.group, e)
+                        view.reported = False
+                    except OSError as e:  # logged once, tried again every second
+                        if not view.reported:
+                            log.error("group %s: cannot restart its live export: %s",
+                                      view.group, e)
+                        view.reported = True
                 elif not view.reported:
                     view.reported = True
                     log.error("group %s: %s %s died (nbdkit of %s gone); close it (ferry "
