@@ -193,6 +193,10 @@ def test_points_commit_and_its_refusals(sites: Lab) -> None:
     assert "failed over, uncommitted" in refused(sites, "failover", "g1", "--live")
     assert "close them" in refused(sites, "failover", "g1", "--commit")
     sites.b.ferry("view-close", view["id"])
+    test = json.loads(sites.b.ferry("failover", "g1", "--test", "--checkpoint", cid,
+                                    "--json").stdout)
+    assert read_all(test["disks"]["vda"], 8 * MiB) == saved[0][2]["vda"].read_bytes()
+    sites.b.ferry("failover", "g1", "--stop-test")
 
     # A bad request: a point with --commit.
     proc = sites.b.ferry("failover", "g1", "--commit", "--checkpoint", cid, check=False)
