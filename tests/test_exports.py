@@ -241,6 +241,13 @@ def test_views_taken_back_watched_and_dropped(tmp_path: Path, caplog: Any) -> No
     assert caplog.text.count("cannot restart its live export") == 1
     [st] = [v for v in again.of_group("g") if v["live"]]
     assert st["state"] == "dead" and st["dead_disks"] == ["a"]
+    again.release()  # the same when an agent starts: taken back dead, logged once
+    again = Views(data)
+    again.adopt({"g": g})
+    again.watch({"g": g})
+    assert caplog.text.count("cannot restart its live export") == 2
+    [st] = [v for v in again.of_group("g") if v["live"]]
+    assert st["state"] == "dead" and st["dead_disks"] == ["a"]
     os.rename(path + ".away", path)
     again.watch({"g": g})
     [st] = [v for v in again.of_group("g") if v["live"]]
@@ -258,6 +265,7 @@ def test_views_taken_back_watched_and_dropped(tmp_path: Path, caplog: Any) -> No
     fourth = Views(data)
     fourth.adopt({})
     assert fourth.views == {} and not answers(view["disks"]["a"])
+    assert "view %s is not held here; removing it" % view["id"] in caplog.text
     assert os.listdir(Path(data) / "views") == []
     g.close()
 

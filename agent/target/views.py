@@ -59,7 +59,8 @@ class View:
     reported: bool = False  # its death is logged once
 
     def dead(self) -> List[str]:
-        return sorted(d for d, e in self.exports.items() if not e.alive())
+        return sorted(d for d in self.disks
+                      if d not in self.exports or not self.exports[d].alive())
 
     def to_json(self) -> Dict[str, Any]:
         dead = self.dead()
@@ -143,10 +144,9 @@ class Views:
                              "test failover" if view.test else "view", vid)
                     continue
             log.warning("group %s: %s %s %s; removing it", view.group, _what(view), vid,
-                        "is no longer wanted" if view.live else "lost its nbdkit")
-            _stop(view)
-            if group is not None and not view.live and _whole(view):
-                group.unpin()
+                        "is not held here" if group is None else "is no longer wanted"
+                        if view.live else "lost its nbdkit")
+            _stop(view)  # (a view counted by pins_of is taken back: nothing to unpin)
         for group in groups.values():
             if fo.serving(group.failover) and "live-" + group.name not in self.views:
                 try:
