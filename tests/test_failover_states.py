@@ -84,6 +84,32 @@ def test_commit_cut_short_is_finished_at_open(tmp_path: Path) -> None:
     g.close()
 
 
+def test_commit_cut_short_after_half_the_journal_went_is_finished_at_open(
+        tmp_path: Path) -> None:
+    """The replicas at the cut and saved so, then a crash halfway through the deletion of
+    the segments: the next open applies nothing again and deletes the rest."""
+    from agent.target.restore import write_overlay
+    g, model, ids, _before = failed_over_group(tmp_path)
+    cut = [tuple(p) for p in g.failover["cut"]]
+    g.failover["state"] = "committing"
+    g.save_meta()
+    for i, fd in enumerate(g.fds):
+        write_overlay(g, fd, i, cut[i])
+        os.fdatasync(fd)
+    for st, p in zip(g.disks, cut):
+        st.applied_gen, st.applied_seq = p
+    g.save_meta(synced=True)
+    segments = g.journal.segments()
+    assert len(segments) > 2
+    g.journal.drop_before(segments[len(segments) // 2])
+    g.close()
+    g = open_group(tmp_path / "g")
+    assert g.failover is not None and g.failover["state"] == "committed"
+    assert replica(g, "a") == model.at[ids[3]][0] and replica(g, "b") == model.at[ids[3]][1]
+    assert g.checkpoints == [] and len(g.journal.segments()) == 1
+    g.close()
+
+
 def test_rollback_cut_short_is_finished_at_open(tmp_path: Path) -> None:
     g, model, ids, before = failed_over_group(tmp_path)
     with pytest.raises(Conflict, match="close them"):
