@@ -156,6 +156,24 @@ class Site:
         while self.splitter_pids() and time.monotonic() < deadline:
             time.sleep(0.05)
 
+    def export_pids(self) -> List[int]:
+        """The nbdkit processes serving this site's views and live exports (they outlive
+        the agent: agent/target/exports.py)."""
+        pids = []
+        for path in glob.glob(str(self.data / "views" / "*" / "*.pid")):
+            try:
+                pids.append(int(Path(path).read_text().strip()))
+            except (OSError, ValueError):
+                pass
+        return [p for p in pids if os.path.exists("/proc/%d" % p)]
+
+    def kill_exports(self) -> None:
+        for pid in self.export_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def api(self, method: str, path: str, body: Optional[Dict[str, Any]] = None,
             timeout: float = 60) -> Any:
         """The agent's answer (JSON, or text for /metrics); an error raised as its

@@ -50,6 +50,7 @@ class Lab:
         for site in (self.a, self.b):
             site.stop()
             site.kill_splitters(signal.SIGKILL)
+            site.kill_exports()
 
 
 @pytest.fixture

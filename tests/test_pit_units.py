@@ -503,7 +503,9 @@ def test_failover_crash_half_way_is_finished_at_open(tmp_path: Path) -> None:
     meta_path.write_text(json.dumps(meta))
     g = open_group(tmp_path / "g")
     assert g.failover is not None and g.failover["state"] == "done"
-    assert replica(g, "a") == model.at[ids[4]][0] and replica(g, "b") == model.at[ids[4]][1]
+    from agent.target import failover
+    live = {d: Path(failover.live_path(g, d)).read_bytes() for d in ("a", "b")}
+    assert live["a"] == model.at[ids[4]][0] and live["b"] == model.at[ids[4]][1]
     from agent.protocol.frames import ProtocolError
     with pytest.raises(ProtocolError):
         g.accept([model.write(0, 0, b"x")])

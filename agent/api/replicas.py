@@ -9,6 +9,7 @@ import os
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
 from ..errors import Invalid
+from ..target import live
 from .request import name_of, path_of, point_of, ranges_of, shown
 
 if TYPE_CHECKING:
@@ -50,7 +51,13 @@ def failover(api: Api, group: str, body: Dict[str, Any]) -> Callable[[], Awaitab
         return lambda: api.target.stop_test(group)
     if mode == "live":
         return lambda: api.target.failover_live(group, *point)
-    raise Invalid("mode must be test, stop-test or live, not %s" % shown(mode))
+    if mode in ("commit", "rollback"):
+        if point != (None, None):
+            raise Invalid("failover --%s takes no point" % mode)
+        step = live.commit if mode == "commit" else live.rollback
+        return lambda: step(api.target, group)
+    raise Invalid("mode must be test, stop-test, live, commit or rollback, not %s"
+                  % shown(mode))
 
 
 def restore(api: Api, group: str, body: Dict[str, Any]) -> Callable[[], Awaitable[Any]]:

@@ -1,5 +1,6 @@
 """The target site's commands of recovery: ``restore``, ``view``, ``view-close`` and
-``failover``, each at a point in time (``--checkpoint`` or ``--at``)."""
+``failover``, each at a point in time (``--checkpoint`` or ``--at``); a live failover is
+then committed (``--commit``) or rolled back (``--rollback``)."""
 
 from __future__ import annotations
 
@@ -105,6 +106,12 @@ def view_close(api: Agent, view_id: str, as_json: bool) -> None:
               help="End the test failover; its writes are discarded.")
 @click.option("--live", "mode", flag_value="live",
               help="Stop replicating; the disks as of the point become the live ones.")
+@click.option("--commit", "mode", flag_value="commit",
+              help="Keep a live failover: its point becomes the group's base (the journal "
+                   "before and after it is discarded).")
+@click.option("--rollback", "mode", flag_value="rollback",
+              help="Undo a live failover: stop its export, discard its writes, replicate "
+                   "again.")
 @point_options
 @job_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -112,20 +119,37 @@ def view_close(api: Agent, view_id: str, as_json: bool) -> None:
 def failover(api: Agent, group: str, mode: Optional[str], checkpoint: Optional[str],
              at: Optional[str], progress: Optional[bool], detach: bool,
              as_json: bool) -> None:
-    """On the target site: test failover, stop it, or fail over for real."""
+    """On the target site: test failover, stop it, or fail over for real (then commit
+    or roll back)."""
     if mode is None:
-        raise click.UsageError("give one of --test, --stop-test, --live")
+        raise click.UsageError("give one of --test, --stop-test, --live, --commit, "
+                               "--rollback")
     body = dict(point_body(checkpoint, at), mode=mode)
-    if mode == "stop-test" and len(body) > 1:
-        raise click.UsageError("--stop-test takes no point")
+    if mode in ("stop-test", "commit", "rollback") and len(body) > 1:
+        raise click.UsageError("--%s takes no point" % mode)
     result = run_job(api, dict(body, kind="failover", group=group),
                      "%s failover of %s" % (mode, group), progress, detach)
     if result is None:
         return
-    if as_json and mode == "stop-test":
+    if as_json and mode in ("stop-test", "commit", "rollback"):
         return emit(result)
+    if mode in ("commit", "rollback"):
+        return _print_step(group, mode, result)
     if mode == "stop-test":
         click.echo("test failover %s of %s stopped; its writes are discarded"
                    % (result["id"], group))
         return
     _print_view(result, as_json, "test failover" if mode == "test" else "live failover")
+
+
+def _print_step(group: str, mode: str, result: Dict[str, Any]) -> None:
+    if mode == "rollback":
+        click.echo("failover of %s rolled back: its live writes are discarded and it "
+                   "replicates again" % group)
+        return
+    c = result["failover"].get("checkpoint")
+    click.echo("failover of %s committed at %s: that point is its base now; its journal "
+               "before and after it is discarded" % (group, "checkpoint %s (%s)" % (
+                   c["id"], iso(c["wall_ns"])) if c else "its newest consistent state"))
+    for name, uri in sorted(result["disks"].items()):
+        click.echo("%s\t%s" % (name, uri))

@@ -49,7 +49,8 @@ def status(api: Agent, group: Optional[str], as_json: bool) -> None:
                 r["history_covered_s"], r["history_s"],
                 " (LESS: journal limit)" if r["history_short"] else "", r["checkpoints"],
                 ", test failover %s running" % r["test"]["id"] if r.get("test") else "",
-                ", FAILED OVER LIVE" if r.get("failover") else ""))
+                ", FAILED OVER LIVE (%s)" % r["failover"].get("label", r["failover"]["state"])
+                if r.get("failover") else ""))
         for dname, d in sorted(r["disks"].items()):
             lines.append("  %-12s %-12s durable %d/%d applied %d/%d  %s" % (
                 dname, "consistent" if d["consistent"] else "inconsistent",

@@ -24,6 +24,7 @@ A group's life::
     journal-damaged  failover    failed-over
     journal-damaged  close       closed
     failed-over      damaged     failed-over
+    failed-over      rollback    receiving     (failover.py: its live disks deleted)
     failed-over      close       closed
 
 A journal-damaged group (``journal.py``: records that fail their checks, found at open or
@@ -94,6 +95,7 @@ class GroupEvent(enum.Enum):
     OPENED = "opened"
     FAILOVER = "failover"
     DAMAGED = "damaged"
+    ROLLBACK = "rollback"
     CLOSE = "close"
 
 
@@ -107,6 +109,7 @@ LIFE = Table[GroupState, GroupEvent]("a target group", {
     (GroupState.JOURNAL_DAMAGED, GroupEvent.FAILOVER): GroupState.FAILED_OVER,
     (GroupState.JOURNAL_DAMAGED, GroupEvent.CLOSE): GroupState.CLOSED,
     (GroupState.FAILED_OVER, GroupEvent.DAMAGED): GroupState.FAILED_OVER,
+    (GroupState.FAILED_OVER, GroupEvent.ROLLBACK): GroupState.RECEIVING,
     (GroupState.FAILED_OVER, GroupEvent.CLOSE): GroupState.CLOSED,
 })
 
@@ -123,13 +126,14 @@ class TargetGroup:
     def __init__(self, directory: str, name: str, disks: List[Tuple[str, int]],
                  protection: Optional[str] = None, history_s: Optional[float] = None,
                  journal_max: Optional[int] = None, segment_max: int = SEGMENT_MAX,
-                 saved: Optional[meta.Meta] = None) -> None:
+                 saved: Optional[meta.Meta] = None, pins: int = 0) -> None:
         """Open (or create) the group's storage; ``disks`` are (name, size) in group order.
 
         ``protection`` identifies one protection of the group on the source; a new one
         (the group was unprotected and protected again) starts a new stream: the journal is
         dropped and the replicas wait for their initial sync, keeping their old content.
-        ``saved`` is its meta.json when the caller read it already (``reopen``)."""
+        ``saved`` is its meta.json when the caller read it already (``reopen``); ``pins``
+        the views an earlier agent left serving (nothing is promoted under them)."""
         self.directory = directory
         self.name = name
         self.state = GroupState.OPENING
@@ -141,6 +145,7 @@ class TargetGroup:
         if m.get("disks"):
             check_disks(name, meta.disks(m), list(disks))
         m = self._settings(m, protection, history_s, journal_max)
+        self.pins = pins
         whole = self._open_replicas(m, disks)
         self.journal = Journal(os.path.join(directory, "journal"), segment_max,
                                self._segment_age(), name, [st.name for st in self.disks])
@@ -160,13 +165,13 @@ class TargetGroup:
         self.gate = HoldBack(whole, [0] * len(self.disks))
         self.whole_after_meta = self._scan_unapplied()
         self._head = applier.Head(self)
+        if self.failover is not None:
+            failover.resume(self)  # a crash stopped a step half-way: do it again
         if self.failover is None:
             self._go(GroupEvent.OPENED)
             applier.promote(self)
         else:
             self._go(GroupEvent.FAILOVER)
-            if failover.state_of(self.failover) is not failover.State.DONE:
-                failover.finish(self)  # a crash stopped it half-way: do it again
         self._snapshot: status.Snapshot = {}
         self._publish()
 
@@ -229,13 +234,13 @@ class TargetGroup:
         return after
 
     @classmethod
-    def reopen(cls, directory: str, name: str) -> Optional[TargetGroup]:
+    def reopen(cls, directory: str, name: str, pins: int = 0) -> Optional[TargetGroup]:
         """The group a directory holds, as its meta.json says; None when it has none."""
         saved = meta.load(directory)
         if saved is None:
             return None
         return cls(directory, name, meta.disks(saved), protection=saved.get("protection"),
-                   saved=saved)
+                   saved=saved, pins=pins)
 
     def _go(self, event: GroupEvent) -> None:
         self.state = LIFE.step(self.state, event)
@@ -383,7 +388,10 @@ class TargetGroup:
     def point(self, ref: Optional[str] = None, at_wall_ns: Optional[int] = None
               ) -> Tuple[Optional[Checkpoint], List[Point], bool]:
         """The checkpoint chosen (None: the newest whole state), each disk's cut, and
-        whether a resync holds the newest state back. Call with the lock held."""
+        whether a resync holds the newest state back. Call with the lock held. A failed-over
+        group has only the points that still read true (``failover.point``)."""
+        if self.failover is not None:
+            return failover.point(self, ref, at_wall_ns)
         for i, st in enumerate(self.disks):
             if not self.gate.whole(i):
                 raise NoConsistentState(
@@ -461,6 +469,41 @@ class TargetGroup:
                 return failover.live(self, ref, at_wall_ns)
             finally:
                 self._publish()
+
+    def failover_commit(self) -> Dict[str, Any]:
+        """The failover point becomes the group's base (``failover.py``)."""
+        with self._lock:
+            try:
+                return failover.commit(self)
+            finally:
+                self._publish()
+
+    def failover_rollback(self) -> Dict[str, Any]:
+        """Begin a rollback: saved; the caller stops the live export, then
+        ``failover_rolled_back`` (``failover.py``)."""
+        with self._lock:
+            try:
+                return failover.rollback(self)
+            finally:
+                self._publish()
+
+    def failover_rolled_back(self) -> Dict[str, Any]:
+        """End a rollback: the live disks deleted, the group replicates again."""
+        with self._lock:
+            try:
+                out = failover.finish_rollback(self)
+                self._go(GroupEvent.ROLLBACK)
+                return out
+            finally:
+                self._publish()
+
+    def failover_exports(self, uris: Dict[str, str]) -> None:
+        """Remember where the live disks are served (for messages and status)."""
+        with self._lock:
+            if self.failover is not None and self.failover.get("exports") != uris:
+                self.failover["exports"] = dict(uris)
+                self.save_meta()
+            self._publish()
 
     def failed_over(self, record: Dict[str, Any]) -> None:
         """The group takes no more changes: ``record`` is its failover (failover.py)."""

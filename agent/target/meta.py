@@ -6,7 +6,8 @@ One JSON map, read here only (``load``) and written here only (``save``)::
     protection   the source's id of this protection of the group (a new one restarts it)
     history_s    the history window, seconds;  journal_max: the journal's limit, bytes
     tags         {checkpoint id: [tag, ...]}
-    failover     null, or the failover record (``failover.py``)
+    failover     null, or the failover record (``failover.py``): its state, the point
+                 (checkpoint, cut, wall_ns), the live disks' paths and their exports
     applied      [segment, offset]: the journal position the replicas hold durably;
                  a restart re-applies the journal from there
     disks        [{name, size, applied_gen, applied_seq, ever_consistent}, ...] in group order
@@ -26,6 +27,9 @@ from typing import Any, Dict, List, Optional, Tuple
 from formats.durable import write_atomic
 
 from ..errors import StorageError
+
+# What a failover record's state may be (failover.State, but for "none": no record).
+FAILOVER_STATES = ("applying", "done", "committing", "committed", "rolling-back")
 
 FILE = "meta.json"
 
@@ -76,7 +80,7 @@ def _problem(meta: Any) -> Optional[str]:
         return "tags is not a map"
     failover = meta.get("failover")
     if failover is not None and not (isinstance(failover, dict)
-                                     and failover.get("state") in ("applying", "done")
+                                     and failover.get("state") in FAILOVER_STATES
                                      and isinstance(failover.get("cut"), list)):
         return "failover is not a failover record (failover.py)"
     return None

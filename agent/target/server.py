@@ -68,7 +68,8 @@ class TargetSite:
             if not os.path.exists(meta.path(os.path.join(self.root, name))):
                 continue  # not a group
             try:
-                group = TargetGroup.reopen(os.path.join(self.root, name), name)
+                group = TargetGroup.reopen(os.path.join(self.root, name), name,
+                                           pins=self.views.pins_of(name))
             except (OSError, ValueError, KeyError, TypeError, StorageError) as e:
                 # One damaged group must not keep the others (or the agent) down.
                 log.error("group %s cannot be opened and is not served: %s: %s",
@@ -79,12 +80,11 @@ class TargetSite:
                 continue  # its meta.json went meanwhile
             self.groups[name] = group
             log.info("holding group %s (%d disks)", name, len(group.disks))
-            if group.failover is not None:
-                self.views.serve_live(self.groups[name])
+        self.views.adopt(self.groups)  # views left running; live disks served
 
     def close(self) -> None:
-        self.mounts.close_all()
-        self.views.close_all(self.groups)
+        self.mounts.close_all()  # mounts end with the agent (mounts.py); their views too
+        self.views.release()  # other exports outlive the agent (views.py)
         for group in self.groups.values():
             group.close()
         self.groups.clear()
@@ -100,6 +100,7 @@ class TargetSite:
     async def _maintain(self) -> None:
         while True:
             await trio.sleep(MAINTAIN_INTERVAL)
+            await trio.to_thread.run_sync(self.views.watch, self.groups)
             for name, group in list(self.groups.items()):
                 try:
                     await trio.to_thread.run_sync(group.maintain)

@@ -1,11 +1,19 @@
-"""Point-in-time views and test failovers on the target site: one nbdkit per disk.
+"""Point-in-time views, test failovers and live failover exports on the target site: one
+nbdkit per disk (``exports.py``), each living until it is closed.
 
 A view pins its group (nothing is promoted to the replica, no segment deleted, while it is
-open) and runs ``nbdkit --foreground --exit-with-parent`` with the view plugin
-(``nbd_plugin/view.py``) for each disk, read-only on a Unix socket under
-``<data>/views/<id>/``. A test failover is the same with nbdkit's ``cow`` filter, whose
-overlay lives in that directory too: closing the test stops nbdkit and deletes the
-directory, which leaves the replica and the journal as they were. Views end with the agent.
+open) and serves each disk read-only with the view plugin (``nbd_plugin/view.py``) on a Unix
+socket under ``<data>/views/<id>/``. A test failover is the same with nbdkit's ``cow``
+filter, whose overlay lives in that directory too: closing the test stops nbdkit and deletes
+the directory, which leaves the replica and the journal as they were. A live failover's
+export (``live-<group>``) serves the group's live disks (``failover.py``), writable.
+
+A view's directory holds, besides the sockets, logs and pid files, ``view.json``: the view's
+description, written atomically once every disk answers. The agent's stop leaves exports
+running (``release``); the next agent takes back (``adopt``) each view whose every nbdkit is
+still its own and answering, re-pins its group, starts again the dead disks of a live export,
+and removes what is left of the others. While the agent runs, ``watch`` restarts a live
+export's dead disk and reports a dead view or test (``"state": "dead"`` in status).
 """
 
 from __future__ import annotations
@@ -14,24 +22,27 @@ import json
 import logging
 import os
 import shutil
-import socket
-import subprocess
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from formats import jindex
+from formats.durable import write_atomic
 
 from ..checkpoints import iso
 from ..errors import Conflict, NotFound
 from ..plugins import VIEW as PLUGIN
-from ..source.splitters import nbdkit_binary
+from . import exports
+from . import failover as fo
+from .exports import Export
 from .group import TargetGroup
 
 log = logging.getLogger("ferry.views")
 
-START_TIMEOUT = 60.0
+START_TIMEOUT = exports.START_TIMEOUT
+DESCRIPTION = "view.json"
 
 
 @dataclass
@@ -42,29 +53,159 @@ class View:
     checkpoint: Optional[Dict[str, Any]]
     directory: str
     disks: Dict[str, str] = field(default_factory=dict)   # name -> NBD URI
-    procs: List[subprocess.Popen] = field(default_factory=list)
+    exports: Dict[str, Export] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     live: bool = False
+    reported: bool = False  # its death is logged once
+
+    def dead(self) -> List[str]:
+        return sorted(d for d in self.disks
+                      if d not in self.exports or not self.exports[d].alive())
 
     def to_json(self) -> Dict[str, Any]:
+        dead = self.dead()
         return {"id": self.id, "group": self.group, "test": self.test, "live": self.live,
                 "checkpoint": self.checkpoint, "disks": dict(self.disks),
-                "started": self.started}
+                "started": self.started, "state": "dead" if dead else "serving",
+                "dead_disks": dead}
+
+    def describe(self) -> None:
+        """Write ``view.json`` (atomic and durable when it returns)."""
+        write_atomic(os.path.join(self.directory, DESCRIPTION), json.dumps({
+            "id": self.id, "group": self.group, "test": self.test, "live": self.live,
+            "checkpoint": self.checkpoint, "disks": self.disks, "started": self.started,
+        }, indent=1).encode())
 
 
 class Views:
     def __init__(self, data_dir: str) -> None:
-        self.root = os.path.join(data_dir, "views")
+        self.root = os.path.join(os.path.abspath(data_dir), "views")
         self.views: Dict[str, View] = {}
-        shutil.rmtree(self.root, ignore_errors=True)  # views die with the agent
+        self._lock = threading.Lock()
+        self._found = self._scan()  # an earlier agent's views, until ``adopt``
+
+    # -- across agent restarts -----------------------------------------------------------
+
+    def _scan(self) -> Dict[str, View]:
+        """What an earlier agent left under ``views/``: each view whose description reads,
+        with the exports still running (see the module)."""
+        found: Dict[str, View] = {}
+        if not os.path.isdir(self.root):
+            return found
+        for vid in sorted(os.listdir(self.root)):
+            directory = os.path.join(self.root, vid)
+            try:
+                with open(os.path.join(directory, DESCRIPTION)) as f:
+                    d = json.load(f)
+                view = View(d["id"], d["group"], bool(d["test"]), d.get("checkpoint"),
+                            directory, dict(d["disks"]), started=float(d["started"]),
+                            live=bool(d.get("live")))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("views/%s: no usable %s (%s); stopping what it left",
+                            vid, DESCRIPTION, e)
+                _stop_leftovers(directory)
+                continue
+            for disk in view.disks:
+                e2 = exports.adopt(directory, disk)
+                if e2 is not None:
+                    view.exports[disk] = e2
+            found[vid] = view
+        return found
+
+    def pins_of(self, group: str) -> int:
+        """How many of an earlier agent's views of ``group`` still serve (the group opens
+        pinned by them: nothing it promotes may change what they show)."""
+        return sum(1 for v in self._found.values()
+                   if v.group == group and not v.live and _whole(v))
+
+    def adopt(self, groups: Dict[str, TargetGroup]) -> None:
+        """Take back an earlier agent's views (their groups opened with ``pins_of``), and
+        serve every failed-over group's live disks (see the module)."""
+        found, self._found = self._found, {}
+        for vid, view in found.items():
+            group = groups.get(view.group)
+            if view.live:
+                if group is not None and fo.serving(group.failover):
+                    try:
+                        self._restart_dead(view, group)
+                    except OSError as e:  # shown dead; ``watch`` tries again
+                        log.error("group %s: cannot restart its live export: %s",
+                                  view.group, e)
+                        view.reported = True
+                    self.views[vid] = view
+                    log.info("group %s: live export taken back (%s)", view.group,
+                             ", ".join("%s pid %d" % (d, e.pid)
+                                       for d, e in sorted(view.exports.items())))
+                    continue
+            elif _whole(view):
+                if group is not None:
+                    self.views[vid] = view
+                    log.info("group %s: %s %s taken back", view.group,
+                             "test failover" if view.test else "view", vid)
+                    continue
+            log.warning("group %s: %s %s %s; removing it", view.group, _what(view), vid,
+                        "is not held here" if group is None else "is no longer wanted"
+                        if view.live else "lost its nbdkit")
+            _stop(view)  # (a view counted by pins_of is taken back: nothing to unpin)
+        for group in groups.values():
+            if fo.serving(group.failover) and "live-" + group.name not in self.views:
+                try:
+                    self.serve_live(group)
+                except OSError as e:
+                    log.error("group %s: cannot serve its live disks: %s", group.name, e)
+
+    def release(self) -> None:
+        """The agent stops: leave every export running for the next one."""
+        with self._lock:
+            self.views.clear()
+
+    def watch(self, groups: Dict[str, TargetGroup]) -> None:
+        """Start again a live export's dead disks; log a dead view or test once."""
+        with self._lock:
+            for view in list(self.views.values()):
+                dead = view.dead()
+                if not dead:
+                    continue
+                group = groups.get(view.group)
+                if view.live and group is not None and fo.serving(group.failover):
+                    if not view.reported:
+                        log.error("group %s: the live export of %s died; starting it again",
+                                  view.group, ", ".join(dead))
+                    try:
+                        self._restart_dead(view, group)
+                        view.reported = False
+                    except OSError as e:  # logged once, tried again every second
+                        if not view.reported:
+                            log.error("group %s: cannot restart its live export: %s",
+                                      view.group, e)
+                        view.reported = True
+                elif not view.reported:
+                    view.reported = True
+                    log.error("group %s: %s %s died (nbdkit of %s gone); close it (ferry "
+                              "view-close %s)", view.group, _what(view), view.id,
+                              ", ".join(dead), view.id)
+
+    def _restart_dead(self, view: View, group: TargetGroup) -> None:
+        for disk in view.disks:
+            e = view.exports.get(disk)
+            if e is None or not e.alive():
+                hung = exports.find(view.directory, disk)  # alive, but not answering
+                if hung is not None:
+                    hung.stop()
+                view.exports[disk] = exports.start(view.directory, disk,
+                                                   _live_args(group, disk))
+
+    # -- opening and closing -------------------------------------------------------------
 
     def open(self, group: TargetGroup, ref: Optional[str], at_wall_ns: Optional[int],
              test: bool) -> Dict[str, Any]:
         """Serve every disk of ``group`` at a point (blocking: run it in a thread)."""
-        if test and any(v.test and v.group == group.name for v in self.views.values()):
+        if test and self.test_of(group.name) is not None:
             raise Conflict("group %s already has a test failover running; stop it first "
-                               "(ferry failover %s --stop-test)" % (group.name, group.name))
+                           "(ferry failover %s --stop-test)" % (group.name, group.name))
         if ref is None and at_wall_ns is None and test:
+            if group.failover is not None:
+                fo.point(group, None, None)  # refused: says where the disks are live
             if not group.checkpoints:
                 raise NotFound("group %s: the journal holds no checkpoint" % group.name)
             ref = group.checkpoints[-1].id
@@ -81,69 +222,103 @@ class Views:
                 spec_path = os.path.join(view.directory, st.name + ".json")
                 with open(spec_path, "w") as f:
                     json.dump(spec, f)
-                sock = os.path.join(view.directory, st.name + ".sock")
-                view.procs.append(_start(spec_path, sock, test, view.directory))
-                view.disks[st.name] = "nbd+unix:///?socket=" + sock
-            for proc, name in zip(view.procs, view.disks):
-                _wait_ready(proc, os.path.join(view.directory, name + ".sock"),
-                            os.path.join(view.directory, name + ".log"))
+                args = (["--filter=cow"] if test else ["--readonly"]) + \
+                    ["python", PLUGIN, "spec=" + spec_path]
+                # The cow filter keeps its overlay in $TMPDIR: the view's own directory.
+                view.exports[st.name] = exports.start(
+                    view.directory, st.name, args, dict(os.environ, TMPDIR=view.directory))
+                view.disks[st.name] = "nbd+unix:///?socket=" + view.exports[st.name].sock
+            view.describe()
         except BaseException:
             _stop(view)
             group.unpin()
             raise
         if test and checkpoint is not None:
             group.add_tag(checkpoint.id, "tested")
-        self.views[vid] = view
+        with self._lock:
+            self.views[vid] = view
         log.info("group %s: %s %s opened at %s", group.name, "test failover" if test else
                  "view", vid, "checkpoint %s (%s)" % (checkpoint.id, iso(checkpoint.wall_ns))
                  if checkpoint else "the newest consistent state")
         return view.to_json()
 
     def close(self, vid: str, groups: Dict[str, TargetGroup]) -> Dict[str, Any]:
-        view = self.views.pop(vid, None)
+        with self._lock:
+            view = self.views.pop(vid, None)
         if view is None:
             raise NotFound("no view %s on this site" % vid)
+        out = view.to_json()
         _stop(view)
         group = groups.get(view.group)
-        if group is not None:
+        if group is not None and not view.live:
             group.unpin()
-        log.info("group %s: %s %s closed", view.group, "test failover" if view.test
-                 else "view", vid)
-        return view.to_json()
+        log.info("group %s: %s %s closed", view.group, _what(view), vid)
+        return out
 
     def serve_live(self, group: TargetGroup) -> Dict[str, Any]:
-        """Export a failed-over group's replicas, writable: they are the live disks now."""
+        """Export a failed-over group's live disks, writable (``failover.py`` says which
+        files they are)."""
         assert group.failover is not None
         vid = "live-" + group.name
-        old = self.views.pop(vid, None)
+        with self._lock:
+            old = self.views.pop(vid, None)
         if old is not None:
             _stop(old)
         view = View(vid, group.name, False, group.failover.get("checkpoint"),
                     os.path.join(self.root, vid), live=True)
+        shutil.rmtree(view.directory, ignore_errors=True)
         os.makedirs(view.directory)
         try:
             for st in group.disks:
-                sock = os.path.join(view.directory, st.name + ".sock")
-                view.procs.append(_start_file(group.replica_path(st.name), sock))
-                view.disks[st.name] = "nbd+unix:///?socket=" + sock
-            for proc, name in zip(view.procs, view.disks):
-                _wait_ready(proc, os.path.join(view.directory, name + ".sock"),
-                            os.path.join(view.directory, name + ".log"))
+                view.exports[st.name] = exports.start(view.directory, st.name,
+                                                      _live_args(group, st.name))
+                view.disks[st.name] = "nbd+unix:///?socket=" + view.exports[st.name].sock
+            view.describe()
         except BaseException:
             _stop(view)
             raise
-        self.views[vid] = view
+        with self._lock:
+            self.views[vid] = view
+        group.failover_exports(view.disks)
         return view.to_json()
 
+    def stop_live(self, group: str) -> bool:
+        """Stop a group's live export (its files stay); whether there was one."""
+        with self._lock:
+            view = self.views.pop("live-" + group, None)
+        if view is None:
+            return False
+        _stop(view)
+        log.warning("group %s: live export stopped", group)
+        return True
+
+    def live_of(self, group: str) -> Optional[View]:
+        return self.views.get("live-" + group)
+
     def test_of(self, group: str) -> Optional[View]:
-        return next((v for v in self.views.values() if v.test and v.group == group), None)
+        return next((v for v in list(self.views.values()) if v.test and v.group == group),
+                    None)
 
     def of_group(self, group: str) -> List[Dict[str, Any]]:
-        return [v.to_json() for v in self.views.values() if v.group == group]
+        return [v.to_json() for v in list(self.views.values()) if v.group == group]
 
     def close_all(self, groups: Dict[str, TargetGroup]) -> None:
+        """Close every view, test and live export (their nbdkit stopped)."""
         for vid in list(self.views):
             self.close(vid, groups)
+
+
+def _live_args(group: TargetGroup, disk: str) -> List[str]:
+    assert group.failover is not None
+    return ["file", fo.live_path(group, disk)]
+
+
+def _whole(view: View) -> bool:
+    return bool(view.disks) and set(view.exports) == set(view.disks)
+
+
+def _what(view: View) -> str:
+    return "live export" if view.live else "test failover" if view.test else "view"
 
 
 def _index_open_segments(group: TargetGroup, segments: List[List[Any]], directory: str
@@ -170,52 +345,22 @@ def _index_open_segments(group: TargetGroup, segments: List[List[Any]], director
     return out
 
 
-def _start(spec: str, sock: str, test: bool, directory: str) -> subprocess.Popen:
-    cmd = [nbdkit_binary(), "--foreground", "--exit-with-parent", "--unix", sock]
-    if test:
-        cmd += ["--filter=cow", "python", PLUGIN, "spec=" + spec]
-    else:
-        cmd += ["--readonly", "python", PLUGIN, "spec=" + spec]
-    logf = open(sock[:-len(".sock")] + ".log", "ab")
-    try:
-        # The cow filter keeps its overlay in $TMPDIR: the view's own directory.
-        return subprocess.Popen(cmd, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL,
-                                env=dict(os.environ, TMPDIR=directory))
-    finally:
-        logf.close()
-
-
-def _start_file(path: str, sock: str) -> subprocess.Popen:
-    logf = open(sock[:-len(".sock")] + ".log", "ab")
-    try:
-        return subprocess.Popen([nbdkit_binary(), "--foreground", "--exit-with-parent",
-                                 "--unix", sock, "file", path],
-                                stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
-    finally:
-        logf.close()
-
-
-def _wait_ready(proc: subprocess.Popen, sock: str, logpath: str) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            with open(logpath, errors="replace") as f:
-                tail = " | ".join(f.read().strip().splitlines()[-3:])
-            raise OSError("nbdkit for the view exited (%d): %s" % (proc.returncode, tail))
-        try:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.connect(sock)
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise OSError("nbdkit for the view did not start within %g s" % START_TIMEOUT)
-
-
 def _stop(view: View) -> None:
-    """SIGKILL: a view keeps no state, a test's overlay is thrown away, and a live export's
-    writes are in the file already (the file plugin writes through)."""
-    for proc in view.procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-    shutil.rmtree(view.directory, ignore_errors=True)
+    for e in view.exports.values():
+        e.stop()
+    _stop_leftovers(view.directory)
+
+
+def _stop_leftovers(directory: str) -> None:
+    """Stop every nbdkit a view directory's pid files name (still ours, answering or
+    not), and remove the directory."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name.endswith(".pid"):
+            e = exports.find(directory, name[:-len(".pid")])
+            if e is not None:
+                e.stop()
+    shutil.rmtree(directory, ignore_errors=True)
