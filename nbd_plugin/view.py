@@ -24,6 +24,7 @@ import gc
 import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,6 +38,7 @@ API_VERSION = 2
 _config = {"spec": ""}
 _spec: dict = {}
 _reader: jmap.Reader = None  # type: ignore[assignment]
+_log_path = ""
 
 
 def thread_model():
@@ -58,6 +60,10 @@ def get_ready():
     global _reader
     with builtins.open(_config["spec"]) as f:
         _spec.update(json.load(f))
+    global _log_path
+    # nbdkit runs in the background (agent/target/exports.py), its stderr gone: the view's
+    # messages go to the log beside its spec (<disk>.json -> <disk>.log).
+    _log_path = os.path.splitext(_config["spec"])[0] + ".log"
     _reader = jmap.open_reader(_spec)
     # The map's lists are read, never changed: keep the collector from walking them.
     gc.collect()
@@ -65,8 +71,17 @@ def get_ready():
     nbdkit.debug("ferry view: %d pieces in %d segments"
                  % (_reader.map.pieces(), _reader.map.segments))
     if not _reader.verified:
-        sys.stderr.write("ferry view: xxhash is not importable here: journal records are "
-                         "not checked, only the damage site B found is refused\n")
+        _log("xxhash is not importable here: journal records are not checked, only the "
+             "damage site B found is refused")
+
+
+def _log(msg):
+    line = "%s ferry view[%d]: %s\n" % (time.strftime("%F %T"), os.getpid(), msg)
+    try:
+        with builtins.open(_log_path, "a") as f:
+            f.write(line)
+    except OSError:
+        sys.stderr.write(line)
 
 
 def open(readonly):
@@ -95,8 +110,7 @@ def pread(h, buf, offset, flags):
         _reader.readinto(buf, offset)
     except jmap.RecordCorrupt as e:
         # Never bytes B cannot vouch for: the client gets EIO, the log the one line.
-        sys.stderr.write("ferry view: %s\n" % e)
-        sys.stderr.flush()
+        _log(str(e))
         nbdkit.set_error(errno.EIO)
         raise
     # Another OSError reaches the client as an error too (nbdkit's python plugin reports it).

@@ -429,12 +429,12 @@ def test_live_failover_refuses_a_point_that_needs_damage(sites: Lab) -> None:
     assert "group g1" in err and str(seg) in err, err
     st = replica_status(sites, "g1")
     assert st["failover"] is None and st["state"] == "journal-damaged"
-    # An older point fails over; its replica holds that point's bytes.
+    # An older point fails over; its live disk holds that point's bytes.
     sites.b.ferry("failover", "g1", "--live", "--checkpoint", old_id)
     st = replica_status(sites, "g1")
     assert st["failover"]["state"] == "done" and st["state"] == "failed-over"
-    replica = sites.b.data / "target" / "g1" / "replicas" / "g1-vda.img"
-    assert same_bytes(old_copy, replica), first_difference(old_copy, replica)
+    live = sites.b.data / "target" / "g1" / "live" / "g1-vda.img"
+    assert same_bytes(old_copy, live), first_difference(old_copy, live)
 
 
 # -- the view's reader (unit) ---------------------------------------------------------------
