@@ -37,6 +37,10 @@ async def route(api: Api, method: str, parts: List[str], query: Dict[str, list],
     if len(parts) == 4 and parts[:2] == ["v1", "replicas"] and parts[3] == "repair" \
             and method == "POST":
         return 200, api.target.repair(parts[2], name_of(body, "disk"), ranges_of(body))
+    if len(parts) == 4 and parts[:2] == ["v1", "replicas"] and parts[3] == "scrub" \
+            and method == "POST":
+        one = name_of(body, "disk") if body.get("disk") is not None else None
+        return 200, await api.target.scrub(parts[2], one)
     if parts == ["v1", "umount"] and method == "POST":
         return 200, await api.target.umount(path_of(body, "dir"))
     return None

@@ -4,7 +4,7 @@ each with an optional unit (4096, 1M, 2G); none means the whole disk."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import click
 
@@ -62,3 +62,24 @@ def repair(api: Agent, group: str, disk: str, ranges: Tuple[str, ...],
     click.echo("asked the source for %s of %s/%s again%s" % (
         human(result["bytes"]), group, disk,
         "" if result["connected"] else " (it is not connected: when it is)"))
+
+
+@cli.command()
+@click.argument("group", shell_complete=complete_groups)
+@click.option("--disk", default=None, help="One disk (default: all of the group's).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def scrub(api: Agent, group: str, disk: Optional[str], as_json: bool) -> None:
+    """On the target site: read every replica chunk of GROUP and check it against its
+    digest; damaged chunks are asked of the source again. Exits 1 when damage was found."""
+    body = {"disk": disk} if disk else {}
+    result = call(api, "POST", "/v1/replicas/%s/scrub" % group, body, timeout=24 * 3600)
+    if as_json:
+        emit(result)
+    else:
+        for name, d in sorted(result["disks"].items()):
+            click.echo("%s/%s: %d chunks good, %d new digests, %d damaged range(s)%s" % (
+                group, name, d["checked_chunks"], d["baseline_chunks"], len(d["damaged"]),
+                ": asked the source for them again" if d["damaged"] else ""))
+    if result["repair_asked"]:
+        raise SystemExit(1)

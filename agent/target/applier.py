@@ -149,11 +149,13 @@ def apply_initial(g: GroupData, records: List[JRecord]) -> List[JRecord]:
             direct.discard(r.disk)  # whole from here: its changes keep their data
         elif r.disk in direct and r.kind in MAP_KINDS:
             write_record(g.fds[r.disk], r)
+            g.digests[r.disk].touched(r.offset, r.length)
             written.add(r.disk)
             r = replace(r, kind=KIND_APPLIED, data=None)
         out.append(r)
     for i in sorted(written):
         os.fdatasync(g.fds[i])
+        g.digests[i].update(g.fds[i])
     return out
 
 
@@ -199,6 +201,7 @@ def _apply_records(g: GroupData, pos: Position, stop: Optional[Position]) -> Pos
             return pos
         if rec.kind in MAP_KINDS:
             write_record(g.fds[rec.disk], rec)
+            g.digests[rec.disk].touched(rec.offset, rec.length)
             g.since_checkpoint += rec.length if rec.kind == KIND_WRITE else 0
         elif rec.kind == KIND_APPLIED:
             g.since_checkpoint += rec.length  # in the replica already
@@ -214,8 +217,9 @@ def checkpoint(g: GroupData) -> None:
     it deleted (see the module)."""
     if g.failover is not None:
         return  # the replicas are live disks now: nothing moves in the journal
-    for fd in g.fds:
+    for fd, d in zip(g.fds, g.digests):
         os.fdatasync(fd)
+        d.update(fd)
     g.seeds.save()
     segments = g.journal.segments()
     if g.applied[0] != segments[-1] and \

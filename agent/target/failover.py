@@ -203,6 +203,7 @@ def finish(g: GroupData) -> None:
         for i, fd in enumerate(g.fds):
             write_overlay(g, fd, i, cut[i])
             os.fdatasync(fd)
+            g.digests[i].forget()
         for st, p in zip(g.disks, cut):
             st.applied_gen, st.applied_seq = p
     _set(g, state)
@@ -253,6 +254,7 @@ def finish_commit(g: GroupData) -> None:
         for i, fd in enumerate(g.fds):
             write_overlay(g, fd, i, cut[i])
             os.fdatasync(fd)
+            g.digests[i].forget()
     for st, p in zip(g.disks, cut):
         st.applied_gen, st.applied_seq = p
         st.gen, st.seq = p

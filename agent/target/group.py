@@ -60,6 +60,7 @@ from ..errors import Conflict, NotFound
 from ..protocol.frames import ProtocolError
 from . import admission, applier, failover, meta, status
 from . import seeds as seed
+from .digests import ReplicaDigests, digests_path
 from .holdback import HoldBack
 from .journal import SEGMENT_MAX, Journal, JournalCorrupt, Position
 from .restore import entries_from, restore
@@ -209,6 +210,8 @@ class TargetGroup:
             st.gen, st.seq = st.applied_gen, st.applied_seq
         whole = [bool(known.get(st.name, {}).get("ever_consistent")) for st in self.disks]
         self.fds = [self._open_replica(st) for st in self.disks]
+        self.digests = [ReplicaDigests(digests_path(self.replica_path(st.name)), st.size)
+                        for st in self.disks]
         # New directories and files must survive a crash too.
         fsync_parent(os.path.join(self.directory, "replicas", "x"))
         fsync_parent(self.directory)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import trio
@@ -58,6 +59,7 @@ class TargetSite:
         self.broken: Dict[str, str] = {}
         self.views = Views(data_dir)
         self.repairs = Repairs()
+        self.scrubs: Dict[str, Dict[str, Any]] = {}  # the last scrub of each group
         self.mounts = Mounts(
             data_dir, lambda name, ref, at: self.views.open(self.group(name), ref, at, False),
             lambda vid: self.views.close(vid, self.groups))
@@ -398,6 +400,34 @@ class TargetSite:
                 "bytes": sum(n for _o, n in ranges), "queued": self.repairs.pending(group),
                 "connected": group in self._sessions}
 
+    async def scrub(self, group: str, disk: Optional[str] = None) -> Dict[str, Any]:
+        """Check each replica of ``group`` (or ``disk``) against its chunk digests
+        (digests.py); damaged chunks are asked of the source again (repairs.py)."""
+        g = self.group(group)
+        indexes = [g.index_of(disk)] if disk is not None else list(range(len(g.disks)))
+        out: Dict[str, Any] = {}
+        for i in indexes:
+            name = g.disks[i].name
+            try:
+                found = await trio.to_thread.run_sync(g.digests[i].scrub, g.fds[i], g._lock)
+            except OSError as e:
+                raise StorageError("scrub of %s failed: %s" % (
+                    g.replica_path(name), e.strerror or e), g.replica_path(name),
+                    e.errno) from None
+            damaged = list(found["damaged"])  # type: ignore[call-overload]
+            if damaged:
+                self.repairs.request(group, i, damaged)
+                log.error("group %s: scrub found %d damaged range(s) in the replica of %s "
+                          "(%s); asked the source for them again", group, len(damaged), name,
+                          ", ".join("%d+%d" % r for r in damaged[:8]))
+            out[name] = {"checked_chunks": found["checked"],
+                         "baseline_chunks": found["baseline"],
+                         "damaged": [list(r) for r in damaged]}
+        result = {"group": group, "disks": out, "time": time.time(),
+                  "repair_asked": any(d["damaged"] for d in out.values())}
+        self.scrubs[group] = result
+        return result
+
     async def umount(self, directory: str) -> Dict[str, Any]:
         return await trio.to_thread.run_sync(self.mounts.umount, directory)
 
@@ -420,6 +450,8 @@ class TargetSite:
             st["test"] = test.to_json() if test else None
             st["views"] = self.views.of_group(name)
             st["mounts"] = self.mounts.of_group(name)
+            st["last_scrub"] = self.scrubs.get(name)
+            st["repairs_queued"] = self.repairs.pending(name)
             out[name] = st
         return out
 

@@ -34,6 +34,7 @@ class GroupData(Protocol):
     directory: str
     disks: List[DiskState]
     fds: List[int]                   # the replicas, open, in disk order
+    digests: List[Any]               # their chunk digests (digests.ReplicaDigests)
     journal: Journal
     applied: Position                # the journal position the replicas hold
     since_checkpoint: int            # bytes applied since the last replica checkpoint

@@ -1,0 +1,86 @@
+"""Scrub: every replica chunk checked against the digest promotion keeps (digests.py); a
+flipped byte is found, asked of the source again and repaired, the group replicating."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+from conftest import Lab, first_difference, same_bytes
+from test_faults import wait_for
+from test_repair import flip_replica_byte, written_disk
+
+from agent.target.digests import CHUNK, HEADER, ReplicaDigests
+
+MiB = 1024 * 1024
+
+
+def test_scrub_finds_a_flipped_replica_byte_and_the_source_repairs_it(sites: Lab) -> None:
+    disk, _uri = written_disk(sites)
+    out = json.loads(sites.b.ferry("scrub", "g1", "--json").stdout)
+    d = out["disks"]["vda"]
+    assert d["damaged"] == [] and d["checked_chunks"] + d["baseline_chunks"] == 8, out
+    flip_replica_byte(sites, 5 * MiB + 7)
+    proc = sites.b.ferry("scrub", "g1", check=False)
+    assert proc.returncode == 1, proc
+    assert "1 damaged range(s): asked the source for them again" in proc.stdout, proc.stdout
+    st = sites.b.status("g1")["replicas"]["g1"]
+    assert st["last_scrub"]["disks"]["vda"]["damaged"] == [[5 * MiB, MiB]], st["last_scrub"]
+
+    def repaired() -> bool:
+        sites.a.ferry("wait", "g1", "--synced", "--timeout", "60")
+        return same_bytes(disk, sites.restore("g1", "vda"))
+
+    wait_for(repaired, timeout=90, what="the repair: %s"
+             % first_difference(disk, sites.restore("g1", "vda")))
+    # Asked once: until the applier writes the chunk again, later scrubs leave it be.
+    out = json.loads(sites.b.ferry("scrub", "g1", "--json").stdout)
+    assert out["disks"]["vda"]["damaged"] == [] and not out["repair_asked"], out
+    proc = sites.b.ferry("scrub", "g1", "--disk", "nosuch", check=False)
+    assert proc.returncode == 3 and "nosuch" in proc.stderr
+
+
+def test_digests_follow_writes_and_persist(tmp_path: Path) -> None:
+    replica = tmp_path / "r.img"
+    size = 3 * CHUNK + 100
+    replica.write_bytes(os.urandom(size))
+    fd = os.open(replica, os.O_RDWR)
+    lock = threading.Lock()
+    try:
+        d = ReplicaDigests(str(tmp_path / "r.digests"), size)
+        first = d.scrub(fd, lock)
+        assert first == {"checked": 0, "baseline": 4, "damaged": []}
+        again = ReplicaDigests(str(tmp_path / "r.digests"), size)  # persisted
+        assert again.scrub(fd, lock) == {"checked": 4, "baseline": 0, "damaged": []}
+        # A write through the applier's path: marked, updated, still good.
+        os.pwrite(fd, b"x" * 10, CHUNK - 5)
+        again.touched(CHUNK - 5, 10)
+        assert again.scrub(fd, lock)["checked"] == 2  # the two touched chunks are skipped
+        again.update(fd)
+        assert again.scrub(fd, lock) == {"checked": 4, "baseline": 0, "damaged": []}
+        # A write nobody told it of: damage, merged across neighbours, reported once.
+        os.pwrite(fd, b"y" * 2, 2 * CHUNK - 1)
+        found = again.scrub(fd, lock)
+        assert found["damaged"] == [(CHUNK, 2 * CHUNK)], found
+        assert again.scrub(fd, lock)["damaged"] == []
+        again.touched(CHUNK, 1)  # written again: checked again
+        again.update(fd)
+        assert again.scrub(fd, lock)["damaged"] == []
+        # Forgotten (a commit wrote the replica): a new baseline.
+        again.forget()
+        assert ReplicaDigests(str(tmp_path / "r.digests"), size).scrub(fd, lock)["baseline"] \
+            == 4
+    finally:
+        os.close(fd)
+
+
+def test_a_torn_or_foreign_digests_file_is_a_new_baseline(tmp_path: Path) -> None:
+    path = tmp_path / "r.digests"
+    path.write_bytes(b"FRY")
+    assert ReplicaDigests(str(path), CHUNK).entries == [0]
+    path.write_bytes(HEADER.pack(b"FRYDIG01", CHUNK, 2 * CHUNK, 0) + b"\1" * 16)
+    assert ReplicaDigests(str(path), CHUNK).entries == [0]  # another disk size
+    path.write_bytes(HEADER.pack(b"NOTOURS1", CHUNK, CHUNK, 0) + b"\1" * 8)
+    assert ReplicaDigests(str(path), CHUNK).entries == [0]
