@@ -25,6 +25,7 @@ import trio
 from . import access, logs, tls
 from .alerts import Alerts
 from .api import Api
+from .disks import Policy
 from .errors import Invalid
 from .events import EventLog
 from .jobs import Jobs
@@ -75,6 +76,7 @@ class Options:
     api_client_ca: Optional[str] = None
     hooks_dir: Optional[str] = "/etc/ferry/hooks.d"
     link_down_alert: float = 60.0
+    image_roots: List[str] = field(default_factory=list)
 
 
 def _config(bind: str) -> hypercorn.config.Config:
@@ -140,9 +142,10 @@ async def run(opts: Options) -> None:
                      "reaches %s:%d." % listen, "Use it for labs only; pair sites "
                      "(ferry pair-token / ferry pair) for anything else."):
             log.warning("%s", line)
-    target = TargetSite(data_dir, site, trust)
+    policy = Policy(data_dir, opts.image_roots)
+    target = TargetSite(data_dir, site, trust, policy)
     await trio.to_thread.run_sync(target.load)
-    source = SourceSite(data_dir, store, trust.connect)
+    source = SourceSite(data_dir, store, trust.connect, policy)
     made: List[Tuple[str, int, int]] = []
     try:
         async with trio.open_nursery() as nursery:
