@@ -141,7 +141,8 @@ def dest_error(what: str, e: OSError) -> FerryError:
         cause = "%s: %s" % (e.filename, cause)
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return Unavailable("%s failed: %s; nothing was left behind" % (what, cause))
-    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ELOOP):
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ELOOP,
+                   errno.ENAMETOOLONG):
         return Invalid("%s failed: %s" % (what, cause))
     return StorageError("%s failed: %s; nothing was left behind" % (what, cause),
                         e.filename, e.errno)
