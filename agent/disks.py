@@ -44,7 +44,7 @@ def identity(st: os.stat_result) -> Identity:
 def check_kind(what: str, st: os.stat_result) -> None:
     """Invalid unless ``st`` is of a regular file or a block device."""
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise Invalid("%s is neither a regular file nor a block device" % what)
+        raise Invalid("%s is neither a file nor a block device" % what)
 
 
 def under(path: str, root: str) -> bool:

@@ -161,8 +161,10 @@ def _tail(path: str, lines: int = 5) -> str:
 
 
 def remove_files(paths: SplitterPaths) -> None:
-    """What a stopped splitter leaves behind (its log stays)."""
-    for p in (paths.state, paths.socket, paths.pidfile):
+    """Every file a stopped splitter made: its socket, pid file, state file, the plugin's
+    activity log beside it (``STATE.al``), and its log with its rotated copy."""
+    for p in (paths.state, paths.state + ".al", paths.socket, paths.pidfile, paths.log,
+              paths.log + ".1"):
         try:
             os.unlink(p)
         except FileNotFoundError:
