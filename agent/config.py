@@ -24,7 +24,7 @@ from .errors import FerryError
 
 DEFAULTS = {"FERRY_DATA": "/var/lib/ferry", "FERRY_LISTEN": "0.0.0.0:4005",
             "FERRY_API": "127.0.0.1:9080", "FERRY_SITE": "", "FERRY_ARGS": "",
-            "FERRY_IMAGE_ROOTS": ""}
+            "FERRY_METRICS": "", "FERRY_IMAGE_ROOTS": ""}
 ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 
 Finding = Tuple[str, str]
