@@ -144,11 +144,9 @@ class Policy:
 
     # -- claims --------------------------------------------------------------------------
 
-    def holder(self, ident: Identity) -> Optional[Tuple[str, str]]:
-        return self.claims.get(ident)
-
     def claim(self, ident: Identity, group: str, disk: str, path: str) -> None:
-        """Register the disk for ``group``; Conflict naming the group that holds it."""
+        """Register the disk for ``group``; Conflict naming the group that holds it
+        (``path``, the name the caller used, is only for the message)."""
         held = self.claims.get(ident)
         if held is not None:
             raise Conflict("disk %s: %s is already protected (group %s, disk %s)"

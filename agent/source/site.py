@@ -156,12 +156,8 @@ class SourceSite:
         # From here to the claims' end nothing awaits: of concurrent claims one wins.
         claimed: List[Identity] = []
         try:
-            for (dname, real, _size), ident in zip(rows, idents):
-                holder = self.policy.holder(ident)
-                if holder is not None:
-                    raise Conflict("disk %s: %s is already protected (group %s, disk %s)"
-                                   % (dname, dict(disks)[dname], holder[0], holder[1]))
-                self.policy.claim(ident, name, dname, real)
+            for (dname, path), ident in zip(disks, idents):
+                self.policy.claim(ident, name, dname, path)
                 claimed.append(ident)
         except Conflict:
             for ident in claimed:
