@@ -211,3 +211,27 @@ def test_config_check_of_image_roots(tmp_path: Path) -> None:
     assert found["FERRY_IMAGE_ROOTS: %s is not a directory (yet)" % (tmp_path / "later")] \
         == "warning"
     assert not any(str(tmp_path / "images") in t for t in found), found
+
+
+def test_a_block_device_is_its_device_number(sites: Lab) -> None:
+    backing = sites.work / "backing.img"
+    with open(backing, "wb") as f:
+        f.truncate(8 * MiB)
+    proc = subprocess.run(["losetup", "--find", "--show", str(backing)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip("no loop device here: %s" % proc.stderr.strip())
+    dev = Path(proc.stdout.strip())
+    try:
+        rdev = os.stat(dev).st_rdev
+        by_id = sites.work / "by-id-loop"  # what a /dev/disk/by-* link is
+        by_id.symlink_to(dev)
+        node = sites.work / "node"  # another device node of the same device
+        os.mknod(node, 0o600 | 0o060000, rdev)
+        protect(sites, "g1", "vda=%s" % by_id).check_returncode()
+        for other in (dev, node):
+            line = error_line(protect(sites, "g2", "vdb=%s" % other))
+            assert "already protected (group g1, disk vda)" in line, line
+        sites.a.ferry("unprotect", "g1")
+    finally:
+        subprocess.run(["losetup", "-d", str(dev)], check=False)
