@@ -74,7 +74,8 @@ class Policy:
 
     def outside(self, what: str) -> Invalid:
         return Invalid("%s is outside the image roots (%s); an administrator can add a root "
-                       "with ferry agent --image-root DIR" % (what, self.describe_roots()))
+                       "(FERRY_IMAGE_ROOTS in /etc/ferry/agent.conf, or ferry agent "
+                       "--image-root DIR)" % (what, self.describe_roots()))
 
     def in_roots(self, real: str, block: Optional[bool]) -> bool:
         """``real`` lies under a root (block devices: also under /dev; None: unknown yet)."""
