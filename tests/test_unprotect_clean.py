@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Set
 
+import pytest
 from conftest import Lab
 
 MiB = 1 << 20
@@ -45,3 +46,20 @@ def test_protect_unprotect_cycles_leave_nothing_behind(sites: Lab) -> None:
             assert files(sites.b.data) == b_after_first, (
                 cycle, files(sites.b.data) ^ b_after_first)
     assert not sites.a.splitter_pids()
+
+
+def test_a_group_whose_splitter_cannot_start_leaves_nothing(tmp_path: Path) -> None:
+    from agent.source.splitters import Fleet, SplitterError
+    from agent.store import DiskRow, GroupRow
+    data = tmp_path / "data"
+    data.mkdir()
+    good = tmp_path / "good.img"
+    with open(good, "wb") as f:
+        f.truncate(MiB)
+    disks = [DiskRow("aaaaaaaaaaaa", "g", 0, "vda", str(good), MiB),
+             DiskRow("bbbbbbbbbbbb", "g", 1, "vdb", str(tmp_path / "gone.img"), MiB)]
+    fleet = Fleet(str(data), str(data / "splitter.sock"))
+    with pytest.raises(SplitterError, match=r"gone\.img"):
+        fleet.start_all(GroupRow("g", "127.0.0.1:1", "p", MiB, 0.0, disks, {}))
+    assert files(data) == set(), files(data)
+    assert fleet.dead(GroupRow("g", "127.0.0.1:1", "p", MiB, 0.0, disks, {})) == disks
