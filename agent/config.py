@@ -19,10 +19,12 @@ from typing import Dict, List, Tuple
 import click
 
 from .access import is_loopback, parse_listener
+from .disks import under
 from .errors import FerryError
 
 DEFAULTS = {"FERRY_DATA": "/var/lib/ferry", "FERRY_LISTEN": "0.0.0.0:4005",
-            "FERRY_API": "127.0.0.1:9080", "FERRY_SITE": "", "FERRY_ARGS": ""}
+            "FERRY_API": "127.0.0.1:9080", "FERRY_SITE": "", "FERRY_ARGS": "",
+            "FERRY_METRICS": "", "FERRY_IMAGE_ROOTS": ""}
 ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 
 Finding = Tuple[str, str]
@@ -96,6 +98,7 @@ def check(conf_dir: str, hooks_dir: str = "/etc/ferry/hooks.d") -> List[Finding]
                           "and add --api %s to FERRY_ARGS to have both"
                           % (values["FERRY_API"], values["FERRY_API"])))
     found.extend(_args(values))
+    found.extend(_image_roots(values))
     try:
         grp.getgrnam("ferry")
     except KeyError:
@@ -115,6 +118,29 @@ def _args(values: Dict[str, str]) -> List[Finding]:
     except click.ClickException as e:
         return [("error", "FERRY_ARGS=%s: %s" % (values["FERRY_ARGS"], e.format_message()))]
     return []
+
+
+def image_roots(values: Dict[str, str]) -> List[str]:
+    """FERRY_IMAGE_ROOTS: directories separated by ':' (the start script passes each as
+    ``--image-root``), beside the defaults of ``agent/disks.py``."""
+    return [r for r in values["FERRY_IMAGE_ROOTS"].split(":") if r]
+
+
+def _image_roots(values: Dict[str, str]) -> List[Finding]:
+    """An image root must be an absolute directory outside FERRY_DATA (the agent never takes
+    a disk from its own data)."""
+    found: List[Finding] = []
+    data = os.path.realpath(values["FERRY_DATA"]) if values["FERRY_DATA"] else ""
+    for root in image_roots(values):
+        if not os.path.isabs(root):
+            found.append(("error", "FERRY_IMAGE_ROOTS: %s: give an absolute path" % root))
+        elif data and under(os.path.realpath(root), data):
+            found.append(("error", "FERRY_IMAGE_ROOTS: %s lies in FERRY_DATA=%s: the agent "
+                          "never takes a disk from its own data" % (root, data)))
+        elif not os.path.isdir(root):
+            found.append(("warning", "FERRY_IMAGE_ROOTS: %s is not a directory (yet)"
+                          % root))
+    return found
 
 
 def _hooks(hooks_dir: str) -> List[Finding]:

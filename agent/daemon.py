@@ -27,6 +27,7 @@ from formats.durable import fsync_dir
 from . import access, logs, tls
 from .alerts import Alerts
 from .api import Api
+from .disks import Policy
 from .errors import Invalid, Unavailable
 from .events import EventLog
 from .jobs import Jobs
@@ -77,6 +78,7 @@ class Options:
     api_client_ca: Optional[str] = None
     hooks_dir: Optional[str] = "/etc/ferry/hooks.d"
     link_down_alert: float = 60.0
+    image_roots: List[str] = field(default_factory=list)
     new_identity: bool = False  # make a new TLS identity although peers know the old one
 
 
@@ -172,9 +174,10 @@ async def run(opts: Options) -> None:
                      "reaches %s:%d." % listen, "Use it for labs only; pair sites "
                      "(ferry pair-token / ferry pair) for anything else."):
             log.warning("%s", line)
-    target = TargetSite(data_dir, site, trust)
+    policy = Policy(data_dir, opts.image_roots)
+    target = TargetSite(data_dir, site, trust, policy)
     await trio.to_thread.run_sync(target.load)
-    source = SourceSite(data_dir, store, trust.connect)
+    source = SourceSite(data_dir, store, trust.connect, policy)
     made: List[Tuple[str, int, int]] = []
     try:
         async with trio.open_nursery() as nursery:

@@ -61,10 +61,15 @@ class PortTaken(RuntimeError):
 
 class Site:
     """One ``ferry agent`` process with its own data directory and ports; ``insecure``
-    runs it with ``--insecure`` (plain TCP), else sites must be paired (``pair_with``)."""
+    runs it with ``--insecure`` (plain TCP), else sites must be paired (``pair_with``).
+    ``image_roots``: the directories the agent may take disks and seeds from (``ferry agent
+    --image-root``); by default the directory that holds ``root``, where the lab and the
+    benchmarks keep their images."""
 
-    def __init__(self, name: str, root: Path, insecure: bool = True) -> None:
+    def __init__(self, name: str, root: Path, insecure: bool = True,
+                 image_roots: Optional[List[Path]] = None) -> None:
         self.name = name
+        self.image_roots = list(image_roots) if image_roots is not None else [root.parent]
         self.insecure = insecure
         self.data = root / name
         self.port = free_port()
@@ -98,7 +103,9 @@ class Site:
         self.proc = subprocess.Popen(
             [*FERRY, "agent", "--data", str(self.data), "--listen", self.address,
              "--api", self.api_url, "--site", self.name,
-             *(["--insecure"] if self.insecure else []), *self.extra_args],
+             *(["--insecure"] if self.insecure else []),
+             *[a for r in self.image_roots for a in ("--image-root", str(r))],
+             *self.extra_args],
             stdout=logf, stderr=logf, cwd=REPO)
         logf.close()
         deadline = time.monotonic() + timeout

@@ -23,8 +23,10 @@ class Lab:
     def __init__(self, root: Path, work: Path, insecure: bool = True) -> None:
         self.root = root
         self.work = work
-        self.a = Site("A", root, insecure)
-        self.b = Site("B", root, insecure)
+        # Disks, seeds and restores live in the test's own tmp directory: the agents'
+        # image root (a disk anywhere else is refused, as on a host).
+        self.a = Site("A", root, insecure, image_roots=[work])
+        self.b = Site("B", root, insecure, image_roots=[work])
 
     def image(self, name: str, size: int = 64 * 1024 * 1024) -> Path:
         path = self.work / name

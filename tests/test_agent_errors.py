@@ -1,4 +1,4 @@
-"""The agent's own failure paths: a port already taken, a storage error behind a request."""
+"""The agent's own failure paths: a port already taken, a destination the agent cannot write."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_agent_refuses_a_bad_listen_address(tmp_path) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a directory unwritable "
                     "for root: chattr +i")
-def test_a_storage_error_behind_a_request_is_a_500_with_the_reason(sites: Lab) -> None:
+def test_a_destination_the_agent_cannot_write_is_refused_with_the_reason(sites: Lab) -> None:
     disk = sites.image("vda.img", 8 * MiB)
     sites.protect("g1", disk)
     sites.a.ferry("wait", "g1", "--synced")
@@ -51,7 +51,9 @@ def test_a_storage_error_behind_a_request_is_a_500_with_the_reason(sites: Lab) -
                              str(locked / "r.img"), check=False)
     finally:
         subprocess.run(["chattr", "-i", str(locked)], check=True)
+    # A destination the agent may not write is the request's fault (400), not a 500.
     assert proc.returncode == 1
-    assert proc.stderr.startswith("ferry: error: PermissionError") \
-        or "Operation not permitted" in proc.stderr, proc.stderr
-    assert "request failed" in sites.b.log.read_text()
+    assert proc.stderr.count("\n") == 1 and "Operation not permitted" in proc.stderr \
+        and str(locked / "r.img") in proc.stderr, proc.stderr
+    assert "request failed" not in sites.b.log.read_text()
+    assert os.listdir(locked) == []

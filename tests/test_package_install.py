@@ -235,7 +235,8 @@ def test_install_run_protect_restore_upgrade_remove(debs, host, tmp_path):
     a_serve, a_api = api_endpoints(host.site_b, "a")
     b_serve, b_api = api_endpoints(host.site_b, "b")
     DROP_IN.write_text("FERRY_LISTEN=127.0.0.1:%d\nFERRY_API=%s\n"
-                       "FERRY_SITE=pkgtest-a\nFERRY_ARGS=--insecure\n" % (a_listen, a_serve))
+                       "FERRY_SITE=pkgtest-a\nFERRY_ARGS='--insecure --image-root %s'\n"
+                       % (a_listen, a_serve, tmp_path))
     conf_b = tmp_path / "etc-b"
     (conf_b / "conf.d").mkdir(parents=True)
     (conf_b / "agent.conf").write_text(

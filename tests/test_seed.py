@@ -14,6 +14,7 @@ import trio
 import xxhash
 
 from agent import seed
+from agent.disks import Policy
 from agent.protocol import batch, frames, messages
 from agent.protocol.frames import ProtocolError
 from agent.protocol.session import SourceSession
@@ -485,7 +486,8 @@ async def session(site: server.TargetSite, port: int, open_body: Dict
 
 
 async def test_the_target_refuses_bad_seeds_and_sends_good_ones(tmp_path: Path) -> None:
-    site = server.TargetSite(str(tmp_path / "data"), "B")
+    site = server.TargetSite(str(tmp_path / "data"), "B",
+                             policy=Policy(str(tmp_path / "data"), [str(tmp_path)]))
     src = tmp_path / "seed.img"
     data = os.urandom(2 * MiB)
     src.write_bytes(data)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional
 
 from ..errors import Invalid
 from ..target import live
+from ..target.restore import copied
 from .request import name_of, path_of, point_of, ranges_of, shown
 
 if TYPE_CHECKING:
@@ -74,13 +75,11 @@ def restore_progress(api: Api, group: str, body: Dict[str, Any]
     """A restore's progress: bytes of the replica copied so far (its allocated bytes;
     the journal's overlay written after is not counted)."""
     replica = api.target.status()[group]["disks"][body["disk"]]["replica"]
-    partial = os.path.abspath(body["to"]) + ".ferry-partial"
 
     def progress() -> Optional[Dict[str, Any]]:
         total = os.stat(replica).st_blocks * 512
-        try:
-            done = os.stat(partial).st_blocks * 512
-        except FileNotFoundError:
+        done = copied(body["to"])
+        if done is None:
             done = total if os.path.exists(body["to"]) else 0
         return {"progress": round(min(1.0, done / total), 4) if total else 1.0,
                 "done_bytes": done, "total_bytes": total, "eta_seconds": None}

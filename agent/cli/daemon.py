@@ -42,6 +42,11 @@ from .units import parse_duration
 @click.option("--link-down-alert", default="60s", show_default=True, metavar="DURATION",
               help="Alert when a protected group has had no session with its target this "
                    "long.")
+@click.option("--image-root", "image_roots", multiple=True, metavar="DIR",
+              type=click.Path(file_okay=False),
+              help="A directory whose files may be protected disks and seeds, besides "
+                   "/var/lib/libvirt/images, /var/lib/ferry-images and block devices under "
+                   "/dev; repeatable.")
 @click.option("--site", default=None, help="Name of this site (default: the host name).")
 @click.option("--insecure", is_flag=True,
               help="Replicate over plain TCP and accept it from anyone (labs only). "
@@ -53,8 +58,8 @@ from .units import parse_duration
 def agent(data_dir: str, listen: str, api_addrs: Tuple[str, ...], api_group: str,
           api_token_file: Optional[str], api_cert: Optional[str], api_key: Optional[str],
           api_client_ca: Optional[str], metrics_addr: Optional[str], hooks_dir: str,
-          link_down_alert: str, site: Optional[str], insecure: bool, new_identity: bool,
-          verbose: bool) -> None:
+          link_down_alert: str, image_roots: Tuple[str, ...], site: Optional[str],
+          insecure: bool, new_identity: bool, verbose: bool) -> None:
     """Run the host agent in the foreground."""
     import trio
 
@@ -72,7 +77,8 @@ def agent(data_dir: str, listen: str, api_addrs: Tuple[str, ...], api_group: str
     opts = daemon.Options(data_dir, listen_hp, apis, site, insecure, metrics_hp, api_group,
                           api_token_file, api_cert, api_key, api_client_ca,
                           os.path.abspath(hooks_dir), parse_duration(link_down_alert),
-                          new_identity)
+                          image_roots=[os.path.abspath(r) for r in image_roots],
+                          new_identity=new_identity)
     try:
         os.makedirs(data_dir, exist_ok=True)
         trio.run(daemon.run, opts)

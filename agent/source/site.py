@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import time
 import uuid
 from typing import Any, Dict, List, Optional, Set, Tuple
@@ -20,6 +19,7 @@ import trio
 
 from formats import localwire as lw
 
+from ..disks import Identity, Policy, identity
 from ..errors import Conflict, Invalid, NotFound, TimedOut, Unavailable
 from ..store import DiskRow, GroupRow, Store
 from . import intake, status
@@ -35,10 +35,11 @@ SUPERVISE_INTERVAL = 2.0
 
 
 class SourceSite:
-    def __init__(self, data_dir: str, store: Store, connect: Connector = plain_connect
-                 ) -> None:
+    def __init__(self, data_dir: str, store: Store, connect: Connector = plain_connect,
+                 policy: Optional[Policy] = None) -> None:
         self.data_dir = data_dir
         self.store = store
+        self.policy = policy if policy is not None else Policy(data_dir)
         self.connect = connect
         self.site_id = store.site_id()
         self.socket_path = os.path.join(data_dir, "splitter.sock")
@@ -47,6 +48,22 @@ class SourceSite:
         self.shippers: Dict[str, GroupShipper] = {}
         self._nursery: Optional[trio.Nursery] = None
         self._busy: Set[str] = set()
+        self.idents: Dict[str, List[Identity]] = {}  # group -> its disks' identities
+        for row in store.groups():
+            self._claim_stored(row)
+
+    def _claim_stored(self, row: GroupRow) -> None:
+        """Claim the disks of a group protected before this start (by what their paths
+        reach now; a disk that is gone claims nothing)."""
+        idents = self.idents.setdefault(row.name, [])
+        for d in row.disks:
+            try:
+                ident = identity(os.stat(d.path))
+                self.policy.claim(ident, row.name, d.name, d.path)
+            except (OSError, Conflict) as e:
+                log.warning("group %s disk %s: %s", row.name, d.name, e)
+                continue
+            idents.append(ident)
 
     # -- serving -------------------------------------------------------------------------
 
@@ -108,22 +125,23 @@ class SourceSite:
         parse_target(target)
         if not disks:
             raise Invalid("a group needs at least one --disk")
-        rows = []
-        seen = set()
+        rows: List[Tuple[str, str, int]] = []
+        idents: List[Identity] = []
         for dname, path in disks:
             if not NAME_RE.match(dname):
                 raise Invalid("disk name %r: use letters, digits, '_', '.', '-'" % dname)
-            if dname in seen:
+            if dname in [r[0] for r in rows]:
                 raise Invalid("disk name %s is given twice" % dname)
-            seen.add(dname)
-            path, size = await trio.to_thread.run_sync(_disk_size, dname, path)
-            other = self.store.disk_by_path(path)
-            if other is not None:
-                raise Conflict("disk %s is already protected (group %s, disk %s)"
-                               % (path, other.group, other.name))
+            real, size, ident = await trio.to_thread.run_sync(self.policy.open_disk,
+                                                              dname, path)
+            if ident in idents:
+                raise Invalid("disk %s: %s is the same disk as disk %s"
+                              % (dname, path, rows[idents.index(ident)][0]))
             if size == 0:
                 raise Invalid("disk %s: %s is empty" % (dname, path))
-            rows.append((dname, path, size))
+            rows.append((dname, real, size))
+            idents.append(ident)
+        seen = {r[0] for r in rows}
         for dname, path in (seeds or {}).items():
             if dname not in seen:
                 raise Invalid("a seed for disk %s, which group %s does not have"
@@ -133,7 +151,20 @@ class SourceSite:
                               "site B" % (path, dname))
         if seeds:
             settings = dict(settings or {}, seeds=dict(seeds))
+        if name in self._busy or self.store.group(name) is not None:
+            raise Conflict("group %s already exists" % name)
+        # From here to the claims' end nothing awaits: of concurrent claims one wins.
+        claimed: List[Identity] = []
+        try:
+            for (dname, path), ident in zip(disks, idents):
+                self.policy.claim(ident, name, dname, path)
+                claimed.append(ident)
+        except Conflict:
+            for ident in claimed:
+                self.policy.release(ident, name)
+            raise
         self._busy.add(name)
+        ok = False
         try:
             row = GroupRow(name, target, uuid.uuid4().hex, queue_bytes, time.time(),
                            [DiskRow("", name, i, d, p, s) for i, (d, p, s) in enumerate(rows)],
@@ -148,8 +179,14 @@ class SourceSite:
                 self._stop_group(row)
                 self.store.remove_group(name)
                 raise
+            ok = True
         finally:
             self._busy.discard(name)
+            if ok:
+                self.idents[name] = claimed
+            else:
+                for ident in claimed:
+                    self.policy.release(ident, name)
         log.info("protected group %s: %s -> %s", name,
                  ", ".join("%s=%s" % (d.name, d.path) for d in row.disks), target)
         return status.group_info(row, self.fleet)
@@ -169,6 +206,8 @@ class SourceSite:
         try:
             await trio.to_thread.run_sync(self.fleet.stop_all, row)
             self.store.remove_group(name)
+            for ident in self.idents.pop(name, []):
+                self.policy.release(ident, name)
         finally:
             self._busy.discard(name)
         log.info("unprotected group %s", name)
@@ -285,20 +324,3 @@ class SourceSite:
         return status.site_status(self.store.groups(), self.shippers, self.links, self.fleet,
                                   time.time())
 
-
-def _disk_size(name: str, path: str) -> Tuple[str, int]:
-    """The disk's real path and size, or a RequestError that says what is wrong."""
-    path = os.path.realpath(path)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise NotFound("disk %s: %s does not exist" % (name, path)) from None
-    except OSError as e:
-        raise Invalid("disk %s: %s: %s" % (name, path, e.strerror or e)) from None
-    try:
-        st = os.fstat(fd)
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            raise Invalid("disk %s: %s is neither a file nor a block device" % (name, path))
-        return path, os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)

@@ -161,8 +161,10 @@ def _tail(path: str, lines: int = 5) -> str:
 
 
 def remove_files(paths: SplitterPaths) -> None:
-    """What a stopped splitter leaves behind (its log stays)."""
-    for p in (paths.state, paths.socket, paths.pidfile):
+    """Every file a stopped splitter made: its socket, pid file, state file, the plugin's
+    activity log beside it (``STATE.al``), and its log with its rotated copy."""
+    for p in (paths.state, paths.state + ".al", paths.socket, paths.pidfile, paths.log,
+              paths.log + ".1"):
         try:
             os.unlink(p)
         except FileNotFoundError:
@@ -186,14 +188,15 @@ class Fleet:
 
     def start_all(self, row: GroupRow) -> None:
         """Start every splitter of a new group, or none (SplitterError, OSError)."""
-        started = []
+        tried = 0
         try:
             for d in row.disks:
-                started.append(self._start(row, d))
+                tried += 1
+                self._start(row, d)
         except (SplitterError, OSError):
-            for paths, d in zip(started, row.disks):
-                stop(paths, d.id)
-                remove_files(paths)
+            for d in row.disks[:tried]:  # the one that failed left its files too
+                stop(self.paths(d), d.id)
+                remove_files(self.paths(d))
             raise
 
     def ensure(self, row: GroupRow) -> None:

@@ -190,9 +190,10 @@ def finish(g: GroupData) -> None:
         for i, st in enumerate(g.disks):
             dest = live_path(g, st.name)
             tmp = dest + ".partial"
-            sparse_copy(g.replica_path(st.name), tmp, st.size)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+                         | os.O_NOFOLLOW, 0o600)
             try:
+                sparse_copy(g.replica_path(st.name), fd, st.size)
                 write_overlay(g, fd, i, cut[i])
                 os.fdatasync(fd)
             finally:

@@ -3,9 +3,17 @@ failover writes onto the replicas.
 
 The state of disk d at a point is its replica plus the journaled records of d after the
 replica's point up to the point's cut for d, applied in journal order (``write_overlay``).
-``restore`` copies the replica sparsely to a temporary name beside ``dest``, writes the
-overlay onto the copy, fdatasyncs it, renames it to ``dest`` and fsyncs the directory: the
-file and its name are durable when it returns, and a crash before leaves no ``dest``.
+
+``restore`` writes a new file only, and never through a name: ``check_dest`` refuses a
+destination that exists in any form (a file, a symlink even dangling, a hard link to
+anything, a FIFO), one that is a protected disk, or one in the agent's data directory; the
+file is then made unnamed in the destination's directory (``formats.durable.NewFile``:
+``O_TMPFILE``, or a random name ``O_EXCL|O_NOFOLLOW``), filled, fdatasynced and linked to
+its name, which refuses a name planted meanwhile; the directory is fsynced. The file and
+its name are durable when it returns; a failure or a crash before leaves nothing behind.
+The replica is copied sparsely (``SEEK_DATA``/``SEEK_HOLE``), in the kernel where it can
+(``copy_file_range``) and by reads and writes where it refuses (another file system:
+``EXDEV``; ``EINVAL``, ``EOPNOTSUPP``, ``ENOSYS``), so any file system is a destination.
 """
 
 from __future__ import annotations
@@ -16,23 +24,51 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 
 from formats import jindex
 from formats.blockdev import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
-from formats.durable import fsync_parent, pwrite_all
+from formats.durable import NewFile, pwrite_all
 from formats.records import KIND_CHECKPOINT, KIND_TRIM, KIND_WRITE, KIND_ZERO, Point
 
-from ..errors import Conflict, NotFound
+from ..disks import Policy, fd_path
+from ..errors import Conflict, FerryError, Invalid, NotFound, StorageError, Unavailable
 from .journal import Journal, Position
 from .state import GroupData
 
+COPY_BLOCK = 1 << 20
+NO_KERNEL_COPY = (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS)
+_copied: Dict[str, int] = {}  # destination -> bytes of the replica copied so far
 
-def check_dest(dest: str) -> str:
-    """The absolute path of a restore's new file; Conflict if it exists, NotFound if its
-    directory does not."""
+
+def real_dest(dest: str) -> str:
+    """``dest`` with its directory's real path (the name itself is not resolved)."""
     dest = os.path.abspath(dest)
-    if os.path.exists(dest):
+    return os.path.join(os.path.realpath(os.path.dirname(dest)), os.path.basename(dest))
+
+
+def copied(dest: str) -> Optional[int]:
+    """Bytes of the replica copied so far by a restore to ``dest`` running now, else None."""
+    return _copied.get(real_dest(dest))
+
+
+def check_dest(dest: str, policy: Optional[Policy] = None) -> str:
+    """The path of a restore's new file, its directory resolved; NotFound if the directory
+    does not exist, Conflict if the name exists in any form (or is a protected disk),
+    Invalid if it lies in the agent's data directory (see the module)."""
+    name = os.path.basename(os.path.abspath(dest))
+    if dest.endswith("/") or name in ("", ".", ".."):
+        raise Invalid("restore destination %s is not a file name" % dest)
+    directory = os.path.dirname(os.path.abspath(dest))
+    if not os.path.isdir(directory):
+        raise NotFound("directory %s does not exist" % directory)
+    real = real_dest(dest)
+    if policy is not None and policy.in_data(real):
+        raise Invalid("restore destination %s lies in the agent's data directory %s"
+                      % (dest, policy.data_dir))
+    if os.path.lexists(real):
+        holder = policy.claimed_path(real) if policy is not None else None
+        if holder is not None:
+            raise Conflict("%s is disk %s of protected group %s; restore writes a new file"
+                           % (dest, holder[1], holder[0]))
         raise Conflict("%s already exists; restore writes a new file" % dest)
-    if not os.path.isdir(os.path.dirname(dest)):
-        raise NotFound("directory %s does not exist" % os.path.dirname(dest))
-    return dest
+    return real
 
 
 def entries_from(journal: Journal, pos: Position) -> Iterator[Tuple[int, Tuple[int, ...]]]:
@@ -71,54 +107,94 @@ def write_overlay(g: GroupData, fd: int, index: int, upto: Point) -> None:
 def restore(g: GroupData, disk: str, dest: str, ref: Optional[str],
             at_wall_ns: Optional[int]) -> Dict[str, Any]:
     """Write ``disk`` as of a checkpoint (default: its newest consistent state) to the new
-    file ``dest`` (see the module). Call with the group's lock held."""
+    file ``dest`` (from ``check_dest``; see the module). Call with the group's lock held."""
     index = g.index_of(disk)
     st = g.disks[index]
     c, cut, held = g.point(ref, at_wall_ns)
-    tmp = dest + ".ferry-partial"
-    sparse_copy(g.replica_path(disk), tmp, st.size)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
+    what = "restore of group %s disk %s to %s" % (g.name, disk, dest)
+    _copied[dest] = 0
     try:
-        write_overlay(g, fd, index, cut[index])  # each record checked: JournalCorrupt
-        os.fdatasync(fd)
-    except BaseException:
-        os.unlink(tmp)  # never a partial file left behind
+        with NewFile(dest, 0o644) as out:
+            if fd_path(out.dir_fd) != os.path.dirname(dest):
+                raise Conflict("%s: its directory was replaced while the restore began"
+                               % what)
+            sparse_copy(g.replica_path(disk), out.fd, st.size, dest)
+            write_overlay(g, out.fd, index, cut[index])  # each record checked
+            out.commit()
+    except FileExistsError:
+        raise Conflict("%s already exists; restore writes a new file" % dest) from None
+    except FerryError:
         raise
+    except OSError as e:
+        raise dest_error(what, e) from None
     finally:
-        os.close(fd)
-    os.rename(tmp, dest)
-    fsync_parent(dest)
+        _copied.pop(dest, None)
     return {"group": g.name, "disk": disk, "to": dest, "size": st.size,
             "gen": cut[index][0], "seq": cut[index][1], "resyncing": held,
             "checkpoint": c.to_json() if c else None}
 
 
-def sparse_copy(src: str, dest: str, size: int) -> None:
-    """Copy ``src`` to the new file ``dest`` keeping holes; durable when it returns."""
+def dest_error(what: str, e: OSError) -> FerryError:
+    """A restore's failure in one line, classed by its errno."""
+    cause = e.strerror or str(e)
+    if e.filename:
+        cause = "%s: %s" % (e.filename, cause)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return Unavailable("%s failed: %s; nothing was left behind" % (what, cause))
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ELOOP,
+                   errno.ENAMETOOLONG):
+        return Invalid("%s failed: %s" % (what, cause))
+    return StorageError("%s failed: %s; nothing was left behind" % (what, cause),
+                        e.filename, e.errno)
+
+
+def sparse_copy(src: str, dfd: int, size: int, dest: str = "") -> None:
+    """Copy ``src`` onto the empty file ``dfd``, keeping holes; durability is the caller's
+    fdatasync. Counts its progress under ``dest`` (``copied``)."""
     sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        dfd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            os.ftruncate(dfd, size)
-            pos = 0
-            while pos < size:
-                try:
-                    data = os.lseek(sfd, pos, os.SEEK_DATA)
-                except OSError as e:
-                    if e.errno == errno.ENXIO:
-                        break  # only a hole after pos
-                    raise
-                hole = min(os.lseek(sfd, data, os.SEEK_HOLE), size)
-                off = data
-                while off < hole:
-                    n = os.copy_file_range(sfd, dfd, hole - off, off, off)
-                    if n == 0:
-                        raise OSError(errno.EIO, "%s ended early at byte %d" % (src, off))
-                    off += n
-                pos = hole
-            os.fdatasync(dfd)
-        finally:
-            os.close(dfd)
+        os.ftruncate(dfd, size)
+        kernel = True
+        for start, end in data_extents(sfd, size):
+            off = start
+            while off < end:
+                if kernel:
+                    try:
+                        n = os.copy_file_range(sfd, dfd, end - off, off, off)
+                    except OSError as e:
+                        if e.errno not in NO_KERNEL_COPY:
+                            raise
+                        kernel = False  # another file system: reads and writes from now
+                        continue
+                else:
+                    n = _copy_by_hand(sfd, dfd, off, min(end, off + COPY_BLOCK))
+                if n == 0:
+                    raise OSError(errno.EIO, "the replica ended early at byte %d" % off, src)
+                off += n
+                if dest:
+                    _copied[dest] = _copied.get(dest, 0) + n
     finally:
         os.close(sfd)
-    fsync_parent(dest)
+
+
+def _copy_by_hand(sfd: int, dfd: int, start: int, end: int) -> int:
+    data = os.pread(sfd, end - start, start)
+    pwrite_all(dfd, data, start)
+    return len(data)
+
+
+def data_extents(fd: int, size: int) -> Iterator[Tuple[int, int]]:
+    """``[start, end)`` of each stretch of ``fd`` that holds data, below ``size``."""
+    pos = 0
+    while pos < size:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return  # only a hole after pos
+            raise
+        if data >= size:
+            return
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+        yield data, hole
+        pos = hole

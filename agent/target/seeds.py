@@ -17,7 +17,6 @@ import errno
 import fcntl
 import logging
 import os
-import stat
 import struct
 import time
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -28,6 +27,8 @@ from formats.blockdev import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocat
 from formats.durable import fsync_parent, pwrite_all, write_atomic
 from formats.records import KIND_CONSISTENT
 
+from ..disks import Policy, check_kind
+from ..errors import RequestError
 from ..seed import (
     CHUNK,
     DIGEST,
@@ -197,18 +198,28 @@ def drop(directory: str, disk: str) -> None:
             pass
 
 
-def check_file(path: str, size: int) -> None:
-    """Refuse a seed file the admin named that cannot be adopted (SeedError)."""
+def check_file(path: str, size: int, policy: Optional[Policy] = None) -> None:
+    """Refuse a seed file the admin named that cannot be adopted (SeedError). With the
+    site's ``policy``, a seed obeys the image roots as a disk does, and a path outside
+    them is refused before anything about it (existence, kind, size) is looked at."""
     if not os.path.isabs(path):
         raise SeedError("seed %s is not an absolute path" % path)
+    what = "seed %s" % path
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        if policy is not None:
+            policy.check_name(what, path)
+        check_kind(what, os.stat(path))
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except RequestError as e:
+        raise SeedError(str(e)) from None
     except OSError as e:
         raise SeedError("seed %s: %s" % (path, e.strerror or e)) from None
     try:
-        st = os.fstat(fd)
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            raise SeedError("seed %s is neither a file nor a block device" % path)
+        if policy is not None:
+            try:
+                policy.check_open(what, fd)
+            except RequestError as e:
+                raise SeedError(str(e)) from None
         have = os.lseek(fd, 0, os.SEEK_END)
         if have != size:
             raise SeedError("seed %s is %d bytes; the disk is %d bytes" % (path, have, size))
@@ -216,7 +227,8 @@ def check_file(path: str, size: int) -> None:
         os.close(fd)
 
 
-def adopt(src: str, dest: str, size: int, chunk: int = CHUNK) -> SeedMap:
+def adopt(src: str, dest: str, size: int, chunk: int = CHUNK,
+          policy: Optional[Policy] = None) -> SeedMap:
     """Copy the seed ``src`` into the new replica ``dest`` and return its digests.
 
     Where the file system can (XFS, btrfs), ``dest`` is a reflink of ``src``: nothing is
@@ -225,8 +237,8 @@ def adopt(src: str, dest: str, size: int, chunk: int = CHUNK) -> SeedMap:
     read back and hashed: the digests are of what the replica holds, and its all-zero
     chunks are made holes. ``src`` is opened read-only and never changed. ``dest`` is
     written under a temporary name and renamed when whole: the data and the name are
-    durable when this returns."""
-    check_file(src, size)
+    durable when this returns. ``policy``: as for ``check_file``."""
+    check_file(src, size, policy)
     tmp = dest + ".seeding"
     sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -340,14 +352,15 @@ def _extents(fd: int, size: int, chunk: int) -> Iterator[Tuple[int, int, bool]]:
 
 
 def adopt_group(directory: str, group: str, disks: List[Tuple[str, int]],
-                seeds: Dict[str, str]) -> None:
+                seeds: Dict[str, str], policy: Optional[Policy] = None) -> None:
     """Start a new group's replicas from the admin's seed files (``adopt``); each seed's
     digests are saved once its replica is whole."""
     sizes = dict(disks)
     os.makedirs(os.path.join(directory, "replicas"), exist_ok=True)
     for dname, path in sorted(seeds.items()):
         started = time.monotonic()
-        m = adopt(path, os.path.join(directory, "replicas", dname + ".img"), sizes[dname])
+        m = adopt(path, os.path.join(directory, "replicas", dname + ".img"), sizes[dname],
+                  policy=policy)
         save_digests(directory, dname, m)  # only once its replica is whole
         log.info("group %s: disk %s starts from the seed %s (%d bytes adopted in %.1f s)",
                  group, dname, path, sizes[dname], time.monotonic() - started)

@@ -22,6 +22,7 @@ import trio
 
 from .. import checkpoints
 from ..checkpoints import iso
+from ..disks import Policy
 from ..errors import Invalid, NotFound, StorageError
 from ..pairing import Refused, Trust
 from ..protocol import frames, messages
@@ -43,8 +44,10 @@ MAINTAIN_INTERVAL = 1.0  # promotion of what aged out of the window, without bat
 
 
 class TargetSite:
-    def __init__(self, data_dir: str, site: str, trust: Optional[Trust] = None) -> None:
+    def __init__(self, data_dir: str, site: str, trust: Optional[Trust] = None,
+                 policy: Optional[Policy] = None) -> None:
         self.root = os.path.join(data_dir, "target")
+        self.policy = policy if policy is not None else Policy(data_dir)
         self.site = site
         self.trust = trust  # None: plain TCP only (unit tests)
         self.handshake_timeout = HANDSHAKE_TIMEOUT
@@ -305,7 +308,7 @@ class TargetSite:
             if dname not in sizes:
                 raise seed.SeedError("a seed for disk %s, which group %s does not have"
                                      % (dname, name))
-            await trio.to_thread.run_sync(seed.check_file, path, sizes[dname])
+            await trio.to_thread.run_sync(seed.check_file, path, sizes[dname], self.policy)
 
     async def _open_group(self, name: str, disks: List[Tuple[str, int]],
                           protection: str, seeds: Optional[Dict[str, str]] = None
@@ -323,7 +326,7 @@ class TargetSite:
             elif seeds:
                 await self._check_seeds(name, disks, protection, seeds)
                 await trio.to_thread.run_sync(seed.adopt_group, os.path.join(self.root, name),
-                                              name, disks, seeds)
+                                              name, disks, seeds, self.policy)
             group = await trio.to_thread.run_sync(
                 lambda: TargetGroup(os.path.join(self.root, name), name, disks,
                                     protection=protection))
@@ -345,7 +348,8 @@ class TargetSite:
             raise NotFound("group %s has no disk %s (it has %s)"
                               % (group, disk, ", ".join(d.name for d in g.disks)))
         try:
-            return await trio.to_thread.run_sync(_restore, g, disk, dest, ref, at_wall_ns)
+            return await trio.to_thread.run_sync(_restore, g, disk, dest, ref, at_wall_ns,
+                                                 self.policy)
         except (NoConsistentState, checkpoints.CheckpointError) as e:
             raise NotFound(str(e)) from None
 
@@ -461,8 +465,8 @@ def _check_disks(group: TargetGroup, disks: List[Tuple[str, int]]) -> None:
 
 
 def _restore(group: TargetGroup, disk: str, dest: str, ref: Optional[str],
-             at_wall_ns: Optional[int]) -> Dict[str, Any]:
-    return group.restore(disk, check_dest(dest), ref, at_wall_ns)
+             at_wall_ns: Optional[int], policy: Policy) -> Dict[str, Any]:
+    return group.restore(disk, check_dest(dest, policy), ref, at_wall_ns)
 
 
 def failed_over_message(group: TargetGroup) -> str:
