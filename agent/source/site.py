@@ -20,6 +20,7 @@ import trio
 
 from formats import localwire as lw
 
+from .. import inuse
 from ..errors import Conflict, Invalid, NotFound, TimedOut, Unavailable
 from ..store import DiskRow, GroupRow, Store
 from . import intake, status
@@ -123,6 +124,7 @@ class SourceSite:
                                % (path, other.group, other.name))
             if size == 0:
                 raise Invalid("disk %s: %s is empty" % (dname, path))
+            await trio.to_thread.run_sync(inuse.refuse_if_in_use, dname, path)
             rows.append((dname, path, size))
         for dname, path in (seeds or {}).items():
             if dname not in seen:

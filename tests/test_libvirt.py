@@ -1,0 +1,357 @@
+"""libvirt domains as the unit (issue 11): a real libvirtd (tests/libvirt_lab.py) running the
+lab's busybox guest as a ``type='qemu'`` domain, real splitters, real agents."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from conftest import LAB_CACHE, Lab, first_difference, same_bytes
+from libvirt_lab import Libvirtd, copy_readable, domain_xml, wait_shut_off
+
+from agent import inuse
+from agent.domains import record, xml
+from agent.errors import Conflict, Invalid, StorageError
+from agent.source.splitters import SplitterError, share_socket
+from lab.initramfs import build_initramfs
+from lab.kernel import ensure_kernel
+from lab.sites import FERRY
+
+MiB = 1024 * 1024
+REPO = Path(__file__).resolve().parent.parent
+
+WRITE_PATTERN = """
+dd if=/dev/urandom of=/dev/vda bs=64k count=100 seek=3 conv=fsync 2>/dev/null
+echo ferry-pattern | dd of=/dev/vda bs=512 seek=1 conv=fsync 2>/dev/null
+sync
+echo guest-wrote
+"""
+
+
+@pytest.fixture(scope="module")
+def libvirtd() -> Iterator[Libvirtd]:
+    short = Path(os.path.join("/tmp", "lv%d" % os.getpid()))  # socket paths stay short
+    short.mkdir(exist_ok=True)
+    daemon = Libvirtd(short, REPO / ".cache" / "libvirt")
+    (REPO / ".cache" / "libvirt").mkdir(parents=True, exist_ok=True)
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        subprocess.run(["rm", "-rf", str(short)], check=False)
+
+
+class VirtLab:
+    """Two sites, site A's agent told the private libvirt's URI and to share its splitter
+    sockets with qemu's group (kvm), and the lab guest's kernel where qemu can read it."""
+
+    def __init__(self, lab: Lab, daemon: Libvirtd) -> None:
+        self.lab = lab
+        self.daemon = daemon
+        os.chmod(lab.root, 0o755)  # libvirt-qemu must reach site A's run/ directory
+        self.images = lab.root / "images"
+        self.images.mkdir(mode=0o755)
+        self.kernel = copy_readable(ensure_kernel(LAB_CACHE), self.images)
+        self.conn = daemon.connect()
+        self.defined: list = []
+        lab.a.extra_args += ["--libvirt-uri", daemon.uri, "--splitter-socket-group", "kvm"]
+        lab.b.start()
+        lab.a.start()
+
+    def image(self, name: str, size: int = 64 * MiB) -> Path:
+        path = self.images / name
+        with open(path, "wb") as f:
+            f.truncate(size)
+        return path
+
+    def define(self, name: str, script: str, disks: list) -> object:
+        initrd = copy_readable(build_initramfs(LAB_CACHE, script), self.images)
+        dom = self.conn.defineXML(domain_xml(name, self.kernel, initrd, disks,
+                                             self.images / (name + ".console")))
+        self.defined.append(dom)
+        return dom
+
+    def console(self, name: str) -> str:
+        return (self.images / (name + ".console")).read_text(errors="replace")
+
+    def close(self) -> None:
+        for dom in self.defined:
+            try:
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefine()
+            except Exception:
+                pass
+        self.conn.close()
+
+
+@pytest.fixture
+def virt(lab: Lab, libvirtd: Libvirtd) -> Iterator[VirtLab]:
+    v = VirtLab(lab, libvirtd)
+    try:
+        yield v
+    finally:
+        v.close()
+
+
+def disk_sources(dom) -> dict:
+    """{dev: (type, file or socket)} of a domain's persistent definition."""
+    import xml.etree.ElementTree as ET
+    root = ET.fromstring(dom.XMLDesc(2))  # VIR_DOMAIN_XML_INACTIVE
+    out = {}
+    for disk in root.findall("./devices/disk"):
+        src = disk.find("source")
+        host = src.find("host") if src is not None else None
+        out[disk.find("target").get("dev")] = (
+            disk.get("type"), host.get("socket") if host is not None else src.get("file"))
+    return out
+
+
+@pytest.mark.guest
+def test_offline_domain_protected_its_guest_writes_replicated_and_unprotect_restores(
+        virt: VirtLab) -> None:
+    lab = virt.lab
+    disk = virt.image("vm1-vda.img")
+    dom = virt.define("vm1", WRITE_PATTERN, [disk])
+    before = dom.XMLDesc(2)
+    out = lab.a.ferry("protect", "g1", "--domain", "vm1", "--target", lab.b.address).stdout
+    lines = dict(line.split("\t") for line in out.strip().splitlines())
+    assert lines["domain vm1"] == "attached (offline)"
+    kind, sock = disk_sources(dom)["vda"]
+    assert kind == "network" and lines["vda"].endswith("socket=" + sock)
+    assert oct(os.stat(sock).st_mode & 0o777) == "0o660"
+    dom.create()
+    wait_shut_off(dom, 240)
+    assert "guest-wrote" in virt.console("vm1"), virt.console("vm1")[-2000:]
+    assert "FERRY-GUEST-EXIT 0" in virt.console("vm1")
+    with open(disk, "rb") as f:
+        f.seek(512)
+        assert f.read(14) == b"ferry-pattern\n"  # written through the splitter
+    lab.a.ferry("wait", "g1", "--synced", "--timeout", "120")
+    restored = lab.restore("g1", "vda")
+    assert same_bytes(disk, restored), first_difference(disk, restored)
+    status = lab.a.status("g1")["groups"]["g1"]
+    assert list(status["disks"]) == ["vda"]
+    result = json.loads(lab.a.ferry("unprotect", "g1", "--json").stdout)
+    assert result["domains"] == ["vm1"]
+    assert disk_sources(dom) == {"vda": ("file", str(disk))}
+    assert xml.writable_disks(dom.XMLDesc(2)) == xml.writable_disks(before)
+    assert not (lab.a.data / "domains" / "g1.json").exists()
+
+
+@pytest.mark.guest
+def test_an_image_a_running_domain_has_open_is_refused(virt: VirtLab) -> None:
+    lab = virt.lab
+    disk = virt.image("vm2-vda.img")
+    dom = virt.define("vm2", "sleep 300\n", [disk])
+    dom.create()
+    qemu_pid = None
+    deadline = time.monotonic() + 60
+    while qemu_pid is None and time.monotonic() < deadline:
+        found = inuse.holders(os.stat(disk))
+        qemu_pid = next((p for p, comm in found if comm.startswith("qemu")), None)
+        time.sleep(0.2)
+    assert qemu_pid is not None
+    proc = lab.a.ferry("protect", "g2", "--disk", "vda=%s" % disk, "--target", lab.b.address,
+                       check=False)
+    assert proc.returncode == 4, proc.stderr
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1
+    assert str(disk) in err and "pid %d" % qemu_pid in err and "in use" in err
+    proc = lab.a.ferry("protect", "g2", "--domain", "vm2", "--target", lab.b.address,
+                       check=False)
+    assert proc.returncode == 4, proc.stderr
+    assert "domain vm2 is running" in proc.stderr
+    assert "g2" not in lab.a.status()["groups"]
+
+
+@pytest.mark.guest
+def test_unprotect_refused_while_the_domain_runs_on_the_splitters(virt: VirtLab) -> None:
+    lab = virt.lab
+    disk = virt.image("vm3-vda.img")
+    dom = virt.define("vm3", "sleep 300\n", [disk])
+    lab.a.ferry("protect", "g3", "--domain", "vm3", "--target", lab.b.address)
+    dom.create()
+    proc = lab.a.ferry("unprotect", "g3", check=False)
+    assert proc.returncode == 4 and "domain vm3 is running" in proc.stderr, proc.stderr
+    assert disk_sources(dom)["vda"][0] == "network"
+    dom.destroy()
+    lab.a.ferry("unprotect", "g3")
+    assert disk_sources(dom) == {"vda": ("file", str(disk))}
+
+
+def test_protect_domain_errors(virt: VirtLab) -> None:
+    lab = virt.lab
+    a = lab.a
+
+    def refused(*args: str) -> subprocess.CompletedProcess:
+        proc = a.ferry("protect", "g4", *args, "--target", lab.b.address, check=False)
+        assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1
+        return proc
+
+    assert refused("--domain", "nosuch").returncode == 3
+    assert "no libvirt domain nosuch" in refused("--domain", "nosuch").stderr
+    assert "give --disk or --domain" in refused().stderr
+    assert "give --disk or --domain" in refused("--domain", "x", "--disk", "/dev/null").stderr
+    assert "named twice" in refused("--domain", "x", "--domain", "x").stderr
+    virt.define("vm4", "true\n", [])
+    assert "domain vm4 has no writable disk" in refused("--domain", "vm4").stderr
+    qcow = virt.images / "vm5.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow), "16M"], check=True)
+    text = domain_xml("vm5", virt.kernel, virt.kernel, [qcow], virt.images / "c5")
+    virt.defined.append(virt.conn.defineXML(text.replace("type='raw'", "type='qcow2'")))
+    proc = refused("--domain", "vm5")
+    assert proc.returncode == 1 and "qcow2 image" in proc.stderr
+    assert "g4" not in a.status()["groups"]
+    body = {"name": "g4", "target": lab.b.address, "domains": ["vm4"], "disks": []}
+    with pytest.raises(Invalid, match="domains or disks"):
+        a.api("POST", "/v1/groups", body)
+    with pytest.raises(Invalid, match="list of domain names"):
+        a.api("POST", "/v1/groups", {"name": "g4", "target": "x", "domains": "vm4"})
+    with pytest.raises(Invalid, match="name is required"):
+        a.api("POST", "/v1/groups", {"target": "x", "domains": ["vm4"]})
+
+
+def test_a_libvirt_that_cannot_be_reached_is_named(lab: Lab, tmp_path: Path) -> None:
+    lab.a.extra_args += ["--libvirt-uri", "qemu+unix:///system?socket=%s/none" % tmp_path]
+    lab.b.start()
+    lab.a.start()
+    proc = lab.a.ferry("protect", "g", "--domain", "vm", "--target", lab.b.address,
+                       check=False)
+    assert proc.returncode == 5, proc.stderr
+    assert "cannot connect to libvirt at qemu+unix" in proc.stderr
+
+
+def test_an_unknown_splitter_socket_group_is_refused(lab: Lab) -> None:
+    lab.a.data.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([*FERRY, "agent",
+                           "--data", str(lab.a.data), "--splitter-socket-group", "nosuchgrp"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 1
+    assert "--splitter-socket-group nosuchgrp: no such group" in proc.stderr
+    with pytest.raises(SplitterError, match="no group nosuchgrp"):
+        share_socket(str(lab.a.data / "x.sock"), "nosuchgrp")
+
+
+# -- the domain XML, without libvirt --------------------------------------------------
+
+def _domain(*disks: str) -> str:
+    return "<domain type='qemu'><name>d</name><devices>%s</devices></domain>" % "".join(disks)
+
+
+FILE_DISK = ("<disk type='file' device='disk'><driver name='qemu' type='raw'/>"
+             "<source file='/img/a.img'/><target dev='vda' bus='virtio'/></disk>")
+
+
+def test_writable_disks_skip_what_is_never_written_and_refuse_what_cannot_be_protected(
+        ) -> None:
+    cdrom = ("<disk type='file' device='cdrom'><source file='/x.iso'/>"
+             "<target dev='sda'/><readonly/></disk>")
+    ro = ("<disk type='block' device='disk'><source dev='/dev/sdz'/><target dev='vdc'/>"
+          "<readonly/></disk>")
+    blk = "<disk type='block' device='disk'><source dev='/dev/sdy'/><target dev='vdb'/></disk>"
+    found = xml.writable_disks(_domain(FILE_DISK, cdrom, ro, blk))
+    assert [(d.dev, d.kind, d.path) for d in found] == [
+        ("vda", "file", "/img/a.img"), ("vdb", "block", "/dev/sdy")]
+    bad = {
+        "network disk": "<disk type='network'><source protocol='iscsi' name='x'/>"
+                        "<target dev='vda'/></disk>",
+        "already reads an NBD socket": "<disk type='network'><source protocol='nbd'>"
+                                       "<host transport='unix' socket='/s'/></source>"
+                                       "<target dev='vda'/></disk>",
+        "no source": "<disk type='file'><target dev='vda'/></disk>",
+        "qcow2 image": FILE_DISK.replace("type='raw'", "type='qcow2'"),
+        "shareable": FILE_DISK.replace("</disk>", "<shareable/></disk>"),
+        "without <target": "<disk type='file'><source file='/a'/></disk>",
+    }
+    for words, disk in bad.items():
+        with pytest.raises(Invalid, match=words):
+            xml.writable_disks(_domain(disk))
+    with pytest.raises(Invalid, match="does not parse"):
+        xml.writable_disks("<domain")
+
+
+def test_attach_and_detach_round_trip_and_leave_other_changes_alone() -> None:
+    text = _domain(FILE_DISK, FILE_DISK.replace("vda", "vdb").replace("a.img", "b.img"))
+    disks = xml.writable_disks(text)
+    attached = xml.attach(text, {"vda": "/run/1.sock"})
+    assert "protocol=\"nbd\"" in attached and "/run/1.sock" in attached
+    assert [d.dev for d in xml.writable_disks(attached.replace(
+        "<source protocol=\"nbd\"><host transport=\"unix\" socket=\"/run/1.sock\" /></source>",
+        "<source file='/x'/>").replace("type=\"network\"", "type=\"file\""))] == ["vda", "vdb"]
+    with pytest.raises(Invalid, match="no disk vdz"):
+        xml.attach(text, {"vdz": "/s"})
+    back = xml.detach(attached, {"vda": disks[0].element}, {"vda": "/run/1.sock"})
+    assert xml.writable_disks(back) == disks
+    # A disk an administrator pointed elsewhere meanwhile stays as they left it.
+    moved = attached.replace("/run/1.sock", "/elsewhere.sock")
+    assert "/elsewhere.sock" in xml.detach(moved, {"vda": disks[0].element},
+                                           {"vda": "/run/1.sock"})
+
+
+def test_a_record_that_cannot_be_read_is_named(tmp_path: Path) -> None:
+    assert record.load(str(tmp_path), "g") is None
+    record.save(str(tmp_path), "g", {"group": "g"})
+    assert record.load(str(tmp_path), "g") == {"group": "g"}
+    (tmp_path / "domains" / "g.json").write_text("{not json")
+    with pytest.raises(StorageError, match=r"group g: domain record .* cannot be read"):
+        record.load(str(tmp_path), "g")
+    record.remove(str(tmp_path), "g")
+    record.remove(str(tmp_path), "g")
+    assert record.load(str(tmp_path), "g") is None
+
+
+# -- in use -------------------------------------------------------------------------------
+
+def test_a_file_another_process_locks_is_refused_naming_it(tmp_path: Path) -> None:
+    image = tmp_path / "x.img"
+    image.write_bytes(b"\0" * 4096)
+    inuse.refuse_if_in_use("vda", str(image))  # nobody holds it
+    holder = subprocess.Popen(["flock", "-s", str(image), "sleep", "60"])
+    try:
+        deadline = time.monotonic() + 30
+        while not inuse.holders(os.stat(image)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # flock(2) is not a record lock: a qemu-style OFD lock is what counts
+        inuse.refuse_if_in_use("vda", str(image))
+    finally:
+        holder.kill()
+        holder.wait()
+    fd = os.open(image, os.O_RDWR)
+    try:
+        fcntl.fcntl(fd, inuse.F_OFD_GETLK + 1,  # F_OFD_SETLK, as qemu takes its locks
+                    struct.pack("hhqqi4x", fcntl.F_RDLCK, 0, 100, 1, 0))
+        child = subprocess.run(
+            [sys.executable, "-c", "import sys; sys.path.insert(0, %r); from agent import inuse; "
+             "inuse.refuse_if_in_use('vda', %r)" % (str(REPO), str(image))],
+            capture_output=True, text=True)
+    finally:
+        os.close(fd)
+    assert child.returncode != 0
+    assert "disk vda: %s is in use" % image in child.stderr
+    assert "(pid %d)" % os.getpid() in child.stderr
+    with pytest.raises(Conflict):
+        _locked_by_child(image)
+
+
+def _locked_by_child(image: Path) -> None:
+    """A lock held by another process (a child holding an OFD lock) seen from here."""
+    code = ("import fcntl, os, struct, time; fd = os.open(%r, os.O_RDWR); "
+            "fcntl.fcntl(fd, 37, struct.pack('hhqqi4x', fcntl.F_WRLCK, 0, 200, 1, 0)); "
+            "print('locked', flush=True); time.sleep(60)" % str(image))
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "locked"
+        inuse.refuse_if_in_use("vda", str(image))
+    finally:
+        child.kill()
+        child.wait()
