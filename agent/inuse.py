@@ -11,20 +11,42 @@ silently diverge. Two signs are checked:
   (or, for a block device, the same device), named with its command;
 - a block device another process opened ``O_EXCL`` (mounted, an LV, a running qemu's
   ``host_device``) refuses our own ``O_EXCL`` open with EBUSY.
+
+The one holder let through is the one Ferry itself is attaching: while a running domain is
+attached live, ``expecting`` names its qemu for its images.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import stat
 import struct
-from typing import List, Tuple
+from typing import Dict, Iterator, List, Set, Tuple
 
 from .errors import Conflict
 
 F_OFD_GETLK = 36  # linux/fcntl.h
+_expected: Dict[Tuple[int, int], Set[int]] = {}  # (dev, ino) or (0, rdev): pids let through
+
+
+def _key(st: os.stat_result) -> Tuple[int, int]:
+    return (0, st.st_rdev) if stat.S_ISBLK(st.st_mode) else (st.st_dev, st.st_ino)
+
+
+@contextlib.contextmanager
+def expecting(paths: List[str], pids: List[int]) -> Iterator[None]:
+    """Within the block, ``pids`` holding one of ``paths`` is not "in use"."""
+    keys = [_key(os.stat(p)) for p in paths]
+    for k in keys:
+        _expected.setdefault(k, set()).update(pids)
+    try:
+        yield
+    finally:
+        for k in keys:
+            _expected.pop(k, None)
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock: type, whence, start, len, pid
 
 
@@ -86,8 +108,10 @@ def refuse_if_in_use(name: str, path: str) -> None:
             busy, why = True, "has it open exclusively (mounted, or a VM's device)"
     if not busy:
         return
-    who = ", ".join("%s (pid %d)" % (comm, pid) for pid, comm in holders(st)) \
-        or "another process"
+    found = holders(st)
+    if found and all(pid in _expected.get(_key(st), ()) for pid, _c in found):
+        return  # the domain Ferry is attaching, and only it
+    who = ", ".join("%s (pid %d)" % (comm, pid) for pid, comm in found) or "another process"
     raise Conflict("disk %s: %s is in use: %s %s; a running VM would write it behind the "
                    "splitter's back (shut it down first, or protect its libvirt domain "
                    "with --domain)" % (name, path, who, why))

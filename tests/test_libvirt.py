@@ -167,26 +167,91 @@ def test_an_image_a_running_domain_has_open_is_refused(virt: VirtLab) -> None:
     err = proc.stderr.strip()
     assert len(err.splitlines()) == 1
     assert str(disk) in err and "pid %d" % qemu_pid in err and "in use" in err
-    proc = lab.a.ferry("protect", "g2", "--domain", "vm2", "--target", lab.b.address,
-                       check=False)
-    assert proc.returncode == 4, proc.stderr
-    assert "domain vm2 is running" in proc.stderr
     assert "g2" not in lab.a.status()["groups"]
 
 
+# The guest writes 4 KiB blocks with fsync for 40 s of its uptime, and reports the longest
+# gap between two writes (centiseconds) and the number of writes.
+WRITE_LOOP = """
+start=$(cut -d' ' -f1 /proc/uptime | tr -d .)
+prev=$start; max=0; n=0
+echo loop-start
+while [ $((prev - start)) -lt 4000 ]; do
+    dd if=/dev/urandom of=/dev/vda bs=4k count=1 seek=$((n % 4000 * 3)) conv=fsync 2>/dev/null
+    now=$(cut -d' ' -f1 /proc/uptime | tr -d .)
+    gap=$((now - prev))
+    if [ $gap -gt $max ]; then max=$gap; fi
+    prev=$now
+    n=$((n + 1))
+done
+sync
+echo "loop-done writes $n longest-gap-cs $max elapsed-cs $((prev - start))"
+"""
+
+
 @pytest.mark.guest
-def test_unprotect_refused_while_the_domain_runs_on_the_splitters(virt: VirtLab) -> None:
+def test_running_domain_attached_live_while_it_writes_replica_identical(
+        virt: VirtLab) -> None:
+    lab = virt.lab
+    disk = virt.image("vm6-vda.img")
+    with open(disk, "r+b") as f:  # something written before Ferry came: the sync must ship it
+        f.write(b"before-ferry" * 1000)
+    dom = virt.define("vm6", WRITE_LOOP, [disk])
+    dom.create()
+    deadline = time.monotonic() + 120
+    while "loop-start" not in virt.console("vm6"):
+        assert time.monotonic() < deadline, virt.console("vm6")[-2000:]
+        time.sleep(0.1)
+    time.sleep(3)
+    started = time.monotonic()
+    result = json.loads(lab.a.ferry("protect", "g6", "--domain", "vm6", "--target",
+                                    lab.b.address, "--json").stdout)
+    took = time.monotonic() - started
+    assert result["domains"]["vm6"]["attached"] == "live"
+    live = disk_sources_live(dom)
+    assert live["vda"][0] == "network", live
+    assert disk_sources(dom)["vda"][0] == "network"  # and at the next boot
+    wait_shut_off(dom, 300)
+    console = virt.console("vm6")
+    assert "FERRY-GUEST-EXIT 0" in console, console[-2000:]
+    line = next(x for x in console.splitlines() if x.startswith("loop-done"))
+    print("live attach: protect took %.2f s, pivot %.3f s; guest: %s" % (
+        took, result["domains"]["vm6"]["pivot_seconds"], line))
+    lab.a.ferry("wait", "g6", "--synced", "--timeout", "120")
+    restored = lab.restore("g6", "vda")
+    assert same_bytes(disk, restored), first_difference(disk, restored)
+    lab.a.ferry("unprotect", "g6")
+    assert disk_sources(dom) == {"vda": ("file", str(disk))}
+
+
+def disk_sources_live(dom) -> dict:
+    import xml.etree.ElementTree as ET
+    root = ET.fromstring(dom.XMLDesc(0))
+    return {d.find("target").get("dev"): (d.get("type"),) for d in root.findall("./devices/disk")}
+
+
+@pytest.mark.guest
+def test_unprotect_of_a_running_domain_moves_it_back_live(virt: VirtLab) -> None:
     lab = virt.lab
     disk = virt.image("vm3-vda.img")
-    dom = virt.define("vm3", "sleep 300\n", [disk])
+    dom = virt.define("vm3", WRITE_LOOP.replace("4000", "2500"), [disk])
     lab.a.ferry("protect", "g3", "--domain", "vm3", "--target", lab.b.address)
     dom.create()
-    proc = lab.a.ferry("unprotect", "g3", check=False)
-    assert proc.returncode == 4 and "domain vm3 is running" in proc.stderr, proc.stderr
-    assert disk_sources(dom)["vda"][0] == "network"
-    dom.destroy()
-    lab.a.ferry("unprotect", "g3")
+    deadline = time.monotonic() + 120
+    while "loop-start" not in virt.console("vm3"):
+        assert time.monotonic() < deadline, virt.console("vm3")[-2000:]
+        time.sleep(0.1)
+    time.sleep(3)
+    result = json.loads(lab.a.ferry("unprotect", "g3", "--json").stdout)
+    assert result["domains"] == ["vm3"]
+    assert disk_sources_live(dom)["vda"][0] == "file"
     assert disk_sources(dom) == {"vda": ("file", str(disk))}
+    assert lab.a.splitter_pids() == []
+    wait_shut_off(dom, 300)
+    console = virt.console("vm3")
+    assert "FERRY-GUEST-EXIT 0" in console and "I/O error" not in console, console[-2000:]
+    print("live detach; guest: %s" % next(
+        x for x in console.splitlines() if x.startswith("loop-done")))
 
 
 def test_protect_domain_errors(virt: VirtLab) -> None:

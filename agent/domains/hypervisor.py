@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
-from ..errors import Conflict, NotFound, Unavailable
+from ..errors import NotFound, Unavailable
 
 DEFAULT_URI = "qemu:///system"
 
@@ -68,10 +68,16 @@ class Domain:
         except lv.libvirtError as e:
             raise Unavailable("domain %s: %s" % (self.name, _msg(e))) from None
 
-    def require_shut_off(self, doing: str) -> None:
-        if self.running():
-            raise Conflict("domain %s is running: shut it down to %s (a live attach is "
-                           "not built yet)" % (self.name, doing))
+    def live_xml(self) -> str:
+        """The running definition (the disks qemu has now)."""
+        lv = self._libvirt
+        try:
+            return str(self.dom.XMLDesc(lv.VIR_DOMAIN_XML_SECURE))
+        except lv.libvirtError as e:
+            raise Unavailable("domain %s: %s" % (self.name, _msg(e))) from None
+
+    def uuid(self) -> str:
+        return str(self.dom.UUIDString())
 
     def define(self, xml: str) -> None:
         lv = self._libvirt

@@ -77,6 +77,11 @@ def writable_disks(xml: str) -> List[DomainDisk]:
     return out
 
 
+def disk_devs(xml: str) -> List[str]:
+    """The target devs of all the domain's disks."""
+    return [t.get("dev", "") for t in _parse(xml).findall("./devices/disk/target")]
+
+
 def attach(xml: str, sockets: Dict[str, str]) -> str:
     """The domain with each disk of ``sockets`` ({dev: socket path}) read over NBD."""
     root = _parse(xml)
