@@ -54,7 +54,7 @@ class VirtLab:
     """Two sites, site A's agent told the private libvirt's URI and to share its splitter
     sockets with qemu's group (kvm), and the lab guest's kernel where qemu can read it."""
 
-    def __init__(self, lab: Lab, daemon: Libvirtd) -> None:
+    def __init__(self, lab: Lab, daemon: Libvirtd, share: bool = True) -> None:
         self.lab = lab
         self.daemon = daemon
         os.chmod(lab.root, 0o755)  # libvirt-qemu must reach site A's run/ directory
@@ -63,7 +63,9 @@ class VirtLab:
         self.kernel = copy_readable(ensure_kernel(LAB_CACHE), self.images)
         self.conn = daemon.connect()
         self.defined: list = []
-        lab.a.extra_args += ["--libvirt-uri", daemon.uri, "--splitter-socket-group", "kvm"]
+        lab.a.extra_args += ["--libvirt-uri", daemon.uri]
+        if share:
+            lab.a.extra_args += ["--splitter-socket-group", "kvm"]
         lab.b.start()
         lab.a.start()
 
@@ -254,6 +256,33 @@ def test_unprotect_of_a_running_domain_moves_it_back_live(virt: VirtLab) -> None
         x for x in console.splitlines() if x.startswith("loop-done")))
 
 
+@pytest.mark.guest
+def test_a_live_attach_qemu_cannot_make_leaves_the_domain_on_its_image(
+        lab: Lab, libvirtd: Libvirtd) -> None:
+    virt = VirtLab(lab, libvirtd, share=False)  # the sockets stay root's: qemu cannot connect
+    try:
+        disk = virt.image("vm7-vda.img")
+        dom = virt.define("vm7", "sleep 300\n", [disk])
+        before = dom.XMLDesc(2)
+        dom.create()
+        deadline = time.monotonic() + 60
+        while not any(c.startswith("qemu") for _p, c in inuse.holders(os.stat(disk))):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        proc = lab.a.ferry("protect", "g7", "--domain", "vm7", "--target", lab.b.address,
+                           check=False)
+        assert proc.returncode == 5, proc.stderr
+        assert "domain vm7 disk vda: cannot start the copy" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+        assert "g7" not in lab.a.status()["groups"]
+        assert lab.a.splitter_pids() == []
+        assert disk_sources_live(dom)["vda"][0] == "file" and dom.isActive()
+        assert dom.XMLDesc(2) == before
+        assert not (lab.a.data / "domains" / "g7.json").exists()
+    finally:
+        virt.close()
+
+
 def test_protect_domain_errors(virt: VirtLab) -> None:
     lab = virt.lab
     a = lab.a
@@ -406,6 +435,32 @@ def test_a_file_another_process_locks_is_refused_naming_it(tmp_path: Path) -> No
     assert "(pid %d)" % os.getpid() in child.stderr
     with pytest.raises(Conflict):
         _locked_by_child(image)
+
+
+def test_a_block_device_held_exclusively_is_refused(tmp_path: Path) -> None:
+    backing = tmp_path / "loop.img"
+    backing.write_bytes(b"\0" * MiB)
+    dev = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True,
+                         text=True)
+    if dev.returncode != 0:
+        pytest.skip("no loop device here: %s" % dev.stderr.strip())
+    loop = dev.stdout.strip()
+    try:
+        inuse.refuse_if_in_use("vdb", loop)  # nobody holds it
+        code = ("import os, time; fd = os.open(%r, os.O_RDONLY | os.O_EXCL); "
+                "print('held', flush=True); time.sleep(60)" % loop)
+        child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                 text=True)
+        try:
+            assert child.stdout is not None and child.stdout.readline().strip() == "held"
+            with pytest.raises(Conflict, match="disk vdb: %s is in use: python.*pid %d.* "
+                               "open exclusively" % (loop, child.pid)):
+                inuse.refuse_if_in_use("vdb", loop)
+        finally:
+            child.kill()
+            child.wait()
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=False)
 
 
 def _locked_by_child(image: Path) -> None:
