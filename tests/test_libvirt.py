@@ -315,6 +315,29 @@ def test_protect_domain_errors(virt: VirtLab) -> None:
         a.api("POST", "/v1/groups", {"target": "x", "domains": ["vm4"]})
 
 
+def test_a_group_whose_domain_was_undefined_can_still_be_unprotected(virt: VirtLab) -> None:
+    lab = virt.lab
+    disk = virt.image("vm8-vda.img")
+    dom = virt.define("vm8", "true\n", [disk])
+    lab.a.ferry("protect", "g8", "--domain", "vm8", "--target", lab.b.address)
+    dom.undefine()
+    virt.defined.remove(dom)
+    result = json.loads(lab.a.ferry("unprotect", "g8", "--json").stdout)
+    assert result["group"] == "g8" and result["domains"] == ["vm8"]
+    assert "g8" not in lab.a.status()["groups"]
+    assert "domain vm8 is gone" in lab.a.log.read_text()
+
+
+def test_without_libvirt_python_a_domain_is_refused_by_name(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.domains import hypervisor
+    from agent.errors import Unavailable
+    monkeypatch.setitem(sys.modules, "libvirt", None)  # import libvirt raises ImportError
+    with pytest.raises(Unavailable, match="apt-get install python3-libvirt"):
+        with hypervisor.connection("qemu:///system"):
+            pass
+
+
 def test_a_libvirt_that_cannot_be_reached_is_named(lab: Lab, tmp_path: Path) -> None:
     lab.a.extra_args += ["--libvirt-uri", "qemu+unix:///system?socket=%s/none" % tmp_path]
     lab.b.start()

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-from ..errors import Invalid, Unavailable
+from ..domains import Domains
+from ..errors import Invalid
 from .groups import route as group_route
 
 if TYPE_CHECKING:
-    from ..domains import Domains
     from .app import Api
 
 
@@ -26,16 +26,20 @@ async def route(api: Api, method: str, parts: List[str], query: Dict[str, list],
     if parts == ["v1", "groups"] and method == "POST" and "domains" in body:
         return 201, await _protect(api, query, body)
     if len(parts) == 3 and parts[:2] == ["v1", "groups"] and method == "DELETE":
-        domains = api.domains
-        if domains is not None and domains.protected_by_domain(parts[2]):
+        domains = _domains(api)
+        if domains.protected_by_domain(parts[2]):
             return 200, await domains.unprotect(parts[2])
     return None
 
 
+def _domains(api: Api) -> Domains:
+    if api.domains is None:  # an Api made without the agent's options: the default URI
+        api.domains = Domains(api.source)
+    return api.domains
+
+
 async def _protect(api: Api, query: Dict[str, list], body: Dict[str, Any]) -> Any:
-    domains: Optional[Domains] = api.domains
-    if domains is None:
-        raise Unavailable("this agent does not manage libvirt domains")
+    domains = _domains(api)
     names = body["domains"]
     if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
         raise Invalid("domains must be a list of domain names")

@@ -25,7 +25,7 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 import trio
 
 from .. import inuse
-from ..errors import FerryError, Invalid, Unavailable
+from ..errors import FerryError, Invalid, NotFound, Unavailable
 from ..source import NAME_RE, SourceSite
 from . import live, record, xml
 from .hypervisor import DEFAULT_URI, Domain, _libvirt, connection
@@ -171,7 +171,13 @@ class Domains:
 
     def _detach(self, rec: Dict[str, Any]) -> None:
         with connection(rec.get("uri") or self.uri) as conn:
-            doms = [(Domain(conn, e["name"]), e) for e in rec["domains"]]
+            doms = []
+            for e in rec["domains"]:
+                try:
+                    doms.append((Domain(conn, e["name"]), e))
+                except NotFound:  # undefined meanwhile: nothing of it to put back
+                    log.warning("group %s: domain %s is gone; unprotecting without it",
+                                rec["group"], e["name"])
             for dom, entry in doms:
                 if dom.running():  # back onto its own disks first, live
                     for d in entry["disks"]:
