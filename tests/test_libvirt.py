@@ -498,3 +498,61 @@ def _locked_by_child(image: Path) -> None:
     finally:
         child.kill()
         child.wait()
+
+
+# -- live attach's error branches, against a domain that fails as libvirt would -----------
+
+class FailingDomain:
+    """A running domain's block-job interface, failing as ``script`` says: ``blockJobInfo``
+    reports a copy that is ``ready`` or never is, a pivot answers ``not-ready`` (libvirt's
+    VIR_ERR_BLOCK_COPY_ACTIVE) a number of times, then ``ok`` or ``refused``."""
+
+    def __init__(self, libvirt, ready: bool, pivots: list) -> None:
+        self.libvirt = libvirt
+        self.ready = ready
+        self.pivots = list(pivots)
+        self.on = "image"  # where the guest's disk is: image | copying | export
+
+    def error(self, code: int, text: str):
+        err = self.libvirt.libvirtError(text)
+        err.get_error_code = lambda: code
+        err.get_error_message = lambda: text
+        return err
+
+    def blockCopy(self, dev, dest, params, flags):
+        self.on = "copying"
+
+    def blockJobInfo(self, dev, flags):
+        return {"cur": 10, "end": 10 if self.ready else 20, "type": 2}
+
+    def blockJobAbort(self, dev, flags):
+        if flags & self.libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT:
+            answer = self.pivots.pop(0)
+            if answer == "not-ready":
+                raise self.error(self.libvirt.VIR_ERR_BLOCK_COPY_ACTIVE, "not ready yet")
+            if answer == "refused":
+                raise self.error(self.libvirt.VIR_ERR_OPERATION_FAILED, "pivot refused")
+            self.on = "export"
+            return
+        self.on = "image"
+
+
+def test_live_copy_pivots_once_ready_and_leaves_the_guest_on_its_image_otherwise() -> None:
+    import libvirt
+
+    from agent.domains import live
+    from agent.errors import TimedOut, Unavailable
+    dest = live.nbd_disk_xml("/run/x.sock")
+    dom = FailingDomain(libvirt, True, ["not-ready", "not-ready", "ok"])
+    assert live.copy_and_pivot(libvirt, dom, "vm", "vda", dest) >= 0
+    assert dom.on == "export" and dom.pivots == []
+    dom = FailingDomain(libvirt, False, [])
+    with pytest.raises(TimedOut, match="domain vm disk vda: the copy was not ready within"):
+        live.copy_and_pivot(libvirt, dom, "vm", "vda", dest, timeout=0.2)
+    assert dom.on == "image"
+    dom = FailingDomain(libvirt, True, ["refused"])
+    with pytest.raises(Unavailable, match="domain vm disk vda: pivot failed: pivot refused"):
+        live.copy_and_pivot(libvirt, dom, "vm", "vda", dest)
+    assert dom.on == "image"
+    assert "socket='/run/x.sock'" in dest
+    assert "<source dev='/dev/sdb'/>" in live.plain_disk_xml("block", "/dev/sdb")
