@@ -28,6 +28,7 @@ from . import access, logs, tls
 from .alerts import Alerts
 from .api import Api
 from .disks import Policy
+from .domains import Domains
 from .errors import Invalid, Unavailable
 from .events import EventLog
 from .jobs import Jobs
@@ -80,6 +81,8 @@ class Options:
     link_down_alert: float = 60.0
     image_roots: List[str] = field(default_factory=list)
     new_identity: bool = False  # make a new TLS identity although peers know the old one
+    libvirt_uri: str = "qemu:///system"  # where protect --domain finds its domains
+    splitter_group: Optional[str] = None  # group that may connect to splitter sockets
 
 
 def _config(bind: str) -> hypercorn.config.Config:
@@ -178,12 +181,14 @@ async def run(opts: Options) -> None:
     target = TargetSite(data_dir, site, trust, policy)
     await trio.to_thread.run_sync(target.load)
     source = SourceSite(data_dir, store, trust.connect, policy)
+    source.fleet.socket_group = opts.splitter_group
     made: List[Tuple[str, int, int]] = []
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(target.serve, listen[0], listen[1])
             await nursery.start(source.run)
             api = Api(source, target, site, trust)
+            api.domains = Domains(source, opts.libvirt_uri)
             api.watcher = Watcher(api.status, EventLog(), Alerts(opts.link_down_alert),
                                   opts.hooks_dir, source.checkpoint, source.checkpoints,
                                   os.path.join(data_dir, "alerts.json"), api.status_async)

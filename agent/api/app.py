@@ -23,6 +23,7 @@ from ..pairing import Trust
 from ..protocol import frames
 from ..source import SourceSite
 from ..target import TargetSite
+from .domains import route as domain_routes
 from .groups import route as group_routes
 from .jobs import route as job_routes
 from .monitoring import route as monitoring_routes
@@ -31,6 +32,7 @@ from .replicas import route as replica_routes
 from .request import read_body
 
 if TYPE_CHECKING:
+    from ..domains import Domains
     from ..jobs import Jobs
     from ..watch import Watcher
 
@@ -90,8 +92,8 @@ def one_line(text: str) -> str:
 # A family's routes: its answer (status, payload), or None when the request is not theirs.
 Route = Callable[["Api", str, List[str], Dict[str, list], Dict[str, Any]],
                  Awaitable[Optional[Tuple[int, Any]]]]
-ROUTES: Tuple[Route, ...] = (monitoring_routes, group_routes, pairing_routes, replica_routes,
-                             job_routes)
+ROUTES: Tuple[Route, ...] = (monitoring_routes, domain_routes, group_routes, pairing_routes,
+                             replica_routes, job_routes)
 
 
 class Api:
@@ -104,6 +106,7 @@ class Api:
         self.started = time.time()
         self.watcher: Optional[Watcher] = None
         self.jobs: Optional[Jobs] = None
+        self.domains: Optional[Domains] = None  # libvirt domains (agent/domains/)
         self.files = Files()
         self.dashboard_urls: List[str] = []  # login addresses, told to local users only
         self._policy = "local"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
 from typing import Optional, Tuple
@@ -54,12 +55,18 @@ from .units import parse_duration
 @click.option("--new-identity", is_flag=True,
               help="Make a new TLS identity where this site's is gone although paired "
               "sites know it (they must pair again).")
+@click.option("--libvirt-uri", default="qemu:///system", show_default=True,
+              help="The libvirt connection `protect --domain` finds domains through.")
+@click.option("--splitter-socket-group", default=None, metavar="GROUP",
+              help="A group that may connect to the splitters' NBD sockets (libvirt's qemu "
+                   "user: libvirt-qemu on Debian); default: root only.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def agent(data_dir: str, listen: str, api_addrs: Tuple[str, ...], api_group: str,
           api_token_file: Optional[str], api_cert: Optional[str], api_key: Optional[str],
           api_client_ca: Optional[str], metrics_addr: Optional[str], hooks_dir: str,
           link_down_alert: str, image_roots: Tuple[str, ...], site: Optional[str],
-          insecure: bool, new_identity: bool, verbose: bool) -> None:
+          insecure: bool, new_identity: bool, libvirt_uri: str,
+          splitter_socket_group: Optional[str], verbose: bool) -> None:
     """Run the host agent in the foreground."""
     import trio
 
@@ -73,12 +80,19 @@ def agent(data_dir: str, listen: str, api_addrs: Tuple[str, ...], api_group: str
             access.Listener("unix", path=access.DEFAULT_SOCKET)]
     except (ValueError, FerryError) as e:
         raise Failure(str(e)) from None
+    if splitter_socket_group is not None:
+        try:
+            grp.getgrnam(splitter_socket_group)
+        except KeyError:
+            raise Failure("--splitter-socket-group %s: no such group"
+                          % splitter_socket_group) from None
     data_dir = os.path.abspath(data_dir)
     opts = daemon.Options(data_dir, listen_hp, apis, site, insecure, metrics_hp, api_group,
                           api_token_file, api_cert, api_key, api_client_ca,
                           os.path.abspath(hooks_dir), parse_duration(link_down_alert),
                           image_roots=[os.path.abspath(r) for r in image_roots],
-                          new_identity=new_identity)
+                          new_identity=new_identity, libvirt_uri=libvirt_uri,
+                          splitter_group=splitter_socket_group)
     try:
         os.makedirs(data_dir, exist_ok=True)
         trio.run(daemon.run, opts)

@@ -28,8 +28,12 @@ def _split_disk(spec: str, index: int) -> Tuple[str, str]:
 
 @cli.command()
 @click.argument("group", shell_complete=complete_groups)
-@click.option("--disk", "disks", multiple=True, required=True, metavar="[NAME=]PATH",
+@click.option("--disk", "disks", multiple=True, metavar="[NAME=]PATH",
               help="A disk to protect (raw image file or block device); repeatable.")
+@click.option("--domain", "domains", multiple=True, metavar="NAME",
+              help="A libvirt domain (shut off) whose writable disks to protect, named by "
+                   "target dev; the domain is attached to the splitters. Repeatable; "
+                   "instead of --disk.")
 @click.option("--target", required=True, metavar="HOST:PORT", help="The target site's agent.")
 @click.option("--queue", default="256M", show_default=True,
               help="Bound of each disk's in-memory change queue.")
@@ -52,11 +56,14 @@ def _split_disk(spec: str, index: int) -> Tuple[str, str]:
                    "only chunks that differ are shipped. Repeatable; a new group only.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_obj
-def protect(api: Agent, group: str, disks: Tuple[str, ...], target: str, queue: str,
+def protect(api: Agent, group: str, disks: Tuple[str, ...], domains: Tuple[str, ...],
+            target: str, queue: str,
             allow_unreachable: bool, history: str, journal_max: str,
             checkpoint_interval: str, bandwidth: str, rpo_alert: Optional[str],
             seeds: Tuple[str, ...], as_json: bool) -> None:
     """Protect disks as GROUP, replicated to TARGET; prints each disk's NBD URI."""
+    if bool(disks) == bool(domains):
+        raise click.UsageError("give --disk or --domain (one of them, repeatable)")
     specs = [_split_disk(s, i) for i, s in enumerate(disks)]
     seeded = _seeds(seeds, [n for n, _p in specs])
     history_s = parse_duration(history)
@@ -68,7 +75,8 @@ def protect(api: Agent, group: str, disks: Tuple[str, ...], target: str, queue: 
         "history_s": int(history_s), "journal_max": parse_size(journal_max),
         "checkpoint_interval": parse_duration(checkpoint_interval),
         "bandwidth": parse_size(bandwidth), "seeds": seeded,
-        "disks": [{"name": n, "path": p} for n, p in specs]})
+        **({"domains": list(domains)} if domains else
+           {"disks": [{"name": n, "path": p} for n, p in specs]})})
     if rpo_alert is not None:
         result["rpo_alert"] = call(api, "POST", "/v1/groups/%s/alerts" % group, {
             "rpo_alert": parse_duration(rpo_alert) or None})["rpo_alert"]
@@ -77,6 +85,8 @@ def protect(api: Agent, group: str, disks: Tuple[str, ...], target: str, queue: 
         return
     for d in result["disks"]:
         click.echo("%s\t%s" % (d["name"], d["nbd_uri"]))
+    for name, dom in sorted(result.get("domains", {}).items()):
+        click.echo("domain %s\tattached (%s)" % (name, dom["attached"]))
 
 
 def _seeds(specs: Tuple[str, ...], disks: List[str]) -> Dict[str, str]:

@@ -19,6 +19,7 @@ import trio
 
 from formats import localwire as lw
 
+from .. import inuse
 from ..disks import Identity, Policy, identity
 from ..errors import Conflict, Invalid, NotFound, TimedOut, Unavailable
 from ..store import DiskRow, GroupRow, Store
@@ -139,6 +140,7 @@ class SourceSite:
                               % (dname, path, rows[idents.index(ident)][0]))
             if size == 0:
                 raise Invalid("disk %s: %s is empty" % (dname, path))
+            await trio.to_thread.run_sync(inuse.refuse_if_in_use, dname, real)
             rows.append((dname, real, size))
             idents.append(ident)
         seen = {r[0] for r in rows}

@@ -14,6 +14,7 @@ they run (at the agent's start, and when the supervisor finds one dead), stop th
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
 import shutil
@@ -160,6 +161,18 @@ def _tail(path: str, lines: int = 5) -> str:
         return "(no log)"
 
 
+def share_socket(socket: str, group: str) -> None:
+    """Let ``group`` connect to a splitter's socket: the socket 0660 and its directory
+    0710 (traverse, not list), both of that group."""
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise SplitterError("no group %s to share splitter sockets with" % group) from None
+    for path, mode in ((os.path.dirname(socket), 0o710), (socket, 0o660)):
+        os.chown(path, -1, gid)
+        os.chmod(path, mode)
+
+
 def remove_files(paths: SplitterPaths) -> None:
     """Every file a stopped splitter made: its socket, pid file, state file, the plugin's
     activity log beside it (``STATE.al``), and its log with its rotated copy."""
@@ -177,6 +190,7 @@ class Fleet:
     def __init__(self, data_dir: str, agent_socket: str) -> None:
         self.data_dir = data_dir
         self.agent_socket = agent_socket
+        self.socket_group: Optional[str] = None  # may connect too (qemu's: libvirt-qemu)
 
     def paths(self, disk: DiskRow) -> SplitterPaths:
         return SplitterPaths.for_disk(self.data_dir, disk.id)
@@ -184,6 +198,8 @@ class Fleet:
     def _start(self, row: GroupRow, d: DiskRow) -> SplitterPaths:
         paths = self.paths(d)
         start(paths, d.id, d.path, self.agent_socket, row.name, d.name, row.queue_bytes)
+        if self.socket_group is not None:
+            share_socket(paths.socket, self.socket_group)
         return paths
 
     def start_all(self, row: GroupRow) -> None:

@@ -1,0 +1,199 @@
+"""Protecting libvirt domains as a group: ``Domains`` on the source site.
+
+Protect: each named domain's writable disks become the group's disks (named by target
+dev, ``vda``; ``DOMAIN.vda`` when the group has several domains), the group is protected
+as any group is (``protect_disks``, the ordinary path, which starts the splitters), the
+domains' definitions are recorded with the group (``record.py``), and then each domain is
+redefined with its disks on the splitters' NBD sockets. A running domain is attached live
+first (``live.py``: mirror onto the splitter, pivot); the in-use check lets its own qemu
+through meanwhile, and nothing else. If attaching fails before any disk pivoted, the
+domains already redefined are put back and the group is unprotected; after a pivot the
+group stays (its guest reads the splitter now) and the error says so.
+
+Unprotect: each running domain is first copied back onto its own disks live (the same
+mirror and pivot, the other way); then each definition gets its disks back as they were
+(``detach``), the group is unprotected the ordinary way and its record removed. If a
+disk cannot be moved back, the group stays protected (its splitters keep serving).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
+
+import trio
+
+from .. import inuse
+from ..errors import FerryError, Invalid, NotFound, Unavailable
+from ..source import NAME_RE, SourceSite
+from . import live, record, xml
+from .hypervisor import DEFAULT_URI, Domain, _libvirt, connection
+
+log = logging.getLogger("ferry.domains")
+
+MAX_DOMAINS = 32
+
+ProtectDisks = Callable[[List[Tuple[str, str]]], Awaitable[Dict[str, Any]]]
+
+
+@dataclass
+class Found:
+    """A domain as protect found it."""
+
+    definition: str             # its persistent definition
+    disks: List[xml.DomainDisk]  # the disks it writes (now, if it runs)
+    running: bool
+    uuid: str
+
+
+class Domains:
+    def __init__(self, source: SourceSite, uri: str = DEFAULT_URI) -> None:
+        self.source = source
+        self.uri = uri
+
+    def protected_by_domain(self, group: str) -> bool:
+        return record.load(self.source.data_dir, group) is not None
+
+    async def protect(self, group: str, names: List[str], protect_disks: ProtectDisks
+                      ) -> Dict[str, Any]:
+        if not names or len(names) > MAX_DOMAINS:
+            raise Invalid("give 1 to %d domains" % MAX_DOMAINS)
+        if len(set(names)) != len(names):
+            raise Invalid("a domain is named twice")
+        found = await trio.to_thread.run_sync(self._read, names)
+        disks: List[Tuple[str, str]] = []
+        for name, f in found.items():
+            if not f.disks:
+                raise Invalid("domain %s has no writable disk to protect" % name)
+            for d in f.disks:
+                disks.append((_disk_name(name, d.dev, len(names)), d.path))
+        paths = [d.path for f in found.values() if f.running for d in f.disks]
+        pids = [p for f in found.values() if f.running for p in await trio.to_thread.run_sync(
+            live.qemu_pids, [d.path for d in f.disks], f.uuid)]
+        with inuse.expecting(paths, pids):
+            result = await protect_disks(disks)
+        pivoted: List[str] = []
+        try:
+            rec = await trio.to_thread.run_sync(self._attach, group, found, len(names),
+                                                pivoted)
+        except BaseException:
+            if not pivoted:
+                with trio.CancelScope(shield=True):
+                    await self.source.unprotect(group)
+            raise
+        result["domains"] = {d["name"]: {"disks": {x["dev"]: x["disk"] for x in d["disks"]},
+                                         "attached": d["attached"],
+                                         "pivot_seconds": d.get("pivot_seconds")}
+                             for d in rec["domains"]}
+        log.info("group %s: domain(s) %s attached to their splitters", group, ", ".join(
+            "%s (%s)" % (d["name"], d["attached"]) for d in rec["domains"]))
+        return result
+
+    def _read(self, names: List[str]) -> Dict[str, Found]:
+        out = {}
+        with connection(self.uri) as conn:
+            for name in names:
+                dom = Domain(conn, name)
+                text = dom.inactive_xml()
+                running = dom.running()
+                disks = xml.writable_disks(text)
+                if running:  # the disks it has now; each put back as its definition has it
+                    defined = {d.dev: d.element for d in disks}
+                    disks = [xml.DomainDisk(d.dev, d.kind, d.path, defined.get(d.dev, d.element))
+                             for d in xml.writable_disks(dom.live_xml())]
+                out[name] = Found(text, disks, running, dom.uuid())
+        return out
+
+    def _attach(self, group: str, found: Dict[str, Found], count: int,
+                pivoted: List[str]) -> Dict[str, Any]:
+        row = self.source.store.group(group)
+        assert row is not None
+        sockets = {d.name: self.source.fleet.paths(d).socket for d in row.disks}
+        rec: Dict[str, Any] = {"group": group, "uri": self.uri, "domains": []}
+        for name, f in found.items():
+            rec["domains"].append({"name": name, "xml": f.definition, "running": f.running,
+                                   "attached": "live" if f.running else "offline",
+                                   "disks": [
+                {"dev": d.dev, "kind": d.kind, "disk": _disk_name(name, d.dev, count),
+                 "path": d.path,
+                 "socket": sockets[_disk_name(name, d.dev, count)], "element": d.element}
+                for d in f.disks]})
+        record.save(self.source.data_dir, group, rec)
+        done: List[Tuple[Domain, str]] = []
+        with connection(self.uri) as conn:
+            try:
+                for entry in rec["domains"]:
+                    dom = Domain(conn, entry["name"])
+                    if entry["running"] or dom.running():  # (or started meanwhile)
+                        entry["attached"] = "live"
+                        entry["pivot_seconds"] = self._attach_live(dom, entry, pivoted)
+                    persistent = dom.inactive_xml()
+                    devs = set(xml.disk_devs(persistent))  # a pivot may have changed it
+                    dom.define(xml.attach(persistent, {dev: s for dev, s in _sockets(entry).items()
+                                                       if dev in devs}))
+                    done.append((dom, entry["xml"]))
+            except FerryError as e:
+                if pivoted:
+                    raise Unavailable("%s; disk(s) %s already read their splitters: group %s "
+                                      "stays protected" % (e, ", ".join(pivoted), group)
+                                      ) from None
+                for dom, original in reversed(done):
+                    dom.define(original)
+                record.remove(self.source.data_dir, group)
+                raise
+        record.save(self.source.data_dir, group, rec)
+        return rec
+
+    def _attach_live(self, dom: Domain, entry: Dict[str, Any], pivoted: List[str]
+                     ) -> float:
+        """Mirror and pivot each disk of a running domain; the longest pivot's seconds."""
+        longest = 0.0
+        for d in entry["disks"]:
+            seconds = live.copy_and_pivot(_libvirt(), dom.dom, entry["name"], d["dev"],
+                                          live.nbd_disk_xml(d["socket"]))
+            pivoted.append("%s/%s" % (entry["name"], d["dev"]))
+            longest = max(longest, seconds)
+        return round(longest, 4)
+
+    async def unprotect(self, group: str) -> Optional[Dict[str, Any]]:
+        """Detach the group's domains and unprotect it; None if it has no domains."""
+        rec = await trio.to_thread.run_sync(record.load, self.source.data_dir, group)
+        if rec is None:
+            return None
+        await trio.to_thread.run_sync(self._detach, rec)
+        result = await self.source.unprotect(group)
+        await trio.to_thread.run_sync(record.remove, self.source.data_dir, group)
+        result["domains"] = [d["name"] for d in rec["domains"]]
+        log.info("group %s: domain(s) %s back on their own disks", group,
+                 ", ".join(result["domains"]))
+        return result
+
+    def _detach(self, rec: Dict[str, Any]) -> None:
+        with connection(rec.get("uri") or self.uri) as conn:
+            doms = []
+            for e in rec["domains"]:
+                try:
+                    doms.append((Domain(conn, e["name"]), e))
+                except NotFound:  # undefined meanwhile: nothing of it to put back
+                    log.warning("group %s: domain %s is gone; unprotecting without it",
+                                rec["group"], e["name"])
+            for dom, entry in doms:
+                if dom.running():  # back onto its own disks first, live
+                    for d in entry["disks"]:
+                        live.copy_and_pivot(_libvirt(), dom.dom, entry["name"], d["dev"],
+                                            live.plain_disk_xml(d["kind"], d["path"]))
+                originals = {d["dev"]: d["element"] for d in entry["disks"]}
+                dom.define(xml.detach(dom.inactive_xml(), originals, _sockets(entry)))
+
+
+def _sockets(entry: Dict[str, Any]) -> Dict[str, str]:
+    return {d["dev"]: d["socket"] for d in entry["disks"]}
+
+
+def _disk_name(domain: str, dev: str, count: int) -> str:
+    name = dev if count == 1 else "%s.%s" % (domain, dev)
+    if not NAME_RE.match(name):
+        raise Invalid("domain %s disk %s: %r is not a usable disk name (letters, digits, "
+                      "'_', '.', '-')" % (domain, dev, name))
+    return name
