@@ -64,6 +64,7 @@ class VirtLab:
         self.conn = daemon.connect()
         self.defined: list = []
         lab.a.extra_args += ["--libvirt-uri", daemon.uri]
+        lab.a.image_roots.append(self.images)  # the domains' images live here
         if share:
             lab.a.extra_args += ["--splitter-socket-group", "kvm"]
         lab.b.start()
