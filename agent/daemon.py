@@ -192,6 +192,7 @@ async def run(opts: Options) -> None:
             api.watcher = Watcher(api.status, EventLog(), Alerts(opts.link_down_alert),
                                   opts.hooks_dir, source.checkpoint, source.checkpoints,
                                   os.path.join(data_dir, "alerts.json"), api.status_async)
+            target.notify = api.watcher.events.emit
             await nursery.start(api.watcher.run)
             api.jobs = Jobs(api.watcher.events)
             await nursery.start(api.jobs.run)

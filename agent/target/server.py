@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import trio
 
@@ -62,6 +62,9 @@ class TargetSite:
         self.broken: Dict[str, str] = {}
         self.views = Views(data_dir)
         self.repairs = Repairs()
+        # Events told as they happen (the agent's EventLog.emit), not found by comparing two
+        # status samples: a test failover may open and close between them.
+        self.notify: Callable[..., Any] = lambda *args, **fields: None
         self.scrubs: Dict[str, Dict[str, Any]] = {}  # the last scrub of each group
         self.mounts = Mounts(
             data_dir, lambda name, ref, at: self.views.open(self.group(name), ref, at, False),
@@ -360,12 +363,20 @@ class TargetSite:
                         test: bool = False) -> Dict[str, Any]:
         g = self.group(group)
         try:
-            return await trio.to_thread.run_sync(self.views.open, g, ref, at_wall_ns, test)
+            view = await trio.to_thread.run_sync(self.views.open, g, ref, at_wall_ns, test)
         except (NoConsistentState, checkpoints.CheckpointError) as e:
             raise NotFound(str(e)) from None
+        if test:
+            self.notify("failover", group=group, mode="test", change="started",
+                        view=view["id"])
+        return view
 
     async def close_view(self, vid: str) -> Dict[str, Any]:
-        return await trio.to_thread.run_sync(self.views.close, vid, self.groups)
+        view = await trio.to_thread.run_sync(self.views.close, vid, self.groups)
+        if view.get("test"):
+            self.notify("failover", group=view["group"], mode="test", change="stopped",
+                        view=vid)
+        return view
 
     async def failover_live(self, group: str, ref: Optional[str],
                             at_wall_ns: Optional[int]) -> Dict[str, Any]:
