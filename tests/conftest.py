@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -107,3 +108,25 @@ def same_bytes(a: Path, b: Path) -> bool:
 def first_difference(a: Path, b: Path) -> str:
     proc = subprocess.run(["cmp", str(a), str(b)], capture_output=True, text=True)
     return proc.stdout + proc.stderr
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_exports(tmp_path: Path) -> Iterator[None]:
+    """Exports outlive the agent that starts them (agent/target/exports.py): a test that
+    starts views without a lab (or fails half-way) must not leave nbdkit serving its files.
+    Kills, after each test, every nbdkit whose command line names the test's directory."""
+    yield
+    mark = str(tmp_path).encode()
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            cmd = (pid_dir / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmd.startswith(b"/usr/bin/nbdkit") or b"nbdkit\0" in cmd[:64]:
+            if mark in cmd:
+                try:
+                    os.kill(int(pid_dir.name), signal.SIGKILL)
+                except OSError:
+                    pass
