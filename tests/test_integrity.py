@@ -19,6 +19,7 @@ import pytest
 from conftest import Lab, first_difference, same_bytes, samples
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_faults import wait_for
 
 from agent.errors import JournalCorrupt
 from agent.target import damage
@@ -277,10 +278,13 @@ def test_flip_with_b_running(sites: Lab) -> None:
     m = samples(sites.b.api("GET", "/metrics"))
     assert m[("ferry_journal_damaged", (("group", "g1"),))] == 1
     assert m[("ferry_journal_damaged", (("group", "g2"),))] == 0
-    events = [json.loads(line) for line in
-              sites.b.ferry("events", "--json").stdout.splitlines() if line.strip()]
-    assert any(e["kind"] == "journal" and e.get("change") == "damaged" and e["group"] == "g1"
-               for e in events), events
+    def damaged_event() -> bool:  # the watcher samples status once a second or so
+        events = [json.loads(line) for line in
+                  sites.b.ferry("events", "--json").stdout.splitlines() if line.strip()]
+        return any(e["kind"] == "journal" and e.get("change") == "damaged"
+                   and e["group"] == "g1" for e in events)
+
+    wait_for(damaged_event, 30, what="the journal-damaged event")
 
     # The other group replicates meanwhile and restores; the agent is up.
     write(uri2, random.Random(7), big=True)
