@@ -28,6 +28,9 @@ def _event_line(e: Dict[str, Any]) -> str:
                                         "  -- " + e["message"] if e.get("message") else "")
 
 
+EVENTS_PAGE = 1000  # the API's default limit of one answer
+
+
 @cli.command()
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new events as they come.")
 @click.option("--after", default=None, type=int, metavar="ID",
@@ -60,7 +63,8 @@ def events(api: Agent, follow: bool, after: Optional[int], as_json: bool) -> Non
             click.echo(json.dumps(event, sort_keys=True) if as_json else _event_line(event))
             last = event["id"]
         sys.stdout.flush()
-        if not follow:
+        # A page holds at most 1,000 events: without --follow, page on to the newest kept.
+        if not follow and len(result["events"]) < EVENTS_PAGE:
             return
 
 
