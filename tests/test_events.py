@@ -226,6 +226,10 @@ def test_anomaly_alert_on_a_burst_of_random_writes(sites: Lab) -> None:
     h.flush()
     wait_for(lambda: any(a["alert"] == "anomaly" for a in
                          sites.a.api("GET", "/v1/alerts")["active"]), 30, "anomaly alert")
+    # The alert is active at once; its event is told once the tagged checkpoint is cut
+    # (acknowledged by site B, up to 10 s on a loaded machine).
+    wait_for(lambda: find(events(sites.a), kind="alert", alert="anomaly", change="raised"),
+             30, "the anomaly's raised event")
     [raised] = find(events(sites.a), kind="alert", alert="anomaly", change="raised")
     assert raised["severity"] == "error" and raised["anomaly_disk"] == "vda"
     assert raised["ratio"] >= 0.85 and raised["baseline"] <= 0.6
