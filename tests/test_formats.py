@@ -1,0 +1,220 @@
+"""formats/images.py and the splitter's qemu backend, on real qemu-img images and qemu-nbd."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import List
+
+import pytest
+
+from formats import images
+from nbd_plugin import nbdclient
+from nbd_plugin.backends import open_disk
+from nbd_plugin.disk import LocalDisk
+from nbd_plugin.nbdclient import Connection, ProtocolError
+from nbd_plugin.qemudisk import QemuDisk
+
+MiB = 1024 * 1024
+
+
+def qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+def qemu_io(path: Path, fmt: str, cmd: str) -> None:
+    subprocess.run(["qemu-io", "-f", fmt, "-c", cmd, str(path)], check=True,
+                   capture_output=True)
+
+
+@pytest.fixture
+def chain(tmp_path: Path) -> Path:
+    """A qcow2 with data in it over a raw backing file with data in it."""
+    base = tmp_path / "base.raw"
+    qemu_img("create", "-f", "raw", str(base), "8M")
+    qemu_io(base, "raw", "write -P 0x11 0 2M")
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", str(base), "-F", "raw", str(top), "8M")
+    qemu_io(top, "qcow2", "write -P 0x22 1M 2M")
+    return top
+
+
+def test_sniff_by_content_not_name(tmp_path: Path) -> None:
+    q = tmp_path / "disk.raw"            # a qcow2 named .raw
+    qemu_img("create", "-f", "qcow2", str(q), "4M")
+    r = tmp_path / "disk.qcow2"          # a raw file named .qcow2
+    r.write_bytes(bytes(4096))
+    v = tmp_path / "v.img"
+    qemu_img("create", "-f", "vmdk", str(v), "4M")
+    d = tmp_path / "x.img"
+    qemu_img("create", "-f", "vdi", str(d), "4M")
+    assert [images.sniff(str(p)) for p in (q, r, v, d)] == ["qcow2", "raw", "vmdk", "vdi"]
+
+
+def test_inspect_qcow2_chain(chain: Path) -> None:
+    checked: List[str] = []
+    img = images.inspect(str(chain), lambda what, p: checked.append(p))
+    assert (img.format, img.virtual_size) == ("qcow2", 8 * MiB)
+    assert checked == [str(chain.parent / "base.raw")] == img.files
+    raw = images.inspect(str(chain.parent / "base.raw"))
+    assert (raw.format, raw.virtual_size, raw.files) == ("raw", 8 * MiB, [])
+
+
+def test_inspect_vmdk_subformats(tmp_path: Path) -> None:
+    for sub in ("monolithicSparse", "monolithicFlat"):
+        v = tmp_path / (sub + ".vmdk")
+        qemu_img("create", "-f", "vmdk", "-o", "subformat=" + sub, str(v), "6M")
+        img = images.inspect(str(v))
+        assert (img.format, img.subformat, img.virtual_size) == ("vmdk", sub, 6 * MiB)
+        assert img.files == ([str(tmp_path / (sub + "-flat.vmdk"))]
+                             if sub == "monolithicFlat" else [])
+    s = tmp_path / "s.vmdk"
+    qemu_img("create", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse", str(s), "6M")
+    with pytest.raises(images.Unsupported, match="subformat twoGbMaxExtentSparse"):
+        images.inspect(str(s))
+
+
+def test_refusals_are_one_line(tmp_path: Path, chain: Path) -> None:
+    enc = tmp_path / "enc.qcow2"
+    for _try in range(10):  # qemu's PBKDF timing fails now and then on a loaded machine
+        made = subprocess.run(["qemu-img", "create", "-f", "qcow2", "--object",
+                               "secret,id=s0,data=pw", "-o", "encrypt.format=luks,"
+                               "encrypt.key-secret=s0,encrypt.iter-time=200", str(enc), "4M"],
+                              capture_output=True)
+        if made.returncode == 0:
+            break
+    assert made.returncode == 0, made.stderr
+    luks = tmp_path / "disk.luks"
+    luks.write_bytes(b"LUKS\xba\xbe\x00\x01" + bytes(4088))  # a LUKS header's magic
+    vdi = tmp_path / "x.vdi"
+    qemu_img("create", "-f", "vdi", str(vdi), "4M")
+    nofmt = tmp_path / "nofmt.qcow2"  # backing file named without its format
+    qemu_img("create", "-f", "qcow2", "-b", str(chain), "-F", "qcow2", str(nofmt), "8M")
+    head = nofmt.read_bytes()[:65536]  # qemu-img will not write that: rename its extension
+    assert head.count(b"\xe2\x79\x2a\xca") == 1
+    with open(nofmt, "r+b") as f:
+        f.seek(head.index(b"\xe2\x79\x2a\xca"))
+        f.write(b"\x0f\x0e\x0d\x0c")  # an unknown extension: ignored by qemu
+    json_backing = tmp_path / "jb.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", str(chain), "-F", "qcow2", str(json_backing), "8M")
+    subprocess.run(["qemu-img", "rebase", "-u", "-F", "raw", "-b",
+                    "json:{\"file.driver\":\"file\",\"file.filename\":\"/etc/hostname\"}",
+                    str(json_backing)], check=True, capture_output=True)
+    garbage = tmp_path / "bad.qcow2"
+    garbage.write_bytes(b"QFI\xfb" + b"\xff" * 600)
+    cases = [(enc, "encrypted qcow2"), (luks, "LUKS-encrypted"), (vdi, "vdi image"),
+             (nofmt, "without its format"), (json_backing, "not a plain file name"),
+             (garbage, "qemu-img cannot open")]
+    for path, words in cases:
+        with pytest.raises(images.Unsupported) as e:
+            images.inspect(str(path))
+        assert words in str(e.value) and "\n" not in str(e.value), (path, e.value)
+
+
+def test_backing_file_refused_by_the_policy(chain: Path) -> None:
+    def refuse(what: str, path: str) -> None:
+        raise PermissionError("%s is outside the roots" % what)
+    with pytest.raises(PermissionError, match=r"base.raw .read by .*top.qcow2. is outside"):
+        images.inspect(str(chain), refuse)
+
+
+def test_convert_command_options() -> None:
+    cmd = images.convert_command("nbd+unix:///?socket=/s", "/d", "vmdk",
+                                 subformat="streamOptimized")
+    assert cmd[-4:] == ["-o", "subformat=streamOptimized", "nbd+unix:///?socket=/s", "/d"]
+    assert "-c" in images.convert_command("u", "/d", "qcow2", compress=True)
+    for kwargs, words in (({"fmt": "vdi"}, "choose one of"),
+                          ({"fmt": "raw", "compress": True}, "qcow2 only"),
+                          ({"fmt": "qcow2", "subformat": "x"}, "none")):
+        with pytest.raises(images.Unsupported, match=words):
+            images.convert_command("u", "/d", **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(images.Unsupported, match="not one Ferry serves"):
+        images.qemu_nbd_command("/x", "raw", "/s")
+
+
+def test_qemu_disk_is_the_guest_view(tmp_path: Path, chain: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nbdclient, "MAX_REQUEST", MiB)  # requests split in pieces
+    sock = str(tmp_path / "q.sock")
+    disk = QemuDisk(str(chain), "qcow2", sock, str(tmp_path / "q.log"))
+    try:
+        assert disk.size == 8 * MiB
+        assert disk.read(0, 4) == b"\x11" * 4 and disk.read(MiB, 4) == b"\x22" * 4
+        disk.pwrite(b"\x33" * (3 * MiB + 512), 4 * MiB, fua=True)
+        disk.zero(0, 64 * 1024, may_trim=True, fua=False)
+        disk.trim(7 * MiB, 64 * 1024 + 512, fua=False)              # unaligned tail
+        disk.flush()
+        assert disk.read(0, 64 * 1024) == bytes(64 * 1024)
+        assert disk.read(7 * MiB, 64 * 1024 + 512) == bytes(64 * 1024 + 512)
+        assert disk.read(4 * MiB, 2) == b"\x33\x33" and not disk.is_hole(0, 4096)
+        with pytest.raises(OSError) as e:
+            disk.read(8 * MiB - 512, 1024)  # past the end: the server's errno
+        assert e.value.errno == errno.EINVAL
+    finally:
+        disk.close()
+    # qemu-nbd ended with the last connection: the image is unlocked and clean.
+    subprocess.run(["qemu-img", "check", str(chain)], check=True, capture_output=True)
+    qemu_io(chain, "qcow2", "read -P 0x33 4M 3M")
+    qemu_io(chain, "qcow2", "read -P 0x22 1M 1M")
+    assert not os.path.exists("/proc/%d" % disk._proc.pid)  # type: ignore[union-attr]
+
+
+def test_qemu_disk_restarts_a_dead_qemu_nbd(tmp_path: Path, chain: Path) -> None:
+    lost: List[str] = []
+    disk = open_disk(str(chain), "qcow2", str(tmp_path / "q.sock"))
+    assert isinstance(disk, QemuDisk)
+    disk.on_lost = lost.append
+    try:
+        disk.pwrite(b"x" * 4096, 0)
+        proc = disk._proc
+        assert proc is not None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        with pytest.raises(OSError) as e:  # the keeper's peer is gone: EIO, once
+            disk.read(0, 4096)
+        assert e.value.errno == errno.EIO and len(lost) == 1 and "broke" in lost[0]
+        disk.pwrite(b"y" * 4096, 0)          # a new qemu-nbd
+        assert disk.read(0, 4096) == b"y" * 4096 and disk._proc is not proc
+    finally:
+        disk.close()
+
+
+def test_qemu_disk_start_failures(tmp_path: Path, chain: Path) -> None:
+    log = tmp_path / "q.log"
+    with pytest.raises(OSError, match=r"qemu-nbd for .* exited .*see .*q.log"):
+        QemuDisk(str(chain), "vmdk", str(tmp_path / "q.sock"), str(log))  # wrong format
+    assert log.read_text()
+    holder = QemuDisk(str(chain), "qcow2", str(tmp_path / "h.sock"))
+    try:  # the image is locked by another qemu: refused, not shared
+        with pytest.raises(OSError, match="exited"):
+            QemuDisk(str(chain), "qcow2", str(tmp_path / "q2.sock"))
+    finally:
+        holder.close()
+    with pytest.raises(ValueError, match="needs qemu_socket"):
+        open_disk(str(chain), "qcow2", "")
+    with pytest.raises(ValueError, match="serves raw, qcow2, vmdk"):
+        open_disk(str(chain), "vdi", "/s")
+    assert isinstance(open_disk(str(tmp_path / "base.raw"), "raw", ""), LocalDisk)
+
+
+def test_nbd_client_refuses_a_non_nbd_server(tmp_path: Path) -> None:
+    import socket
+    import threading
+    path = str(tmp_path / "s.sock")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(1)
+
+    def serve() -> None:
+        c, _ = srv.accept()
+        c.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        c.close()
+    t = threading.Thread(target=serve)
+    t.start()
+    with pytest.raises(ProtocolError, match="not a fixed-newstyle"):
+        Connection(path, timeout=10)
+    t.join()
+    srv.close()
