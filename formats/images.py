@@ -33,7 +33,8 @@ PROTECTABLE = (RAW, QCOW2, VMDK)
 VMDK_SUBFORMATS = ("monolithicSparse", "monolithicFlat")
 # What a restore (or a replica) may be written as, with the options each takes.
 OUTPUT_FORMATS = (RAW, QCOW2, VMDK)
-OUTPUT_SUBFORMATS = {VMDK: ("monolithicSparse", "monolithicFlat", "streamOptimized")}
+# One file each: a restore is written into one unnamed file (monolithicFlat needs two).
+OUTPUT_SUBFORMATS = {VMDK: ("monolithicSparse", "streamOptimized")}
 INFO_TIMEOUT = 60.0
 
 # (offset, magic, format): qemu's own probes, in the order qemu tries them.

@@ -218,3 +218,26 @@ def test_nbd_client_refuses_a_non_nbd_server(tmp_path: Path) -> None:
         Connection(path, timeout=10)
     t.join()
     srv.close()
+
+
+def test_restore_as_failure_leaves_nothing(tmp_path: Path) -> None:
+    from agent.errors import Conflict, Invalid, StorageError
+    from agent.target.restore import copied, restore_as
+    dest = str(tmp_path / "out.qcow2")
+    with pytest.raises(StorageError, match=r"qemu-img convert: .*nothing was left behind"):
+        restore_as("nbd+unix:///?socket=%s" % (tmp_path / "none.sock"), dest, "restore x",
+                   "qcow2", None, False, 1)
+    assert os.listdir(tmp_path) == [] and copied(dest) is None
+    with pytest.raises(Invalid, match="subformat 'monolithicFlat'"):
+        restore_as("nbd+unix:///?socket=/x", dest, "restore x", "vmdk", "monolithicFlat",
+                   False, 1)
+    src = tmp_path / "src.raw"
+    src.write_bytes(b"\x5a" * MiB)
+    (tmp_path / "taken").symlink_to(tmp_path / "elsewhere")  # planted meanwhile: refused
+    with pytest.raises(Conflict, match="already exists"):
+        restore_as("file:" + str(src), str(tmp_path / "taken"), "restore x", "qcow2",
+                   None, True, 1)
+    assert not (tmp_path / "elsewhere").exists()
+    restore_as("file:" + str(src), dest, "restore x", "qcow2", None, True, 1)
+    subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(src), dest],
+                   check=True, capture_output=True)

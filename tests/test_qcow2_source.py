@@ -52,6 +52,25 @@ def test_qcow2_and_vmdk_sources_replicate_the_guest_disk(sites: Lab) -> None:
     qemu_io(uris["vda"], "raw", "read -P 0x11 0 1M", "read -P 0x22 2M 3M")
     sites.a.ferry("wait", "vm", "--synced", "--timeout", "120")
     restored = {name: sites.restore("vm", name) for name in disks}
+    for fmt, extra in (("qcow2", ["--compress"]), ("qcow2", []), ("vmdk", []),
+                       ("vmdk", ["--subformat", "streamOptimized"])):
+        out = sites.work / ("vda-%s%s.img" % (fmt, "".join(extra)))
+        line = sites.b.ferry("restore", "vm", "--disk", "vda", "--to", str(out),
+                             "--format", fmt, *extra).stdout
+        assert "(%s, %d bytes" % (fmt, 16 * MiB) in line, line
+        run("qemu-img", "compare", "-f", "raw", "-F", fmt, str(restored["vda"]), str(out))
+        info = run("qemu-img", "info", "--output=json", str(out))
+        assert '"format": "%s"' % fmt in info
+        if extra == ["--subformat", "streamOptimized"]:
+            assert '"create-type": "streamOptimized"' in info
+    line = error_line(sites.b.ferry("restore", "vm", "--disk", "vda", "--to", str(out),
+                                    "--format", "qcow2", check=False))
+    assert "already exists" in line
+    line = error_line(sites.b.ferry("restore", "vm", "--disk", "vda", "--to",
+                                    str(sites.work / "new.img"), "--format", "qcow2",
+                                    "--subformat", "streamOptimized", check=False))
+    assert "subformat 'streamOptimized' is not one of format qcow2's" in line, line
+    assert not (sites.work / "new.img").exists()
     sites.a.ferry("unprotect", "vm")  # qemu-nbd ends with the splitter: images unlocked
     for name, src in disks.items():
         fmt = "qcow2" if name == "vda" else "vmdk"
