@@ -61,6 +61,10 @@ def test_inspect_qcow2_chain(chain: Path) -> None:
     assert checked == [str(chain.parent / "base.raw")] == img.files
     raw = images.inspect(str(chain.parent / "base.raw"))
     assert (raw.format, raw.virtual_size, raw.files) == ("raw", 8 * MiB, [])
+    ext = chain.parent / "ext.qcow2"  # an external data file is read too: checked
+    qemu_img("create", "-f", "qcow2", "-o", "data_file=%s" % (chain.parent / "ext.data"),
+             str(ext), "4M")
+    assert images.inspect(str(ext)).files == [str(chain.parent / "ext.data")]
 
 
 def test_inspect_vmdk_subformats(tmp_path: Path) -> None:
