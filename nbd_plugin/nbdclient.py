@@ -29,7 +29,8 @@ SIMPLE_REPLY_MAGIC = 0x67446698
 FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES = 1, 2
 OPT_GO, REP_ACK, REP_INFO, INFO_EXPORT = 7, 1, 3, 0
 REP_ERROR_BIT = 1 << 31
-TF_READ_ONLY, TF_SEND_FLUSH, TF_SEND_FUA, TF_SEND_WRITE_ZEROES = 2, 4, 8, 64
+TF_SEND_FLUSH, TF_SEND_FUA, TF_SEND_WRITE_ZEROES = 4, 8, 64
+NEEDED = TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_WRITE_ZEROES  # qemu-nbd offers them all
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_WRITE_ZEROES = 0, 1, 2, 3, 6
 CMD_FLAG_FUA, CMD_FLAG_NO_HOLE = 1, 2
 
@@ -99,8 +100,11 @@ class Connection:
                 size, flags = struct.unpack(">QH", payload[2:12])
             elif rtype == REP_ACK:
                 break
-        if size is None:
+        if size is None or flags is None:
             raise ProtocolError("NBD server sent no export size")
+        if flags & NEEDED != NEEDED:
+            raise ProtocolError("NBD server does not offer flush, FUA and write zeroes "
+                                "(transmission flags 0x%x)" % flags)
         return size, flags
 
     def _request(self, cmd: int, flags: int, offset: int, length: int,
@@ -123,19 +127,15 @@ class Connection:
             self._request(CMD_READ, 0, off, piece, into=buf[off - offset:off - offset + piece])
 
     def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
-        flags = CMD_FLAG_FUA if fua and self.flags & TF_SEND_FUA else 0
+        flags = CMD_FLAG_FUA if fua else 0
         for piece, off in _pieces(len(buf), offset, MAX_REQUEST):
-            self._request(CMD_WRITE, flags, off, piece, data=buf[off - offset:off - offset + piece])
-        if fua and not flags:
-            self.flush()
+            self._request(CMD_WRITE, flags, off, piece,
+                          data=buf[off - offset:off - offset + piece])
 
     def flush(self) -> None:
-        if self.flags & TF_SEND_FLUSH:
-            self._request(CMD_FLUSH, 0, 0, 0)
+        self._request(CMD_FLUSH, 0, 0, 0)
 
     def zero(self, offset: int, length: int, may_trim: bool, fua: bool) -> None:
-        if not self.flags & TF_SEND_WRITE_ZEROES:
-            raise OSError(errno.EOPNOTSUPP, "NBD server offers no write zeroes")
         flags = (0 if may_trim else CMD_FLAG_NO_HOLE) | (CMD_FLAG_FUA if fua else 0)
         for piece, off in _pieces(length, offset, MAX_ZERO):
             self._request(CMD_WRITE_ZEROES, flags, off, piece)
@@ -169,12 +169,15 @@ class Pool:
             conn = self._make()
         try:
             result = fn(conn)
-        except (ConnectionError, socket.timeout) as e:
+        except ConnectionError as e:
             conn.sock.close()
             self.on_broken(e)
             raise OSError(errno.EIO, "connection to qemu-nbd broke: %s" % e) from None
-        except BaseException:
+        except OSError:
             self._put(conn)  # the server's error for this request: the connection is fine
+            raise
+        except BaseException:
+            conn.sock.close()  # stopped half-way: what the server sends next is unknown
             raise
         self._put(conn)
         return result

@@ -68,14 +68,14 @@ class QemuDisk:
         with self._start_lock:
             try:
                 return Connection(self.socket_path)
-            except (FileNotFoundError, ConnectionRefusedError):
+            except (FileNotFoundError, ConnectionError):  # none yet, or one ending
                 pass
             self._spawn()
             deadline = time.monotonic() + START_TIMEOUT
             while True:
                 try:
                     return Connection(self.socket_path)
-                except (FileNotFoundError, ConnectionRefusedError):
+                except (FileNotFoundError, ConnectionError):  # none yet, or one ending
                     proc = self._proc
                     if proc is not None and proc.poll() is not None:
                         raise OSError(errno.EIO, "qemu-nbd for %s exited (status %s)%s"

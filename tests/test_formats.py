@@ -5,7 +5,10 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import socket
+import struct
 import subprocess
+import threading
 from pathlib import Path
 from typing import List
 
@@ -204,9 +207,49 @@ def test_qemu_disk_start_failures(tmp_path: Path, chain: Path) -> None:
     assert isinstance(open_disk(str(tmp_path / "base.raw"), "raw", ""), LocalDisk)
 
 
+def fake_nbd_server(path: str, answer: bytes) -> threading.Thread:
+    """A server that says hello as NBD does, reads the client's flags and option, then
+    sends ``answer`` and hangs up."""
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(1)
+
+    def serve() -> None:
+        c, _ = srv.accept()
+        c.sendall(struct.pack(">QQH", nbdclient.NBDMAGIC, nbdclient.IHAVEOPT, 3))
+        got = b""
+        while len(got) < 4 + 16 + 6:
+            got += c.recv(64)
+        c.sendall(answer)
+        c.close()
+        srv.close()
+    t = threading.Thread(target=serve)
+    t.start()
+    return t
+
+
+def _opt_reply(rtype: int, payload: bytes) -> bytes:
+    return struct.pack(">QIII", nbdclient.OPT_REPLY_MAGIC, nbdclient.OPT_GO, rtype,
+                       len(payload)) + payload
+
+
+@pytest.mark.parametrize("answer, words", [
+    (b"HTTP/1.1 400 Bad Request\r\n\r\n" + bytes(64), "bad NBD option reply"),
+    (_opt_reply(nbdclient.REP_ERROR_BIT | 1, b"no such export"), "refused the export: no such"),
+    (_opt_reply(nbdclient.REP_ACK, b""), "no export size"),
+    (_opt_reply(nbdclient.REP_INFO, bytes(2) + (1 << 20).to_bytes(8, "big") + b"\x00\x01")
+     + _opt_reply(nbdclient.REP_ACK, b""), "does not offer flush, FUA and write zeroes"),
+])
+def test_nbd_client_refuses_a_server_it_cannot_use(tmp_path: Path, answer: bytes,
+                                                   words: str) -> None:
+    path = str(tmp_path / "s.sock")
+    t = fake_nbd_server(path, answer)
+    with pytest.raises(ProtocolError, match=words):
+        Connection(path, timeout=10)
+    t.join()
+
+
 def test_nbd_client_refuses_a_non_nbd_server(tmp_path: Path) -> None:
-    import socket
-    import threading
     path = str(tmp_path / "s.sock")
     srv = socket.socket(socket.AF_UNIX)
     srv.bind(path)
@@ -222,6 +265,22 @@ def test_nbd_client_refuses_a_non_nbd_server(tmp_path: Path) -> None:
         Connection(path, timeout=10)
     t.join()
     srv.close()
+
+
+def test_pool_drops_a_connection_left_half_way(tmp_path: Path, chain: Path) -> None:
+    disk = QemuDisk(str(chain), "qcow2", str(tmp_path / "q.sock"))
+    try:
+        disk.read(0, 512)
+        pooled = list(disk._pool._idle)
+
+        def stopped(conn: Connection) -> None:
+            raise KeyboardInterrupt
+        with pytest.raises(KeyboardInterrupt):
+            disk._pool.run(stopped)
+        assert disk._pool._idle == [] and pooled[0].sock.fileno() == -1
+        assert disk.read(0, 4) == b"\x11" * 4  # a new connection
+    finally:
+        disk.close()
 
 
 def test_restore_as_failure_leaves_nothing(tmp_path: Path) -> None:

@@ -109,3 +109,47 @@ def test_protect_refuses_what_it_cannot_protect(sites: Lab, tmp_path: Path) -> N
     finally:
         outside.unlink()
     assert "g" not in a.status().get("groups", {})
+
+
+def qemu_nbd_pids(image: Path) -> list:
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmd and cmd[0].endswith(b"qemu-nbd") and str(image).encode() in cmd:
+            out.append(int(d.name))
+    return out
+
+
+def wait_for(what: str, check, timeout: float = 60) -> None:
+    import time
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def test_qemu_nbd_lives_and_dies_with_its_splitter(sites: Lab) -> None:
+    vda = sites.work / "vda.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", str(vda), "8M")
+    uri = sites.protect("g", vda)["vda"]
+    assert len(qemu_nbd_pids(vda)) == 1
+    sites.a.stop()                       # the agent goes: splitter and qemu-nbd serve on
+    qemu_io(uri, "raw", "write -P 0x61 0 1M", "flush")
+    sites.a.start()
+    old = sites.a.splitter_pids()
+    sites.a.kill_splitters()             # the splitter dies: its qemu-nbd ends too
+    wait_for("qemu-nbd ends with its splitter", lambda: not qemu_nbd_pids(vda))
+    wait_for("the agent restarts the splitter",     # with the format it was protected with
+             lambda: sites.a.splitter_pids() not in ([], old) and qemu_nbd_pids(vda))
+    qemu_io(uri, "raw", "read -P 0x61 0 1M", "write -P 0x62 4M 1M")
+    sites.a.ferry("wait", "g", "--synced", "--timeout", "120")
+    restored = sites.restore("g", "vda")
+    sites.a.ferry("unprotect", "g")
+    assert not qemu_nbd_pids(vda)
+    run("qemu-img", "check", str(vda))
+    flat = sites.work / "vda.raw"
+    run("qemu-img", "convert", "-O", "raw", str(vda), str(flat))
+    assert same_bytes(restored, flat)
