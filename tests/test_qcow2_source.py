@@ -46,6 +46,9 @@ def test_qcow2_and_vmdk_sources_replicate_the_guest_disk(sites: Lab) -> None:
     uris = sites.protect("vm", *disks.values())
     st = sites.a.status("vm")["groups"]["vm"]
     assert st["settings"]["formats"] == {"vda": "qcow2", "vdb": "vmdk", "vdc": "vmdk"}
+    assert {n: d["format"] for n, d in st["disks"].items()} == {
+        "vda": "qcow2", "vdb": "vmdk", "vdc": "vmdk"}
+    assert st["disks"]["vda"]["size"] == 16 * MiB    # the virtual size, not the file's
     for uri in uris.values():   # the guest's view: raw, of the virtual size
         qemu_io(uri, "raw", "write -P 0x44 5M 1M", "write -z 7M 64k", "discard 1M 64k",
                 "write -P 0x55 %d 4096" % (8 * MiB - 4096), "flush")
