@@ -78,7 +78,14 @@ def test_qcow2_and_vmdk_sources_replicate_the_guest_disk(sites: Lab) -> None:
                                     str(sites.work / "new.img"), "--format", "qcow2",
                                     "--subformat", "streamOptimized", check=False))
     assert "subformat 'streamOptimized' is not one of format qcow2's" in line, line
+    line = error_line(sites.b.ferry("restore", "vm", "--disk", "vda", "--to",
+                                    str(sites.work / "new.img"), "--format", "vmdk",
+                                    "--compress", check=False))
+    assert "--compress is for qcow2 only" in line, line
     assert not (sites.work / "new.img").exists()
+    explicit = sites.work / "vda-explicit.raw"    # --format raw: the usual sparse copy
+    sites.b.ferry("restore", "vm", "--disk", "vda", "--to", str(explicit), "--format", "raw")
+    assert same_bytes(explicit, restored["vda"])
     sites.a.ferry("unprotect", "vm")  # qemu-nbd ends with the splitter: images unlocked
     for name, src in disks.items():
         fmt = "qcow2" if name == "vda" else "vmdk"

@@ -69,16 +69,15 @@ def failover(api: Api, group: str, body: Dict[str, Any]) -> Callable[[], Awaitab
 
 def restore(api: Api, group: str, body: Dict[str, Any]) -> Callable[[], Awaitable[Any]]:
     disk, to, point = name_of(body, "disk"), path_of(body, "to"), point_of(body)
-    fmt = body.get("format")
-    if fmt is None and not body.get("subformat") and not body.get("compress"):
-        return lambda: api.target.restore(group, disk, to, *point)
-    fmt = str_of(body, "format", 16) if fmt is not None else images.RAW
+    fmt = str_of(body, "format", 16) if body.get("format") is not None else images.RAW
     subformat = str_of(body, "subformat", 32) if body.get("subformat") is not None else None
     compress = bool_of(body, "compress")
     try:  # refused now, not in the job
         images.convert_command("", "", fmt, subformat, compress)
     except images.Unsupported as e:
         raise Invalid("restore of group %s disk %s: %s" % (group, disk, e)) from None
+    if fmt == images.RAW:  # the sparse copy of the replica and the journal (restore.py)
+        return lambda: api.target.restore(group, disk, to, *point)
     return lambda: api.target.restore(group, disk, to, *point, fmt=fmt, subformat=subformat,
                                       compress=compress)
 

@@ -14,6 +14,10 @@ its name are durable when it returns; a failure or a crash before leaves nothing
 The replica is copied sparsely (``SEEK_DATA``/``SEEK_HOLE``), in the kernel where it can
 (``copy_file_range``) and by reads and writes where it refuses (another file system:
 ``EXDEV``; ``EINVAL``, ``EOPNOTSUPP``, ``ENOSYS``), so any file system is a destination.
+
+``restore_as`` writes a qcow2 or VMDK image instead: ``qemu-img convert`` reads a
+point-in-time view's NBD export and writes into the same kind of unnamed new file, opened
+as ``/proc/self/fd/N``; the same guarantees hold.
 """
 
 from __future__ import annotations
@@ -241,9 +245,10 @@ def _convert(cmd: List[str], fd: int, dest: str, total: int, what: str) -> None:
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=err, pass_fds=(fd,))
-        assert proc.stdout is not None
-        with proc.stdout:
-            for chunk in iter(lambda: os.read(proc.stdout.fileno(), 4096), b""):  # type: ignore[union-attr]
+        stdout = proc.stdout
+        assert stdout is not None
+        with stdout:
+            for chunk in iter(lambda: os.read(stdout.fileno(), 4096), b""):
                 found = _PERCENT.findall(chunk)
                 if found:
                     _copied[dest] = int(float(found[-1]) / 100 * total)
