@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import stat
 import subprocess
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 RAW, QCOW2, VMDK = "raw", "qcow2", "vmdk"
 PROTECTABLE = (RAW, QCOW2, VMDK)
@@ -36,6 +38,8 @@ OUTPUT_FORMATS = (RAW, QCOW2, VMDK)
 # One file each: a restore is written into one unnamed file (monolithicFlat needs two).
 OUTPUT_SUBFORMATS = {VMDK: ("monolithicSparse", "streamOptimized")}
 INFO_TIMEOUT = 60.0
+MAX_CHAIN = 64                 # images in a backing chain
+_DESCRIPTOR_MAX = 64 * 1024    # bytes of a VMDK text descriptor read
 
 # (offset, magic, format): qemu's own probes, in the order qemu tries them.
 _MAGICS = (
@@ -93,8 +97,17 @@ def tool(name: str) -> str:
     return found
 
 
-def _info(path: str, fmt: str) -> list:
-    cmd = [tool("qemu-img"), "info", "-U", "--output=json", "--backing-chain", "-f", fmt, path]
+def _info(path: str, fmt: str) -> dict:
+    """``qemu-img info`` of one layer, its backing file not opened (``"backing": null``)."""
+    try:
+        block = stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError as e:
+        raise Unsupported("%s: %s" % (path, e.strerror or e)) from None
+    spec: Dict[str, Any] = {"driver": fmt, "file": {
+        "driver": "host_device" if block else "file", "filename": path}}
+    if fmt != RAW:
+        spec["backing"] = None
+    cmd = [tool("qemu-img"), "info", "-U", "--output=json", "json:" + json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
                               timeout=INFO_TIMEOUT, check=False)
@@ -104,8 +117,22 @@ def _info(path: str, fmt: str) -> list:
     if proc.returncode != 0:
         why = proc.stderr.decode(errors="replace").strip().splitlines() or ["(no message)"]
         raise Unsupported("qemu-img cannot open %s as %s: %s" % (path, fmt, why[-1]))
-    chain = json.loads(proc.stdout)
-    return chain if isinstance(chain, list) else [chain]
+    info = json.loads(proc.stdout)
+    if not isinstance(info, dict):
+        raise Unsupported("qemu-img info %s: unexpected answer" % path)
+    return info
+
+
+_EXTENT = re.compile(r'^[ \t]*(?:RW|RDONLY|NOACCESS)[ \t]+\d+[ \t]+\w+[ \t]+"([^"]*)"', re.M)
+
+
+def descriptor_extents(path: str) -> List[str]:
+    """The files a VMDK text descriptor names (read here, before qemu opens any)."""
+    with open(path, "rb") as f:
+        head = f.read(_DESCRIPTOR_MAX)
+    if not head.startswith(b"# Disk DescriptorFile"):
+        return []
+    return _EXTENT.findall(head.decode("utf-8", "replace"))
 
 
 def _plain(name: str, what: str, base_dir: str) -> str:
@@ -126,48 +153,66 @@ def inspect(path: str, check_file: Callable[[str, str], object] = lambda what, p
             ) -> Image:
     """What ``protect`` needs to know of the image at ``path`` (absolute), or Unsupported.
 
-    ``check_file(what, path)`` is called on every other file the image reads and raises
-    when the site must not read it."""
+    ``check_file(what, path)`` is called on every other file the image reads, before qemu
+    opens it, and raises when the site must not read it. The chain is walked a layer at a
+    time: each backing file is checked, then opened (with its recorded format)."""
     fmt = sniff(path)
     if fmt == RAW:
         return Image(path, RAW, _size(path))
     if fmt not in PROTECTABLE:
         raise Unsupported(refusal(path, fmt))
-    chain = _info(path, fmt)
-    top = chain[0]
     files: List[str] = []
+
+    def other(name: str, what: str, base_dir: str) -> None:
+        f = _plain(name, what, base_dir)
+        if f != path and f not in files:
+            check_file("file %s (read by %s)" % (f, path), f)
+            files.append(f)
+
+    layer, layer_fmt = path, fmt
+    top: Dict[str, Any] = {}
     subformat = ""
-    for i, layer in enumerate(chain):
-        name = path if i == 0 else files[-1]
-        if layer.get("encrypted"):
+    for _depth in range(MAX_CHAIN):
+        layer_dir = os.path.dirname(layer)
+        if layer_fmt == RAW:
+            break
+        if layer_fmt == VMDK:
+            for name in descriptor_extents(layer):
+                other(name, "extent of %s" % layer, layer_dir)
+        info = _info(layer, layer_fmt)
+        top = top or info
+        if info.get("encrypted"):
             raise Unsupported("%s is an encrypted %s image: Ferry cannot protect encrypted "
-                              "images" % (name, layer.get("format", fmt)))
-        if i > 0 and layer.get("format") not in PROTECTABLE:
-            raise Unsupported("%s (backing file of %s) is a %s image: %s"
-                              % (name, path, layer.get("format"), "not supported"))
-        spec = (layer.get("format-specific") or {}).get("data") or {}
-        layer_dir = os.path.dirname(name)
+                              "images" % (layer, layer_fmt))
+        spec = (info.get("format-specific") or {}).get("data") or {}
         if spec.get("data-file"):
-            files.append(_plain(spec["data-file"], "data file of %s" % name, layer_dir))
-        if layer.get("format") == VMDK:
+            other(spec["data-file"], "data file of %s" % layer, layer_dir)
+        if layer_fmt == VMDK:
             create = spec.get("create-type", "")
             if create not in VMDK_SUBFORMATS:
                 raise Unsupported("%s is a VMDK of subformat %s: Ferry protects %s"
-                                  % (name, create or "(unknown)", ", ".join(VMDK_SUBFORMATS)))
+                                  % (layer, create or "(unknown)", ", ".join(VMDK_SUBFORMATS)))
             subformat = subformat or create
             for ext in spec.get("extents", []):
-                extent = _plain(ext.get("filename", ""), "extent of %s" % name, layer_dir)
-                if extent != name:
-                    files.append(extent)
-        backing = layer.get("full-backing-filename") or layer.get("backing-filename")
-        if backing:
-            if not layer.get("backing-filename-format"):
-                raise Unsupported("%s names backing file %s without its format: record it "
-                                  "(qemu-img rebase -u -F FORMAT -b %s %s)"
-                                  % (name, backing, backing, name))
-            files.append(_plain(backing, "backing file of %s" % name, layer_dir))
-    for f in files:
-        check_file("file %s (read by %s)" % (f, path), f)
+                other(ext.get("filename", ""), "extent of %s" % layer, layer_dir)
+        backing = info.get("backing-filename")
+        if not backing:
+            break
+        backing_fmt = info.get("backing-filename-format")
+        if not backing_fmt:
+            raise Unsupported("%s names backing file %s without its format: record it "
+                              "(qemu-img rebase -u -F FORMAT -b %s %s)"
+                              % (layer, backing, backing, layer))
+        if backing_fmt not in PROTECTABLE:
+            raise Unsupported("%s names backing file %s of format %s: %s"
+                              % (layer, backing, backing_fmt, "not supported"))
+        following = _plain(backing, "backing file of %s" % layer, layer_dir)
+        if following == path or following in files:
+            raise Unsupported("%s: its backing chain comes back to %s" % (path, following))
+        other(following, "backing file of %s" % layer, layer_dir)
+        layer, layer_fmt = following, backing_fmt
+    else:
+        raise Unsupported("%s: a backing chain of more than %d images" % (path, MAX_CHAIN))
     return Image(path, fmt, int(top["virtual-size"]), subformat, files)
 
 

@@ -128,6 +128,55 @@ def test_backing_file_refused_by_the_policy(chain: Path) -> None:
         images.inspect(str(chain), refuse)
 
 
+def test_every_file_is_checked_before_qemu_opens_it(tmp_path: Path, chain: Path) -> None:
+    fifo = tmp_path / "fifo"            # qemu-img would wait on it for ever
+    os.mkfifo(fifo)
+    top = tmp_path / "t.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", str(chain), "-F", "qcow2", str(top), "8M")
+    subprocess.run(["qemu-img", "rebase", "-u", "-F", "raw", "-b", str(fifo), str(top)],
+                   check=True, capture_output=True)
+    desc = tmp_path / "d.vmdk"          # a VMDK descriptor naming a file elsewhere
+    desc.write_text('# Disk DescriptorFile\nversion=1\ncreateType="monolithicFlat"\n'
+                    'RW 8192 FLAT "%s" 0\n' % fifo)
+    seen: List[str] = []
+
+    def refuse_fifo(what: str, path: str) -> None:
+        seen.append(path)
+        if path == str(fifo):
+            raise PermissionError("%s is not allowed" % what)
+    for image in (top, desc):
+        with pytest.raises(PermissionError, match=r"fifo .read by"):
+            images.inspect(str(image), refuse_fifo)
+    assert seen == [str(fifo), str(fifo)]
+
+
+def test_a_backing_chain_that_loops_is_refused(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+    for p in (a, b):
+        qemu_img("create", "-f", "qcow2", str(p), "4M")
+    for p, q in ((a, b), (b, a)):
+        subprocess.run(["qemu-img", "rebase", "-u", "-F", "qcow2", "-b", str(q), str(p)],
+                       check=True, capture_output=True)
+    with pytest.raises(images.Unsupported, match="comes back to"):
+        images.inspect(str(a))
+
+
+def test_backing_chains_are_bounded_and_of_known_formats(tmp_path: Path, chain: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(images, "MAX_CHAIN", 2)
+    mid = tmp_path / "mid.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", str(chain), "-F", "qcow2", str(mid), "8M")
+    assert len(images.inspect(str(chain)).files) == 1
+    with pytest.raises(images.Unsupported, match="more than 2 images"):
+        images.inspect(str(mid))
+    vdi = tmp_path / "b.vdi"
+    qemu_img("create", "-f", "vdi", str(vdi), "4M")
+    over = tmp_path / "over.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", str(vdi), "-F", "vdi", str(over), "4M")
+    with pytest.raises(images.Unsupported, match="of format vdi: not supported"):
+        images.inspect(str(over))
+
+
 def test_convert_command_options() -> None:
     cmd = images.convert_command("nbd+unix:///?socket=/s", "/d", "vmdk",
                                  subformat="streamOptimized")
