@@ -17,8 +17,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from formats import localwire as lw
 
+from .backends import Disk
 from .changelog import ChangeLog
-from .disk import LocalDisk
 
 MAX_BATCH = 4 * 1024 * 1024
 RESYNC_CHUNK = 1024 * 1024
@@ -78,7 +78,7 @@ def send_parts(sock: socket.socket, parts: List[bytes]) -> None:
 
 
 class Link:
-    def __init__(self, log_: ChangeLog, disk: LocalDisk, socket_path: str,
+    def __init__(self, log_: ChangeLog, disk: Disk, socket_path: str,
                  hello: Dict[str, Any]) -> None:
         self.changelog = log_
         self.disk = disk

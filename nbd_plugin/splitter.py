@@ -1,7 +1,11 @@
 """Ferry's splitter: the nbdkit Python plugin in a protected disk's I/O path.
 
     nbdkit --unix SOCK python splitter.py disk=PATH agent=AGENT_SOCK state=STATE_FILE \
-        disk_id=ID [queue=BYTES] [name=NAME] [group=GROUP] [log=FILE]
+        disk_id=ID [queue=BYTES] [name=NAME] [group=GROUP] [log=FILE] \
+        [format=raw|qcow2|vmdk qemu_socket=PATH]
+
+The disk is served by a backend chosen by its format (backends.py): a raw file or block
+device directly, a qcow2 or VMDK image through qemu-nbd on ``qemu_socket``.
 
 Every request does the local disk first, with the client's flags, and only then records the
 change for the agent (see changelog.py). Nothing about replication can fail a request: only
@@ -25,10 +29,11 @@ import nbdkit  # provided by nbdkit's python plugin
 from formats import localwire as lw
 from nbd_plugin import state as statefile
 from nbd_plugin.activity import DEFAULT_SLOTS, ActivityLog
+from nbd_plugin.backends import Disk, open_disk
 from nbd_plugin.changelog import ChangeLog
 from nbd_plugin.dirtymap import DEFAULT_BUDGET, DirtyMap
-from nbd_plugin.disk import LocalDisk
 from nbd_plugin.link import Link, log, set_log_file
+from nbd_plugin.qemudisk import QemuDisk
 from nbd_plugin.threadstate import pin
 
 API_VERSION = 2
@@ -38,10 +43,10 @@ DEFAULT_QUEUE = 256 * 1024 * 1024
 _config = {
     "disk": "", "agent": "", "state": "", "disk_id": "", "name": "", "group": "", "log": "",
     "queue": str(DEFAULT_QUEUE), "dirty_budget": str(DEFAULT_BUDGET),
-    "activity_extents": str(DEFAULT_SLOTS),
+    "activity_extents": str(DEFAULT_SLOTS), "format": "raw", "qemu_socket": "",
 }
 # Set by get_ready, before nbdkit calls anything that uses them.
-_disk: LocalDisk = None  # type: ignore[assignment]
+_disk: Disk = None  # type: ignore[assignment]
 _log: ChangeLog = None  # type: ignore[assignment]
 _link: Link = None  # type: ignore[assignment]
 
@@ -92,11 +97,12 @@ def get_ready():
     global _disk, _log
     if _config["log"]:
         set_log_file(_config["log"])
-    _disk = LocalDisk(_config["disk"])
+    _disk = open_disk(_config["disk"], _config["format"], _config["qemu_socket"],
+                      _config["log"])
     activity_path = _config["state"] + ".al"
     loaded = statefile.load(_config["state"], _disk.size, activity_path)
-    log("disk %s (%d bytes), generation %d: %s"
-        % (_config["disk"], _disk.size, loaded.gen, loaded.reason))
+    log("disk %s (%s, %d bytes), generation %d: %s"
+        % (_config["disk"], _config["format"], _disk.size, loaded.gen, loaded.reason))
     _log = ChangeLog(loaded.gen, int(_config["queue"]),
                      DirtyMap.for_budget(int(_config["dirty_budget"]), _disk.size),
                      activity=ActivityLog(activity_path,
@@ -112,8 +118,15 @@ def after_fork():
              "gen": _log.gen, "size": _disk.size, "pid": os.getpid(), "fence": 1,
              "resync": 1}
     _link = Link(_log, _disk, _config["agent"], hello)
+    if isinstance(_disk, QemuDisk):  # its qemu-nbd died: what it cached may be lost
+        _disk.on_lost = _owe_all
     _link.on_carry_done = lambda: statefile.carry_done(_config["state"], _log.gen, _disk.size)
     _link.start()
+
+
+def _owe_all(why):
+    log("%s: the whole disk is owed to the target" % why)
+    _log.mark_dirty([(0, _disk.size)])
 
 
 def cleanup():

@@ -8,10 +8,12 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
+from formats import images
+
 from ..errors import Invalid
 from ..target import live
 from ..target.restore import copied
-from .request import name_of, path_of, point_of, ranges_of, shown
+from .request import bool_of, name_of, path_of, point_of, ranges_of, shown, str_of
 
 if TYPE_CHECKING:
     from .app import Api
@@ -67,7 +69,17 @@ def failover(api: Api, group: str, body: Dict[str, Any]) -> Callable[[], Awaitab
 
 def restore(api: Api, group: str, body: Dict[str, Any]) -> Callable[[], Awaitable[Any]]:
     disk, to, point = name_of(body, "disk"), path_of(body, "to"), point_of(body)
-    return lambda: api.target.restore(group, disk, to, *point)
+    fmt = str_of(body, "format", 16) if body.get("format") is not None else images.RAW
+    subformat = str_of(body, "subformat", 32) if body.get("subformat") is not None else None
+    compress = bool_of(body, "compress")
+    try:  # refused now, not in the job
+        images.convert_command("", "", fmt, subformat, compress)
+    except images.Unsupported as e:
+        raise Invalid("restore of group %s disk %s: %s" % (group, disk, e)) from None
+    if fmt == images.RAW:  # the sparse copy of the replica and the journal (restore.py)
+        return lambda: api.target.restore(group, disk, to, *point)
+    return lambda: api.target.restore(group, disk, to, *point, fmt=fmt, subformat=subformat,
+                                      compress=compress)
 
 
 def restore_progress(api: Api, group: str, body: Dict[str, Any]

@@ -39,15 +39,28 @@ def point_body(checkpoint: Optional[str], at: Optional[str]) -> Dict[str, Any]:
 @click.option("--disk", required=True, help="The disk's name in the group.")
 @click.option("--to", "dest", required=True, type=click.Path(dir_okay=False),
               help="A new file to write (on the target site's host).")
+@click.option("--format", "fmt", default=None, type=click.Choice(["raw", "qcow2", "vmdk"]),
+              help="The image format to write (default raw): qcow2 and vmdk are written by "
+                   "qemu-img convert from a point-in-time view, in one pass, sparse.")
+@click.option("--subformat", default=None, metavar="SUBFORMAT",
+              help="VMDK: monolithicSparse (default) or streamOptimized (ESXi uploads).")
+@click.option("--compress", is_flag=True, help="qcow2: compressed clusters.")
 @point_options
 @job_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
-def restore(api: Agent, group: str, disk: str, dest: str, checkpoint: Optional[str],
+def restore(api: Agent, group: str, disk: str, dest: str, fmt: Optional[str],
+            subformat: Optional[str], compress: bool, checkpoint: Optional[str],
             at: Optional[str], progress: Optional[bool], detach: bool, as_json: bool) -> None:
     """On the target site: write a disk as of a checkpoint (default: its newest
     consistent state) to a new file."""
     body = dict(point_body(checkpoint, at), disk=disk, to=os.path.abspath(dest))
+    if fmt is not None:
+        body["format"] = fmt
+    if subformat is not None:
+        body["subformat"] = subformat
+    if compress:
+        body["compress"] = True
     result = run_job(api, dict(body, kind="restore", group=group),
                      "restoring %s/%s" % (group, disk), progress, detach)
     if result is None:
@@ -55,8 +68,9 @@ def restore(api: Agent, group: str, disk: str, dest: str, checkpoint: Optional[s
     if as_json:
         return emit(result)
     c = result.get("checkpoint")
-    click.echo("restored %s/%s to %s (%d bytes, generation %d, sequence %d%s)"
-               % (group, disk, result["to"], result["size"], result["gen"], result["seq"],
+    click.echo("restored %s/%s to %s (%s%d bytes, generation %d, sequence %d%s)"
+               % (group, disk, result["to"], "%s, " % result["format"]
+                  if result.get("format") else "", result["size"], result["gen"], result["seq"],
                   ", checkpoint %s of %s" % (c["id"], iso(c["wall_ns"])) if c else ""))
 
 

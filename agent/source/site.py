@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 import trio
 
+from formats import images
 from formats import localwire as lw
 
 from .. import inuse
@@ -128,6 +129,7 @@ class SourceSite:
             raise Invalid("a group needs at least one --disk")
         rows: List[Tuple[str, str, int]] = []
         idents: List[Identity] = []
+        formats: Dict[str, str] = {}
         for dname, path in disks:
             if not NAME_RE.match(dname):
                 raise Invalid("disk name %r: use letters, digits, '_', '.', '-'" % dname)
@@ -141,6 +143,10 @@ class SourceSite:
             if size == 0:
                 raise Invalid("disk %s: %s is empty" % (dname, path))
             await trio.to_thread.run_sync(inuse.refuse_if_in_use, dname, real)
+            image = await trio.to_thread.run_sync(self._inspect, dname, real)
+            size = image.virtual_size
+            if image.format != images.RAW:  # pinned: the splitter never probes
+                formats[dname] = image.format
             rows.append((dname, real, size))
             idents.append(ident)
         seen = {r[0] for r in rows}
@@ -153,6 +159,8 @@ class SourceSite:
                               "site B" % (path, dname))
         if seeds:
             settings = dict(settings or {}, seeds=dict(seeds))
+        if formats:
+            settings = dict(settings or {}, formats=formats)
         if name in self._busy or self.store.group(name) is not None:
             raise Conflict("group %s already exists" % name)
         # From here to the claims' end nothing awaits: of concurrent claims one wins.
@@ -192,6 +200,16 @@ class SourceSite:
         log.info("protected group %s: %s -> %s", name,
                  ", ".join("%s=%s" % (d.name, d.path) for d in row.disks), target)
         return status.group_info(row, self.fleet)
+
+    def _inspect(self, dname: str, real: str) -> images.Image:
+        """The disk's format (by its content) and virtual size, or Invalid in one line."""
+        try:
+            return images.inspect(real, lambda what, path: self.policy.check_name(
+                "disk %s: %s" % (dname, what), path))
+        except images.Unsupported as e:
+            raise Invalid("disk %s: %s" % (dname, e)) from None
+        except OSError as e:
+            raise Invalid("disk %s: %s: %s" % (dname, real, e.strerror or e)) from None
 
     def _start_splitters_or_fail(self, row: GroupRow) -> None:
         try:

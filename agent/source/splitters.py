@@ -54,6 +54,11 @@ class SplitterPaths:
                    log=os.path.join(disks, disk_id + ".log"))
 
     @property
+    def qemu_socket(self) -> str:
+        """The private socket of the qemu-nbd behind a qcow2 or VMDK disk's splitter."""
+        return self.socket[:-len(".sock")] + ".qemu.sock"
+
+    @property
     def nbd_uri(self) -> str:
         return "nbd+unix:///?socket=" + self.socket
 
@@ -85,14 +90,16 @@ def running_pid(paths: SplitterPaths, disk_id: str) -> Optional[int]:
 
 
 def start(paths: SplitterPaths, disk_id: str, disk_path: str, agent_socket: str,
-          group: str, name: str, queue_bytes: int, threads: int = 16) -> int:
+          group: str, name: str, queue_bytes: int, threads: int = 16,
+          fmt: str = "raw") -> int:
     """Start nbdkit for a disk unless it already runs; return its pid once it serves."""
     pid = running_pid(paths, disk_id)
     if pid is not None:
         return pid
-    if len(paths.socket) > SOCKET_PATH_MAX:
-        raise SplitterError("socket path %s is longer than %d bytes: use a shorter --data "
-                            "directory" % (paths.socket, SOCKET_PATH_MAX))
+    for sock in (paths.socket, paths.qemu_socket):
+        if len(sock) > SOCKET_PATH_MAX:
+            raise SplitterError("socket path %s is longer than %d bytes: use a shorter --data "
+                                "directory" % (sock, SOCKET_PATH_MAX))
     os.makedirs(os.path.dirname(paths.socket), exist_ok=True)
     os.makedirs(os.path.dirname(paths.state), exist_ok=True)
     for stale in (paths.socket, paths.pidfile):
@@ -106,6 +113,8 @@ def start(paths: SplitterPaths, disk_id: str, disk_path: str, agent_socket: str,
            "state=" + paths.state, "log=" + paths.log, "disk_id=" + disk_id,
            "group=" + group, "name=" + name,
            "queue=%d" % queue_bytes]
+    if fmt != "raw":  # pinned at protect: qemu-nbd behind the splitter (nbd_plugin/backends.py)
+        cmd += ["format=" + fmt, "qemu_socket=" + paths.qemu_socket]
     with open(paths.log, "ab") as logf:
         logf.write(("--- %s starting: %s\n" % (time.strftime("%F %T"), " ".join(cmd))).encode())
         logf.flush()
@@ -177,7 +186,7 @@ def remove_files(paths: SplitterPaths) -> None:
     """Every file a stopped splitter made: its socket, pid file, state file, the plugin's
     activity log beside it (``STATE.al``), and its log with its rotated copy."""
     for p in (paths.state, paths.state + ".al", paths.socket, paths.pidfile, paths.log,
-              paths.log + ".1"):
+              paths.log + ".1", paths.qemu_socket):
         try:
             os.unlink(p)
         except FileNotFoundError:
@@ -197,7 +206,8 @@ class Fleet:
 
     def _start(self, row: GroupRow, d: DiskRow) -> SplitterPaths:
         paths = self.paths(d)
-        start(paths, d.id, d.path, self.agent_socket, row.name, d.name, row.queue_bytes)
+        start(paths, d.id, d.path, self.agent_socket, row.name, d.name, row.queue_bytes,
+              fmt=row.settings.get("formats", {}).get(d.name, "raw"))
         if self.socket_group is not None:
             share_socket(paths.socket, self.socket_group)
         return paths

@@ -75,6 +75,7 @@ def disk_status(row: GroupRow, d: DiskRow, link: DiskLink, shipper: Optional[Gro
         "last_io_error": link.counters.get("io_error") or None,
         "path": d.path,
         "size": d.size,
+        "format": row.settings.get("formats", {}).get(d.name, "raw"),  # formats/images.py
         "nbd_uri": fleet.paths(d).nbd_uri,
         "generation": link.gen,
         "bytes_written": c.get("written_bytes", 0),

@@ -14,15 +14,22 @@ its name are durable when it returns; a failure or a crash before leaves nothing
 The replica is copied sparsely (``SEEK_DATA``/``SEEK_HOLE``), in the kernel where it can
 (``copy_file_range``) and by reads and writes where it refuses (another file system:
 ``EXDEV``; ``EINVAL``, ``EOPNOTSUPP``, ``ENOSYS``), so any file system is a destination.
+
+``restore_as`` writes a qcow2 or VMDK image instead: ``qemu-img convert`` reads a
+point-in-time view's NBD export and writes into the same kind of unnamed new file, opened
+as ``/proc/self/fd/N``; the same guarantees hold.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-from typing import Any, Dict, Iterator, Optional, Tuple
+import re
+import subprocess
+import tempfile
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from formats import jindex
+from formats import images, jindex
 from formats.blockdev import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 from formats.durable import NewFile, pwrite_all
 from formats.records import KIND_CHECKPOINT, KIND_TRIM, KIND_WRITE, KIND_ZERO, Point
@@ -198,3 +205,55 @@ def data_extents(fd: int, size: int) -> Iterator[Tuple[int, int]]:
         hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
         yield data, hole
         pos = hole
+
+
+def restore_as(source_uri: str, dest: str, what: str, fmt: str, subformat: Optional[str],
+               compress: bool, total: int) -> None:
+    """Write the disk served at ``source_uri`` (a point-in-time view) to the new file
+    ``dest`` (from ``check_dest``) as an image of format ``fmt``, by ``qemu-img convert`` in
+    one pass (sparse where the view reads zeroes), with the guarantees of ``restore``: the
+    image is written into the unnamed file of ``NewFile`` (qemu-img opens it as
+    ``/proc/self/fd/N``), linked to its name once complete; a failure leaves nothing.
+    Progress counts ``total`` bytes (``copied``) as qemu-img reports it."""
+    try:
+        cmd_probe = images.convert_command(source_uri, "/dev/null", fmt, subformat, compress)
+    except images.Unsupported as e:
+        raise Invalid(str(e)) from None
+    _copied[dest] = 0
+    try:
+        with NewFile(dest, 0o644) as out:
+            if fd_path(out.dir_fd) != os.path.dirname(dest):
+                raise Conflict("%s: its directory was replaced while the restore began"
+                               % what)
+            cmd = [*cmd_probe[:-1], "/proc/self/fd/%d" % out.fd]
+            _convert(cmd, out.fd, dest, total, what)
+            out.commit()
+    except FileExistsError:
+        raise Conflict("%s already exists; restore writes a new file" % dest) from None
+    except FerryError:
+        raise
+    except OSError as e:
+        raise dest_error(what, e) from None
+    finally:
+        _copied.pop(dest, None)
+
+
+_PERCENT = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
+
+
+def _convert(cmd: List[str], fd: int, dest: str, total: int, what: str) -> None:
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=err, pass_fds=(fd,))
+        stdout = proc.stdout
+        assert stdout is not None
+        with stdout:
+            for chunk in iter(lambda: os.read(stdout.fileno(), 4096), b""):
+                found = _PERCENT.findall(chunk)
+                if found:
+                    _copied[dest] = int(float(found[-1]) / 100 * total)
+        if proc.wait() != 0:
+            err.seek(0)
+            lines = err.read().decode(errors="replace").strip().splitlines() or ["(no message)"]
+            raise StorageError("%s failed: qemu-img convert: %s; nothing was left behind"
+                               % (what, lines[-1]), dest, errno.EIO)

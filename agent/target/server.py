@@ -13,6 +13,7 @@ The bodies are read in ``messages.py``, the batches taken in by ``intake.py``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -33,7 +34,7 @@ from . import seeds as seed
 from .group import NoConsistentState, SizeMismatch, TargetGroup, check_disks
 from .mounts import Mounts
 from .repairs import Repairs
-from .restore import check_dest
+from .restore import check_dest, restore_as
 from .views import Views
 
 log = logging.getLogger("ferry.target")
@@ -345,16 +346,41 @@ class TargetSite:
         return g
 
     async def restore(self, group: str, disk: str, dest: str, ref: Optional[str] = None,
-                      at_wall_ns: Optional[int] = None) -> Dict[str, Any]:
+                      at_wall_ns: Optional[int] = None, fmt: Optional[str] = None,
+                      subformat: Optional[str] = None, compress: bool = False
+                      ) -> Dict[str, Any]:
         g = self.group(group)
         if disk not in [d.name for d in g.disks]:
             raise NotFound("group %s has no disk %s (it has %s)"
                               % (group, disk, ", ".join(d.name for d in g.disks)))
+        if fmt is not None:  # an image format: through a view and qemu-img (restore_as)
+            return await self._restore_as(g, disk, dest, ref, at_wall_ns, fmt, subformat,
+                                          compress)
         try:
             return await trio.to_thread.run_sync(_restore, g, disk, dest, ref, at_wall_ns,
                                                  self.policy)
         except (NoConsistentState, checkpoints.CheckpointError) as e:
             raise NotFound(str(e)) from None
+
+    async def _restore_as(self, g: TargetGroup, disk: str, dest: str, ref: Optional[str],
+                          at_wall_ns: Optional[int], fmt: str, subformat: Optional[str],
+                          compress: bool) -> Dict[str, Any]:
+        """``restore`` into an image of format ``fmt``: a view of the group at the point,
+        read by ``qemu-img convert`` (``restore.restore_as``), closed whatever happens."""
+        real = check_dest(dest, self.policy)
+        view = await self.open_view(g.name, ref, at_wall_ns)
+        try:
+            spec = os.path.join(self.views.views[view["id"]].directory, disk + ".json")
+            st = next(d for d in g.disks if d.name == disk)
+            what = "restore of group %s disk %s to %s" % (g.name, disk, real)
+            gen, seq = await trio.to_thread.run_sync(
+                _restore_view, spec, g.replica_path(disk), view["disks"][disk], real, what,
+                fmt, subformat, compress)
+        finally:
+            await self.close_view(view["id"])
+        return {"group": g.name, "disk": disk, "to": real, "size": st.size, "gen": gen,
+                "seq": seq, "format": fmt, "subformat": subformat, "compress": compress,
+                "checkpoint": view["checkpoint"]}
 
     def checkpoints(self, group: str) -> List[Dict[str, Any]]:
         return self.group(group).list_checkpoints()
@@ -478,6 +504,16 @@ def _check_disks(group: TargetGroup, disks: List[Tuple[str, int]]) -> None:
 def _restore(group: TargetGroup, disk: str, dest: str, ref: Optional[str],
              at_wall_ns: Optional[int], policy: Policy) -> Dict[str, Any]:
     return group.restore(disk, check_dest(dest, policy), ref, at_wall_ns)
+
+
+def _restore_view(spec: str, replica: str, uri: str, dest: str, what: str, fmt: str,
+                  subformat: Optional[str], compress: bool) -> Tuple[int, int]:
+    """``restore_as`` from a view's disk; the (generation, sequence) the view shows."""
+    with open(spec) as f:
+        gen, seq = json.load(f)["upto"]
+    allocated = os.stat(replica).st_blocks * 512  # the total restore_progress counts
+    restore_as(uri, dest, what, fmt, subformat, compress, allocated)
+    return int(gen), int(seq)
 
 
 def failed_over_message(group: TargetGroup) -> str:
