@@ -2,6 +2,9 @@
 
 Small, rarely written, and always written in one transaction per change, so that a crash
 leaves either the old or the new configuration (SQLite's journal does the durable part).
+The database and its ``-wal``/``-shm`` files are never reached through a link: a symlink,
+or a file with another hard link, at any of those names is refused with StorageError
+before SQLite opens anything (SQLite itself would follow one).
 """
 
 from __future__ import annotations
@@ -9,10 +12,13 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import stat
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
+
+from .errors import StorageError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -89,10 +95,32 @@ class GroupRow:
     settings: Dict[str, Any] = field(default_factory=dict)
 
 
+def _own_files(path: str) -> None:
+    """Make ``path`` if missing, without following a link; refuse it, or its ``-wal`` /
+    ``-shm`` companions, when they are not plain files of their own (see the module)."""
+    for name, create in ((path, True), (path + "-wal", False), (path + "-shm", False)):
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            fd = os.open(name, flags | (os.O_CREAT if create else 0), 0o600)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise StorageError("the database file %s cannot be opened safely: %s"
+                               % (name, e.strerror or e), name, e.errno) from None
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise StorageError("the database file %s is not a plain file of its own "
+                               "(%d links): refused" % (name, st.st_nlink), name)
+
+
 class Store:
     def __init__(self, data_dir: str) -> None:
         os.makedirs(data_dir, exist_ok=True)
         self.path = os.path.join(data_dir, "ferry.db")
+        _own_files(self.path)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA foreign_keys = ON")
         self._db.execute("PRAGMA journal_mode = WAL")
