@@ -5,6 +5,10 @@ leaves either the old or the new configuration (SQLite's journal does the durabl
 The database and its ``-wal``/``-shm`` files are never reached through a link: a symlink,
 or a file with another hard link, at any of those names is refused with StorageError
 before SQLite opens anything (SQLite itself would follow one).
+
+``groups()`` is asked on every status call (50 callers at once under load): it answers from
+a copy kept since the last change this Store made (``add_group``, ``set_settings``,
+``remove_group``; the agent is the database's only writer), not from SQLite each time.
 """
 
 from __future__ import annotations
@@ -121,6 +125,7 @@ class Store:
         os.makedirs(data_dir, exist_ok=True)
         self.path = os.path.join(data_dir, "ferry.db")
         _own_files(self.path)
+        self._groups: Optional[List[GroupRow]] = None  # groups() until the next change
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA foreign_keys = ON")
         self._db.execute("PRAGMA journal_mode = WAL")
@@ -144,6 +149,7 @@ class Store:
     def add_group(self, name: str, target: str, queue_bytes: int, disks: List[tuple],
                   protection: str, settings: Optional[Dict[str, Any]] = None) -> GroupRow:
         """``disks`` are (name, path, size); their ids are made here."""
+        self._groups = None
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("INSERT INTO groups (name, target, protection, queue_bytes, "
@@ -153,18 +159,23 @@ class Store:
             for idx, (dname, path, size) in enumerate(disks):
                 self._db.execute("INSERT INTO disks VALUES (?, ?, ?, ?, ?, ?)",
                                  (uuid.uuid4().hex[:12], name, idx, dname, path, size))
+        self._groups = None  # again: a reader between the two would have kept the old rows
         group = self.group(name)
         assert group is not None
         return group
 
     def set_settings(self, name: str, settings: Dict[str, Any]) -> None:
+        self._groups = None
         with self._db:
             self._db.execute("UPDATE groups SET settings = ? WHERE name = ?",
                              (json.dumps(settings, allow_nan=False), name))
+        self._groups = None
 
     def remove_group(self, name: str) -> None:
+        self._groups = None
         with self._db:
             self._db.execute("DELETE FROM groups WHERE name = ?", (name,))
+        self._groups = None
 
     def group(self, name: str) -> Optional[GroupRow]:
         row = self._db.execute("SELECT name, target, protection, queue_bytes, created, "
@@ -179,8 +190,12 @@ class Store:
                         json.loads(settings))
 
     def groups(self) -> List[GroupRow]:
-        names = [r[0] for r in self._db.execute("SELECT name FROM groups ORDER BY name")]
-        return [g for g in (self.group(n) for n in names) if g is not None]
+        """Every group, by name (from the copy kept since the last change; see the module).
+        The rows are shared between callers: read them, do not change them."""
+        if self._groups is None:
+            names = [r[0] for r in self._db.execute("SELECT name FROM groups ORDER BY name")]
+            self._groups = [g for g in (self.group(n) for n in names) if g is not None]
+        return list(self._groups)
 
     def disk_by_path(self, path: str) -> Optional[DiskRow]:
         row = self._db.execute("SELECT id, grp, idx, name, path, size FROM disks "
