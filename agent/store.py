@@ -6,9 +6,10 @@ The database and its ``-wal``/``-shm`` files are never reached through a link: a
 or a file with another hard link, at any of those names is refused with StorageError
 before SQLite opens anything (SQLite itself would follow one).
 
-``groups()`` is asked on every status call (50 callers at once under load): it answers from
-a copy kept since the last change this Store made (``add_group``, ``set_settings``,
-``remove_group``; the agent is the database's only writer), not from SQLite each time.
+``groups()`` and ``peers()`` are asked on every status call (50 callers at once under load):
+they answer from a copy kept since the last change this Store made (``add_group``,
+``set_settings``, ``remove_group``; ``add_peer``, ``remove_peer``; the agent is the
+database's only writer), not from SQLite each time.
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ class Store:
         self.path = os.path.join(data_dir, "ferry.db")
         _own_files(self.path)
         self._groups: Optional[List[GroupRow]] = None  # groups() until the next change
+        self._peers: Optional[List[PeerRow]] = None    # peers(), likewise
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA foreign_keys = ON")
         self._db.execute("PRAGMA journal_mode = WAL")
@@ -205,11 +207,16 @@ class Store:
     # -- pairing -------------------------------------------------------------------------
 
     def peers(self) -> List[PeerRow]:
-        return [PeerRow(*r) for r in self._db.execute(
-            "SELECT fingerprint, site, address, cert, paired FROM peers ORDER BY site")]
+        """The paired sites, by name (from the copy kept since the last change, as
+        ``groups``: every status call names them)."""
+        if self._peers is None:
+            self._peers = [PeerRow(*r) for r in self._db.execute(
+                "SELECT fingerprint, site, address, cert, paired FROM peers ORDER BY site")]
+        return list(self._peers)
 
     def add_peer(self, peer: PeerRow) -> List[PeerRow]:
         """Keep ``peer``; an older certificate of the same site is replaced (returned)."""
+        self._peers = None
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             old = [PeerRow(*r) for r in self._db.execute(
@@ -220,12 +227,17 @@ class Store:
             self._db.execute("INSERT OR REPLACE INTO peers VALUES (?, ?, ?, ?, ?)",
                              (peer.fingerprint, peer.site, peer.address, peer.cert,
                               peer.paired))
+        self._peers = None
         return old
 
     def remove_peer(self, site: str) -> int:
-        with self._db:
-            return self._db.execute("DELETE FROM peers WHERE site = ? OR fingerprint = ?",
-                                    (site, site)).rowcount
+        self._peers = None
+        try:
+            with self._db:
+                return self._db.execute("DELETE FROM peers WHERE site = ? OR fingerprint = ?",
+                                        (site, site)).rowcount
+        finally:
+            self._peers = None
 
     def add_token(self, token_id: str, key: bytes, expires: float) -> None:
         with self._db:

@@ -10,7 +10,7 @@ from pathlib import Path
 import trio
 
 from agent import memory
-from agent.store import Store
+from agent.store import PeerRow, Store
 
 
 def test_groups_come_from_a_copy_that_every_change_replaces(tmp_path: Path) -> None:
@@ -29,6 +29,18 @@ def test_groups_come_from_a_copy_that_every_change_replaces(tmp_path: Path) -> N
     s.close()
     s = Store(str(tmp_path))  # what the copy said is what the database holds
     assert [g.name for g in s.groups()] == ["g0"]
+    s.close()
+
+
+def test_peers_come_from_a_copy_that_every_change_replaces(tmp_path: Path) -> None:
+    s = Store(str(tmp_path))
+    assert s.peers() == []
+    s.add_peer(PeerRow("f1", "b", "10.0.0.2:4005", "cert1", 1.0))
+    assert [p.fingerprint for p in s.peers()] == ["f1"]
+    old = s.add_peer(PeerRow("f2", "b", "10.0.0.2:4005", "cert2", 2.0))  # b's new key
+    assert [p.fingerprint for p in old] == ["f1"]
+    assert [p.fingerprint for p in s.peers()] == ["f2"]
+    assert s.remove_peer("b") == 1 and s.peers() == []
     s.close()
 
 
