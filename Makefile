@@ -21,7 +21,7 @@ DISTRO_PYTEST_TRIO := pytest-trio==0.8.0
 BENCH_APT_PACKAGES := python3-matplotlib
 PYTEST_ARGS ?=
 
-.PHONY: all deps apt bench-apt venv test lint unit demo bench bench-quick clean package \
+.PHONY: all deps apt bench-apt venv test lint unit demo bench bench-quick bench-control-plane clean package \
 	lint-packaging package-apt test-distro test-distro-apt
 
 all: test
@@ -99,6 +99,10 @@ bench: deps bench-apt
 
 bench-quick: deps bench-apt
 	$(PY) bench/run.py --quick
+
+# One benchmark alone, short: status latency under load and the agent's memory (issue 18).
+bench-control-plane: deps bench-apt
+	$(PY) bench/run.py --quick --only control_plane
 
 clean:
 	rm -rf $(VENV) .cache build dist *.egg-info

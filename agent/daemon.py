@@ -24,7 +24,7 @@ import trio
 
 from formats.durable import fsync_dir
 
-from . import access, logs, tls
+from . import access, logs, memory, tls
 from .alerts import Alerts
 from .api import Api
 from .disks import Policy
@@ -197,6 +197,9 @@ async def run(opts: Options) -> None:
             api.jobs = Jobs(api.watcher.events)
             await nursery.start(api.jobs.run)
             await nursery.start(logs.rotate_forever, os.path.join(data_dir, "disks"))
+            if os.environ.get("FERRY_MALLOC_TRIM", "1") != "0":
+                memory.tune()
+                await nursery.start(memory.give_back)
             app: Any = api
             served = listeners(opts, app, made)
             for config, guarded, _name in served:

@@ -16,6 +16,13 @@ path is untrusted) and the register of the disks it holds:
 - ``claim`` registers a disk for a group: one claim per identity, a second is refused
   (``Conflict``) naming the group that holds it. Claims are plain dictionary updates made
   without awaiting between check and set, so under trio exactly one of concurrent claims wins.
+- ``occupy`` holds what an operation other than protection writes (a restore's new file, a
+  failover's or failback's live copy) for as long as it runs: by identity for a disk that
+  exists, by ``name_key`` (its directory's identity and its name) for a file not made yet.
+  One holder per key, whoever it is: a second operation, or a protect of what it holds, is
+  refused (``Conflict``, 409) naming the holder; an operation on a disk a group protects is
+  refused naming the group, unless the operation is that group's own (``group=``). Holds
+  are taken under a thread lock, so operations in worker threads race safely with claims.
 
 An error says what is wrong in one line and, for a path outside the roots, says nothing
 about the file (not whether it exists, nor its size): only the roots that apply.
@@ -23,9 +30,11 @@ about the file (not whether it exists, nor its size): only the roots that apply.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
-from typing import Dict, Iterable, List, Optional, Tuple
+import threading
+from typing import Dict, Hashable, Iterable, Iterator, List, Optional, Tuple
 
 from .errors import Conflict, Invalid, NotFound
 
@@ -68,6 +77,8 @@ class Policy:
             if real not in self.roots:
                 self.roots.append(real)
         self.claims: Dict[Identity, Tuple[str, str]] = {}  # identity -> (group, disk)
+        self.held: Dict[Hashable, str] = {}  # identity or name_key -> the operation (occupy)
+        self._lock = threading.Lock()  # claims and holds change under it
 
     def describe_roots(self) -> str:
         return "%s, block devices under %s" % (", ".join(self.roots), BLOCK_ROOT)
@@ -148,15 +159,53 @@ class Policy:
     def claim(self, ident: Identity, group: str, disk: str, path: str) -> None:
         """Register the disk for ``group``; Conflict naming the group that holds it
         (``path``, the name the caller used, is only for the message)."""
-        held = self.claims.get(ident)
-        if held is not None:
-            raise Conflict("disk %s: %s is already protected (group %s, disk %s)"
-                           % (disk, path, held[0], held[1]))
-        self.claims[ident] = (group, disk)
+        with self._lock:
+            held = self.claims.get(ident)
+            if held is not None:
+                raise Conflict("disk %s: %s is already protected (group %s, disk %s)"
+                               % (disk, path, held[0], held[1]))
+            op = self.held.get(ident)
+            if op is not None:
+                raise Conflict("disk %s: %s is being written by %s" % (disk, path, op))
+            self.claims[ident] = (group, disk)
 
     def release(self, ident: Identity, group: str) -> None:
-        if self.claims.get(ident, ("", ""))[0] == group:
-            del self.claims[ident]
+        with self._lock:
+            if self.claims.get(ident, ("", ""))[0] == group:
+                del self.claims[ident]
+
+    @staticmethod
+    def name_key(path: str) -> Hashable:
+        """The key of a file not made yet: its directory's identity and its name (any path
+        to that directory gives the same key). OSError if the directory is missing."""
+        path = os.path.abspath(path)
+        st = os.stat(os.path.dirname(path))
+        return ("name", st.st_dev, st.st_ino, os.path.basename(path))
+
+    @contextlib.contextmanager
+    def occupy(self, keys: Iterable[Hashable], what: str, group: Optional[str] = None
+               ) -> Iterator[None]:
+        """Hold ``keys`` (identities or name keys) for the operation ``what`` while the
+        ``with`` block runs; Conflict naming the holder when one is held (see the module).
+        ``group``: the operation is that group's own, and may hold the group's disks."""
+        keys = list(dict.fromkeys(keys))
+        with self._lock:
+            for k in keys:
+                op = self.held.get(k)
+                if op is not None:
+                    raise Conflict("%s: refused, %s holds that disk" % (what, op))
+                claim = self.claims.get(k)  # type: ignore[call-overload]
+                if claim is not None and claim[0] != group:
+                    raise Conflict("%s: refused, it is disk %s of protected group %s"
+                                   % (what, claim[1], claim[0]))
+            for k in keys:
+                self.held[k] = what
+        try:
+            yield
+        finally:
+            with self._lock:
+                for k in keys:
+                    self.held.pop(k, None)
 
     def claimed_path(self, path: str) -> Optional[Tuple[str, str]]:
         """The (group, disk) holding the disk ``path`` reaches now, if any (no error)."""

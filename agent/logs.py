@@ -16,6 +16,8 @@ from typing import List
 
 import trio
 
+from formats.durable import ReplaceFile, write_all
+
 # Python level -> syslog priority (sd-daemon.h: SD_ERR 3 ... SD_DEBUG 7).
 PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,
             logging.DEBUG: 7}
@@ -89,17 +91,13 @@ def rotate(directory: str, limit: int = ROTATE_BYTES) -> List[str]:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_size <= limit:
                 continue
-            tmp = path + ".1.tmp"
-            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
-            try:
+            with ReplaceFile(path + ".1", 0o640) as out:
                 while True:
                     chunk = os.read(fd, 1 << 20)
                     if not chunk:
                         break
-                    os.write(out, chunk)
-            finally:
-                os.close(out)
-            os.replace(tmp, path + ".1")
+                    write_all(out.fd, [chunk])
+                out.commit()
             os.ftruncate(fd, 0)
             rotated.append(path)
         finally:

@@ -2,6 +2,14 @@
 
 Small, rarely written, and always written in one transaction per change, so that a crash
 leaves either the old or the new configuration (SQLite's journal does the durable part).
+The database and its ``-wal``/``-shm`` files are never reached through a link: a symlink,
+or a file with another hard link, at any of those names is refused with StorageError
+before SQLite opens anything (SQLite itself would follow one).
+
+``groups()`` and ``peers()`` are asked on every status call (50 callers at once under load):
+they answer from a copy kept since the last change this Store made (``add_group``,
+``set_settings``, ``remove_group``; ``add_peer``, ``remove_peer``; the agent is the
+database's only writer), not from SQLite each time.
 """
 
 from __future__ import annotations
@@ -9,10 +17,13 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import stat
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
+
+from .errors import StorageError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -89,10 +100,34 @@ class GroupRow:
     settings: Dict[str, Any] = field(default_factory=dict)
 
 
+def _own_files(path: str) -> None:
+    """Make ``path`` if missing, without following a link; refuse it, or its ``-wal`` /
+    ``-shm`` companions, when they are not plain files of their own (see the module)."""
+    for name, create in ((path, True), (path + "-wal", False), (path + "-shm", False)):
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            fd = os.open(name, flags | (os.O_CREAT if create else 0), 0o600)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise StorageError("the database file %s cannot be opened safely: %s"
+                               % (name, e.strerror or e), name, e.errno) from None
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise StorageError("the database file %s is not a plain file of its own "
+                               "(%d links): refused" % (name, st.st_nlink), name)
+
+
 class Store:
     def __init__(self, data_dir: str) -> None:
         os.makedirs(data_dir, exist_ok=True)
         self.path = os.path.join(data_dir, "ferry.db")
+        _own_files(self.path)
+        self._groups: Optional[List[GroupRow]] = None  # groups() until the next change
+        self._peers: Optional[List[PeerRow]] = None    # peers(), likewise
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA foreign_keys = ON")
         self._db.execute("PRAGMA journal_mode = WAL")
@@ -116,6 +151,7 @@ class Store:
     def add_group(self, name: str, target: str, queue_bytes: int, disks: List[tuple],
                   protection: str, settings: Optional[Dict[str, Any]] = None) -> GroupRow:
         """``disks`` are (name, path, size); their ids are made here."""
+        self._groups = None
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("INSERT INTO groups (name, target, protection, queue_bytes, "
@@ -125,18 +161,23 @@ class Store:
             for idx, (dname, path, size) in enumerate(disks):
                 self._db.execute("INSERT INTO disks VALUES (?, ?, ?, ?, ?, ?)",
                                  (uuid.uuid4().hex[:12], name, idx, dname, path, size))
+        self._groups = None  # again: a reader between the two would have kept the old rows
         group = self.group(name)
         assert group is not None
         return group
 
     def set_settings(self, name: str, settings: Dict[str, Any]) -> None:
+        self._groups = None
         with self._db:
             self._db.execute("UPDATE groups SET settings = ? WHERE name = ?",
                              (json.dumps(settings, allow_nan=False), name))
+        self._groups = None
 
     def remove_group(self, name: str) -> None:
+        self._groups = None
         with self._db:
             self._db.execute("DELETE FROM groups WHERE name = ?", (name,))
+        self._groups = None
 
     def group(self, name: str) -> Optional[GroupRow]:
         row = self._db.execute("SELECT name, target, protection, queue_bytes, created, "
@@ -151,8 +192,12 @@ class Store:
                         json.loads(settings))
 
     def groups(self) -> List[GroupRow]:
-        names = [r[0] for r in self._db.execute("SELECT name FROM groups ORDER BY name")]
-        return [g for g in (self.group(n) for n in names) if g is not None]
+        """Every group, by name (from the copy kept since the last change; see the module).
+        The rows are shared between callers: read them, do not change them."""
+        if self._groups is None:
+            names = [r[0] for r in self._db.execute("SELECT name FROM groups ORDER BY name")]
+            self._groups = [g for g in (self.group(n) for n in names) if g is not None]
+        return list(self._groups)
 
     def disk_by_path(self, path: str) -> Optional[DiskRow]:
         row = self._db.execute("SELECT id, grp, idx, name, path, size FROM disks "
@@ -162,11 +207,16 @@ class Store:
     # -- pairing -------------------------------------------------------------------------
 
     def peers(self) -> List[PeerRow]:
-        return [PeerRow(*r) for r in self._db.execute(
-            "SELECT fingerprint, site, address, cert, paired FROM peers ORDER BY site")]
+        """The paired sites, by name (from the copy kept since the last change, as
+        ``groups``: every status call names them)."""
+        if self._peers is None:
+            self._peers = [PeerRow(*r) for r in self._db.execute(
+                "SELECT fingerprint, site, address, cert, paired FROM peers ORDER BY site")]
+        return list(self._peers)
 
     def add_peer(self, peer: PeerRow) -> List[PeerRow]:
         """Keep ``peer``; an older certificate of the same site is replaced (returned)."""
+        self._peers = None
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             old = [PeerRow(*r) for r in self._db.execute(
@@ -177,12 +227,17 @@ class Store:
             self._db.execute("INSERT OR REPLACE INTO peers VALUES (?, ?, ?, ?, ?)",
                              (peer.fingerprint, peer.site, peer.address, peer.cert,
                               peer.paired))
+        self._peers = None
         return old
 
     def remove_peer(self, site: str) -> int:
-        with self._db:
-            return self._db.execute("DELETE FROM peers WHERE site = ? OR fingerprint = ?",
-                                    (site, site)).rowcount
+        self._peers = None
+        try:
+            with self._db:
+                return self._db.execute("DELETE FROM peers WHERE site = ? OR fingerprint = ?",
+                                        (site, site)).rowcount
+        finally:
+            self._peers = None
 
     def add_token(self, token_id: str, key: bytes, expires: float) -> None:
         with self._db:

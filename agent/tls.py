@@ -41,6 +41,7 @@ import os
 import secrets
 import socket
 import ssl
+import stat
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Tuple
 
@@ -48,7 +49,7 @@ import trio
 
 from formats.durable import write_atomic
 
-from .errors import Forbidden
+from .errors import Forbidden, StorageError
 
 TLS_RECORD_HANDSHAKE = 0x16  # the first byte of every TLS connection
 TOKEN_TTL = 600.0
@@ -80,10 +81,20 @@ def fingerprint(der: bytes) -> str:
 
 
 def load_identity(data_dir: str, site: str) -> Identity:
-    """This site's key and certificate, made on first use."""
+    """This site's key and certificate, made on first use. Either one reached through a
+    symlink, or with another hard link, is refused (StorageError): the site's identity is
+    never read from, nor written through, a planted link."""
     tls_dir = os.path.join(data_dir, "tls")
     cert_path = os.path.join(tls_dir, "site.crt")
     key_path = os.path.join(tls_dir, "site.key")
+    for p in (cert_path, key_path):
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise StorageError("the site's TLS identity file %s is not a plain file of its "
+                               "own (a link?): refused" % p, p)
     if not (os.path.exists(cert_path) and os.path.exists(key_path)):
         os.makedirs(tls_dir, mode=0o700, exist_ok=True)
         cert_pem, key_pem = _make_certificate(site)

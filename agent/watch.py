@@ -26,6 +26,8 @@ from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Tuple
 
 import trio
 
+from formats.durable import write_atomic
+
 from .alerts import Alerts
 from .errors import FerryError
 from .events import EventLog
@@ -95,17 +97,8 @@ class Watcher:
         else:
             self.alerts.rpo.pop(group, None)
         if self.settings_path:
-            tmp = self.settings_path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump({"rpo": self.alerts.rpo}, f, sort_keys=True, allow_nan=False)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.settings_path)
-            dfd = os.open(os.path.dirname(self.settings_path), os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            write_atomic(self.settings_path, json.dumps(
+                {"rpo": self.alerts.rpo}, sort_keys=True, allow_nan=False).encode())
         return {"group": group, "rpo_alert": self.alerts.rpo.get(group)}
 
     # -- the task --------------------------------------------------------------------------

@@ -36,6 +36,7 @@ BENCHMARKS: Dict[str, List[str]] = {
     "tls_throughput": ["tls_throughput.py"],
     "preseed_sync": ["preseed_sync.py"],
     "formats": ["formats.py"],
+    "control_plane": ["control_plane.py"],
 }
 QUICK_FLAGS = {"changelog_micro": ["--writes", "50000"],
                "pit_view": ["--records", "100000", "--reads", "1000", "--reps", "2"]}

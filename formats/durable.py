@@ -1,8 +1,15 @@
 """Durable files: what survives a crash, said once.
 
-- ``write_atomic``: a small file replaced whole. Written to a temporary name in the same
-  directory, fdatasynced, renamed over the old one, and the directory fsynced: after it
-  returns the new content survives a crash; before, the old one does. Never both halves.
+- ``write_atomic``: a small file replaced whole, through ``ReplaceFile``: after it returns
+  the new content survives a crash; before, the old one does. Never both halves.
+- ``ReplaceFile``: the one way Ferry replaces a file by name (state, metadata, certificates,
+  pid files, indexes, live copies). The data goes to a random name in the destination's
+  directory opened ``O_CREAT | O_EXCL | O_NOFOLLOW`` (so a link planted at any name is never
+  written through: a taken temporary name is tried again under another), is fdatasynced,
+  renamed over the destination (a link at the destination is replaced, never followed, and a
+  file hard-linked to the old one keeps the old content), and the directory is fsynced.
+- ``write_new`` / ``open_append``: a scratch file that must not exist yet, and a log
+  appended to, both opened ``O_NOFOLLOW``.
 - ``fsync_dir`` / ``fsync_parent``: a name made, renamed or removed in a directory is
   durable once the directory is fsynced.
 - ``write_all`` / ``pwrite_all``: every byte written (short writes continued); durability
@@ -35,21 +42,111 @@ def fsync_parent(path: str) -> None:
     fsync_dir(os.path.dirname(os.path.abspath(path)) or ".")
 
 
+TEMP_TRIES = 16  # random temporary names tried before giving up (each taken one: EEXIST)
+
+
+class ReplaceFile:
+    """A file that replaces ``path`` whole when committed (see the module).
+
+    ``fd`` is open for writing (and reading) until ``close``; ``commit`` makes the data
+    durable and puts it in place, ``discard`` (or leaving the ``with`` block without a
+    commit) removes the temporary name. The directory is opened once and every name is
+    resolved in it: a directory renamed meanwhile does not redirect the write.
+    """
+
+    def __init__(self, path: str, mode: int = 0o600) -> None:
+        self.path = os.path.abspath(path)
+        self.name = os.path.basename(self.path)
+        if path.endswith("/") or self.name in ("", ".", ".."):
+            raise IsADirectoryError(errno.EISDIR, "not a file name", path)
+        self.dir_fd = os.open(os.path.dirname(self.path),
+                              os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.fd = -1
+        self._temp: Optional[str] = None
+        try:
+            for _ in range(TEMP_TRIES):
+                temp = ".%s.%s.tmp" % (self.name[:200], secrets.token_hex(8))
+                try:
+                    self.fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                      | os.O_CLOEXEC, mode, dir_fd=self.dir_fd)
+                except FileExistsError:
+                    continue
+                self._temp = temp
+                break
+            else:
+                raise FileExistsError(errno.EEXIST, "no free temporary name beside", path)
+        except BaseException:
+            os.close(self.dir_fd)
+            raise
+
+    def commit(self, close: bool = True) -> None:
+        """fdatasync the data, rename it over ``path``, fsync the directory; after this
+        returns the new content and its name survive a crash. With ``close=False`` the file
+        stays open (``fd``) for a caller that goes on using it in place."""
+        assert self._temp is not None, "committed twice"
+        os.fdatasync(self.fd)
+        os.rename(self._temp, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        self._temp = None
+        os.fsync(self.dir_fd)
+        if close:
+            self.close()
+
+    def detach(self) -> int:
+        """Hand the open file to the caller (after ``commit(close=False)``)."""
+        fd, self.fd = self.fd, -1
+        self.close()
+        return fd
+
+    def discard(self) -> None:
+        """Remove the temporary name (nothing was replaced)."""
+        if self._temp is not None:
+            try:
+                os.unlink(self._temp, dir_fd=self.dir_fd)
+            except FileNotFoundError:
+                pass
+            self._temp = None
+        self.close()
+
+    def close(self) -> None:
+        for attr in ("fd", "dir_fd"):
+            fd = getattr(self, attr, -1)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, attr, -1)
+
+    def __enter__(self) -> ReplaceFile:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.discard()
+
+
 def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data``; when this returns, the new content survives a crash,
     and a crash before leaves the old content (see the module)."""
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
-                 mode)
-    try:
+    with ReplaceFile(path, mode) as f:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
-        os.fdatasync(fd)
+            view = view[os.write(f.fd, view):]
+        f.commit()
+
+
+def write_new(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Create ``path``, which must not exist (FileExistsError for any name there, a link
+    included), with ``data``. Not synced: for scratch files a crash may lose."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 mode)
+    try:
+        write_all(fd, [data])
     finally:
         os.close(fd)
-    os.rename(tmp, path)
-    fsync_parent(path)
+
+
+def open_append(path: str, mode: int = 0o640) -> int:
+    """Open the log ``path`` for appending, made if missing; a symlink there is refused
+    (ELOOP), never followed. Returns the fd."""
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                   mode)
 
 
 def write_all(fd: int, parts: List[Any]) -> int:

@@ -37,6 +37,8 @@ import struct
 from collections import OrderedDict
 from typing import Callable, Dict, List, NamedTuple, Optional
 
+from formats.durable import ReplaceFile, write_all
+
 MAGIC = b"FAL1"
 VERSION = 1
 HEADER = struct.Struct("<4sIIII12x")
@@ -87,22 +89,11 @@ class ActivityLog:
         self._used: Dict[int, float] = {}         # extent -> when last written (self.now)
         self.now = 0.0  # a coarse clock, advanced by the caller (cheaper than a clock call)
         self._free = list(range(slots - 1, -1, -1))
-        tmp = path + ".tmp"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, HEADER.pack(MAGIC, VERSION, extent_shift, slots, 0)
-                     + bytes(slots * SLOT.size))
-            os.fdatasync(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        os.rename(tmp, path)
-        dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-        self._fd = fd
+        with ReplaceFile(path, 0o600) as out:
+            write_all(out.fd, [HEADER.pack(MAGIC, VERSION, extent_shift, slots, 0),
+                               bytes(slots * SLOT.size)])
+            out.commit(close=False)
+            self._fd = out.detach()
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -16,6 +16,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from formats import localwire as lw
+from formats.durable import open_append
 
 from .backends import Disk
 from .changelog import ChangeLog
@@ -38,7 +39,7 @@ _log_file = sys.stderr
 def set_log_file(path: str) -> None:
     """Send the splitter's messages to ``path`` (appended), not to nbdkit's stderr."""
     global _log_file
-    _log_file = open(path, "a", buffering=1)
+    _log_file = os.fdopen(open_append(path), "a", buffering=1)
 
 
 def log(msg: str) -> None:

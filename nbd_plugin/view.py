@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import nbdkit  # provided by nbdkit's python plugin
 
 from formats import jmap
+from formats.durable import open_append
 from nbd_plugin.threadstate import pin
 
 API_VERSION = 2
@@ -78,7 +79,7 @@ def get_ready():
 def _log(msg):
     line = "%s ferry view[%d]: %s\n" % (time.strftime("%F %T"), os.getpid(), msg)
     try:
-        with builtins.open(_log_path, "a") as f:
+        with os.fdopen(open_append(_log_path), "a") as f:
             f.write(line)
     except OSError:
         sys.stderr.write(line)

@@ -235,3 +235,87 @@ def test_a_block_device_is_its_device_number(sites: Lab) -> None:
         sites.a.ferry("unprotect", "g1")
     finally:
         subprocess.run(["losetup", "-d", str(dev)], check=False)
+
+
+# -- one holder per identity for restore and failover too -------------------------------------
+
+
+def test_an_operation_holds_a_disk_against_protect_and_other_operations(tmp_path: Path
+                                                                         ) -> None:
+    from agent.disks import Policy, identity
+    p = Policy(str(tmp_path / "data"), [str(tmp_path)])
+    disk = tmp_path / "vda.img"
+    disk.write_bytes(b"\0" * 4096)
+    ident = identity(os.stat(disk))
+    with p.occupy([ident], "failback of group g1"):
+        with pytest.raises(Conflict, match="being written by failback of group g1"):
+            p.claim(ident, "g2", "vda", str(disk))
+        with pytest.raises(Conflict, match="failback of group g1 holds that disk"):
+            with p.occupy([ident], "restore of group g3 disk vda"):
+                pass
+    p.claim(ident, "g2", "vda", str(disk))  # given back when the operation ended
+    with pytest.raises(Conflict, match="disk vda of protected group g2"):
+        with p.occupy([ident], "failback of group g1", group="g1"):
+            pass
+    with p.occupy([ident], "failback of group g2", group="g2"):  # the group's own disks
+        assert p.held == {ident: "failback of group g2"}
+    assert p.held == {}
+
+
+def test_a_name_not_made_yet_is_held_by_its_directory_and_name(tmp_path: Path) -> None:
+    from agent.disks import Policy
+    p = Policy(str(tmp_path / "data"))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "out")
+    with p.occupy([p.name_key(str(tmp_path / "out" / "vm.img"))], "restore of group g1"):
+        with pytest.raises(Conflict, match="restore of group g1 holds that disk"):
+            with p.occupy([p.name_key(str(tmp_path / "alias" / "vm.img"))], "restore 2"):
+                pass
+        with p.occupy([p.name_key(str(tmp_path / "out" / "other.img"))], "restore 3"):
+            pass
+    with pytest.raises(FileNotFoundError):
+        p.name_key(str(tmp_path / "missing" / "vm.img"))
+
+
+def test_a_restore_to_a_destination_another_restore_holds_is_refused(tmp_path: Path) -> None:
+    from agent.disks import Policy
+    from agent.target.group import TargetGroup
+    from agent.target.journal import JRecord
+    from agent.target.server import _restore
+    from formats.records import FLAG_INCONSISTENT, FLAG_RESYNC, KIND_CONSISTENT, KIND_WRITE
+
+    p = Policy(str(tmp_path / "data"))
+    g = TargetGroup(str(tmp_path / "data" / "g"), "g", [("a", 64)], protection="p1",
+                    history_s=3600, journal_max=10**9, segment_max=1 << 20)
+    g.accept([JRecord(0, 1, 1, KIND_WRITE, FLAG_RESYNC | FLAG_INCONSISTENT, 0, 64, 10,
+                      b"R" * 64), JRecord(0, 1, 2, KIND_CONSISTENT, 0, 0, 0, 20, None)])
+    dest = tmp_path / "vm.img"
+    first = "restore of group g disk a to %s" % dest
+    with p.occupy([p.name_key(str(dest))], first):
+        with pytest.raises(Conflict, match="refused, %s holds" % first):
+            _restore(g, "a", str(dest), None, None, p)
+        assert not dest.exists()
+    out = _restore(g, "a", str(dest), None, None, p)
+    assert out["to"] == str(dest) and dest.read_bytes() == b"R" * 64 and p.held == {}
+    with pytest.raises(Conflict, match="already exists"):
+        _restore(g, "a", str(dest), None, None, p)
+    g.close()
+
+
+def test_a_failover_whose_live_copies_are_held_is_refused(tmp_path: Path) -> None:
+    import trio
+
+    from agent.target.group import TargetGroup
+    from agent.target.server import TargetSite
+
+    site = TargetSite(str(tmp_path / "data"), "b")
+    g = TargetGroup(os.path.join(site.root, "g"), "g", [("a", 64)], protection="p1",
+                    history_s=3600, journal_max=10**9, segment_max=1 << 20)
+    site.groups["g"] = g
+    live = site.policy.name_key(os.path.join(g.directory, "live"))
+    with site.policy.occupy([live], "failover of group g (the first)", group="g"):
+        with pytest.raises(Conflict, match=r"failover of group g: refused, failover of "
+                                           r"group g \(the first\) holds"):
+            trio.run(site.failover_live, "g", None, None)
+    assert g.failover is None and site.policy.held == {}
+    g.close()

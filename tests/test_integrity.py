@@ -616,7 +616,7 @@ def test_damage_that_cannot_be_saved_is_still_refused(tmp_path: Path, caplog) ->
     j = Journal(str(tmp_path), group="g1", disks=["vda"])
     j.append([JRecord(0, 1, 1, KIND_WRITE, 0, 0, 100, 1, b"a" * 100)])
     flip(Path(j.path(1)), 100)
-    (tmp_path / "damage.json.tmp").mkdir()  # write_atomic's temporary name: it fails
+    (tmp_path / "damage.json").mkdir()  # a directory there: write_atomic's rename fails
     with pytest.raises(JournalCorrupt, match="byte 0"):
         j.read_at(1, 0)
     assert [d.offset for d in j.damage] == [0]

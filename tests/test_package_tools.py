@@ -80,6 +80,21 @@ def test_every_dependency_has_its_debian_and_fedora_names():
                          requires, re.M), "no line for %s in packaging/rpm/requires.txt" % name
 
 
+def test_the_packages_make_ferrys_default_image_root():
+    """The image root the agent adds by default (agent.disks.DEFAULT_ROOTS, beside
+    libvirt's) is made by the tmpfiles.d file both packages ship, and owned by the rpm."""
+    from agent.disks import DEFAULT_ROOTS
+    ours = [r for r in DEFAULT_ROOTS if "ferry" in r]
+    assert ours == ["/var/lib/ferry-images"]
+    tmpfiles = (ROOT / "packaging/ferry.tmpfiles").read_text()
+    assert (ROOT / "debian/ferry.tmpfiles").read_text() == tmpfiles
+    spec = (ROOT / "packaging/ferry.spec").read_text()
+    for root in ours:
+        assert re.search(r"^d %s 0711 root root -$" % re.escape(root), tmpfiles, re.M)
+        assert "%%dir %%attr(0711,root,root) %%{_sharedstatedir}/%s" % root.split("/")[-1] \
+            in spec
+
+
 def test_versions_agree():
     """pyproject.toml, debian/changelog and the spec name one version (build.sh refuses
     to build otherwise: see the tests below)."""

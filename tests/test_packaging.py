@@ -153,7 +153,7 @@ def test_deb_contents(packages):
     # Debian compiles the bytecode at install time (py3compile), for the Python installed.
     assert not any(p.endswith(".pyc") for p in entries)
     # /var/lib/ferry is made by tmpfiles.d, not owned by the package: dpkg never removes it.
-    assert "/var/lib/ferry" not in entries
+    assert "/var/lib/ferry" not in entries and "/var/lib/ferry-images" not in entries
     assert all(" root/root " in line for line in entries.values())
 
 
@@ -444,6 +444,23 @@ def test_rpm_and_deb_ship_the_same_files(packages):
                 if not p.startswith(("/usr/lib/python3", "/usr/share/doc/", "/usr/share/lintian/"))}
     rpm_host = {p for p in rpm if not p.startswith(("/usr/lib/python3", "/usr/share/doc/",
                                                     "/usr/share/licenses/"))
-                and p not in ("/var/lib/ferry", "/etc/ferry/conf.d", "/etc/ferry/hooks.d",
-                              "/etc/ferry", "/usr/libexec/ferry")}
+                and p not in ("/var/lib/ferry", "/var/lib/ferry-images", "/etc/ferry/conf.d",
+                              "/etc/ferry/hooks.d", "/etc/ferry", "/usr/libexec/ferry")}
     assert deb_host == rpm_host
+
+
+def test_packages_recommend_what_mount_and_domain_use(packages, tree):
+    """ferry mount (nbdfuse, mount, udevadm) and --domain (libvirt, pyudev) are Recommends,
+    e2fsprogs a Suggests; both packages make the default image root /var/lib/ferry-images."""
+    def names(field: str) -> Set[str]:
+        return {x.strip().split()[0] for x in field.split(",") if x.strip()}
+
+    assert {"libnbd-bin", "mount", "udev", "python3-libvirt", "python3-pyudev"} <= \
+        names(deb_field(packages["deb"], "Recommends"))
+    assert "e2fsprogs" in names(deb_field(packages["deb"], "Suggests"))
+    assert {"nbdfuse", "util-linux", "systemd-udev", "python3-libvirt", "python3-pyudev"} <= \
+        {r.split()[0] for r in rpm_query(packages["rpm"], "--recommends")}
+    assert "e2fsprogs" in {r.split()[0] for r in rpm_query(packages["rpm"], "--suggests")}
+    tmpfiles = (tree / "usr/lib/tmpfiles.d/ferry.conf").read_text()
+    assert re.search(r"^d /var/lib/ferry-images 0711 root root -$", tmpfiles, re.M)
+    assert "/var/lib/ferry-images" in rpm_query(packages["rpm"], "-l")

@@ -14,8 +14,6 @@ import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, unquote
 
-import trio
-
 from .. import metrics
 from ..dashboard import Files
 from ..errors import FerryError, Invalid, NotFound, Unavailable, http_status, kind_of
@@ -181,10 +179,11 @@ class Api:
                 "events": w.events.latest(50), "pairs": self.trust.status()}
 
     async def status_async(self) -> Dict[str, Any]:
-        """The status for the watcher: site B's part in a worker thread, since a busy group
-        makes it wait up to 0.2 s for its lock, which must not stall the event loop."""
-        replicas = await trio.to_thread.run_sync(self.target.status)
-        return self.status(replicas=replicas)
+        """The status for the watcher and the metrics. Made on the event loop: neither part
+        waits on anything (a target group answers from its last published snapshot, never
+        taking its lock; the source's groups come from the store's copy), and no worker
+        thread is taken from the data path for it."""
+        return self.status()
 
     def status(self, group: Optional[str] = None,
                replicas: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:

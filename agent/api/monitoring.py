@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-import trio
-
 from ..errors import Forbidden, Invalid, NotFound
 
 if TYPE_CHECKING:
@@ -17,8 +15,7 @@ if TYPE_CHECKING:
 async def route(api: Api, method: str, parts: List[str], query: Dict[str, list],
                 body: Dict[str, Any]) -> Optional[Tuple[int, Any]]:
     if parts == ["v1", "status"] and method == "GET":
-        return 200, api.status((query.get("group") or [None])[0],
-                               await trio.to_thread.run_sync(api.target.status))
+        return 200, api.status((query.get("group") or [None])[0])
     if parts == ["metrics"] and method == "GET":
         return 200, api.metrics(await api.status_async())
     if parts == ["healthz"] and method == "GET":

@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 from typing import List, Optional
 
+from formats.durable import open_append
+
 from ..errors import Unavailable
 from ..plugins import SPLITTER as PLUGIN
 from ..store import DiskRow, GroupRow
@@ -115,7 +117,7 @@ def start(paths: SplitterPaths, disk_id: str, disk_path: str, agent_socket: str,
            "queue=%d" % queue_bytes]
     if fmt != "raw":  # pinned at protect: qemu-nbd behind the splitter (nbd_plugin/backends.py)
         cmd += ["format=" + fmt, "qemu_socket=" + paths.qemu_socket]
-    with open(paths.log, "ab") as logf:
+    with os.fdopen(open_append(paths.log), "ab") as logf:
         logf.write(("--- %s starting: %s\n" % (time.strftime("%F %T"), " ".join(cmd))).encode())
         logf.flush()
         # nbdkit forks into the background once its socket is bound, and the parent exits:

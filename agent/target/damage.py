@@ -162,7 +162,8 @@ class AckedMark:
         have marked is durable and acked all the same, so an error here is not raised."""
         try:
             if self._fd < 0:
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+                                   | os.O_NOFOLLOW, 0o600)
             body = _MARK.pack(_MARK_MAGIC, segno, end, 0)[:-4]
             os.pwrite(self._fd, body + struct.pack("<I", zlib.crc32(body)), 0)
         except OSError:

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from formats.durable import write_atomic
+from formats.durable import open_append, write_atomic
 
 from ..source.splitters import nbdkit_binary
 
@@ -73,7 +73,7 @@ def start(directory: str, disk: str, args: List[str],
         except FileNotFoundError:
             pass
     cmd = [nbdkit_binary(), "--unix", p["sock"], "--pidfile", own, "--log=stderr", *args]
-    with open(p["log"], "ab") as logf:
+    with os.fdopen(open_append(p["log"]), "ab") as logf:
         try:
             proc = subprocess.run(cmd, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL,
                                   env=env, start_new_session=True, timeout=START_TIMEOUT,

@@ -45,7 +45,7 @@ import shutil
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from formats.durable import fsync_dir
+from formats.durable import ReplaceFile, fsync_dir
 from formats.records import KIND_FAILOVER, JRecord, Point
 
 from ..checkpoints import Checkpoint, choose, iso
@@ -188,17 +188,10 @@ def finish(g: GroupData) -> None:
     if "live" in g.failover:
         os.makedirs(os.path.join(g.directory, "live"), exist_ok=True)
         for i, st in enumerate(g.disks):
-            dest = live_path(g, st.name)
-            tmp = dest + ".partial"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-                         | os.O_NOFOLLOW, 0o600)
-            try:
-                sparse_copy(g.replica_path(st.name), fd, st.size)
-                write_overlay(g, fd, i, cut[i])
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, dest)
+            with ReplaceFile(live_path(g, st.name), 0o600) as out:
+                sparse_copy(g.replica_path(st.name), out.fd, st.size)
+                write_overlay(g, out.fd, i, cut[i])
+                out.commit()
         fsync_dir(os.path.join(g.directory, "live"))
     else:  # an earlier Ferry's record: the cut goes onto the replicas, as it did then
         for i, fd in enumerate(g.fds):

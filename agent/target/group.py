@@ -249,7 +249,8 @@ class TargetGroup:
         self.state = LIFE.step(self.state, event)
 
     def _open_replica(self, st: DiskState) -> int:
-        fd = os.open(self.replica_path(st.name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(self.replica_path(st.name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+                     | os.O_NOFOLLOW, 0o600)
         if os.fstat(fd).st_size != st.size:
             os.ftruncate(fd, st.size)
             os.fsync(fd)

@@ -24,7 +24,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import xxhash
 
 from formats.blockdev import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
-from formats.durable import fsync_parent, pwrite_all, write_atomic
+from formats.durable import ReplaceFile, pwrite_all, write_atomic
 from formats.records import KIND_CONSISTENT
 
 from ..disks import Policy, check_kind
@@ -239,27 +239,19 @@ def adopt(src: str, dest: str, size: int, chunk: int = CHUNK,
     written under a temporary name and renamed when whole: the data and the name are
     durable when this returns. ``policy``: as for ``check_file``."""
     check_file(src, size, policy)
-    tmp = dest + ".seeding"
     sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        dfd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
+        with ReplaceFile(dest, 0o600) as out:
+            dfd = out.fd
             if not _clone(sfd, dfd):
                 os.ftruncate(dfd, size)
                 for start, end, data in _extents(sfd, size, chunk):
                     if data:
                         _copy(sfd, dfd, start, end, src)
             digests = _hash(dfd, size, chunk, src)
-            os.fdatasync(dfd)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        finally:
-            os.close(dfd)
+            out.commit()
     finally:
         os.close(sfd)
-    os.rename(tmp, dest)
-    fsync_parent(dest)
     return SeedMap(size, digests, chunk)
 
 

@@ -410,8 +410,10 @@ class TargetSite:
         owner = self._owners.get(group)
         if owner is not None:
             owner.cancel()  # the source's session ends; a new one is refused
-        try:
-            result = await trio.to_thread.run_sync(g.failover_live, ref, at_wall_ns)
+        try:  # the group's live copies are held while they are made (disks.Policy.occupy)
+            live = self.policy.name_key(os.path.join(g.directory, "live"))
+            with self.policy.occupy([live], "failover of group %s" % group, group=group):
+                result = await trio.to_thread.run_sync(g.failover_live, ref, at_wall_ns)
         except (NoConsistentState, checkpoints.CheckpointError) as e:
             raise NotFound(str(e)) from None
         view = await trio.to_thread.run_sync(self.views.serve_live, g)
@@ -503,7 +505,12 @@ def _check_disks(group: TargetGroup, disks: List[Tuple[str, int]]) -> None:
 
 def _restore(group: TargetGroup, disk: str, dest: str, ref: Optional[str],
              at_wall_ns: Optional[int], policy: Policy) -> Dict[str, Any]:
-    return group.restore(disk, check_dest(dest, policy), ref, at_wall_ns)
+    """A restore holds its destination's name while it runs (disks.Policy.occupy): a second
+    restore to it, or a failover writing there, is refused naming this one."""
+    real = check_dest(dest, policy)
+    what = "restore of group %s disk %s to %s" % (group.name, disk, dest)
+    with policy.occupy([policy.name_key(real)], what):
+        return group.restore(disk, real, ref, at_wall_ns)
 
 
 def _restore_view(spec: str, replica: str, uri: str, dest: str, what: str, fmt: str,

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from formats import jindex
-from formats.durable import write_atomic
+from formats.durable import write_atomic, write_new
 
 from ..checkpoints import iso
 from ..errors import Conflict, NotFound
@@ -220,8 +220,7 @@ class Views:
                 spec["indexes"] = indexes
             for st, spec in zip(group.disks, specs):
                 spec_path = os.path.join(view.directory, st.name + ".json")
-                with open(spec_path, "w") as f:
-                    json.dump(spec, f)
+                write_new(spec_path, json.dumps(spec).encode())
                 args = (["--filter=cow"] if test else ["--readonly"]) + \
                     ["python", PLUGIN, "spec=" + spec_path]
                 # The cow filter keeps its overlay in $TMPDIR: the view's own directory.
@@ -339,8 +338,7 @@ def _index_open_segments(group: TargetGroup, segments: List[List[Any]], director
         while n and jindex.ENTRY.unpack_from(entries, (n - 1) * jindex.ENTRY.size)[8] >= end:
             n -= 1
         idx = os.path.join(directory, "seg-%d.idx" % segno)
-        with open(idx, "wb") as f:
-            f.write(jindex.pack_idx(entries[:n * jindex.ENTRY.size], end))
+        write_new(idx, jindex.pack_idx(entries[:n * jindex.ENTRY.size], end))
         out[str(segno)] = idx
     return out
 
