@@ -196,7 +196,7 @@ def check(images: Dict[str, str], log: OracleLog, barrier: int = 0,
     if at_barrier and prefix not in log.barriers:
         raise OracleFailure("the point holds writes up to %d, which is not a flush barrier"
                             % prefix)
-    for (index, block), wids in log.history.items():
+    for index, block in log.history:
         want = log.expected(index, block, prefix)
         got = found.get((index, block), 0)
         if got != want:

@@ -133,7 +133,7 @@ def test_a_write_from_the_future_fails(written) -> None:
     w, images, snaps = written
     name, b = _overwritten_after_snapshot(w)
     _put(snaps[name], b, _block(images[name], b))
-    with pytest.raises(OracleFailure, match="from its future|not a prefix"):
+    with pytest.raises(OracleFailure, match=r"from its future|not a prefix"):
         check({n: str(p) for n, p in snaps.items()}, w.log)
 
 
