@@ -34,6 +34,7 @@ from .group import NoConsistentState, SizeMismatch, TargetGroup, check_disks
 from .mounts import Mounts
 from .repairs import Repairs
 from .restore import check_dest
+from .verify import point_digests
 from .views import Views
 
 log = logging.getLogger("ferry.target")
@@ -167,7 +168,8 @@ class TargetSite:
             limits = (float(opened.limits[0]), opened.limits[1]) if opened.limits else None
             seeds = opened.seeds
             if opened.probe:
-                await self._answer_probe(fs, peer, group_name, disks, protection, seeds)
+                await self._answer_probe(fs, peer, group_name, disks, protection, seeds,
+                                         opened.verify)
                 return
             with scope:
                 await self._session(fs, peer, scope, group_name, disks, protection, limits,
@@ -221,16 +223,27 @@ class TargetSite:
 
     async def _answer_probe(self, fs: SessionStream, peer: str, name: str,
                             disks: List[Tuple[str, int]], protection: str,
-                            seeds: Optional[Dict[str, str]]) -> None:
-        """protect asks whether it may: answer, change nothing."""
+                            seeds: Optional[Dict[str, str]],
+                            verify: Optional[Tuple[int, int, int, int]] = None) -> None:
+        """protect asks whether it may: answer, change nothing. ``ferry verify`` asks the
+        same way, for digests of chunks of a disk (``target/verify.py``)."""
         try:
             durable = self._probe(name, disks, protection)
         except SizeMismatch as e:
             log.error("refusing group %s from %s: %s", name, peer, e)
             await fs.send_error(frames.E_SIZE_MISMATCH, str(e))
             return
+        points = tuple((d[0], d[1]) for d in durable)
+        group = self.groups.get(name)
+        if verify is not None:
+            if group is None or group.protection != protection:
+                await fs.send(messages.Opened(name, points))  # no such replica here
+                return
+            digests, at = await trio.to_thread.run_sync(point_digests, group, *verify)
+            await fs.send(messages.Opened(name, points, 0, digests, at))
+            return
         await self._check_seeds(name, disks, protection, seeds)
-        await fs.send(messages.Opened(name, tuple((d[0], d[1]) for d in durable)))
+        await fs.send(messages.Opened(name, points))
 
     async def _session(self, fs: SessionStream, peer: str, scope: trio.CancelScope,
                        group_name: str, disks: List[Tuple[str, int]], protection: str,
