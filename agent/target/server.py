@@ -13,6 +13,7 @@ The bodies are read in ``messages.py``, the batches taken in by ``intake.py``.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -188,18 +189,34 @@ class TargetSite:
                 ConnectionError) as e:
             log.info("connection from %s ended: %s", peer, e or type(e).__name__)
         except OSError as e:
-            log.error("group %s: storage error: %s", group_name, e)
-            await fs.send_error(frames.E_STORAGE, str(e))
+            if not await self._full(fs, group_name, e):
+                log.error("group %s: storage error: %s", group_name, e)
+                await fs.send_error(frames.E_STORAGE, str(e))
         except Exception as e:
             # A damaged group (unreadable metadata, a corrupt journal) or a bug: this
             # session ends, the agent and every other group go on.
-            log.exception("group %s: session from %s failed", group_name, peer)
-            await fs.send_error(frames.E_STORAGE, "%s: %s" % (type(e).__name__, e))
+            if not await self._full(fs, group_name, e):
+                log.exception("group %s: session from %s failed", group_name, peer)
+                await fs.send_error(frames.E_STORAGE, "%s: %s" % (type(e).__name__, e))
         finally:
             if group_name is not None and self._owners.get(group_name) is scope:
                 del self._owners[group_name]
                 self._sessions.pop(group_name, None)
             await fs.aclose()
+
+    async def _full(self, fs: SessionStream, group: Optional[str], e: Exception) -> bool:
+        """A full file system (ENOSPC, EDQUOT) ends the session as ``journal-full``: what
+        could not be written was not acknowledged (the journal cuts a failed append back),
+        and the source sends it again once a session opens. True if it was that."""
+        if getattr(e, "errno", None) not in (errno.ENOSPC, errno.EDQUOT):
+            return False
+        log.error("group %s: journal full: site B's file system has no space: %s; "
+                  "nothing unwritten was acknowledged, the source keeps it until space "
+                  "is freed", group, e)
+        await fs.send_error(frames.E_JOURNAL_FULL, "group %s: site B's file system is full "
+                            "(%s); free space there, replication resumes by itself"
+                            % (group, getattr(e, "strerror", None) or e))
+        return True
 
     async def _handshake(self, fs: SessionStream, paired: Optional[bytes], is_tls: bool,
                          peer: str, ticket: preauth.Ticket) -> Optional[messages.Open]:
