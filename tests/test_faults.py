@@ -409,3 +409,27 @@ def test_site_b_killed_at_random_points_of_apply_loses_no_acked_batch(sites: Lab
     assert v.prefix == writer.log.acked, v
     print("\nkill -9 of B x%d at writes %s: 0 acked batches lost, oracle prefix %d of %d"
           % (len(kills), [k[0] for k in kills], v.prefix, writer.log.acked))
+
+
+def test_the_same_disk_twice_in_one_protect_is_one_clear_4xx(sites: Lab) -> None:
+    """Under two names, by two paths (a symlink): one line naming the disk, a 4xx, nothing
+    protected, no traceback in the agent's log."""
+    import os
+
+    from agent.errors import RequestError
+
+    disk = sites.image("vda.img", 8 * MiB)
+    link = sites.work / "alias.img"
+    os.symlink(disk, link)
+    for second in (disk, link):
+        proc = sites.a.ferry("protect", "g1", "--disk", "a=%s" % disk, "--disk",
+                             "b=%s" % second, "--target", sites.b.address, check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode != 0 and len(lines) == 1, proc
+        assert lines[0].startswith("ferry: error: disk b: ") and "same disk" in lines[0], lines
+        with pytest.raises(RequestError, match="same disk"):
+            sites.a.api("POST", "/v1/groups", {
+                "name": "g1", "target": sites.b.address,
+                "disks": [{"name": "a", "path": str(disk)}, {"name": "b", "path": str(second)}]})
+    assert sites.a.status()["groups"] == {}
+    assert "Traceback" not in sites.a.log.read_text()
