@@ -5,6 +5,7 @@ verifies clean, and the oracle passes its restored point."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -77,6 +78,14 @@ def test_a_group_written_all_along_verifies_clean_and_passes_the_oracle(sites: L
 
 
 def test_verify_refusals(sites: Lab) -> None:
+    big = sites.image("big.img", 32 * MiB)
+    with open(big, "r+b") as f:
+        f.write(os.urandom(32 * MiB))
+    sites.a.ferry("protect", "g2", "--disk", "big=%s" % big, "--target", sites.b.address,
+                  "--bandwidth", "1M")
+    proc = sites.a.ferry("verify", "g2", check=False)
+    assert proc.returncode == EXIT_CONFLICT and "being synced" in proc.stderr, proc.stderr
+    sites.a.ferry("unprotect", "g2")
     written_disk(sites)
     proc = sites.a.ferry("verify", "nosuch", check=False)
     assert proc.returncode == EXIT_NOT_FOUND and "nosuch" in proc.stderr, proc.stderr

@@ -142,7 +142,8 @@ async def verify(site: Any, name: str, disk: Optional[str], chunk: int = CHUNK,
                  rounds: int = 4, settle: float = 1.0, repair: bool = False
                  ) -> Dict[str, Any]:
     """Compare each disk of group ``name`` (or only ``disk``) with site B's copy; see the
-    module. ``repair``: resync the differing ranges at once."""
+    module. ``repair``: resync the differing ranges at once. A disk being synced (its
+    stream inconsistent) is refused: site B's copy of it is not whole yet."""
     shipper = site.shippers.get(name)
     if shipper is None:
         raise NotFound("no group %s on this site" % name)
@@ -152,6 +153,12 @@ async def verify(site: Any, name: str, disk: Optional[str], chunk: int = CHUNK,
         raise NotFound("group %s has no disk %s" % (name, disk))
     if chunk & (chunk - 1) or not 4096 <= chunk <= messages.MAX_SEED_CHUNK:
         raise Invalid("verify chunk %d is not a power of two from 4 KiB to 64 MiB" % chunk)
+    for d in disks:
+        link = next((lk for lk in shipper.links if lk.row.name == d.name), None)
+        if link is not None and link.inconsistent:
+            raise Conflict("group %s: disk %s is being synced (initial sync or resync): site "
+                           "B's copy is not whole yet; verify once it replicates"
+                           % (name, d.name))
     out: Dict[str, Any] = {"group": name, "chunk": chunk, "disks": {}, "differing_bytes": 0,
                            "repair_asked": False}
     for d in disks:
