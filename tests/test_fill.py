@@ -41,6 +41,11 @@ def fill(directory: Path) -> Path:
     return ballast
 
 
+def full_events(lab: Lab) -> list:
+    events = [json.loads(x) for x in lab.a.ferry("events", "--json").stdout.splitlines()]
+    return [e for e in events if e.get("new") == "journal-full"]
+
+
 @pytest.fixture
 def small_b(lab: Lab, tmp_path: Path):
     """Site B's data directory on a fresh 48 MiB ext4 file system (loop-mounted)."""
@@ -75,6 +80,8 @@ def test_a_full_file_system_on_site_b(small_b: Lab) -> None:
                  timeout=60, what="journal-full on the source")
         g = lab.a.status("g1")["groups"]["g1"]
         assert "file system is full" in g["error"], g
+        # The event (the watcher samples status every 0.5 s; the source retries meanwhile).
+        wait_for(lambda: full_events(lab), timeout=60, what="a journal-full event")
         # What site B holds now is a point the writer wrote: nothing half-kept was acked.
         held = check({"vda": str(lab.restore("g1", "vda"))}, writer.log)
         acked_while_full = writer.log.acked
@@ -86,9 +93,8 @@ def test_a_full_file_system_on_site_b(small_b: Lab) -> None:
     lab.a.ferry("wait", "g1", "--synced", "--timeout", "120")
     v = check({"vda": str(lab.restore("g1", "vda"))}, writer.log, barrier)
     assert v.prefix == writer.log.acked > acked_while_full, v
-    events = [json.loads(x) for x in lab.a.ferry("events", "--json").stdout.splitlines()]
-    full = [e for e in events if e.get("new") == "journal-full"]
-    assert full and full[0]["severity"] == "warning", events[-10:]
+    full = full_events(lab)
+    assert full[0]["severity"] == "warning" and full[0]["group"] == "g1", full
     print("\nfill: site B full after %d writes, held a prefix of %d (barrier %d); resumed, "
           "final prefix %d = all acked" % (acked_while_full, held.prefix, held.barrier,
                                            v.prefix))
