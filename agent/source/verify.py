@@ -98,7 +98,8 @@ async def target_digests(connect: Any, row: GroupRow, site_id: str, index: int, 
         raise Unavailable("%s: site B cannot be asked: %s" % (
             what, e or type(e).__name__)) from None
     if opened.digests is None or opened.at is None:
-        raise Conflict("%s: site B holds no replica of this group to compare" % what)
+        raise Conflict("%s: site B holds no replica of this group to compare (or its agent "
+                       "is too old to answer verify)" % what)
     if len(opened.digests) != count * messages.VERIFY_DIGEST:
         raise Unavailable("%s: site B answered %d digests for %d chunks" % (
             what, len(opened.digests) // messages.VERIFY_DIGEST, count))
