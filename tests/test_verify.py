@@ -147,3 +147,23 @@ def test_opened_verify_is_checked() -> None:
                 {"digests": b"x" * 8 * (messages.MAX_VERIFY_CHUNKS + 1), "at": [1, 4]}):
         with pytest.raises(ProtocolError):
             messages.Opened.parse({"group": "g1", "durable": [[1, 5]], "verify": bad}, ctx)
+
+
+def test_a_damaged_journal_record_on_site_b_is_a_refusal_naming_it(sites: Lab) -> None:
+    """Site B reads its newest point through the journal reader, which checks every record:
+    a record that fails its checksum is not hashed, B refuses, and verify says so."""
+    import random
+
+    from test_integrity import flip_big_write, protected, segments, write
+
+    _disk, uri = protected(sites, "g1")
+    write(uri, random.Random(3), big=True)
+    sites.a.ferry("wait", "g1", "--synced", "--timeout", "60")
+    seg = segments(sites, "g1")[-1]
+    flip_big_write(seg)
+    proc = sites.a.ferry("verify", "g1", check=False)
+    err = proc.stderr.strip()
+    assert proc.returncode == EXIT_CONFLICT and len(err.splitlines()) == 1, proc
+    assert "site B refused" in err and "damaged bytes" in err and str(seg) in err, err
+    assert "verify for" in sites.b.log.read_text()
+    assert "Traceback" not in sites.b.log.read_text()

@@ -256,7 +256,12 @@ class TargetSite:
             if group is None or group.protection != protection:
                 await fs.send(messages.Opened(name, points))  # no such replica here
                 return
-            digests, at = await trio.to_thread.run_sync(point_digests, group, *verify)
+            try:
+                digests, at = await trio.to_thread.run_sync(point_digests, group, *verify)
+            except StorageError as e:  # a damaged record in the way: named, not hashed
+                log.error("group %s: verify for %s refused: %s", name, peer, e)
+                await fs.send_error(frames.E_STORAGE, str(e))
+                return
             await fs.send(messages.Opened(name, points, 0, digests, at))
             return
         await self._check_seeds(name, disks, protection, seeds)
