@@ -1,6 +1,7 @@
 """``make soak``: random faults under a steady oracle write load, bounded in time.
 
     SOAK_MINUTES=5 python bench/soak.py      # default 30; SOAK_INTERVAL=30,90 (seconds)
+    SOAK_FAULTS=flap_link SOAK_INTERVAL=1,5 ...   # only some faults (names in FAULTS)
 
 Two sites on loopback (real agents, the link through the lab's fault proxy), one group of
 two disks written by the oracle writer (lab/oracle.py) all along. Every 30-90 s one fault
@@ -177,6 +178,11 @@ def _slope(points: List[Tuple[float, int]]) -> float:
 def main() -> int:
     minutes = float(os.environ.get("SOAK_MINUTES", 30))
     low, high = (float(x) for x in os.environ.get("SOAK_INTERVAL", "30,90").split(","))
+    faults = tuple(os.environ.get("SOAK_FAULTS", ",".join(Soak.FAULTS)).split(","))
+    unknown = sorted(set(faults) - set(Soak.FAULTS))
+    if unknown:
+        print("soak: unknown fault %s (faults: %s)" % (unknown[0], ", ".join(Soak.FAULTS)))
+        return 2
     root = Path(tempfile.mkdtemp(prefix="fysoak", dir="/tmp"))
     work = Path(tempfile.mkdtemp(prefix="fysoak-img"))
     soak = Soak(root, work)
@@ -210,7 +216,7 @@ def main() -> int:
                 if time.monotonic() + pause > end:
                     break
                 _sleep_sampling(soak, pause)
-                fault = soak.rng.choice(Soak.FAULTS)
+                fault = soak.rng.choice(faults)
                 t = time.monotonic()
                 getattr(soak, fault)()
                 soak.faults[fault] = soak.faults.get(fault, 0) + 1
