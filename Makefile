@@ -22,7 +22,7 @@ BENCH_APT_PACKAGES := python3-matplotlib
 PYTEST_ARGS ?=
 
 .PHONY: all deps apt bench-apt venv test lint unit demo bench bench-quick bench-control-plane clean package \
-	lint-packaging package-apt test-distro test-distro-apt
+	lint-packaging package-apt test-distro test-distro-apt fuzz soak
 
 all: test
 
@@ -103,6 +103,15 @@ bench-quick: deps bench-apt
 # One benchmark alone, short: status latency under load and the agent's memory (issue 18).
 bench-control-plane: deps bench-apt
 	$(PY) bench/run.py --quick --only control_plane
+
+# Nightly-style: 1,000,000 fuzz inputs over the site frames, the splitter's local wire and
+# the HTTP API (FUZZ_INPUTS=N for another budget); crashes kept in tests/fuzz/crashes/.
+fuzz: deps
+	$(PY) tests/fuzz/run.py
+
+# Random faults every 30-90 s under an oracle write load, bounded: SOAK_MINUTES (default 30).
+soak: deps
+	$(PY) bench/soak.py
 
 clean:
 	rm -rf $(VENV) .cache build dist *.egg-info

@@ -44,7 +44,7 @@ SYNCING = ("initial-sync", "resyncing")
 BACKLOG = 4 << 20        # a backlog this large is followed like a sync
 
 
-WARN_STATES = ("error", "fenced", "source-io-error", "splitter-down")
+WARN_STATES = ("error", "fenced", "source-io-error", "splitter-down", "journal-full")
 
 
 class Watcher:

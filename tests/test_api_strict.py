@@ -40,7 +40,7 @@ ROUTES = [
     ("POST", "/v1/replicas/NAME/failover"), ("POST", "/v1/replicas/NAME/restore"),
     ("POST", "/v1/replicas/NAME/mounts"), ("POST", "/v1/umount"),
     ("POST", "/v1/groups/NAME/resync"), ("POST", "/v1/replicas/NAME/repair"),
-    ("POST", "/v1/replicas/NAME/scrub"),
+    ("POST", "/v1/replicas/NAME/scrub"), ("POST", "/v1/groups/NAME/verify"),
     ("POST", "/v1/pair-token"), ("POST", "/v1/pairs"), ("GET", "/v1/pairs"),
     ("DELETE", "/v1/pairs/NAME"), ("GET", "/v1/events"), ("GET", "/v1/alerts"),
     ("POST", "/v1/groups/NAME/alerts"), ("GET", "/v1/overview"), ("POST", "/v1/jobs"),

@@ -374,3 +374,62 @@ def test_a_corrupt_batch_mid_session_is_a_protocol_error(sites: Lab) -> None:
         assert ftype == frames.T_ERROR
         assert body["code"] == frames.E_PROTOCOL and "checksum" in body["message"], body
     assert "EndOfChannel" not in sites.b.log.read_text()
+
+
+def test_site_b_killed_at_random_points_of_apply_loses_no_acked_batch(sites: Lab) -> None:
+    """kill -9 of B five times at random moments while it journals and applies (a 1 s
+    history promotes all the time): after each restart B still holds everything it had
+    acknowledged to A, and the oracle passes the end point of both disks."""
+    from lab.oracle import OracleWriter, check
+
+    disks = [sites.image("vda.img", 8 * MiB), sites.image("vdb.img", 8 * MiB)]
+    uris = sites.protect("g1", *disks, extra=("--history", "1s"))
+    sites.a.ferry("wait", "g1", "--synced", "--timeout", "60")
+    writer = OracleWriter(uris, 8 * MiB, seed=31, blocks=1024, pause=0.002)
+    writer.start()
+    rng = random.Random(31)
+    kills = []
+    try:
+        for _ in range(5):
+            time.sleep(rng.uniform(0.3, 1.5))
+            sites.b.kill()
+            acked = {n: (d["last_acked_gen"], d["last_acked_seq"])
+                     for n, d in sites.a.status("g1")["groups"]["g1"]["disks"].items()}
+            sites.b.start()
+            held = {n: (d["durable_gen"], d["durable_seq"])
+                    for n, d in sites.b.status()["replicas"]["g1"]["disks"].items()}
+            for name in acked:
+                assert held[name] >= acked[name], (name, held, acked)
+            kills.append((writer.log.acked, acked))
+    finally:
+        barrier = writer.finish()
+    sites.a.ferry("wait", "g1", "--synced", "--timeout", "120")
+    images = {n: str(sites.restore("g1", n)) for n in ("vda", "vdb")}
+    v = check(images, writer.log, barrier)
+    assert v.prefix == writer.log.acked, v
+    print("\nkill -9 of B x%d at writes %s: 0 acked batches lost, oracle prefix %d of %d"
+          % (len(kills), [k[0] for k in kills], v.prefix, writer.log.acked))
+
+
+def test_the_same_disk_twice_in_one_protect_is_one_clear_4xx(sites: Lab) -> None:
+    """Under two names, by two paths (a symlink): one line naming the disk, a 4xx, nothing
+    protected, no traceback in the agent's log."""
+    import os
+
+    from agent.errors import RequestError
+
+    disk = sites.image("vda.img", 8 * MiB)
+    link = sites.work / "alias.img"
+    os.symlink(disk, link)
+    for second in (disk, link):
+        proc = sites.a.ferry("protect", "g1", "--disk", "a=%s" % disk, "--disk",
+                             "b=%s" % second, "--target", sites.b.address, check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode != 0 and len(lines) == 1, proc
+        assert lines[0].startswith("ferry: error: disk b: ") and "same disk" in lines[0], lines
+        with pytest.raises(RequestError, match="same disk"):
+            sites.a.api("POST", "/v1/groups", {
+                "name": "g1", "target": sites.b.address,
+                "disks": [{"name": "a", "path": str(disk)}, {"name": "b", "path": str(second)}]})
+    assert sites.a.status()["groups"] == {}
+    assert "Traceback" not in sites.a.log.read_text()

@@ -88,10 +88,11 @@ def test_nothing_goes_back_to_connecting() -> None:
 def test_states_keep_the_strings_status_has_always_shown() -> None:
     assert [s.value for s in ShipperState] == [
         "connecting", "replicating", "paused", "target-unreachable", "target-unpaired",
-        "target-error", "target-storage-error", "fenced"]
+        "target-error", "target-storage-error", "journal-full", "fenced"]
     assert GROUP_STATE_ORDER == (
         "error", "fenced", "source-io-error", "splitter-down", "target-unpaired",
-        "target-unreachable", "target-error", "target-storage-error", "connecting", "paused",
+        "target-unreachable", "target-error", "target-storage-error", "journal-full",
+        "connecting", "paused",
         "bitmap", "initial-sync", "resyncing")
     assert group_state(["replicating", "bitmap", "paused"]) == "paused"
     assert group_state([]) == "replicating"

@@ -11,6 +11,8 @@
     POST   /v1/groups/NAME/checkpoints      {tag?, timeout?}: cut a user checkpoint (source)
     POST   /v1/groups/NAME/move             {timeout?}: planned move to the target, no loss
     POST   /v1/groups/NAME/resync           {disk, ranges?}: read ranges again and ship them
+    POST   /v1/groups/NAME/verify           {disk?, chunk?, rounds?, settle?, repair?}:
+                                            compare the disks with site B's copy (online)
     POST   /v1/replicas/NAME/repair         {disk, ranges?}: ask the source for ranges again
     GET    /v1/checkpoints/NAME             {"source": [...] | null, "target": [...] | null}
     POST   /v1/replicas/NAME/views          {checkpoint?, at_ns?, test?}: serve a point (target)

@@ -11,6 +11,7 @@ from ..protocol.frames import MAX_DISKS
 from ..protocol.messages import MAX_HISTORY, MAX_JOURNAL
 from ..source.move import move
 from ..source.resync import resync
+from ..source.verify import verify
 from .request import (
     bandwidth_of,
     bool_of,
@@ -66,6 +67,9 @@ async def route(api: Api, method: str, parts: List[str], query: Dict[str, list],
     if len(parts) == 4 and parts[:2] == ["v1", "groups"] and parts[3] == "resync" \
             and method == "POST":
         return 200, await resync(api.source, parts[2], name_of(body, "disk"), ranges_of(body))
+    if len(parts) == 4 and parts[:2] == ["v1", "groups"] and parts[3] == "verify" \
+            and method == "POST":
+        return 200, await _verify(api, parts[2], body)
     if len(parts) == 4 and parts[:2] == ["v1", "groups"] and parts[3] == "move" \
             and method == "POST":
         return 200, await move(api.source, parts[2], seconds_of(body, "timeout", 120.0))
@@ -77,6 +81,15 @@ async def route(api: Api, method: str, parts: List[str], query: Dict[str, list],
             raise NotFound("no group %s on this site" % name)
         return 200, {"group": name, "source": src, "target": tgt}
     return None
+
+
+async def _verify(api: Api, name: str, body: Dict[str, Any]) -> Any:
+    only(body, ("disk", "chunk", "rounds", "settle", "repair"), "verify")
+    disk = name_of(body, "disk") if "disk" in body else None
+    return await verify(api.source, name, disk, int_of(body, "chunk", 4096, 1 << 26, 1 << 20),
+                        int_of(body, "rounds", 1, 100, 4),
+                        seconds_of(body, "settle", 1.0, high=600.0),
+                        bool_of(body, "repair"))
 
 
 PROTECT_FIELDS = ("name", "target", "disks", "allow_unreachable", "queue_bytes", "history_s",

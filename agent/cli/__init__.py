@@ -22,6 +22,7 @@ from . import (  # noqa: F401
     recovery,
     repair,
     status,
+    verify,
 )
 from .app import cli, main
 

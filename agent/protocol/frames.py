@@ -78,6 +78,7 @@ E_UNPAIRED = "unpaired"           # TLS without a paired certificate
 E_PAIRING = "pairing-refused"     # a bad, used or expired token
 E_BAD_SEED = "bad-seed"
 E_FAILED_OVER = "failed-over"     # the group failed over to the target: the source is fenced
+E_JOURNAL_FULL = "journal-full"   # site B's file system is full: nothing past the ack is kept
 
 
 

@@ -27,6 +27,8 @@ MAX_HISTORY = 1 << 40         # seconds
 MAX_JOURNAL = 1 << 62         # bytes
 MAX_CHECKPOINTS = frames.MAX_DISKS * 16   # in one BATCH
 MAX_SEED_CHUNK = 64 * 1024 * 1024
+MAX_VERIFY_CHUNKS = 65536     # chunks one probe may ask digests of (ferry verify)
+VERIFY_DIGEST = 8             # xxh3_64 of each chunk
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,8 @@ class Open(Message):
     probe: bool = False
     limits: Optional[Tuple[int, int]] = None       # (history_s, journal_max)
     seeds: Optional[Dict[str, str]] = None         # disk -> a seed file on site B
+    # ferry verify (a probe only): (disk, chunk size, first chunk, chunks) to hash
+    verify: Optional[Tuple[int, int, int, int]] = None
 
     def body(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"group": self.group, "protection": self.protection,
@@ -136,6 +140,8 @@ class Open(Message):
             out["history_s"], out["journal_max"] = self.limits
         if self.seeds is not None:
             out["seeds"] = dict(self.seeds)
+        if self.verify is not None:
+            out["verify"] = dict(zip(("disk", "chunk", "first", "count"), self.verify))
         return out
 
     @classmethod
@@ -168,7 +174,28 @@ class Open(Message):
                 if not isinstance(path, str) or not 0 < len(path) <= MAX_PATH or "\0" in path:
                     raise ProtocolError("bad seed path for disk %r" % (dname,))
             seeds = dict(raw_seeds)
-        return cls(group, protection, tuple(disks), bool(body.get("probe")), limits, seeds)
+        probe = bool(body.get("probe"))
+        verify = _verify(body, disks) if "verify" in body else None
+        if verify is not None and not probe:
+            raise ProtocolError("verify is asked in a probe only")
+        return cls(group, protection, tuple(disks), probe, limits, seeds, verify)
+
+
+def _verify(body: dict, disks: List[Tuple[str, int]]) -> Tuple[int, int, int, int]:
+    """OPEN's ``verify``: a disk of the group, a power-of-two chunk of 4 KiB to 64 MiB, and
+    at most MAX_VERIFY_CHUNKS chunks within the disk."""
+    raw = frames.field(body, "verify", dict)
+    disk = _int(raw, "disk", 0, len(disks))
+    chunk = _int(raw, "chunk", 4096, MAX_SEED_CHUNK + 1)
+    if chunk & (chunk - 1):
+        raise ProtocolError("verify chunk %d is not a power of two" % chunk)
+    total = -(-disks[disk][1] // chunk)
+    first = _int(raw, "first", 0, total)
+    count = _int(raw, "count", 1, MAX_VERIFY_CHUNKS + 1)
+    if first + count > total:
+        raise ProtocolError("verify chunks [%d, +%d) past the end of disk %s (%d chunks)"
+                            % (first, count, disks[disk][0], total))
+    return disk, chunk, first, count
 
 
 @dataclass(frozen=True)
@@ -178,11 +205,17 @@ class Opened(Message):
     group: str
     durable: Tuple[Point, ...]
     seed_frames: int = 0
+    # a verify probe's answer: the chunks' digests (VERIFY_DIGEST bytes each) and the
+    # point of the disk they were taken at; None where site B holds no such replica
+    digests: Optional[bytes] = None
+    at: Optional[Point] = None
 
     def body(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"group": self.group, "durable": [list(d) for d in self.durable]}
         if self.seed_frames:
             out["seed_frames"] = self.seed_frames
+        if self.digests is not None and self.at is not None:
+            out["verify"] = {"digests": self.digests, "at": list(self.at)}
         return out
 
     @classmethod
@@ -190,7 +223,15 @@ class Opened(Message):
         n = body.get("seed_frames", 0)
         if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= 1 << 20:
             raise ProtocolError("bad seed_frames %r" % (n,))
-        return cls(_group(body, ctx), tuple(_points(body, "durable", ctx.ndisks)), n)
+        digests, at = None, None
+        if "verify" in body:
+            raw = frames.field(body, "verify", dict)
+            digests = frames.field(raw, "digests", bytes)
+            if len(digests) % VERIFY_DIGEST or len(digests) > MAX_VERIFY_CHUNKS * VERIFY_DIGEST:
+                raise ProtocolError("verify digests of %d bytes" % len(digests))
+            at = _points({"at": [raw.get("at")]}, "at", 1)[0]
+        return cls(_group(body, ctx), tuple(_points(body, "durable", ctx.ndisks)), n,
+                   digests, at)
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ class LinkStalled(Exception):
 
 # The state a group shows when the target ends a session with this error code.
 REMOTE_STATES = {frames.E_STORAGE: ShipperState.TARGET_STORAGE_ERROR,
+                 frames.E_JOURNAL_FULL: ShipperState.JOURNAL_FULL,
                  frames.E_FAILED_OVER: ShipperState.FENCED,
                  frames.E_TLS_REQUIRED: ShipperState.TARGET_UNPAIRED,
                  frames.E_UNPAIRED: ShipperState.TARGET_UNPAIRED}

@@ -43,6 +43,7 @@ class ShipperState(str, Enum):
     TARGET_UNPAIRED = "target-unpaired"
     TARGET_ERROR = "target-error"
     TARGET_STORAGE_ERROR = "target-storage-error"
+    JOURNAL_FULL = "journal-full"  # site B's file system is full; it resumes once freed
     FENCED = "fenced"  # the group failed over to its target: the splitters refuse writes
 
     def to(self, new: ShipperState) -> ShipperState:
@@ -71,7 +72,8 @@ class DiskState(str, Enum):
 GROUP_STATE_ORDER = tuple(s.value for s in (
     DiskState.ERROR, ShipperState.FENCED, DiskState.SOURCE_IO_ERROR, DiskState.SPLITTER_DOWN,
     ShipperState.TARGET_UNPAIRED, ShipperState.TARGET_UNREACHABLE, ShipperState.TARGET_ERROR,
-    ShipperState.TARGET_STORAGE_ERROR, ShipperState.CONNECTING, ShipperState.PAUSED,
+    ShipperState.TARGET_STORAGE_ERROR, ShipperState.JOURNAL_FULL, ShipperState.CONNECTING,
+    ShipperState.PAUSED,
     DiskState.BITMAP, DiskState.INITIAL_SYNC, DiskState.RESYNCING))
 
 

@@ -13,6 +13,7 @@ The bodies are read in ``messages.py``, the batches taken in by ``intake.py``.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from .group import NoConsistentState, SizeMismatch, TargetGroup, check_disks
 from .mounts import Mounts
 from .repairs import Repairs
 from .restore import check_dest, restore_as
+from .verify import point_digests
 from .views import Views
 
 log = logging.getLogger("ferry.target")
@@ -168,7 +170,8 @@ class TargetSite:
             limits = (float(opened.limits[0]), opened.limits[1]) if opened.limits else None
             seeds = opened.seeds
             if opened.probe:
-                await self._answer_probe(fs, peer, group_name, disks, protection, seeds)
+                await self._answer_probe(fs, peer, group_name, disks, protection, seeds,
+                                         opened.verify)
                 return
             with scope:
                 await self._session(fs, peer, scope, group_name, disks, protection, limits,
@@ -187,18 +190,34 @@ class TargetSite:
                 ConnectionError) as e:
             log.info("connection from %s ended: %s", peer, e or type(e).__name__)
         except OSError as e:
-            log.error("group %s: storage error: %s", group_name, e)
-            await fs.send_error(frames.E_STORAGE, str(e))
+            if not await self._full(fs, group_name, e):
+                log.error("group %s: storage error: %s", group_name, e)
+                await fs.send_error(frames.E_STORAGE, str(e))
         except Exception as e:
             # A damaged group (unreadable metadata, a corrupt journal) or a bug: this
             # session ends, the agent and every other group go on.
-            log.exception("group %s: session from %s failed", group_name, peer)
-            await fs.send_error(frames.E_STORAGE, "%s: %s" % (type(e).__name__, e))
+            if not await self._full(fs, group_name, e):
+                log.exception("group %s: session from %s failed", group_name, peer)
+                await fs.send_error(frames.E_STORAGE, "%s: %s" % (type(e).__name__, e))
         finally:
             if group_name is not None and self._owners.get(group_name) is scope:
                 del self._owners[group_name]
                 self._sessions.pop(group_name, None)
             await fs.aclose()
+
+    async def _full(self, fs: SessionStream, group: Optional[str], e: Exception) -> bool:
+        """A full file system (ENOSPC, EDQUOT) ends the session as ``journal-full``: what
+        could not be written was not acknowledged (the journal cuts a failed append back),
+        and the source sends it again once a session opens. True if it was that."""
+        if getattr(e, "errno", None) not in (errno.ENOSPC, errno.EDQUOT):
+            return False
+        log.error("group %s: journal full: site B's file system has no space: %s; "
+                  "nothing unwritten was acknowledged, the source keeps it until space "
+                  "is freed", group, e)
+        await fs.send_error(frames.E_JOURNAL_FULL, "group %s: site B's file system is full "
+                            "(%s); free space there, replication resumes by itself"
+                            % (group, getattr(e, "strerror", None) or e))
+        return True
 
     async def _handshake(self, fs: SessionStream, paired: Optional[bytes], is_tls: bool,
                          peer: str, ticket: preauth.Ticket) -> Optional[messages.Open]:
@@ -222,16 +241,32 @@ class TargetSite:
 
     async def _answer_probe(self, fs: SessionStream, peer: str, name: str,
                             disks: List[Tuple[str, int]], protection: str,
-                            seeds: Optional[Dict[str, str]]) -> None:
-        """protect asks whether it may: answer, change nothing."""
+                            seeds: Optional[Dict[str, str]],
+                            verify: Optional[Tuple[int, int, int, int]] = None) -> None:
+        """protect asks whether it may: answer, change nothing. ``ferry verify`` asks the
+        same way, for digests of chunks of a disk (``target/verify.py``)."""
         try:
             durable = self._probe(name, disks, protection)
         except SizeMismatch as e:
             log.error("refusing group %s from %s: %s", name, peer, e)
             await fs.send_error(frames.E_SIZE_MISMATCH, str(e))
             return
+        points = tuple((d[0], d[1]) for d in durable)
+        group = self.groups.get(name)
+        if verify is not None:
+            if group is None or group.protection != protection:
+                await fs.send(messages.Opened(name, points))  # no such replica here
+                return
+            try:
+                digests, at = await trio.to_thread.run_sync(point_digests, group, *verify)
+            except StorageError as e:  # a damaged record in the way: named, not hashed
+                log.error("group %s: verify for %s refused: %s", name, peer, e)
+                await fs.send_error(frames.E_STORAGE, str(e))
+                return
+            await fs.send(messages.Opened(name, points, 0, digests, at))
+            return
         await self._check_seeds(name, disks, protection, seeds)
-        await fs.send(messages.Opened(name, tuple((d[0], d[1]) for d in durable)))
+        await fs.send(messages.Opened(name, points))
 
     async def _session(self, fs: SessionStream, peer: str, scope: trio.CancelScope,
                        group_name: str, disks: List[Tuple[str, int]], protection: str,
