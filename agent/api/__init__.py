@@ -10,6 +10,8 @@
     POST   /v1/groups/NAME/pause, .../resume  stop / restart shipping (kept across restarts)
     POST   /v1/groups/NAME/checkpoints      {tag?, timeout?}: cut a user checkpoint (source)
     POST   /v1/groups/NAME/move             {timeout?}: planned move to the target, no loss
+    POST   /v1/groups/NAME/failback         {target, timeout?, wait?}: protect the live disks
+                                            back onto the old source's original disks
     POST   /v1/groups/NAME/resync           {disk, ranges?}: read ranges again and ship them
     POST   /v1/replicas/NAME/repair         {disk, ranges?}: ask the source for ranges again
     GET    /v1/checkpoints/NAME             {"source": [...] | null, "target": [...] | null}

@@ -153,3 +153,32 @@ def _print_step(group: str, mode: str, result: Dict[str, Any]) -> None:
                    c["id"], iso(c["wall_ns"])) if c else "its newest consistent state"))
     for name, uri in sorted(result["disks"].items()):
         click.echo("%s\t%s" % (name, uri))
+
+
+@cli.command()
+@click.argument("group", shell_complete=complete_groups)
+@click.option("--target", "address", required=True, metavar="HOST:PORT",
+              help="The old source site's replication address (its original disks).")
+@click.option("--timeout", default=600.0, show_default=True, type=float,
+              help="Seconds to wait until the old source holds everything.")
+@click.option("--no-wait", "no_wait", is_flag=True,
+              help="Return once the reverse protection runs; do not wait for the sync.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def failback(api: Agent, group: str, address: str, timeout: float, no_wait: bool,
+             as_json: bool) -> None:
+    """On the site where GROUP is failed over live (committed): protect its live disks
+    back to the old source, onto that site's original disks, shipping only the chunks
+    that differ. The live disks are served by splitters from then on (new URIs below);
+    then `ferry move GROUP` here makes the old source live again."""
+    result = call(api, "POST", "/v1/groups/%s/failback" % group,
+                  {"target": address, "timeout": timeout, "wait": not no_wait},
+                  timeout=timeout + 120)
+    if as_json:
+        return emit(result)
+    click.echo("group %s fails back to %s: %s; %d of %d bytes shipped" % (
+        group, result["target"], "the old source holds everything" if result["synced"]
+        else "the sync runs (ferry wait %s --synced)" % group, result["bytes_shipped"],
+        result["size"]))
+    for name, d in sorted(result["disks"].items()):
+        click.echo("%s\t%s" % (name, d["nbd_uri"]))

@@ -23,7 +23,9 @@ from .. import inuse
 from ..disks import Identity, Policy, identity
 from ..errors import Conflict, Invalid, NotFound, TimedOut, Unavailable
 from ..store import DiskRow, GroupRow, Store
+from ..target.failback import IN_PLACE
 from . import intake, status
+from .failback import own_disk
 from .handshake import Connector, plain_connect, probe
 from .link import DiskLink
 from .settings import DEFAULT_QUEUE, NAME_RE, parse_target
@@ -117,8 +119,10 @@ class SourceSite:
                       queue_bytes: int = DEFAULT_QUEUE,
                       allow_unreachable: bool = False,
                       settings: Optional[Dict[str, Any]] = None,
-                      seeds: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
-        """``seeds``: {disk name: a file on site B to start its replica from}."""
+                      seeds: Optional[Dict[str, str]] = None,
+                      own: bool = False) -> Dict[str, Any]:
+        """``seeds``: {disk name: a file on site B to start its replica from}. ``own``: the
+        disks are this agent's live disks, failing back (``failback.py``)."""
         if not NAME_RE.match(name):
             raise Invalid("group name %r: use letters, digits, '_', '.', '-'" % name)
         if name in self._busy or self.store.group(name) is not None:
@@ -133,8 +137,8 @@ class SourceSite:
                 raise Invalid("disk name %r: use letters, digits, '_', '.', '-'" % dname)
             if dname in [r[0] for r in rows]:
                 raise Invalid("disk name %s is given twice" % dname)
-            real, size, ident = await trio.to_thread.run_sync(self.policy.open_disk,
-                                                              dname, path)
+            real, size, ident = await trio.to_thread.run_sync(
+                own_disk if own else self.policy.open_disk, dname, path)
             if ident in idents:
                 raise Invalid("disk %s: %s is the same disk as disk %s"
                               % (dname, path, rows[idents.index(ident)][0]))
@@ -148,7 +152,7 @@ class SourceSite:
             if dname not in seen:
                 raise Invalid("a seed for disk %s, which group %s does not have"
                               % (dname, name))
-            if not path.startswith("/"):
+            if not path.startswith("/") and not (own and path == IN_PLACE):
                 raise Invalid("seed %s for disk %s: give the absolute path of a file on "
                               "site B" % (path, dname))
         if seeds:

@@ -28,7 +28,7 @@ from ..pairing import Refused, Trust
 from ..protocol import frames, messages
 from ..protocol.session import TargetSession
 from ..protocol.stream import SessionStream, keepalive
-from . import intake, meta, preauth
+from . import failback, intake, meta, preauth
 from . import seeds as seed
 from .group import NoConsistentState, SizeMismatch, TargetGroup, check_disks
 from .mounts import Mounts
@@ -66,6 +66,7 @@ class TargetSite:
         # status samples: a test failover may open and close between them.
         self.notify: Callable[..., Any] = lambda *args, **fields: None
         self.scrubs: Dict[str, Dict[str, Any]] = {}  # the last scrub of each group
+        self.fenced_disks: Optional[failback.FencedDisks] = None  # set by the agent
         self.mounts = Mounts(
             data_dir, lambda name, ref, at: self.views.open(self.group(name), ref, at, False),
             lambda vid: self.views.close(vid, self.groups))
@@ -306,6 +307,9 @@ class TargetSite:
                                  "on site B)" % (name, " (and cannot open it: %s)"
                                                  % self.broken[name] if held is None else "",
                                                  name))
+        if failback.wanted(seeds):
+            failback.resolve(name, disks, self.fenced_disks)
+            return
         sizes = dict(disks)
         for dname, path in sorted(seeds.items()):
             if dname not in sizes:
@@ -326,6 +330,11 @@ class TargetSite:
             if group is not None:
                 self.groups.pop(name)
                 await trio.to_thread.run_sync(group.close)
+            elif seeds and failback.wanted(seeds):  # the original disks, in place
+                await self._check_seeds(name, disks, protection, seeds)
+                await trio.to_thread.run_sync(
+                    failback.adopt, os.path.join(self.root, name), name, disks,
+                    failback.resolve(name, disks, self.fenced_disks))
             elif seeds:
                 await self._check_seeds(name, disks, protection, seeds)
                 await trio.to_thread.run_sync(seed.adopt_group, os.path.join(self.root, name),

@@ -1,0 +1,156 @@
+"""Failback (``ferry failback G``, on the site where G is failed over live): this site takes
+the source role of G and protects its live disks back to the old source, onto that site's
+original disks, shipping only the chunks that differ.
+
+Theory of operation
+-------------------
+1. The failover must be committed: failback makes the live disks the group's truth, which a
+   rollback would throw away. One failback of a group at a time, and none while this site
+   already protects a group of that name.
+2. The failover record gets a ``failback`` entry (saved): from now on ``views.py`` no longer
+   serves the live disks, and the live export is stopped.
+3. The live disks are protected to the old source as group G, each disk's seed given as
+   ``target/failback.IN_PLACE``: that site adopts its own original disks as the replicas,
+   in place, but only while its source role of G is fenced (``fenced_disks``), and sends
+   their chunk digests. The splitters now serve the live disks (the VM's NBD client is
+   pointed at their URIs, printed and in status) and they record every write before the
+   initial sync reads a byte, so no write falls between the digest comparison and
+   continuous shipping. The sync compares every chunk: what B's VM wrote since the
+   failover and what A's VM wrote that B never received (A's queue and dirty map at the
+   fence) both differ, and both are shipped; nothing else is.
+4. It waits (unless told not to) until the old source holds everything, and reports the
+   bytes shipped against the disks' size; the same figures stay in the failover record.
+
+Anything that fails before the protection exists takes the ``failback`` entry back and
+serves the live disks again, as before. ``ferry move G`` then brings the old source live
+on its original disks (``source/move.py``, ``target/failover.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+
+import trio
+
+from ..disks import Identity, identity
+from ..errors import Conflict, Invalid
+from ..seed import SeedError
+from ..target import failover as fo
+from ..target import live
+from ..target.failback import IN_PLACE
+from .states import ShipperState
+
+if TYPE_CHECKING:
+    from ..target.server import TargetSite
+    from .site import SourceSite
+
+log = logging.getLogger("ferry.source")
+
+
+def own_disk(name: str, path: str) -> Tuple[str, int, Identity]:
+    """A live disk this agent made (in its data directory, which ``Policy`` refuses to
+    users): its real path, size and identity."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as e:
+        raise Invalid("live disk %s: %s: %s" % (name, path, e.strerror or e)) from None
+    try:
+        return os.path.realpath(path), os.lseek(fd, 0, os.SEEK_END), identity(os.fstat(fd))
+    finally:
+        os.close(fd)
+
+
+def fenced_disks(site: SourceSite, name: str) -> Dict[str, str]:
+    """This site's original disks of group ``name``, which a failback may adopt in place:
+    only while the group is fenced here (SeedError naming why not)."""
+    row = site.store.group(name)
+    shipper = site.shippers.get(name)
+    if row is None or shipper is None:
+        raise SeedError("group %s is not protected from this site: it has no original "
+                        "disks to fail back onto" % name)
+    if shipper.state is not ShipperState.FENCED:
+        raise SeedError("group %s is %s on this site, not fenced: its disks may take "
+                        "writes, so a failback onto them is refused"
+                        % (name, shipper.state.value))
+    return {d.name: d.path for d in row.disks}
+
+
+def check(target: TargetSite, source: SourceSite, name: str) -> None:
+    """Refuse a failback this site cannot start (Conflict, NotFound), naming why."""
+    g = target.group(name)
+    state = fo.state_of(g.failover)
+    if state is fo.State.NONE:
+        raise Conflict("group %s is not failed over here (replicating); nothing to fail "
+                       "back" % name)
+    if state is fo.State.DONE:
+        raise Conflict("group %s %s; commit it first (ferry failover %s --commit): a "
+                       "failback makes its live disks the truth" % (name, fo.describe(g), name))
+    if state is not fo.State.COMMITTED:
+        raise Conflict("group %s %s; no failback now" % (name, fo.describe(g)))
+    assert g.failover is not None
+    if "live" not in g.failover:
+        raise Conflict("group %s %s, with no live disks of its own (failed over by an "
+                       "earlier Ferry or onto original disks): it cannot fail back"
+                       % (name, fo.describe(g)))
+    row = source.store.group(name)
+    if row is not None:
+        raise Conflict("group %s is failing back already: this site protects it to %s "
+                       "(ferry status %s)" % (name, row.target, name))
+
+
+async def failback(source: SourceSite, target: TargetSite, name: str, address: str,
+                   seconds: float, wait: bool = True) -> Dict[str, Any]:
+    """Fail group ``name`` back to ``address`` (see the module)."""
+    async with live.lock(name):
+        check(target, source, name)
+        g = target.group(name)
+        disks = [(d.name, fo.live_path(g, d.name)) for d in g.disks]
+        record: Dict[str, Any] = {"target": address, "started_ns": time.time_ns(),
+                                  "state": "starting",
+                                  "size": sum(d.size for d in g.disks)}
+        await trio.to_thread.run_sync(g.failover_set, "failback", dict(record))
+        await trio.to_thread.run_sync(target.views.stop_live, name)
+        try:
+            info = await source.protect(name, disks, address,
+                                        seeds={d: IN_PLACE for d, _p in disks}, own=True)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(g.failover_set, "failback", None)
+                await trio.to_thread.run_sync(target.views.serve_live, g)
+            log.warning("group %s: failback to %s not started; its live export serves "
+                        "again", name, address)
+            raise
+        record["state"] = "protecting"
+        await trio.to_thread.run_sync(g.failover_set, "failback", dict(record))
+    log.warning("group %s: FAILING BACK to %s; its live disks are served by splitters now "
+                "(%s)", name, address, ", ".join("%s %s" % (d["name"], d["nbd_uri"])
+                                                 for d in info["disks"]))
+    synced: Optional[bool] = None
+    if wait:
+        await source.wait_synced(name, seconds)
+        synced = True
+    report = shipped(source, name)
+    if synced:
+        record.update(state="synced", bytes_shipped=report["bytes_shipped"],
+                      synced_ns=time.time_ns())
+        await trio.to_thread.run_sync(g.failover_set, "failback", dict(record))
+    return dict(report, group=name, target=address, synced=synced,
+                disks={d["name"]: dict(report["disks"][d["name"]], nbd_uri=d["nbd_uri"])
+                       for d in info["disks"]})
+
+
+def shipped(source: SourceSite, name: str) -> Dict[str, Any]:
+    """What the failback of ``name`` has shipped so far, against the disks' size."""
+    row = source.store.group(name)
+    assert row is not None
+    disks = {}
+    for d in row.disks:
+        link = source.links[d.id]
+        disks[d.name] = {"size": d.size, "bytes_shipped": link.shipped_bytes,
+                         "resync_skipped_bytes": link.resync_skipped_bytes}
+    return {"size": sum(v["size"] for v in disks.values()),
+            "bytes_shipped": sum(v["bytes_shipped"] for v in disks.values()),
+            "disks": disks}

@@ -1,0 +1,127 @@
+"""Failback end to end with real agents and splitters: A's disk is written through its
+splitter, site B fails over live at a tagged checkpoint and its live export takes writes,
+``ferry failback`` protects B's live disk back onto A's ORIGINAL disk shipping only what
+differs (B's writes and A's own unreplicated ones), and ``ferry move`` makes A live again
+on that very file, byte-identical to B's live disk. And every refusal of failback."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import nbd
+from conftest import Lab, first_difference, same_bytes
+from test_faults import wait_for
+from test_preseed import random_disk
+
+MiB = 1024 * 1024
+SIZE = 64 * MiB
+
+
+def a_group(lab: Lab) -> dict:
+    return lab.a.status("g1")["groups"]["g1"]
+
+
+def b_replica(lab: Lab) -> dict:
+    return lab.b.status("g1")["replicas"]["g1"]
+
+
+def write(uri: str, chunks: list, seed: int) -> int:
+    """Random data over ``chunks`` (MiB numbers) through an NBD export; bytes written."""
+    rng = random.Random(seed)
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    n = 0
+    for c in chunks:
+        data = rng.randbytes(256 * 1024)
+        h.pwrite(data, c * MiB + rng.randrange(0, 3) * 256 * 1024)
+        n += len(data)
+    h.flush()
+    h.shutdown()
+    return n
+
+
+def refused(lab_site, *args: str) -> str:
+    proc = lab_site.ferry(*args, check=False)
+    assert proc.returncode != 0, proc.stdout
+    assert proc.stderr.count("\n") == 1 and proc.stderr.strip(), proc.stderr
+    return proc.stderr
+
+
+def test_failback_round_trip_ships_only_differences(sites: Lab) -> None:
+    disk = sites.work / "vda.img"
+    random_disk(disk, SIZE, seed=7)
+    uri = sites.protect("g1", disk)["vda"]
+    sites.a.ferry("wait", "g1", "--synced", "--timeout", "120")
+    write(uri, [1, 2], 1)
+    sites.a.ferry("checkpoint", "g1", "--tag", "before-failover")
+    # A takes writes B never receives (its link paused): the failback must undo them.
+    sites.a.ferry("pause", "g1")
+    write(uri, [40], 2)
+    assert "not failed over here" in refused(sites.b, "failback", "g1", "--target",
+                                             sites.a.address)
+    started = time.monotonic()
+    out = json.loads(sites.b.ferry("failover", "g1", "--live", "--checkpoint",
+                                   "before-failover", "--json").stdout)
+    live_uri = out["disks"]["vda"]
+    h = nbd.NBD()
+    h.connect_uri(live_uri)
+    h.pread(4096, 0)
+    h.shutdown()
+    print("failover: command to export serving %.2f s" % (time.monotonic() - started))
+    # A was paused, not fenced: failback onto its disks is refused by A, named.
+    sites.b.ferry("failover", "g1", "--commit")
+    assert "not fenced" in refused(sites.b, "failback", "g1", "--target", sites.a.address)
+    assert b_replica(sites)["failover"]["state"] == "committed"
+    assert sites.b.export_pids(), "a refused failback serves the live disk again"
+    sites.a.ferry("resume", "g1")
+    wait_for(lambda: a_group(sites)["state"] == "fenced", what="A fenced", timeout=60)
+    written = write(live_uri, [5, 20, 33, 63], 3)  # B's VM writes on the live disk
+    before = disk.read_bytes()
+
+    out = json.loads(sites.b.ferry("failback", "g1", "--target", sites.a.address,
+                                   "--json").stdout)
+    print("failback: %d bytes shipped of a %d-byte disk (%.2f %%); B wrote %d" % (
+        out["bytes_shipped"], out["size"], 100.0 * out["bytes_shipped"] / out["size"],
+        written))
+    assert out["synced"] and out["size"] == SIZE, out
+    assert out["bytes_shipped"] < SIZE // 10, out
+    # B's four chunks and A's own one differ: at least those crossed, whole chunks.
+    assert out["bytes_shipped"] >= 5 * MiB, out
+    assert out["disks"]["vda"]["resync_skipped_bytes"] >= SIZE - 16 * MiB, out
+    assert "failing back already" in refused(sites.b, "failback", "g1", "--target",
+                                             sites.a.address)
+    rec = b_replica(sites)["failover"]["failback"]
+    assert rec["state"] == "synced" and rec["bytes_shipped"] == out["bytes_shipped"], rec
+    # A's replica is its original disk: the failback wrote there, nowhere else.
+    link = sites.a.data / "target" / "g1" / "replicas" / "vda.img"
+    assert link.is_symlink() and link.resolve() == disk.resolve()
+    assert disk.read_bytes() != before
+    # The splitter serves B's live disk now: a write there is shipped to A as well.
+    splitter_uri = out["disks"]["vda"]["nbd_uri"]
+    write(splitter_uri, [10], 4)
+    moved = json.loads(sites.b.ferry("move", "g1", "--json").stdout)
+    assert moved["moved"] and moved["lost_writes"] == 0, moved
+    a_rep = sites.a.status("g1")["replicas"]["g1"]
+    assert a_rep["failover"]["state"] == "done" and a_rep["failover"]["in_place"], a_rep
+    b_live = sites.b.data / "target" / "g1" / "live" / "vda.img"
+    assert same_bytes(disk, b_live), first_difference(disk, b_live)
+    # A's failover on its original disks cannot be rolled back (there is no copy).
+    assert "original disks" in refused(sites.a, "failover", "g1", "--rollback")
+
+
+def test_failback_refusals(sites: Lab) -> None:
+    proc = sites.b.ferry("failback", "nosuch", "--target", sites.a.address, check=False)
+    assert proc.returncode != 0 and "nosuch" in proc.stderr, proc.stderr
+    disk = sites.image("vda.img", 8 * MiB)
+    sites.protect("g1", disk)
+    sites.a.ferry("wait", "g1", "--synced", "--timeout", "60")
+    assert "not failed over here" in refused(sites.b, "failback", "g1", "--target",
+                                             sites.a.address)
+    sites.b.ferry("failover", "g1", "--live")
+    assert "commit it first" in refused(sites.b, "failback", "g1", "--target",
+                                        sites.a.address)
+    assert "target" in refused(sites.b, "failback", "g1", "--target", "no:port:x")
+    # A itself has no failed-over replica of g1: nothing to fail back from there.
+    assert "g1" in refused(sites.a, "failback", "g1", "--target", sites.b.address)
