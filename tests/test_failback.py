@@ -75,9 +75,17 @@ def test_failback_round_trip_ships_only_differences(sites: Lab) -> None:
     assert "not fenced" in refused(sites.b, "failback", "g1", "--target", sites.a.address)
     assert b_replica(sites)["failover"]["state"] == "committed"
     assert sites.b.export_pids(), "a refused failback serves the live disk again"
+    written = write(live_uri, [5, 20, 33, 63], 3)  # B's VM writes on the live disk
     sites.a.ferry("resume", "g1")
     wait_for(lambda: a_group(sites)["state"] == "fenced", what="A fenced", timeout=60)
-    written = write(live_uri, [5, 20, 33, 63], 3)  # B's VM writes on the live disk
+    # Both sites took writes: split brain, on both sites, and failback waits for the admin.
+    wait_for(lambda: (b_replica(sites)["failover"] or {}).get("split_brain"),
+             what="split brain on site B", timeout=60)
+    sb = b_replica(sites)["failover"]["split_brain"]
+    assert sb["a_unreplicated_bytes"] >= 256 * 1024 and sb["b_live_written"], sb
+    assert a_group(sites)["fenced"]["split_brain"]["unreplicated_bytes"] >= 256 * 1024
+    assert "split brain" in refused(sites.b, "failback", "g1", "--target", sites.a.address)
+    sites.b.ferry("resolve", "g1", "--keep", "b")
     before = disk.read_bytes()
 
     out = json.loads(sites.b.ferry("failback", "g1", "--target", sites.a.address,
@@ -98,6 +106,13 @@ def test_failback_round_trip_ships_only_differences(sites: Lab) -> None:
     link = sites.a.data / "target" / "g1" / "replicas" / "vda.img"
     assert link.is_symlink() and link.resolve() == disk.resolve()
     assert disk.read_bytes() != before
+    # A's split-brain writes were copied aside before its disk was adopted: kept until
+    # dropped.
+    kept = sites.a.data / "kept" / "g1" / "vda.img"
+    assert kept.read_bytes() == before
+    assert a_group(sites)["fenced"]["split_brain"]["kept"] == {"vda": str(kept)}
+    sites.a.ferry("resolve", "g1", "--drop-kept")
+    assert not kept.exists()
     # The splitter serves B's live disk now: a write there is shipped to A as well.
     splitter_uri = out["disks"]["vda"]["nbd_uri"]
     write(splitter_uri, [10], 4)

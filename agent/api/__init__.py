@@ -18,6 +18,7 @@
     POST   /v1/replicas/NAME/views          {checkpoint?, at_ns?, test?}: serve a point (target)
     DELETE /v1/views/ID                     close a view
     POST   /v1/replicas/NAME/failover       {mode: test|stop-test|live, checkpoint?, at_ns?}
+    POST   /v1/replicas/NAME/resolve        {keep: a|b} | {drop_kept: true}: a split brain
     POST   /v1/replicas/NAME/restore        {disk, to, checkpoint?, at_ns?}: a disk to a file
     POST   /v1/replicas/NAME/mounts         {disk, dir, checkpoint?, at_ns?}: mount read-only
     POST   /v1/umount                       {dir}: undo such a mount

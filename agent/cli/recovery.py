@@ -182,3 +182,35 @@ def failback(api: Agent, group: str, address: str, timeout: float, no_wait: bool
         result["size"]))
     for name, d in sorted(result["disks"].items()):
         click.echo("%s\t%s" % (name, d["nbd_uri"]))
+
+
+@cli.command()
+@click.argument("group", shell_complete=complete_groups)
+@click.option("--keep", type=click.Choice(["a", "b"]), default=None,
+              help="On site B: the survivor of a split brain (a: the old source's writes, "
+                   "the failover rolled back; b: this site's live disks).")
+@click.option("--drop-kept", "drop_kept", is_flag=True,
+              help="Delete the loser's kept copies on this site.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def resolve(api: Agent, group: str, keep: Optional[str], drop_kept: bool,
+            as_json: bool) -> None:
+    """Resolve GROUP's split brain (both sites took writes) by naming the survivor; the
+    loser's changes are kept (a copy under the data directory's kept/) until dropped."""
+    if (keep is None) == (not drop_kept):
+        raise click.UsageError("give --keep a|b or --drop-kept")
+    body: Dict[str, Any] = {"keep": keep} if keep else {"drop_kept": True}
+    result = call(api, "POST", "/v1/replicas/%s/resolve" % group, body, timeout=3600)
+    if as_json:
+        return emit(result)
+    if drop_kept:
+        click.echo("group %s: kept copies dropped from %s" % (group, result["directory"]))
+    elif keep == "b":
+        click.echo("group %s: split brain resolved, site B's live disks win; site A's "
+                   "writes are copied aside on site A when the failback adopts its disks"
+                   % group)
+    else:
+        click.echo("group %s: split brain resolved, site A's writes win; the failover is "
+                   "rolled back and site B's live disks are kept:" % group)
+        for name, path in sorted(result["kept"].items()):
+            click.echo("%s\t%s" % (name, path))

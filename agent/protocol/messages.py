@@ -127,6 +127,7 @@ class Open(Message):
     probe: bool = False
     limits: Optional[Tuple[int, int]] = None       # (history_s, journal_max)
     seeds: Optional[Dict[str, str]] = None         # disk -> a seed file on site B
+    held: Optional[int] = None                     # bytes written the target never acked
 
     def body(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"group": self.group, "protection": self.protection,
@@ -136,6 +137,8 @@ class Open(Message):
             out["history_s"], out["journal_max"] = self.limits
         if self.seeds is not None:
             out["seeds"] = dict(self.seeds)
+        if self.held is not None:
+            out["held"] = self.held
         return out
 
     @classmethod
@@ -168,7 +171,9 @@ class Open(Message):
                 if not isinstance(path, str) or not 0 < len(path) <= MAX_PATH or "\0" in path:
                     raise ProtocolError("bad seed path for disk %r" % (dname,))
             seeds = dict(raw_seeds)
-        return cls(group, protection, tuple(disks), bool(body.get("probe")), limits, seeds)
+        held = _int(body, "held", 0, MAX_SIZE * frames.MAX_DISKS) if "held" in body else None
+        return cls(group, protection, tuple(disks), bool(body.get("probe")), limits, seeds,
+                   held)
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from ..disks import Identity, identity
 from ..errors import Conflict, Invalid
 from ..seed import SeedError
 from ..target import failover as fo
-from ..target import live
+from ..target import live, splitbrain
 from ..target.failback import IN_PLACE
 from .states import ShipperState
 
@@ -63,9 +63,11 @@ def own_disk(name: str, path: str) -> Tuple[str, int, Identity]:
         os.close(fd)
 
 
-def fenced_disks(site: SourceSite, name: str) -> Dict[str, str]:
+def fenced_disks(site: SourceSite, name: str, keep: bool = False) -> Dict[str, str]:
     """This site's original disks of group ``name``, which a failback may adopt in place:
-    only while the group is fenced here (SeedError naming why not)."""
+    only while the group is fenced here (SeedError naming why not). ``keep``: they are
+    about to be adopted; if they hold split-brain writes, copy them to ``<data>/kept/``
+    first (``target/splitbrain.py``)."""
     row = site.store.group(name)
     shipper = site.shippers.get(name)
     if row is None or shipper is None:
@@ -75,7 +77,11 @@ def fenced_disks(site: SourceSite, name: str) -> Dict[str, str]:
         raise SeedError("group %s is %s on this site, not fenced: its disks may take "
                         "writes, so a failback onto them is refused"
                         % (name, shipper.state.value))
-    return {d.name: d.path for d in row.disks}
+    disks = {d.name: d.path for d in row.disks}
+    sb = shipper.split_brain
+    if keep and sb is not None and not sb.get("kept"):
+        sb["kept"] = splitbrain.keep(site.data_dir, name, disks)
+    return disks
 
 
 def check(target: TargetSite, source: SourceSite, name: str) -> None:
@@ -95,6 +101,11 @@ def check(target: TargetSite, source: SourceSite, name: str) -> None:
         raise Conflict("group %s %s, with no live disks of its own (failed over by an "
                        "earlier Ferry or onto original disks): it cannot fail back"
                        % (name, fo.describe(g)))
+    sb = splitbrain.unresolved(g)
+    if sb is not None:
+        raise Conflict("group %s has a split brain: site A holds %d bytes of writes this "
+                       "site never received; pick the survivor first (ferry resolve %s "
+                       "--keep a|b)" % (name, sb["a_unreplicated_bytes"], name))
     row = source.store.group(name)
     if row is not None:
         raise Conflict("group %s is failing back already: this site protects it to %s "

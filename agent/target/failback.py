@@ -33,8 +33,9 @@ log = logging.getLogger("ferry.target")
 
 IN_PLACE = "@in-place"  # a seed that means: this site's own disk of that name, in place
 
-# group name -> {disk name: path}, or SeedError: the disks of this site's fenced source group
-FencedDisks = Callable[[str], Dict[str, str]]
+# (group name, keep) -> {disk name: path}, or SeedError: the disks of this site's fenced
+# source group (keep: copy them aside first if they hold split-brain writes, splitbrain.py)
+FencedDisks = Callable[[str, bool], Dict[str, str]]
 
 
 def wanted(seeds: Optional[Dict[str, str]]) -> bool:
@@ -48,12 +49,13 @@ def wanted(seeds: Optional[Dict[str, str]]) -> bool:
     return bool(marked)
 
 
-def resolve(name: str, disks: List[Tuple[str, int]], fenced: Optional[FencedDisks]
-            ) -> Dict[str, str]:
-    """The original disk of each of ``disks`` (SeedError naming why not)."""
+def resolve(name: str, disks: List[Tuple[str, int]], fenced: Optional[FencedDisks],
+            keep: bool = False) -> Dict[str, str]:
+    """The original disk of each of ``disks`` (SeedError naming why not); ``keep``: about
+    to adopt them (their split-brain writes are copied aside first)."""
     if fenced is None:
         raise SeedError("group %s: this site cannot adopt disks in place" % name)
-    held = fenced(name)
+    held = fenced(name, keep)
     out = {}
     for dname, size in disks:
         path = held.get(dname)

@@ -219,6 +219,7 @@ def finish(g: GroupData) -> None:
         for st, p in zip(g.disks, cut):
             st.applied_gen, st.applied_seq = p
     _set(g, state)
+    g.failover["served_ns"] = time.time_ns()  # a live disk changed after this was written
     g.save_meta(synced="live" not in g.failover)
     c = g.failover.get("checkpoint")
     log.warning("group %s: FAILED OVER LIVE at %s; its live disks are served now, "

@@ -28,7 +28,7 @@ from ..pairing import Refused, Trust
 from ..protocol import frames, messages
 from ..protocol.session import TargetSession
 from ..protocol.stream import SessionStream, keepalive
-from . import failback, intake, meta, preauth
+from . import failback, intake, meta, preauth, splitbrain
 from . import seeds as seed
 from .group import NoConsistentState, SizeMismatch, TargetGroup, check_disks
 from .mounts import Mounts
@@ -172,7 +172,7 @@ class TargetSite:
                 return
             with scope:
                 await self._session(fs, peer, scope, group_name, disks, protection, limits,
-                                    seeds)
+                                    seeds, opened.held or 0)
         except Refused as e:
             log.warning("%s", e)
         except frames.RemoteError as e:
@@ -236,8 +236,9 @@ class TargetSite:
     async def _session(self, fs: SessionStream, peer: str, scope: trio.CancelScope,
                        group_name: str, disks: List[Tuple[str, int]], protection: str,
                        limits: Optional[Tuple[float, int]],
-                       seeds: Optional[Dict[str, str]]) -> None:
-        """OPENED (and the SEED frames) for an OPEN, then the batches until it ends."""
+                       seeds: Optional[Dict[str, str]], a_held: int = 0) -> None:
+        """OPENED (and the SEED frames) for an OPEN, then the batches until it ends
+        (``a_held``: the bytes the source holds unacked; split brain if failed over)."""
         try:
             held = self.groups.get(group_name)
             if held is not None:
@@ -252,6 +253,11 @@ class TargetSite:
             await fs.send_error(frames.E_SIZE_MISMATCH, str(e))
             return
         if group.failover is not None:
+            sb = await trio.to_thread.run_sync(splitbrain.note, group, peer, a_held)
+            if sb is not None:
+                self.notify("split-brain", "error", group=group_name, side="target",
+                            a_unreplicated_bytes=sb["a_unreplicated_bytes"],
+                            b_live_written=sb["b_live_written"])
             log.warning("refusing group %s from %s: it failed over here", group_name, peer)
             await fs.send_error(frames.E_FAILED_OVER, failed_over_message(group))
             return
@@ -332,9 +338,10 @@ class TargetSite:
                 await trio.to_thread.run_sync(group.close)
             elif seeds and failback.wanted(seeds):  # the original disks, in place
                 await self._check_seeds(name, disks, protection, seeds)
-                await trio.to_thread.run_sync(
-                    failback.adopt, os.path.join(self.root, name), name, disks,
-                    failback.resolve(name, disks, self.fenced_disks))
+                fenced = self.fenced_disks
+                await trio.to_thread.run_sync(lambda: failback.adopt(
+                    os.path.join(self.root, name), name, disks,
+                    failback.resolve(name, disks, fenced, keep=True)))
             elif seeds:
                 await self._check_seeds(name, disks, protection, seeds)
                 await trio.to_thread.run_sync(seed.adopt_group, os.path.join(self.root, name),
