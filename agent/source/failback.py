@@ -91,6 +91,11 @@ def check(target: TargetSite, source: SourceSite, name: str) -> None:
     if state is fo.State.NONE:
         raise Conflict("group %s is not failed over here (replicating); nothing to fail "
                        "back" % name)
+    sb = splitbrain.unresolved(g)
+    if sb is not None:
+        raise Conflict("group %s has a split brain: site A holds %d bytes of writes this "
+                       "site never received; pick the survivor first (ferry resolve %s "
+                       "--keep a|b)" % (name, sb["a_unreplicated_bytes"], name))
     if state is fo.State.DONE:
         raise Conflict("group %s %s; commit it first (ferry failover %s --commit): a "
                        "failback makes its live disks the truth" % (name, fo.describe(g), name))
@@ -101,11 +106,6 @@ def check(target: TargetSite, source: SourceSite, name: str) -> None:
         raise Conflict("group %s %s, with no live disks of its own (failed over by an "
                        "earlier Ferry or onto original disks): it cannot fail back"
                        % (name, fo.describe(g)))
-    sb = splitbrain.unresolved(g)
-    if sb is not None:
-        raise Conflict("group %s has a split brain: site A holds %d bytes of writes this "
-                       "site never received; pick the survivor first (ferry resolve %s "
-                       "--keep a|b)" % (name, sb["a_unreplicated_bytes"], name))
     row = source.store.group(name)
     if row is not None:
         raise Conflict("group %s is failing back already: this site protects it to %s "
