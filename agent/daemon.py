@@ -184,6 +184,7 @@ async def run(opts: Options) -> None:
     source = SourceSite(data_dir, store, trust.connect, policy)
     source.fleet.socket_group = opts.splitter_group
     target.fenced_disks = functools.partial(fenced_disks, source)  # failback, in place
+    target.retire_source = source.unprotect  # failback's return leg ends the reverse group
     made: List[Tuple[str, int, int]] = []
     try:
         async with trio.open_nursery() as nursery:

@@ -134,6 +134,12 @@ class Store:
             self._db.execute("UPDATE groups SET settings = ? WHERE name = ?",
                              (json.dumps(settings, allow_nan=False), name))
 
+    def renew(self, name: str, protection: str, settings: Dict[str, Any]) -> None:
+        """A new protection of the group (its stream starts over; failback's return leg)."""
+        with self._db:
+            self._db.execute("UPDATE groups SET protection = ?, settings = ? WHERE name = ?",
+                             (protection, json.dumps(settings, allow_nan=False), name))
+
     def remove_group(self, name: str) -> None:
         with self._db:
             self._db.execute("DELETE FROM groups WHERE name = ?", (name,))

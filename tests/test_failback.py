@@ -124,6 +124,28 @@ def test_failback_round_trip_ships_only_differences(sites: Lab) -> None:
     assert same_bytes(disk, b_live), first_difference(disk, b_live)
     # A's failover on its original disks cannot be rolled back (there is no copy).
     assert "original disks" in refused(sites.a, "failover", "g1", "--rollback")
+    # The return leg starts only from A's fenced protection, not paused.
+    sites.a.ferry("pause", "g1")
+    assert "paused" in refused(sites.a, "failback", "g1")
+    sites.a.ferry("resume", "g1")
+    wait_for(lambda: a_group(sites)["state"] == "fenced", what="A fenced again", timeout=60)
+    # The return leg: A protects its disk to B again; B's live disk is the seed, in place.
+    back = json.loads(sites.a.ferry("failback", "g1", "--json").stdout)
+    print("return leg: %d bytes shipped of %d" % (back["bytes_shipped"], back["size"]))
+    assert back["returned"] and back["synced"] and back["bytes_shipped"] < SIZE // 10, back
+    assert back["disks"]["vda"]["nbd_uri"] == uri  # the VM's own socket, as before
+    assert "g1" not in sites.a.status()["replicas"]
+    wait_for(lambda: "g1" not in sites.b.status()["groups"], what="B's reverse group to end")
+    replica = sites.b.data / "target" / "g1" / "replicas" / "vda.img"
+    assert replica.is_symlink() and replica.resolve() == b_live.resolve()
+    assert b_replica(sites)["failover"] is None
+    assert "--target" in refused(sites.a, "failback", "g1")  # nothing to return from now
+    assert "not failed over" in refused(sites.b, "failback", "g1", "--target",
+                                        sites.a.address)
+    write(uri, [12, 13], 5)  # A's VM writes through its splitter again: replicated
+    sites.a.ferry("wait", "g1", "--synced", "--timeout", "120")
+    restored = sites.restore("g1", "vda")
+    assert same_bytes(disk, restored), first_difference(disk, restored)
 
 
 def test_failback_refusals(sites: Lab) -> None:

@@ -73,8 +73,9 @@ async def route(api: Api, method: str, parts: List[str], query: Dict[str, list],
     if len(parts) == 4 and parts[:2] == ["v1", "groups"] and parts[3] == "failback" \
             and method == "POST":
         only(body, ("target", "timeout", "wait"), "failback")
-        address = str_of(body, "target", 300)
-        parse_address(address, "target")
+        address = str_of(body, "target", 300) if body.get("target") is not None else None
+        if address is not None:
+            parse_address(address, "target")
         return 200, await failback(api.source, api.target, parts[2], address,
                                    seconds_of(body, "timeout", 600.0),
                                    bool_of(body, "wait", True))

@@ -157,27 +157,32 @@ def _print_step(group: str, mode: str, result: Dict[str, Any]) -> None:
 
 @cli.command()
 @click.argument("group", shell_complete=complete_groups)
-@click.option("--target", "address", required=True, metavar="HOST:PORT",
-              help="The old source site's replication address (its original disks).")
+@click.option("--target", "address", default=None, metavar="HOST:PORT",
+              help="The old source site's replication address (its original disks); "
+                   "not needed on the return leg.")
 @click.option("--timeout", default=600.0, show_default=True, type=float,
               help="Seconds to wait until the old source holds everything.")
 @click.option("--no-wait", "no_wait", is_flag=True,
               help="Return once the reverse protection runs; do not wait for the sync.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
-def failback(api: Agent, group: str, address: str, timeout: float, no_wait: bool,
-             as_json: bool) -> None:
+def failback(api: Agent, group: str, address: Optional[str], timeout: float,
+             no_wait: bool, as_json: bool) -> None:
     """On the site where GROUP is failed over live (committed): protect its live disks
     back to the old source, onto that site's original disks, shipping only the chunks
     that differ. The live disks are served by splitters from then on (new URIs below);
-    then `ferry move GROUP` here makes the old source live again."""
-    result = call(api, "POST", "/v1/groups/%s/failback" % group,
-                  {"target": address, "timeout": timeout, "wait": not no_wait},
+    then `ferry move GROUP` here makes the old source live again, and `ferry failback
+    GROUP` there (the return leg) protects it to this site again, without a full sync."""
+    body: Dict[str, Any] = {"timeout": timeout, "wait": not no_wait}
+    if address is not None:
+        body["target"] = address
+    result = call(api, "POST", "/v1/groups/%s/failback" % group, body,
                   timeout=timeout + 120)
     if as_json:
         return emit(result)
-    click.echo("group %s fails back to %s: %s; %d of %d bytes shipped" % (
-        group, result["target"], "the old source holds everything" if result["synced"]
+    click.echo("group %s %s %s: %s; %d of %d bytes shipped" % (
+        group, "is protected again to" if result.get("returned") else "fails back to",
+        result["target"], "the target holds everything" if result["synced"]
         else "the sync runs (ferry wait %s --synced)" % group, result["bytes_shipped"],
         result["size"]))
     for name, d in sorted(result["disks"].items()):

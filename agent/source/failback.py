@@ -112,9 +112,57 @@ def check(target: TargetSite, source: SourceSite, name: str) -> None:
                        "(ferry status %s)" % (name, row.target, name))
 
 
-async def failback(source: SourceSite, target: TargetSite, name: str, address: str,
-                   seconds: float, wait: bool = True) -> Dict[str, Any]:
-    """Fail group ``name`` back to ``address`` (see the module)."""
+def returning(target: TargetSite, name: str) -> bool:
+    """Whether ``ferry failback`` of ``name`` here is the return leg: this site's replica of
+    it is a failback's, live on this site's original disks."""
+    g = target.groups.get(name)
+    return g is not None and bool((g.failover or {}).get("in_place"))
+
+
+async def resume(source: SourceSite, target: TargetSite, name: str, seconds: float,
+                 wait: bool = True) -> Dict[str, Any]:
+    """The return leg (see the module): protect this site's original disks to the site
+    that failed them back, as a new protection whose seeds are that site's live disks in
+    place; the reverse group here ends."""
+    async with live.lock(name):
+        g = target.group(name)
+        row = source.store.group(name)
+        shipper = source.shippers.get(name)
+        if row is None or shipper is None or shipper.state is not ShipperState.FENCED \
+                or shipper.paused:
+            raise Conflict("group %s %s, but its protection from this site is %s: only a "
+                           "fenced protection, not paused, starts again (unprotected: "
+                           "protect its disks anew)" % (
+                               name, fo.describe(g), "gone" if shipper is None else "paused"
+                               if shipper.paused else shipper.state.value))
+        settings = {k: v for k, v in row.settings.items() if k != "seeds"}
+        settings["seeds"] = {d.name: IN_PLACE for d in row.disks}
+        await trio.to_thread.run_sync(g.failover_set, "failback", {"state": "returning"})
+        await trio.to_thread.run_sync(target.views.stop_live, name)
+        target.groups.pop(name, None)
+        await trio.to_thread.run_sync(g.remove)  # links to the original disks, never them
+        log.warning("group %s: the reverse group ends; its disks are protected to %s again",
+                    name, row.target)
+        info = await source.renew(name, settings)
+    if wait:
+        await source.wait_synced(name, seconds)
+    report = shipped(source, name)
+    return dict(report, group=name, target=row.target, synced=True if wait else None,
+                returned=True,
+                disks={d["name"]: dict(report["disks"][d["name"]], nbd_uri=d["nbd_uri"])
+                       for d in info["disks"]})
+
+
+async def failback(source: SourceSite, target: TargetSite, name: str,
+                   address: Optional[str], seconds: float, wait: bool = True
+                   ) -> Dict[str, Any]:
+    """Fail group ``name`` back to ``address`` (see the module), or, where it came back
+    already, protect it again to the site it came from (``resume``)."""
+    if returning(target, name):
+        return await resume(source, target, name, seconds, wait)
+    if address is None:
+        raise Invalid("failback of group %s needs --target HOST:PORT: the old source's "
+                      "replication address" % name)
     async with live.lock(name):
         check(target, source, name)
         g = target.group(name)

@@ -219,6 +219,29 @@ class SourceSite:
         log.info("unprotected group %s", name)
         return {"group": name, "disks": [d.name for d in row.disks]}
 
+    async def renew(self, name: str, settings: Dict[str, Any]) -> Dict[str, Any]:
+        """Start group ``name``'s protection over (failback's return leg, ``failback.py``):
+        a new protection, its splitters restarted on the same sockets with no state (they
+        read their whole disks again, compared by digest when ``settings`` has seeds), no
+        fence."""
+        row = self.store.group(name)
+        if row is None or name in self._busy:
+            raise NotFound("no group %s on this site" % name)
+        self._busy.add(name)
+        try:
+            self._stop_group(row)
+            await trio.to_thread.run_sync(self.fleet.stop_all, row)
+            self.store.renew(name, uuid.uuid4().hex, settings)
+            row = self.store.group(name)
+            assert row is not None
+            self._start_group(row)
+            await trio.to_thread.run_sync(self._start_splitters_or_fail, row)
+        finally:
+            self._busy.discard(name)
+        log.warning("group %s: protected again from this site, to %s (a new protection)",
+                    name, row.target)
+        return status.group_info(row, self.fleet)
+
     async def wait_synced(self, name: str, seconds: float) -> Dict[str, Any]:
         """Return once the target holds every write made before the call."""
         row = self.store.group(name)

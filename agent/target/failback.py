@@ -15,16 +15,23 @@ writes at the fence), since every chunk is compared, whichever side changed it.
 A failover of such a group (``ferry move`` back from B) writes onto the replicas, that is
 onto the original disks (``failover.py``). Removing the group removes the links, never the
 disks.
+
+The return leg is the same run the other way (``ferry failback G`` on the old source, live
+again): it protects its disks anew to site B with ``IN_PLACE`` seeds, and site B, which holds
+G failed over and failed back, forgets G's stream (``clear``: meta.json, journal, seeds, old
+replicas; never ``live/``) and adopts its live disks as G's replicas in place (``turning``).
+Both sides hold the same bytes then: the digests match and nothing but new writes ships.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from formats.durable import fsync_parent
+from formats.durable import fsync_dir, fsync_parent
 
 from ..seed import SeedError
 from . import seeds as seed
@@ -100,6 +107,23 @@ def adopt(directory: str, name: str, disks: List[Tuple[str, int]],
         seed.save_digests(directory, dname, seed.SeedMap(sizes[dname], digests))
         log.warning("group %s: disk %s fails back onto %s in place (%d bytes hashed in "
                     "%.1f s)", name, dname, path, sizes[dname], time.monotonic() - started)
+
+
+def turning(held_failover: Optional[Dict[str, Any]], seeds: Optional[Dict[str, str]]) -> bool:
+    """Whether an OPEN with these seeds for a group held here failed over and failed back is
+    the return leg: the old source, live again, protects onto this site's live disks."""
+    return wanted(seeds) and bool((held_failover or {}).get("failback"))
+
+
+def clear(directory: str) -> None:
+    """Forget a group's stream (meta.json first, then journal, seeds and replicas); its
+    live disks (``live/``) stay: they become its replicas, in place."""
+    for path in (os.path.join(directory, "meta.json"),):
+        if os.path.exists(path):
+            os.unlink(path)
+    for sub in ("journal", "seeds", "replicas"):
+        shutil.rmtree(os.path.join(directory, sub), ignore_errors=True)
+    fsync_dir(directory)
 
 
 def in_place(replica: str) -> bool:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
 import trio
 
@@ -67,6 +67,7 @@ class TargetSite:
         self.notify: Callable[..., Any] = lambda *args, **fields: None
         self.scrubs: Dict[str, Dict[str, Any]] = {}  # the last scrub of each group
         self.fenced_disks: Optional[failback.FencedDisks] = None  # set by the agent
+        self.retire_source: Optional[Callable[[str], Awaitable[Any]]] = None  # and this
         self.mounts = Mounts(
             data_dir, lambda name, ref, at: self.views.open(self.group(name), ref, at, False),
             lambda vid: self.views.close(vid, self.groups))
@@ -307,6 +308,9 @@ class TargetSite:
         held = self.groups.get(name)
         if not seeds or (held is not None and held.protection == protection):
             return  # nothing to adopt, or adopted when the group was made
+        if held is not None and failback.turning(held.failover, seeds):
+            failback.resolve(name, disks, self.fenced_disks)
+            return
         if held is not None or name in self.broken:
             raise seed.SeedError("site B already holds group %s%s: a seed starts a new group "
                                  "only (protect without --preseeded, or move target/%s aside "
@@ -333,16 +337,19 @@ class TargetSite:
                 _check_disks(group, disks)  # before anything changes
             if group is not None and group.protection == protection:
                 return group
+            directory = os.path.join(self.root, name)
+            fenced = self.fenced_disks
+            turned = group is not None and failback.turning(group.failover, seeds)
             if group is not None:
                 self.groups.pop(name)
                 await trio.to_thread.run_sync(group.close)
-            elif seeds and failback.wanted(seeds):  # the original disks, in place
+            if turned:  # failback's return leg: this site's live disks become the replicas
+                await trio.to_thread.run_sync(failback.clear, directory)
+            if turned or (group is None and seeds and failback.wanted(seeds)):
                 await self._check_seeds(name, disks, protection, seeds)
-                fenced = self.fenced_disks
                 await trio.to_thread.run_sync(lambda: failback.adopt(
-                    os.path.join(self.root, name), name, disks,
-                    failback.resolve(name, disks, fenced, keep=True)))
-            elif seeds:
+                    directory, name, disks, failback.resolve(name, disks, fenced, keep=True)))
+            elif seeds and group is None:
                 await self._check_seeds(name, disks, protection, seeds)
                 await trio.to_thread.run_sync(seed.adopt_group, os.path.join(self.root, name),
                                               name, disks, seeds, self.policy)
@@ -350,7 +357,9 @@ class TargetSite:
                 lambda: TargetGroup(os.path.join(self.root, name), name, disks,
                                     protection=protection))
             self.groups[name] = group
-            return group
+        if turned and self.retire_source is not None:
+            await self.retire_source(name)  # its splitters served the live disks
+        return group
 
     # -- requests from the API -----------------------------------------------------------
 
