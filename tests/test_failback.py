@@ -42,9 +42,11 @@ def write(uri: str, chunks: list, seed: int) -> int:
     return n
 
 
-def refused(lab_site, *args: str) -> str:
+def refused(lab_site, *args: str, code: int = 0) -> str:
+    """The one-line refusal of a ``ferry`` command (with exit status ``code`` if given)."""
     proc = lab_site.ferry(*args, check=False)
     assert proc.returncode != 0, proc.stdout
+    assert not code or proc.returncode == code, (proc.returncode, proc.stderr)
     assert proc.stderr.count("\n") == 1 and proc.stderr.strip(), proc.stderr
     return proc.stderr
 
@@ -72,7 +74,8 @@ def test_failback_round_trip_ships_only_differences(sites: Lab) -> None:
     print("failover: command to export serving %.2f s" % (time.monotonic() - started))
     # A was paused, not fenced: failback onto its disks is refused by A, named.
     sites.b.ferry("failover", "g1", "--commit")
-    assert "not fenced" in refused(sites.b, "failback", "g1", "--target", sites.a.address)
+    assert "not fenced" in refused(sites.b, "failback", "g1", "--target", sites.a.address,
+                                   code=4)
     assert b_replica(sites)["failover"]["state"] == "committed"
     assert sites.b.export_pids(), "a refused failback serves the live disk again"
     written = write(live_uri, [5, 20, 33, 63], 3)  # B's VM writes on the live disk
@@ -84,7 +87,8 @@ def test_failback_round_trip_ships_only_differences(sites: Lab) -> None:
     sb = b_replica(sites)["failover"]["split_brain"]
     assert sb["a_unreplicated_bytes"] >= 256 * 1024 and sb["b_live_written"], sb
     assert a_group(sites)["fenced"]["split_brain"]["unreplicated_bytes"] >= 256 * 1024
-    assert "split brain" in refused(sites.b, "failback", "g1", "--target", sites.a.address)
+    assert "split brain" in refused(sites.b, "failback", "g1", "--target", sites.a.address,
+                                    code=4)
     sites.b.ferry("resolve", "g1", "--keep", "b")
     before = disk.read_bytes()
 
@@ -126,7 +130,7 @@ def test_failback_round_trip_ships_only_differences(sites: Lab) -> None:
     assert "original disks" in refused(sites.a, "failover", "g1", "--rollback")
     # The return leg starts only from A's fenced protection, not paused.
     sites.a.ferry("pause", "g1")
-    assert "paused" in refused(sites.a, "failback", "g1")
+    assert "paused" in refused(sites.a, "failback", "g1", code=4)
     sites.a.ferry("resume", "g1")
     wait_for(lambda: a_group(sites)["state"] == "fenced", what="A fenced again", timeout=60)
     # The return leg: A protects its disk to B again; B's live disk is the seed, in place.
@@ -139,7 +143,7 @@ def test_failback_round_trip_ships_only_differences(sites: Lab) -> None:
     replica = sites.b.data / "target" / "g1" / "replicas" / "vda.img"
     assert replica.is_symlink() and replica.resolve() == b_live.resolve()
     assert b_replica(sites)["failover"] is None
-    assert "--target" in refused(sites.a, "failback", "g1")  # nothing to return from now
+    assert "--target" in refused(sites.a, "failback", "g1", code=1)  # nothing to return from
     assert "not failed over" in refused(sites.b, "failback", "g1", "--target",
                                         sites.a.address)
     write(uri, [12, 13], 5)  # A's VM writes through its splitter again: replicated
@@ -150,7 +154,7 @@ def test_failback_round_trip_ships_only_differences(sites: Lab) -> None:
 
 def test_failback_refusals(sites: Lab) -> None:
     proc = sites.b.ferry("failback", "nosuch", "--target", sites.a.address, check=False)
-    assert proc.returncode != 0 and "nosuch" in proc.stderr, proc.stderr
+    assert proc.returncode == 3 and "nosuch" in proc.stderr, proc.stderr
     disk = sites.image("vda.img", 8 * MiB)
     sites.protect("g1", disk)
     sites.a.ferry("wait", "g1", "--synced", "--timeout", "60")
@@ -158,7 +162,7 @@ def test_failback_refusals(sites: Lab) -> None:
                                              sites.a.address)
     sites.b.ferry("failover", "g1", "--live")
     assert "commit it first" in refused(sites.b, "failback", "g1", "--target",
-                                        sites.a.address)
+                                        sites.a.address, code=4)
     assert "target" in refused(sites.b, "failback", "g1", "--target", "no:port:x")
     # A itself has no failed-over replica of g1: nothing to fail back from there.
-    assert "g1" in refused(sites.a, "failback", "g1", "--target", sites.b.address)
+    assert "g1" in refused(sites.a, "failback", "g1", "--target", sites.b.address, code=3)
