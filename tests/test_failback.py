@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 import time
+from pathlib import Path
 
 import nbd
+import pytest
 from conftest import Lab, first_difference, same_bytes
 from test_faults import wait_for
 from test_preseed import random_disk
@@ -166,3 +169,96 @@ def test_failback_refusals(sites: Lab) -> None:
     assert "target" in refused(sites.b, "failback", "g1", "--target", "no:port:x")
     # A itself has no failed-over replica of g1: nothing to fail back from there.
     assert "g1" in refused(sites.a, "failback", "g1", "--target", sites.b.address, code=3)
+
+
+GUEST_A = r"""
+mkfs.ext4 -q -F /dev/vda
+mount -t ext4 /dev/vda /mnt
+i=0
+while [ $i -lt 8 ]; do
+    dd if=/dev/urandom of=/mnt/a$i bs=16k count=$((i * 4 + 1)) 2>/dev/null
+    i=$((i + 1))
+done
+(cd /mnt && md5sum a*) > /mnt/A.md5
+sync
+umount /mnt
+echo guest-done
+"""
+
+GUEST_B = r"""
+mount -t ext4 /dev/vda /mnt
+(cd /mnt && md5sum -c A.md5) || exit 3
+i=0
+while [ $i -lt 8 ]; do
+    dd if=/dev/urandom of=/mnt/b$i bs=16k count=$((i + 1)) 2>/dev/null
+    i=$((i + 1))
+done
+rm /mnt/a3
+sed -i /a3/d /mnt/A.md5
+(cd /mnt && md5sum b*) > /mnt/B.md5
+sync
+umount /mnt
+echo guest-done
+"""
+
+GUEST_BACK = r"""
+mount -t ext4 /dev/vda /mnt
+(cd /mnt && md5sum -c A.md5 B.md5) || exit 3
+[ ! -e /mnt/a3 ] || exit 4
+echo "back on A" > /mnt/back.txt
+sync
+umount /mnt
+echo guest-done
+"""
+
+
+def boot(lab: Lab, uri: str, script: str, name: str) -> None:
+    from conftest import LAB_CACHE
+
+    from lab.guest import Disk, Guest
+    from lab.initramfs import build_initramfs
+    from lab.kernel import ensure_kernel
+
+    initrd = build_initramfs(LAB_CACHE, script, lab.work / ("initrd-%s.gz" % name))
+    with Guest(ensure_kernel(LAB_CACHE), initrd, [Disk(uri)],
+               lab.work / ("console-%s.log" % name)) as guest:
+        rc = guest.wait(240)
+        assert rc == 0 and "guest-done" in guest.output(), guest.tail()
+
+
+def fsck_clean(image: Path) -> None:
+    proc = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.guest
+def test_guest_fails_over_fails_back_and_boots_on_its_own_disk(sites: Lab) -> None:
+    disk = sites.image("vda.img", 128 * MiB)
+    uri = sites.protect("vm1", disk)["vda"]
+    boot(sites, uri, GUEST_A, "a")                    # ext4 written on A, through its splitter
+    sites.a.ferry("wait", "vm1", "--synced", "--timeout", "120")
+    sites.a.ferry("checkpoint", "vm1", "--tag", "written-on-a")
+    live = json.loads(sites.b.ferry("failover", "vm1", "--live", "--checkpoint",
+                                    "written-on-a", "--json").stdout)["disks"]["vda"]
+    sites.b.ferry("failover", "vm1", "--commit")
+    boot(sites, live, GUEST_B, "b")                   # boots on B from the live export
+    b_live = sites.b.data / "target" / "vm1" / "live" / "vda.img"
+    fsck_clean(b_live)
+    wait_for(lambda: sites.a.status("vm1")["groups"]["vm1"]["state"] == "fenced",
+             what="A fenced", timeout=60)
+    out = json.loads(sites.b.ferry("failback", "vm1", "--target", sites.a.address,
+                                   "--json").stdout)
+    print("guest failback: %d bytes shipped of %d (%.2f %%)" % (
+        out["bytes_shipped"], out["size"], 100.0 * out["bytes_shipped"] / out["size"]))
+    assert out["bytes_shipped"] < out["size"] // 10, out
+    moved = json.loads(sites.b.ferry("move", "vm1", "--json").stdout)
+    assert moved["lost_writes"] == 0, moved
+    assert same_bytes(disk, b_live), first_difference(disk, b_live)
+    fsck_clean(disk)
+    back = json.loads(sites.a.ferry("failback", "vm1", "--json").stdout)
+    assert back["returned"] and back["disks"]["vda"]["nbd_uri"] == uri, back
+    boot(sites, uri, GUEST_BACK, "back")              # boots on A, on its own disk
+    fsck_clean(disk)
+    sites.a.ferry("wait", "vm1", "--synced", "--timeout", "120")
+    restored = sites.restore("vm1", "vda")
+    assert same_bytes(disk, restored), first_difference(disk, restored)
