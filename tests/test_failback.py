@@ -18,6 +18,10 @@ from conftest import Lab, first_difference, same_bytes
 from test_faults import wait_for
 from test_preseed import random_disk
 
+from agent.errors import Invalid
+from agent.seed import SeedError
+from agent.target import failback
+
 MiB = 1024 * 1024
 SIZE = 64 * MiB
 
@@ -92,6 +96,7 @@ def test_failback_round_trip_ships_only_differences(sites: Lab) -> None:
     assert a_group(sites)["fenced"]["split_brain"]["unreplicated_bytes"] >= 256 * 1024
     assert "split brain" in refused(sites.b, "failback", "g1", "--target", sites.a.address,
                                     code=4)
+    assert "uncommitted" in refused(sites.b, "resolve", "g1", "--keep", "a", code=4)
     sites.b.ferry("resolve", "g1", "--keep", "b")
     before = disk.read_bytes()
 
@@ -169,6 +174,36 @@ def test_failback_refusals(sites: Lab) -> None:
     assert "target" in refused(sites.b, "failback", "g1", "--target", "no:port:x")
     # A itself has no failed-over replica of g1: nothing to fail back from there.
     assert "g1" in refused(sites.a, "failback", "g1", "--target", sites.b.address, code=3)
+    # The API checks what the CLI cannot send.
+    for body in ({"keep": "c"}, {}, {"keep": "a", "drop_kept": True}, {"keep": "a", "x": 1}):
+        with pytest.raises(Invalid):
+            sites.b.api("POST", "/v1/replicas/g1/resolve", body)
+    sites.b.ferry("failover", "g1", "--commit")
+    # Failed back onto a site that does not protect g1 (here: B itself): refused there.
+    assert "not protected from this site" in refused(
+        sites.b, "failback", "g1", "--target", sites.b.address, code=4)
+    assert sites.b.export_pids(), "the live disk is served again"
+
+
+def test_in_place_seeds_are_all_or_none_and_checked(tmp_path: Path) -> None:
+    assert not failback.wanted(None) and failback.wanted({"vda": failback.IN_PLACE})
+    with pytest.raises(SeedError, match="in place and the others not"):
+        failback.wanted({"vda": failback.IN_PLACE, "vdb": "/x"})
+    disk = tmp_path / "vda.img"
+    disk.write_bytes(bytes(4096))
+
+    def fenced(name: str, keep: bool) -> dict:
+        return {"vda": str(disk), "gone": str(tmp_path / "gone.img")}
+
+    with pytest.raises(SeedError, match="cannot adopt disks in place"):
+        failback.resolve("g1", [("vda", 4096)], None)
+    with pytest.raises(SeedError, match="has no disk vdb"):
+        failback.resolve("g1", [("vdb", 4096)], fenced)
+    with pytest.raises(SeedError, match="No such file"):
+        failback.resolve("g1", [("gone", 4096)], fenced)
+    with pytest.raises(SeedError, match="is 4096 bytes; site B's live disk is 8192"):
+        failback.resolve("g1", [("vda", 8192)], fenced)
+    assert failback.resolve("g1", [("vda", 4096)], fenced) == {"vda": str(disk.resolve())}
 
 
 GUEST_A = r"""

@@ -80,7 +80,11 @@ def fenced_disks(site: SourceSite, name: str, keep: bool = False) -> Dict[str, s
     disks = {d.name: d.path for d in row.disks}
     sb = shipper.split_brain
     if keep and sb is not None and not sb.get("kept"):
-        sb["kept"] = splitbrain.keep(site.data_dir, name, disks)
+        try:
+            sb["kept"] = splitbrain.keep(site.data_dir, name, disks)
+        except (Conflict, OSError) as e:
+            raise SeedError("group %s: its split-brain writes cannot be kept before the "
+                            "failback: %s" % (name, e)) from None
     return disks
 
 
@@ -99,13 +103,10 @@ def check(target: TargetSite, source: SourceSite, name: str) -> None:
     if state is fo.State.DONE:
         raise Conflict("group %s %s; commit it first (ferry failover %s --commit): a "
                        "failback makes its live disks the truth" % (name, fo.describe(g), name))
-    if state is not fo.State.COMMITTED:
-        raise Conflict("group %s %s; no failback now" % (name, fo.describe(g)))
     assert g.failover is not None
-    if "live" not in g.failover:
-        raise Conflict("group %s %s, with no live disks of its own (failed over by an "
-                       "earlier Ferry or onto original disks): it cannot fail back"
-                       % (name, fo.describe(g)))
+    if state is not fo.State.COMMITTED or "live" not in g.failover:
+        raise Conflict("group %s %s, with no live disks of its own to fail back (a commit "
+                       "under way, or failed over by an earlier Ferry)" % (name, fo.describe(g)))
     row = source.store.group(name)
     if row is not None:
         raise Conflict("group %s is failing back already: this site protects it to %s "
