@@ -126,8 +126,15 @@ def test_failback_round_trip_ships_only_differences(sites: Lab) -> None:
     sites.a.ferry("resolve", "g1", "--drop-kept")
     assert not kept.exists()
     # The splitter serves B's live disk now: a write there is shipped to A as well.
-    splitter_uri = out["disks"]["vda"]["nbd_uri"]
-    write(splitter_uri, [10], 4)
+    # ... on the live export's own socket: the VM's NBD client reconnects to its URI.
+    assert out["disks"]["vda"]["nbd_uri"] == live_uri, out
+    write(live_uri, [10], 4)
+    # B's agent restarts: the splitter serving the live disk is left alone, and kept.
+    sites.b.stop()
+    sites.b.start()
+    wait_for(lambda: sites.b.status("g1")["groups"]["g1"]["state"] == "replicating",
+             what="B's reverse group replicating again", timeout=60)
+    write(live_uri, [11], 6)
     moved = json.loads(sites.b.ferry("move", "g1", "--json").stdout)
     assert moved["moved"] and moved["lost_writes"] == 0, moved
     a_rep = sites.a.status("g1")["replicas"]["g1"]

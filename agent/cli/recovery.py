@@ -170,7 +170,7 @@ def failback(api: Agent, group: str, address: Optional[str], timeout: float,
              no_wait: bool, as_json: bool) -> None:
     """On the site where GROUP is failed over live (committed): protect its live disks
     back to the old source, onto that site's original disks, shipping only the chunks
-    that differ. The live disks are served by splitters from then on (new URIs below);
+    that differ. The live disks are served by splitters from then on, on the same URIs;
     then `ferry move GROUP` here makes the old source live again, and `ferry failback
     GROUP` there (the return leg) protects it to this site again, without a full sync."""
     body: Dict[str, Any] = {"timeout": timeout, "wait": not no_wait}

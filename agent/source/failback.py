@@ -12,8 +12,9 @@ Theory of operation
 3. The live disks are protected to the old source as group G, each disk's seed given as
    ``target/failback.IN_PLACE``: that site adopts its own original disks as the replicas,
    in place, but only while its source role of G is fenced (``fenced_disks``), and sends
-   their chunk digests. The splitters now serve the live disks (the VM's NBD client is
-   pointed at their URIs, printed and in status) and they record every write before the
+   their chunk digests. The splitters now serve the live disks on the live export's own
+   sockets (the VM's NBD client reconnects to the URI it had; ``views.py`` leaves that
+   directory, marked ``SPLITTERS``, alone) and they record every write before the
    initial sync reads a byte, so no write falls between the digest comparison and
    continuous shipping. The sync compares every chunk: what B's VM wrote since the
    failover and what A's VM wrote that B never received (A's queue and dirty map at the
@@ -31,16 +32,18 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import trio
+
+from formats.durable import fsync_dir
 
 from ..disks import Identity, identity
 from ..errors import Conflict, Invalid
 from ..seed import SeedError
 from ..target import failover as fo
 from ..target import live, splitbrain
-from ..target.failback import IN_PLACE
+from ..target.failback import IN_PLACE, SPLITTERS
 from .states import ShipperState
 
 if TYPE_CHECKING:
@@ -61,6 +64,18 @@ def own_disk(name: str, path: str) -> Tuple[str, int, Identity]:
         return os.path.realpath(path), os.lseek(fd, 0, os.SEEK_END), identity(os.fstat(fd))
     finally:
         os.close(fd)
+
+
+def splitter_sockets(views_root: str, name: str, disks: List[str]) -> Dict[str, str]:
+    """The live export's sockets, for the splitters that serve the live disks from now on
+    (the VM's NBD client reconnects to the URI it had): its directory, marked as the
+    splitters' (``views.py`` leaves it alone)."""
+    directory = os.path.join(views_root, "live-" + name)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, SPLITTERS), "w") as f:
+        f.write("the splitters of group %s's failback serve its live disks here\n" % name)
+    fsync_dir(directory)
+    return {d: os.path.join(directory, d + ".sock") for d in disks}
 
 
 def fenced_disks(site: SourceSite, name: str, keep: bool = False) -> Dict[str, str]:
@@ -173,9 +188,12 @@ async def failback(source: SourceSite, target: TargetSite, name: str,
                                   "size": sum(d.size for d in g.disks)}
         await trio.to_thread.run_sync(g.failover_set, "failback", dict(record))
         await trio.to_thread.run_sync(target.views.stop_live, name)
+        sockets = await trio.to_thread.run_sync(splitter_sockets, target.views.root, name,
+                                                [d for d, _p in disks])
         try:
             info = await source.protect(name, disks, address,
-                                        seeds={d: IN_PLACE for d, _p in disks}, own=True)
+                                        seeds={d: IN_PLACE for d, _p in disks}, own=True,
+                                        sockets=sockets)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(g.failover_set, "failback", None)

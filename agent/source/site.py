@@ -98,6 +98,10 @@ class SourceSite:
                     await trio.to_thread.run_sync(self.fleet.ensure, row)
 
     def _start_group(self, row: GroupRow) -> None:
+        sockets = row.settings.get("sockets") or {}  # a failback's: the live export's
+        for d in row.disks:
+            if d.name in sockets:
+                self.fleet.sockets[d.id] = sockets[d.name]
         links = [DiskLink(d) for d in row.disks]
         for link in links:
             self.links[link.row.id] = link
@@ -120,9 +124,11 @@ class SourceSite:
                       allow_unreachable: bool = False,
                       settings: Optional[Dict[str, Any]] = None,
                       seeds: Optional[Dict[str, str]] = None,
-                      own: bool = False) -> Dict[str, Any]:
+                      own: bool = False,
+                      sockets: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
         """``seeds``: {disk name: a file on site B to start its replica from}. ``own``: the
-        disks are this agent's live disks, failing back (``failback.py``)."""
+        disks are this agent's live disks, failing back (``failback.py``), served on
+        ``sockets`` (disk name -> the live export's socket)."""
         if not NAME_RE.match(name):
             raise Invalid("group name %r: use letters, digits, '_', '.', '-'" % name)
         if name in self._busy or self.store.group(name) is not None:
@@ -157,6 +163,8 @@ class SourceSite:
                               "site B" % (path, dname))
         if seeds:
             settings = dict(settings or {}, seeds=dict(seeds))
+        if own and sockets:
+            settings = dict(settings or {}, sockets=dict(sockets))
         if name in self._busy or self.store.group(name) is not None:
             raise Conflict("group %s already exists" % name)
         # From here to the claims' end nothing awaits: of concurrent claims one wins.

@@ -39,6 +39,7 @@ from . import seeds as seed
 log = logging.getLogger("ferry.target")
 
 IN_PLACE = "@in-place"  # a seed that means: this site's own disk of that name, in place
+SPLITTERS = "SPLITTERS"  # marks a live export's directory whose sockets are splitters' now
 
 # (group name, keep) -> {disk name: path}, or SeedError: the disks of this site's fenced
 # source group (keep: copy them aside first if they hold split-brain writes, splitbrain.py)
@@ -124,6 +125,14 @@ def clear(directory: str) -> None:
     for sub in ("journal", "seeds", "replicas"):
         shutil.rmtree(os.path.join(directory, sub), ignore_errors=True)
     fsync_dir(directory)
+
+
+def forget_sockets(views_root: str, name: str) -> None:
+    """Remove the directory a failback's splitters served the live disks from (they are
+    stopped: the group replicates to this site again)."""
+    directory = os.path.join(views_root, "live-" + name)
+    if os.path.exists(os.path.join(directory, SPLITTERS)):
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def in_place(replica: str) -> bool:

@@ -359,6 +359,7 @@ class TargetSite:
             self.groups[name] = group
         if turned and self.retire_source is not None:
             await self.retire_source(name)  # its splitters served the live disks
+            await trio.to_thread.run_sync(failback.forget_sockets, self.views.root, name)
         return group
 
     # -- requests from the API -----------------------------------------------------------
