@@ -304,3 +304,47 @@ def test_guest_fails_over_fails_back_and_boots_on_its_own_disk(sites: Lab) -> No
     sites.a.ferry("wait", "vm1", "--synced", "--timeout", "120")
     restored = sites.restore("vm1", "vda")
     assert same_bytes(disk, restored), first_difference(disk, restored)
+
+
+def test_own_disks_and_kept_copies_refuse_by_name(tmp_path: Path) -> None:
+    """A live disk that cannot be opened (or is a link) and split-brain writes that cannot
+    be kept before an in-place adoption are refused, naming the disk or the group."""
+    from types import SimpleNamespace
+
+    from agent.source import failback as source_failback
+    from agent.source.link import DiskLink
+    from agent.source.shipper import GroupShipper
+    from agent.source.states import ShipperState
+    from agent.store import Store
+
+    with pytest.raises(Invalid, match=r"live disk vda: .*nothing\.img"):
+        source_failback.own_disk("vda", str(tmp_path / "nothing.img"))
+    disk = tmp_path / "vda.img"
+    disk.write_bytes(bytes(8192))
+    (tmp_path / "link.img").symlink_to(disk)
+    with pytest.raises(Invalid, match=r"live disk vda: .*link\.img"):
+        source_failback.own_disk("vda", str(tmp_path / "link.img"))
+    assert source_failback.own_disk("vda", str(disk))[1] == 8192
+
+    store = Store(str(tmp_path))
+    row = store.add_group("g1", "127.0.0.1:1", 1 << 20, [("vda", str(disk), 8192)],
+                          protection="p1")
+    shipper = GroupShipper(row, "site", [DiskLink(d) for d in row.disks],
+                           lambda *a: None)  # never run: its state is set below
+    site = SimpleNamespace(store=store, shippers={"g1": shipper}, data_dir=str(tmp_path))
+    with pytest.raises(SeedError, match="not fenced"):
+        source_failback.fenced_disks(site, "g1")
+    with pytest.raises(SeedError, match="not protected from this site"):
+        source_failback.fenced_disks(site, "g2")
+    shipper.state = ShipperState.FENCED
+    shipper.split_brain = {"unreplicated_bytes": 4096}
+    kept = tmp_path / "kept" / "g1"
+    kept.mkdir(parents=True)
+    (kept / "old.img").write_bytes(b"x")
+    with pytest.raises(SeedError, match="g1: its split-brain writes cannot be kept"):
+        source_failback.fenced_disks(site, "g1", keep=True)
+    (kept / "old.img").unlink()
+    assert source_failback.fenced_disks(site, "g1", keep=True) == {"vda": str(disk)}
+    assert (kept / "vda.img").read_bytes() == bytes(8192)
+    assert shipper.split_brain["kept"] == {"vda": str(kept / "vda.img")}
+    store.close()
