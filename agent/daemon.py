@@ -34,6 +34,7 @@ from .events import EventLog
 from .jobs import Jobs
 from .pairing import Trust
 from .source import SourceSite
+from .source.failback import fenced_disks
 from .store import Store
 from .target import TargetSite
 from .watch import Watcher
@@ -182,6 +183,8 @@ async def run(opts: Options) -> None:
     await trio.to_thread.run_sync(target.load)
     source = SourceSite(data_dir, store, trust.connect, policy)
     source.fleet.socket_group = opts.splitter_group
+    target.fenced_disks = functools.partial(fenced_disks, source)  # failback, in place
+    target.retire_source = source.unprotect  # failback's return leg ends the reverse group
     made: List[Tuple[str, int, int]] = []
     try:
         async with trio.open_nursery() as nursery:

@@ -173,6 +173,12 @@ class Store:
                              (json.dumps(settings, allow_nan=False), name))
         self._groups = None
 
+    def renew(self, name: str, protection: str, settings: Dict[str, Any]) -> None:
+        """A new protection of the group (its stream starts over; failback's return leg)."""
+        with self._db:
+            self._db.execute("UPDATE groups SET protection = ?, settings = ? WHERE name = ?",
+                             (protection, json.dumps(settings, allow_nan=False), name))
+
     def remove_group(self, name: str) -> None:
         self._groups = None
         with self._db:

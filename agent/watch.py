@@ -155,6 +155,10 @@ class Watcher:
                 emit("group", "warning" if gs["state"] in WARN_STATES else "info",
                      group=g, side="source", change="state", old=before["state"],
                      new=gs["state"], error=gs["error"])
+            if ((gs.get("fenced") or {}).get("split_brain")
+                    and not (before.get("fenced") or {}).get("split_brain")):
+                emit("split-brain", "error", group=g, side="source",
+                     **gs["fenced"]["split_brain"])
             if link_up(before) != link_up(gs):
                 emit("link", "info" if link_up(gs) else "warning", group=g, side="source",
                      change="up" if link_up(gs) else "down", target=gs["target"],

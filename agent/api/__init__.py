@@ -10,6 +10,8 @@
     POST   /v1/groups/NAME/pause, .../resume  stop / restart shipping (kept across restarts)
     POST   /v1/groups/NAME/checkpoints      {tag?, timeout?}: cut a user checkpoint (source)
     POST   /v1/groups/NAME/move             {timeout?}: planned move to the target, no loss
+    POST   /v1/groups/NAME/failback         {target, timeout?, wait?}: protect the live disks
+                                            back onto the old source's original disks
     POST   /v1/groups/NAME/resync           {disk, ranges?}: read ranges again and ship them
     POST   /v1/groups/NAME/verify           {disk?, chunk?, rounds?, settle?, repair?}:
                                             compare the disks with site B's copy (online)
@@ -18,6 +20,7 @@
     POST   /v1/replicas/NAME/views          {checkpoint?, at_ns?, test?}: serve a point (target)
     DELETE /v1/views/ID                     close a view
     POST   /v1/replicas/NAME/failover       {mode: test|stop-test|live, checkpoint?, at_ns?}
+    POST   /v1/replicas/NAME/resolve        {keep: a|b} | {drop_kept: true}: a split brain
     POST   /v1/replicas/NAME/restore        {disk, to, checkpoint?, at_ns?}: a disk to a file
     POST   /v1/replicas/NAME/mounts         {disk, dir, checkpoint?, at_ns?}: mount read-only
     POST   /v1/umount                       {dir}: undo such a mount

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 from ..errors import Invalid, NotFound
 from ..protocol.frames import MAX_DISKS
 from ..protocol.messages import MAX_HISTORY, MAX_JOURNAL
+from ..source.failback import failback
 from ..source.move import move
 from ..source.resync import resync
 from ..source.verify import verify
@@ -73,6 +74,15 @@ async def route(api: Api, method: str, parts: List[str], query: Dict[str, list],
     if len(parts) == 4 and parts[:2] == ["v1", "groups"] and parts[3] == "move" \
             and method == "POST":
         return 200, await move(api.source, parts[2], seconds_of(body, "timeout", 120.0))
+    if len(parts) == 4 and parts[:2] == ["v1", "groups"] and parts[3] == "failback" \
+            and method == "POST":
+        only(body, ("target", "timeout", "wait"), "failback")
+        address = str_of(body, "target", 300) if body.get("target") is not None else None
+        if address is not None:
+            parse_address(address, "target")
+        return 200, await failback(api.source, api.target, parts[2], address,
+                                   seconds_of(body, "timeout", 600.0),
+                                   bool_of(body, "wait", True))
     if len(parts) == 3 and parts[:2] == ["v1", "checkpoints"] and method == "GET":
         name = parts[2]
         src = api.source.checkpoints(name) if name in api.source.shippers else None

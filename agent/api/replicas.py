@@ -8,12 +8,24 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
+import trio
+
 from formats import images
 
 from ..errors import Invalid
-from ..target import live
+from ..target import live, splitbrain
 from ..target.restore import copied
-from .request import bool_of, name_of, path_of, point_of, ranges_of, shown, str_of
+from .request import (
+    bool_of,
+    is_name,
+    name_of,
+    only,
+    path_of,
+    point_of,
+    ranges_of,
+    shown,
+    str_of,
+)
 
 if TYPE_CHECKING:
     from .app import Api
@@ -44,9 +56,26 @@ async def route(api: Api, method: str, parts: List[str], query: Dict[str, list],
             and method == "POST":
         one = name_of(body, "disk") if body.get("disk") is not None else None
         return 200, await api.target.scrub(parts[2], one)
+    if len(parts) == 4 and parts[:2] == ["v1", "replicas"] and parts[3] == "resolve" \
+            and method == "POST":
+        return 200, await resolve(api, parts[2], body)
     if parts == ["v1", "umount"] and method == "POST":
         return 200, await api.target.umount(path_of(body, "dir"))
     return None
+
+
+async def resolve(api: Api, group: str, body: Dict[str, Any]) -> Dict[str, Any]:
+    """A split brain's survivor (``{keep: a|b}``, site B) or its kept copies dropped
+    (``{drop_kept: true}``, either site)."""
+    only(body, ("keep", "drop_kept"), "resolve")
+    if not is_name(group):
+        raise Invalid("group name %s: use letters, digits, '_', '.', '-'" % shown(group))
+    if bool_of(body, "drop_kept") == ("keep" in body):
+        raise Invalid("resolve takes keep (a or b) or drop_kept, one of them")
+    if "keep" in body:
+        return await splitbrain.resolve(api.target, group, str_of(body, "keep", 8))
+    data_dir = os.path.dirname(api.target.root)
+    return await trio.to_thread.run_sync(splitbrain.drop_kept, data_dir, group)
 
 
 def failover(api: Api, group: str, body: Dict[str, Any]) -> Callable[[], Awaitable[Any]]:

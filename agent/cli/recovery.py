@@ -167,3 +167,69 @@ def _print_step(group: str, mode: str, result: Dict[str, Any]) -> None:
                    c["id"], iso(c["wall_ns"])) if c else "its newest consistent state"))
     for name, uri in sorted(result["disks"].items()):
         click.echo("%s\t%s" % (name, uri))
+
+
+@cli.command()
+@click.argument("group", shell_complete=complete_groups)
+@click.option("--target", "address", default=None, metavar="HOST:PORT",
+              help="The old source site's replication address (its original disks); "
+                   "not needed on the return leg.")
+@click.option("--timeout", default=600.0, show_default=True, type=float,
+              help="Seconds to wait until the old source holds everything.")
+@click.option("--no-wait", "no_wait", is_flag=True,
+              help="Return once the reverse protection runs; do not wait for the sync.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def failback(api: Agent, group: str, address: Optional[str], timeout: float,
+             no_wait: bool, as_json: bool) -> None:
+    """On the site where GROUP is failed over live (committed): protect its live disks
+    back to the old source, onto that site's original disks, shipping only the chunks
+    that differ. The live disks are served by splitters from then on, on the same URIs;
+    then `ferry move GROUP` here makes the old source live again, and `ferry failback
+    GROUP` there (the return leg) protects it to this site again, without a full sync."""
+    body: Dict[str, Any] = {"timeout": timeout, "wait": not no_wait}
+    if address is not None:
+        body["target"] = address
+    result = call(api, "POST", "/v1/groups/%s/failback" % group, body,
+                  timeout=timeout + 120)
+    if as_json:
+        return emit(result)
+    click.echo("group %s %s %s: %s; %d of %d bytes shipped" % (
+        group, "is protected again to" if result.get("returned") else "fails back to",
+        result["target"], "the target holds everything" if result["synced"]
+        else "the sync runs (ferry wait %s --synced)" % group, result["bytes_shipped"],
+        result["size"]))
+    for name, d in sorted(result["disks"].items()):
+        click.echo("%s\t%s" % (name, d["nbd_uri"]))
+
+
+@cli.command()
+@click.argument("group", shell_complete=complete_groups)
+@click.option("--keep", type=click.Choice(["a", "b"]), default=None,
+              help="On site B: the survivor of a split brain (a: the old source's writes, "
+                   "the failover rolled back; b: this site's live disks).")
+@click.option("--drop-kept", "drop_kept", is_flag=True,
+              help="Delete the loser's kept copies on this site.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def resolve(api: Agent, group: str, keep: Optional[str], drop_kept: bool,
+            as_json: bool) -> None:
+    """Resolve GROUP's split brain (both sites took writes) by naming the survivor; the
+    loser's changes are kept (a copy under the data directory's kept/) until dropped."""
+    if (keep is None) == (not drop_kept):
+        raise click.UsageError("give --keep a|b or --drop-kept")
+    body: Dict[str, Any] = {"keep": keep} if keep else {"drop_kept": True}
+    result = call(api, "POST", "/v1/replicas/%s/resolve" % group, body, timeout=3600)
+    if as_json:
+        return emit(result)
+    if drop_kept:
+        click.echo("group %s: kept copies dropped from %s" % (group, result["directory"]))
+    elif keep == "b":
+        click.echo("group %s: split brain resolved, site B's live disks win; site A's "
+                   "writes are copied aside on site A when the failback adopts its disks"
+                   % group)
+    else:
+        click.echo("group %s: split brain resolved, site A's writes win; the failover is "
+                   "rolled back and site B's live disks are kept:" % group)
+        for name, path in sorted(result["kept"].items()):
+            click.echo("%s\t%s" % (name, path))

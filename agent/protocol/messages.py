@@ -131,6 +131,7 @@ class Open(Message):
     seeds: Optional[Dict[str, str]] = None         # disk -> a seed file on site B
     # ferry verify (a probe only): (disk, chunk size, first chunk, chunks) to hash
     verify: Optional[Tuple[int, int, int, int]] = None
+    held: Optional[int] = None                     # bytes written the target never acked
 
     def body(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"group": self.group, "protection": self.protection,
@@ -142,6 +143,8 @@ class Open(Message):
             out["seeds"] = dict(self.seeds)
         if self.verify is not None:
             out["verify"] = dict(zip(("disk", "chunk", "first", "count"), self.verify))
+        if self.held is not None:
+            out["held"] = self.held
         return out
 
     @classmethod
@@ -178,7 +181,8 @@ class Open(Message):
         verify = _verify(body, disks) if "verify" in body else None
         if verify is not None and not probe:
             raise ProtocolError("verify is asked in a probe only")
-        return cls(group, protection, tuple(disks), probe, limits, seeds, verify)
+        held = _int(body, "held", 0, MAX_SIZE * frames.MAX_DISKS) if "held" in body else None
+        return cls(group, protection, tuple(disks), probe, limits, seeds, verify, held)
 
 
 def _verify(body: dict, disks: List[Tuple[str, int]]) -> Tuple[int, int, int, int]:

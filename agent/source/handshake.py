@@ -38,18 +38,20 @@ def session_stream(stream: trio.abc.Stream, target: str) -> SessionStream:
     return SessionStream(stream, target, SourceSession())
 
 
-def open_message(row: GroupRow, probe: bool) -> messages.Open:
-    """The OPEN that names ``row``'s group, its disks and its settings."""
+def open_message(row: GroupRow, probe: bool, held: Optional[int] = None) -> messages.Open:
+    """The OPEN that names ``row``'s group, its disks and its settings (``held``: the bytes
+    of writes this site holds that the target never acked; a failed-over target calls that
+    split brain)."""
     settings = dict(DEFAULT_SETTINGS, **row.settings)
     seeds = settings.get("seeds") or None  # pre-seeded sync: site B's files (agent/seed.py)
     return messages.Open(row.name, row.protection, tuple((d.name, d.size) for d in row.disks),
                          probe, (int(settings["history_s"]), int(settings["journal_max"])),
-                         dict(seeds) if seeds else None)
+                         dict(seeds) if seeds else None, held)
 
 
 async def open_session(fs: SessionStream, row: GroupRow, site_id: str, probe: bool,
-                       seeds: Optional[List[Optional[SeedList]]] = None
-                       ) -> List[Tuple[int, int]]:
+                       seeds: Optional[List[Optional[SeedList]]] = None,
+                       held: Optional[int] = None) -> List[Tuple[int, int]]:
     """HELLO, OPEN; the target's durable points, and its SEED frames into ``seeds``."""
     try:
         # Under TLS 1.3 the target checks our certificate after our side of the handshake
@@ -61,7 +63,7 @@ async def open_session(fs: SessionStream, row: GroupRow, site_id: str, probe: bo
         if isinstance(fs.stream, tls.TLSSocketStream):
             raise refused_us(row.target) from None  # it did not take our certificate
         raise
-    await fs.send(open_message(row, probe))
+    await fs.send(open_message(row, probe, held))
     opened = await fs.expect(messages.Opened)
     sizes = [d.size for d in row.disks]
     for _ in range(opened.seed_frames):

@@ -45,6 +45,7 @@ class DiskLink:
         self.sink: Optional[ChangeSink] = None
         self.index = row.index
         self.fenced: Optional[str] = None  # why the splitter must refuse writes, or None
+        self.fence_told = False  # whether this agent has decided the fence (either way)
         self.can_fence = False             # its HELLO said it understands MSG_FENCE
         self.can_resync = False            # ... and MSG_RESYNC
 
@@ -70,7 +71,7 @@ class DiskLink:
         self.stream = stream
         self.can_fence = can_fence
         self.can_resync = can_resync
-        if self.fenced is not None:
+        if self.fenced is not None or self.fence_told:
             await self._send_fence()
         old_gen, self.gen = self.gen, gen
         assert self.sink is not None
@@ -177,7 +178,13 @@ class DiskLink:
         """Make the splitter refuse writes (EROFS) for ``reason``, or take them again
         (None); a splitter that connects later is told when it does."""
         if reason == self.fenced:
+            if reason is None and not self.fence_told:
+                # A splitter that outlived this agent may still refuse writes from an
+                # earlier agent's fence: the target takes the group, so say so once.
+                self.fence_told = True
+                await self._send_fence()
             return
+        self.fence_told = True
         self.fenced = reason
         log.warning("%s/%s: %s", self.row.group, self.row.name,
                     "writes refused: %s" % reason if reason else "writes taken again")

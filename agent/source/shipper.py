@@ -27,7 +27,7 @@ import logging
 import socket
 import struct
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import trio
 
@@ -95,6 +95,7 @@ class GroupShipper:
         self.fenced: Optional[str] = None  # why the splitters refuse writes (see _fence)
         self.owed_repairs: dict = {}  # disk index -> ranges B asked for, no splitter then
         self.fenced_since = 0.0
+        self.split_brain: Optional[Dict[str, Any]] = None  # see _split_brain
         self.link_since = time.time()
         for index, link in enumerate(self.links):
             link.bind(self, index)
@@ -179,6 +180,7 @@ class GroupShipper:
                                    + how_to_pair(self.row.target))
                         if state is ShipperState.FENCED:
                             await self._fence(str(e))
+                            self._split_brain()
                     except frames.ProtocolError as e:
                         self._down(ShipperState.TARGET_ERROR, "protocol error: %s" % e)
                     except LinkStalled as e:
@@ -218,7 +220,7 @@ class GroupShipper:
         try:
             with trio.fail_after(self.stall_timeout):
                 durable = await open_session(fs, self.row, self.site_id, probe=False,
-                                             seeds=self.seeds)
+                                             seeds=self.seeds, held=self.held())
         except trio.TooSlowError:
             raise LinkStalled("link to %s stalled: the handshake did not complete within "
                               "%g s" % (self.row.target, self.stall_timeout)) from None
@@ -364,8 +366,28 @@ class GroupShipper:
             self.fenced_since = time.time()
             log.error("group %s FENCED: %s", self.row.name, reason)
         self.fenced = reason
+        if reason is None:
+            self.split_brain = None
         for link in self.links:
             await link.fence(reason)
+
+    def held(self) -> int:
+        """Bytes of writes this site holds that the target never acked."""
+        return sum(link.unreplicated_bytes for link in self.links)
+
+    def _split_brain(self) -> None:
+        """The target is live and this site holds writes it never received: both sites took
+        writes (reported, never resolved here: ``ferry resolve`` on site B)."""
+        held = self.held()
+        if held and self.split_brain is None:
+            self.split_brain = {"since": iso_time(time.time_ns()), "unreplicated_bytes": held}
+            log.error("group %s: SPLIT BRAIN: %s is live and this site holds %d bytes of "
+                      "writes it never received; they stay on this site's disks (ferry "
+                      "resolve %s --keep a|b, on %s)", self.row.name, self.row.target, held,
+                      self.row.name, self.row.target)
+        elif self.split_brain is not None:
+            self.split_brain["unreplicated_bytes"] = max(held, self.split_brain.get(
+                "unreplicated_bytes", 0))
 
     def fence_status(self) -> Optional[dict]:
         """``"fenced"`` in status: since when, why, and what A holds that B never received
@@ -374,7 +396,7 @@ class GroupShipper:
             return None
         held = sum(link.unreplicated_bytes for link in self.links)
         return {"since": iso_time(int(self.fenced_since * 1e9)), "reason": self.fenced,
-                "unreplicated_bytes": held}
+                "unreplicated_bytes": held, "split_brain": self.split_brain}
 
     def _link(self, state: str) -> None:
         if state != self.link_state:

@@ -24,7 +24,9 @@ from .. import inuse
 from ..disks import Identity, Policy, identity
 from ..errors import Conflict, Invalid, NotFound, TimedOut, Unavailable
 from ..store import DiskRow, GroupRow, Store
+from ..target.failback import IN_PLACE
 from . import intake, status
+from .failback import own_disk
 from .handshake import Connector, plain_connect, probe
 from .link import DiskLink
 from .settings import DEFAULT_QUEUE, NAME_RE, parse_target
@@ -97,6 +99,10 @@ class SourceSite:
                     await trio.to_thread.run_sync(self.fleet.ensure, row)
 
     def _start_group(self, row: GroupRow) -> None:
+        sockets = row.settings.get("sockets") or {}  # a failback's: the live export's
+        for d in row.disks:
+            if d.name in sockets:
+                self.fleet.sockets[d.id] = sockets[d.name]
         links = [DiskLink(d) for d in row.disks]
         for link in links:
             self.links[link.row.id] = link
@@ -118,8 +124,12 @@ class SourceSite:
                       queue_bytes: int = DEFAULT_QUEUE,
                       allow_unreachable: bool = False,
                       settings: Optional[Dict[str, Any]] = None,
-                      seeds: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
-        """``seeds``: {disk name: a file on site B to start its replica from}."""
+                      seeds: Optional[Dict[str, str]] = None,
+                      own: bool = False,
+                      sockets: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+        """``seeds``: {disk name: a file on site B to start its replica from}. ``own``: the
+        disks are this agent's live disks, failing back (``failback.py``), served on
+        ``sockets`` (disk name -> the live export's socket)."""
         if not NAME_RE.match(name):
             raise Invalid("group name %r: use letters, digits, '_', '.', '-'" % name)
         if name in self._busy or self.store.group(name) is not None:
@@ -135,8 +145,8 @@ class SourceSite:
                 raise Invalid("disk name %r: use letters, digits, '_', '.', '-'" % dname)
             if dname in [r[0] for r in rows]:
                 raise Invalid("disk name %s is given twice" % dname)
-            real, size, ident = await trio.to_thread.run_sync(self.policy.open_disk,
-                                                              dname, path)
+            real, size, ident = await trio.to_thread.run_sync(
+                own_disk if own else self.policy.open_disk, dname, path)
             if ident in idents:
                 raise Invalid("disk %s: %s is the same disk as disk %s"
                               % (dname, path, rows[idents.index(ident)][0]))
@@ -154,13 +164,15 @@ class SourceSite:
             if dname not in seen:
                 raise Invalid("a seed for disk %s, which group %s does not have"
                               % (dname, name))
-            if not path.startswith("/"):
+            if not path.startswith("/") and not (own and path == IN_PLACE):
                 raise Invalid("seed %s for disk %s: give the absolute path of a file on "
                               "site B" % (path, dname))
         if seeds:
             settings = dict(settings or {}, seeds=dict(seeds))
         if formats:
             settings = dict(settings or {}, formats=formats)
+        if own and sockets:
+            settings = dict(settings or {}, sockets=dict(sockets))
         if name in self._busy or self.store.group(name) is not None:
             raise Conflict("group %s already exists" % name)
         # From here to the claims' end nothing awaits: of concurrent claims one wins.
@@ -232,6 +244,29 @@ class SourceSite:
             self._busy.discard(name)
         log.info("unprotected group %s", name)
         return {"group": name, "disks": [d.name for d in row.disks]}
+
+    async def renew(self, name: str, settings: Dict[str, Any]) -> Dict[str, Any]:
+        """Start group ``name``'s protection over (failback's return leg, ``failback.py``):
+        a new protection, its splitters restarted on the same sockets with no state (they
+        read their whole disks again, compared by digest when ``settings`` has seeds), no
+        fence."""
+        row = self.store.group(name)
+        if row is None or name in self._busy:
+            raise NotFound("no group %s on this site" % name)
+        self._busy.add(name)
+        try:
+            self._stop_group(row)
+            await trio.to_thread.run_sync(self.fleet.stop_all, row)
+            self.store.renew(name, uuid.uuid4().hex, settings)
+            row = self.store.group(name)
+            assert row is not None
+            self._start_group(row)
+            await trio.to_thread.run_sync(self._start_splitters_or_fail, row)
+        finally:
+            self._busy.discard(name)
+        log.warning("group %s: protected again from this site, to %s (a new protection)",
+                    name, row.target)
+        return status.group_info(row, self.fleet)
 
     async def wait_synced(self, name: str, seconds: float) -> Dict[str, Any]:
         """Return once the target holds every write made before the call."""

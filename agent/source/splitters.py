@@ -14,6 +14,7 @@ they run (at the agent's start, and when the supervisor finds one dead), stop th
 
 from __future__ import annotations
 
+import dataclasses
 import grp
 import logging
 import os
@@ -22,7 +23,7 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from formats.durable import open_append
 
@@ -102,8 +103,8 @@ def start(paths: SplitterPaths, disk_id: str, disk_path: str, agent_socket: str,
         if len(sock) > SOCKET_PATH_MAX:
             raise SplitterError("socket path %s is longer than %d bytes: use a shorter --data "
                                 "directory" % (sock, SOCKET_PATH_MAX))
-    os.makedirs(os.path.dirname(paths.socket), exist_ok=True)
-    os.makedirs(os.path.dirname(paths.state), exist_ok=True)
+    for directory in {os.path.dirname(p) for p in (paths.socket, paths.pidfile, paths.state)}:
+        os.makedirs(directory, exist_ok=True)  # the socket may lie elsewhere (a failback)
     for stale in (paths.socket, paths.pidfile):
         try:
             os.unlink(stale)
@@ -202,9 +203,12 @@ class Fleet:
         self.data_dir = data_dir
         self.agent_socket = agent_socket
         self.socket_group: Optional[str] = None  # may connect too (qemu's: libvirt-qemu)
+        self.sockets: Dict[str, str] = {}  # disk id -> its socket, where not the default
 
     def paths(self, disk: DiskRow) -> SplitterPaths:
-        return SplitterPaths.for_disk(self.data_dir, disk.id)
+        paths = SplitterPaths.for_disk(self.data_dir, disk.id)
+        socket = self.sockets.get(disk.id)
+        return paths if socket is None else dataclasses.replace(paths, socket=socket)
 
     def _start(self, row: GroupRow, d: DiskRow) -> SplitterPaths:
         paths = self.paths(d)

@@ -29,6 +29,11 @@ finished when the group opens again (``resume``): every step can be done twice.
     done          rollback     rolling-back
     rolling-back  rolled-back  none
 
+A failback's group (``failback.py``: its replicas are the old source's original disks,
+adopted in place) fails over onto its replicas, as an earlier Ferry did: the disks the VM ran
+on are live again, and such a failover cannot be rolled back. Once the live disks fail back
+(a ``failback`` entry in the record), a splitter serves them, not ``views.py``.
+
 A request the state forbids is refused first (``Conflict``: a second failover, a commit or
 a rollback of a group not failed over, a rollback after a commit), naming the state; any
 other step is an ``IllegalTransition``. A record saved by an earlier Ferry, whose failover
@@ -50,6 +55,7 @@ from formats.records import KIND_FAILOVER, JRecord, Point
 
 from ..checkpoints import Checkpoint, choose, iso
 from ..errors import Conflict
+from .failback import in_place
 from .restore import sparse_copy, write_overlay
 from .state import GroupData
 from .transitions import Table
@@ -101,8 +107,10 @@ def state_of(record: Optional[Dict[str, Any]]) -> State:
 
 
 def serving(record: Optional[Dict[str, Any]]) -> bool:
-    """Whether a group with this record has live disks to export."""
-    return state_of(record) in (State.DONE, State.COMMITTING, State.COMMITTED)
+    """Whether a group with this record has live disks to export (not once it fails back:
+    a splitter serves them then, ``source/failback.py``)."""
+    return state_of(record) in (State.DONE, State.COMMITTING, State.COMMITTED) \
+        and not (record or {}).get("failback")
 
 
 def live_path(g: GroupData, disk: str) -> str:
@@ -169,11 +177,14 @@ def live(g: GroupData, ref: Optional[str], at_wall_ns: Optional[int]) -> Dict[st
     c, cut, _held = g.point(ref, at_wall_ns)
     state = FAILOVER.step(State.NONE, Event.START)
     live_dir = os.path.join(g.directory, "live")
-    g.failed_over({"state": state.value, "label": LABELS[state],
-                   "checkpoint": c.to_json() if c else None,
-                   "cut": [list(p) for p in cut], "wall_ns": time.time_ns(),
-                   "live": {d.name: os.path.join(live_dir, d.name + ".img")
-                            for d in g.disks}})
+    record = {"state": state.value, "label": LABELS[state],
+              "checkpoint": c.to_json() if c else None,
+              "cut": [list(p) for p in cut], "wall_ns": time.time_ns(),
+              "live": {d.name: os.path.join(live_dir, d.name + ".img") for d in g.disks}}
+    if all(in_place(g.replica_path(d.name)) for d in g.disks):
+        del record["live"]  # a failback's replicas are the original disks: live on them
+        record["in_place"] = True
+    g.failed_over(record)
     g.save_meta()
     finish(g)
     assert g.failover is not None
@@ -201,6 +212,7 @@ def finish(g: GroupData) -> None:
         for st, p in zip(g.disks, cut):
             st.applied_gen, st.applied_seq = p
     _set(g, state)
+    g.failover["served_ns"] = time.time_ns()  # a live disk changed after this was written
     g.save_meta(synced="live" not in g.failover)
     c = g.failover.get("checkpoint")
     log.warning("group %s: FAILED OVER LIVE at %s; its live disks are served now, "
@@ -281,8 +293,10 @@ def rollback(g: GroupData) -> Dict[str, Any]:
                        % (g.name, describe(g)))
     assert g.failover is not None
     if "live" not in g.failover:
-        raise Conflict("group %s %s, failed over by an earlier Ferry onto its replicas: "
-                       "it cannot be rolled back (commit it)" % (g.name, describe(g)))
+        raise Conflict("group %s %s, failed over %s: it cannot be rolled back (commit it)"
+                       % (g.name, describe(g), "onto its original disks (a failback)"
+                          if g.failover.get("in_place") else
+                          "by an earlier Ferry onto its replicas"))
     _set(g, FAILOVER.step(state, Event.ROLLBACK))
     g.save_meta()
     return dict(g.failover)

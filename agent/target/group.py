@@ -509,6 +509,17 @@ class TargetGroup:
                 self.save_meta()
             self._publish()
 
+    def failover_set(self, key: str, value: Any) -> None:
+        """Save ``key`` of the failover record (None: remove it), e.g. its failback."""
+        with self._lock:
+            if self.failover is not None:
+                if value is None:
+                    self.failover.pop(key, None)
+                else:
+                    self.failover[key] = value
+                self.save_meta()
+            self._publish()
+
     def failed_over(self, record: Dict[str, Any]) -> None:
         """The group takes no more changes: ``record`` is its failover (failover.py)."""
         self._go(GroupEvent.FAILOVER)

@@ -18,9 +18,14 @@ if TYPE_CHECKING:
 _busy: Dict[str, trio.Lock] = {}
 
 
+def lock(name: str) -> trio.Lock:
+    """The lock of group ``name``'s live steps (commit, rollback, failback)."""
+    return _busy.setdefault(name, trio.Lock())
+
+
 async def commit(site: TargetSite, name: str) -> Dict[str, Any]:
     g = site.group(name)
-    async with _busy.setdefault(name, trio.Lock()):
+    async with lock(name):
         record = await trio.to_thread.run_sync(g.failover_commit)
     view = site.views.live_of(name)
     return {"group": name, "failover": record, "disks": dict(view.disks) if view else {}}
@@ -28,7 +33,7 @@ async def commit(site: TargetSite, name: str) -> Dict[str, Any]:
 
 async def rollback(site: TargetSite, name: str) -> Dict[str, Any]:
     g = site.group(name)
-    async with _busy.setdefault(name, trio.Lock()):
+    async with lock(name):
         await trio.to_thread.run_sync(g.failover_rollback)
         await trio.to_thread.run_sync(site.views.stop_live, name)
         record = await trio.to_thread.run_sync(g.failover_rolled_back)

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
 import trio
 
@@ -30,7 +30,7 @@ from ..pairing import Refused, Trust
 from ..protocol import frames, messages
 from ..protocol.session import TargetSession
 from ..protocol.stream import SessionStream, keepalive
-from . import intake, meta, preauth
+from . import failback, intake, meta, preauth, splitbrain
 from . import seeds as seed
 from .group import NoConsistentState, SizeMismatch, TargetGroup, check_disks
 from .mounts import Mounts
@@ -69,6 +69,8 @@ class TargetSite:
         # status samples: a test failover may open and close between them.
         self.notify: Callable[..., Any] = lambda *args, **fields: None
         self.scrubs: Dict[str, Dict[str, Any]] = {}  # the last scrub of each group
+        self.fenced_disks: Optional[failback.FencedDisks] = None  # set by the agent
+        self.retire_source: Optional[Callable[[str], Awaitable[Any]]] = None  # and this
         self.mounts = Mounts(
             data_dir, lambda name, ref, at: self.views.open(self.group(name), ref, at, False),
             lambda vid: self.views.close(vid, self.groups))
@@ -175,7 +177,7 @@ class TargetSite:
                 return
             with scope:
                 await self._session(fs, peer, scope, group_name, disks, protection, limits,
-                                    seeds)
+                                    seeds, opened.held or 0)
         except Refused as e:
             log.warning("%s", e)
         except frames.RemoteError as e:
@@ -271,8 +273,9 @@ class TargetSite:
     async def _session(self, fs: SessionStream, peer: str, scope: trio.CancelScope,
                        group_name: str, disks: List[Tuple[str, int]], protection: str,
                        limits: Optional[Tuple[float, int]],
-                       seeds: Optional[Dict[str, str]]) -> None:
-        """OPENED (and the SEED frames) for an OPEN, then the batches until it ends."""
+                       seeds: Optional[Dict[str, str]], a_held: int = 0) -> None:
+        """OPENED (and the SEED frames) for an OPEN, then the batches until it ends
+        (``a_held``: the bytes the source holds unacked; split brain if failed over)."""
         try:
             held = self.groups.get(group_name)
             if held is not None:
@@ -287,6 +290,11 @@ class TargetSite:
             await fs.send_error(frames.E_SIZE_MISMATCH, str(e))
             return
         if group.failover is not None:
+            sb = await trio.to_thread.run_sync(splitbrain.note, group, peer, a_held)
+            if sb is not None:
+                self.notify("split-brain", "error", group=group_name, side="target",
+                            a_unreplicated_bytes=sb["a_unreplicated_bytes"],
+                            b_live_written=sb["b_live_written"])
             log.warning("refusing group %s from %s: it failed over here", group_name, peer)
             await fs.send_error(frames.E_FAILED_OVER, failed_over_message(group))
             return
@@ -336,12 +344,18 @@ class TargetSite:
         held = self.groups.get(name)
         if not seeds or (held is not None and held.protection == protection):
             return  # nothing to adopt, or adopted when the group was made
+        if held is not None and failback.turning(held.failover, seeds):
+            failback.resolve(name, disks, self.fenced_disks)
+            return
         if held is not None or name in self.broken:
             raise seed.SeedError("site B already holds group %s%s: a seed starts a new group "
                                  "only (protect without --preseeded, or move target/%s aside "
                                  "on site B)" % (name, " (and cannot open it: %s)"
                                                  % self.broken[name] if held is None else "",
                                                  name))
+        if failback.wanted(seeds):
+            failback.resolve(name, disks, self.fenced_disks)
+            return
         sizes = dict(disks)
         for dname, path in sorted(seeds.items()):
             if dname not in sizes:
@@ -359,10 +373,19 @@ class TargetSite:
                 _check_disks(group, disks)  # before anything changes
             if group is not None and group.protection == protection:
                 return group
+            directory = os.path.join(self.root, name)
+            fenced = self.fenced_disks
+            turned = group is not None and failback.turning(group.failover, seeds)
             if group is not None:
                 self.groups.pop(name)
                 await trio.to_thread.run_sync(group.close)
-            elif seeds:
+            if turned:  # failback's return leg: this site's live disks become the replicas
+                await trio.to_thread.run_sync(failback.clear, directory)
+            if turned or (group is None and seeds and failback.wanted(seeds)):
+                await self._check_seeds(name, disks, protection, seeds)
+                await trio.to_thread.run_sync(lambda: failback.adopt(
+                    directory, name, disks, failback.resolve(name, disks, fenced, keep=True)))
+            elif seeds and group is None:
                 await self._check_seeds(name, disks, protection, seeds)
                 await trio.to_thread.run_sync(seed.adopt_group, os.path.join(self.root, name),
                                               name, disks, seeds, self.policy)
@@ -370,7 +393,10 @@ class TargetSite:
                 lambda: TargetGroup(os.path.join(self.root, name), name, disks,
                                     protection=protection))
             self.groups[name] = group
-            return group
+        if turned and self.retire_source is not None:
+            await self.retire_source(name)  # its splitters served the live disks
+            await trio.to_thread.run_sync(failback.forget_sockets, self.views.root, name)
+        return group
 
     # -- requests from the API -----------------------------------------------------------
 

@@ -35,6 +35,7 @@ from ..checkpoints import iso
 from ..errors import Conflict, NotFound
 from ..plugins import VIEW as PLUGIN
 from . import exports
+from . import failback as fb
 from . import failover as fo
 from .exports import Export
 from .group import TargetGroup
@@ -94,6 +95,8 @@ class Views:
             return found
         for vid in sorted(os.listdir(self.root)):
             directory = os.path.join(self.root, vid)
+            if os.path.exists(os.path.join(directory, fb.SPLITTERS)):
+                continue  # a failback's splitters serve the live disks here (failback.py)
             try:
                 with open(os.path.join(directory, DESCRIPTION)) as f:
                     d = json.load(f)
