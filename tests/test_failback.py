@@ -192,6 +192,20 @@ def test_failback_refusals(sites: Lab) -> None:
     assert sites.b.export_pids(), "the live disk is served again"
 
 
+def test_failback_onto_a_qcow2_source_is_refused(sites: Lab) -> None:
+    """In place, a replica's bytes are the guest's view: a qcow2 file is not, so a failback
+    onto it is refused naming the disk and the way out (a restore in its format)."""
+    vda = sites.work / "vda.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(vda), "8M"], check=True)
+    sites.protect("g1", vda)
+    sites.a.ferry("wait", "g1", "--synced", "--timeout", "60")
+    sites.b.ferry("failover", "g1", "--live")
+    sites.b.ferry("failover", "g1", "--commit")
+    line = refused(sites.b, "failback", "g1", "--target", sites.a.address, code=4)
+    assert "disk vda is a qcow2 image" in line and "--format qcow2" in line, line
+    assert subprocess.run(["qemu-img", "check", "-q", "-U", str(vda)]).returncode == 0
+
+
 def test_in_place_seeds_are_all_or_none_and_checked(tmp_path: Path) -> None:
     assert not failback.wanted(None) and failback.wanted({"vda": failback.IN_PLACE})
     with pytest.raises(SeedError, match="in place and the others not"):

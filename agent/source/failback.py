@@ -92,6 +92,13 @@ def fenced_disks(site: SourceSite, name: str, keep: bool = False) -> Dict[str, s
         raise SeedError("group %s is %s on this site, not fenced: its disks may take "
                         "writes, so a failback onto them is refused"
                         % (name, shipper.state.value))
+    formats = row.settings.get("formats") or {}
+    for dname, fmt in sorted(formats.items()):
+        if fmt != "raw":
+            # In place, the replica's bytes are the guest's view; a qcow2 or VMDK file is not.
+            raise SeedError("group %s disk %s is a %s image: failing back onto it in place is "
+                            "not supported; restore the point with ferry restore --format %s "
+                            "instead" % (name, dname, fmt, fmt))
     disks = {d.name: d.path for d in row.disks}
     sb = shipper.split_brain
     if keep and sb is not None and not sb.get("kept"):

@@ -46,7 +46,7 @@ def open_message(row: GroupRow, probe: bool, held: Optional[int] = None) -> mess
     seeds = settings.get("seeds") or None  # pre-seeded sync: site B's files (agent/seed.py)
     return messages.Open(row.name, row.protection, tuple((d.name, d.size) for d in row.disks),
                          probe, (int(settings["history_s"]), int(settings["journal_max"])),
-                         dict(seeds) if seeds else None, held)
+                         dict(seeds) if seeds else None, held=held)
 
 
 async def open_session(fs: SessionStream, row: GroupRow, site_id: str, probe: bool,
