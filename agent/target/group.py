@@ -43,9 +43,11 @@ the rules it follows live in the modules named above.
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import os
 import shutil
+import stat
 import threading
 from typing import Any, Dict, List, Optional, Set, Tuple
 
@@ -249,9 +251,21 @@ class TargetGroup:
         self.state = LIFE.step(self.state, event)
 
     def _open_replica(self, st: DiskState) -> int:
-        fd = os.open(self.replica_path(st.name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-                     | os.O_NOFOLLOW, 0o600)
-        if os.fstat(fd).st_size != st.size:
+        path = self.replica_path(st.name)
+        flags = os.O_RDWR | os.O_CLOEXEC
+        if os.path.islink(path):
+            # Only this agent makes links in its own replicas/ (a failback adopts an original
+            # disk in place, failback.py): followed to an existing regular file or block
+            # device, never created through.
+            real = os.path.realpath(path)
+            fd = os.open(real, flags | os.O_NOFOLLOW)
+            mode = os.fstat(fd).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                os.close(fd)
+                raise OSError(errno.EINVAL, "not a regular file or block device", path)
+        else:
+            fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        if stat.S_ISREG(os.fstat(fd).st_mode) and os.fstat(fd).st_size != st.size:
             os.ftruncate(fd, st.size)
             os.fsync(fd)
         return fd
