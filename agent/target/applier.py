@@ -41,7 +41,7 @@ import logging
 import os
 import time
 from dataclasses import replace
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from formats import jindex
 from formats.blockdev import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
@@ -163,8 +163,9 @@ def apply(g: GroupData, stop: Optional[Position] = None) -> None:
     """Apply the journal from the replicas' point to ``stop`` (default: its end), as far
     as the hold-back rule lets it."""
     pos = g.applied
+    skip, stop = passable(g, pos, stop)
     try:
-        pos = _apply_records(g, pos, stop)
+        pos = _apply_records(g, pos, stop, skip)
     except JournalCorrupt as e:
         # Promotion stops before the damage (the group shows it, journal-damaged);
         # what the records before it applied stays, the rest waits for the repair.
@@ -175,10 +176,37 @@ def apply(g: GroupData, stop: Optional[Position] = None) -> None:
     g.applied = max(g.applied, pos)
 
 
-def _apply_records(g: GroupData, pos: Position, stop: Optional[Position]) -> Position:
+def passable(g: GroupData, pos: Position, stop: Optional[Position]
+             ) -> Tuple[Tuple[Tuple[int, int], ...], Optional[Position]]:
+    """The damage after ``pos`` the applier may pass over, and where it must then stop.
+
+    Damage is passed only once it is repaired (``damage.Mend``) and the newest whole state
+    is past its repair, and then in one step up to its ``repaired_at`` at least: the
+    replica never holds a state in the gap, without the damaged record and without all of
+    what covers it."""
+    skip: List[Tuple[int, int]] = []
+    newest: Optional[List[Point]] = None
+    for d in g.journal.damage:
+        if d.key() < pos:
+            continue
+        if d.repaired_at is None:
+            break  # nothing after it can be reached
+        if newest is None:
+            newest = g.newest()[0]
+        if not d.covers(newest):
+            break
+        skip.append(d.key())
+        at = (d.repaired_at[0], d.repaired_at[1])
+        if stop is not None and d.key() < stop < at:
+            stop = at
+    return tuple(skip), stop
+
+
+def _apply_records(g: GroupData, pos: Position, stop: Optional[Position],
+                   skip: Tuple[Tuple[int, int], ...] = ()) -> Position:
     """Apply records from ``pos``; the position after the last one applied. Raises
     JournalCorrupt (its ``position``: after the last applied) at damage."""
-    reader = g.journal.read_from(pos, stop)
+    reader = g.journal.read_from(pos, stop, skip)
     while True:
         try:
             item = next(reader, None)

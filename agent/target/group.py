@@ -21,6 +21,7 @@ A group's life::
     receiving        failover    failed-over
     receiving        close       closed
     journal-damaged  damaged     journal-damaged
+    journal-damaged  repaired    receiving     (every damage covered again: damage.Mend)
     journal-damaged  failover    failed-over
     journal-damaged  close       closed
     failed-over      damaged     failed-over
@@ -29,7 +30,11 @@ A group's life::
 
 A journal-damaged group (``journal.py``: records that fail their checks, found at open or
 when read) still takes batches and promotes up to the damage; the points that need the
-damaged records are refused (``point``), older ones restore.
+damaged records are refused (``point``), older ones restore. The ranges the damaged records
+covered are asked of the source again (``asks``, sent by the server with an ACK); once
+records journaled after the damage cover them (``damage.Mend``), the damage is repaired:
+points past the covering records restore again, promotion passes over it (``applier``),
+and the points between stay refused, a visible gap in history.
 
 Everything that changes the group runs in a worker thread with ``_lock`` held, and ends by
 publishing a new status snapshot (``status.py``); ``status`` reads the snapshot and never
@@ -53,12 +58,13 @@ import xxhash
 
 from formats import jindex
 from formats.durable import fsync_parent
-from formats.records import KIND_CHECKPOINT, MAP_KINDS, JRecord, Point
+from formats.records import DATA_KINDS, KIND_CHECKPOINT, MAP_KINDS, JRecord, Point
+from formats.segment import RECORD
 
 from ..checkpoints import Checkpoint, CheckpointError, choose
 from ..errors import Conflict, NotFound
 from ..protocol.frames import ProtocolError
-from . import admission, applier, failover, meta, status
+from . import admission, applier, damage, failover, meta, status
 from . import seeds as seed
 from .digests import ReplicaDigests, digests_path
 from .holdback import HoldBack
@@ -96,6 +102,7 @@ class GroupEvent(enum.Enum):
     OPENED = "opened"
     FAILOVER = "failover"
     DAMAGED = "damaged"
+    REPAIRED = "repaired"
     ROLLBACK = "rollback"
     CLOSE = "close"
 
@@ -107,6 +114,7 @@ LIFE = Table[GroupState, GroupEvent]("a target group", {
     (GroupState.RECEIVING, GroupEvent.CLOSE): GroupState.CLOSED,
     (GroupState.RECEIVING, GroupEvent.DAMAGED): GroupState.JOURNAL_DAMAGED,
     (GroupState.JOURNAL_DAMAGED, GroupEvent.DAMAGED): GroupState.JOURNAL_DAMAGED,
+    (GroupState.JOURNAL_DAMAGED, GroupEvent.REPAIRED): GroupState.RECEIVING,
     (GroupState.JOURNAL_DAMAGED, GroupEvent.FAILOVER): GroupState.FAILED_OVER,
     (GroupState.JOURNAL_DAMAGED, GroupEvent.CLOSE): GroupState.CLOSED,
     (GroupState.FAILED_OVER, GroupEvent.DAMAGED): GroupState.FAILED_OVER,
@@ -139,6 +147,8 @@ class TargetGroup:
         self.name = name
         self.state = GroupState.OPENING
         self._reported: Set[Tuple[int, int]] = set()  # damage logged (segment, offset)
+        self._mends: Dict[Tuple[int, int], Tuple[damage.Mend, Position]] = {}
+        self._asked: Set[Tuple[int, int]] = set()  # damage whose ranges were asked for
         self._lock = threading.Lock()
         os.makedirs(os.path.join(directory, "replicas"), exist_ok=True)
         m = (saved if saved is not None else meta.load(directory)) or {}
@@ -170,6 +180,7 @@ class TargetGroup:
             failover.resume(self)  # a crash stopped a step half-way: do it again
         if self.failover is None:
             self._go(GroupEvent.OPENED)
+            self._mend()
             applier.promote(self)
         else:
             self._go(GroupEvent.FAILOVER)
@@ -342,6 +353,7 @@ class TargetGroup:
                 self.checkpoints.extend(new_cps)
                 self._head.appended(fresh)
                 self.newest()
+                self._mend()
                 applier.promote(self)
                 self._publish()
             return len(fresh), ids
@@ -411,18 +423,78 @@ class TargetGroup:
     def _check_intact(self, c: Optional[Checkpoint]) -> None:
         """JournalCorrupt if the point (a checkpoint, None: the newest) needs damaged
         records: damage between the replicas' position and the checkpoint's marker (every
-        record of its cut is journaled before it), or anywhere after them for the newest."""
+        record of its cut is journaled before it), or anywhere after them for the newest,
+        unless the damage is repaired for the point's cut (``damage.Mend``)."""
         d = self.journal.damage_from(self.applied)
         if d is None:
             return
+        marker = None
         if c is not None:
-            marker = None
             for segno, e in entries_from(self.journal, self.applied):
                 if e[1] == KIND_CHECKPOINT and e[7] == c.time_ns:
                     marker = (segno, e[8])
-            if marker is not None and marker <= (d.segment, d.offset):
-                return
-        raise self.journal.corrupt(d)
+                    break
+        points = list(c.cut) if c is not None else self.newest()[0]
+        for d in self.journal.damage:
+            if d.key() < self.applied or (marker is not None and marker <= d.key()):
+                continue
+            if not d.covers(points):
+                raise self.journal.corrupt(d) if d.repaired_at is None else \
+                    self._gap(d)
+        return
+
+    def _gap(self, d: damage.Damage) -> JournalCorrupt:
+        """A point between repaired damage and the records that repaired it."""
+        at = d.repaired_at or [0, 0]
+        return JournalCorrupt("%s; repaired from segment %d byte %d on: this point lies in "
+                              "the gap before it" % (self.journal.describe(d), at[0], at[1]),
+                              self.journal.path(d.segment), d)
+
+    def _mend(self) -> None:
+        """Follow the records journaled after each damage not yet repaired (call with the
+        lock held); a damage they now cover is repaired (``damage.Mend``)."""
+        changed = False
+        sizes = [d.size for d in self.disks]
+        for d in self.journal.damage:
+            if d.repaired_at is not None:
+                continue
+            mend, cursor = self._mends.get(d.key()) or (
+                damage.Mend(damage.needs(d, sizes)), (d.segment, d.end))
+            at: Optional[Position] = (d.segment, d.end) if mend.done else None
+            for segno, e in entries_from(self.journal, cursor):
+                cursor = (segno, e[8] + 1)
+                if mend.feed(e[0], e[1], e[3], e[5], e[6], e[4]) if e[1] < KIND_CHECKPOINT \
+                        else mend.done:
+                    at = (segno, e[8] + RECORD.size + (e[4] if e[1] in DATA_KINDS
+                                                              else 0))
+                    break
+            self._mends[d.key()] = (mend, cursor)
+            if at is not None:
+                d.repaired_at = list(at)
+                d.repaired_points = [[k, g, q] for k, (g, q) in sorted(mend.points.items())]
+                self._mends.pop(d.key(), None)
+                changed = True
+                log.warning("group %s: repaired: %s is covered by the records journaled "
+                            "up to segment %d byte %d; points from there on restore again",
+                            self.name, self.journal.describe(d), at[0], at[1])
+        if changed:
+            self.journal.save_damage()
+
+    def asks(self) -> List[Tuple[int, List[Tuple[int, int]]]]:
+        """The disk ranges to ask the source for again, for damage found since the last
+        call (each damage asked once per agent run; a restart asks again)."""
+        with self._lock:
+            self._mend()
+            out = []
+            for d in self.journal.damage:
+                if d.repaired_at is not None or d.key() in self._asked:
+                    continue
+                self._asked.add(d.key())
+                mend = self._mends.get(d.key())
+                for disk, ranges in sorted((mend[0].asks() if mend else {}).items()):
+                    out.append((disk, ranges))
+            self._publish()
+            return out
 
     def restore(self, disk: str, dest: str, ref: Optional[str] = None,
                 at_wall_ns: Optional[int] = None) -> Dict[str, Any]:
@@ -525,8 +597,18 @@ class TargetGroup:
             self._publish()
 
     def list_checkpoints(self) -> List[Dict[str, Any]]:
+        """Each checkpoint; one that needs damaged records says so under ``refused``."""
         with self._lock:
-            return [c.to_json() for c in self.checkpoints]
+            out = []
+            for c in self.checkpoints:
+                item = c.to_json()
+                if self.failover is None and self.journal.damage:
+                    try:
+                        self._check_intact(c)
+                    except JournalCorrupt as e:
+                        item["refused"] = str(e)
+                out.append(item)
+            return out
 
     # -- status --------------------------------------------------------------------------
 
@@ -541,9 +623,12 @@ class TargetGroup:
             for d in self.journal.damage:
                 if (d.segment, d.offset) not in self._reported:
                     self._reported.add((d.segment, d.offset))
-                    log.error("%s; the points that need it are refused",
-                              self.journal.describe(d))
-            self._go(GroupEvent.DAMAGED)
+                    log.error("%s; the points that need it are refused until it is "
+                              "repaired from the source", self.journal.describe(d))
+            if any(d.repaired_at is None for d in self.journal.damage):
+                self._go(GroupEvent.DAMAGED)
+            elif self.state is GroupState.JOURNAL_DAMAGED:
+                self._go(GroupEvent.REPAIRED)
         self._snapshot = status.snapshot(self)
 
     def close(self) -> None:

@@ -207,6 +207,14 @@ class Journal:
             missing = found.missing if end == len(raw) else 0
             self._note(Damage(segno, start, end, missing, "open", *(rng or (None, None, None))))
 
+    def save_damage(self) -> None:
+        """damage.json again (a repair was recorded); kept in memory if it cannot be."""
+        try:
+            _damage.save(self.directory, self.damage)
+        except OSError as e:
+            log.error("group %s: %s cannot be written: %s", self.group,
+                      _damage.path(self.directory), e)
+
     def damage_from(self, pos: Position) -> Optional[Damage]:
         """The first damage at or after ``pos``, or None."""
         for d in self.damage:
@@ -302,7 +310,7 @@ class Journal:
                 return self._note(Damage(segno, pos, end if end is not None else pos + size,
                                          0, "read", e[0] if e[1] < KIND_CHECKPOINT else None,
                                          e[6] if is_range else None,
-                                         e[4] if is_range else None))
+                                         e[4] if is_range else None, e[1]))
         return self._note(Damage(segno, pos, end if end is not None else pos, 0, "read"))
 
     # -- writing -------------------------------------------------------------------------
@@ -385,10 +393,12 @@ class Journal:
             raise self.corrupt(self._note_read(segno, pos))
         return decoded[0]
 
-    def read_from(self, pos: Position, stop: Optional[Position] = None
+    def read_from(self, pos: Position, stop: Optional[Position] = None,
+                  skip: Tuple[Tuple[int, int], ...] = ()
                   ) -> Iterator[Tuple[JRecord, Position]]:
         """Records from ``pos`` (to ``stop`` or the end), each checked, with the position
-        after it; JournalCorrupt at the first that fails or at known damage."""
+        after it; JournalCorrupt at the first that fails or at known damage, but for the
+        damage ``skip`` names (by ``Damage.key``: repaired, passed over)."""
         segno, offset = pos
         end = stop if stop is not None else self.end
         for s in list(self._segments):
@@ -396,7 +406,10 @@ class Journal:
                 continue
             start = offset if s == segno else 0
             limit = end[1] if s == end[0] else self.segment_size(s)
-            known = [d for d in self.damage if d.segment == s and start <= d.offset < limit]
+            passed = [(d.offset, max(d.end, d.offset + 1)) for d in self.damage
+                      if d.segment == s and d.key() in skip]
+            known = [d for d in self.damage if d.segment == s and start <= d.offset < limit
+                     and d.key() not in skip]
             with open(self._path(s), "rb") as f:
                 f.seek(start)
                 buf = memoryview(f.read(max(0, limit - start)))
@@ -408,6 +421,8 @@ class Journal:
                     break
                 if known and p >= known[0].offset:
                     raise self.corrupt(known[0])
+                if any(a <= p < b for a, b in passed):
+                    continue
                 decoded = _decode_at(buf, p - start)
                 if decoded is None:
                     raise self.corrupt(self._note_read(s, p))

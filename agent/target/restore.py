@@ -86,8 +86,13 @@ def overlay(g: GroupData, index: int, upto: Point) -> Iterator[Tuple[int, Tuple[
     """The journal records of disk ``index`` between the replica and ``upto``."""
     st = g.disks[index]
     base = (st.applied_gen, st.applied_seq)
+    # Repaired damage: records after it cover it for every point ``point`` lets through.
+    passed = [(d.segment, d.offset, max(d.end, d.offset + 1)) for d in g.journal.damage
+              if d.repaired_at is not None]
     for segno, e in entries_from(g.journal, g.applied):
         if e[0] == index and e[1] < KIND_CHECKPOINT and base < (e[3], e[5]) <= upto:
+            if any(s == segno and a <= e[8] < b for s, a, b in passed):
+                continue
             yield segno, e
 
 

@@ -112,8 +112,19 @@ class TargetSite:
             for name, group in list(self.groups.items()):
                 try:
                     await trio.to_thread.run_sync(group.maintain)
+                    self._ask_repairs(name, await trio.to_thread.run_sync(group.asks))
                 except OSError as e:
                     log.error("group %s: promotion failed: %s", name, e)
+
+    def _ask_repairs(self, name: str, asks: List[Tuple[int, List[Tuple[int, int]]]]) -> None:
+        """Journal damage found: ask the source for its disk ranges again (repairs.py)."""
+        g = self.groups.get(name)
+        for disk, ranges in asks:
+            self.repairs.request(name, disk, ranges)
+            if g is not None:
+                log.warning("group %s: journal damage: asked the source for %d range(s) of "
+                            "%s again (%d bytes)", name, len(ranges), g.disks[disk].name,
+                            sum(n for _o, n in ranges))
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         try:
