@@ -200,7 +200,10 @@ class TargetGroup:
         self.pins = 0            # open views and tests: nothing is promoted while > 0
         self.short_history = False  # the journal limit keeps less than history_s
         self.protection = m.get("protection") if protection is None else protection
-        if m and self.protection != m.get("protection"):
+        # A rebuilt meta.json (meta.rebuild) does not know the protection: the first
+        # session's is taken as this group's.
+        self.rebuilt = bool(m.get("rebuilt")) and protection is None
+        if m and self.protection != m.get("protection") and not m.get("rebuilt"):
             log.warning("group %s: a new protection replaces the old one; its replicas wait "
                         "for a full sync", self.name)
             shutil.rmtree(os.path.join(self.directory, "journal"), ignore_errors=True)
@@ -314,6 +317,7 @@ class TargetGroup:
             "journal_max": self.journal_max,
             "tags": self.tags,
             "failover": self.failover,
+            **({"rebuilt": True} if self.rebuilt else {}),
             "applied": list(applied),
             "disks": [{"name": d.name, "size": d.size, "applied_gen": p[0],
                        "applied_seq": p[1], "ever_consistent": self.gate.whole(i)}
@@ -375,6 +379,15 @@ class TargetGroup:
         with self._lock:
             if self.state in (GroupState.RECEIVING, GroupState.JOURNAL_DAMAGED):
                 applier.promote(self)
+            self._publish()
+
+    def settle(self) -> None:
+        """After meta.rebuild: apply the whole journal (hold-back and damage still stop
+        it) and checkpoint, so the replicas are at a known point again; the checkpoints
+        before it leave the list (the replicas' true point was not known)."""
+        with self._lock:
+            applier.apply(self)
+            applier.checkpoint(self)
             self._publish()
 
     def checkpoint(self) -> None:

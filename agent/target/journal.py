@@ -472,3 +472,17 @@ class Journal:
             os.close(self._fd)
             self._fd = -1
         self._mark.close(sync=True)
+
+
+def journal_kinds(group_dir: str, group: str) -> List[Tuple[int, int]]:
+    """(disk, kind) of every disk record of a group's journal, in journal order (what
+    ``meta.rebuild`` reads); nothing when it has no journal."""
+    directory = os.path.join(group_dir, "journal")
+    if not os.path.isdir(directory):
+        return []
+    j = Journal(directory, group=group)
+    try:
+        return [(e[0], e[1]) for s in j.segments() for e in jindex.entries(j.index(s))
+                if e[1] < KIND_CHECKPOINT]
+    finally:
+        j.close()
