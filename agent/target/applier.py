@@ -56,7 +56,7 @@ from formats.records import (
     Point,
 )
 
-from .journal import Journal, JournalCorrupt, Position
+from .journal import Journal, JournalCorrupt, Position, named
 from .state import GroupData
 
 log = logging.getLogger("ferry.replica")
@@ -117,6 +117,16 @@ def write_record(fd: int, rec: JRecord) -> None:
         fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, rec.offset, rec.length)
 
 
+def sync_replicas(g: GroupData, disks: Optional[List[int]] = None) -> None:
+    """fdatasync replicas and bring their digests up to date; an OSError names the file."""
+    for i in range(len(g.fds)) if disks is None else disks:
+        try:
+            os.fdatasync(g.fds[i])
+            g.digests[i].update(g.fds[i])
+        except OSError as e:
+            raise named(e, g.replica_path(g.disks[i].name)) from None
+
+
 def apply_initial(g: GroupData, records: List[JRecord]) -> List[JRecord]:
     """Write the changes of disks in their initial sync straight to their replicas
     (durable when it returns) and give them back as KIND_APPLIED records; the others
@@ -153,9 +163,7 @@ def apply_initial(g: GroupData, records: List[JRecord]) -> List[JRecord]:
             written.add(r.disk)
             r = replace(r, kind=KIND_APPLIED, data=None)
         out.append(r)
-    for i in sorted(written):
-        os.fdatasync(g.fds[i])
-        g.digests[i].update(g.fds[i])
+    sync_replicas(g, sorted(written))
     return out
 
 
@@ -228,7 +236,10 @@ def _apply_records(g: GroupData, pos: Position, stop: Optional[Position],
                          st.applied_seq)
             return pos
         if rec.kind in MAP_KINDS:
-            write_record(g.fds[rec.disk], rec)
+            try:
+                write_record(g.fds[rec.disk], rec)
+            except OSError as e:
+                raise named(e, g.replica_path(st.name)) from None
             g.digests[rec.disk].touched(rec.offset, rec.length)
             g.since_checkpoint += rec.length if rec.kind == KIND_WRITE else 0
         elif rec.kind == KIND_APPLIED:
@@ -245,9 +256,7 @@ def checkpoint(g: GroupData) -> None:
     it deleted (see the module)."""
     if g.failover is not None:
         return  # the replicas are live disks now: nothing moves in the journal
-    for fd, d in zip(g.fds, g.digests):
-        os.fdatasync(fd)
-        d.update(fd)
+    sync_replicas(g)
     g.seeds.save()
     segments = g.journal.segments()
     if g.applied[0] != segments[-1] and \

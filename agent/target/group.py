@@ -48,10 +48,12 @@ the rules it follows live in the modules named above.
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import os
 import shutil
 import threading
+import time
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 import xxhash
@@ -147,6 +149,7 @@ class TargetGroup:
         self.name = name
         self.state = GroupState.OPENING
         self._reported: Set[Tuple[int, int]] = set()  # damage logged (segment, offset)
+        self.storage_error: Optional[Dict[str, Any]] = None  # the last, until a batch works
         self._mends: Dict[Tuple[int, int], Tuple[damage.Mend, Position]] = {}
         self._asked: Set[Tuple[int, int]] = set()  # damage whose ranges were asked for
         self._lock = threading.Lock()
@@ -340,27 +343,53 @@ class TargetGroup:
             if self.state not in (GroupState.RECEIVING, GroupState.JOURNAL_DAMAGED):
                 raise ProtocolError("group %s %s here; it takes no more changes" % (
                     self.name, "failed over" if self.failover is not None else "is closed"))
-            fresh = admission.fresh(self.name, self.disks, self.seeds, records)
-            new_cps, ids = admission.new_checkpoints(self.disks, fresh, self.checkpoints,
-                                                     checkpoints or [], clocks)
-            markers = [admission.marker(c) for c in new_cps]
-            if fresh or markers:
-                fresh = applier.apply_initial(self, fresh)
-                if any(r.kind in MAP_KINDS for r in fresh):
-                    self.whole_after_meta = True  # a restart would re-apply them
-                self.journal.append(fresh + markers)
-                for r in fresh:
-                    st = self.disks[r.disk]
-                    st.gen, st.seq = r.gen, r.seq
-                    self.gate.journaled(r.disk, r.kind)
-                    self.seeds.note(r.disk, r.kind, r.offset, r.length)
-                self.checkpoints.extend(new_cps)
-                self._head.appended(fresh)
-                self.newest()
-                self._mend()
-                applier.promote(self)
+            try:
+                out = self._accept(records, checkpoints, clocks)
+            except OSError as e:
+                self._storage_failed(e)
+                raise
+            if self.storage_error is not None:
+                log.warning("group %s: storage works again (after %s)", self.name,
+                            self.storage_error["error"])
+                self.storage_error = None
                 self._publish()
-            return len(fresh), ids
+            return out
+
+    def _storage_failed(self, e: OSError) -> None:
+        """B's storage failed under this group: status says where (file, errno)."""
+        first = self.storage_error is None
+        self.storage_error = {"error": "%s: %s" % (e.filename or "?", e.strerror or e),
+                              "file": e.filename, "errno": e.errno,
+                              "errno_name": errno.errorcode.get(e.errno or 0),
+                              "since": (self.storage_error or {}).get("since", time.time())}
+        if first:
+            log.error("group %s: storage error: %s", self.name, self.storage_error["error"])
+        self._publish()
+
+    def _accept(self, records: List[JRecord], checkpoints: Optional[List[Checkpoint]],
+                clocks: Optional[Tuple[int, int]]) -> Tuple[int, List[str]]:
+        """Check, journal and promote (with the lock held; see accept)."""
+        fresh = admission.fresh(self.name, self.disks, self.seeds, records)
+        new_cps, ids = admission.new_checkpoints(self.disks, fresh, self.checkpoints,
+                                                 checkpoints or [], clocks)
+        markers = [admission.marker(c) for c in new_cps]
+        if fresh or markers:
+            fresh = applier.apply_initial(self, fresh)
+            if any(r.kind in MAP_KINDS for r in fresh):
+                self.whole_after_meta = True  # a restart would re-apply them
+            self.journal.append(fresh + markers)
+            for r in fresh:
+                st = self.disks[r.disk]
+                st.gen, st.seq = r.gen, r.seq
+                self.gate.journaled(r.disk, r.kind)
+                self.seeds.note(r.disk, r.kind, r.offset, r.length)
+            self.checkpoints.extend(new_cps)
+            self._head.appended(fresh)
+            self.newest()
+            self._mend()
+            applier.promote(self)
+            self._publish()
+        return len(fresh), ids
 
     def seed_frames(self) -> Tuple[List[Tuple[int, int]], List[Tuple[int, int, int, bytes,
                                                                       bytes]]]:
@@ -378,7 +407,11 @@ class TargetGroup:
         """Promote what aged out of the window (called now and then, not only on batches)."""
         with self._lock:
             if self.state in (GroupState.RECEIVING, GroupState.JOURNAL_DAMAGED):
-                applier.promote(self)
+                try:
+                    applier.promote(self)
+                except OSError as e:
+                    self._storage_failed(e)
+                    raise
             self._publish()
 
     def settle(self) -> None:
@@ -643,6 +676,11 @@ class TargetGroup:
             elif self.state is GroupState.JOURNAL_DAMAGED:
                 self._go(GroupEvent.REPAIRED)
         self._snapshot = status.snapshot(self)
+        err = self.storage_error
+        self._snapshot["error"] = err["error"] if err else None
+        self._snapshot["storage_error"] = dict(err) if err else None
+        if err:
+            self._snapshot["state"] = "storage-error"  # shown over the life state
 
     def close(self) -> None:
         with self._lock:

@@ -73,6 +73,13 @@ _SEGMENT_RE = re.compile(r"^seg-(\d{16})\.fjr$")
 Position = Tuple[int, int]  # (segment number, byte offset in it)
 
 
+def named(e: OSError, path: str) -> OSError:
+    """``e`` naming ``path`` (an OSError from a call on a descriptor names no file)."""
+    if e.filename:
+        return e
+    return OSError(e.errno, e.strerror or str(e), path)
+
+
 def encode_header(r: JRecord) -> bytes:
     """The record's 48-byte header (formats/segment.py), its checksum over the data too."""
     head = RECORD.pack(MAGIC, r.kind, r.flags, r.disk, r.gen, r.length, r.seq, r.offset,
@@ -129,6 +136,7 @@ class Journal:
         self.rebuilt_indexes = 0  # closed segments whose index file was written again
         self.migrated_indexes = 0  # version 1 index files rewritten as version 2
         self._fd = -1
+        self._cut_pending = False  # a failed append could not be cut back yet
         self._index: Dict[int, bytearray] = {}
         self._first_at: Optional[float] = None  # monotonic time of the open segment's first append
         self._mark = _damage.AckedMark(directory)
@@ -345,6 +353,12 @@ class Journal:
         mark (``damage.AckedMark``) moves after the fdatasync."""
         if not records:
             return self.end
+        if self._cut_pending:
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError as e:
+                raise named(e, self._path(self._segments[-1])) from None
+            self._cut_pending = False
         if self._due_to_close():
             self.rotate()
         parts: List[bytes] = []
@@ -362,10 +376,15 @@ class Journal:
         try:
             written = _write_all(self._fd, parts)
             os.fdatasync(self._fd)
-        except OSError:
+        except OSError as e:
             # Leave no partial batch behind a later append: cut the segment back.
-            os.ftruncate(self._fd, self._size)
-            raise
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                self._cut_pending = True  # cut before anything else is appended
+                log.error("group %s: %s cannot be cut back to %d bytes", self.group,
+                          self._path(self._segments[-1]), self._size)
+            raise named(e, self._path(self._segments[-1])) from None
         self._size += written
         self._index[self._segments[-1]] += entries
         if self._first_at is None:

@@ -106,7 +106,10 @@ def disks(meta: Optional[Meta]) -> List[Tuple[str, int]]:
 
 def save(directory: str, meta: Meta) -> None:
     """Replace meta.json with ``meta`` (atomic and durable when it returns; see the module)."""
-    write_atomic(path(directory), json.dumps(meta, indent=1).encode())
+    try:
+        write_atomic(path(directory), json.dumps(meta, indent=1).encode())
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), e.filename or path(directory)) from None
 
 
 def rebuild(directory: str, name: str, order: Optional[List[str]] = None,
