@@ -604,11 +604,11 @@ def test_promotion_reaching_damage_stops_there_and_the_agent_goes_on(sites: Lab)
     while True:  # later batches close the segment; the promoter gets to it
         write(uri, rng)
         st = replica_status(sites, "g1")
-        if st["damage"]:
+        if st["damage"] or not seg.exists():  # found (and maybe repaired and passed)
             break
         assert time.monotonic() < deadline, st
         time.sleep(0.5)
-    assert st["damage"][0]["file"] == str(seg) and st["damage"][0]["found"] == "read"
+    assert "journal segment %s: 1048624 damaged bytes" % seg in sites.b.log.read_text()
     assert sites.b.proc is not None and sites.b.proc.poll() is None, "site B's agent died"
     # The damaged group still takes writes; the other one replicates and restores.
     write(uri, rng)
