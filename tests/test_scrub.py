@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 from conftest import Lab, first_difference, same_bytes
@@ -84,3 +85,43 @@ def test_a_torn_or_foreign_digests_file_is_a_new_baseline(tmp_path: Path) -> Non
     assert ReplicaDigests(str(path), CHUNK).entries == [0]  # another disk size
     path.write_bytes(HEADER.pack(b"NOTOURS1", CHUNK, CHUNK, 0) + b"\1" * 8)
     assert ReplicaDigests(str(path), CHUNK).entries == [0]
+
+
+def test_the_periodic_scrub_finds_a_flipped_byte_and_the_source_repairs_it(lab: Lab) -> None:
+    lab.b.extra_args = ["--scrub-period", "2s", "--scrub-rate", "64M"]
+    lab.b.start()
+    lab.a.start()
+    disk, _uri = written_disk(lab)
+    st = lab.b.status("g1")["replicas"]["g1"]
+    wait_for(lambda: (lab.b.status("g1")["replicas"]["g1"]["last_scrub"] or {})
+             .get("periodic"), 60, what="a periodic pass: %s" % st)
+    flip_replica_byte(lab, 6 * MiB + 99)
+    started = time.monotonic()
+
+    def found() -> bool:
+        last = lab.b.status("g1")["replicas"]["g1"]["last_scrub"]
+        return last["disks"]["vda"]["damaged"] == [[6 * MiB, MiB]]
+
+    wait_for(found, 60, what="the periodic scrub to find the flip")
+    assert "the periodic scrub found the replica of vda damaged at %d+%d" % (6 * MiB, MiB) \
+        in lab.b.log.read_text()
+
+    def repaired() -> bool:
+        lab.a.ferry("wait", "g1", "--synced", "--timeout", "60")
+        return same_bytes(disk, lab.restore("g1", "vda"))
+
+    wait_for(repaired, timeout=90, what="the repair: %s"
+             % first_difference(disk, lab.restore("g1", "vda")))
+    print("periodic scrub: found and repaired in %.1f s" % (time.monotonic() - started))
+    st = lab.b.status("g1")["replicas"]["g1"]
+    assert "scrubbing" in st and st["last_scrub"]["time"] is not None
+
+
+def test_scrub_pacing() -> None:
+    from agent.target.scrubber import Scrubber
+
+    s = Scrubber(dict, lambda *a: None, lambda *a: None, period=100.0, rate=CHUNK)
+    assert s.interval(10) == 10.0   # the period spread over the chunks
+    assert s.interval(1000) == 1.0  # the rate caps it
+    s.rate = 0
+    assert s.interval(1000) == 0.1

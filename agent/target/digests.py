@@ -138,6 +138,30 @@ class ReplicaDigests:
             pass
         self._write(list(range(self.chunks)))
 
+    def check(self, fd: int, c: int) -> str:
+        """Check chunk ``c`` (call with the group's lock held): ``skip`` (written since the
+        last update, or its repair is under way), ``checked``, ``baseline`` (its digest was
+        not known: now it is, in memory; ``save`` writes it) or ``damaged`` (reported)."""
+        if c in self.dirty or c in self.reported:
+            return "skip"
+        now = digest(self._read(fd, c))
+        known = self.entries[c]
+        if not known:
+            self.entries[c] = now
+            return "baseline"
+        if known != now:
+            self.reported.add(c)
+            return "damaged"
+        return "checked"
+
+    def chunk_range(self, c: int) -> Tuple[int, int]:
+        offset = c * CHUNK
+        return offset, min(CHUNK, self.size - offset)
+
+    def save(self, chunks: List[int]) -> None:
+        if chunks:
+            self._write(chunks)
+
     def scrub(self, fd: int, lock: ContextManager) -> Dict[str, object]:
         """Check every chunk (see the module): ``{"checked", "baseline", "damaged":
         [(offset, length), ...]}``, damaged ranges merged."""
@@ -146,27 +170,23 @@ class ReplicaDigests:
         checked = 0
         for c in range(self.chunks):
             with lock:
-                if c in self.dirty or c in self.reported:
-                    continue  # written since the last update, or repair under way
-                data = self._read(fd, c)
-                known = self.entries[c]
-                now = digest(data)
-                if not known:
-                    self.entries[c] = now
-                    baseline.append(c)
-                elif known != now:
-                    self.reported.add(c)
-                    offset = c * CHUNK
-                    length = min(CHUNK, self.size - offset)
-                    if damaged and damaged[-1][0] + damaged[-1][1] == offset:
-                        damaged[-1] = (damaged[-1][0], damaged[-1][1] + length)
-                    else:
-                        damaged.append((offset, length))
-                else:
-                    checked += 1
-        if baseline:
-            self._write(baseline)
+                found = self.check(fd, c)
+            if found == "baseline":
+                baseline.append(c)
+            elif found == "checked":
+                checked += 1
+            elif found == "damaged":
+                merge(damaged, *self.chunk_range(c))
+        self.save(baseline)
         return {"checked": checked, "baseline": len(baseline), "damaged": damaged}
+
+
+def merge(ranges: List[Tuple[int, int]], offset: int, length: int) -> None:
+    """Add ``(offset, length)`` to ``ranges``, joined with the last one when they touch."""
+    if ranges and ranges[-1][0] + ranges[-1][1] == offset:
+        ranges[-1] = (ranges[-1][0], ranges[-1][1] + length)
+    else:
+        ranges.append((offset, length))
 
 
 def digests_path(replica: str) -> str:

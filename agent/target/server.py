@@ -35,6 +35,7 @@ from .journal import journal_kinds
 from .mounts import Mounts
 from .repairs import Repairs
 from .restore import check_dest
+from .scrubber import Scrubber
 from .views import Views
 
 log = logging.getLogger("ferry.target")
@@ -67,6 +68,8 @@ class TargetSite:
         # status samples: a test failover may open and close between them.
         self.notify: Callable[..., Any] = lambda *args, **fields: None
         self.scrubs: Dict[str, Dict[str, Any]] = {}  # the last scrub of each group
+        self.scrubber = Scrubber(lambda: self.groups, self.repairs.request,
+                                 self.scrubs.__setitem__)
         self.mounts = Mounts(
             data_dir, lambda name, ref, at: self.views.open(self.group(name), ref, at, False),
             lambda vid: self.views.close(vid, self.groups))
@@ -115,6 +118,7 @@ class TargetSite:
         listeners = await trio.open_tcp_listeners(port, host=host or None)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._maintain)
+            nursery.start_soon(self.scrubber.run)
             task_status.started(listeners)
             await trio.serve_listeners(self._handle, listeners)
 
@@ -527,6 +531,8 @@ class TargetSite:
             st["views"] = self.views.of_group(name)
             st["mounts"] = self.mounts.of_group(name)
             st["last_scrub"] = self.scrubs.get(name)
+            running = self.scrubber.running.get(name)
+            st["scrubbing"] = dict(running, disks=dict(running["disks"])) if running else None
             st["repairs_queued"] = self.repairs.pending(name)
             out[name] = st
         return out
