@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import ContextManager, Dict, List, Set, Tuple
+from typing import Callable, ContextManager, Dict, List, Set, Tuple
 
 import xxhash
 
@@ -36,6 +36,16 @@ CHUNK = 1024 * 1024
 MAGIC = b"FRYDIG01"
 HEADER = struct.Struct("<8sQQQ")
 ENTRY = struct.Struct("<Q")
+
+
+class ChunkDamaged(StorageError):
+    """Replica chunks fail their digests where a read needed them (``verify``); ``disk``
+    and ``ranges`` are what to ask the source for again."""
+
+    def __init__(self, message: str, path: str, disk: int,
+                 ranges: List[Tuple[int, int]]) -> None:
+        super().__init__(message, path)
+        self.disk, self.ranges = disk, ranges
 
 
 def digest(data: bytes) -> int:
@@ -153,6 +163,32 @@ class ReplicaDigests:
             self.reported.add(c)
             return "damaged"
         return "checked"
+
+    def verify(self, fd: int, holes: Set[int], skip: Callable[[int], bool],
+               known_only: bool = False) -> List[int]:
+        """The chunks of the replica ``fd`` that fail their digest, but for those ``skip``
+        says a read will not need and those written since the last update; a chunk in
+        ``holes`` (no data there) is checked against the digest of zeroes without reading.
+        Chunks found are reported (a scrub leaves them to their repair). ``known_only``:
+        only those reported before, nothing read."""
+        bad = []
+        for c in range(self.chunks):
+            known = self.entries[c]
+            if c in self.dirty or skip(c) or not (known or c in self.reported):
+                continue
+            if c in self.reported:
+                bad.append(c)  # found before; its repair is not in the replica yet
+                continue
+            if known_only:
+                continue
+            if c in holes:
+                now = digest(bytes(self.chunk_range(c)[1]))
+            else:
+                now = digest(self._read(fd, c))
+            if now != known:
+                self.reported.add(c)
+                bad.append(c)
+        return bad
 
     def chunk_range(self, c: int) -> Tuple[int, int]:
         offset = c * CHUNK

@@ -68,10 +68,10 @@ from ..errors import Conflict, NotFound
 from ..protocol.frames import ProtocolError
 from . import admission, applier, damage, failover, meta, status
 from . import seeds as seed
-from .digests import ReplicaDigests, digests_path
+from .digests import ChunkDamaged, ReplicaDigests, digests_path
 from .holdback import HoldBack
 from .journal import SEGMENT_MAX, Journal, JournalCorrupt, Position
-from .restore import entries_from, restore
+from .restore import check_replica, entries_from, restore
 from .state import DiskState
 from .transitions import Table
 
@@ -152,6 +152,7 @@ class TargetGroup:
         self.storage_error: Optional[Dict[str, Any]] = None  # the last, until a batch works
         self._mends: Dict[Tuple[int, int], Tuple[damage.Mend, Position]] = {}
         self._asked: Set[Tuple[int, int]] = set()  # damage whose ranges were asked for
+        self._replica_asks: List[Tuple[int, List[Tuple[int, int]]]] = []
         self._lock = threading.Lock()
         os.makedirs(os.path.join(directory, "replicas"), exist_ok=True)
         m = (saved if saved is not None else meta.load(directory)) or {}
@@ -539,6 +540,8 @@ class TargetGroup:
                 mend = self._mends.get(d.key())
                 for disk, ranges in sorted((mend[0].asks() if mend else {}).items()):
                     out.append((disk, ranges))
+            out.extend(self._replica_asks)  # replica chunks a restore found damaged
+            self._replica_asks = []
             self._publish()
             return out
 
@@ -549,6 +552,10 @@ class TargetGroup:
         with self._lock:
             try:
                 return restore(self, disk, dest, ref, at_wall_ns)
+            except ChunkDamaged as e:
+                self._replica_asks.append((e.disk, e.ranges))
+                log.error("%s", e)
+                raise
             finally:
                 self._publish()  # a read may have found damage
 
@@ -558,6 +565,13 @@ class TargetGroup:
         plugin (``nbd_plugin/view.py``). ``unpin`` when the view is closed."""
         with self._lock:
             c, cut, _held = self.point(ref, at_wall_ns)
+            for i in range(len(self.disks)):
+                try:  # chunks found damaged before, that the view would read
+                    check_replica(self, i, cut[i], known_only=True)
+                except ChunkDamaged as e:
+                    self._replica_asks.append((e.disk, e.ranges))
+                    self._publish()
+                    raise
             self.pins += 1
             self._publish()
             segments = [[segno, self.journal.path(segno), self.journal.segment_size(segno)]
