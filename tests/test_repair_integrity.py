@@ -7,6 +7,7 @@ replicates meanwhile, unaffected."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import threading
 import time
@@ -127,11 +128,25 @@ def test_damage_in_a_closed_segment_is_repaired_from_the_source(sites: Lab,
         restore(sites, "g1", "g1-vda", "--checkpoint", after)
         print("damage %s, B %s: repaired in %.1f s; checkpoints lost to the gap: one, two"
               % (d["file"], "running" if b_running else "stopped at the flip", took))
+        # A view of the newest point reads the repaired range as a restore does.
+        view = json.loads(sites.b.ferry("view", "g1", "--checkpoint", after,
+                                        "--json").stdout)
+        h = connect(view["disks"]["g1-vda"])
+        seen = h.pread(MiB, 2 * MiB)
+        h.shutdown()
+        sites.b.ferry("view-close", view["id"])
+        dest, _ = restore(sites, "g1", "g1-vda", "--checkpoint", after)
+        assert seen == dest.read_bytes()[2 * MiB:3 * MiB]
         if not b_running:
-            # Promotion passes the repaired damage once it leaves the window: its segment
-            # is applied and deleted, and the damage with it.
+            # Promotion passes the repaired damage once it leaves the window (made old
+            # here): its segment is applied and deleted, and the damage with it.
+            old = time.time() - 3600
+            for seg in segments(sites, "g1"):
+                if seg <= closed[-1]:
+                    os.utime(seg, (old, old))
             wait_for(lambda: not replica_status(sites, "g1")["damage"], 120,
                      what="promotion past the damage: %s" % replica_status(sites, "g1"))
+            restore(sites, "g1", "g1-vda", "--checkpoint", after)
     finally:
         writer.stop()
         writer2.stop()

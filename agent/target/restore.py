@@ -122,6 +122,8 @@ def check_replica(g: GroupData, index: int, upto: Point, known_only: bool = Fals
     journal's records do not cover whole) fails its digest (``digests.verify``);
     ``known_only``: only chunks found damaged before (a view: nothing read now)."""
     digests = g.digests[index]
+    if known_only and not digests.reported:
+        return  # nothing known damaged: a view opens without reading the journal's index
     covered: List[Tuple[int, int]] = sorted(
         (e[6], e[6] + e[4]) for _s, e in overlay(g, index, upto) if e[1] in MAP_KINDS)
 
