@@ -60,13 +60,12 @@ import xxhash
 
 from formats import jindex
 from formats.durable import fsync_parent
-from formats.records import DATA_KINDS, KIND_CHECKPOINT, MAP_KINDS, JRecord, Point
-from formats.segment import RECORD
+from formats.records import KIND_CHECKPOINT, MAP_KINDS, JRecord, Point
 
 from ..checkpoints import Checkpoint, CheckpointError, choose
 from ..errors import Conflict, NotFound
 from ..protocol.frames import ProtocolError
-from . import admission, applier, damage, failover, meta, status
+from . import admission, applier, failover, mending, meta, status
 from . import seeds as seed
 from .digests import ChunkDamaged, ReplicaDigests, digests_path
 from .holdback import HoldBack
@@ -150,9 +149,7 @@ class TargetGroup:
         self.state = GroupState.OPENING
         self._reported: Set[Tuple[int, int]] = set()  # damage logged (segment, offset)
         self.storage_error: Optional[Dict[str, Any]] = None  # the last, until a batch works
-        self._mends: Dict[Tuple[int, int], Tuple[damage.Mend, Position]] = {}
-        self._asked: Set[Tuple[int, int]] = set()  # damage whose ranges were asked for
-        self._replica_asks: List[Tuple[int, List[Tuple[int, int]]]] = []
+        self.mending = mending.Mending()  # damage and its repair
         self._lock = threading.Lock()
         os.makedirs(os.path.join(directory, "replicas"), exist_ok=True)
         m = (saved if saved is not None else meta.load(directory)) or {}
@@ -468,80 +465,15 @@ class TargetGroup:
         return c, list(c.cut), False
 
     def _check_intact(self, c: Optional[Checkpoint]) -> None:
-        """JournalCorrupt if the point (a checkpoint, None: the newest) needs damaged
-        records: damage between the replicas' position and the checkpoint's marker (every
-        record of its cut is journaled before it), or anywhere after them for the newest,
-        unless the damage is repaired for the point's cut (``damage.Mend``)."""
-        d = self.journal.damage_from(self.applied)
-        if d is None:
-            return
-        marker = None
-        if c is not None:
-            for segno, e in entries_from(self.journal, self.applied):
-                if e[1] == KIND_CHECKPOINT and e[7] == c.time_ns:
-                    marker = (segno, e[8])
-                    break
-        points = list(c.cut) if c is not None else self.newest()[0]
-        for d in self.journal.damage:
-            if d.key() < self.applied or (marker is not None and marker <= d.key()):
-                continue
-            if not d.covers(points):
-                raise self.journal.corrupt(d) if d.repaired_at is None else \
-                    self._gap(d)
-        return
-
-    def _gap(self, d: damage.Damage) -> JournalCorrupt:
-        """A point between repaired damage and the records that repaired it."""
-        at = d.repaired_at or [0, 0]
-        return JournalCorrupt("%s; repaired from segment %d byte %d on: this point lies in "
-                              "the gap before it" % (self.journal.describe(d), at[0], at[1]),
-                              self.journal.path(d.segment), d)
+        mending.check_intact(self, c)
 
     def _mend(self) -> None:
-        """Follow the records journaled after each damage not yet repaired (call with the
-        lock held); a damage they now cover is repaired (``damage.Mend``)."""
-        changed = False
-        sizes = [d.size for d in self.disks]
-        for d in self.journal.damage:
-            if d.repaired_at is not None:
-                continue
-            mend, cursor = self._mends.get(d.key()) or (
-                damage.Mend(damage.needs(d, sizes)), (d.segment, d.end))
-            at: Optional[Position] = (d.segment, d.end) if mend.done else None
-            for segno, e in entries_from(self.journal, cursor):
-                cursor = (segno, e[8] + 1)
-                if mend.feed(e[0], e[1], e[3], e[5], e[6], e[4]) if e[1] < KIND_CHECKPOINT \
-                        else mend.done:
-                    at = (segno, e[8] + RECORD.size + (e[4] if e[1] in DATA_KINDS
-                                                              else 0))
-                    break
-            self._mends[d.key()] = (mend, cursor)
-            if at is not None:
-                d.repaired_at = list(at)
-                d.repaired_points = [[k, g, q] for k, (g, q) in sorted(mend.points.items())]
-                self._mends.pop(d.key(), None)
-                changed = True
-                log.warning("group %s: repaired: %s is covered by the records journaled "
-                            "up to segment %d byte %d; points from there on restore again",
-                            self.name, self.journal.describe(d), at[0], at[1])
-        if changed:
-            self.journal.save_damage()
+        self.mending.follow(self)
 
-    def asks(self) -> List[Tuple[int, List[Tuple[int, int]]]]:
-        """The disk ranges to ask the source for again, for damage found since the last
-        call (each damage asked once per agent run; a restart asks again)."""
+    def asks(self) -> mending.Asks:
+        """What to ask the source for again (``mending.py``)."""
         with self._lock:
-            self._mend()
-            out = []
-            for d in self.journal.damage:
-                if d.repaired_at is not None or d.key() in self._asked:
-                    continue
-                self._asked.add(d.key())
-                mend = self._mends.get(d.key())
-                for disk, ranges in sorted((mend[0].asks() if mend else {}).items()):
-                    out.append((disk, ranges))
-            out.extend(self._replica_asks)  # replica chunks a restore found damaged
-            self._replica_asks = []
+            out = self.mending.asks(self)
             self._publish()
             return out
 
@@ -553,7 +485,7 @@ class TargetGroup:
             try:
                 return restore(self, disk, dest, ref, at_wall_ns)
             except ChunkDamaged as e:
-                self._replica_asks.append((e.disk, e.ranges))
+                self.mending.replica_asks.append((e.disk, e.ranges))
                 log.error("%s", e)
                 raise
             finally:
@@ -569,7 +501,7 @@ class TargetGroup:
                 try:  # chunks found damaged before, that the view would read
                     check_replica(self, i, cut[i], known_only=True)
                 except ChunkDamaged as e:
-                    self._replica_asks.append((e.disk, e.ranges))
+                    self.mending.replica_asks.append((e.disk, e.ranges))
                     self._publish()
                     raise
             self.pins += 1
