@@ -472,6 +472,8 @@ class TargetGroup:
 
     def asks(self) -> mending.Asks:
         """What to ask the source for again (``mending.py``)."""
+        if not self.journal.damage and not self.mending.replica_asks:
+            return []  # nothing found (read without the lock: the next call sees it)
         with self._lock:
             out = self.mending.asks(self)
             self._publish()
