@@ -310,6 +310,14 @@ def test_flip_with_b_running(sites: Lab) -> None:
     restored = sites.restore("g2", "g2-vda")
     assert same_bytes(disk2, restored), first_difference(disk2, restored)
     assert sites.b.proc is not None and sites.b.proc.poll() is None
+    # g1's damage (found by a read: its range is known) is repaired from the source.
+    wait_for(lambda: replica_status(sites, "g1")["state"] == "receiving", 120,
+             what="the repair of g1: %s" % replica_status(sites, "g1"))
+    synced(sites, "g1")
+    restored = sites.restore("g1", "g1-vda")
+    assert same_bytes(disk, restored), first_difference(disk, restored)
+    restored, _ = restore(sites, "g1", "g1-vda", "--checkpoint", old_id)
+    assert same_bytes(old_copy, restored)
 
 
 # -- the open-time classifier (unit) --------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -38,8 +39,14 @@ def test_a_damaged_or_missing_meta_json_is_named_and_rebuilt(sites: Lab) -> None
     proc = sites.b.ferry("repair", "g1", "--rebuild-meta", check=False)
     assert proc.returncode != 0 and "nothing to rebuild" in proc.stderr, proc.stderr
     for how in ("flipped", "truncated", "removed"):
+        sites.a.ferry("checkpoint", "g1", "--tag", "older-%s" % how)
         write(uri, rng, big=True)
+        sites.a.ferry("checkpoint", "g1", "--tag", "before-%s" % how)
         synced(sites, "g1")
+        before = sites.work / ("before-%s.img" % how)
+        shutil.copyfile(disk, before)
+        assert any(c.get("tag") == "older-%s" % how for c in json.loads(
+            sites.b.ferry("checkpoints", "g1", "--json").stdout)["target"])
         sites.b.stop()
         damage_meta(path, how)
         sites.b.start()
@@ -62,6 +69,24 @@ def test_a_damaged_or_missing_meta_json_is_named_and_rebuilt(sites: Lab) -> None
         restored = sites.restore("g1", "g1-vda")
         assert same_bytes(disk, restored), first_difference(disk, restored)
         assert sites.b.status()["replicas"]["g1"]["state"] == "receiving"
+        # The history before the rebuild is gone but for the state the replicas are at
+        # now (the newest checkpoint, when nothing came after it); a checkpoint after the
+        # rebuild restores.
+        listed = json.loads(sites.b.ferry("checkpoints", "g1", "--json").stdout)["target"]
+        assert all(c.get("tag") != "older-%s" % how for c in listed), listed
+        if any(c.get("tag") == "before-%s" % how for c in listed):
+            dest = sites.work / ("r-before-%s.img" % how)
+            sites.b.ferry("restore", "g1", "--disk", "g1-vda", "--to", str(dest),
+                          "--checkpoint", "before-%s" % how)
+            assert same_bytes(before, dest), first_difference(before, dest)
+        cid = sites.a.ferry("checkpoint", "g1", "--tag", "after-%s" % how).stdout.strip()
+        copy = sites.work / ("after-%s.img" % how)
+        shutil.copyfile(disk, copy)
+        synced(sites, "g1")
+        dest = sites.work / ("r-after-%s.img" % how)
+        sites.b.ferry("restore", "g1", "--disk", "g1-vda", "--to", str(dest),
+                      "--checkpoint", cid)
+        assert same_bytes(copy, dest), first_difference(copy, dest)
     assert "rebuilt from the journal and the replicas" in sites.b.log.read_text()
     proc = sites.b.ferry("repair", "nosuch", "--rebuild-meta", check=False)
     assert proc.returncode == EXIT_NOT_FOUND, proc.stderr

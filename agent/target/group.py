@@ -299,7 +299,11 @@ class TargetGroup:
                     assert rec.data is not None
                     c = Checkpoint.decode(rec.data)
                     c.tags = self.tags.get(c.id, [])
-                    out.append(c)
+                    # Only those the replicas are not past (a replica applied to the middle
+                    # of a segment: a promotion past repaired damage, a rebuilt meta.json).
+                    if all((d.applied_gen, d.applied_seq) <= tuple(cut)
+                           for d, cut in zip(self.disks, c.cut)):
+                        out.append(c)
         return out
 
     def save_meta(self, synced: bool = False) -> None:
