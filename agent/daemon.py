@@ -84,6 +84,8 @@ class Options:
     new_identity: bool = False  # make a new TLS identity although peers know the old one
     libvirt_uri: str = "qemu:///system"  # where protect --domain finds its domains
     splitter_group: Optional[str] = None  # group that may connect to splitter sockets
+    scrub_period: float = 24 * 3600.0  # the background scrub's pass (target/scrubber.py)
+    scrub_rate: int = 16 * 1024 * 1024  # and its bytes a second at most
 
 
 def _config(bind: str) -> hypercorn.config.Config:
@@ -180,6 +182,7 @@ async def run(opts: Options) -> None:
             log.warning("%s", line)
     policy = Policy(data_dir, opts.image_roots)
     target = TargetSite(data_dir, site, trust, policy)
+    target.scrubber.period, target.scrubber.rate = opts.scrub_period, opts.scrub_rate
     await trio.to_thread.run_sync(target.load)
     source = SourceSite(data_dir, store, trust.connect, policy)
     source.fleet.socket_group = opts.splitter_group

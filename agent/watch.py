@@ -204,7 +204,8 @@ class Watcher:
                     emit("journal", "error", group=g, side="target", change="damaged",
                          damage=d)
             if r.get("state") != before.get("state") and "state" in r:
-                emit("group", "error" if r["state"] == "journal-damaged" else "info",
+                emit("group", "error" if r["state"] in ("journal-damaged", "storage-error")
+                     else "info",
                      group=g, side="target", change="state", old=before.get("state"),
                      new=r["state"])
             if r.get("failover") and not before.get("failover"):

@@ -137,6 +137,7 @@ def two_points(lab: Lab, group: str, disk: Path, uri: str, seed: int
 def test_flip_in_the_newest_segment_with_b_stopped(sites: Lab) -> None:
     disk, uri = protected(sites, "g1")
     (old_id, old_copy), _new = two_points(sites, "g1", disk, uri, 1)
+    sites.a.stop()  # no source: the damage stays unrepaired while it is looked at
     sites.b.stop()
     seg = segments(sites, "g1")[-1]
     pos = flip_big_write(seg)
@@ -155,14 +156,6 @@ def test_flip_in_the_newest_segment_with_b_stopped(sites: Lab) -> None:
     restored, _ = restore(sites, "g1", "g1-vda", "--checkpoint", old_id)
     assert same_bytes(old_copy, restored), first_difference(old_copy, restored)
     assert "dropped a torn journal tail" not in sites.b.log.read_text()
-
-    # New writes to the damaged group are still taken into its journal.
-    durable = st["disks"]["g1-vda"]["durable_seq"]
-    write(uri, random.Random(2))
-    synced(sites, "g1")
-    st = replica_status(sites, "g1")
-    assert st["disks"]["g1-vda"]["durable_seq"] > durable
-    assert st["state"] == "journal-damaged" and len(st["damage"]) == 1
     # Still damage at the next start, never a tail.
     sites.b.stop()
     sites.b.start()
@@ -170,10 +163,31 @@ def test_flip_in_the_newest_segment_with_b_stopped(sites: Lab) -> None:
     restored, _ = restore(sites, "g1", "g1-vda", "--checkpoint", "old")
     assert same_bytes(old_copy, restored)
 
+    # The source comes back: new writes are taken, and the damage, whose header B does not
+    # trust (found by a scan), is repaired by resending the whole disk.
+    durable = st["disks"]["g1-vda"]["durable_seq"]
+    started = time.monotonic()
+    sites.a.start()
+    write(uri, random.Random(2))
+    synced(sites, "g1")
+    wait_for(lambda: replica_status(sites, "g1")["state"] == "receiving", 120,
+             what="the repair: %s" % replica_status(sites, "g1"))
+    print("newest segment flipped, B stopped: repaired in %.1f s after A started"
+          % (time.monotonic() - started))
+    st = replica_status(sites, "g1")
+    assert st["disks"]["g1-vda"]["durable_seq"] > durable
+    assert len(st["damage"]) == 1 and st["damage"][0]["repaired_at"], st["damage"]
+    restored = sites.restore("g1", "g1-vda")
+    assert same_bytes(disk, restored), first_difference(disk, restored)
+    assert_refused(sites, "g1", "g1-vda", seg, "--checkpoint", "new")  # the gap
+    restored, _ = restore(sites, "g1", "g1-vda", "--checkpoint", "old")
+    assert same_bytes(old_copy, restored)
+
 
 def test_cut_into_acknowledged_records_is_damage(sites: Lab) -> None:
     disk, uri = protected(sites, "g1")
     (old_id, old_copy), _new = two_points(sites, "g1", disk, uri, 3)
+    sites.a.stop()
     sites.b.stop()
     seg = segments(sites, "g1")[-1]
     pos = [p for p, kind, length in records(seg) if kind == KIND_WRITE and length == MiB][-1]
@@ -223,6 +237,7 @@ def test_flip_in_a_closed_segment_with_b_stopped(sites: Lab) -> None:
     time.sleep(8)
     write(uri, rng)
     checkpoint(sites, "g1", disk, "two")
+    sites.a.stop()
     sites.b.stop()
     segs = segments(sites, "g1")
     closed = [s for s in segs[:-1] if any(k == KIND_WRITE and n == MiB
@@ -248,6 +263,7 @@ def test_flip_with_b_running(sites: Lab) -> None:
     (old_id, old_copy), (new_id, new_copy) = two_points(sites, "g1", disk, uri, 6)
     disk2, uri2 = protected(sites, "g2")
     view = json.loads(sites.b.ferry("view", "g1", "--checkpoint", new_id, "--json").stdout)
+    sites.a.stop()  # no source: nothing is repaired while it is looked at
     seg = segments(sites, "g1")[-1]
     flip_big_write(seg)
 
@@ -287,12 +303,21 @@ def test_flip_with_b_running(sites: Lab) -> None:
     wait_for(damaged_event, 30, what="the journal-damaged event")
 
     # The other group replicates meanwhile and restores; the agent is up.
+    sites.a.start()
     write(uri2, random.Random(7), big=True)
     synced(sites, "g2")
     assert replica_status(sites, "g2")["state"] == "receiving"
     restored = sites.restore("g2", "g2-vda")
     assert same_bytes(disk2, restored), first_difference(disk2, restored)
     assert sites.b.proc is not None and sites.b.proc.poll() is None
+    # g1's damage (found by a read: its range is known) is repaired from the source.
+    wait_for(lambda: replica_status(sites, "g1")["state"] == "receiving", 120,
+             what="the repair of g1: %s" % replica_status(sites, "g1"))
+    synced(sites, "g1")
+    restored = sites.restore("g1", "g1-vda")
+    assert same_bytes(disk, restored), first_difference(disk, restored)
+    restored, _ = restore(sites, "g1", "g1-vda", "--checkpoint", old_id)
+    assert same_bytes(old_copy, restored)
 
 
 # -- the open-time classifier (unit) --------------------------------------------------------
@@ -425,6 +450,7 @@ def test_a_lost_acked_segment_is_damage(tmp_path: Path) -> None:
 def test_live_failover_refuses_a_point_that_needs_damage(sites: Lab) -> None:
     disk, uri = protected(sites, "g1")
     (old_id, old_copy), _new = two_points(sites, "g1", disk, uri, 8)
+    sites.a.stop()  # nothing repairs the damage meanwhile
     seg = segments(sites, "g1")[-1]
     flip_big_write(seg)  # B running, nobody has read it yet
     proc = sites.b.ferry("failover", "g1", "--live", check=False)
@@ -586,12 +612,11 @@ def test_promotion_reaching_damage_stops_there_and_the_agent_goes_on(sites: Lab)
     while True:  # later batches close the segment; the promoter gets to it
         write(uri, rng)
         st = replica_status(sites, "g1")
-        if st["damage"]:
+        if st["damage"] or not seg.exists():  # found (and maybe repaired and passed)
             break
         assert time.monotonic() < deadline, st
         time.sleep(0.5)
-    assert st["state"] == "journal-damaged" and st["damage"][0]["file"] == str(seg)
-    assert st["damage"][0]["found"] == "read"
+    assert "journal segment %s: 1048624 damaged bytes" % seg in sites.b.log.read_text()
     assert sites.b.proc is not None and sites.b.proc.poll() is None, "site B's agent died"
     # The damaged group still takes writes; the other one replicates and restores.
     write(uri, rng)
@@ -600,7 +625,14 @@ def test_promotion_reaching_damage_stops_there_and_the_agent_goes_on(sites: Lab)
     synced(sites, "g2")
     restored = sites.restore("g2", "g2-vda")
     assert same_bytes(disk2, restored), first_difference(disk2, restored)
-    assert seg.exists()  # never applied past, never deleted
+    # Repaired from the source (automatically), promotion passes the damage: its segment
+    # is applied and deleted, and the replica converges.
+    wait_for(lambda: not seg.exists(), 120, what="promotion past the repaired damage: %s"
+             % replica_status(sites, "g1"))
+    synced(sites, "g1")
+    restored = sites.restore("g1", "g1-vda")
+    assert same_bytes(_disk, restored), first_difference(_disk, restored)
+    assert "the points that need it are refused" in sites.b.log.read_text()
     assert sites.b.proc.poll() is None
 
 
@@ -645,11 +677,14 @@ def test_a_damaged_checkpoint_marker_loses_that_checkpoint_only(tmp_path: Path) 
     g.close()
     flip(marker[0], marker[1] + RECORD.size + 5)
     g2 = TargetGroup.reopen(str(tmp_path), "g")
-    assert g2 is not None and g2.state is GroupState.JOURNAL_DAMAGED
+    # A marker holds no disk data: nothing to resend, it is repaired as found, only its
+    # checkpoint is lost; the next one (its own marker whole) restores.
+    assert g2 is not None and g2.state is GroupState.RECEIVING
     assert [c.id for c in g2.checkpoints] == ["c2"]
-    assert [(d["offset"], d["disk"], d["disk_offset"]) for d in g2.status()["damage"]] == \
-        [(marker[1], None, None)]
-    with pytest.raises(JournalCorrupt, match="group g, disk unknown"):
-        g2.restore("a", str(tmp_path / "two.img"), "two")
-    assert not (tmp_path / "two.img").exists()
+    assert [(d["offset"], d["disk"], d["disk_offset"], d["repaired_points"])
+            for d in g2.status()["damage"]] == [(marker[1], None, None, [])]
+    assert g2.asks() == []
+    g2.restore("a", str(tmp_path / "two.img"), "two")
+    assert (tmp_path / "two.img").read_bytes() == b"A" * 16 + b"B" * 16 + b"C" * 16 + \
+        bytes(16)
     g2.close()

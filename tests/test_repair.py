@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
-from conftest import Lab, first_difference, same_bytes
+from conftest import Lab, same_bytes
 from test_faults import wait_for
 
 from agent.errors import EXIT_FAILURE, EXIT_NOT_FOUND
@@ -29,6 +30,19 @@ def flip_replica_byte(lab: Lab, offset: int) -> None:
         os.close(fd)
 
 
+def restored_as(lab: Lab, disk: Path) -> bool:
+    """Does a restore of the newest point give ``disk``'s bytes? (False while a replica
+    chunk that fails its digest makes it refused.)"""
+    dest = lab.work / "restored-g1-vda.img"
+    if dest.exists():
+        dest.unlink()
+    proc = lab.b.ferry("restore", "g1", "--disk", "vda", "--to", str(dest), check=False)
+    if proc.returncode != 0:
+        assert "fail their digest" in proc.stderr, proc.stderr
+        return False
+    return same_bytes(disk, dest)
+
+
 def written_disk(lab: Lab) -> tuple:
     """A disk with data before it is protected: the initial sync writes it straight into
     B's replica file, where the flip below lands."""
@@ -44,8 +58,12 @@ def written_disk(lab: Lab) -> tuple:
 def test_a_flipped_replica_byte_is_repaired_from_the_source(sites: Lab, side: str) -> None:
     disk, _uri = written_disk(sites)
     flip_replica_byte(sites, 3 * MiB + 12345)
-    restored = sites.restore("g1", "vda")
-    assert not same_bytes(disk, restored), "the flip did not reach the restored image"
+    # The flipped chunk fails its digest: the restore is refused, naming it.
+    dest = sites.work / "refused.img"
+    proc = sites.b.ferry("restore", "g1", "--disk", "vda", "--to", str(dest), check=False)
+    assert proc.returncode == 1 and "bytes %d+%d" % (3 * MiB, MiB) in proc.stderr \
+        and "vda.img" in proc.stderr, proc.stderr
+    assert not dest.exists()
     if side == "target":
         out = json.loads(sites.b.ferry("repair", "g1", "--disk", "vda", "--range",
                                        "3M:1M", "--json").stdout)
@@ -57,10 +75,9 @@ def test_a_flipped_replica_byte_is_repaired_from_the_source(sites: Lab, side: st
 
     def repaired() -> bool:
         sites.a.ferry("wait", "g1", "--synced", "--timeout", "60")
-        return same_bytes(disk, sites.restore("g1", "vda"))
+        return restored_as(sites, disk)
 
-    wait_for(repaired, timeout=90, what="the repair to reach B: %s"
-             % first_difference(disk, sites.restore("g1", "vda")))
+    wait_for(repaired, timeout=90, what="the repair to reach B")
     assert "read again and sent (repair)" in sites.a.log.read_text()
 
 

@@ -5,58 +5,21 @@ replica ends identical to what the source disk really holds."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-from pathlib import Path
 from typing import Iterator
 
 import nbd
 import pytest
 from conftest import Lab, samples
+from faulty_device import FaultyDisk
 from test_faults import check_identical, wait_for
 
-PLUGIN = Path(__file__).parent / "plugins" / "faulty_disk.py"
 SIZE = 16 * 1024 * 1024
-
-
-class FaultyDisk:
-    """A RAM disk behind nbdkit, as the file ``path`` (nbdfuse); ``fail(op)`` makes op
-    (pread, pwrite, flush) fail with EIO until ``heal()``."""
-
-    def __init__(self, work: Path) -> None:
-        self.dir = work / "faulty"
-        self.triggers = self.dir / "triggers"
-        self.mnt = self.dir / "mnt"
-        self.triggers.mkdir(parents=True)
-        self.mnt.mkdir()
-        self.sock = self.dir / "sock"
-        self.pidfile = self.dir / "nbdkit.pid"
-        subprocess.run(["nbdkit", "-U", str(self.sock), "-P", str(self.pidfile), "python",
-                        str(PLUGIN), "size=%d" % SIZE, "dir=%s" % self.triggers], check=True)
-        self.fuse = subprocess.Popen(["nbdfuse", str(self.mnt),
-                                      "nbd+unix:///?socket=%s" % self.sock])
-        self.path = self.mnt / "nbd"
-        wait_for(lambda: self.path.exists(), what="nbdfuse to mount")
-
-    def fail(self, *ops: str) -> None:
-        for op in ops:
-            (self.triggers / op).touch()
-
-    def heal(self) -> None:
-        for p in self.triggers.iterdir():
-            p.unlink()
-
-    def close(self) -> None:
-        subprocess.run(["umount", "-l", str(self.mnt)], check=False)
-        self.fuse.terminate()
-        self.fuse.wait(10)
-        if self.pidfile.exists():
-            os.kill(int(self.pidfile.read_text()), 15)
 
 
 @pytest.fixture
 def faulty(sites: Lab) -> Iterator[tuple]:
-    disk = FaultyDisk(sites.work)
+    disk = FaultyDisk(sites.work, SIZE)
     try:
         yield sites, disk
     finally:

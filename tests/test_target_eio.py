@@ -12,10 +12,9 @@ import time
 from typing import Iterator
 
 import pytest
-import test_source_faults
 from conftest import Lab
+from faulty_device import FaultyDisk
 from test_faults import wait_for
-from test_source_faults import FaultyDisk
 
 from lab.oracle import OracleWriter, check
 
@@ -23,11 +22,10 @@ MiB = 1024 * 1024
 
 
 @pytest.fixture
-def failing_b(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple]:
+def failing_b(lab: Lab) -> Iterator[tuple]:
     if os.geteuid() != 0:
         pytest.skip("mounting a loop device needs root")
-    monkeypatch.setattr(test_source_faults, "SIZE", 64 * MiB)
-    dev = FaultyDisk(lab.work)
+    dev = FaultyDisk(lab.work, 64 * MiB)
     mounted = False
     try:
         subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "^has_journal", str(dev.path)],

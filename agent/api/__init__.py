@@ -16,6 +16,7 @@
     POST   /v1/groups/NAME/verify           {disk?, chunk?, rounds?, settle?, repair?}:
                                             compare the disks with site B's copy (online)
     POST   /v1/replicas/NAME/repair         {disk, ranges?}: ask the source for ranges again
+    POST   /v1/replicas/NAME/rebuild-meta   {disks?}: meta.json made again (journal, replicas)
     GET    /v1/checkpoints/NAME             {"source": [...] | null, "target": [...] | null}
     POST   /v1/replicas/NAME/views          {checkpoint?, at_ns?, test?}: serve a point (target)
     DELETE /v1/views/ID                     close a view

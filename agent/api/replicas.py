@@ -52,6 +52,13 @@ async def route(api: Api, method: str, parts: List[str], query: Dict[str, list],
     if len(parts) == 4 and parts[:2] == ["v1", "replicas"] and parts[3] == "repair" \
             and method == "POST":
         return 200, api.target.repair(parts[2], name_of(body, "disk"), ranges_of(body))
+    if len(parts) == 4 and parts[:2] == ["v1", "replicas"] and parts[3] == "rebuild-meta" \
+            and method == "POST":
+        order = body.get("disks")
+        if order is not None and not (isinstance(order, list) and order
+                                      and all(isinstance(n, str) for n in order)):
+            raise Invalid("disks is a list of the group's disk names, in group order")
+        return 200, await api.target.rebuild_meta(parts[2], order)
     if len(parts) == 4 and parts[:2] == ["v1", "replicas"] and parts[3] == "scrub" \
             and method == "POST":
         one = name_of(body, "disk") if body.get("disk") is not None else None

@@ -11,7 +11,7 @@ import click
 
 from ..errors import EXIT_FAILURE, FerryError, exit_status
 from .app import Failure, cli
-from .units import parse_duration
+from .units import parse_duration, parse_size
 
 
 @cli.command()
@@ -60,13 +60,19 @@ from .units import parse_duration
 @click.option("--splitter-socket-group", default=None, metavar="GROUP",
               help="A group that may connect to the splitters' NBD sockets (libvirt's qemu "
                    "user: libvirt-qemu on Debian); default: root only.")
+@click.option("--scrub-period", default="1d", show_default=True, metavar="DURATION",
+              help="On the target site, the background scrub checks every replica chunk "
+                   "of every group once in this time.")
+@click.option("--scrub-rate", default="16M", show_default=True, metavar="BYTES",
+              help="The background scrub reads at most this many bytes a second.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def agent(data_dir: str, listen: str, api_addrs: Tuple[str, ...], api_group: str,
           api_token_file: Optional[str], api_cert: Optional[str], api_key: Optional[str],
           api_client_ca: Optional[str], metrics_addr: Optional[str], hooks_dir: str,
           link_down_alert: str, image_roots: Tuple[str, ...], site: Optional[str],
           insecure: bool, new_identity: bool, libvirt_uri: str,
-          splitter_socket_group: Optional[str], verbose: bool) -> None:
+          splitter_socket_group: Optional[str], scrub_period: str, scrub_rate: str,
+          verbose: bool) -> None:
     """Run the host agent in the foreground."""
     import trio
 
@@ -92,7 +98,9 @@ def agent(data_dir: str, listen: str, api_addrs: Tuple[str, ...], api_group: str
                           os.path.abspath(hooks_dir), parse_duration(link_down_alert),
                           image_roots=[os.path.abspath(r) for r in image_roots],
                           new_identity=new_identity, libvirt_uri=libvirt_uri,
-                          splitter_group=splitter_socket_group)
+                          splitter_group=splitter_socket_group,
+                          scrub_period=parse_duration(scrub_period),
+                          scrub_rate=parse_size(scrub_rate))
     try:
         os.makedirs(data_dir, exist_ok=True)
         trio.run(daemon.run, opts)

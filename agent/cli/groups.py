@@ -249,6 +249,8 @@ def checkpoints(api: Agent, group: str, as_json: bool) -> None:
             if side == "source":
                 extra = "acked" if c.get("acked") else "not acked"
             extra = ", ".join(x for x in [extra, *c.get("tags", [])] if x)
+            if c.get("refused"):  # it needs damaged journal records (a gap in history)
+                extra = "; ".join(x for x in [extra, "refused: " + c["refused"]] if x)
             click.echo("  %s  %s  %-4s  %s%s" % (c["id"], iso(c["wall_ns"]), c["kind"],
                                                  c.get("tag") or "-",
                                                  "  (%s)" % extra if extra else ""))

@@ -49,13 +49,33 @@ def resync(api: Agent, group: str, disk: str, ranges: Tuple[str, ...],
 
 @cli.command()
 @click.argument("group", shell_complete=complete_groups)
-@range_options
+@click.option("--disk", default=None, help="The disk's name in the group.")
+@click.option("--range", "ranges", multiple=True, metavar="OFFSET:LENGTH",
+              help="A byte range (repeatable; default: the whole disk).")
+@click.option("--rebuild-meta", is_flag=True,
+              help="Make GROUP's damaged or missing meta.json again from its journal and "
+                   "replicas (instead of asking for ranges).")
+@click.option("--order", default=None, metavar="DISK,DISK",
+              help="With --rebuild-meta: the disks in group order (default: by name).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
-def repair(api: Agent, group: str, disk: str, ranges: Tuple[str, ...],
-           as_json: bool) -> None:
+def repair(api: Agent, group: str, disk: Optional[str], ranges: Tuple[str, ...],
+           rebuild_meta: bool, order: Optional[str], as_json: bool) -> None:
     """On the target site: ask the source to send ranges of DISK again (this site's copy
-    of them is damaged); they go with the next acknowledgement to the source."""
+    of them is damaged); they go with the next acknowledgement to the source. With
+    --rebuild-meta: rebuild the group's meta.json from its journal and replicas."""
+    if rebuild_meta:
+        if disk or ranges:
+            raise click.UsageError("--rebuild-meta takes no --disk or --range")
+        body = {"disks": order.split(",")} if order else {}
+        result = call(api, "POST", "/v1/replicas/%s/rebuild-meta" % group, body)
+        if as_json:
+            return emit(result)
+        click.echo("rebuilt %s (disks %s); group %s is %s" % (
+            result["file"], ", ".join(result["disks"]), group, result["state"]))
+        return
+    if disk is None:
+        raise click.UsageError("--disk is required (or --rebuild-meta)")
     result = call(api, "POST", "/v1/replicas/%s/repair" % group, ranges_body(disk, ranges))
     if as_json:
         return emit(result)

@@ -41,7 +41,7 @@ import logging
 import os
 import time
 from dataclasses import replace
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from formats import jindex
 from formats.blockdev import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
@@ -56,7 +56,7 @@ from formats.records import (
     Point,
 )
 
-from .journal import Journal, JournalCorrupt, Position
+from .journal import Journal, JournalCorrupt, Position, named
 from .state import GroupData
 
 log = logging.getLogger("ferry.replica")
@@ -117,6 +117,16 @@ def write_record(fd: int, rec: JRecord) -> None:
         fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, rec.offset, rec.length)
 
 
+def sync_replicas(g: GroupData, disks: Optional[List[int]] = None) -> None:
+    """fdatasync replicas and bring their digests up to date; an OSError names the file."""
+    for i in range(len(g.fds)) if disks is None else disks:
+        try:
+            os.fdatasync(g.fds[i])
+            g.digests[i].update(g.fds[i])
+        except OSError as e:
+            raise named(e, g.replica_path(g.disks[i].name)) from None
+
+
 def apply_initial(g: GroupData, records: List[JRecord]) -> List[JRecord]:
     """Write the changes of disks in their initial sync straight to their replicas
     (durable when it returns) and give them back as KIND_APPLIED records; the others
@@ -153,9 +163,7 @@ def apply_initial(g: GroupData, records: List[JRecord]) -> List[JRecord]:
             written.add(r.disk)
             r = replace(r, kind=KIND_APPLIED, data=None)
         out.append(r)
-    for i in sorted(written):
-        os.fdatasync(g.fds[i])
-        g.digests[i].update(g.fds[i])
+    sync_replicas(g, sorted(written))
     return out
 
 
@@ -163,8 +171,9 @@ def apply(g: GroupData, stop: Optional[Position] = None) -> None:
     """Apply the journal from the replicas' point to ``stop`` (default: its end), as far
     as the hold-back rule lets it."""
     pos = g.applied
+    skip, stop = passable(g, pos, stop)
     try:
-        pos = _apply_records(g, pos, stop)
+        pos = _apply_records(g, pos, stop, skip)
     except JournalCorrupt as e:
         # Promotion stops before the damage (the group shows it, journal-damaged);
         # what the records before it applied stays, the rest waits for the repair.
@@ -175,10 +184,37 @@ def apply(g: GroupData, stop: Optional[Position] = None) -> None:
     g.applied = max(g.applied, pos)
 
 
-def _apply_records(g: GroupData, pos: Position, stop: Optional[Position]) -> Position:
+def passable(g: GroupData, pos: Position, stop: Optional[Position]
+             ) -> Tuple[Tuple[Tuple[int, int], ...], Optional[Position]]:
+    """The damage after ``pos`` the applier may pass over, and where it must then stop.
+
+    Damage is passed only once it is repaired (``damage.Mend``) and the newest whole state
+    is past its repair, and then in one step up to its ``repaired_at`` at least: the
+    replica never holds a state in the gap, without the damaged record and without all of
+    what covers it."""
+    skip: List[Tuple[int, int]] = []
+    newest: Optional[List[Point]] = None
+    for d in g.journal.damage:
+        if d.key() < pos:
+            continue
+        if d.repaired_at is None:
+            break  # nothing after it can be reached
+        if newest is None:
+            newest = g.newest()[0]
+        if not d.covers(newest):
+            break
+        skip.append(d.key())
+        at = (d.repaired_at[0], d.repaired_at[1])
+        if stop is not None and d.key() < stop < at:
+            stop = at
+    return tuple(skip), stop
+
+
+def _apply_records(g: GroupData, pos: Position, stop: Optional[Position],
+                   skip: Tuple[Tuple[int, int], ...] = ()) -> Position:
     """Apply records from ``pos``; the position after the last one applied. Raises
     JournalCorrupt (its ``position``: after the last applied) at damage."""
-    reader = g.journal.read_from(pos, stop)
+    reader = g.journal.read_from(pos, stop, skip)
     while True:
         try:
             item = next(reader, None)
@@ -200,7 +236,10 @@ def _apply_records(g: GroupData, pos: Position, stop: Optional[Position]) -> Pos
                          st.applied_seq)
             return pos
         if rec.kind in MAP_KINDS:
-            write_record(g.fds[rec.disk], rec)
+            try:
+                write_record(g.fds[rec.disk], rec)
+            except OSError as e:
+                raise named(e, g.replica_path(st.name)) from None
             g.digests[rec.disk].touched(rec.offset, rec.length)
             g.since_checkpoint += rec.length if rec.kind == KIND_WRITE else 0
         elif rec.kind == KIND_APPLIED:
@@ -217,9 +256,7 @@ def checkpoint(g: GroupData) -> None:
     it deleted (see the module)."""
     if g.failover is not None:
         return  # the replicas are live disks now: nothing moves in the journal
-    for fd, d in zip(g.fds, g.digests):
-        os.fdatasync(fd)
-        d.update(fd)
+    sync_replicas(g)
     g.seeds.save()
     segments = g.journal.segments()
     if g.applied[0] != segments[-1] and \

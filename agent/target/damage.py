@@ -26,6 +26,17 @@ A ``Damage`` names the segment, the byte range, the bytes missing past the end o
 file, and where it is known (a header that still fits its place, or the index entry of a
 record that failed when read) the disk range its record covered: what the repair from the
 source needs. Standard library only, no I/O but ``AckedMark`` and ``load``/``save``.
+
+Repair (``Mend``)
+-----------------
+Damage is repaired when records journaled after it cover every byte its record may have
+covered (``needs``: the range of a record the index knew, or the whole of every disk when
+its header cannot be trusted), so no state from there on depends on it. The source sends
+those ranges again when asked (``repairs.py``), and any later write over them counts too.
+The damage then records ``repaired_at`` (the journal position after the covering record
+that completed it) and ``repaired_points`` (per disk, the newest covering record's
+``(gen, seq)``): a point whose cut is at or past those points for every disk needs nothing
+from the damage; points between the damage and them stay refused (a gap in history).
 """
 
 from __future__ import annotations
@@ -38,7 +49,14 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from formats.durable import write_atomic
-from formats.records import DATA_KINDS, JOURNAL_KINDS, KIND_CHECKPOINT
+from formats.records import (
+    DATA_KINDS,
+    JOURNAL_KINDS,
+    KIND_APPLIED,
+    KIND_CHECKPOINT,
+    KIND_CONSISTENT,
+    MAP_KINDS,
+)
 from formats.segment import MAGIC, RECORD
 
 # A record decoder: the position after the record at ``pos``, or None if it does not hold.
@@ -57,9 +75,78 @@ class Damage:
     disk: Optional[int] = None       # the damaged record's disk, range and stream point,
     disk_offset: Optional[int] = None  # where known
     disk_length: Optional[int] = None
+    kind: Optional[int] = None       # the damaged record's kind, when its index entry knew
+    repaired_at: Optional[List[int]] = None       # [segment, offset]: see Mend
+    repaired_points: Optional[List[List[int]]] = None  # [[disk, gen, seq], ...]
 
     def to_json(self) -> Dict[str, Any]:
         return asdict(self)
+
+    def key(self) -> Tuple[int, int]:
+        return self.segment, self.offset
+
+    def covers(self, points: List[Tuple[int, int]]) -> bool:
+        """Is the damage repaired for a state whose disks are at ``points``?"""
+        if self.repaired_points is None:
+            return False
+        return all(tuple(points[d]) >= (g, s) for d, g, s in self.repaired_points
+                   if d < len(points))
+
+
+def needs(d: Damage, sizes: List[int]) -> Dict[int, List[Tuple[int, int]]]:
+    """The disk ranges ``[start, end)`` the damaged record may have covered: what later
+    records must cover before the damage is repaired (see the module). A range from a
+    failing header is not trusted (its disk and offset fields may be the bytes that
+    changed): then every disk, whole."""
+    if d.found == "read" and d.kind is not None:
+        if d.disk is not None and d.disk_length and d.disk_offset is not None:
+            return {d.disk: [(d.disk_offset, d.disk_offset + d.disk_length)]}
+        if d.kind == KIND_CONSISTENT and d.disk is not None:
+            return {d.disk: [(0, sizes[d.disk])]}
+        return {}  # a marker or a record of no range: it held no data
+    return {i: [(0, n)] for i, n in enumerate(sizes) if n}
+
+
+class Mend:
+    """Follows the records journaled after a damage until they cover what it needs."""
+
+    COVERING = (*MAP_KINDS, KIND_APPLIED)
+
+    def __init__(self, need: Dict[int, List[Tuple[int, int]]]) -> None:
+        self.need = {k: list(v) for k, v in need.items() if v}
+        self.points: Dict[int, Tuple[int, int]] = {}
+
+    @property
+    def done(self) -> bool:
+        return not self.need
+
+    def feed(self, disk: int, kind: int, gen: int, seq: int, offset: int,
+             length: int) -> bool:
+        """A record journaled after the damage; True once everything is covered."""
+        left = self.need.get(disk)
+        if left is None or kind not in self.COVERING or not length:
+            return self.done
+        end = offset + length
+        out: List[Tuple[int, int]] = []
+        for s, e in left:
+            if e <= offset or s >= end:
+                out.append((s, e))
+                continue
+            if s < offset:
+                out.append((s, offset))
+            if e > end:
+                out.append((end, e))
+        if out != left:
+            self.points[disk] = (gen, seq)
+        if out:
+            self.need[disk] = out
+        else:
+            del self.need[disk]
+        return self.done
+
+    def asks(self) -> Dict[int, List[Tuple[int, int]]]:
+        """What is still uncovered, as (offset, length) ranges per disk."""
+        return {d: [(s, e - s) for s, e in r] for d, r in self.need.items()}
 
 
 @dataclass

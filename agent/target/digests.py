@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import ContextManager, Dict, List, Set, Tuple
+from typing import Callable, ContextManager, Dict, List, Set, Tuple
 
 import xxhash
 
@@ -36,6 +36,16 @@ CHUNK = 1024 * 1024
 MAGIC = b"FRYDIG01"
 HEADER = struct.Struct("<8sQQQ")
 ENTRY = struct.Struct("<Q")
+
+
+class ChunkDamaged(StorageError):
+    """Replica chunks fail their digests where a read needed them (``verify``); ``disk``
+    and ``ranges`` are what to ask the source for again."""
+
+    def __init__(self, message: str, path: str, disk: int,
+                 ranges: List[Tuple[int, int]]) -> None:
+        super().__init__(message, path)
+        self.disk, self.ranges = disk, ranges
 
 
 def digest(data: bytes) -> int:
@@ -138,6 +148,56 @@ class ReplicaDigests:
             pass
         self._write(list(range(self.chunks)))
 
+    def check(self, fd: int, c: int) -> str:
+        """Check chunk ``c`` (call with the group's lock held): ``skip`` (written since the
+        last update, or its repair is under way), ``checked``, ``baseline`` (its digest was
+        not known: now it is, in memory; ``save`` writes it) or ``damaged`` (reported)."""
+        if c in self.dirty or c in self.reported:
+            return "skip"
+        now = digest(self._read(fd, c))
+        known = self.entries[c]
+        if not known:
+            self.entries[c] = now
+            return "baseline"
+        if known != now:
+            self.reported.add(c)
+            return "damaged"
+        return "checked"
+
+    def verify(self, fd: int, holes: Set[int], skip: Callable[[int], bool],
+               known_only: bool = False) -> List[int]:
+        """The chunks of the replica ``fd`` that fail their digest, but for those ``skip``
+        says a read will not need and those written since the last update; a chunk in
+        ``holes`` (no data there) is checked against the digest of zeroes without reading.
+        Chunks found are reported (a scrub leaves them to their repair). ``known_only``:
+        only those reported before, nothing read."""
+        bad = []
+        for c in range(self.chunks):
+            known = self.entries[c]
+            if c in self.dirty or skip(c) or not (known or c in self.reported):
+                continue
+            if c in self.reported:
+                bad.append(c)  # found before; its repair is not in the replica yet
+                continue
+            if known_only:
+                continue
+            if c in holes:
+                now = digest(bytes(self.chunk_range(c)[1]))
+            else:
+                now = digest(self._read(fd, c))
+            if now != known:
+                self.reported.add(c)
+                bad.append(c)
+        return bad
+
+    def chunk_range(self, c: int) -> Tuple[int, int]:
+        offset = c * CHUNK
+        return offset, min(CHUNK, self.size - offset)
+
+    def save(self, chunks: List[int]) -> None:
+        if chunks:
+            self._write(chunks)
+
     def scrub(self, fd: int, lock: ContextManager) -> Dict[str, object]:
         """Check every chunk (see the module): ``{"checked", "baseline", "damaged":
         [(offset, length), ...]}``, damaged ranges merged."""
@@ -146,27 +206,23 @@ class ReplicaDigests:
         checked = 0
         for c in range(self.chunks):
             with lock:
-                if c in self.dirty or c in self.reported:
-                    continue  # written since the last update, or repair under way
-                data = self._read(fd, c)
-                known = self.entries[c]
-                now = digest(data)
-                if not known:
-                    self.entries[c] = now
-                    baseline.append(c)
-                elif known != now:
-                    self.reported.add(c)
-                    offset = c * CHUNK
-                    length = min(CHUNK, self.size - offset)
-                    if damaged and damaged[-1][0] + damaged[-1][1] == offset:
-                        damaged[-1] = (damaged[-1][0], damaged[-1][1] + length)
-                    else:
-                        damaged.append((offset, length))
-                else:
-                    checked += 1
-        if baseline:
-            self._write(baseline)
+                found = self.check(fd, c)
+            if found == "baseline":
+                baseline.append(c)
+            elif found == "checked":
+                checked += 1
+            elif found == "damaged":
+                merge(damaged, *self.chunk_range(c))
+        self.save(baseline)
         return {"checked": checked, "baseline": len(baseline), "damaged": damaged}
+
+
+def merge(ranges: List[Tuple[int, int]], offset: int, length: int) -> None:
+    """Add ``(offset, length)`` to ``ranges``, joined with the last one when they touch."""
+    if ranges and ranges[-1][0] + ranges[-1][1] == offset:
+        ranges[-1] = (ranges[-1][0], ranges[-1][1] + length)
+    else:
+        ranges.append((offset, length))
 
 
 def digests_path(replica: str) -> str:

@@ -21,6 +21,7 @@ A group's life::
     receiving        failover    failed-over
     receiving        close       closed
     journal-damaged  damaged     journal-damaged
+    journal-damaged  repaired    receiving     (every damage covered again: damage.Mend)
     journal-damaged  failover    failed-over
     journal-damaged  close       closed
     failed-over      damaged     failed-over
@@ -29,7 +30,11 @@ A group's life::
 
 A journal-damaged group (``journal.py``: records that fail their checks, found at open or
 when read) still takes batches and promotes up to the damage; the points that need the
-damaged records are refused (``point``), older ones restore.
+damaged records are refused (``point``), older ones restore. The ranges the damaged records
+covered are asked of the source again (``asks``, sent by the server with an ACK); once
+records journaled after the damage cover them (``damage.Mend``), the damage is repaired:
+points past the covering records restore again, promotion passes over it (``applier``),
+and the points between stay refused, a visible gap in history.
 
 Everything that changes the group runs in a worker thread with ``_lock`` held, and ends by
 publishing a new status snapshot (``status.py``); ``status`` reads the snapshot and never
@@ -49,6 +54,7 @@ import os
 import shutil
 import stat
 import threading
+import time
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 import xxhash
@@ -60,12 +66,12 @@ from formats.records import KIND_CHECKPOINT, MAP_KINDS, JRecord, Point
 from ..checkpoints import Checkpoint, CheckpointError, choose
 from ..errors import Conflict, NotFound
 from ..protocol.frames import ProtocolError
-from . import admission, applier, failover, meta, status
+from . import admission, applier, failover, mending, meta, status
 from . import seeds as seed
-from .digests import ReplicaDigests, digests_path
+from .digests import ChunkDamaged, ReplicaDigests, digests_path
 from .holdback import HoldBack
 from .journal import SEGMENT_MAX, Journal, JournalCorrupt, Position
-from .restore import entries_from, restore
+from .restore import check_replica, entries_from, restore
 from .state import DiskState
 from .transitions import Table
 
@@ -98,6 +104,7 @@ class GroupEvent(enum.Enum):
     OPENED = "opened"
     FAILOVER = "failover"
     DAMAGED = "damaged"
+    REPAIRED = "repaired"
     ROLLBACK = "rollback"
     CLOSE = "close"
 
@@ -109,6 +116,7 @@ LIFE = Table[GroupState, GroupEvent]("a target group", {
     (GroupState.RECEIVING, GroupEvent.CLOSE): GroupState.CLOSED,
     (GroupState.RECEIVING, GroupEvent.DAMAGED): GroupState.JOURNAL_DAMAGED,
     (GroupState.JOURNAL_DAMAGED, GroupEvent.DAMAGED): GroupState.JOURNAL_DAMAGED,
+    (GroupState.JOURNAL_DAMAGED, GroupEvent.REPAIRED): GroupState.RECEIVING,
     (GroupState.JOURNAL_DAMAGED, GroupEvent.FAILOVER): GroupState.FAILED_OVER,
     (GroupState.JOURNAL_DAMAGED, GroupEvent.CLOSE): GroupState.CLOSED,
     (GroupState.FAILED_OVER, GroupEvent.DAMAGED): GroupState.FAILED_OVER,
@@ -141,6 +149,8 @@ class TargetGroup:
         self.name = name
         self.state = GroupState.OPENING
         self._reported: Set[Tuple[int, int]] = set()  # damage logged (segment, offset)
+        self.storage_error: Optional[Dict[str, Any]] = None  # the last, until a batch works
+        self.mending = mending.Mending()  # damage and its repair
         self._lock = threading.Lock()
         os.makedirs(os.path.join(directory, "replicas"), exist_ok=True)
         m = (saved if saved is not None else meta.load(directory)) or {}
@@ -172,6 +182,7 @@ class TargetGroup:
             failover.resume(self)  # a crash stopped a step half-way: do it again
         if self.failover is None:
             self._go(GroupEvent.OPENED)
+            self._mend()
             applier.promote(self)
         else:
             self._go(GroupEvent.FAILOVER)
@@ -191,7 +202,10 @@ class TargetGroup:
         self.pins = 0            # open views and tests: nothing is promoted while > 0
         self.short_history = False  # the journal limit keeps less than history_s
         self.protection = m.get("protection") if protection is None else protection
-        if m and self.protection != m.get("protection"):
+        # A rebuilt meta.json (meta.rebuild) does not know the protection: the first
+        # session's is taken as this group's.
+        self.rebuilt = bool(m.get("rebuilt")) and protection is None
+        if m and self.protection != m.get("protection") and not m.get("rebuilt"):
             log.warning("group %s: a new protection replaces the old one; its replicas wait "
                         "for a full sync", self.name)
             shutil.rmtree(os.path.join(self.directory, "journal"), ignore_errors=True)
@@ -299,7 +313,11 @@ class TargetGroup:
                     assert rec.data is not None
                     c = Checkpoint.decode(rec.data)
                     c.tags = self.tags.get(c.id, [])
-                    out.append(c)
+                    # Only those the replicas are not past (a replica applied to the middle
+                    # of a segment: a promotion past repaired damage, a rebuilt meta.json).
+                    if all((d.applied_gen, d.applied_seq) <= tuple(cut)
+                           for d, cut in zip(self.disks, c.cut)):
+                        out.append(c)
         return out
 
     def save_meta(self, synced: bool = False) -> None:
@@ -318,6 +336,7 @@ class TargetGroup:
             "journal_max": self.journal_max,
             "tags": self.tags,
             "failover": self.failover,
+            **({"rebuilt": True} if self.rebuilt else {}),
             "applied": list(applied),
             "disks": [{"name": d.name, "size": d.size, "applied_gen": p[0],
                        "applied_seq": p[1], "ever_consistent": self.gate.whole(i)}
@@ -340,26 +359,53 @@ class TargetGroup:
             if self.state not in (GroupState.RECEIVING, GroupState.JOURNAL_DAMAGED):
                 raise ProtocolError("group %s %s here; it takes no more changes" % (
                     self.name, "failed over" if self.failover is not None else "is closed"))
-            fresh = admission.fresh(self.name, self.disks, self.seeds, records)
-            new_cps, ids = admission.new_checkpoints(self.disks, fresh, self.checkpoints,
-                                                     checkpoints or [], clocks)
-            markers = [admission.marker(c) for c in new_cps]
-            if fresh or markers:
-                fresh = applier.apply_initial(self, fresh)
-                if any(r.kind in MAP_KINDS for r in fresh):
-                    self.whole_after_meta = True  # a restart would re-apply them
-                self.journal.append(fresh + markers)
-                for r in fresh:
-                    st = self.disks[r.disk]
-                    st.gen, st.seq = r.gen, r.seq
-                    self.gate.journaled(r.disk, r.kind)
-                    self.seeds.note(r.disk, r.kind, r.offset, r.length)
-                self.checkpoints.extend(new_cps)
-                self._head.appended(fresh)
-                self.newest()
-                applier.promote(self)
+            try:
+                out = self._accept(records, checkpoints, clocks)
+            except OSError as e:
+                self._storage_failed(e)
+                raise
+            if self.storage_error is not None:
+                log.warning("group %s: storage works again (after %s)", self.name,
+                            self.storage_error["error"])
+                self.storage_error = None
                 self._publish()
-            return len(fresh), ids
+            return out
+
+    def _storage_failed(self, e: OSError) -> None:
+        """B's storage failed under this group: status says where (file, errno)."""
+        first = self.storage_error is None
+        self.storage_error = {"error": "%s: %s" % (e.filename or "?", e.strerror or e),
+                              "file": e.filename, "errno": e.errno,
+                              "errno_name": errno.errorcode.get(e.errno or 0),
+                              "since": (self.storage_error or {}).get("since", time.time())}
+        if first:
+            log.error("group %s: storage error: %s", self.name, self.storage_error["error"])
+        self._publish()
+
+    def _accept(self, records: List[JRecord], checkpoints: Optional[List[Checkpoint]],
+                clocks: Optional[Tuple[int, int]]) -> Tuple[int, List[str]]:
+        """Check, journal and promote (with the lock held; see accept)."""
+        fresh = admission.fresh(self.name, self.disks, self.seeds, records)
+        new_cps, ids = admission.new_checkpoints(self.disks, fresh, self.checkpoints,
+                                                 checkpoints or [], clocks)
+        markers = [admission.marker(c) for c in new_cps]
+        if fresh or markers:
+            fresh = applier.apply_initial(self, fresh)
+            if any(r.kind in MAP_KINDS for r in fresh):
+                self.whole_after_meta = True  # a restart would re-apply them
+            self.journal.append(fresh + markers)
+            for r in fresh:
+                st = self.disks[r.disk]
+                st.gen, st.seq = r.gen, r.seq
+                self.gate.journaled(r.disk, r.kind)
+                self.seeds.note(r.disk, r.kind, r.offset, r.length)
+            self.checkpoints.extend(new_cps)
+            self._head.appended(fresh)
+            self.newest()
+            self._mend()
+            applier.promote(self)
+            self._publish()
+        return len(fresh), ids
 
     def seed_frames(self) -> Tuple[List[Tuple[int, int]], List[Tuple[int, int, int, bytes,
                                                                       bytes]]]:
@@ -377,7 +423,20 @@ class TargetGroup:
         """Promote what aged out of the window (called now and then, not only on batches)."""
         with self._lock:
             if self.state in (GroupState.RECEIVING, GroupState.JOURNAL_DAMAGED):
-                applier.promote(self)
+                try:
+                    applier.promote(self)
+                except OSError as e:
+                    self._storage_failed(e)
+                    raise
+            self._publish()
+
+    def settle(self) -> None:
+        """After meta.rebuild: apply the whole journal (hold-back and damage still stop
+        it) and checkpoint, so the replicas are at a known point again; the checkpoints
+        before it leave the list (the replicas' true point was not known)."""
+        with self._lock:
+            applier.apply(self)
+            applier.checkpoint(self)
             self._publish()
 
     def checkpoint(self) -> None:
@@ -424,20 +483,19 @@ class TargetGroup:
         return c, list(c.cut), False
 
     def _check_intact(self, c: Optional[Checkpoint]) -> None:
-        """JournalCorrupt if the point (a checkpoint, None: the newest) needs damaged
-        records: damage between the replicas' position and the checkpoint's marker (every
-        record of its cut is journaled before it), or anywhere after them for the newest."""
-        d = self.journal.damage_from(self.applied)
-        if d is None:
-            return
-        if c is not None:
-            marker = None
-            for segno, e in entries_from(self.journal, self.applied):
-                if e[1] == KIND_CHECKPOINT and e[7] == c.time_ns:
-                    marker = (segno, e[8])
-            if marker is not None and marker <= (d.segment, d.offset):
-                return
-        raise self.journal.corrupt(d)
+        mending.check_intact(self, c)
+
+    def _mend(self) -> None:
+        self.mending.follow(self)
+
+    def asks(self) -> mending.Asks:
+        """What to ask the source for again (``mending.py``)."""
+        if not self.journal.damage and not self.mending.replica_asks:
+            return []  # nothing found (read without the lock: the next call sees it)
+        with self._lock:
+            out = self.mending.asks(self)
+            self._publish()
+            return out
 
     def restore(self, disk: str, dest: str, ref: Optional[str] = None,
                 at_wall_ns: Optional[int] = None) -> Dict[str, Any]:
@@ -446,6 +504,10 @@ class TargetGroup:
         with self._lock:
             try:
                 return restore(self, disk, dest, ref, at_wall_ns)
+            except ChunkDamaged as e:
+                self.mending.replica_asks.append((e.disk, e.ranges))
+                log.error("%s", e)
+                raise
             finally:
                 self._publish()  # a read may have found damage
 
@@ -455,6 +517,13 @@ class TargetGroup:
         plugin (``nbd_plugin/view.py``). ``unpin`` when the view is closed."""
         with self._lock:
             c, cut, _held = self.point(ref, at_wall_ns)
+            for i in range(len(self.disks)):
+                try:  # chunks found damaged before, that the view would read
+                    check_replica(self, i, cut[i], known_only=True)
+                except ChunkDamaged as e:
+                    self.mending.replica_asks.append((e.disk, e.ranges))
+                    self._publish()
+                    raise
             self.pins += 1
             self._publish()
             segments = [[segno, self.journal.path(segno), self.journal.segment_size(segno)]
@@ -551,8 +620,18 @@ class TargetGroup:
             self._publish()
 
     def list_checkpoints(self) -> List[Dict[str, Any]]:
+        """Each checkpoint; one that needs damaged records says so under ``refused``."""
         with self._lock:
-            return [c.to_json() for c in self.checkpoints]
+            out = []
+            for c in self.checkpoints:
+                item = c.to_json()
+                if self.failover is None and self.journal.damage:
+                    try:
+                        self._check_intact(c)
+                    except JournalCorrupt as e:
+                        item["refused"] = str(e)
+                out.append(item)
+            return out
 
     # -- status --------------------------------------------------------------------------
 
@@ -567,10 +646,18 @@ class TargetGroup:
             for d in self.journal.damage:
                 if (d.segment, d.offset) not in self._reported:
                     self._reported.add((d.segment, d.offset))
-                    log.error("%s; the points that need it are refused",
-                              self.journal.describe(d))
-            self._go(GroupEvent.DAMAGED)
+                    log.error("%s; the points that need it are refused until it is "
+                              "repaired from the source", self.journal.describe(d))
+            if any(d.repaired_at is None for d in self.journal.damage):
+                self._go(GroupEvent.DAMAGED)
+            elif self.state is GroupState.JOURNAL_DAMAGED:
+                self._go(GroupEvent.REPAIRED)
         self._snapshot = status.snapshot(self)
+        err = self.storage_error
+        self._snapshot["error"] = err["error"] if err else None
+        self._snapshot["storage_error"] = dict(err) if err else None
+        if err:
+            self._snapshot["state"] = "storage-error"  # shown over the life state
 
     def close(self) -> None:
         with self._lock:

@@ -73,6 +73,13 @@ _SEGMENT_RE = re.compile(r"^seg-(\d{16})\.fjr$")
 Position = Tuple[int, int]  # (segment number, byte offset in it)
 
 
+def named(e: OSError, path: str) -> OSError:
+    """``e`` naming ``path`` (an OSError from a call on a descriptor names no file)."""
+    if e.filename:
+        return e
+    return OSError(e.errno, e.strerror or str(e), path)
+
+
 def encode_header(r: JRecord) -> bytes:
     """The record's 48-byte header (formats/segment.py), its checksum over the data too."""
     head = RECORD.pack(MAGIC, r.kind, r.flags, r.disk, r.gen, r.length, r.seq, r.offset,
@@ -129,6 +136,7 @@ class Journal:
         self.rebuilt_indexes = 0  # closed segments whose index file was written again
         self.migrated_indexes = 0  # version 1 index files rewritten as version 2
         self._fd = -1
+        self._cut_pending = False  # a failed append could not be cut back yet
         self._index: Dict[int, bytearray] = {}
         self._first_at: Optional[float] = None  # monotonic time of the open segment's first append
         self._mark = _damage.AckedMark(directory)
@@ -206,6 +214,14 @@ class Journal:
             rng = _damage.header_range(memoryview(raw), start, end)
             missing = found.missing if end == len(raw) else 0
             self._note(Damage(segno, start, end, missing, "open", *(rng or (None, None, None))))
+
+    def save_damage(self) -> None:
+        """damage.json again (a repair was recorded); kept in memory if it cannot be."""
+        try:
+            _damage.save(self.directory, self.damage)
+        except OSError as e:
+            log.error("group %s: %s cannot be written: %s", self.group,
+                      _damage.path(self.directory), e)
 
     def damage_from(self, pos: Position) -> Optional[Damage]:
         """The first damage at or after ``pos``, or None."""
@@ -302,7 +318,7 @@ class Journal:
                 return self._note(Damage(segno, pos, end if end is not None else pos + size,
                                          0, "read", e[0] if e[1] < KIND_CHECKPOINT else None,
                                          e[6] if is_range else None,
-                                         e[4] if is_range else None))
+                                         e[4] if is_range else None, e[1]))
         return self._note(Damage(segno, pos, end if end is not None else pos, 0, "read"))
 
     # -- writing -------------------------------------------------------------------------
@@ -337,6 +353,12 @@ class Journal:
         mark (``damage.AckedMark``) moves after the fdatasync."""
         if not records:
             return self.end
+        if self._cut_pending:
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError as e:
+                raise named(e, self._path(self._segments[-1])) from None
+            self._cut_pending = False
         if self._due_to_close():
             self.rotate()
         parts: List[bytes] = []
@@ -354,10 +376,15 @@ class Journal:
         try:
             written = _write_all(self._fd, parts)
             os.fdatasync(self._fd)
-        except OSError:
+        except OSError as e:
             # Leave no partial batch behind a later append: cut the segment back.
-            os.ftruncate(self._fd, self._size)
-            raise
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                self._cut_pending = True  # cut before anything else is appended
+                log.error("group %s: %s cannot be cut back to %d bytes", self.group,
+                          self._path(self._segments[-1]), self._size)
+            raise named(e, self._path(self._segments[-1])) from None
         self._size += written
         self._index[self._segments[-1]] += entries
         if self._first_at is None:
@@ -385,10 +412,12 @@ class Journal:
             raise self.corrupt(self._note_read(segno, pos))
         return decoded[0]
 
-    def read_from(self, pos: Position, stop: Optional[Position] = None
+    def read_from(self, pos: Position, stop: Optional[Position] = None,
+                  skip: Tuple[Tuple[int, int], ...] = ()
                   ) -> Iterator[Tuple[JRecord, Position]]:
         """Records from ``pos`` (to ``stop`` or the end), each checked, with the position
-        after it; JournalCorrupt at the first that fails or at known damage."""
+        after it; JournalCorrupt at the first that fails or at known damage, but for the
+        damage ``skip`` names (by ``Damage.key``: repaired, passed over)."""
         segno, offset = pos
         end = stop if stop is not None else self.end
         for s in list(self._segments):
@@ -396,7 +425,10 @@ class Journal:
                 continue
             start = offset if s == segno else 0
             limit = end[1] if s == end[0] else self.segment_size(s)
-            known = [d for d in self.damage if d.segment == s and start <= d.offset < limit]
+            passed = [(d.offset, max(d.end, d.offset + 1)) for d in self.damage
+                      if d.segment == s and d.key() in skip]
+            known = [d for d in self.damage if d.segment == s and start <= d.offset < limit
+                     and d.key() not in skip]
             with open(self._path(s), "rb") as f:
                 f.seek(start)
                 buf = memoryview(f.read(max(0, limit - start)))
@@ -408,6 +440,8 @@ class Journal:
                     break
                 if known and p >= known[0].offset:
                     raise self.corrupt(known[0])
+                if any(a <= p < b for a, b in passed):
+                    continue
                 decoded = _decode_at(buf, p - start)
                 if decoded is None:
                     raise self.corrupt(self._note_read(s, p))
@@ -457,3 +491,17 @@ class Journal:
             os.close(self._fd)
             self._fd = -1
         self._mark.close(sync=True)
+
+
+def journal_kinds(group_dir: str, group: str) -> List[Tuple[int, int]]:
+    """(disk, kind) of every disk record of a group's journal, in journal order (what
+    ``meta.rebuild`` reads); nothing when it has no journal."""
+    directory = os.path.join(group_dir, "journal")
+    if not os.path.isdir(directory):
+        return []
+    j = Journal(directory, group=group)
+    try:
+        return [(e[0], e[1]) for s in j.segments() for e in jindex.entries(j.index(s))
+                if e[1] < KIND_CHECKPOINT]
+    finally:
+        j.close()

@@ -21,7 +21,10 @@ class Repairs:
         self._queued: Dict[str, List[Repair]] = {}
 
     def request(self, group: str, disk: int, ranges: List[Tuple[int, int]]) -> None:
-        self._queued.setdefault(group, []).extend((disk, o, n) for o, n in ranges)
+        queued = self._queued.setdefault(group, [])
+        for o, n in ranges:
+            if (disk, o, n) not in queued:  # found twice before it went: asked once
+                queued.append((disk, o, n))
 
     def take(self, group: str) -> Tuple[Repair, ...]:
         """What one ACK carries (at most MAX_REPAIRS ranges), taken off the queue."""

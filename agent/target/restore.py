@@ -32,10 +32,18 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from formats import images, jindex
 from formats.blockdev import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 from formats.durable import NewFile, pwrite_all
-from formats.records import KIND_CHECKPOINT, KIND_TRIM, KIND_WRITE, KIND_ZERO, Point
+from formats.records import (
+    KIND_CHECKPOINT,
+    KIND_TRIM,
+    KIND_WRITE,
+    KIND_ZERO,
+    MAP_KINDS,
+    Point,
+)
 
 from ..disks import Policy, fd_path
 from ..errors import Conflict, FerryError, Invalid, NotFound, StorageError, Unavailable
+from .digests import CHUNK, ChunkDamaged, merge
 from .journal import Journal, Position
 from .state import GroupData
 
@@ -93,8 +101,13 @@ def overlay(g: GroupData, index: int, upto: Point) -> Iterator[Tuple[int, Tuple[
     """The journal records of disk ``index`` between the replica and ``upto``."""
     st = g.disks[index]
     base = (st.applied_gen, st.applied_seq)
+    # Repaired damage: records after it cover it for every point ``point`` lets through.
+    passed = [(d.segment, d.offset, max(d.end, d.offset + 1)) for d in g.journal.damage
+              if d.repaired_at is not None]
     for segno, e in entries_from(g.journal, g.applied):
         if e[0] == index and e[1] < KIND_CHECKPOINT and base < (e[3], e[5]) <= upto:
+            if any(s == segno and a <= e[8] < b for s, a, b in passed):
+                continue
             yield segno, e
 
 
@@ -111,6 +124,46 @@ def write_overlay(g: GroupData, fd: int, index: int, upto: Point) -> None:
             fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
 
 
+def check_replica(g: GroupData, index: int, upto: Point, known_only: bool = False) -> None:
+    """ChunkDamaged if a replica chunk that the state up to ``upto`` reads (one the
+    journal's records do not cover whole) fails its digest (``digests.verify``);
+    ``known_only``: only chunks found damaged before (a view: nothing read now)."""
+    digests = g.digests[index]
+    if known_only and not digests.reported:
+        return  # nothing known damaged: a view opens without reading the journal's index
+    covered: List[Tuple[int, int]] = sorted(
+        (e[6], e[6] + e[4]) for _s, e in overlay(g, index, upto) if e[1] in MAP_KINDS)
+
+    def whole(c: int) -> bool:  # is chunk c covered by the records?
+        start, length = digests.chunk_range(c)
+        pos, end = start, start + length
+        for a, b in covered:
+            if a > pos:
+                if a >= end:
+                    break
+                return False
+            pos = max(pos, b)
+            if pos >= end:
+                return True
+        return pos >= end
+
+    fd = g.fds[index]
+    holes = set(range(digests.chunks))
+    for start, end in data_extents(fd, g.disks[index].size):
+        holes -= set(range(start // CHUNK, -(-end // CHUNK)))
+    bad = digests.verify(fd, holes, whole, known_only)
+    if bad:
+        ranges: List[Tuple[int, int]] = []
+        for c in bad:
+            merge(ranges, *digests.chunk_range(c))
+        path = g.replica_path(g.disks[index].name)
+        raise ChunkDamaged("group %s, disk %s: replica %s: %d chunk(s) fail their digest "
+                           "(bytes %s); asked the source for them again" % (
+                               g.name, g.disks[index].name, path, len(bad),
+                               ", ".join("%d+%d" % r for r in ranges[:4])),
+                           path, index, ranges)
+
+
 def restore(g: GroupData, disk: str, dest: str, ref: Optional[str],
             at_wall_ns: Optional[int]) -> Dict[str, Any]:
     """Write ``disk`` as of a checkpoint (default: its newest consistent state) to the new
@@ -125,6 +178,7 @@ def restore(g: GroupData, disk: str, dest: str, ref: Optional[str],
             if fd_path(out.dir_fd) != os.path.dirname(dest):
                 raise Conflict("%s: its directory was replaced while the restore began"
                                % what)
+            check_replica(g, index, cut[index])
             sparse_copy(g.replica_path(disk), out.fd, st.size, dest)
             write_overlay(g, out.fd, index, cut[index])  # each record checked
             out.commit()

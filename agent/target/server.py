@@ -25,7 +25,7 @@ import trio
 from .. import checkpoints
 from ..checkpoints import iso
 from ..disks import Policy
-from ..errors import Invalid, NotFound, StorageError
+from ..errors import Conflict, Invalid, NotFound, StorageError
 from ..pairing import Refused, Trust
 from ..protocol import frames, messages
 from ..protocol.session import TargetSession
@@ -33,9 +33,11 @@ from ..protocol.stream import SessionStream, keepalive
 from . import failback, intake, meta, preauth, splitbrain
 from . import seeds as seed
 from .group import NoConsistentState, SizeMismatch, TargetGroup, check_disks
+from .journal import journal_kinds
 from .mounts import Mounts
 from .repairs import Repairs
 from .restore import check_dest, restore_as
+from .scrubber import Scrubber
 from .verify import point_digests
 from .views import Views
 
@@ -71,6 +73,8 @@ class TargetSite:
         self.scrubs: Dict[str, Dict[str, Any]] = {}  # the last scrub of each group
         self.fenced_disks: Optional[failback.FencedDisks] = None  # set by the agent
         self.retire_source: Optional[Callable[[str], Awaitable[Any]]] = None  # and this
+        self.scrubber = Scrubber(lambda: self.groups, self.repairs.request,
+                                 self.scrubs.__setitem__)
         self.mounts = Mounts(
             data_dir, lambda name, ref, at: self.views.open(self.group(name), ref, at, False),
             lambda vid: self.views.close(vid, self.groups))
@@ -78,7 +82,15 @@ class TargetSite:
     def load(self) -> None:
         """Open every group this site already holds (restore works without a source)."""
         for name in sorted(os.listdir(self.root)):
-            if not os.path.exists(meta.path(os.path.join(self.root, name))):
+            directory = os.path.join(self.root, name)
+            if not os.path.exists(meta.path(directory)):
+                if any(os.path.isdir(os.path.join(directory, d))
+                       for d in ("journal", "replicas")):
+                    self.broken[name] = "%s is missing; `ferry repair %s --rebuild-meta` " \
+                        "rebuilds it from the journal and the replicas" % (
+                            meta.path(directory), name)
+                    log.error("group %s cannot be opened and is not served: %s", name,
+                              self.broken[name])
                 continue  # not a group
             try:
                 group = TargetGroup.reopen(os.path.join(self.root, name), name,
@@ -87,7 +99,11 @@ class TargetSite:
                 # One damaged group must not keep the others (or the agent) down.
                 log.error("group %s cannot be opened and is not served: %s: %s",
                           name, type(e).__name__, e)
-                self.broken[name] = "%s: %s" % (type(e).__name__, e)
+                self.broken[name] = "%s: %s%s" % (
+                    type(e).__name__, e, "; `ferry repair %s --rebuild-meta` rebuilds it from "
+                    "the journal and the replicas" % name
+                    if isinstance(e, StorageError) and getattr(e, "path", "") ==
+                    meta.path(os.path.join(self.root, name)) else "")
                 continue
             if group is None:
                 continue  # its meta.json went meanwhile
@@ -107,6 +123,7 @@ class TargetSite:
         listeners = await trio.open_tcp_listeners(port, host=host or None)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._maintain)
+            nursery.start_soon(self.scrubber.run)
             task_status.started(listeners)
             await trio.serve_listeners(self._handle, listeners)
 
@@ -117,8 +134,19 @@ class TargetSite:
             for name, group in list(self.groups.items()):
                 try:
                     await trio.to_thread.run_sync(group.maintain)
+                    self._ask_repairs(name, await trio.to_thread.run_sync(group.asks))
                 except OSError as e:
                     log.error("group %s: promotion failed: %s", name, e)
+
+    def _ask_repairs(self, name: str, asks: List[Tuple[int, List[Tuple[int, int]]]]) -> None:
+        """Journal damage found: ask the source for its disk ranges again (repairs.py)."""
+        g = self.groups.get(name)
+        for disk, ranges in asks:
+            self.repairs.request(name, disk, ranges)
+            if g is not None:
+                log.warning("group %s: journal damage: asked the source for %d range(s) of "
+                            "%s again (%d bytes)", name, len(ranges), g.disks[disk].name,
+                            sum(n for _o, n in ranges))
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         try:
@@ -368,6 +396,9 @@ class TargetSite:
                           ) -> TargetGroup:
         lock = self._locks.setdefault(name, trio.Lock())
         async with lock:
+            if name in self.broken:
+                raise StorageError("group %s cannot be opened on site B: %s"
+                                   % (name, self.broken[name]))
             group = self.groups.get(name)
             if group is not None:
                 _check_disks(group, disks)  # before anything changes
@@ -402,9 +433,43 @@ class TargetSite:
 
     def group(self, name: str) -> TargetGroup:
         g = self.groups.get(name)
+        if g is None and name in self.broken:
+            raise StorageError("group %s cannot be opened on this site: %s"
+                               % (name, self.broken[name]))
         if g is None:
             raise NotFound("group %s is not replicated to this site" % name)
         return g
+
+    async def rebuild_meta(self, name: str, order: Optional[List[str]]) -> Dict[str, Any]:
+        """Make a group's meta.json again from its journal and replicas (meta.rebuild),
+        open the group and bring its replicas to a known point (``settle``)."""
+        directory = os.path.join(self.root, name)
+        if name in self.groups:
+            raise Conflict("group %s is open here: its %s holds; nothing to rebuild"
+                           % (name, meta.path(directory)))
+        if name not in self.broken:
+            raise NotFound("group %s is not held on this site" % name)
+        lock = self._locks.setdefault(name, trio.Lock())
+        async with lock:
+            def work() -> TargetGroup:
+                meta.rebuild(directory, name, order, journal_kinds(directory, name))
+                g = TargetGroup.reopen(directory, name, pins=self.views.pins_of(name))
+                assert g is not None
+                g.settle()
+                return g
+
+            try:
+                group = await trio.to_thread.run_sync(work)
+            except OSError as e:
+                raise StorageError("cannot rebuild %s: %s" % (meta.path(directory), e),
+                                   e.filename, e.errno) from None
+            self.groups[name] = group
+            self.broken.pop(name, None)
+        log.warning("group %s: %s rebuilt from the journal and the replicas (disks %s); "
+                    "the next session from the source gives its protection", name,
+                    meta.path(directory), ", ".join(d.name for d in group.disks))
+        return {"group": name, "file": meta.path(directory),
+                "disks": [d.name for d in group.disks], "state": group.state.value}
 
     async def restore(self, group: str, disk: str, dest: str, ref: Optional[str] = None,
                       at_wall_ns: Optional[int] = None, fmt: Optional[str] = None,
@@ -555,6 +620,8 @@ class TargetSite:
             st["views"] = self.views.of_group(name)
             st["mounts"] = self.mounts.of_group(name)
             st["last_scrub"] = self.scrubs.get(name)
+            running = self.scrubber.running.get(name)
+            st["scrubbing"] = dict(running, disks=dict(running["disks"])) if running else None
             st["repairs_queued"] = self.repairs.pending(name)
             out[name] = st
         return out
