@@ -83,6 +83,7 @@ class Options:
     new_identity: bool = False  # make a new TLS identity although peers know the old one
     libvirt_uri: str = "qemu:///system"  # where protect --domain finds its domains
     splitter_group: Optional[str] = None  # group that may connect to splitter sockets
+    domain_hooks: Optional[str] = "/etc/ferry/domain-hooks.d"  # agent/domains/hooks.py
 
 
 def _config(bind: str) -> hypercorn.config.Config:
@@ -188,7 +189,8 @@ async def run(opts: Options) -> None:
             await nursery.start(target.serve, listen[0], listen[1])
             await nursery.start(source.run)
             api = Api(source, target, site, trust)
-            api.domains = Domains(source, opts.libvirt_uri)
+            api.domains = Domains(source, opts.libvirt_uri, opts.domain_hooks)
+            await nursery.start(api.domains.run)
             api.watcher = Watcher(api.status, EventLog(), Alerts(opts.link_down_alert),
                                   opts.hooks_dir, source.checkpoint, source.checkpoints,
                                   os.path.join(data_dir, "alerts.json"), api.status_async)

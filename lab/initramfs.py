@@ -28,7 +28,7 @@ from .kernel import (
     resolve_modules,
 )
 
-GUEST_MODULES = ("virtio_pci", "virtio_blk", "virtio_rng", "ext4")
+GUEST_MODULES = ("virtio_pci", "virtio_blk", "virtio_rng", "virtio_console", "ext4")
 HOST_TOOLS = ("mke2fs", "mkfs.ext4", "e2fsck", "fsck.ext4", "tune2fs", "dumpe2fs")
 HOST_FILES = ("/etc/mke2fs.conf",)
 BUSYBOX = "/bin/busybox"

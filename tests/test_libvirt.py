@@ -76,10 +76,11 @@ class VirtLab:
             f.truncate(size)
         return path
 
-    def define(self, name: str, script: str, disks: list) -> object:
+    def define(self, name: str, script: str, disks: list, agent: bool = False) -> object:
         initrd = copy_readable(build_initramfs(LAB_CACHE, script), self.images)
         dom = self.conn.defineXML(domain_xml(name, self.kernel, initrd, disks,
-                                             self.images / (name + ".console")))
+                                             self.images / (name + ".console"),
+                                             agent=agent))
         self.defined.append(dom)
         return dom
 

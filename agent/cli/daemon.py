@@ -60,13 +60,17 @@ from .units import parse_duration
 @click.option("--splitter-socket-group", default=None, metavar="GROUP",
               help="A group that may connect to the splitters' NBD sockets (libvirt's qemu "
                    "user: libvirt-qemu on Debian); default: root only.")
+@click.option("--domain-hooks", "domain_hooks", default="/etc/ferry/domain-hooks.d",
+              show_default=True, type=click.Path(file_okay=False),
+              help="DOMAIN.pre and DOMAIN.post run around an application-consistent "
+                   "checkpoint of a domain (root's, not writable by others).")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def agent(data_dir: str, listen: str, api_addrs: Tuple[str, ...], api_group: str,
           api_token_file: Optional[str], api_cert: Optional[str], api_key: Optional[str],
           api_client_ca: Optional[str], metrics_addr: Optional[str], hooks_dir: str,
           link_down_alert: str, image_roots: Tuple[str, ...], site: Optional[str],
           insecure: bool, new_identity: bool, libvirt_uri: str,
-          splitter_socket_group: Optional[str], verbose: bool) -> None:
+          splitter_socket_group: Optional[str], domain_hooks: str, verbose: bool) -> None:
     """Run the host agent in the foreground."""
     import trio
 
@@ -92,7 +96,8 @@ def agent(data_dir: str, listen: str, api_addrs: Tuple[str, ...], api_group: str
                           os.path.abspath(hooks_dir), parse_duration(link_down_alert),
                           image_roots=[os.path.abspath(r) for r in image_roots],
                           new_identity=new_identity, libvirt_uri=libvirt_uri,
-                          splitter_group=splitter_socket_group)
+                          splitter_group=splitter_socket_group,
+                          domain_hooks=os.path.abspath(domain_hooks))
     try:
         os.makedirs(data_dir, exist_ok=True)
         trio.run(daemon.run, opts)
