@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
+from ..domains import vms
 from ..errors import Invalid
 from ..target import live
 from ..target.restore import copied
@@ -48,6 +49,11 @@ async def route(api: Api, method: str, parts: List[str], query: Dict[str, list],
 
 
 def failover(api: Api, group: str, body: Dict[str, Any]) -> Callable[[], Awaitable[Any]]:
+    """A failover step, with the group's libvirt domains started or removed around it."""
+    return vms.around(api, group, body, _failover(api, group, body))
+
+
+def _failover(api: Api, group: str, body: Dict[str, Any]) -> Callable[[], Awaitable[Any]]:
     mode = body.get("mode")
     point = point_of(body)
     if mode == "test":

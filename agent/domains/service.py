@@ -27,7 +27,7 @@ import trio
 from .. import inuse
 from ..errors import Conflict, FerryError, Invalid, NotFound, Unavailable
 from ..source import NAME_RE, SourceSite
-from . import live, quiesce, record, xml
+from . import live, quiesce, record, travel, xml
 from .hooks import DEFAULT_DIR, Hooks
 from .hypervisor import (
     DEFAULT_URI,
@@ -97,6 +97,7 @@ class Domains:
                 with trio.CancelScope(shield=True):
                     await self.source.unprotect(group)
             raise
+        self.source.set_domains(group, travel.payload(rec))  # to site B with the group
         result["app_consistent_every"] = app_every
         result["domains"] = {d["name"]: {"disks": {x["dev"]: x["disk"] for x in d["disks"]},
                                          "attached": d["attached"],

@@ -123,3 +123,30 @@ def detach(xml: str, originals: Dict[str, str], sockets: Dict[str, str]) -> str:
             devices.remove(disk)
             devices.insert(i, ET.fromstring(originals[dev]))
     return ET.tostring(root, encoding="unicode")
+
+
+def recovered(xml: str, name: str, sockets: Dict[str, str], test: bool,
+              network_map: Dict[str, str]) -> str:
+    """A domain's definition for site B: named ``name``, without its UUID (libvirt makes
+    one), each disk of ``sockets`` on its export there, and its network interfaces mapped
+    (``network_map``: a network or bridge of site A to one of site B). In a test, an
+    interface that is not mapped is unplugged (``<link state='down'/>``): a test failover
+    runs isolated unless a network is named for it."""
+    root = _parse(attach(xml, sockets))
+    name_el = root.find("name")
+    if name_el is None:
+        name_el = ET.SubElement(root, "name")
+    name_el.text = name
+    for uuid in root.findall("uuid"):
+        root.remove(uuid)
+    for iface in root.findall("./devices/interface"):
+        source = iface.find("source")
+        attr = {"network": "network", "bridge": "bridge"}.get(iface.get("type", ""))
+        here = source.get(attr) if source is not None and attr else None
+        if here is not None and here in network_map and source is not None and attr:
+            source.set(attr, network_map[here])
+        elif test:
+            for link in iface.findall("link"):
+                iface.remove(link)
+            ET.SubElement(iface, "link", {"state": "down"})
+    return ET.tostring(root, encoding="unicode")

@@ -127,6 +127,7 @@ class Open(Message):
     probe: bool = False
     limits: Optional[Tuple[int, int]] = None       # (history_s, journal_max)
     seeds: Optional[Dict[str, str]] = None         # disk -> a seed file on site B
+    domains: Optional[Tuple[Dict[str, Any], ...]] = None  # agent/domains/travel.py
 
     def body(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"group": self.group, "protection": self.protection,
@@ -136,6 +137,8 @@ class Open(Message):
             out["history_s"], out["journal_max"] = self.limits
         if self.seeds is not None:
             out["seeds"] = dict(self.seeds)
+        if self.domains is not None:
+            out["domains"] = [dict(d) for d in self.domains]
         return out
 
     @classmethod
@@ -168,7 +171,38 @@ class Open(Message):
                 if not isinstance(path, str) or not 0 < len(path) <= MAX_PATH or "\0" in path:
                     raise ProtocolError("bad seed path for disk %r" % (dname,))
             seeds = dict(raw_seeds)
-        return cls(group, protection, tuple(disks), bool(body.get("probe")), limits, seeds)
+        domains = None
+        if "domains" in body:
+            domains = _domains(frames.field(body, "domains", list), {n for n, _ in disks})
+        return cls(group, protection, tuple(disks), bool(body.get("probe")), limits, seeds,
+                   domains)
+
+
+MAX_DOMAINS = 32
+MAX_DOMAIN_XML = 256 * 1024
+
+
+def _domains(raw: list, disk_names: set) -> Tuple[Dict[str, Any], ...]:
+    """OPEN's ``domains``: each {name, xml, disks: {target dev: a disk of the group}}, the
+    libvirt domains the group was protected by (``agent/domains/travel.py``)."""
+    if not 1 <= len(raw) <= MAX_DOMAINS:
+        raise ProtocolError("a group has 1 to %d domains, not %d" % (MAX_DOMAINS, len(raw)))
+    out = []
+    for d in raw:
+        if not isinstance(d, dict):
+            raise ProtocolError("domain entry is not a map")
+        name, xml, devs = d.get("name"), d.get("xml"), d.get("disks")
+        if not isinstance(name, str) or not 0 < len(name) <= 200 or "\0" in name:
+            raise ProtocolError("bad domain name %r" % (str(name)[:64],))
+        if not isinstance(xml, str) or not 0 < len(xml) <= MAX_DOMAIN_XML:
+            raise ProtocolError("domain %s: its definition is not 1 to %d characters"
+                                % (name, MAX_DOMAIN_XML))
+        if not isinstance(devs, dict) or not devs or not all(
+                isinstance(k, str) and 0 < len(k) <= 32 and v in disk_names
+                for k, v in devs.items()):
+            raise ProtocolError("domain %s: its disks must name disks of the group" % name)
+        out.append({"name": name, "xml": xml, "disks": dict(devs)})
+    return tuple(out)
 
 
 @dataclass(frozen=True)

@@ -304,6 +304,17 @@ class SourceSite:
             log.info("group %s: resumed", name)
         return {"group": name, "paused": paused}
 
+    def set_domains(self, name: str, domains: List[Dict[str, Any]]) -> None:
+        """Keep the definitions of the group's libvirt domains (``agent/domains/``) with its
+        settings: every OPEN carries them to site B, beginning with the one opened now."""
+        row = self.store.group(name)
+        shipper = self.shippers.get(name)
+        if row is None or shipper is None:
+            raise NotFound("no group %s on this site" % name)
+        self.store.set_settings(name, dict(row.settings, domains=list(domains)))
+        shipper.row = self.store.group(name) or row
+        shipper.reopen()
+
     def set_bandwidth(self, name: str, bytes_per_second: int) -> Dict[str, Any]:
         """Change a group's bandwidth limit now, and for the agent's next start."""
         row = self.store.group(name)

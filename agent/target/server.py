@@ -23,6 +23,7 @@ import trio
 from .. import checkpoints
 from ..checkpoints import iso
 from ..disks import Policy
+from ..domains import travel
 from ..errors import Invalid, NotFound, StorageError
 from ..pairing import Refused, Trust
 from ..protocol import frames, messages
@@ -171,7 +172,7 @@ class TargetSite:
                 return
             with scope:
                 await self._session(fs, peer, scope, group_name, disks, protection, limits,
-                                    seeds)
+                                    seeds, opened.domains)
         except Refused as e:
             log.warning("%s", e)
         except frames.RemoteError as e:
@@ -235,7 +236,8 @@ class TargetSite:
     async def _session(self, fs: SessionStream, peer: str, scope: trio.CancelScope,
                        group_name: str, disks: List[Tuple[str, int]], protection: str,
                        limits: Optional[Tuple[float, int]],
-                       seeds: Optional[Dict[str, str]]) -> None:
+                       seeds: Optional[Dict[str, str]],
+                       domains: Optional[Tuple[Dict[str, Any], ...]] = None) -> None:
         """OPENED (and the SEED frames) for an OPEN, then the batches until it ends."""
         try:
             held = self.groups.get(group_name)
@@ -246,6 +248,8 @@ class TargetSite:
             group = await self._open_group(group_name, disks, protection, seeds)
             if limits is not None:
                 await trio.to_thread.run_sync(group.set_limits, *limits)
+            if domains is not None:  # the VMs a failover starts here (agent/domains/)
+                await trio.to_thread.run_sync(travel.save, group.directory, domains)
         except SizeMismatch as e:
             log.error("refusing group %s from %s: %s", group_name, peer, e)
             await fs.send_error(frames.E_SIZE_MISMATCH, str(e))
