@@ -27,6 +27,7 @@ from formats.durable import fsync_dir
 from . import access, logs, tls
 from .alerts import Alerts
 from .api import Api
+from .devices import DeviceWatch
 from .disks import Policy
 from .domains import Domains
 from .errors import Invalid, Unavailable
@@ -191,6 +192,9 @@ async def run(opts: Options) -> None:
             api = Api(source, target, site, trust)
             api.domains = Domains(source, opts.libvirt_uri, opts.domain_hooks)
             await nursery.start(api.domains.run)
+            await nursery.start(DeviceWatch(data_dir, lambda: [
+                (d.id, "%s/%s" % (r.name, d.name), d.path, d.size)
+                for r in store.groups() for d in r.disks], source.fleet.device_problems).run)
             api.watcher = Watcher(api.status, EventLog(), Alerts(opts.link_down_alert),
                                   opts.hooks_dir, source.checkpoint, source.checkpoints,
                                   os.path.join(data_dir, "alerts.json"), api.status_async)

@@ -22,9 +22,10 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
-from ..errors import Unavailable
+from .. import devices
+from ..errors import StorageError, Unavailable
 from ..plugins import SPLITTER as PLUGIN
 from ..store import DiskRow, GroupRow
 
@@ -191,12 +192,17 @@ class Fleet:
         self.data_dir = data_dir
         self.agent_socket = agent_socket
         self.socket_group: Optional[str] = None  # may connect too (qemu's: libvirt-qemu)
+        self.device_problems: Dict[str, str] = {}  # disk id: cause (devices.DeviceWatch)
 
     def paths(self, disk: DiskRow) -> SplitterPaths:
         return SplitterPaths.for_disk(self.data_dir, disk.id)
 
     def _start(self, row: GroupRow, d: DiskRow) -> SplitterPaths:
         paths = self.paths(d)
+        try:  # the block device recorded, or none (agent/devices.py)
+            devices.verify(self.data_dir, d.id, d.name, d.path)
+        except (devices.DeviceChanged, StorageError) as e:
+            raise SplitterError(str(e)) from None
         start(paths, d.id, d.path, self.agent_socket, row.name, d.name, row.queue_bytes)
         if self.socket_group is not None:
             share_socket(paths.socket, self.socket_group)
@@ -213,6 +219,7 @@ class Fleet:
             for d in row.disks[:tried]:  # the one that failed left its files too
                 stop(self.paths(d), d.id)
                 remove_files(self.paths(d))
+                devices.forget(self.data_dir, d.id)
             raise
 
     def ensure(self, row: GroupRow) -> None:
@@ -233,3 +240,4 @@ class Fleet:
             paths = self.paths(d)
             stop(paths, d.id)
             remove_files(paths)
+            devices.forget(self.data_dir, d.id)

@@ -94,5 +94,6 @@ def disk_status(row: GroupRow, d: DiskRow, link: DiskLink, shipper: Optional[Gro
         "last_acked_gen": link.acked[0],
         "next_seq": c.get("next_seq", 0),
         "rpo_seconds": round(rpo, 3),
+        "device_problem": fleet.device_problems.get(d.id),  # gone, replaced, resized
         **link.resync_progress(),
     }
