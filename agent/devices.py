@@ -228,11 +228,14 @@ class DeviceWatch:
                     pass  # any block event: look again now
 
 
-def _monitor() -> Any:
-    """A udev monitor of block devices, None where there is none to have."""
+def _monitor(source: Optional[str] = None) -> Any:
+    """A monitor of block devices' events, None where there is none to have: udev's, or
+    where no udevd runs (a container), the kernel's own uevents."""
+    if source is None:
+        source = "udev" if os.path.exists("/run/udev/control") else "kernel"
     try:
         import pyudev
-        monitor = pyudev.Monitor.from_netlink(pyudev.Context())
+        monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source=source)
         monitor.filter_by("block")
         monitor.start()
         return monitor

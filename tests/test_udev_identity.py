@@ -62,6 +62,13 @@ def test_a_loop_device_is_known_by_its_backing_file(tmp_path: Path, loops: List[
     assert devices.differs(dict(ident, by_id=["a"]), ident) is None  # no udev database now
 
 
+def test_without_udev_sysfs_and_the_poll_do() -> None:
+    assert devices._udev(os.makedev(4095, 4095)) == {}  # no such device: nothing from udev
+    assert devices._monitor("nosuch") is None
+    monitor = devices._monitor()
+    assert monitor is not None and monitor.fileno() >= 0
+
+
 def test_a_device_record_that_cannot_be_read_is_named(tmp_path: Path) -> None:
     (tmp_path / "disks").mkdir()
     (tmp_path / "disks" / "d1.device.json").write_text("{")
