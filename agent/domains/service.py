@@ -42,6 +42,7 @@ from .hypervisor import (
 log = logging.getLogger("ferry.domains")
 
 MAX_DOMAINS = 32
+REFRESH_EVERY = 600.0  # seconds between two looks at the definitions of protected domains
 
 ProtectDisks = Callable[[List[Tuple[str, str]]], Awaitable[Dict[str, Any]]]
 
@@ -203,17 +204,55 @@ class Domains:
             async def cut(event: trio.Event) -> Dict[str, Any]:
                 return await self.source.checkpoint(group, tag, seconds, kind="app", cut=event)
 
-            return await quiesce.app_checkpoint(group, list(guests), self.hooks, cut, limit)
+            result = await quiesce.app_checkpoint(group, list(guests), self.hooks, cut, limit)
+            await self._refresh(conn, group, rec)
+            return result
         finally:
             await trio.to_thread.run_sync(close_connection, conn)
+
+    async def _refresh(self, conn: Any, group: str, rec: Dict[str, Any]) -> None:
+        """Send site B the domains' definitions again if they changed since they were
+        recorded (after each application-consistent checkpoint, and every
+        ``REFRESH_EVERY`` seconds)."""
+        try:
+            changed = await trio.to_thread.run_sync(self._reread, conn, rec)
+        except FerryError as e:
+            log.warning("group %s: the domains' definitions cannot be read again: %s",
+                        group, e)
+            return
+        if changed:
+            await trio.to_thread.run_sync(record.save, self.source.data_dir, group, rec)
+            self.source.set_domains(group, travel.payload(rec))
+            log.info("group %s: domain definition(s) of %s changed: sent to site B again",
+                     group, ", ".join(changed))
+
+    def _reread(self, conn: Any, rec: Dict[str, Any]) -> List[str]:
+        """Update ``rec`` with each domain's definition as it is now (its protected disks as
+        they were before Ferry); the names of those that changed."""
+        changed = []
+        for entry in rec["domains"]:
+            try:
+                dom = Domain(conn, entry["name"])
+            except NotFound:
+                continue
+            originals = {d["dev"]: d["element"] for d in entry["disks"]}
+            now = xml.detach(dom.inactive_xml(), originals, _sockets(entry))
+            if not xml.same(now, entry["xml"]):
+                entry["xml"] = now
+                changed.append(entry["name"])
+        return changed
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         """Cut each group's scheduled application-consistent checkpoints
         (``protect --app-consistent-every``); a failed one is logged, the next one tried."""
         task_status.started()
+        last_refresh = trio.current_time()
         while True:
             await trio.sleep(1)
+            if trio.current_time() - last_refresh >= REFRESH_EVERY:
+                last_refresh = trio.current_time()
+                await self._refresh_all()
             for group, every in (await trio.to_thread.run_sync(self._schedules)).items():
                 now = trio.current_time()
                 if now - self._last_app.setdefault(group, now) < every:
@@ -224,6 +263,24 @@ class Domains:
                 except FerryError as e:
                     log.warning("group %s: scheduled application-consistent checkpoint "
                                 "failed: %s", group, e)
+
+    async def _refresh_all(self) -> None:
+        for group in list(self.source.shippers):
+            try:
+                rec = await trio.to_thread.run_sync(record.load, self.source.data_dir, group)
+                if rec is None:
+                    continue
+                conn = await trio.to_thread.run_sync(open_connection,
+                                                     rec.get("uri") or self.uri)
+            except FerryError as e:
+                log.warning("group %s: the domains' definitions cannot be read again: %s",
+                            group, e)
+                continue
+            try:
+                async with self._freezing.setdefault(group, trio.Lock()):
+                    await self._refresh(conn, group, rec)
+            finally:
+                await trio.to_thread.run_sync(close_connection, conn)
 
     def _schedules(self) -> Dict[str, float]:
         out = {}

@@ -77,6 +77,16 @@ def writable_disks(xml: str) -> List[DomainDisk]:
     return out
 
 
+def same(a: str, b: str) -> bool:
+    """The two definitions say the same (quoting, attribute order and blank text aside)."""
+    def canonical(text: str) -> str:
+        return ET.canonicalize(text, strip_text=True)
+    try:
+        return canonical(a) == canonical(b)
+    except ET.ParseError:
+        return a == b
+
+
 def disk_devs(xml: str) -> List[str]:
     """The target devs of all the domain's disks."""
     return [t.get("dev", "") for t in _parse(xml).findall("./devices/disk/target")]
