@@ -31,6 +31,7 @@ from .kernel import (
 GUEST_MODULES = ("virtio_pci", "virtio_blk", "virtio_rng", "virtio_console", "ext4")
 HOST_TOOLS = ("mke2fs", "mkfs.ext4", "e2fsck", "fsck.ext4", "tune2fs", "dumpe2fs")
 HOST_FILES = ("/etc/mke2fs.conf",)
+OPTIONAL_TOOLS = ("qemu-ga",)  # in the guest when the host has them (qemu-guest-agent)
 BUSYBOX = "/bin/busybox"
 BASE_FORMAT = 1  # bump when the base archive's layout or /init changes
 
@@ -140,6 +141,8 @@ def _ensure_base(cache_dir: Path, vmlinuz: Path) -> Path:
         raise RuntimeError(f"host tools missing: {', '.join(missing)} (apt-get install e2fsprogs)")
     if not os.path.exists(BUSYBOX):
         raise RuntimeError(f"{BUSYBOX} missing (apt-get install busybox-static)")
+    tools += [p for p in (shutil.which(t, path="/usr/sbin:/usr/bin") for t in OPTIONAL_TOOLS)
+              if p is not None]
     inputs = [BUSYBOX, *(p for p in tools if p), *HOST_FILES]
     key = hashlib.sha256(
         json.dumps(
