@@ -80,7 +80,8 @@ class VirtLab:
         return path
 
     def define(self, name: str, script: str, disks: list, agent: bool = False) -> object:
-        initrd = copy_readable(build_initramfs(LAB_CACHE, script), self.images)
+        initrd = copy_readable(build_initramfs(  # (qemu-ga: where the host has it)
+            LAB_CACHE, script, extra_tools=("qemu-ga",) if agent else ()), self.images)
         dom = self.conn.defineXML(domain_xml(name, self.kernel, initrd, disks,
                                              self.images / (name + ".console"),
                                              agent=agent))
