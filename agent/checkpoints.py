@@ -40,7 +40,8 @@ from .protocol import frames
 
 Point = Tuple[int, int]  # (gen, seq)
 
-KINDS = ("auto", "user", "move")  # move: site B fails over live at it (agent/source/move.py)
+KINDS = ("auto", "user", "move", "app")  # move: site B fails over live at it
+# (agent/source/move.py); app: the guests were frozen around it (agent/domains/quiesce.py)
 MAX_TAG = 256
 
 
@@ -52,7 +53,7 @@ class CheckpointError(NotFound):
 class Checkpoint:
     id: str
     time_ns: int                       # source CLOCK_MONOTONIC of the cut
-    kind: str                          # "auto", "user" or "move"
+    kind: str                          # "auto", "user", "move" or "app"
     tag: Optional[str] = None
     cut: List[Point] = field(default_factory=list)
     wall_ns: int = 0                   # source wall clock of the cut

@@ -27,6 +27,7 @@ from formats.durable import fsync_dir
 from . import access, logs, memory, tls
 from .alerts import Alerts
 from .api import Api
+from .devices import DeviceWatch
 from .disks import Policy
 from .domains import Domains
 from .errors import Invalid, Unavailable
@@ -86,6 +87,7 @@ class Options:
     splitter_group: Optional[str] = None  # group that may connect to splitter sockets
     scrub_period: float = 24 * 3600.0  # the background scrub's pass (target/scrubber.py)
     scrub_rate: int = 16 * 1024 * 1024  # and its bytes a second at most
+    domain_hooks: Optional[str] = "/etc/ferry/domain-hooks.d"  # agent/domains/hooks.py
 
 
 def _config(bind: str) -> hypercorn.config.Config:
@@ -194,7 +196,11 @@ async def run(opts: Options) -> None:
             await nursery.start(target.serve, listen[0], listen[1])
             await nursery.start(source.run)
             api = Api(source, target, site, trust)
-            api.domains = Domains(source, opts.libvirt_uri)
+            api.domains = Domains(source, opts.libvirt_uri, opts.domain_hooks)
+            await nursery.start(api.domains.run)
+            await nursery.start(DeviceWatch(data_dir, lambda: [
+                (d.id, "%s/%s" % (r.name, d.name), d.path, d.size)
+                for r in store.groups() for d in r.disks], source.fleet.device_problems).run)
             api.watcher = Watcher(api.status, EventLog(), Alerts(opts.link_down_alert),
                                   opts.hooks_dir, source.checkpoint, source.checkpoints,
                                   os.path.join(data_dir, "alerts.json"), api.status_async)

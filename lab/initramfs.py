@@ -28,9 +28,10 @@ from .kernel import (
     resolve_modules,
 )
 
-GUEST_MODULES = ("virtio_pci", "virtio_blk", "virtio_rng", "ext4")
+GUEST_MODULES = ("virtio_pci", "virtio_blk", "virtio_rng", "virtio_console", "ext4")
 HOST_TOOLS = ("mke2fs", "mkfs.ext4", "e2fsck", "fsck.ext4", "tune2fs", "dumpe2fs")
 HOST_FILES = ("/etc/mke2fs.conf",)
+OPTIONAL_TOOLS = ("qemu-ga",)  # asked for by name; in the guest if the host has them
 BUSYBOX = "/bin/busybox"
 BASE_FORMAT = 1  # bump when the base archive's layout or /init changes
 
@@ -111,16 +112,18 @@ def _symlink(name: str, target: str) -> _Entry:
 # --- initramfs --------------------------------------------------------------------------
 
 
-def build_initramfs(cache_dir: Path, script: str, out: Path | None = None) -> Path:
+def build_initramfs(cache_dir: Path, script: str, out: Path | None = None,
+                    extra_tools: Sequence[str] = ()) -> Path:
     """Write an initramfs that runs ``script`` and return its path.
 
     The base archive (busybox, modules, host tools, /init) is cached in
     ``cache_dir/initramfs/``; the result is the base followed by a small archive holding
     the script. Without ``out``, the result is cached there too, named by the script's hash.
     Files are replaced atomically, so parallel builds do not see half-written archives.
+    ``extra_tools`` (of ``OPTIONAL_TOOLS``) go into the base too where the host has them.
     """
     vmlinuz = ensure_kernel(cache_dir)
-    base = _ensure_base(cache_dir, vmlinuz)
+    base = _ensure_base(cache_dir, vmlinuz, extra_tools)
     digest = hashlib.sha256(script.encode()).hexdigest()[:16]
     if out is None:
         out = base.parent / f"guest-{base.name.removesuffix('.cpio.gz')}-{digest}.cpio.gz"
@@ -133,13 +136,16 @@ def build_initramfs(cache_dir: Path, script: str, out: Path | None = None) -> Pa
     return out
 
 
-def _ensure_base(cache_dir: Path, vmlinuz: Path) -> Path:
+def _ensure_base(cache_dir: Path, vmlinuz: Path, extra_tools: Sequence[str] = ()) -> Path:
     tools = [shutil.which(t, path="/usr/sbin:/usr/bin:/sbin:/bin") for t in HOST_TOOLS]
     missing = [t for t, p in zip(HOST_TOOLS, tools) if p is None]
     if missing:
         raise RuntimeError(f"host tools missing: {', '.join(missing)} (apt-get install e2fsprogs)")
     if not os.path.exists(BUSYBOX):
         raise RuntimeError(f"{BUSYBOX} missing (apt-get install busybox-static)")
+    assert set(extra_tools) <= set(OPTIONAL_TOOLS), extra_tools
+    tools += [p for p in (shutil.which(t, path="/usr/sbin:/usr/bin") for t in extra_tools)
+              if p is not None]  # (qemu-ga: only where the host has qemu-guest-agent)
     inputs = [BUSYBOX, *(p for p in tools if p), *HOST_FILES]
     key = hashlib.sha256(
         json.dumps(

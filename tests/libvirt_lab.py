@@ -123,14 +123,21 @@ class Libvirtd:
         self.proc = None
 
 
+GUEST_AGENT_CHANNEL = ("<channel type='unix'><target type='virtio' "
+                       "name='org.qemu.guest_agent.0'/></channel>")
+
+
 def domain_xml(name: str, kernel: Path, initrd: Path, disks: Sequence[Path],
-               console: Path, memory_mb: int = 384) -> str:
-    """A ``type='qemu'`` domain that boots the lab guest with ``disks`` as vda, vdb, ..."""
+               console: Path, memory_mb: int = 384, agent: bool = False) -> str:
+    """A ``type='qemu'`` domain that boots the lab guest with ``disks`` as vda, vdb, ...;
+    with ``agent``, a qemu guest agent channel (the guest runs the agent it wants)."""
     devs: List[str] = []
     for i, disk in enumerate(disks):
         devs.append("<disk type='file' device='disk'><driver name='qemu' type='raw'/>"
                     "<source file='%s'/><target dev='vd%s' bus='virtio'/></disk>"
                     % (escape(str(disk)), chr(ord("a") + i)))
+    if agent:
+        devs.append(GUEST_AGENT_CHANNEL)
     cmdline = "console=ttyS0 quiet panic=-1 ferry.disks=%d" % len(disks)
     return """<domain type='qemu'>
   <name>%s</name>

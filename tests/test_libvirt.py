@@ -10,9 +10,11 @@ import struct
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Iterator
 
+import libvirt
 import pytest
 from conftest import LAB_CACHE, Lab, first_difference, same_bytes
 from libvirt_lab import Libvirtd, copy_readable, domain_xml, wait_shut_off
@@ -63,10 +65,11 @@ class VirtLab:
         self.kernel = copy_readable(ensure_kernel(LAB_CACHE), self.images)
         self.conn = daemon.connect()
         self.defined: list = []
-        lab.a.extra_args += ["--libvirt-uri", daemon.uri]
+        for site in (lab.a, lab.b):  # B: a failover starts the domains there
+            site.extra_args += ["--libvirt-uri", daemon.uri]
+            if share:
+                site.extra_args += ["--splitter-socket-group", "kvm"]
         lab.a.image_roots.append(self.images)  # the domains' images live here
-        if share:
-            lab.a.extra_args += ["--splitter-socket-group", "kvm"]
         lab.b.start()
         lab.a.start()
 
@@ -76,10 +79,12 @@ class VirtLab:
             f.truncate(size)
         return path
 
-    def define(self, name: str, script: str, disks: list) -> object:
-        initrd = copy_readable(build_initramfs(LAB_CACHE, script), self.images)
+    def define(self, name: str, script: str, disks: list, agent: bool = False) -> object:
+        initrd = copy_readable(build_initramfs(  # (qemu-ga: where the host has it)
+            LAB_CACHE, script, extra_tools=("qemu-ga",) if agent else ()), self.images)
         dom = self.conn.defineXML(domain_xml(name, self.kernel, initrd, disks,
-                                             self.images / (name + ".console")))
+                                             self.images / (name + ".console"),
+                                             agent=agent))
         self.defined.append(dom)
         return dom
 
@@ -149,6 +154,70 @@ def test_offline_domain_protected_its_guest_writes_replicated_and_unprotect_rest
     assert disk_sources(dom) == {"vda": ("file", str(disk))}
     assert xml.writable_disks(dom.XMLDesc(2)) == xml.writable_disks(before)
     assert not (lab.a.data / "domains" / "g1.json").exists()
+
+
+# Writes the pattern, unless the disk has it already (the domain started on site B).
+WRITE_ONCE = """
+if dd if=/dev/vda bs=512 skip=1 count=1 2>/dev/null | grep -q ferry-pattern; then
+    echo seen-on-site-b
+else
+""" + WRITE_PATTERN + """
+fi
+"""
+
+
+@pytest.mark.guest
+def test_test_failover_starts_the_domain_on_site_b_on_the_view_and_stop_test_removes_it(
+        virt: VirtLab) -> None:
+    lab = virt.lab
+    disk = virt.image("vm7-vda.img")
+    dom = virt.define("vm7", WRITE_ONCE, [disk])
+    lab.a.ferry("protect", "g7", "--domain", "vm7", "--target", lab.b.address)
+    dom.create()
+    wait_shut_off(dom, 240)
+    assert "guest-wrote" in virt.console("vm7"), virt.console("vm7")[-2000:]
+    lab.a.ferry("wait", "g7", "--synced", "--timeout", "120")
+    kept = list(lab.b.data.rglob("domains.json"))  # the definition travelled with the group
+    assert len(kept) == 1 and json.loads(kept[0].read_text())[0]["disks"] == {"vda": "vda"}
+    out = lab.b.ferry("failover", "g7", "--test", "--no-progress").stdout
+    assert "domain vm7-test\tstarted" in out, out
+    copy = virt.conn.lookupByName("vm7-test")
+    assert copy.UUIDString() != dom.UUIDString()
+    wait_shut_off(copy, 240)
+    console = virt.console("vm7")  # (the copy's serial console is the same file)
+    assert "seen-on-site-b" in console and "FERRY-GUEST-EXIT 0" in console, console[-2000:]
+    out = lab.b.ferry("failover", "g7", "--stop-test", "--no-progress").stdout
+    assert "stopped" in out
+    with pytest.raises(libvirt.libvirtError):
+        virt.conn.lookupByName("vm7-test")
+    assert virt.conn.lookupByName("vm7").UUIDString() == dom.UUIDString()  # A's untouched
+    # A boot order naming a domain the group does not have is refused before any start.
+    r = lab.b.ferry("failover", "g7", "--test", "--boot-order", "nosuch", "--no-progress",
+                    check=False)
+    assert r.returncode != 0 and "the group has no domain nosuch" in r.stderr, r.stderr
+    r = lab.b.ferry("failover", "g7", "--stop-test", "--no-progress", check=False)
+    assert "has no test failover running" in r.stderr, r.stderr  # none was opened
+    # A domain that cannot start here (its kernel is not on site B): named, the test ends.
+    kernel = virt.kernel.rename(virt.kernel.with_suffix(".away"))
+    try:
+        r = lab.b.ferry("failover", "g7", "--test", "--no-progress", check=False)
+    finally:
+        kernel.rename(virt.kernel)
+    assert r.returncode != 0 and "domain vm7-test: cannot start" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    with pytest.raises(libvirt.libvirtError):
+        virt.conn.lookupByName("vm7-test")
+    r = lab.b.ferry("failover", "g7", "--stop-test", "--no-progress", check=False)
+    assert "has no test failover running" in r.stderr, r.stderr
+    # Live (named apart: both sites share this libvirtd), then rolled back: removed.
+    (virt.images / "vm7.console").write_text("")
+    out = lab.b.ferry("failover", "g7", "--live", "--vm-suffix", "-dr", "--no-progress").stdout
+    assert "domain vm7-dr\tstarted" in out, out
+    wait_shut_off(virt.conn.lookupByName("vm7-dr"), 240)
+    assert "seen-on-site-b" in virt.console("vm7"), virt.console("vm7")[-2000:]
+    lab.b.ferry("failover", "g7", "--rollback", "--no-progress")
+    with pytest.raises(libvirt.libvirtError):
+        virt.conn.lookupByName("vm7-dr")
 
 
 @pytest.mark.guest
@@ -414,6 +483,67 @@ def test_attach_and_detach_round_trip_and_leave_other_changes_alone() -> None:
     moved = attached.replace("/run/1.sock", "/elsewhere.sock")
     assert "/elsewhere.sock" in xml.detach(moved, {"vda": disks[0].element},
                                            {"vda": "/run/1.sock"})
+
+
+def test_the_definition_for_site_b_is_renamed_on_its_exports_and_isolated_in_a_test(
+        ) -> None:
+    text = _domain("<disk type='file' device='disk'><driver name='qemu' type='raw'/>"
+                   "<source file='/img/a.img'/><target dev='vda' bus='virtio'/></disk>"
+                   "<interface type='network'><mac address='52:54:00:00:00:01'/>"
+                   "<source network='prod'/></interface>"
+                   "<interface type='bridge'><source bridge='br0'/></interface>"
+                   ).replace("<name>", "<uuid>6f1d3c1e-0000-4000-8000-000000000001</uuid>"
+                             "<name>")
+    out = xml.recovered(text, "vm1-test", {"vda": "/b/run/x.sock"}, True, {"br0": "br-dr"})
+    root = ET.fromstring(out)
+    assert root.findtext("name") == "vm1-test" and root.find("uuid") is None
+    assert root.find("./devices/disk/source/host").get("socket") == "/b/run/x.sock"
+    prod, bridge = root.findall("./devices/interface")
+    assert prod.find("link").get("state") == "down" and prod.find("source").get(
+        "network") == "prod" and prod.find("mac") is not None
+    assert bridge.find("source").get("bridge") == "br-dr" and bridge.find("link") is None
+    live = ET.fromstring(xml.recovered(text, "vm1", {"vda": "/s"}, False, {"prod": "dr"}))
+    assert [i.find("link") for i in live.findall("./devices/interface")] == [None, None]
+    assert live.find("./devices/interface/source").get("network") == "dr"
+
+
+def test_open_carries_the_domains_and_refuses_what_does_not_fit_the_group() -> None:
+    from agent.protocol import frames, messages
+    doms = ({"name": "vm1", "xml": "<domain/>", "disks": {"vda": "vda"}},)
+    opened = messages.Open("g", "p", (("vda", 4096),), domains=doms)
+    assert messages.Open.parse(opened.body(), messages.Context()).domains == doms
+    assert "domains" not in messages.Open("g", "p", (("vda", 4096),)).body()
+    for bad, why in [([], "1 to 32 domains"), (["x"], "not a map"),
+                     ([dict(doms[0], name="")], "bad domain name"),
+                     ([dict(doms[0], xml="x" * (256 * 1024 + 1))], "definition is not"),
+                     ([dict(doms[0], disks={"vda": "vdz"})], "must name disks of the group")]:
+        body = dict(opened.body(), domains=bad)
+        with pytest.raises(frames.ProtocolError, match=why):
+            messages.Open.parse(body, messages.Context())
+
+
+def test_failover_vm_options_and_unreadable_files_are_named(tmp_path: Path) -> None:
+    from agent.domains import travel, vms
+    assert vms._options({"mode": "test"})["suffix"] == "-test"
+    assert vms._options({"mode": "live", "network_map": {"a": "b"}})["suffix"] == ""
+    for bad, why in [({"vms": 1}, "vms is true or false"),
+                     ({"network_map": {"a": 1}}, "network_map maps"),
+                     ({"boot_order": "vm1"}, "boot_order is a list"),
+                     ({"boot_delay": -1}, "boot_delay is 0 to"),
+                     ({"vm_suffix": "a b"}, "vm_suffix is at most")]:
+        with pytest.raises(Invalid, match=why):
+            vms._options(dict(bad, mode="test"))
+    with pytest.raises(Invalid, match="the group has no domain vm9"):
+        vms._ordered([{"name": "vm1"}], ["vm9"])
+    assert [d["name"] for d in vms._ordered([{"name": "a"}, {"name": "b"}, {"name": "c"}],
+                                            ["c", "a"])] == ["c", "a", "b"]
+    assert travel.load(str(tmp_path)) is None and vms._load(str(tmp_path)) == []
+    (tmp_path / "domains.json").write_text("{")
+    (tmp_path / "vms.json").write_text("[]")
+    with pytest.raises(StorageError, match=r"domains\.json cannot be read"):
+        travel.load(str(tmp_path))
+    with pytest.raises(StorageError, match=r"vms\.json cannot be read"):
+        vms._load(str(tmp_path))
 
 
 def test_a_record_that_cannot_be_read_is_named(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import trio
 
 from formats import images
 
+from ..domains import vms
 from ..errors import Invalid
 from ..target import live, splitbrain
 from ..target.restore import copied
@@ -86,6 +87,11 @@ async def resolve(api: Api, group: str, body: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def failover(api: Api, group: str, body: Dict[str, Any]) -> Callable[[], Awaitable[Any]]:
+    """A failover step, with the group's libvirt domains started or removed around it."""
+    return vms.around(api, group, body, _failover(api, group, body))
+
+
+def _failover(api: Api, group: str, body: Dict[str, Any]) -> Callable[[], Awaitable[Any]]:
     mode = body.get("mode")
     point = point_of(body)
     if mode == "test":

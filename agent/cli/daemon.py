@@ -65,6 +65,10 @@ from .units import parse_duration, parse_size
                    "of every group once in this time.")
 @click.option("--scrub-rate", default="16M", show_default=True, metavar="BYTES",
               help="The background scrub reads at most this many bytes a second.")
+@click.option("--domain-hooks", "domain_hooks", default="/etc/ferry/domain-hooks.d",
+              show_default=True, type=click.Path(file_okay=False),
+              help="DOMAIN.pre and DOMAIN.post run around an application-consistent "
+                   "checkpoint of a domain (root's, not writable by others).")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def agent(data_dir: str, listen: str, api_addrs: Tuple[str, ...], api_group: str,
           api_token_file: Optional[str], api_cert: Optional[str], api_key: Optional[str],
@@ -72,7 +76,7 @@ def agent(data_dir: str, listen: str, api_addrs: Tuple[str, ...], api_group: str
           link_down_alert: str, image_roots: Tuple[str, ...], site: Optional[str],
           insecure: bool, new_identity: bool, libvirt_uri: str,
           splitter_socket_group: Optional[str], scrub_period: str, scrub_rate: str,
-          verbose: bool) -> None:
+          domain_hooks: str, verbose: bool) -> None:
     """Run the host agent in the foreground."""
     import trio
 
@@ -100,7 +104,8 @@ def agent(data_dir: str, listen: str, api_addrs: Tuple[str, ...], api_group: str
                           new_identity=new_identity, libvirt_uri=libvirt_uri,
                           splitter_group=splitter_socket_group,
                           scrub_period=parse_duration(scrub_period),
-                          scrub_rate=parse_size(scrub_rate))
+                          scrub_rate=parse_size(scrub_rate),
+                          domain_hooks=os.path.abspath(domain_hooks))
     try:
         os.makedirs(data_dir, exist_ok=True)
         trio.run(daemon.run, opts)

@@ -54,18 +54,24 @@ def _split_disk(spec: str, index: int) -> Tuple[str, str]:
 @click.option("--preseeded", "seeds", multiple=True, metavar="[NAME=]PATH",
               help="A copy of disk NAME that site B already holds (absolute path there): "
                    "only chunks that differ are shipped. Repeatable; a new group only.")
+@click.option("--app-consistent-every", default=None, metavar="DURATION",
+              help="With --domain: an application-consistent checkpoint (guests frozen "
+                   "through the qemu guest agent) this often (15m, 1h).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_obj
 def protect(api: Agent, group: str, disks: Tuple[str, ...], domains: Tuple[str, ...],
             target: str, queue: str,
             allow_unreachable: bool, history: str, journal_max: str,
             checkpoint_interval: str, bandwidth: str, rpo_alert: Optional[str],
-            seeds: Tuple[str, ...], as_json: bool) -> None:
+            seeds: Tuple[str, ...], app_consistent_every: Optional[str],
+            as_json: bool) -> None:
     """Protect disks as GROUP, replicated to TARGET; prints each disk's NBD URI."""
     if bool(disks) == bool(domains):
         raise click.UsageError("give --disk or --domain (one of them, repeatable)")
     specs = [_split_disk(s, i) for i, s in enumerate(disks)]
     seeded = _seeds(seeds, [n for n, _p in specs])
+    if app_consistent_every is not None and not domains:
+        raise click.UsageError("--app-consistent-every needs --domain (a guest to freeze)")
     history_s = parse_duration(history)
     if history_s < 1:
         raise click.BadParameter("the history must be at least 1s", param_hint="--history")
@@ -75,7 +81,8 @@ def protect(api: Agent, group: str, disks: Tuple[str, ...], domains: Tuple[str, 
         "history_s": int(history_s), "journal_max": parse_size(journal_max),
         "checkpoint_interval": parse_duration(checkpoint_interval),
         "bandwidth": parse_size(bandwidth), "seeds": seeded,
-        **({"domains": list(domains)} if domains else
+        **({"domains": list(domains), "app_consistent_every":
+            parse_duration(app_consistent_every or "0")} if domains else
            {"disks": [{"name": n, "path": p} for n, p in specs]})})
     if rpo_alert is not None:
         result["rpo_alert"] = call(api, "POST", "/v1/groups/%s/alerts" % group, {
@@ -194,16 +201,27 @@ def wait(api: Agent, group: str, synced: bool, timeout: float, progress: bool, d
 @click.option("--tag", default=None, help="A name for the checkpoint (\"before upgrade\").")
 @click.option("--timeout", default=30.0, show_default=True, type=float,
               help="Seconds to wait for the target to journal it.")
+@click.option("--app-consistent", is_flag=True,
+              help="Freeze the file systems of the group's domains (qemu guest agent) "
+                   "around the checkpoint, with their pre/post hooks.")
+@click.option("--freeze-limit", default=10.0, show_default=True, type=float,
+              help="With --app-consistent: the most seconds the guests stay frozen.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def checkpoint(api: Agent, group: str, tag: Optional[str], timeout: float,
-               as_json: bool) -> None:
-    """On the source site: cut a crash-consistent checkpoint of GROUP; prints its id."""
-    result = call(api, "POST", "/v1/groups/%s/checkpoints" % group,
-                  {"tag": tag, "timeout": timeout}, timeout=timeout + 30)
+               app_consistent: bool, freeze_limit: float, as_json: bool) -> None:
+    """On the source site: cut a crash-consistent checkpoint of GROUP (application-
+    consistent with --app-consistent); prints its id."""
+    body: Dict[str, Any] = {"tag": tag, "timeout": timeout}
+    if app_consistent:
+        body.update(app_consistent=True, freeze_limit=freeze_limit)
+    result = call(api, "POST", "/v1/groups/%s/checkpoints" % group, body,
+                  timeout=timeout + freeze_limit + 60)
     if as_json:
         return emit(result)
     click.echo(result["id"])
+    for line in result.get("post_hook_errors") or []:
+        click.echo("ferry: warning: %s" % line, err=True)
     if not result.get("acked"):
         click.echo("ferry: warning: checkpoint %s is cut but the target has not journaled "
                    "it yet" % result["id"], err=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import click
 
@@ -84,6 +84,11 @@ def _print_view(result: Dict[str, Any], as_json: bool, what: str) -> None:
                                       if c else "its newest consistent state"))
     for name, uri in sorted(result["disks"].items()):
         click.echo("%s\t%s" % (name, uri))
+    vms = result.get("vms")
+    for name in (vms or {}).get("started", []):
+        click.echo("domain %s\tstarted" % name)
+    if vms and vms.get("error"):
+        click.echo("ferry: error: %s" % vms["error"], err=True)
 
 
 @cli.command()
@@ -128,11 +133,24 @@ def view_close(api: Agent, view_id: str, as_json: bool) -> None:
                    "again.")
 @point_options
 @job_options
+@click.option("--network-map", "network_map", multiple=True, metavar="SRC=DST",
+              help="Plug the VMs' interfaces on network (or bridge) SRC of site A into DST "
+                   "here; repeatable. A test's unmapped interfaces are unplugged.")
+@click.option("--boot-order", default=None, metavar="VM,VM,...",
+              help="Start the group's VMs in this order (default: as protected).")
+@click.option("--boot-delay", default=0.0, show_default=True, type=float, metavar="SECONDS",
+              help="Wait this long between starting two VMs of the group.")
+@click.option("--vm-suffix", default=None, metavar="SUFFIX",
+              help="Name the VMs started here NAME+SUFFIX (default: -test for --test, "
+                   "none for --live).")
+@click.option("--no-vms", is_flag=True,
+              help="Serve the disks only: define and start none of the group's VMs.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def failover(api: Agent, group: str, mode: Optional[str], checkpoint: Optional[str],
              at: Optional[str], progress: Optional[bool], detach: bool,
-             as_json: bool) -> None:
+             network_map: Tuple[str, ...], boot_order: Optional[str], boot_delay: float,
+             vm_suffix: Optional[str], no_vms: bool, as_json: bool) -> None:
     """On the target site: test failover, stop it, or fail over for real (then commit
     or roll back)."""
     if mode is None:
@@ -141,6 +159,10 @@ def failover(api: Agent, group: str, mode: Optional[str], checkpoint: Optional[s
     body = dict(point_body(checkpoint, at), mode=mode)
     if mode in ("stop-test", "commit", "rollback") and len(body) > 1:
         raise click.UsageError("--%s takes no point" % mode)
+    if mode in ("test", "live"):  # the group's libvirt domains (agent/domains/vms.py)
+        body.update(_vm_options(network_map, boot_order, boot_delay, no_vms))
+        if vm_suffix is not None:
+            body["vm_suffix"] = vm_suffix
     result = run_job(api, dict(body, kind="failover", group=group),
                      "%s failover of %s" % (mode, group), progress, detach)
     if result is None:
@@ -154,6 +176,22 @@ def failover(api: Agent, group: str, mode: Optional[str], checkpoint: Optional[s
                    % (result["id"], group))
         return
     _print_view(result, as_json, "test failover" if mode == "test" else "live failover")
+
+
+def _vm_options(network_map: Tuple[str, ...], boot_order: Optional[str], boot_delay: float,
+                no_vms: bool) -> Dict[str, Any]:
+    nmap = {}
+    for spec in network_map:
+        src, sep, dst = spec.partition("=")
+        if not sep or not src or not dst:
+            raise click.BadParameter("give SRC=DST", param_hint="--network-map")
+        nmap[src] = dst
+    out: Dict[str, Any] = {"vms": not no_vms, "boot_delay": boot_delay}
+    if nmap:
+        out["network_map"] = nmap
+    if boot_order:
+        out["boot_order"] = [n for n in boot_order.split(",") if n]
+    return out
 
 
 def _print_step(group: str, mode: str, result: Dict[str, Any]) -> None:

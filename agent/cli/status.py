@@ -40,6 +40,8 @@ def status(api: Agent, group: Optional[str], as_json: bool) -> None:
                     "", d["state"], 100 * d["delivered_progress"],
                     duration(eta) if eta is not None else "unknown yet"))
             lines.append("  %-12s %s" % ("", d["nbd_uri"]))
+            if d.get("device_problem"):
+                lines.append("  %-12s DEVICE %s" % ("", d["device_problem"]))
     for name, r in sorted(result["replicas"].items()):
         src = r.get("source") or {}
         lines.append("replica %s <- %s: journal %s" % (

@@ -23,13 +23,23 @@ def _libvirt() -> Any:
     return libvirt
 
 
+def open_connection(uri: str) -> Any:
+    libvirt = _libvirt()
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError as e:
+        raise Unavailable("cannot connect to libvirt at %s: %s" % (uri, _msg(e))) from None
+
+
+def close_connection(conn: Any) -> None:
+    with contextlib.suppress(_libvirt().libvirtError):
+        conn.close()
+
+
 @contextlib.contextmanager
 def connection(uri: str) -> Iterator[Any]:
     libvirt = _libvirt()
-    try:
-        conn = libvirt.open(uri)
-    except libvirt.libvirtError as e:
-        raise Unavailable("cannot connect to libvirt at %s: %s" % (uri, _msg(e))) from None
+    conn = open_connection(uri)
     try:
         yield conn
     finally:
@@ -86,3 +96,28 @@ class Domain:
         except lv.libvirtError as e:
             raise Unavailable("domain %s: libvirt refused the new definition: %s"
                               % (self.name, _msg(e))) from None
+
+
+class GuestAgent:
+    """A running domain's file systems, frozen and thawed through its qemu guest agent
+    (libvirt's ``virDomainFSFreeze``/``virDomainFSThaw``: ``guest-fsfreeze-freeze``/``-thaw``
+    on the ``org.qemu.guest_agent.0`` channel). Thread-safe, as libvirt's calls are."""
+
+    def __init__(self, domain: Domain) -> None:
+        self.name = domain.name
+        self._dom = domain.dom
+        self._libvirt = domain._libvirt
+
+    def freeze(self) -> int:
+        try:
+            return int(self._dom.fsFreeze())
+        except self._libvirt.libvirtError as e:
+            raise Unavailable("domain %s: cannot freeze its file systems through the qemu "
+                              "guest agent: %s" % (self.name, _msg(e))) from None
+
+    def thaw(self) -> int:
+        try:
+            return int(self._dom.fsThaw())
+        except self._libvirt.libvirtError as e:
+            raise Unavailable("domain %s: cannot thaw its file systems through the qemu "
+                              "guest agent: %s" % (self.name, _msg(e))) from None

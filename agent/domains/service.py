@@ -25,14 +25,24 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 import trio
 
 from .. import inuse
-from ..errors import FerryError, Invalid, NotFound, Unavailable
+from ..errors import Conflict, FerryError, Invalid, NotFound, Unavailable
 from ..source import NAME_RE, SourceSite
-from . import live, record, xml
-from .hypervisor import DEFAULT_URI, Domain, _libvirt, connection
+from . import live, quiesce, record, travel, xml
+from .hooks import DEFAULT_DIR, Hooks
+from .hypervisor import (
+    DEFAULT_URI,
+    Domain,
+    GuestAgent,
+    _libvirt,
+    close_connection,
+    connection,
+    open_connection,
+)
 
 log = logging.getLogger("ferry.domains")
 
 MAX_DOMAINS = 32
+REFRESH_EVERY = 600.0  # seconds between two looks at the definitions of protected domains
 
 ProtectDisks = Callable[[List[Tuple[str, str]]], Awaitable[Dict[str, Any]]]
 
@@ -48,15 +58,21 @@ class Found:
 
 
 class Domains:
-    def __init__(self, source: SourceSite, uri: str = DEFAULT_URI) -> None:
+    def __init__(self, source: SourceSite, uri: str = DEFAULT_URI,
+                 hooks_dir: Optional[str] = DEFAULT_DIR) -> None:
         self.source = source
         self.uri = uri
+        self.hooks = Hooks(hooks_dir)
+        self._last_app: Dict[str, float] = {}  # group: when its last scheduled one started
+        self._freezing: Dict[str, trio.Lock] = {}  # one freeze of a group's guests at a time
 
     def protected_by_domain(self, group: str) -> bool:
         return record.load(self.source.data_dir, group) is not None
 
-    async def protect(self, group: str, names: List[str], protect_disks: ProtectDisks
-                      ) -> Dict[str, Any]:
+    async def protect(self, group: str, names: List[str], protect_disks: ProtectDisks,
+                      app_every: float = 0) -> Dict[str, Any]:
+        if app_every < 0 or app_every > 30 * 86400:
+            raise Invalid("app_consistent_every is 0 (none) to 30 days in seconds")
         if not names or len(names) > MAX_DOMAINS:
             raise Invalid("give 1 to %d domains" % MAX_DOMAINS)
         if len(set(names)) != len(names):
@@ -76,12 +92,14 @@ class Domains:
         pivoted: List[str] = []
         try:
             rec = await trio.to_thread.run_sync(self._attach, group, found, len(names),
-                                                pivoted)
+                                                pivoted, app_every)
         except BaseException:
             if not pivoted:
                 with trio.CancelScope(shield=True):
                     await self.source.unprotect(group)
             raise
+        self.source.set_domains(group, travel.payload(rec))  # to site B with the group
+        result["app_consistent_every"] = app_every
         result["domains"] = {d["name"]: {"disks": {x["dev"]: x["disk"] for x in d["disks"]},
                                          "attached": d["attached"],
                                          "pivot_seconds": d.get("pivot_seconds")}
@@ -106,11 +124,12 @@ class Domains:
         return out
 
     def _attach(self, group: str, found: Dict[str, Found], count: int,
-                pivoted: List[str]) -> Dict[str, Any]:
+                pivoted: List[str], app_every: float = 0) -> Dict[str, Any]:
         row = self.source.store.group(group)
         assert row is not None
         sockets = {d.name: self.source.fleet.paths(d).socket for d in row.disks}
-        rec: Dict[str, Any] = {"group": group, "uri": self.uri, "domains": []}
+        rec: Dict[str, Any] = {"group": group, "uri": self.uri, "domains": [],
+                               "app_consistent_every": app_every}
         for name, f in found.items():
             rec["domains"].append({"name": name, "xml": f.definition, "running": f.running,
                                    "attached": "live" if f.running else "offline",
@@ -155,6 +174,124 @@ class Domains:
             pivoted.append("%s/%s" % (entry["name"], d["dev"]))
             longest = max(longest, seconds)
         return round(longest, 4)
+
+    async def app_checkpoint(self, group: str, tag: Optional[str], seconds: float,
+                             limit: float = quiesce.DEFAULT_LIMIT) -> Dict[str, Any]:
+        """Freeze the group's guests, cut an ``app`` checkpoint, thaw (``quiesce.py``)."""
+        rec = await trio.to_thread.run_sync(record.load, self.source.data_dir, group)
+        if rec is None:
+            if self.source.store.group(group) is None:
+                raise NotFound("no group %s on this site" % group)
+            raise Invalid("group %s was protected by disk, not by domain (--domain): it has "
+                          "no guest agent to freeze its file systems" % group)
+        if not 0 < limit <= 600:
+            raise Invalid("the freeze limit is more than 0 and at most 600 seconds")
+        async with self._freezing.setdefault(group, trio.Lock()):
+            return await self._app_checkpoint(group, rec, tag, seconds, limit)
+
+    async def _app_checkpoint(self, group: str, rec: Dict[str, Any], tag: Optional[str],
+                              seconds: float, limit: float) -> Dict[str, Any]:
+        conn = await trio.to_thread.run_sync(open_connection, rec.get("uri") or self.uri)
+        try:
+            guests = []
+            for entry in rec["domains"]:
+                dom = await trio.to_thread.run_sync(Domain, conn, entry["name"])
+                if not await trio.to_thread.run_sync(dom.running):
+                    raise Conflict("domain %s is not running: no file system to freeze "
+                                   "(a crash-consistent checkpoint is as good)" % dom.name)
+                guests.append(GuestAgent(dom))
+
+            async def cut(event: trio.Event) -> Dict[str, Any]:
+                return await self.source.checkpoint(group, tag, seconds, kind="app", cut=event)
+
+            result = await quiesce.app_checkpoint(group, list(guests), self.hooks, cut, limit)
+            await self._refresh(conn, group, rec)
+            return result
+        finally:
+            await trio.to_thread.run_sync(close_connection, conn)
+
+    async def _refresh(self, conn: Any, group: str, rec: Dict[str, Any]) -> None:
+        """Send site B the domains' definitions again if they changed since they were
+        recorded (after each application-consistent checkpoint, and every
+        ``REFRESH_EVERY`` seconds)."""
+        try:
+            changed = await trio.to_thread.run_sync(self._reread, conn, rec)
+        except FerryError as e:
+            log.warning("group %s: the domains' definitions cannot be read again: %s",
+                        group, e)
+            return
+        if changed:
+            await trio.to_thread.run_sync(record.save, self.source.data_dir, group, rec)
+            self.source.set_domains(group, travel.payload(rec))
+            log.info("group %s: domain definition(s) of %s changed: sent to site B again",
+                     group, ", ".join(changed))
+
+    def _reread(self, conn: Any, rec: Dict[str, Any]) -> List[str]:
+        """Update ``rec`` with each domain's definition as it is now (its protected disks as
+        they were before Ferry); the names of those that changed."""
+        changed = []
+        for entry in rec["domains"]:
+            try:
+                dom = Domain(conn, entry["name"])
+            except NotFound:
+                continue
+            originals = {d["dev"]: d["element"] for d in entry["disks"]}
+            now = xml.detach(dom.inactive_xml(), originals, _sockets(entry))
+            if not xml.same(now, entry["xml"]):
+                entry["xml"] = now
+                changed.append(entry["name"])
+        return changed
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Cut each group's scheduled application-consistent checkpoints
+        (``protect --app-consistent-every``); a failed one is logged, the next one tried."""
+        task_status.started()
+        last_refresh = trio.current_time()
+        while True:
+            await trio.sleep(1)
+            if trio.current_time() - last_refresh >= REFRESH_EVERY:
+                last_refresh = trio.current_time()
+                await self._refresh_all()
+            for group, every in (await trio.to_thread.run_sync(self._schedules)).items():
+                now = trio.current_time()
+                if now - self._last_app.setdefault(group, now) < every:
+                    continue
+                self._last_app[group] = now
+                try:
+                    await self.app_checkpoint(group, None, 30.0)
+                except FerryError as e:
+                    log.warning("group %s: scheduled application-consistent checkpoint "
+                                "failed: %s", group, e)
+
+    async def _refresh_all(self) -> None:
+        for group in list(self.source.shippers):
+            try:
+                rec = await trio.to_thread.run_sync(record.load, self.source.data_dir, group)
+                if rec is None:
+                    continue
+                conn = await trio.to_thread.run_sync(open_connection,
+                                                     rec.get("uri") or self.uri)
+            except FerryError as e:
+                log.warning("group %s: the domains' definitions cannot be read again: %s",
+                            group, e)
+                continue
+            try:
+                async with self._freezing.setdefault(group, trio.Lock()):
+                    await self._refresh(conn, group, rec)
+            finally:
+                await trio.to_thread.run_sync(close_connection, conn)
+
+    def _schedules(self) -> Dict[str, float]:
+        out = {}
+        for group in self.source.shippers:
+            try:
+                rec = record.load(self.source.data_dir, group)
+            except FerryError:
+                continue
+            if rec and rec.get("app_consistent_every"):
+                out[group] = float(rec["app_consistent_every"])
+        return out
 
     async def unprotect(self, group: str) -> Optional[Dict[str, Any]]:
         """Detach the group's domains and unprotect it; None if it has no domains."""

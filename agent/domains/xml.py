@@ -77,6 +77,16 @@ def writable_disks(xml: str) -> List[DomainDisk]:
     return out
 
 
+def same(a: str, b: str) -> bool:
+    """The two definitions say the same (quoting, attribute order and blank text aside)."""
+    def canonical(text: str) -> str:
+        return ET.canonicalize(text, strip_text=True)
+    try:
+        return canonical(a) == canonical(b)
+    except ET.ParseError:
+        return a == b
+
+
 def disk_devs(xml: str) -> List[str]:
     """The target devs of all the domain's disks."""
     return [t.get("dev", "") for t in _parse(xml).findall("./devices/disk/target")]
@@ -122,4 +132,31 @@ def detach(xml: str, originals: Dict[str, str], sockets: Dict[str, str]) -> str:
         if dev in originals and host is not None and host.get("socket") == sockets.get(dev):
             devices.remove(disk)
             devices.insert(i, ET.fromstring(originals[dev]))
+    return ET.tostring(root, encoding="unicode")
+
+
+def recovered(xml: str, name: str, sockets: Dict[str, str], test: bool,
+              network_map: Dict[str, str]) -> str:
+    """A domain's definition for site B: named ``name``, without its UUID (libvirt makes
+    one), each disk of ``sockets`` on its export there, and its network interfaces mapped
+    (``network_map``: a network or bridge of site A to one of site B). In a test, an
+    interface that is not mapped is unplugged (``<link state='down'/>``): a test failover
+    runs isolated unless a network is named for it."""
+    root = _parse(attach(xml, sockets))
+    name_el = root.find("name")
+    if name_el is None:
+        name_el = ET.SubElement(root, "name")
+    name_el.text = name
+    for uuid in root.findall("uuid"):
+        root.remove(uuid)
+    for iface in root.findall("./devices/interface"):
+        source = iface.find("source")
+        attr = {"network": "network", "bridge": "bridge"}.get(iface.get("type", ""))
+        here = source.get(attr) if source is not None and attr else None
+        if here is not None and here in network_map and source is not None and attr:
+            source.set(attr, network_map[here])
+        elif test:
+            for link in iface.findall("link"):
+                iface.remove(link)
+            ET.SubElement(iface, "link", {"state": "down"})
     return ET.tostring(root, encoding="unicode")

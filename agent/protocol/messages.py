@@ -132,6 +132,7 @@ class Open(Message):
     # ferry verify (a probe only): (disk, chunk size, first chunk, chunks) to hash
     verify: Optional[Tuple[int, int, int, int]] = None
     held: Optional[int] = None                     # bytes written the target never acked
+    domains: Optional[Tuple[Dict[str, Any], ...]] = None  # agent/domains/travel.py
 
     def body(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"group": self.group, "protection": self.protection,
@@ -145,6 +146,8 @@ class Open(Message):
             out["verify"] = dict(zip(("disk", "chunk", "first", "count"), self.verify))
         if self.held is not None:
             out["held"] = self.held
+        if self.domains is not None:
+            out["domains"] = [dict(d) for d in self.domains]
         return out
 
     @classmethod
@@ -182,7 +185,11 @@ class Open(Message):
         if verify is not None and not probe:
             raise ProtocolError("verify is asked in a probe only")
         held = _int(body, "held", 0, MAX_SIZE * frames.MAX_DISKS) if "held" in body else None
-        return cls(group, protection, tuple(disks), probe, limits, seeds, verify, held)
+        domains = None
+        if "domains" in body:
+            domains = _domains(frames.field(body, "domains", list), {n for n, _ in disks})
+        return cls(group, protection, tuple(disks), probe, limits, seeds, verify, held,
+                   domains)
 
 
 def _verify(body: dict, disks: List[Tuple[str, int]]) -> Tuple[int, int, int, int]:
@@ -200,6 +207,33 @@ def _verify(body: dict, disks: List[Tuple[str, int]]) -> Tuple[int, int, int, in
         raise ProtocolError("verify chunks [%d, +%d) past the end of disk %s (%d chunks)"
                             % (first, count, disks[disk][0], total))
     return disk, chunk, first, count
+
+
+MAX_DOMAINS = 32
+MAX_DOMAIN_XML = 256 * 1024
+
+
+def _domains(raw: list, disk_names: set) -> Tuple[Dict[str, Any], ...]:
+    """OPEN's ``domains``: each {name, xml, disks: {target dev: a disk of the group}}, the
+    libvirt domains the group was protected by (``agent/domains/travel.py``)."""
+    if not 1 <= len(raw) <= MAX_DOMAINS:
+        raise ProtocolError("a group has 1 to %d domains, not %d" % (MAX_DOMAINS, len(raw)))
+    out = []
+    for d in raw:
+        if not isinstance(d, dict):
+            raise ProtocolError("domain entry is not a map")
+        name, xml, devs = d.get("name"), d.get("xml"), d.get("disks")
+        if not isinstance(name, str) or not 0 < len(name) <= 200 or "\0" in name:
+            raise ProtocolError("bad domain name %r" % (str(name)[:64],))
+        if not isinstance(xml, str) or not 0 < len(xml) <= MAX_DOMAIN_XML:
+            raise ProtocolError("domain %s: its definition is not 1 to %d characters"
+                                % (name, MAX_DOMAIN_XML))
+        if not isinstance(devs, dict) or not devs or not all(
+                isinstance(k, str) and 0 < len(k) <= 32 and v in disk_names
+                for k, v in devs.items()):
+            raise ProtocolError("domain %s: its disks must name disks of the group" % name)
+        out.append({"name": name, "xml": xml, "disks": dict(devs)})
+    return tuple(out)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ class CheckpointBook:
         self.made: Deque[Dict[str, Any]] = deque(maxlen=CHECKPOINTS_KEPT)
         self.unacked: Dict[str, Checkpoint] = {}   # cut, not yet acked, oldest first
         self.waiters: Dict[str, trio.Event] = {}
+        self.cut_waiters: Dict[str, trio.Event] = {}  # set once cut (or impossible)
         self.results: Dict[str, str] = {}
         self._last_cut: Optional[List[Point]] = None
         self._sent_upto: List[Point] = []
@@ -79,6 +80,9 @@ class CheckpointBook:
 
     def _finished(self, req: Request) -> None:
         c = req.checkpoint
+        cut = self.cut_waiters.pop(c.id, None)
+        if cut is not None:
+            cut.set()
         if req.result != "ok":
             if c.kind != "auto":
                 log.warning("group %s: checkpoint %s impossible: %s", self.group, c.id,

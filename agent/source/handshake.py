@@ -44,9 +44,11 @@ def open_message(row: GroupRow, probe: bool, held: Optional[int] = None) -> mess
     split brain)."""
     settings = dict(DEFAULT_SETTINGS, **row.settings)
     seeds = settings.get("seeds") or None  # pre-seeded sync: site B's files (agent/seed.py)
+    domains = settings.get("domains")  # their definitions travel with the group
     return messages.Open(row.name, row.protection, tuple((d.name, d.size) for d in row.disks),
                          probe, (int(settings["history_s"]), int(settings["journal_max"])),
-                         dict(seeds) if seeds else None, held=held)
+                         dict(seeds) if seeds else None, held=held,
+                         domains=tuple(domains) if domains and not probe else None)
 
 
 async def open_session(fs: SessionStream, row: GroupRow, site_id: str, probe: bool,

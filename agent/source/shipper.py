@@ -118,6 +118,10 @@ class GroupShipper:
         self.paused = False
         self._resumed.set()
 
+    def reopen(self) -> None:
+        """End the session now, if one runs: the next one opens with ``row`` as it is."""
+        self._session_scope.cancel()
+
     # -- ChangeSink: what the change streams deliver -----------------------------------------
 
     async def deliver(self, index: int, records: List[lw.Record], watermark: int,

@@ -306,9 +306,11 @@ class SourceSite:
                        % (name, seconds, "; ".join(behind)))
 
     async def checkpoint(self, name: str, tag: Optional[str], seconds: float,
-                         kind: str = "user") -> Dict[str, Any]:
-        """Cut a user checkpoint (or a move's, ``move.py``) and wait until the target has
-        journaled it."""
+                         kind: str = "user", cut: Optional[trio.Event] = None
+                         ) -> Dict[str, Any]:
+        """Cut a user checkpoint (or a move's, ``move.py``, or an application-consistent
+        one, ``agent/domains/quiesce.py``) and wait until the target has journaled it;
+        ``cut`` is set as soon as it is cut (or cannot be)."""
         shipper = self.shippers.get(name)
         if shipper is None or name in self._busy:
             raise NotFound("no group %s on this site" % name)
@@ -325,17 +327,19 @@ class SourceSite:
         req = book.request(kind, tag)
         cid = req.checkpoint.id
         event = book.waiters[cid]
+        if cut is not None:
+            book.cut_waiters[cid] = cut
         with trio.move_on_after(seconds):
             await event.wait()
         result = book.results.pop(cid, None)
         if result is None:
             if cid in book.unacked:
-                return {"group": name, "id": cid, "tag": tag, "acked": False}
+                return {"group": name, "id": cid, "tag": tag, "acked": False, "kind": kind}
             raise TimedOut("group %s: checkpoint not cut within %g s (a splitter is not "
                            "connected or the link is down)" % (name, seconds))
         if result != "ok":
             raise Conflict("group %s: no crash-consistent checkpoint: %s" % (name, result))
-        return {"group": name, "id": cid, "tag": tag, "acked": True,
+        return {"group": name, "id": cid, "tag": tag, "acked": True, "kind": kind,
                 "wall_ns": req.checkpoint.wall_ns, "cut": [list(c) for c in req.checkpoint.cut]}
 
     def set_paused(self, name: str, paused: bool) -> Dict[str, Any]:
@@ -352,6 +356,17 @@ class SourceSite:
             shipper.resume()
             log.info("group %s: resumed", name)
         return {"group": name, "paused": paused}
+
+    def set_domains(self, name: str, domains: List[Dict[str, Any]]) -> None:
+        """Keep the definitions of the group's libvirt domains (``agent/domains/``) with its
+        settings: every OPEN carries them to site B, beginning with the one opened now."""
+        row = self.store.group(name)
+        shipper = self.shippers.get(name)
+        if row is None or shipper is None:
+            raise NotFound("no group %s on this site" % name)
+        self.store.set_settings(name, dict(row.settings, domains=list(domains)))
+        shipper.row = self.store.group(name) or row
+        shipper.reopen()
 
     def set_bandwidth(self, name: str, bytes_per_second: int) -> Dict[str, Any]:
         """Change a group's bandwidth limit now, and for the agent's next start."""

@@ -27,7 +27,8 @@ from typing import Dict, List, Optional
 
 from formats.durable import open_append
 
-from ..errors import Unavailable
+from .. import devices
+from ..errors import StorageError, Unavailable
 from ..plugins import SPLITTER as PLUGIN
 from ..store import DiskRow, GroupRow
 
@@ -204,6 +205,7 @@ class Fleet:
         self.agent_socket = agent_socket
         self.socket_group: Optional[str] = None  # may connect too (qemu's: libvirt-qemu)
         self.sockets: Dict[str, str] = {}  # disk id -> its socket, where not the default
+        self.device_problems: Dict[str, str] = {}  # disk id: cause (devices.DeviceWatch)
 
     def paths(self, disk: DiskRow) -> SplitterPaths:
         paths = SplitterPaths.for_disk(self.data_dir, disk.id)
@@ -212,6 +214,10 @@ class Fleet:
 
     def _start(self, row: GroupRow, d: DiskRow) -> SplitterPaths:
         paths = self.paths(d)
+        try:  # the block device recorded, or none (agent/devices.py)
+            devices.verify(self.data_dir, d.id, d.name, d.path)
+        except (devices.DeviceChanged, StorageError) as e:
+            raise SplitterError(str(e)) from None
         start(paths, d.id, d.path, self.agent_socket, row.name, d.name, row.queue_bytes,
               fmt=row.settings.get("formats", {}).get(d.name, "raw"))
         if self.socket_group is not None:
@@ -229,6 +235,7 @@ class Fleet:
             for d in row.disks[:tried]:  # the one that failed left its files too
                 stop(self.paths(d), d.id)
                 remove_files(self.paths(d))
+                devices.forget(self.data_dir, d.id)
             raise
 
     def ensure(self, row: GroupRow) -> None:
@@ -249,3 +256,4 @@ class Fleet:
             paths = self.paths(d)
             stop(paths, d.id)
             remove_files(paths)
+            devices.forget(self.data_dir, d.id)

@@ -46,7 +46,8 @@ def site_status(rows: Iterable[GroupRow], shippers: Mapping[str, GroupShipper],
             "rpo_seconds": max((v["rpo_seconds"] for v in disks.values()), default=0.0),
             "bytes_sent": shipper.bytes_sent if shipper else 0,
             "bytes_received": shipper.bytes_received if shipper else 0,
-            "settings": dict(DEFAULT_SETTINGS, **row.settings),
+            "settings": {k: v for k, v in dict(DEFAULT_SETTINGS, **row.settings).items()
+                         if k != "domains"},  # (definitions: agent/domains/travel.py)
             "checkpoints_made": len(book.made) if book else 0,
             "checkpoints_unacked": len(book.unacked) if book else 0,
             "last_checkpoint": book.made[-1] if book and book.made else None,
@@ -94,5 +95,6 @@ def disk_status(row: GroupRow, d: DiskRow, link: DiskLink, shipper: Optional[Gro
         "last_acked_gen": link.acked[0],
         "next_seq": c.get("next_seq", 0),
         "rpo_seconds": round(rpo, 3),
+        "device_problem": fleet.device_problems.get(d.id),  # gone, replaced, resized
         **link.resync_progress(),
     }

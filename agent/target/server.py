@@ -25,6 +25,7 @@ import trio
 from .. import checkpoints
 from ..checkpoints import iso
 from ..disks import Policy
+from ..domains import travel
 from ..errors import Conflict, Invalid, NotFound, StorageError
 from ..pairing import Refused, Trust
 from ..protocol import frames, messages
@@ -205,7 +206,7 @@ class TargetSite:
                 return
             with scope:
                 await self._session(fs, peer, scope, group_name, disks, protection, limits,
-                                    seeds, opened.held or 0)
+                                    seeds, opened.held or 0, opened.domains)
         except Refused as e:
             log.warning("%s", e)
         except frames.RemoteError as e:
@@ -301,9 +302,11 @@ class TargetSite:
     async def _session(self, fs: SessionStream, peer: str, scope: trio.CancelScope,
                        group_name: str, disks: List[Tuple[str, int]], protection: str,
                        limits: Optional[Tuple[float, int]],
-                       seeds: Optional[Dict[str, str]], a_held: int = 0) -> None:
+                       seeds: Optional[Dict[str, str]], a_held: int = 0,
+                       domains: Optional[Tuple[Dict[str, Any], ...]] = None) -> None:
         """OPENED (and the SEED frames) for an OPEN, then the batches until it ends
-        (``a_held``: the bytes the source holds unacked; split brain if failed over)."""
+        (``a_held``: the bytes the source holds unacked; split brain if failed over;
+        ``domains``: the group's libvirt domains, kept for a failover)."""
         try:
             held = self.groups.get(group_name)
             if held is not None:
@@ -313,6 +316,8 @@ class TargetSite:
             group = await self._open_group(group_name, disks, protection, seeds)
             if limits is not None:
                 await trio.to_thread.run_sync(group.set_limits, *limits)
+            if domains is not None:  # the VMs a failover starts here (agent/domains/)
+                await trio.to_thread.run_sync(travel.save, group.directory, domains)
         except SizeMismatch as e:
             log.error("refusing group %s from %s: %s", group_name, peer, e)
             await fs.send_error(frames.E_SIZE_MISMATCH, str(e))
