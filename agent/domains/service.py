@@ -20,15 +20,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
 import trio
 
 from .. import inuse
 from ..errors import Conflict, FerryError, Invalid, NotFound, Unavailable
-from ..source import NAME_RE, SourceSite
+from ..source.settings import NAME_RE
 from . import live, quiesce, record, travel, xml
 from .hooks import DEFAULT_DIR, Hooks
+
+if TYPE_CHECKING:  # agent.source imports the target role, whose server imports us
+    from ..source import SourceSite
 from .hypervisor import (
     DEFAULT_URI,
     Domain,
