@@ -387,7 +387,9 @@ def test_rpm_metadata(packages):
     assert "preset ferry-agent.service" in scripts
     assert "try-restart ferry-agent.service" in scripts
     assert "systemd-tmpfiles --create ferry.conf" in scripts
-    assert packages["rpm"].stat().st_size < 1024 * 1024
+    # Sources and their byte code (three .pyc levels each): 1.2 MB at 0.1.0 with ~150
+    # modules; more means something that is not Ferry's code got in.
+    assert packages["rpm"].stat().st_size < 2 * 1024 * 1024
 
 
 def test_rpm_requires_are_in_the_committed_list(packages):

@@ -109,7 +109,7 @@ def test_an_append_that_fails_and_cannot_be_cut_back_is_cut_before_the_next(
 def test_a_meta_json_that_cannot_be_written_is_named(tmp_path) -> None:
     from agent.target import meta
 
-    (tmp_path / "meta.json.tmp").mkdir()  # write_atomic's temporary name: it fails
+    (tmp_path / "meta.json").mkdir()  # a directory where it goes: the rename fails
     with pytest.raises(OSError) as e:
         meta.save(str(tmp_path), {"group": "g"})
     assert e.value.filename is not None and "meta.json" in e.value.filename

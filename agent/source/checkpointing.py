@@ -27,6 +27,42 @@ from ..checkpoints import Checkpoint, Cutter, Point, Request
 log = logging.getLogger("ferry.source")
 
 CHECKPOINTS_KEPT = 10000  # the source's list of checkpoints it made (since it started)
+CLOCK_OFFSET_TTL = 60 * 10**9  # the wall clock's offset from CLOCK_MONOTONIC is read again after
+
+
+class WallClock:
+    """Wall times of CLOCK_MONOTONIC instants, in the order of those instants.
+
+    A checkpoint is a monotonic instant (``checkpoints.py``); ``--at`` chooses among them by
+    their wall times, so those must keep the instants' order. Reading both clocks anew for
+    each checkpoint does not: a thread preempted between the two reads dates a later
+    checkpoint before an earlier one, and ``--at`` then names a point holding writes made
+    after the time asked. The offset is read as the tightest of three paired reads, kept a
+    minute, and every wall time is at least one more than the last one given.
+    """
+
+    def __init__(self) -> None:
+        self._offset = 0
+        self._read_at: Optional[int] = None
+        self._last = 0
+
+    def _read_offset(self) -> int:
+        best: Optional[Tuple[int, int]] = None
+        for _ in range(3):
+            m0 = time.monotonic_ns()
+            wall = time.time_ns()
+            m1 = time.monotonic_ns()
+            if best is None or m1 - m0 < best[0]:
+                best = (m1 - m0, wall - (m0 + m1) // 2)
+        assert best is not None
+        return best[1]
+
+    def wall_ns(self, mono_ns: int) -> int:
+        now = time.monotonic_ns()
+        if self._read_at is None or now - self._read_at > CLOCK_OFFSET_TTL:
+            self._offset, self._read_at = self._read_offset(), now
+        self._last = max(self._offset + mono_ns, self._last + 1)
+        return self._last
 
 
 class CheckpointBook:
@@ -39,6 +75,7 @@ class CheckpointBook:
         self.cut_waiters: Dict[str, trio.Event] = {}  # set once cut (or impossible)
         self.results: Dict[str, str] = {}
         self._last_cut: Optional[List[Point]] = None
+        self._clock = WallClock()
         self._sent_upto: List[Point] = []
         self._sent_ids: Set[str] = set()
 
@@ -93,7 +130,7 @@ class CheckpointBook:
         if c.kind == "auto" and c.cut == self._last_cut:
             return  # nothing changed since the last checkpoint
         self._last_cut = list(c.cut)
-        c.wall_ns = time.time_ns() - (time.monotonic_ns() - c.time_ns)
+        c.wall_ns = self._clock.wall_ns(c.time_ns)
         self.unacked[c.id] = c
         self.made.append(dict(c.to_json(), acked=False))
 

@@ -88,10 +88,6 @@ def fenced_disks(site: SourceSite, name: str, keep: bool = False) -> Dict[str, s
     if row is None or shipper is None:
         raise SeedError("group %s is not protected from this site: it has no original "
                         "disks to fail back onto" % name)
-    if shipper.state is not ShipperState.FENCED:
-        raise SeedError("group %s is %s on this site, not fenced: its disks may take "
-                        "writes, so a failback onto them is refused"
-                        % (name, shipper.state.value))
     formats = row.settings.get("formats") or {}
     for dname, fmt in sorted(formats.items()):
         if fmt != "raw":
@@ -99,6 +95,10 @@ def fenced_disks(site: SourceSite, name: str, keep: bool = False) -> Dict[str, s
             raise SeedError("group %s disk %s is a %s image: failing back onto it in place is "
                             "not supported; restore the point with ferry restore --format %s "
                             "instead" % (name, dname, fmt, fmt))
+    if shipper.state is not ShipperState.FENCED:
+        raise SeedError("group %s is %s on this site, not fenced: its disks may take "
+                        "writes, so a failback onto them is refused"
+                        % (name, shipper.state.value))
     disks = {d.name: d.path for d in row.disks}
     sb = shipper.split_brain
     if keep and sb is not None and not sb.get("kept"):

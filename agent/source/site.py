@@ -34,6 +34,7 @@ from .shipper import GroupShipper
 from .splitters import Fleet, SplitterError
 
 log = logging.getLogger("ferry.source")
+REOPEN_WAIT = 10.0  # seconds a checkpoint waits for a session reopened on purpose
 
 SUPERVISE_INTERVAL = 2.0
 
@@ -316,6 +317,11 @@ class SourceSite:
             raise NotFound("no group %s on this site" % name)
         if tag is not None and (not tag or len(tag) > 256 or "\n" in tag):
             raise Invalid("a tag is 1 to 256 characters on one line")
+        # A session reopened on purpose (new settings or domain definitions for site B)
+        # is down for a moment while the group still says replicating: wait that out.
+        with trio.move_on_after(min(seconds, REOPEN_WAIT)):
+            while not shipper.live and shipper.state.value == "replicating":  # noqa: ASYNC110 (no event tells it)
+                await trio.sleep(0.05)
         if not shipper.live:
             raise Conflict("group %s is not replicating (%s): no checkpoint can be cut "
                            "now" % (name, shipper.state.value))

@@ -218,6 +218,8 @@ class Fleet:
             devices.verify(self.data_dir, d.id, d.name, d.path)
         except (devices.DeviceChanged, StorageError) as e:
             raise SplitterError(str(e)) from None
+        except OSError as e:  # gone, or not reachable: the splitter could not open it either
+            raise SplitterError("disk %s: %s: %s" % (d.name, d.path, e.strerror or e)) from None
         start(paths, d.id, d.path, self.agent_socket, row.name, d.name, row.queue_bytes,
               fmt=row.settings.get("formats", {}).get(d.name, "raw"))
         if self.socket_group is not None:
