@@ -1,0 +1,81 @@
+"""``protect --journal-reserve``: site B preallocates a group's journal up to --journal-max,
+so that a file system filled from outside cannot stop the journal; a reserve the file
+system cannot hold is refused with the numbers; a group without it keeps no reserve.
+
+Site B's data directory is the small loop-mounted ext4 of tests/test_fill.py."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nbd
+from conftest import Lab, first_difference, same_bytes
+from test_faults import wait_for
+from test_fill import fill, small_b  # noqa: F401  (the fixture)
+
+MiB = 1024 * 1024
+DISK = 8 * MiB
+JOURNAL_MAX = 8 * MiB
+
+
+def _random_disk(lab: Lab, name: str) -> Path:
+    """A disk full of data, so that the replica's blocks are all allocated once synced."""
+    path = lab.image(name, DISK)
+    with open(path, "r+b") as f:
+        f.write(os.urandom(DISK))
+    return path
+
+
+def test_a_reserved_journal_outlives_a_full_file_system(small_b: Lab) -> None:  # noqa: F811
+    lab = small_b
+    lab.b.start()
+    lab.a.start()
+    # Refused before anything: a reserve larger than the file system, with the numbers.
+    big = lab.image("big.img", 4 * MiB)
+    proc = lab.a.ferry("protect", "g2", "--disk", "big=%s" % big, "--target", lab.b.address,
+                       "--journal-max", "1G", "--journal-reserve", check=False)
+    err = proc.stdout + proc.stderr
+    assert proc.returncode != 0, err
+    assert "journal reserve for --journal-max 1073741824 needs" in err, err
+    assert str(lab.b.data) in err and "are free" in err and len(err.strip().splitlines()) == 1
+    assert not (lab.b.data / "target" / "g2").exists()
+    assert "g2" not in lab.a.status()["groups"]
+
+    # A group without the reserve: nothing preallocated, as before.
+    plain = lab.image("plain.img", 1 * MiB)
+    lab.protect("g0", plain)
+    disk = _random_disk(lab, "vda.img")
+    uris = lab.protect("g1", disk, extra=("--journal-max", "8M", "--journal-reserve"))
+    lab.a.ferry("wait", "g1", "--synced", "--timeout", "60")
+    lab.a.ferry("wait", "g0", "--synced", "--timeout", "60")
+    replicas = lab.b.status()["replicas"]
+    assert replicas["g0"]["journal_reserve"] is None
+    assert not [p for p in (lab.b.data / "target" / "g0" / "journal").iterdir()
+                if p.suffix == ".fjs"]
+    r = replicas["g1"]["journal_reserve"]
+    assert r["bytes"] == 3 * JOURNAL_MAX + 2 * MiB and r["allocated"] >= r["bytes"], r
+
+    ballast = fill(lab.b.data)
+    st = os.statvfs(lab.b.data)
+    assert st.f_bavail * st.f_frsize < 1 * MiB
+    # Five times the journal's limit through the splitter: segments fill their slots,
+    # close, are applied and their slots taken again, with no free byte on the file system.
+    h = nbd.NBD()
+    h.connect_uri(uris["vda"])
+    for n in range(40):
+        block = os.urandom(1 * MiB)
+        h.pwrite(block, (n * 3 % 8) * MiB)
+        if n % 8 == 7:
+            h.flush()
+    h.flush()
+    h.shutdown()
+    lab.a.ferry("wait", "g1", "--synced", "--timeout", "90")
+    g1 = lab.a.status("g1")["groups"]["g1"]
+    assert g1["state"] == "replicating", g1
+    after = lab.b.status()["replicas"]["g1"]
+    assert after["journal_reserve"]["allocated"] >= r["bytes"] - 2 * MiB, after
+    assert not after["damage"], after
+    restored = lab.restore("g1", "vda")
+    assert same_bytes(disk, restored), first_difference(disk, restored)
+    assert ballast.exists()  # nothing was freed on the file system meanwhile
