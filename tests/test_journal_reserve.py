@@ -10,9 +10,12 @@ import os
 from pathlib import Path
 
 import nbd
+import pytest
 from conftest import Lab, first_difference, same_bytes
 from test_faults import wait_for
 from test_fill import fill, small_b  # noqa: F401  (the fixture)
+
+from agent.protocol import frames, messages
 
 MiB = 1024 * 1024
 DISK = 8 * MiB
@@ -76,6 +79,61 @@ def test_a_reserved_journal_outlives_a_full_file_system(small_b: Lab) -> None:  
     after = lab.b.status()["replicas"]["g1"]
     assert after["journal_reserve"]["allocated"] >= r["bytes"] - 2 * MiB, after
     assert not after["damage"], after
+    # The slots were taken in turn: more segments than slots, as many files as slots.
+    names = [p.name for p in (lab.b.data / "target" / "g1" / "journal").iterdir()]
+    segs = [n for n in names if n.endswith(".fjr")]
+    assert max(int(n[4:20]) for n in segs) > r["slots"], names
+    assert len(segs) + len([n for n in names if n.startswith("spare-")]) == r["slots"], names
+    restored = lab.restore("g1", "vda")
+    assert same_bytes(disk, restored), first_difference(disk, restored)
+
+    # Site B starts again on the full file system: the group opens with its reserve (what
+    # it cannot take back is logged) and takes more writes.
+    lab.b.stop()
+    lab.b.start()
+    h = nbd.NBD()
+    h.connect_uri(uris["vda"])
+    for n in range(12):
+        h.pwrite(os.urandom(1 * MiB), (n * 5 % 8) * MiB)
+    h.flush()
+    h.shutdown()
+    lab.a.ferry("wait", "g1", "--synced", "--timeout", "90")
+    assert lab.b.status()["replicas"]["g1"]["journal_reserve"]["bytes"] == r["bytes"]
     restored = lab.restore("g1", "vda")
     assert same_bytes(disk, restored), first_difference(disk, restored)
     assert ballast.exists()  # nothing was freed on the file system meanwhile
+
+
+def test_a_reserve_refused_when_the_session_opens(lab: Lab) -> None:
+    """Protected while site B was down (no probe): the session is refused with the
+    numbers (ERROR journal-reserve) and site A shows it; nothing is reserved."""
+    lab.a.start()
+    disk = lab.image("vdb.img", 1 * MiB)
+    lab.a.ferry("protect", "g3", "--disk", "vdb=%s" % disk, "--target", lab.b.address,
+                "--allow-unreachable", "--journal-max", "1000T", "--journal-reserve")
+    lab.b.start()
+
+    def refused() -> bool:
+        g = lab.a.status("g3")["groups"]["g3"]
+        return g["state"] == "target-error" and "journal-reserve: " in (g["error"] or "")
+
+    wait_for(refused, timeout=60, what="site A to show the refused reserve")
+    err = lab.a.status("g3")["groups"]["g3"]["error"]
+    assert "the journal reserve for --journal-max %d needs" % (1000 << 40) in err, err
+    journal = lab.b.data / "target" / "g3" / "journal"
+    assert not [p for p in journal.iterdir() if p.suffix == ".fjs"]
+
+
+def test_journal_reserve_on_the_wire() -> None:
+    ctx = messages.Context()
+    base = {"group": "g", "protection": "p" * 32, "disks": [{"name": "d", "size": 4096}]}
+    limits = {"history_s": 60, "journal_max": 1 << 20}
+    assert "journal_reserve" not in messages.Open("g", "p", (("d", 4096),)).body()
+    sent = messages.Open("g", "p", (("d", 4096),), limits=(60, 1 << 20), reserve=True)
+    assert sent.body()["journal_reserve"] is True
+    assert messages.Open.parse(dict(base, **limits, journal_reserve=True), ctx).reserve
+    assert not messages.Open.parse(dict(base, **limits), ctx).reserve
+    with pytest.raises(frames.ProtocolError, match="journal_reserve without journal_max"):
+        messages.Open.parse(dict(base, journal_reserve=True), ctx)
+    with pytest.raises(frames.ProtocolError, match="wrong type"):
+        messages.Open.parse(dict(base, **limits, journal_reserve=1), ctx)
