@@ -6,6 +6,7 @@ Site B's data directory is the small loop-mounted ext4 of tests/test_fill.py."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -137,3 +138,79 @@ def test_journal_reserve_on_the_wire() -> None:
         messages.Open.parse(dict(base, journal_reserve=True), ctx)
     with pytest.raises(frames.ProtocolError, match="wrong type"):
         messages.Open.parse(dict(base, **limits, journal_reserve=1), ctx)
+
+
+def _records(n: int, seq: int) -> list:
+    from formats.records import KIND_WRITE, JRecord
+    return [JRecord(0, 1, seq + i, KIND_WRITE, 0, 0, MiB, 0, b"\x5a" * MiB) for i in range(n)]
+
+
+def test_reserve_slots_on_a_full_file_system(small_b: Lab, caplog) -> None:  # noqa: F811
+    """In one process, on the small file system: the journal in its slots while nothing
+    else is free; past its slots it logs, and an append that finds no space fails as
+    before; a slot another writer took is
+    logged, not raised; the room gives back what a small file needs."""
+    data = small_b.b.data
+    journals: list = []
+    try:
+        _slots(data, caplog, journals)
+    finally:
+        for j in journals:
+            j.close()
+
+
+def _slots(data: Path, caplog, journals: list) -> None:
+    from agent.target import reserve
+    from agent.target.journal import Journal
+
+    j = Journal(str(data / "journal"), group="g")
+    journals.append(j)
+    r = reserve.Reserve("g", j.directory, JOURNAL_MAX)
+    j.set_reserve(r)
+    assert (r.slot, r.slots) == (8 * MiB, 3)
+    assert reserve.allocated(j.directory) >= r.size
+    plain = os.path.join(j.directory, "extra")  # recycled below, as if a segment
+    with open(plain, "wb") as f:
+        f.write(b"y" * 4096)
+    ballast = fill(data)
+    seq = 1
+    for _ in range(4):  # 4 MiB batches: a segment a slot, applied and recycled in turn
+        j.append(_records(4, seq))
+        seq += 4
+        j.drop_before(j.segments()[-1])
+    assert j.segments()[-1] == 4 and reserve.allocated(j.directory) >= r.size - reserve.ROOM
+    # The room: a small file that finds no space gets it from the room; another error is
+    # raised as it is.
+    small = data / "small"
+    r.room_for(lambda: small.write_bytes(b"x" * 200 * 1024), 256 * 1024)
+    assert small.stat().st_size == 200 * 1024
+    with pytest.raises(FileNotFoundError):
+        r.room_for(lambda: (data / "none" / "x").write_bytes(b""), 4096)
+    # Past the slots (the promoter held back): the segment is made, what it cannot
+    # allocate logged, and an append that finds no space fails as it always did.
+    caplog.set_level("WARNING")
+    with pytest.raises(OSError) as failed:
+        for _ in range(6):
+            j.append(_records(4, seq))
+            seq += 4
+    assert failed.value.errno == errno.ENOSPC
+    assert "cannot be allocated" in caplog.text
+    assert len(j.segments()) == r.slots + 1  # every slot held records first
+    # A new reserve cannot be taken: refused with the numbers, nothing allocated.
+    with pytest.raises(reserve.ReserveError, match=r"needs \d+ more bytes on the file system"):
+        reserve.check("h", str(data / "other"), JOURNAL_MAX)
+    # A recycled slot whose blocks another writer took: logged, the segment still goes.
+    caplog.clear()
+    small.unlink()
+    fill(data)  # takes what the room gave back too
+    r.recycle(plain)
+    assert "cannot be allocated" in caplog.text and not os.path.exists(plain)
+    # An agent opening the journal again on the full file system keeps it, logs the rest.
+    journals.remove(j)
+    j.close()
+    caplog.clear()
+    j2 = Journal(str(data / "journal"), group="g")
+    journals.append(j2)
+    j2.set_reserve(reserve.Reserve("g", j2.directory, 2 * JOURNAL_MAX), strict=False)
+    assert j2.reserve is not None and "cannot be allocated" in caplog.text
+    ballast.unlink()

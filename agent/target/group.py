@@ -349,9 +349,7 @@ class TargetGroup:
                                 [(d.applied_gen, d.applied_seq) for d in self.disks])
             self.whole_after_meta = False
         applied, points = self._meta_point
-        if self.journal.reserve is not None:  # meta.json.tmp needs free blocks
-            self.journal.reserve.make_room(256 * 1024)
-        meta.save(self.directory, {
+        doc = {
             "group": self.name,
             "protection": self.protection,
             "history_s": self.history_s,
@@ -364,7 +362,11 @@ class TargetGroup:
             "disks": [{"name": d.name, "size": d.size, "applied_gen": p[0],
                        "applied_seq": p[1], "ever_consistent": self.gate.whole(i)}
                       for i, (d, p) in enumerate(zip(self.disks, points))],
-        })
+        }
+        if self.journal.reserve is not None:  # meta.json.tmp needs free blocks: the room's
+            self.journal.reserve.room_for(lambda: meta.save(self.directory, doc), 256 * 1024)
+        else:
+            meta.save(self.directory, doc)
 
     # -- receiving -----------------------------------------------------------------------
 

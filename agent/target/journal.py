@@ -371,9 +371,12 @@ class Journal:
         if self._size == 0:
             return
         old = self._segments[-1]
-        if self.reserve is not None:  # the index file needs free blocks
-            self.reserve.make_room(2 * len(self._index[old]) + 256 * 1024)
-        self._write_index(old, bytes(self._index[old]), self._size)
+        entries = bytes(self._index[old])
+        if self.reserve is not None:  # the index file needs free blocks: from the room
+            self.reserve.room_for(lambda: self._write_index(old, entries, self._size),
+                                  2 * len(entries) + 256 * 1024)
+        else:
+            self._write_index(old, entries, self._size)
         segno = old + 1
         self._open_segment(segno, create=True)
         self._segments.append(segno)

@@ -15,7 +15,7 @@ Theory of operation. The reserve is a pool of *slots*, each ``slot`` bytes of al
   the file system can take them.
 - ``room.fjs``: ``ROOM`` bytes kept for the small files written beside the segments (index
   files, ``meta.json``): ``make_room`` gives back what they need when the file system has
-  less free, ``refill`` takes it again after segments were recycled.
+  none free (``room_for``), ``refill`` takes it again after segments were recycled.
 
 The reserve's size for a journal limit of ``journal_max`` bytes is ``slots`` slots of
 ``slot`` bytes (``plan``): the limit's worth, one for the segment being written and one for
@@ -30,7 +30,7 @@ import errno
 import logging
 import os
 import re
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 from formats.blockdev import FALLOC_FL_KEEP_SIZE, fallocate
 from formats.durable import fsync_dir
@@ -71,9 +71,11 @@ def mount_of(path: str) -> str:
     return path
 
 
-def free_bytes(path: str) -> int:
+def free_bytes(path: str, root: bool = False) -> int:
+    """Bytes free to anyone on ``path``'s file system (``root``: also those kept for root,
+    which the agent's own small writes may use)."""
     st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
+    return (st.f_bfree if root else st.f_bavail) * st.f_frsize
 
 
 def allocated(directory: str) -> int:
@@ -210,11 +212,19 @@ class Reserve:
         finally:
             os.close(fd)
 
-    def make_room(self, need: int) -> None:
-        """Give back up to ``need`` bytes of the room when the file system has less free
-        (a small file is about to be written)."""
-        if free_bytes(self.directory) >= need:
-            return
+    def room_for(self, write: Callable[[], None], need: int) -> None:
+        """Run ``write`` (a small file replaced whole); when the file system is full, give
+        ``need`` bytes of the room back and run it again."""
+        try:
+            write()
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self.give_back(need)
+            write()
+
+    def give_back(self, need: int) -> None:
+        """Free ``need`` bytes of the room (all it has, if less)."""
         path = os.path.join(self.directory, ROOM_NAME)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
