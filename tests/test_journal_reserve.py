@@ -59,6 +59,8 @@ def test_a_reserved_journal_outlives_a_full_file_system(small_b: Lab) -> None:  
                 if p.suffix == ".fjs"]
     r = replicas["g1"]["journal_reserve"]
     assert r["bytes"] == 3 * JOURNAL_MAX + 2 * MiB and r["allocated"] >= r["bytes"], r
+    shown = lab.b.ferry("status").stdout
+    assert " in a reserve of " in shown and shown.count(" in a reserve of ") == 1, shown
 
     ballast = fill(lab.b.data)
     st = os.statvfs(lab.b.data)
