@@ -216,3 +216,35 @@ def _slots(data: Path, caplog, journals: list) -> None:
     j2.set_reserve(reserve.Reserve("g", j2.directory, 2 * JOURNAL_MAX), strict=False)
     assert j2.reserve is not None and "cannot be allocated" in caplog.text
     ballast.unlink()
+
+
+def test_reserve_after_a_crash_and_a_new_limit(tmp_path: Path) -> None:
+    """A crash inside ``take`` (a spare that is a segment too) leaves the segment whole; a
+    crash between a rename and the recycle leaves an empty spare; a new limit resizes the
+    spares."""
+    from agent.target import reserve
+    from agent.target.journal import Journal
+
+    directory = str(tmp_path / "journal")
+    j = Journal(directory, group="g")
+    j.set_reserve(reserve.Reserve("g", directory, JOURNAL_MAX))
+    j.append(_records(1, 1))
+    size = j.segment_size(1)
+    j.close()
+    os.link(j.path(1), os.path.join(directory, "spare-%016d.fjs" % 90))
+    with open(os.path.join(directory, "spare-%016d.fjs" % 91), "wb") as f:
+        f.write(b"old records")
+    j = Journal(directory, group="g")
+    try:
+        r = reserve.Reserve("g", directory, 36 * MiB)
+        j.set_reserve(r)
+        assert r.slot == 9 * MiB and r.slots == 6
+        assert os.stat(j.path(1)).st_size == size and os.stat(j.path(1)).st_nlink == 1
+        assert j.read_at(1, 0).seq == 1
+        spares = [p for p in Path(directory).iterdir() if p.name.startswith("spare-")]
+        assert len(spares) == r.slots - 1, spares
+        for p in spares:
+            st = p.stat()
+            assert st.st_size == 0 and st.st_blocks * 512 >= r.slot, (p, st)
+    finally:
+        j.close()

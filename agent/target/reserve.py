@@ -154,14 +154,23 @@ class Reserve:
                 self._allocate(fd, max(self.slot, os.fstat(fd).st_size), path)
             finally:
                 os.close(fd)
+        for n in self._spares():
+            if os.lstat(self._spare(n)).st_nlink > 1:  # a crash inside take(): a segment now
+                os.unlink(self._spare(n))
         have = len(segments) + len(self._spares())
         n = max(self._spares(), default=0)
         for _ in range(self.slots - have):
             n += 1
             self._new_spare(n)
-        for n in self._spares():  # a crash between a rename and the recycle
-            if os.path.getsize(self._spare(n)):
+        for n in self._spares():
+            if os.path.getsize(self._spare(n)):  # a crash between a rename and the recycle
                 self._recycle_spare(self._spare(n))
+            else:  # made for another limit: a slot of this one
+                fd = os.open(self._spare(n), os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                try:
+                    self._allocate(fd, self.slot, self._spare(n))
+                finally:
+                    os.close(fd)
         self.refill(strict)
         fsync_dir(self.directory)
 
