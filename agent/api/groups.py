@@ -103,7 +103,7 @@ async def _verify(api: Api, name: str, body: Dict[str, Any]) -> Any:
 
 
 PROTECT_FIELDS = ("name", "target", "disks", "allow_unreachable", "queue_bytes", "history_s",
-                  "journal_max", "checkpoint_interval", "bandwidth", "seeds")
+                  "journal_max", "journal_reserve", "checkpoint_interval", "bandwidth", "seeds")
 
 
 async def _protect(api: Api, body: Dict[str, Any]) -> Any:
@@ -124,6 +124,8 @@ async def _protect(api: Api, body: Dict[str, Any]) -> Any:
         settings["history_s"] = int_of(body, "history_s", 1, MAX_HISTORY - 1)
     if "journal_max" in body:
         settings["journal_max"] = int_of(body, "journal_max", 1, MAX_JOURNAL - 1)
+    if bool_of(body, "journal_reserve"):  # site B preallocates journal_max (journal.md)
+        settings["journal_reserve"] = True
     if "checkpoint_interval" in body:
         settings["checkpoint_interval"] = seconds_of(body, "checkpoint_interval")
     if "bandwidth" in body:

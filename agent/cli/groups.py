@@ -44,6 +44,10 @@ def _split_disk(spec: str, index: int) -> Tuple[str, str]:
 @click.option("--journal-max", default="50G", show_default=True,
               help="Most bytes the target's journal for the group may use; past it the "
                    "oldest history is given up (and an alert logged).")
+@click.option("--journal-reserve", is_flag=True,
+              help="Site B preallocates the journal's space up to --journal-max now, so "
+                   "that a full file system there cannot stop the journal later; refused "
+                   "with the numbers when the space is not there.")
 @click.option("--checkpoint-interval", default="1s", show_default=True,
               help="Automatic crash-consistent checkpoints this often (0: none).")
 @click.option("--bandwidth", default="0", show_default=True, metavar="RATE",
@@ -61,7 +65,7 @@ def _split_disk(spec: str, index: int) -> Tuple[str, str]:
 @click.pass_obj
 def protect(api: Agent, group: str, disks: Tuple[str, ...], domains: Tuple[str, ...],
             target: str, queue: str,
-            allow_unreachable: bool, history: str, journal_max: str,
+            allow_unreachable: bool, history: str, journal_max: str, journal_reserve: bool,
             checkpoint_interval: str, bandwidth: str, rpo_alert: Optional[str],
             seeds: Tuple[str, ...], app_consistent_every: Optional[str],
             as_json: bool) -> None:
@@ -81,6 +85,7 @@ def protect(api: Agent, group: str, disks: Tuple[str, ...], domains: Tuple[str, 
         "history_s": int(history_s), "journal_max": parse_size(journal_max),
         "checkpoint_interval": parse_duration(checkpoint_interval),
         "bandwidth": parse_size(bandwidth), "seeds": seeded,
+        **({"journal_reserve": True} if journal_reserve else {}),
         **({"domains": list(domains), "app_consistent_every":
             parse_duration(app_consistent_every or "0")} if domains else
            {"disks": [{"name": n, "path": p} for n, p in specs]})})

@@ -44,8 +44,12 @@ def status(api: Agent, group: Optional[str], as_json: bool) -> None:
                 lines.append("  %-12s DEVICE %s" % ("", d["device_problem"]))
     for name, r in sorted(result["replicas"].items()):
         src = r.get("source") or {}
-        lines.append("replica %s <- %s: journal %s" % (
-            name, src.get("peer", "(source not connected)"), human(r["journal_bytes"])))
+        reserve = r.get("journal_reserve")
+        lines.append("replica %s <- %s: journal %s%s" % (
+            name, src.get("peer", "(source not connected)"), human(r["journal_bytes"]),
+            " in a reserve of %s (%s allocated)" % (human(reserve["bytes"]),
+                                                    human(reserve["allocated"]))
+            if reserve else ""))
         if "checkpoints" in r:
             lines.append("  history %.0f s of %.0f s kept%s, %d checkpoints%s%s" % (
                 r["history_covered_s"], r["history_s"],

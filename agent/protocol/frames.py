@@ -79,6 +79,7 @@ E_PAIRING = "pairing-refused"     # a bad, used or expired token
 E_BAD_SEED = "bad-seed"
 E_FAILED_OVER = "failed-over"     # the group failed over to the target: the source is fenced
 E_JOURNAL_FULL = "journal-full"   # site B's file system is full: nothing past the ack is kept
+E_JOURNAL_RESERVE = "journal-reserve"  # site B cannot hold the journal reserve asked
 
 
 

@@ -133,6 +133,7 @@ class Open(Message):
     verify: Optional[Tuple[int, int, int, int]] = None
     held: Optional[int] = None                     # bytes written the target never acked
     domains: Optional[Tuple[Dict[str, Any], ...]] = None  # agent/domains/travel.py
+    reserve: bool = False                          # --journal-reserve (sent only when set)
 
     def body(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"group": self.group, "protection": self.protection,
@@ -148,6 +149,8 @@ class Open(Message):
             out["held"] = self.held
         if self.domains is not None:
             out["domains"] = [dict(d) for d in self.domains]
+        if self.reserve:
+            out["journal_reserve"] = True
         return out
 
     @classmethod
@@ -188,8 +191,12 @@ class Open(Message):
         domains = None
         if "domains" in body:
             domains = _domains(frames.field(body, "domains", list), {n for n, _ in disks})
+        reserve = frames.field(body, "journal_reserve", bool) if "journal_reserve" in body \
+            else False
+        if reserve and limits is None:
+            raise ProtocolError("journal_reserve without journal_max")
         return cls(group, protection, tuple(disks), probe, limits, seeds, verify, held,
-                   domains)
+                   domains, reserve)
 
 
 def _verify(body: dict, disks: List[Tuple[str, int]]) -> Tuple[int, int, int, int]:

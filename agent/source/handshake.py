@@ -48,7 +48,8 @@ def open_message(row: GroupRow, probe: bool, held: Optional[int] = None) -> mess
     return messages.Open(row.name, row.protection, tuple((d.name, d.size) for d in row.disks),
                          probe, (int(settings["history_s"]), int(settings["journal_max"])),
                          dict(seeds) if seeds else None, held=held,
-                         domains=tuple(domains) if domains and not probe else None)
+                         domains=tuple(domains) if domains and not probe else None,
+                         reserve=bool(settings.get("journal_reserve")))
 
 
 async def open_session(fs: SessionStream, row: GroupRow, site_id: str, probe: bool,

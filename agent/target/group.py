@@ -67,6 +67,7 @@ from ..checkpoints import Checkpoint, CheckpointError, choose
 from ..errors import Conflict, NotFound
 from ..protocol.frames import ProtocolError
 from . import admission, applier, failover, mending, meta, status
+from . import reserve as _reserve
 from . import seeds as seed
 from .digests import ChunkDamaged, ReplicaDigests, digests_path
 from .holdback import HoldBack
@@ -162,6 +163,8 @@ class TargetGroup:
         whole = self._open_replicas(m, disks)
         self.journal = Journal(os.path.join(directory, "journal"), segment_max,
                                self._segment_age(), name, [st.name for st in self.disks])
+        if self.journal_reserve:  # kept as far as the file system gives (reopen)
+            self.journal.set_reserve(self._reserve(), strict=False)
         if self.journal.dropped_tail:
             log.warning("group %s: dropped a torn journal tail of %d bytes",
                         name, self.journal.dropped_tail)
@@ -198,6 +201,7 @@ class TargetGroup:
         self.journal_max = int(journal_max if journal_max is not None
                                else m.get("journal_max", DEFAULT_JOURNAL_MAX))
         self.tags: Dict[str, List[str]] = dict(m.get("tags", {}))
+        self.journal_reserve = bool(m.get("journal_reserve"))  # set_reserve
         self.failover: Optional[Dict[str, Any]] = m.get("failover")
         self.pins = 0            # open views and tests: nothing is promoted while > 0
         self.short_history = False  # the journal limit keeps less than history_s
@@ -210,6 +214,7 @@ class TargetGroup:
                         "for a full sync", self.name)
             shutil.rmtree(os.path.join(self.directory, "journal"), ignore_errors=True)
             shutil.rmtree(os.path.join(self.directory, "seeds"), ignore_errors=True)
+            self.journal_reserve = False
             m = {"disks": [dict(d, applied_gen=0, applied_seq=0, ever_consistent=False)
                            for d in m.get("disks", [])]}
         return m
@@ -301,6 +306,21 @@ class TargetGroup:
                 self.save_meta()
             self._publish()
 
+    def _reserve(self) -> _reserve.Reserve:
+        return _reserve.Reserve(self.name, os.path.join(self.directory, "journal"),
+                                self.journal_max)
+
+    def set_reserve(self) -> None:
+        """Preallocate the journal's space for the group's limit (``--journal-reserve``);
+        ReserveError (nothing new allocated) when the file system cannot hold it."""
+        with self._lock:
+            # A group that has its reserve takes back what it lost as far as it goes.
+            self.journal.set_reserve(self._reserve(), strict=not self.journal_reserve)
+            if not self.journal_reserve:
+                self.journal_reserve = True
+                self.save_meta()
+            self._publish()
+
     def _load_checkpoints(self) -> List[Checkpoint]:
         out = []
         for segno in self.journal.segments():
@@ -329,11 +349,12 @@ class TargetGroup:
                                 [(d.applied_gen, d.applied_seq) for d in self.disks])
             self.whole_after_meta = False
         applied, points = self._meta_point
-        meta.save(self.directory, {
+        doc = {
             "group": self.name,
             "protection": self.protection,
             "history_s": self.history_s,
             "journal_max": self.journal_max,
+            **({"journal_reserve": True} if self.journal_reserve else {}),
             "tags": self.tags,
             "failover": self.failover,
             **({"rebuilt": True} if self.rebuilt else {}),
@@ -341,7 +362,11 @@ class TargetGroup:
             "disks": [{"name": d.name, "size": d.size, "applied_gen": p[0],
                        "applied_seq": p[1], "ever_consistent": self.gate.whole(i)}
                       for i, (d, p) in enumerate(zip(self.disks, points))],
-        })
+        }
+        if self.journal.reserve is not None:  # meta.json.tmp needs free blocks: the room's
+            self.journal.reserve.room_for(lambda: meta.save(self.directory, doc), 256 * 1024)
+        else:
+            meta.save(self.directory, doc)
 
     # -- receiving -----------------------------------------------------------------------
 

@@ -60,6 +60,7 @@ from formats.segment import MAGIC, RECORD
 
 from ..errors import JournalCorrupt
 from . import damage as _damage
+from . import reserve as _reserve
 from .damage import Damage
 
 __all__ = ["KIND_APPLIED", "KIND_SEEDED", "Damage", "JRecord", "Journal", "JournalCorrupt",
@@ -136,6 +137,7 @@ class Journal:
         self.rebuilt_indexes = 0  # closed segments whose index file was written again
         self.migrated_indexes = 0  # version 1 index files rewritten as version 2
         self._fd = -1
+        self.reserve: Optional[_reserve.Reserve] = None  # set_reserve
         self._cut_pending = False  # a failed append could not be cut back yet
         self._index: Dict[int, bytearray] = {}
         self._first_at: Optional[float] = None  # monotonic time of the open segment's first append
@@ -170,12 +172,36 @@ class Journal:
     def _open_segment(self, segno: int, create: bool) -> None:
         if self._fd >= 0:
             os.close(self._fd)
+        if create and self.reserve is not None and self.reserve.take(self._path(segno)):
+            create = False  # a spare slot, renamed: empty, its space allocated
+            self._index[segno] = bytearray()
+            _fsync_dir(self.directory)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
         self._fd = os.open(self._path(segno), flags, 0o600)
+        if create and self.reserve is not None:
+            try:  # past the pool (views held the promoter back): as far as it goes
+                self.reserve.allocate(self._fd, self._path(segno))
+            except _reserve.ReserveError as e:
+                log.warning("%s", e)
         if create:
             _fsync_dir(self.directory)
             self._index[segno] = bytearray()
         self._size = os.fstat(self._fd).st_size
+
+    # -- reserved space (agent/target/reserve.py) ----------------------------------------
+
+    def set_reserve(self, reserve: _reserve.Reserve, strict: bool = True) -> None:
+        """Keep the journal in ``reserve``'s preallocated slots. ReserveError when the file
+        system cannot hold them (``strict``: checked before anything is taken); without
+        ``strict`` (an agent opening its groups) what it cannot take is logged."""
+        try:
+            reserve.fill([self._path(s) for s in self._segments], strict)
+        except _reserve.ReserveError as e:
+            if strict:
+                raise
+            log.warning("%s", e)
+        self.reserve = reserve
+        self.segment_max = min(self.segment_max, reserve.slot)
 
     # -- damage --------------------------------------------------------------------------
 
@@ -331,8 +357,11 @@ class Journal:
     def start(self) -> Position:
         return self._segments[0], 0
 
-    def _due_to_close(self) -> bool:
+    def _due_to_close(self, nbytes: int = 0) -> bool:
         if self._size >= self.segment_max:
+            return True
+        if self.reserve is not None and self._size and self._size + nbytes > self.reserve.slot:
+            return True  # the batch would pass the segment's preallocated slot
             return True
         return (self.segment_age is not None and self._first_at is not None
                 and time.monotonic() - self._first_at >= self.segment_age)
@@ -342,7 +371,12 @@ class Journal:
         if self._size == 0:
             return
         old = self._segments[-1]
-        self._write_index(old, bytes(self._index[old]), self._size)
+        entries = bytes(self._index[old])
+        if self.reserve is not None:  # the index file needs free blocks: from the room
+            self.reserve.room_for(lambda: self._write_index(old, entries, self._size),
+                                  2 * len(entries) + 256 * 1024)
+        else:
+            self._write_index(old, entries, self._size)
         segno = old + 1
         self._open_segment(segno, create=True)
         self._segments.append(segno)
@@ -359,7 +393,8 @@ class Journal:
             except OSError as e:
                 raise named(e, self._path(self._segments[-1])) from None
             self._cut_pending = False
-        if self._due_to_close():
+        if self._due_to_close(sum(RECORD.size + (len(r.data or b"") if r.kind in DATA_KINDS
+                                                 else 0) for r in records)):
             self.rotate()
         parts: List[bytes] = []
         entries = bytearray()
@@ -456,7 +491,10 @@ class Journal:
         keep = []
         for s in self._segments:
             if s < segno and s != self._segments[-1]:
-                os.unlink(self._path(s))
+                if self.reserve is not None:
+                    self.reserve.recycle(self._path(s))  # its blocks stay the journal's
+                else:
+                    os.unlink(self._path(s))
                 try:
                     os.unlink(jindex.idx_path(self._path(s)))
                 except FileNotFoundError:
@@ -467,6 +505,8 @@ class Journal:
         if len(keep) != len(self._segments):
             self._segments = keep
             _fsync_dir(self.directory)
+            if self.reserve is not None:
+                self.reserve.refill()
             gone = [d for d in self.damage if d.segment < keep[0]]
             if gone:  # applied before it was found: the replicas hold it
                 self.damage = [d for d in self.damage if d not in gone]

@@ -25,18 +25,18 @@ import trio
 from .. import checkpoints
 from ..checkpoints import iso
 from ..disks import Policy
-from ..domains import travel
 from ..errors import Conflict, Invalid, NotFound, StorageError
 from ..pairing import Refused, Trust
 from ..protocol import frames, messages
 from ..protocol.session import TargetSession
 from ..protocol.stream import SessionStream, keepalive
-from . import failback, intake, meta, preauth, splitbrain
+from . import failback, intake, meta, preauth, reserve, splitbrain
 from . import seeds as seed
 from .group import NoConsistentState, SizeMismatch, TargetGroup, check_disks
 from .journal import journal_kinds
 from .mounts import Mounts
 from .repairs import Repairs
+from .reserve import ReserveError
 from .restore import check_dest, restore_as
 from .scrubber import Scrubber
 from .verify import point_digests
@@ -201,12 +201,14 @@ class TargetSite:
             limits = (float(opened.limits[0]), opened.limits[1]) if opened.limits else None
             seeds = opened.seeds
             if opened.probe:
+                if opened.reserve and not await self._reserve_fits(fs, opened):
+                    return
                 await self._answer_probe(fs, peer, group_name, disks, protection, seeds,
                                          opened.verify)
                 return
             with scope:
                 await self._session(fs, peer, scope, group_name, disks, protection, limits,
-                                    seeds, opened.held or 0, opened.domains)
+                                    seeds, opened.held or 0, opened.domains, opened.reserve)
         except Refused as e:
             log.warning("%s", e)
         except frames.RemoteError as e:
@@ -217,6 +219,9 @@ class TargetSite:
         except seed.SeedError as e:
             log.error("refusing group %s from %s: %s", group_name, peer, e)
             await fs.send_error(frames.E_BAD_SEED, str(e))
+        except ReserveError as e:
+            log.error("refusing group %s from %s: %s", group_name, peer, e)
+            await fs.send_error(frames.E_JOURNAL_RESERVE, str(e))
         except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError,
                 ConnectionError) as e:
             log.info("connection from %s ended: %s", peer, e or type(e).__name__)
@@ -270,6 +275,20 @@ class TargetSite:
         await fs.send(messages.Welcome(self.site))
         return await fs.expect(messages.Open)
 
+    async def _reserve_fits(self, fs: SessionStream, opened: messages.Open) -> bool:
+        """A probe asking for a journal reserve: refuse it (ERROR ``journal-reserve``, the
+        numbers) when the file system cannot hold it; nothing is allocated here."""
+        assert opened.limits is not None  # messages.Open.parse
+        try:
+            await trio.to_thread.run_sync(
+                reserve.check, opened.group, os.path.join(self.root, opened.group, "journal"),
+                opened.limits[1])
+        except ReserveError as e:
+            log.error("refusing group %s: %s", opened.group, e)
+            await fs.send_error(frames.E_JOURNAL_RESERVE, str(e))
+            return False
+        return True
+
     async def _answer_probe(self, fs: SessionStream, peer: str, name: str,
                             disks: List[Tuple[str, int]], protection: str,
                             seeds: Optional[Dict[str, str]],
@@ -303,7 +322,8 @@ class TargetSite:
                        group_name: str, disks: List[Tuple[str, int]], protection: str,
                        limits: Optional[Tuple[float, int]],
                        seeds: Optional[Dict[str, str]], a_held: int = 0,
-                       domains: Optional[Tuple[Dict[str, Any], ...]] = None) -> None:
+                       domains: Optional[Tuple[Dict[str, Any], ...]] = None,
+                       journal_reserve: bool = False) -> None:
         """OPENED (and the SEED frames) for an OPEN, then the batches until it ends
         (``a_held``: the bytes the source holds unacked; split brain if failed over;
         ``domains``: the group's libvirt domains, kept for a failover)."""
@@ -316,7 +336,10 @@ class TargetSite:
             group = await self._open_group(group_name, disks, protection, seeds)
             if limits is not None:
                 await trio.to_thread.run_sync(group.set_limits, *limits)
+            if journal_reserve:  # ReserveError ends the session (ERROR journal-reserve)
+                await trio.to_thread.run_sync(group.set_reserve)
             if domains is not None:  # the VMs a failover starts here (agent/domains/)
+                from ..domains import travel  # not at import: domains imports source
                 await trio.to_thread.run_sync(travel.save, group.directory, domains)
         except SizeMismatch as e:
             log.error("refusing group %s from %s: %s", group_name, peer, e)

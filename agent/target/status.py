@@ -28,6 +28,9 @@ def snapshot(g: GroupData) -> Snapshot:
         "journal_segments": len(g.journal.segments()),
         "history_s": g.history_s,
         "journal_max": g.journal_max,
+        # --journal-reserve: {bytes, used, allocated, slot, slots}, else None (reserve.py)
+        "journal_reserve": g.journal.reserve.usage(g.journal.size())
+        if g.journal.reserve is not None else None,
         "history_covered_s": 0.0,  # from oldest_checkpoint, when read
         "history_short": g.short_history,
         "checkpoints": len(g.checkpoints),
