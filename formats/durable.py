@@ -23,7 +23,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
-from typing import Any, List, Optional
+from typing import Any, List, Optional, TypeVar
 
 IOV_MAX = 1024  # Linux's limit on the buffers of one writev
 
@@ -45,7 +45,41 @@ def fsync_parent(path: str) -> None:
 TEMP_TRIES = 16  # random temporary names tried before giving up (each taken one: EEXIST)
 
 
-class ReplaceFile:
+_S = TypeVar("_S", bound="_Scratch")
+
+
+class _Scratch:
+    """A file being made under a temporary name in a directory held open (``dir_fd``):
+    ``discard`` (and leaving a ``with`` block without ``commit``) leaves nothing behind."""
+
+    fd = -1
+    dir_fd = -1
+    _temp: Optional[str] = None
+
+    def discard(self) -> None:
+        if self._temp is not None:
+            try:
+                os.unlink(self._temp, dir_fd=self.dir_fd)
+            except FileNotFoundError:
+                pass
+            self._temp = None
+        self.close()
+
+    def close(self) -> None:
+        for attr in ("fd", "dir_fd"):
+            fd = getattr(self, attr, -1)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, attr, -1)
+
+    def __enter__(self: _S) -> _S:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.discard()
+
+
+class ReplaceFile(_Scratch):
     """A file that replaces ``path`` whole when committed (see the module).
 
     ``fd`` is open for writing (and reading) until ``close``; ``commit`` makes the data
@@ -62,7 +96,7 @@ class ReplaceFile:
         self.dir_fd = os.open(os.path.dirname(self.path),
                               os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.fd = -1
-        self._temp: Optional[str] = None
+        self._temp = None
         try:
             for _ in range(TEMP_TRIES):
                 temp = ".%s.%s.tmp" % (self.name[:200], secrets.token_hex(8))
@@ -97,28 +131,6 @@ class ReplaceFile:
         self.close()
         return fd
 
-    def discard(self) -> None:
-        """Remove the temporary name (nothing was replaced)."""
-        if self._temp is not None:
-            try:
-                os.unlink(self._temp, dir_fd=self.dir_fd)
-            except FileNotFoundError:
-                pass
-            self._temp = None
-        self.close()
-
-    def close(self) -> None:
-        for attr in ("fd", "dir_fd"):
-            fd = getattr(self, attr, -1)
-            if fd >= 0:
-                os.close(fd)
-                setattr(self, attr, -1)
-
-    def __enter__(self) -> ReplaceFile:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.discard()
 
 
 def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
@@ -175,7 +187,7 @@ def pwrite_all(fd: int, data: Any, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-class NewFile:
+class NewFile(_Scratch):
     """A file made under a name that must not exist yet, never through a link.
 
     The data is written to an unnamed file (``O_TMPFILE``) in the destination's directory,
@@ -195,7 +207,7 @@ class NewFile:
             raise IsADirectoryError(errno.EISDIR, "not a file name", path)
         self.dir_fd = os.open(os.path.dirname(self.path), os.O_RDONLY | os.O_DIRECTORY
                               | os.O_NOFOLLOW | os.O_CLOEXEC)
-        self._temp: Optional[str] = None
+        self._temp = None
         try:
             if os.path.lexists(self.path):
                 raise FileExistsError(errno.EEXIST, "already exists", self.path)
@@ -226,25 +238,3 @@ class NewFile:
         os.fsync(self.dir_fd)
         self.close()
 
-    def discard(self) -> None:
-        """Leave nothing behind."""
-        if self._temp is not None:
-            try:
-                os.unlink(self._temp, dir_fd=self.dir_fd)
-            except FileNotFoundError:
-                pass
-            self._temp = None
-        self.close()
-
-    def close(self) -> None:
-        for attr in ("fd", "dir_fd"):
-            fd = getattr(self, attr, -1)
-            if fd >= 0:
-                os.close(fd)
-                setattr(self, attr, -1)
-
-    def __enter__(self) -> NewFile:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.discard()
