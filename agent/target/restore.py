@@ -22,6 +22,7 @@ as ``/proc/self/fd/N``; the same guarantees hold.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -172,16 +173,27 @@ def restore(g: GroupData, disk: str, dest: str, ref: Optional[str],
     st = g.disks[index]
     c, cut, held = g.point(ref, at_wall_ns)
     what = "restore of group %s disk %s to %s" % (g.name, disk, dest)
+    with destination(dest, what) as out:
+        check_replica(g, index, cut[index])
+        sparse_copy(g.replica_path(disk), out.fd, st.size, dest)
+        write_overlay(g, out.fd, index, cut[index])  # each record checked
+        out.commit()
+    return {"group": g.name, "disk": disk, "to": dest, "size": st.size,
+            "gen": cut[index][0], "seq": cut[index][1], "resyncing": held,
+            "checkpoint": c.to_json() if c else None}
+
+
+@contextlib.contextmanager
+def destination(dest: str, what: str) -> Iterator[NewFile]:
+    """A restore's new file at ``dest`` (the caller commits it): made in the directory it
+    was checked in, never through a link; any failure is one line and leaves nothing."""
     _copied[dest] = 0
     try:
         with NewFile(dest, 0o644) as out:
             if fd_path(out.dir_fd) != os.path.dirname(dest):
                 raise Conflict("%s: its directory was replaced while the restore began"
                                % what)
-            check_replica(g, index, cut[index])
-            sparse_copy(g.replica_path(disk), out.fd, st.size, dest)
-            write_overlay(g, out.fd, index, cut[index])  # each record checked
-            out.commit()
+            yield out
     except FileExistsError:
         raise Conflict("%s already exists; restore writes a new file" % dest) from None
     except FerryError:
@@ -190,9 +202,6 @@ def restore(g: GroupData, disk: str, dest: str, ref: Optional[str],
         raise dest_error(what, e) from None
     finally:
         _copied.pop(dest, None)
-    return {"group": g.name, "disk": disk, "to": dest, "size": st.size,
-            "gen": cut[index][0], "seq": cut[index][1], "resyncing": held,
-            "checkpoint": c.to_json() if c else None}
 
 
 def dest_error(what: str, e: OSError) -> FerryError:
@@ -273,23 +282,10 @@ def restore_as(source_uri: str, dest: str, what: str, fmt: str, subformat: Optio
         cmd_probe = images.convert_command(source_uri, "/dev/null", fmt, subformat, compress)
     except images.Unsupported as e:
         raise Invalid(str(e)) from None
-    _copied[dest] = 0
-    try:
-        with NewFile(dest, 0o644) as out:
-            if fd_path(out.dir_fd) != os.path.dirname(dest):
-                raise Conflict("%s: its directory was replaced while the restore began"
-                               % what)
-            cmd = [*cmd_probe[:-1], "/proc/self/fd/%d" % out.fd]
-            _convert(cmd, out.fd, dest, total, what)
-            out.commit()
-    except FileExistsError:
-        raise Conflict("%s already exists; restore writes a new file" % dest) from None
-    except FerryError:
-        raise
-    except OSError as e:
-        raise dest_error(what, e) from None
-    finally:
-        _copied.pop(dest, None)
+    with destination(dest, what) as out:
+        cmd = [*cmd_probe[:-1], "/proc/self/fd/%d" % out.fd]
+        _convert(cmd, out.fd, dest, total, what)
+        out.commit()
 
 
 _PERCENT = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
