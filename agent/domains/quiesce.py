@@ -88,6 +88,17 @@ class _Window:
             self.errors.append(str(e))
 
 
+
+async def run_abandoning(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a worker thread that a cancellation abandons (trio 0.23 renamed
+    ``cancellable`` to ``abandon_on_cancel``; Debian 12 ships 0.22)."""
+    try:
+        return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+    except TypeError as e:
+        if "abandon_on_cancel" not in str(e):
+            raise
+    return await trio.to_thread.run_sync(fn, *args, cancellable=True)  # type: ignore[call-arg]
+
 def _freeze(window: _Window, guest: Guest) -> None:
     guest.freeze()
     window.frozen(guest)
@@ -113,7 +124,7 @@ async def app_checkpoint(group: str, guests: List[Guest], hooks: Hooks, cut: Cut
         deadline = trio.current_time() + limit
         with trio.move_on_at(deadline):
             for guest in guests:
-                await trio.to_thread.run_sync(_freeze, window, guest, abandon_on_cancel=True)
+                await run_abandoning(_freeze, window, guest)
         event = trio.Event()
         failed: List[FerryError] = []
 
