@@ -266,6 +266,9 @@ class Domains:
                 except FerryError as e:
                     log.warning("group %s: scheduled application-consistent checkpoint "
                                 "failed: %s", group, e)
+                except Exception:  # a bug here must not stop the agent: say so, go on
+                    log.exception("group %s: scheduled application-consistent checkpoint "
+                                  "failed", group)
 
     async def _refresh_all(self) -> None:
         for group in list(self.source.shippers):
