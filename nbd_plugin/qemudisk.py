@@ -26,6 +26,7 @@ import time
 from typing import Any, Callable, Optional
 
 from formats import images
+from formats.durable import open_append
 from nbd_plugin.nbdclient import Connection, Pool
 
 START_TIMEOUT = 30.0
@@ -56,7 +57,7 @@ class QemuDisk:
             pass
         out: Any = subprocess.DEVNULL
         if self.log_path:
-            out = open(self.log_path, "ab")
+            out = os.fdopen(open_append(self.log_path), "ab")  # never through a link
         try:
             self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
                                           stderr=out, close_fds=True)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import trio
 
-from formats.durable import fsync_dir
+from formats.durable import ReplaceFile, fsync_dir
 
 from ..checkpoints import iso
 from ..errors import Conflict, Invalid, NotFound
@@ -108,15 +108,9 @@ def keep(data_dir: str, group: str, disks: Dict[str, str]) -> Dict[str, str]:
     out = {}
     for name, path in sorted(disks.items()):
         dest = os.path.join(directory, name + ".img")
-        tmp = dest + ".partial"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
-                     0o600)
-        try:
-            sparse_copy(path, fd, _size(path))
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, dest)
+        with ReplaceFile(dest) as copy:  # a random name O_EXCL|O_NOFOLLOW, never a link
+            sparse_copy(path, copy.fd, _size(path))
+            copy.commit()
         out[name] = dest
     fsync_dir(directory)
     fsync_dir(os.path.dirname(directory))
