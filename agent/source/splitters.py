@@ -212,6 +212,10 @@ class Fleet:
         socket = self.sockets.get(disk.id)
         return paths if socket is None else dataclasses.replace(paths, socket=socket)
 
+    def start_one(self, row: GroupRow, d: DiskRow) -> None:
+        """Start one disk's splitter unless it runs (SplitterError, OSError)."""
+        self._start(row, d)
+
     def _start(self, row: GroupRow, d: DiskRow) -> SplitterPaths:
         paths = self.paths(d)
         try:  # the block device recorded, or none (agent/devices.py)
