@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -52,6 +53,17 @@ def test_a_grown_loop_device_is_replicated_grown_and_a_shrunk_one_refused(
         f.write(os.urandom(MiB))
     subprocess.run(["losetup", "-c", dev], check=True)
     wait_problem(lab, "grown")
+    # Its splitter restarted (killed) before ferry resize: served at the size protected,
+    # replication goes on (site B would refuse records past the old end).
+    lab.a.kill_splitters(signal.SIGKILL)
+    wait_splitter(lab)
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    assert h.get_size() == 8 * MiB
+    h.pwrite(b"D" * 4096, 4096)
+    h.flush()
+    h.shutdown()
+    lab.a.ferry("wait", "g1", "--synced", "--timeout", "120")
     out = lab.a.ferry("resize", "g1", "--disk", "vda").stdout
     assert "g1/vda: grown from %d to %d bytes" % (8 * MiB, 12 * MiB) in out, out
     assert lab.a.status("g1")["groups"]["g1"]["disks"]["vda"]["size"] == 12 * MiB
@@ -101,6 +113,21 @@ def test_a_grown_loop_device_is_replicated_grown_and_a_shrunk_one_refused(
         "protected: shrinking is refused" % (dev, 10 * MiB, 12 * MiB) in lines[0], lines
     assert lab.a.status("g1")["groups"]["g1"]["disks"]["vda"]["size"] == 12 * MiB
     assert lab.a.splitter_pids() == pids and backing.read_bytes() == shrunk
+    # Nor does its splitter serve it shrunk when it starts again.
+    lab.a.kill_splitters(signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while "smaller than the %d bytes protected: not served" % (12 * MiB) not in \
+            lab.a.log.read_text():
+        assert time.monotonic() < deadline, lab.a.log.read_text()[-2000:]
+        time.sleep(0.3)
+    assert not lab.a.splitter_pids() and backing.read_bytes() == shrunk
+
+
+def wait_splitter(lab: Lab, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not lab.a.splitter_pids():
+        assert time.monotonic() < deadline, "the supervisor did not restart the splitter"
+        time.sleep(0.2)
 
 
 class _Site:
@@ -182,3 +209,14 @@ def test_a_replica_device_smaller_than_the_grown_disk_is_named(tmp_path: Path,
         g.grow([("vda", 8 * MiB)])
     assert g.disks[0].size == 4 * MiB and g.disks[0].size_at((0, 0)) == 4 * MiB
     g.close()
+
+
+def test_a_clean_state_on_a_grown_disk_owes_its_ranges_and_the_new_tail(tmp_path: Path
+                                                                         ) -> None:
+    from nbd_plugin import state
+    path = str(tmp_path / "d.state.json")
+    state.save(path, 5, 8 * MiB, clean=True, dirty=[(0, 4096)])
+    loaded = state.load(path, 12 * MiB)
+    assert loaded.dirty == [(0, 4096), (8 * MiB, 4 * MiB)] and "grew" in loaded.reason
+    state.save(path, loaded.gen, 12 * MiB, clean=True, dirty=[])
+    assert state.load(path, 10 * MiB).dirty is None  # shrunk: the whole disk

@@ -122,3 +122,53 @@ def test_boot_order_delay_and_the_isolated_network_of_test_vms(virt: VirtLab) ->
         while time.monotonic() < deadline:  # gone with its last test VM
             virt.conn.networkLookupByName(xml.ISOLATED)
             time.sleep(0.2)
+
+
+TEST_URI = "test:///default"  # libvirt's own in-process driver: shared while one is open
+TEST_DOMAIN = ("<domain type='test'><name>%s</name><memory>1024</memory><os><type>hvm</type>"
+               "</os><devices>" + NIC + "</devices></domain>")
+
+
+def test_the_isolated_network_is_made_kept_while_used_and_an_administrators_left_alone(
+        ) -> None:
+    from agent.domains import networks
+    keep = libvirt.open(TEST_URI)
+    try:
+        networks.ensure_isolated(TEST_URI)
+        networks.ensure_isolated(TEST_URI)  # there already: used as it is
+        assert not keep.networkLookupByName(xml.ISOLATED).isPersistent()
+        user = keep.createXML(TEST_DOMAIN % ("t1", xml.ISOLATED), 0)
+        assert networks.drop_isolated(TEST_URI) is False  # a running domain names it
+        user.destroy()
+        assert networks.drop_isolated(TEST_URI) is True
+        with pytest.raises(libvirt.libvirtError):
+            keep.networkLookupByName(xml.ISOLATED)
+        assert networks.drop_isolated(TEST_URI) is False  # none to drop
+        mine = keep.networkDefineXML(networks.ISOLATED_XML)  # an administrator's, stopped
+        try:
+            networks.ensure_isolated(TEST_URI)
+            assert mine.isActive() and networks.drop_isolated(TEST_URI) is False
+        finally:
+            mine.destroy()
+            mine.undefine()
+    finally:
+        keep.close()
+
+
+def test_a_network_site_b_lacks_is_named_with_the_option_that_maps_it() -> None:
+    from agent.domains import networks
+    from agent.errors import Invalid
+    keep = libvirt.open(TEST_URI)
+    try:
+        doms = [{"name": "vm1", "xml": TEST_DOMAIN % ("vm1", "prodnet")}]
+        with pytest.raises(Invalid, match=r"^domain vm1: network prodnet does not exist on "
+                           r"this site: name one that does with --network-map "
+                           r"prodnet=NETWORK; nothing was started$"):
+            networks.check(TEST_URI, doms, {}, test=False)
+        with pytest.raises(Invalid, match=r"^domain vm1: network nosuch \(--network-map "
+                           r"prodnet=nosuch\) does not exist on this site"):
+            networks.check(TEST_URI, doms, {"prodnet": "nosuch"}, test=True)
+        networks.check(TEST_URI, doms, {"prodnet": "default"}, test=False)
+        networks.check(TEST_URI, doms, {}, test=True)  # unmapped: the isolated network
+    finally:
+        keep.close()
