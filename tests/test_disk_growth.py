@@ -17,7 +17,7 @@ import nbd
 from conftest import Lab
 from test_udev_identity import _attach, _file, loops, wait_problem
 
-from agent.errors import EXIT_NOT_FOUND
+from agent.errors import EXIT_CONFLICT, EXIT_NOT_FOUND
 
 MiB = 1024 * 1024
 __all__ = ["loops"]  # the fixture, used by name
@@ -64,6 +64,19 @@ def test_a_grown_loop_device_is_replicated_grown_and_a_shrunk_one_refused(
     h.flush()
     h.shutdown()
     lab.a.ferry("wait", "g1", "--synced", "--timeout", "120")
+    # A client on its splitter (a running VM): qemu would not reconnect to a new size.
+    pids = lab.a.splitter_pids()
+    vm = nbd.NBD()
+    vm.connect_uri(uri)
+    proc = lab.a.ferry("resize", "g1", "--disk", "vda", check=False)
+    assert proc.returncode == EXIT_CONFLICT and proc.stderr.strip().splitlines() == [
+        "ferry: error: disk g1/vda: its splitter has 1 client connected (a running VM): "
+        "qemu does not reconnect to an export whose size changed, so its I/O would fail; "
+        "shut the VM down, then resize again; until then %d bytes are replicated" % (8 * MiB)]
+    assert lab.a.splitter_pids() == pids and vm.get_size() == 8 * MiB
+    vm.pread(512, 0)  # its connection untouched
+    vm.shutdown()
+    time.sleep(0.5)  # nbdkit closes its end
     out = lab.a.ferry("resize", "g1", "--disk", "vda").stdout
     assert "g1/vda: grown from %d to %d bytes" % (8 * MiB, 12 * MiB) in out, out
     assert lab.a.status("g1")["groups"]["g1"]["disks"]["vda"]["size"] == 12 * MiB

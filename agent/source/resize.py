@@ -14,8 +14,11 @@ until this is asked. Then:
   size, which site B takes as growth (``target/group.py`` ``grow``: the replica is extended,
   points from before keep the old size).
 
-The VM's NBD client sees its connection end and reconnects (``reconnect-delay``), as for any
-splitter restart; the guest learns of the new size only when told (``virsh blockresize``).
+qemu's NBD client does not reconnect to an export whose size changed (7.2: its requests
+fail from then on) and cannot grow an NBD node (``block_resize``: "Cannot grow NBD nodes"),
+so a disk whose splitter has a client connected (a running VM) is not resized: the request
+is refused naming the disk, and the VM, shut down and started again, sees the new size. The
+group's other splitters restart too (each keeps its size, which qemu reconnects to).
 """
 
 from __future__ import annotations
@@ -30,6 +33,14 @@ from . import status
 from .splitters import SplitterError, stop
 
 log = logging.getLogger("ferry.source")
+
+
+def clients(socket: str) -> int:
+    """How many connections a splitter's Unix socket has now (an accepted socket carries
+    the listening one's path in /proc/net/unix, in state 03, connected)."""
+    with open("/proc/net/unix") as f:  # Linux: always there
+        rows = [line.rstrip("\n").split(None, 7) for line in f]
+    return sum(1 for r in rows if len(r) == 8 and r[5] == "03" and r[7] == socket)
 
 
 class Shrunk(Invalid):
@@ -54,6 +65,12 @@ async def resize(site: Any, name: str, disk: str) -> Dict[str, Any]:
     result = {"group": name, "disk": disk, "old_size": d.size, "size": size}
     if size == d.size:
         return dict(result, resized=False)
+    n = await trio.to_thread.run_sync(clients, site.fleet.paths(d).socket)
+    if n:
+        raise Conflict("disk %s/%s: its splitter has %d client%s connected (a running VM): "
+                       "qemu does not reconnect to an export whose size changed, so its I/O "
+                       "would fail; shut the VM down, then resize again; until then %d bytes "
+                       "are replicated" % (name, disk, n, "" if n == 1 else "s", d.size))
     site._busy.add(name)
     try:
         site._stop_group(row)
