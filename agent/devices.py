@@ -207,7 +207,8 @@ class DeviceWatch:
                 now[disk_id] = ("%s: %s is %d bytes now, %d protected; the group replicates "
                                 "%d bytes %s" % (
                                     verb, path, ident["size"], size, size,
-                                    "until ferry resize" if verb == "grown" else
+                                    "until ferry resize %s --disk %s" % tuple(
+                                        name.split("/", 1)) if verb == "grown" else
                                     "(shrinking is refused)"))
             if disk_id in now and self.problems.get(disk_id) != now[disk_id]:
                 log.error("disk %s: device %s", name, now[disk_id])

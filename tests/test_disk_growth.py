@@ -52,7 +52,8 @@ def test_a_grown_loop_device_is_replicated_grown_and_a_shrunk_one_refused(
         f.seek(9 * MiB)
         f.write(os.urandom(MiB))
     subprocess.run(["losetup", "-c", dev], check=True)
-    wait_problem(lab, "grown")
+    problem = wait_problem(lab, "grown")
+    assert problem.endswith("replicates %d bytes until ferry resize g1 --disk vda" % (8 * MiB))
     # Its splitter restarted (killed) before ferry resize: served at the size protected,
     # replication goes on (site B would refuse records past the old end).
     lab.a.kill_splitters(signal.SIGKILL)
@@ -119,6 +120,7 @@ def test_a_grown_loop_device_is_replicated_grown_and_a_shrunk_one_refused(
         f.truncate(10 * MiB)
     subprocess.run(["losetup", "-c", dev], check=True)
     shrunk = backing.read_bytes()
+    assert wait_problem(lab, "shrunk").endswith("(shrinking is refused)")
     proc = lab.a.ferry("resize", "g1", "--disk", "vda", check=False)
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
