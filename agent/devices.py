@@ -18,7 +18,7 @@ events through ``pyudev``, and a slow poll for hosts whose udev events do not re
 agent, as in a container): a device that disappears, is replaced, or changes size is
 reported per disk (``problems``, shown by ``ferry status``) with its cause, and logged once.
 A grown device is reported, not replicated grown: the group keeps its size on both sites
-until it is protected again.
+until ``ferry resize GROUP --disk D`` (``source/resize.py``) restarts its splitters on it.
 """
 
 from __future__ import annotations
@@ -205,8 +205,11 @@ class DeviceWatch:
             elif ident and ident.get("size") not in (None, size):
                 verb = "grown" if ident["size"] > size else "shrunk"
                 now[disk_id] = ("%s: %s is %d bytes now, %d protected; the group replicates "
-                                "%d bytes until it is protected again" % (
-                                    verb, path, ident["size"], size, size))
+                                "%d bytes %s" % (
+                                    verb, path, ident["size"], size, size,
+                                    "until ferry resize %s --disk %s" % tuple(
+                                        name.split("/", 1)) if verb == "grown" else
+                                    "(shrinking is refused)"))
             if disk_id in now and self.problems.get(disk_id) != now[disk_id]:
                 log.error("disk %s: device %s", name, now[disk_id])
         for disk_id in set(self.problems) - set(now):

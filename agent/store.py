@@ -179,6 +179,13 @@ class Store:
             self._db.execute("UPDATE groups SET protection = ?, settings = ? WHERE name = ?",
                              (protection, json.dumps(settings, allow_nan=False), name))
 
+    def set_disk_size(self, disk_id: str, size: int) -> None:
+        """A protected disk grew (``source/resize.py``): its new size, from now on."""
+        self._groups = None
+        with self._db:
+            self._db.execute("UPDATE disks SET size = ? WHERE id = ?", (size, disk_id))
+        self._groups = None
+
     def remove_group(self, name: str) -> None:
         self._groups = None
         with self._db:

@@ -44,6 +44,7 @@ _config = {
     "disk": "", "agent": "", "state": "", "disk_id": "", "name": "", "group": "", "log": "",
     "queue": str(DEFAULT_QUEUE), "dirty_budget": str(DEFAULT_BUDGET),
     "activity_extents": str(DEFAULT_SLOTS), "format": "raw", "qemu_socket": "",
+    "size": "",
 }
 # Set by get_ready, before nbdkit calls anything that uses them.
 _disk: Disk = None  # type: ignore[assignment]
@@ -69,7 +70,8 @@ def config_complete():
     for key in ("disk", "agent", "state", "disk_id"):
         if not _config[key]:
             raise RuntimeError("ferry splitter: %s=... is required" % key)
-    for key in ("queue", "dirty_budget", "activity_extents"):
+    for key in ("queue", "dirty_budget", "activity_extents") + (
+            ("size",) if _config["size"] else ()):
         try:
             if int(_config[key]) <= 0:
                 raise ValueError
@@ -86,7 +88,9 @@ def config_help():
             "log=FILE        append the splitter's messages to FILE\n"
             "queue=BYTES     bound of the in-memory change queue\n"
             "dirty_budget=BYTES  memory budget of the dirty map (default 16 MiB)\n"
-            "activity_extents=N  4 MiB extents in the activity log (default 1024)")
+            "activity_extents=N  4 MiB extents in the activity log (default 1024)\n"
+            "size=BYTES      the size protected: a larger disk is served at it (until the\n"
+            "                agent restarts the splitter grown), a smaller one not at all")
 
 
 def thread_model():
@@ -99,6 +103,13 @@ def get_ready():
         set_log_file(_config["log"])
     _disk = open_disk(_config["disk"], _config["format"], _config["qemu_socket"],
                       _config["log"])
+    protected = int(_config["size"] or 0)
+    if protected and _disk.size < protected:  # never served shrunk: nothing written
+        raise RuntimeError("ferry splitter: disk %s is %d bytes, smaller than the %d bytes "
+                           "protected: not served (shrinking is refused)"
+                           % (_config["disk"], _disk.size, protected))
+    if protected:  # grown: served at the size protected until ferry resize
+        _disk.size = protected
     activity_path = _config["state"] + ".al"
     loaded = statefile.load(_config["state"], _disk.size, activity_path)
     log("disk %s (%s, %d bytes), generation %d: %s"

@@ -11,6 +11,7 @@ the next start:
 
 - no file: a new protection; the whole disk is owed (initial sync);
 - ``clean: true`` and the same size: the saved ranges are owed;
+- clean and a larger size: the saved ranges and the new tail are owed;
 - another size: the whole disk is owed;
 - ``clean: false`` (killed, host crash): the ranges the file carries (owed from before that
   run) and the extents in that run's activity log (see activity.py); the whole disk if
@@ -70,7 +71,11 @@ def load(path: str, size: int, activity_path: Optional[str] = None) -> Loaded:
             gen, dirty = floor, None
             reason = "unreadable state file (%s): full resync" % e
         else:
-            if saved_size != size:
+            if clean and saved_size < size:  # grown (ferry resize): its new tail is owed
+                dirty = [*ranges, (saved_size, size - saved_size)]
+                reason = "disk grew from %d to %d bytes: %d ranges and the new tail owed" % (
+                    saved_size, size, len(ranges))
+            elif saved_size != size:
                 dirty, reason = None, "disk size changed: full resync"
             elif not clean:
                 dirty, reason = _after_crash(ranges, activity_path, size)

@@ -490,7 +490,7 @@ def test_the_definition_for_site_b_is_renamed_on_its_exports_and_isolated_in_a_t
     text = _domain("<disk type='file' device='disk'><driver name='qemu' type='raw'/>"
                    "<source file='/img/a.img'/><target dev='vda' bus='virtio'/></disk>"
                    "<interface type='network'><mac address='52:54:00:00:00:01'/>"
-                   "<source network='prod'/></interface>"
+                   "<source network='prod'/><target dev='vnet7'/></interface>"
                    "<interface type='bridge'><source bridge='br0'/></interface>"
                    ).replace("<name>", "<uuid>6f1d3c1e-0000-4000-8000-000000000001</uuid>"
                              "<name>")
@@ -500,8 +500,10 @@ def test_the_definition_for_site_b_is_renamed_on_its_exports_and_isolated_in_a_t
     assert root.find("./devices/disk/source/host").get("socket") == "/b/run/x.sock"
     prod, bridge = root.findall("./devices/interface")
     assert prod.find("link").get("state") == "down" and prod.find("source").get(
-        "network") == "prod" and prod.find("mac") is not None
+        "network") == xml.ISOLATED and prod.find("mac") is not None  # unplugged, isolated
+    assert prod.find("target") is None  # no tap name production may hold
     assert bridge.find("source").get("bridge") == "br-dr" and bridge.find("link") is None
+    assert xml.networks(out) == [xml.ISOLATED] and xml.networks(text) == ["prod"]
     live = ET.fromstring(xml.recovered(text, "vm1", {"vda": "/s"}, False, {"prod": "dr"}))
     assert [i.find("link") for i in live.findall("./devices/interface")] == [None, None]
     assert live.find("./devices/interface/source").get("network") == "dr"

@@ -12,6 +12,7 @@
     POST   /v1/groups/NAME/move             {timeout?}: planned move to the target, no loss
     POST   /v1/groups/NAME/failback         {target, timeout?, wait?}: protect the live disks
                                             back onto the old source's original disks
+    POST   /v1/groups/NAME/resize           {disk}: replicate a disk that grew at its new size
     POST   /v1/groups/NAME/resync           {disk, ranges?}: read ranges again and ship them
     POST   /v1/groups/NAME/verify           {disk?, chunk?, rounds?, settle?, repair?}:
                                             compare the disks with site B's copy (online)

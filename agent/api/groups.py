@@ -11,6 +11,7 @@ from ..protocol.frames import MAX_DISKS
 from ..protocol.messages import MAX_HISTORY, MAX_JOURNAL
 from ..source.failback import failback
 from ..source.move import move
+from ..source.resize import resize
 from ..source.resync import resync
 from ..source.verify import verify
 from .request import (
@@ -68,6 +69,10 @@ async def route(api: Api, method: str, parts: List[str], query: Dict[str, list],
     if len(parts) == 4 and parts[:2] == ["v1", "groups"] and parts[3] == "resync" \
             and method == "POST":
         return 200, await resync(api.source, parts[2], name_of(body, "disk"), ranges_of(body))
+    if len(parts) == 4 and parts[:2] == ["v1", "groups"] and parts[3] == "resize" \
+            and method == "POST":
+        only(body, ("disk",), "resize")
+        return 200, await resize(api.source, parts[2], name_of(body, "disk"))
     if len(parts) == 4 and parts[:2] == ["v1", "groups"] and parts[3] == "verify" \
             and method == "POST":
         return 200, await _verify(api, parts[2], body)

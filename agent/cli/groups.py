@@ -149,6 +149,23 @@ def set_(api: Agent, group: str, bandwidth: Optional[str], rpo_alert: Optional[s
                                          if result["rpo_alert"] else "off"))
 
 
+@cli.command()
+@click.argument("group", shell_complete=complete_groups)
+@click.option("--disk", required=True, help="The disk of GROUP that grew.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def resize(api: Agent, group: str, disk: str, as_json: bool) -> None:
+    """Replicate a disk of GROUP that grew at its new size (shrinking is refused)."""
+    result = call(api, "POST", "/v1/groups/%s/resize" % group, {"disk": disk})
+    if as_json:
+        return emit(result)
+    if not result["resized"]:
+        click.echo("%s/%s: %d bytes, unchanged" % (group, disk, result["size"]))
+        return
+    click.echo("%s/%s: grown from %d to %d bytes; replicated at the new size, its new tail "
+               "is being synced" % (group, disk, result["old_size"], result["size"]))
+
+
 def _pause_command(verb: str, done: str, doc: str) -> None:
     @cli.command(name=verb, help=doc)
     @click.argument("group", shell_complete=complete_groups)

@@ -9,8 +9,10 @@ the group's directory. ``around`` wraps a failover request (``agent/api/replicas
   each domain is defined on this site's libvirt (``ferry agent --libvirt-uri``) from its
   definition, its protected disks on the exports' sockets (``xml.recovered``), and started,
   in the boot order with the delay asked for. A test's domains are named ``NAME-test`` (a
-  test runs beside production, possibly on the same hosts) and their unmapped networks are
-  unplugged; a live failover keeps the names (``vm_suffix`` changes either). A domain of
+  test runs beside production, possibly on the same hosts) and their unmapped interfaces are
+  unplugged, on an isolated network Ferry makes here (``networks.py``; removed with the last
+  test VM); a live failover keeps the names (``vm_suffix`` changes either) and networks: one
+  that does not exist here, mapped or not, refuses the failover before anything serves. A domain of
   that name that runs here already is never replaced. Which domains were defined is written to
   ``<group>/vms.json`` before each is started, so a later stop finds them.
 - ``stop-test`` and ``rollback``: the domains ``vms.json`` names are destroyed and undefined
@@ -37,7 +39,7 @@ from formats.durable import write_atomic
 
 from ..errors import Conflict, FerryError, Invalid, NotFound, StorageError, Unavailable
 from ..source.splitters import SplitterError, share_socket
-from . import travel, xml
+from . import networks, travel, xml
 from .hypervisor import Domain, _libvirt, _msg, connection
 
 if TYPE_CHECKING:
@@ -64,6 +66,9 @@ def around(api: Api, group: str, body: Dict[str, Any], work: Work) -> Work:
             directory = api.target.group(group).directory
             domains = await trio.to_thread.run_sync(travel.load, directory)
             order = _ordered(domains, options["boot_order"]) if domains else None
+            if order:  # a network the VMs would lack here: refused before anything serves
+                await trio.to_thread.run_sync(networks.check, _domains(api).uri, order,
+                                              options["network_map"], mode == "test")
         result = await work()
         if order:
             await _start(api, group, str(mode), result, order, options)
@@ -122,6 +127,8 @@ async def _start(api: Api, group: str, mode: str, result: Dict[str, Any],
                                           vms.source.fleet.socket_group)
             started.append(name)
             await trio.to_thread.run_sync(_save, directory, mode, started)
+            if xml.ISOLATED in xml.networks(definition):
+                await trio.to_thread.run_sync(networks.ensure_isolated, vms.uri)
             await trio.to_thread.run_sync(_define_and_start, vms.uri, name, definition)
             log.info("group %s: %s failover: domain %s started", group, mode, name)
     except FerryError as e:
@@ -193,6 +200,7 @@ async def _stop(api: Api, group: str) -> List[str]:
         return []
     await trio.to_thread.run_sync(_remove, _domains(api).uri, group, names)
     await trio.to_thread.run_sync(_save, directory, None, [])
+    await trio.to_thread.run_sync(networks.drop_isolated, _domains(api).uri)
     return names
 
 

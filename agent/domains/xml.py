@@ -17,6 +17,8 @@ from typing import Dict, List
 
 from ..errors import Invalid
 
+ISOLATED = "ferry-isolated"  # test failovers' network on site B (networks.py)
+
 
 @dataclass(frozen=True)
 class DomainDisk:
@@ -140,8 +142,10 @@ def recovered(xml: str, name: str, sockets: Dict[str, str], test: bool,
     """A domain's definition for site B: named ``name``, without its UUID (libvirt makes
     one), each disk of ``sockets`` on its export there, and its network interfaces mapped
     (``network_map``: a network or bridge of site A to one of site B). In a test, an
-    interface that is not mapped is unplugged (``<link state='down'/>``): a test failover
-    runs isolated unless a network is named for it."""
+    interface that is not mapped is unplugged (``<link state='down'/>``) and put on
+    ``ISOLATED`` (a network Ferry defines on site B, ``networks.py``; no tap name of its own):
+    a test failover runs isolated unless a network is named for it, and starts whether or
+    not site A's network exists on site B."""
     root = _parse(attach(xml, sockets))
     name_el = root.find("name")
     if name_el is None:
@@ -156,7 +160,21 @@ def recovered(xml: str, name: str, sockets: Dict[str, str], test: bool,
         if here is not None and here in network_map and source is not None and attr:
             source.set(attr, network_map[here])
         elif test:
-            for link in iface.findall("link"):
-                iface.remove(link)
+            for child in iface.findall("link") + iface.findall("source") + \
+                    iface.findall("target") + iface.findall("virtualport"):
+                iface.remove(child)
+            iface.set("type", "network")
+            ET.SubElement(iface, "source", {"network": ISOLATED})
             ET.SubElement(iface, "link", {"state": "down"})
     return ET.tostring(root, encoding="unicode")
+
+
+def networks(xml: str) -> List[str]:
+    """The libvirt networks (``<interface type='network'>``) a definition names, in order."""
+    out: List[str] = []
+    for iface in _parse(xml).findall("./devices/interface[@type='network']"):
+        source = iface.find("source")
+        name = source.get("network") if source is not None else None
+        if name and name not in out:
+            out.append(name)
+    return out

@@ -95,8 +95,9 @@ def running_pid(paths: SplitterPaths, disk_id: str) -> Optional[int]:
 
 def start(paths: SplitterPaths, disk_id: str, disk_path: str, agent_socket: str,
           group: str, name: str, queue_bytes: int, threads: int = 16,
-          fmt: str = "raw") -> int:
-    """Start nbdkit for a disk unless it already runs; return its pid once it serves."""
+          fmt: str = "raw", size: int = 0) -> int:
+    """Start nbdkit for a disk unless it already runs; return its pid once it serves
+    (``size``: the size protected, which it serves even on a disk grown since)."""
     pid = running_pid(paths, disk_id)
     if pid is not None:
         return pid
@@ -117,6 +118,8 @@ def start(paths: SplitterPaths, disk_id: str, disk_path: str, agent_socket: str,
            "state=" + paths.state, "log=" + paths.log, "disk_id=" + disk_id,
            "group=" + group, "name=" + name,
            "queue=%d" % queue_bytes]
+    if size:
+        cmd.append("size=%d" % size)
     if fmt != "raw":  # pinned at protect: qemu-nbd behind the splitter (nbd_plugin/backends.py)
         cmd += ["format=" + fmt, "qemu_socket=" + paths.qemu_socket]
     with os.fdopen(open_append(paths.log), "ab") as logf:
@@ -212,6 +215,10 @@ class Fleet:
         socket = self.sockets.get(disk.id)
         return paths if socket is None else dataclasses.replace(paths, socket=socket)
 
+    def start_one(self, row: GroupRow, d: DiskRow) -> None:
+        """Start one disk's splitter unless it runs (SplitterError, OSError)."""
+        self._start(row, d)
+
     def _start(self, row: GroupRow, d: DiskRow) -> SplitterPaths:
         paths = self.paths(d)
         try:  # the block device recorded, or none (agent/devices.py)
@@ -221,7 +228,7 @@ class Fleet:
         except OSError as e:  # gone, or not reachable: the splitter could not open it either
             raise SplitterError("disk %s: %s: %s" % (d.name, d.path, e.strerror or e)) from None
         start(paths, d.id, d.path, self.agent_socket, row.name, d.name, row.queue_bytes,
-              fmt=row.settings.get("formats", {}).get(d.name, "raw"))
+              fmt=row.settings.get("formats", {}).get(d.name, "raw"), size=d.size)
         if self.socket_group is not None:
             share_socket(paths.socket, self.socket_group)
         return paths

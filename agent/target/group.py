@@ -228,6 +228,7 @@ class TargetGroup:
             old = known.get(st.name)
             if old is not None:
                 st.applied_gen, st.applied_seq = old["applied_gen"], old["applied_seq"]
+                st.grown = [(int(g), int(q), int(n)) for g, q, n in old.get("grown", [])]
             st.gen, st.seq = st.applied_gen, st.applied_seq
         whole = [bool(known.get(st.name, {}).get("ever_consistent")) for st in self.disks]
         self.fds = [self._open_replica(st) for st in self.disks]
@@ -360,13 +361,49 @@ class TargetGroup:
             **({"rebuilt": True} if self.rebuilt else {}),
             "applied": list(applied),
             "disks": [{"name": d.name, "size": d.size, "applied_gen": p[0],
-                       "applied_seq": p[1], "ever_consistent": self.gate.whole(i)}
+                       "applied_seq": p[1], "ever_consistent": self.gate.whole(i),
+                       **({"grown": [list(x) for x in d.grown]} if d.grown else {})}
                       for i, (d, p) in enumerate(zip(self.disks, points))],
         }
         if self.journal.reserve is not None:  # meta.json.tmp needs free blocks: the room's
             self.journal.reserve.room_for(lambda: meta.save(self.directory, doc), 256 * 1024)
         else:
             meta.save(self.directory, doc)
+
+    def grows(self, disks: List[Tuple[str, int]]) -> bool:
+        """Whether the source sends these disks grown (none smaller, one larger)."""
+        held = [(d.name, d.size) for d in self.disks]
+        return [n for n, _ in held] == [n for n, _ in disks] and held != list(disks) \
+            and all(new >= old for (_, old), (_, new) in zip(held, disks))
+
+    def grow(self, disks: List[Tuple[str, int]]) -> None:
+        """Take the source's disks grown (``source/resize.py``): each replica extended
+        (durable), the point before the growth remembered with the old size (``size_at``),
+        meta.json saved. The new tail reads as zeros until the source's sync of it lands."""
+        with self._lock:
+            if not self.grows(disks) or self.failover is not None:
+                return
+            for i, (st, (_name, size)) in enumerate(zip(self.disks, disks)):
+                if size == st.size:
+                    continue
+                fd = self.fds[i]
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    os.ftruncate(fd, size)
+                    os.fsync(fd)
+                elif os.lseek(fd, 0, os.SEEK_END) < size:
+                    raise SizeMismatch(
+                        "group %s disk %s: the source's disk grew to %d bytes; the replica "
+                        "%s is a device of %d bytes: grow it first" % (
+                            self.name, st.name, size, self.replica_path(st.name),
+                            os.lseek(fd, 0, os.SEEK_END)))
+                log.warning("group %s disk %s grew from %d to %d bytes", self.name, st.name,
+                            st.size, size)
+                st.grown.append((st.gen, st.seq, st.size))
+                st.size = size
+                self.digests[i] = ReplicaDigests(digests_path(self.replica_path(st.name)),
+                                                 size)
+            self.save_meta()
+            self._publish()
 
     # -- receiving -----------------------------------------------------------------------
 
@@ -558,7 +595,8 @@ class TargetGroup:
                 specs.append({"group": self.name, "name": st.name, "xxhash_path": _XXHASH_PATH,
                               "damage": [[d.segment, d.offset, max(d.end, d.offset + 1)]
                                          for d in self.journal.damage],
-                              "replica": self.replica_path(st.name), "size": st.size,
+                              "replica": self.replica_path(st.name),
+                              "size": st.size_at(cut[i]),
                               "disk": i, "base": [st.applied_gen, st.applied_seq],
                               "upto": list(cut[i]), "start": list(self.applied),
                               "segments": segments})

@@ -175,10 +175,11 @@ def restore(g: GroupData, disk: str, dest: str, ref: Optional[str],
     what = "restore of group %s disk %s to %s" % (g.name, disk, dest)
     with destination(dest, what) as out:
         check_replica(g, index, cut[index])
-        sparse_copy(g.replica_path(disk), out.fd, st.size, dest)
+        size = st.size_at(cut[index])  # a point before a growth: the size it had then
+        sparse_copy(g.replica_path(disk), out.fd, size, dest)
         write_overlay(g, out.fd, index, cut[index])  # each record checked
         out.commit()
-    return {"group": g.name, "disk": disk, "to": dest, "size": st.size,
+    return {"group": g.name, "disk": disk, "to": dest, "size": size,
             "gen": cut[index][0], "seq": cut[index][1], "resyncing": held,
             "checkpoint": c.to_json() if c else None}
 

@@ -329,6 +329,8 @@ class TargetSite:
         ``domains``: the group's libvirt domains, kept for a failover)."""
         try:
             held = self.groups.get(group_name)
+            if held is not None and held.protection == protection and held.grows(disks):
+                await trio.to_thread.run_sync(held.grow, disks)  # ferry resize on A
             if held is not None:
                 _check_disks(held, disks)  # a refused source leaves the session be
             await self._check_seeds(group_name, disks, protection, seeds)

@@ -8,7 +8,7 @@ it through ``GroupData``, the part of the group they may use, so none of them im
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Protocol, Tuple
 
 from formats.records import Point
@@ -27,6 +27,16 @@ class DiskState:
     seq: int = 0
     applied_gen: int = 0    # newest record applied to the replica
     applied_seq: int = 0
+    # Growths (ferry resize): (gen, seq, size) each, oldest first: a point at or before
+    # (gen, seq) sees the disk at that size.
+    grown: List[Tuple[int, int, int]] = field(default_factory=list)
+
+    def size_at(self, point: Tuple[int, int]) -> int:
+        """The disk's size as of ``point`` (gen, seq): smaller before a growth."""
+        for gen, seq, size in self.grown:
+            if tuple(point) <= (gen, seq):
+                return size
+        return self.size
 
 
 class GroupData(Protocol):
