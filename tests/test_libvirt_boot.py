@@ -172,3 +172,47 @@ def test_a_network_site_b_lacks_is_named_with_the_option_that_maps_it() -> None:
         networks.check(TEST_URI, doms, {}, test=True)  # unmapped: the isolated network
     finally:
         keep.close()
+
+
+def _on(conn: object):
+    """``networks.connection`` replaced by one yielding ``conn``: a real libvirt
+    connection in a state that makes the daemon refuse (read-only, or closed)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def connection(uri: str) -> Iterator[object]:
+        yield conn
+    return connection
+
+
+def test_libvirt_refusing_the_isolated_network_is_one_line_or_a_warning(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from agent.domains import networks
+    from agent.errors import Unavailable
+    keep = libvirt.open(TEST_URI)
+    ro = libvirt.openReadOnly(TEST_URI)
+    try:
+        # A read-only connection sees no network, and may not make one.
+        monkeypatch.setattr(networks, "connection", _on(ro))
+        with pytest.raises(Unavailable, match=r"^cannot make network %s for test VMs: .+"
+                           % xml.ISOLATED):
+            networks.ensure_isolated(TEST_URI)
+        # Made by a writer, it cannot be destroyed through a read-only one: logged.
+        monkeypatch.setattr(networks, "connection", _on(keep))
+        networks.ensure_isolated(TEST_URI)
+        monkeypatch.setattr(networks, "connection", _on(ro))
+        assert networks.drop_isolated(TEST_URI) is False
+        assert "network %s not removed: " % xml.ISOLATED in caplog.text
+        keep.networkLookupByName(xml.ISOLATED).destroy()
+        # Any error but "no such network" is the daemon's, named.
+        gone = libvirt.open(TEST_URI)
+        gone.close()
+        monkeypatch.setattr(networks, "connection", _on(gone))
+        doms = [{"name": "vm1", "xml": TEST_DOMAIN % ("vm1", "prodnet")}]
+        with pytest.raises(Unavailable, match=r"^network prodnet: .+"):
+            networks.check(TEST_URI, doms, {}, test=False)
+        with pytest.raises(Unavailable, match=r"^network %s: .+" % xml.ISOLATED):
+            networks.ensure_isolated(TEST_URI)
+    finally:
+        ro.close()
+        keep.close()
