@@ -10,6 +10,11 @@ one per (alert, group, disk) at a time; a change of severity is raised again.
     history           the journal limit keeps under 85% / 75% of the window     warning/error
                       (Zerto's thresholds)
     journal-full      journal at 90% of its limit (cleared under 85%)           warning
+                      or site B's file system refused a write: raised at once   error
+                      by ``refused`` where the refusal happens (never missed
+                      between two samples), cleared by ``resumed`` (the source:
+                      the next ack) or, on site B, by the first status with no
+                      storage error
     link-down         no live session with the target for longer than N s      error
     splitter-restart  a disk's splitter went away or came back with a new       warning
                       generation (cleared once the disk replicates again)
@@ -30,6 +35,7 @@ HISTORY_WARNING = 0.85
 HISTORY_ERROR = 0.75
 JOURNAL_FULL = 0.90
 JOURNAL_CLEAR = 0.85
+REFUSED_HOLD = 1.0      # s: a refusal on site B is not cleared by a status older than this
 
 # The anomaly detector: over the last WINDOW seconds, the frame bytes sent for a group over
 # the write bytes shipped (1.0: nothing compressed). A window with at least ACTIVE bytes
@@ -114,6 +120,25 @@ class Alerts:
         self._down_since: Dict[str, float] = {}
         self._generations: Dict[Tuple[str, str], int] = {}
         self._splitter_down: Dict[Tuple[str, str], float] = {}
+        # (group, side) -> [first, latest] refusal of the journal since it last took writes
+        self._refused: Dict[Tuple[str, str], List[float]] = {}
+
+    def refused(self, group: str, side: str, message: str, now: float) -> List[Transition]:
+        """The journal of ``group`` refused a write (site B's file system is full), seen by
+        ``side`` ("source" or "target") as it happened: raise ``journal-full`` now."""
+        out: List[Transition] = []
+        times = self._refused.setdefault((group, side), [now, now])
+        times[1] = now
+        self._set(out, now, "journal-full", group, "error", message, side=side,
+                  refused_since=times[0])
+        return out
+
+    def resumed(self, group: str, side: str, now: float) -> List[Transition]:
+        """The journal of ``group`` takes writes again: clear what ``refused`` raised."""
+        out: List[Transition] = []
+        if self._refused.pop((group, side), None) is not None:
+            self._set(out, now, "journal-full", group, None)
+        return out
 
     def active(self) -> List[Dict[str, Any]]:
         return [dict(a) for a in self._active.values()]
@@ -146,6 +171,8 @@ class Alerts:
             self._replica(out, now, g, r)
         for key in [k for k in self._active if k[1] not in groups and k[1] not in replicas]:
             self._set(out, now, key[0], key[1], None, disk=key[2])  # the group is gone
+        for gone in [k for k in self._refused if k[0] not in groups and k[0] not in replicas]:
+            del self._refused[gone]
         for g in [g for g in self.detectors if g not in groups]:
             del self.detectors[g]
         return out
@@ -215,6 +242,13 @@ class Alerts:
         self._set(out, now, "history", g, severity, "group %s keeps %.0f s of its %.0f s "
                   "history (journal limit)" % (g, covered, window),
                   covered_s=covered, history_s=window)
+        times = self._refused.get((g, "target"))
+        if times is not None:
+            # An append worked since it was refused; a status asked for before the refusal
+            # (a sample in flight when it came) is not evidence of that.
+            if r.get("storage_error") is None and now - times[1] >= REFUSED_HOLD:
+                out.extend(self.resumed(g, "target", now))
+            return
         used = r["journal_bytes"] / r["journal_max"] if r.get("journal_max") else 0.0
         key = ("journal-full", g, "")
         if used >= JOURNAL_FULL or (key in self._active and used >= JOURNAL_CLEAR):

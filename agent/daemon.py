@@ -205,6 +205,8 @@ async def run(opts: Options) -> None:
                                   opts.hooks_dir, source.checkpoint, source.checkpoints,
                                   os.path.join(data_dir, "alerts.json"), api.status_async)
             target.notify = api.watcher.events.emit
+            target.journal_refused = source.journal_refused = api.watcher.journal_refused
+            source.journal_resumed = api.watcher.journal_resumed
             await nursery.start(api.watcher.run)
             api.jobs = Jobs(api.watcher.events)
             await nursery.start(api.jobs.run)

@@ -9,6 +9,11 @@ Kinds: ``group`` (protected, unprotected, state), ``disk`` (state), ``resync`` (
 ``link`` (up, down), ``checkpoint`` (a user's, not the automatic ones), ``failover`` (test
 started or stopped, live), ``alert`` (raised, cleared), ``job`` (started, done, failed),
 ``agent`` (started).
+
+Most events are found by comparing two status samples (watch.py, every 0.5 s), so a state
+shorter than a sample can go unseen. What must never be missed is told where it happens:
+a test failover's start and stop (``TargetSite.notify``) and the ``journal-full`` alert of a
+refused write (``Watcher.journal_refused``, from site B's server and the source's shipper).
 """
 
 from __future__ import annotations

@@ -228,6 +228,17 @@ class Watcher:
 
     # -- alerts ----------------------------------------------------------------------------
 
+    def journal_refused(self, group: str, side: str, message: str) -> None:
+        """Site B's journal refused a write of ``group`` (its file system is full), told by
+        ``side`` where it happened: the alert is raised now, not at the next sample."""
+        for change, alert in self.alerts.refused(group, side, message, time.time()):
+            self._announce(change, alert)
+
+    def journal_resumed(self, group: str, side: str) -> None:
+        """The journal of ``group`` took writes again after ``journal_refused``."""
+        for change, alert in self.alerts.resumed(group, side, time.time()):
+            self._announce(change, alert)
+
     def _announce(self, change: str, alert: Dict[str, Any]) -> None:
         severity = alert["severity"] if change == "raised" else "info"
         event = self.events.emit("alert", severity, change=change,

@@ -9,7 +9,8 @@ from ``FAULTS`` is injected; after it, the soak waits for the group to be synced
 ``ferry verify`` (a flipped replica byte must be found and is repaired with ``--repair``;
 any other difference is a mismatch), and samples each agent's RSS and open fds. At the end
 the writer stops and the newest point of both disks is restored and checked by the oracle.
-Prints the faults, RSS and fd slopes (per agent process that lived longest), resyncs,
+Prints the faults, RSS and fd slopes (per agent process that lived longest; the RSS slope
+also over the second half of the run, past warm-up), resyncs,
 verify mismatches and the oracle's verdict; exits 1 if the oracle failed or verify found a
 difference nobody made.
 """
@@ -123,7 +124,8 @@ class Soak:
             pid = site.proc.pid
             try:
                 with open("/proc/%d/status" % pid) as f:
-                    rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+                    # RssAnon: the heap; RssFile (mapped files, libraries) is not the agent's
+                    rss = next(int(line.split()[1]) for line in f if line.startswith("RssAnon"))
                 fds = len(os.listdir("/proc/%d/fd" % pid))
             except (OSError, StopIteration):
                 continue
@@ -149,8 +151,10 @@ class Soak:
         if found:
             self.a.ferry("wait", "g1", "--synced", "--timeout", "300")
 
-    def slopes(self) -> Dict[str, Tuple[float, float, int]]:
-        """Per site: (RSS KiB/min, fds/min, samples) over its longest-lived process."""
+    def slopes(self) -> Dict[str, Tuple[float, float, float, int, int]]:
+        """Per site, over its longest-lived process: (RSS KiB/min, the same over the second
+        half of its samples, fds/min, first and last RSS KiB). Warm-up (the journal filling
+        its window, the first batches) is in the first figure; a leak is in both."""
         out = {}
         for name in ("A", "B"):
             by_pid: Dict[int, List[Tuple[float, int, int]]] = {}
@@ -160,8 +164,10 @@ class Soak:
             if not by_pid:
                 continue
             s = max(by_pid.values(), key=len)
+            late = s[len(s) // 2:]
             out[name] = (_slope([(t, r) for t, r, _f in s]) * 60,
-                         _slope([(t, f) for t, _r, f in s]) * 60, len(s))
+                         _slope([(t, r) for t, r, _f in late]) * 60,
+                         _slope([(t, f) for t, _r, f in s]) * 60, s[0][1], s[-1][1])
         return out
 
 
@@ -247,9 +253,10 @@ def main() -> int:
                           if e.get("kind") == "resync" and e.get("change") == "start")
             print("soak: %s faults: %s" % (sum(soak.faults.values()), ", ".join(
                 "%s x%d" % kv for kv in sorted(soak.faults.items())) or "none"))
-            for name, (rss, fds, n) in soak.slopes().items():
-                print("soak: agent %s: RSS slope %+.0f KiB/min, fd slope %+.2f/min (%d samples)"
-                      % (name, rss, fds, n))
+            for name, (rss, late, fds, first, last) in soak.slopes().items():
+                print("soak: agent %s: RSS (anonymous) slope %+.0f KiB/min, %+.0f KiB/min over "
+                      "the second half (%d -> %d KiB), fd slope %+.2f/min"
+                      % (name, rss, late, first, last, fds))
             print("soak: resyncs started %d; verify: %d flipped byte(s) found and repaired, "
                   "%d unexpected mismatch(es)" % (resyncs, soak.flips_found, soak.mismatches))
             print("soak: oracle %s; writer errors: %d" % (oracle, len(writer.errors)))

@@ -27,7 +27,7 @@ import logging
 import socket
 import struct
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import trio
 
@@ -97,6 +97,11 @@ class GroupShipper:
         self.fenced_since = 0.0
         self.split_brain: Optional[Dict[str, Any]] = None  # see _split_brain
         self.link_since = time.time()
+        # Site B's journal refused a write (E_JOURNAL_FULL): told as it happens, and once the
+        # next ack shows it takes writes again (Watcher.journal_refused / journal_resumed).
+        self.journal_refused: Callable[[str, str, str], Any] = lambda *args: None
+        self.journal_resumed: Callable[[str, str], Any] = lambda *args: None
+        self._refused = False
         for index, link in enumerate(self.links):
             link.bind(self, index)
 
@@ -182,6 +187,9 @@ class GroupShipper:
                                    if state is not ShipperState.TARGET_UNPAIRED
                                    else "the target accepts only TLS from paired sites: "
                                    + how_to_pair(self.row.target))
+                        if state is ShipperState.JOURNAL_FULL:
+                            self._refused = True
+                            self.journal_refused(self.row.name, "source", str(e))
                         if state is ShipperState.FENCED:
                             await self._fence(str(e))
                             self._split_brain()
@@ -302,6 +310,9 @@ class GroupShipper:
         while True:
             ack = await fs.expect(messages.Ack)
             self._waiting_since = None  # the link moves
+            if self._refused:
+                self._refused = False
+                self.journal_resumed(self.row.name, "source")
             if ack.repair:
                 await self._repair(ack.repair)
             self.book.acked(list(ack.checkpoints))

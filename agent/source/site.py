@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import uuid
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import trio
 
@@ -54,6 +54,9 @@ class SourceSite:
         self._nursery: Optional[trio.Nursery] = None
         self._busy: Set[str] = set()
         self.idents: Dict[str, List[Identity]] = {}  # group -> its disks' identities
+        # What each shipper tells as it happens (set by the agent: Watcher.journal_*)
+        self.journal_refused: Callable[[str, str, str], Any] = lambda *args: None
+        self.journal_resumed: Callable[[str, str], Any] = lambda *args: None
         for row in store.groups():
             self._claim_stored(row)
 
@@ -108,6 +111,8 @@ class SourceSite:
         for link in links:
             self.links[link.row.id] = link
         shipper = GroupShipper(row, self.site_id, links, self.connect)
+        shipper.journal_refused = lambda *args: self.journal_refused(*args)
+        shipper.journal_resumed = lambda *args: self.journal_resumed(*args)
         self.shippers[row.name] = shipper
         assert self._nursery is not None
         self._nursery.start_soon(shipper.run)

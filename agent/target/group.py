@@ -715,7 +715,7 @@ class TargetGroup:
                 self._go(GroupEvent.DAMAGED)
             elif self.state is GroupState.JOURNAL_DAMAGED:
                 self._go(GroupEvent.REPAIRED)
-        self._snapshot = status.snapshot(self)
+        self._snapshot = status.snapshot(self, self._snapshot)
         err = self.storage_error
         self._snapshot["error"] = err["error"] if err else None
         self._snapshot["storage_error"] = dict(err) if err else None

@@ -71,6 +71,8 @@ class TargetSite:
         # Events told as they happen (the agent's EventLog.emit), not found by comparing two
         # status samples: a test failover may open and close between them.
         self.notify: Callable[..., Any] = lambda *args, **fields: None
+        # (group, side, message): the journal refused a write (Watcher.journal_refused)
+        self.journal_refused: Callable[[str, str, str], Any] = lambda *args: None
         self.scrubs: Dict[str, Dict[str, Any]] = {}  # the last scrub of each group
         self.fenced_disks: Optional[failback.FencedDisks] = None  # set by the agent
         self.retire_source: Optional[Callable[[str], Awaitable[Any]]] = None  # and this
@@ -250,9 +252,10 @@ class TargetSite:
         log.error("group %s: journal full: site B's file system has no space: %s; "
                   "nothing unwritten was acknowledged, the source keeps it until space "
                   "is freed", group, e)
-        await fs.send_error(frames.E_JOURNAL_FULL, "group %s: site B's file system is full "
-                            "(%s); free space there, replication resumes by itself"
-                            % (group, getattr(e, "strerror", None) or e))
+        message = "group %s: site B's file system is full (%s); free space there, " \
+            "replication resumes by itself" % (group, getattr(e, "strerror", None) or e)
+        self.journal_refused(group or "?", "target", message)
+        await fs.send_error(frames.E_JOURNAL_FULL, message)
         return True
 
     async def _handshake(self, fs: SessionStream, paired: Optional[bytes], is_tls: bool,
