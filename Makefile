@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd qemu-utils \
 	qemu-system-x86 fio busybox-static e2fsprogs cpio python3-venv python3-pip iproute2 \
 	rpm shellcheck rsync chromium chromium-driver libvirt-daemon-system libvirt-clients \
-	python3-libvirt python3-pyudev qemu-guest-agent
+	python3-libvirt python3-pyudev qemu-guest-agent faketime
 # What packaging/build.sh needs: dpkg-buildpackage with dh-python/pybuild, rpmbuild, the
 # linters, and the python3-* packages the build imports (man page, completion, checks).
 PACKAGE_APT_PACKAGES := dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all \
