@@ -540,10 +540,21 @@ class TargetSite:
         return self.group(group).list_checkpoints()
 
     async def open_view(self, group: str, ref: Optional[str], at_wall_ns: Optional[int],
-                        test: bool = False) -> Dict[str, Any]:
+                        test: bool = False, overlays: Optional[Dict[str, str]] = None
+                        ) -> Dict[str, Any]:
         g = self.group(group)
+        if overlays:  # {disk: new qcow2 file}, checked as a restore's destination
+            names = [d.name for d in g.disks]
+            for disk in overlays:
+                if disk not in names:
+                    raise NotFound("group %s has no disk %s (it has %s)"
+                                   % (group, disk, ", ".join(names)))
+            overlays = {d: check_dest(p, self.policy) for d, p in overlays.items()}
+            if len(set(overlays.values())) < len(overlays):
+                raise Invalid("overlays of group %s: one file named for two disks" % group)
         try:
-            view = await trio.to_thread.run_sync(self.views.open, g, ref, at_wall_ns, test)
+            view = await trio.to_thread.run_sync(self.views.open, g, ref, at_wall_ns, test,
+                                                 overlays)
         except (NoConsistentState, checkpoints.CheckpointError) as e:
             raise NotFound(str(e)) from None
         if test:
