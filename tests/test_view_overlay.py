@@ -3,12 +3,18 @@ point (real agents, nbdkit, qemu-img, qemu-io, qemu-nbd)."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
+from agent.errors import Conflict, StorageError
+from agent.target import overlays
 from tests.conftest import Lab
 from tests.test_replication import error_line
 
@@ -103,3 +109,50 @@ def test_view_overlay(sites: Lab) -> None:
     again = work / "again.raw"
     b.ferry("restore", "vm", "--disk", "d1", "--to", str(again), "--checkpoint", "t1")
     run("cmp", str(again), str(expect))
+
+
+def _spec(replica: Path, size: int) -> dict:
+    """A view's spec of a disk with no journal: its replica only."""
+    return {"group": "g", "name": "d", "replica": str(replica), "size": size, "disk": 0,
+            "base": [0, 0], "upto": [0, 0], "start": [0, 0], "segments": []}
+
+
+def test_overlay_failures_leave_nothing(tmp_path: Path) -> None:
+    replica = tmp_path / "r.img"
+    replica.write_bytes(b"\x77" * MiB)
+    sock = str(tmp_path / "o.sock")
+    made = overlays.write(str(tmp_path / "ok.qcow2"), _spec(replica, MiB), "raw", sock, "w")
+    assert made["bytes"] == 0 and made["path"] == str(tmp_path / "ok.qcow2")
+    qemu_io(made["path"], "qcow2", "read -P 0x77 0 1M")
+    with pytest.raises(Conflict, match="already exists"):
+        overlays.write(made["path"], _spec(replica, MiB), "raw", sock, "w")
+    dest = tmp_path / "new.qcow2"
+    with pytest.raises(StorageError, match=r"^overlay x failed: qemu-img: .*bogus"):
+        overlays.write(str(dest), _spec(replica, MiB), "bogus", sock, "overlay x")
+    long_sock = str(tmp_path / "nodir" / "s")   # qemu-nbd cannot bind it: it exits
+    with pytest.raises(StorageError, match=r"^overlay x failed: qemu-nbd: "):
+        overlays.write(str(dest), _spec(replica, MiB), "raw", long_sock, "overlay x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.qcow2", "r.img"]
+
+
+def test_overlay_detach(tmp_path: Path) -> None:
+    replica = tmp_path / "r.img"
+    replica.write_bytes(bytes(MiB))
+    one = overlays.write(str(tmp_path / "one.qcow2"), _spec(replica, MiB), "raw",
+                         str(tmp_path / "s"), "w")
+    two = overlays.write(str(tmp_path / "two.qcow2"), _spec(replica, MiB), "raw",
+                         str(tmp_path / "s"), "w")
+    both = {"a": one, "b": two}
+    with open(one["path"], "rb+") as f:   # a lock on it, as qemu takes: in use
+        fcntl.lockf(f, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, 100)
+        assert overlays.in_use(one["path"], one["dev"], one["ino"])
+        with pytest.raises(Conflict, match="overlay %s \\(disk a\\) is in use" % one["path"]):
+            overlays.detach(both, {"a": str(replica), "b": str(replica)}, "v1", "view v1")
+    assert not overlays.in_use(one["path"], one["dev"], one["ino"])
+    os.rename(two["path"], two["path"] + ".old")   # replaced by another file: left alone
+    Path(two["path"]).write_bytes(b"not ours")
+    done = overlays.detach(both, {"a": str(replica), "b": str(replica)}, "v1", "view v1")
+    assert done == [one["path"]]
+    assert Path(two["path"]).read_bytes() == b"not ours"
+    info = json.loads(run("qemu-img", "info", "--output=json", one["path"]).stdout)
+    assert info["backing-filename"] == "%s.closed-view-v1" % replica

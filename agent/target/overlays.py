@@ -196,8 +196,8 @@ def _run(cmd: List[str], fds: Tuple[int, ...], what: str) -> None:
                            None, errno.ETIMEDOUT) from None
     if done.returncode != 0:
         lines = done.stderr.decode(errors="replace").strip().splitlines() or ["(no message)"]
-        raise StorageError("%s failed: %s: %s" % (what, os.path.basename(cmd[0]), lines[-1]),
-                           None, errno.EIO)
+        raise StorageError("%s failed: %s: %s" % (what, os.path.basename(cmd[0]),
+                                                  "; ".join(lines)[:500]), None, errno.EIO)
 
 
 def _last(err: Any) -> str:
