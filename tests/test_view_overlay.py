@@ -50,7 +50,10 @@ def test_view_overlay(sites: Lab) -> None:
     a.ferry("wait", "vm", "--synced", "--timeout", "120")
     expect = work / "t1-d1.raw"
     b.ferry("restore", "vm", "--disk", "d1", "--to", str(expect), "--checkpoint", "t1")
-    replica = Path(b.status("vm")["replicas"]["vm"]["disks"]["d1"]["replica"])
+    shown = b.status("vm")["replicas"]["vm"]["disks"]["d1"]
+    replica = Path(shown["replica"])
+    assert (shown["replica_format"], shown["replica_allocated_bytes"]) == (
+        "raw", replica.stat().st_blocks * 512)
 
     # Refused in one line, nothing left behind, no view left open.
     taken = work / "taken.qcow2"

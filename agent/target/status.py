@@ -9,8 +9,9 @@ computed when read.
 
 from __future__ import annotations
 
+import os
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from .state import GroupData
 
@@ -51,9 +52,20 @@ def snapshot(g: GroupData) -> Snapshot:
                            "consistent": g.gate.whole(i) and not held,
                            "ever_consistent": g.gate.whole(i),
                            "seed_untouched_chunks": untouched[i],
-                           "replica": g.replica_path(d.name)}
+                           "replica": g.replica_path(d.name),
+                           # Replicas are raw, sparse files (issue 17: --replica-format).
+                           "replica_format": "raw",
+                           "replica_allocated_bytes": _allocated(g, i)}
                   for i, d in enumerate(g.disks)},
     }
+
+
+def _allocated(g: GroupData, i: int) -> Optional[int]:
+    """The bytes the file system holds for replica ``i`` (None if it cannot say)."""
+    try:
+        return os.fstat(g.fds[i]).st_blocks * 512
+    except (OSError, IndexError):
+        return None
 
 
 def read(snap: Snapshot) -> Dict[str, Any]:
