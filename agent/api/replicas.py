@@ -14,10 +14,12 @@ from formats import images
 
 from ..domains import vms
 from ..errors import Invalid
+from ..protocol.messages import MAX_JOURNAL
 from ..target import live, splitbrain
 from ..target.restore import copied
 from .request import (
     bool_of,
+    int_of,
     is_name,
     name_of,
     only,
@@ -69,6 +71,13 @@ async def route(api: Api, method: str, parts: List[str], query: Dict[str, list],
     if len(parts) == 4 and parts[:2] == ["v1", "replicas"] and parts[3] == "resolve" \
             and method == "POST":
         return 200, await resolve(api, parts[2], body)
+    if len(parts) == 4 and parts[:2] == ["v1", "replicas"] and parts[3] == "journal-volume" \
+            and method == "POST":
+        only(body, ("device", "journal_max"), "journal-volume")
+        if not is_name(parts[2]):
+            raise Invalid("group name %s: use letters, digits, '_', '.', '-'" % shown(parts[2]))
+        return 201, await api.target.journal_volume(
+            parts[2], path_of(body, "device"), int_of(body, "journal_max", 1, MAX_JOURNAL - 1))
     if parts == ["v1", "umount"] and method == "POST":
         return 200, await api.target.umount(path_of(body, "dir"))
     return None

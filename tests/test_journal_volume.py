@@ -1,0 +1,116 @@
+"""``ferry journal-volume``: a group's journal on its own block device (a real loop device
+stands in for an LVM logical volume), refusals, and a restart that mounts it again."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from typing import Iterator, List
+
+import pytest
+
+from tests.conftest import Lab, same_bytes
+from tests.test_replication import error_line
+
+MiB = 1024 * 1024
+
+
+def run(*cmd: str, check: bool = True) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if check:
+        assert proc.returncode == 0, "%s: %s%s" % (" ".join(cmd), proc.stdout, proc.stderr)
+    return proc.stdout.strip()
+
+
+@pytest.fixture
+def loops(lab: Lab) -> Iterator[List[str]]:
+    """Three loop devices: 64 MiB, 24 MiB and 64 MiB (given an ext4 already)."""
+    if os.geteuid() != 0:
+        pytest.skip("loop devices need root")
+    devices: List[str] = []
+    try:
+        for name, size in (("big", 64), ("small", 24), ("used", 64)):
+            image = lab.work / ("%s.dev" % name)
+            with open(image, "wb") as f:
+                f.truncate(size * MiB)
+            devices.append(run("losetup", "-f", "--show", str(image)))
+        run("mkfs.ext4", "-q", "-F", devices[2])
+        yield devices
+    finally:
+        lab.close()
+        journal = lab.b.data / "target" / "vm" / "journal"
+        while os.path.ismount(journal):
+            run("umount", str(journal))
+        for d in devices:
+            run("losetup", "-d", d, check=False)
+
+
+def test_journal_volume(lab: Lab, loops: List[str]) -> None:
+    big, small, used = loops
+    a, b = lab.a, lab.b
+    b.start()
+    a.start()
+    for device, words in ((str(lab.work / "big.dev"), "is not a block device"),
+                          (small, "holds 24 MiB; a journal of --journal-max 8 MiB with its "
+                                  "reserve needs 36 MiB"),
+                          (used, "holds a signature (ext4); wipe it first")):
+        line = error_line(b.ferry("journal-volume", "vm", device, "--journal-max", "8M",
+                                  check=False))
+        assert line.startswith("ferry: error: journal volume %s " % device), line
+        assert words in line, line
+    held = os.open(big, os.O_RDONLY | os.O_EXCL)   # another program holds it
+    try:
+        line = error_line(b.ferry("journal-volume", "vm", big, "--journal-max", "8M",
+                                  check=False))
+        assert "journal volume %s is in use" % big in line, line
+    finally:
+        os.close(held)
+    journal = b.data / "target" / "vm" / "journal"
+    assert not os.path.ismount(journal)
+
+    out = json.loads(b.ferry("journal-volume", "vm", big, "--journal-max", "8M",
+                             "--json").stdout)
+    assert (out["device"], out["size"], out["journal"]) == (big, 64 * MiB, str(journal))
+    assert run("findmnt", "-n", "-o", "SOURCE,UUID", "--mountpoint", str(journal)).split() \
+        == [big, out["uuid"]]
+    line = error_line(b.ferry("journal-volume", "vm", big, "--journal-max", "8M",
+                              check=False))
+    assert "group vm has a journal volume already (file system %s)" % out["uuid"] in line
+
+    b.stop()   # a restart before the group is protected: the volume waits for it
+    b.start()
+    assert "vm" not in b.status().get("replicas", {})
+    disk = lab.image("d1.img", 16 * MiB)
+    uris = lab.protect("vm", disk, extra=("--journal-max", "8M", "--journal-reserve"))
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 6M", "-c", "flush", uris["d1"])
+    a.ferry("wait", "vm", "--synced", "--timeout", "120")
+    names = os.listdir(journal)
+    assert any(n.endswith(".fjr") for n in names) and "room.fjs" in names, names
+    assert os.stat(journal / names[0]).st_dev == os.stat(journal).st_dev \
+        != os.stat(journal.parent).st_dev
+    first = lab.restore("vm", "d1")
+    assert same_bytes(first, disk)
+    line = error_line(b.ferry("journal-volume", "vm", big, "--journal-max", "8M",
+                              check=False))
+    assert "group vm has a journal" in line, line
+
+    # Mounted again by its UUID when the agent starts and finds it unmounted.
+    a.stop()
+    b.stop()
+    run("umount", str(journal))
+    b.start()
+    assert os.path.ismount(journal)
+    again = lab.work / "again.img"
+    b.ferry("restore", "vm", "--disk", "d1", "--to", str(again))
+    assert same_bytes(again, disk)
+    # A volume that cannot be found: the group is not opened (its journal would go to
+    # the wrong file system), with the reason.
+    b.stop()
+    run("umount", str(journal))
+    run("losetup", "-d", big)
+    b.start()
+    st = b.status()["replicas"]["vm"]
+    assert "its journal volume (file system %s, was %s) cannot be mounted" % (
+        out["uuid"], big) in st["error"], st
+    assert not os.path.ismount(journal) and os.listdir(journal) == []
