@@ -42,6 +42,7 @@ def digest(path: Path) -> str:
 def test_view_overlay(sites: Lab) -> None:
     a, b, work = sites.a, sites.b, sites.work
     uris = sites.protect("vm", sites.image("d1.img", 16 * MiB), sites.image("d2.img", 8 * MiB))
+    a.ferry("wait", "vm", "--synced", "--timeout", "120")  # later writes are journaled
     qemu_io(uris["d1"], "raw", "write -P 0x11 0 4M", "write -P 0x22 6M 1M",
             "write -z 1M 1M", "write -P 0x33 %d 4096" % (9 * MiB + 512), "flush")
     qemu_io(uris["d2"], "raw", "write -P 0x44 0 1M", "flush")
@@ -88,6 +89,11 @@ def test_view_overlay(sites: Lab) -> None:
     qemu_io(str(o1), "qcow2", "write -P 0x66 2M 1M", "flush")
     assert digest(replica) == before
 
+    # The view and its overlays outlive the agent.
+    b.stop()
+    b.start()
+    [kept] = b.status("vm")["replicas"]["vm"]["views"]
+    assert (kept["id"], kept["overlays"]) == (view["id"], view["overlays"])
     # Closing the view is refused while a qemu holds the overlay.
     sock = str(work / "o1.sock")
     server = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "--socket=" + sock, str(o1)],
