@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from pathlib import Path
 from typing import Iterator, List
 
 import pytest
 
+from agent.errors import NotFound
+from agent.target import volume
 from tests.conftest import Lab, same_bytes
 from tests.test_replication import error_line
 
@@ -114,3 +117,22 @@ def test_journal_volume(lab: Lab, loops: List[str]) -> None:
     assert "its journal volume (file system %s, was %s) cannot be mounted" % (
         out["uuid"], big) in st["error"], st
     assert not os.path.ismount(journal) and os.listdir(journal) == []
+
+
+def test_volume_record_and_checks(tmp_path: Path) -> None:
+    data, root = tmp_path, tmp_path / "target"
+    (root / "g1" / "journal").mkdir(parents=True)          # empty: maybe a volume
+    (root / "g2" / "journal").mkdir(parents=True)
+    (root / "g2" / "journal" / "seg-0000000000000001.fjr").write_bytes(b"")
+    assert volume.mount_all(str(data), str(root)) == {}    # no record: nothing to mount
+    (data / volume.RECORD).write_text("[1, 2]")            # not an object
+    failed = volume.mount_all(str(data), str(root))
+    assert list(failed) == ["g1"] and "journal-volumes.json cannot be read" in failed["g1"]
+    (data / volume.RECORD).write_text(json.dumps({"g3": {
+        "uuid": "00000000-0000-4000-8000-000000000001", "device": "/dev/gone"}}))
+    failed = volume.mount_all(str(data), str(root))
+    assert list(failed) == ["g3"] and "cannot be mounted on %s" % (
+        root / "g3" / "journal") in failed["g3"], failed
+    with pytest.raises(NotFound, match=r"^journal volume /dev/nosuch does not exist$"):
+        volume.check("/dev/nosuch", 8 * MiB)
+    assert volume.need(8 * MiB) == int(26 * MiB / 0.94) + 8 * MiB  # reserve, ext4, 8 MiB

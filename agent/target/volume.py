@@ -145,7 +145,16 @@ def mount_all(data_dir: str, root: str) -> Dict[str, str]:
     try:
         volumes = load(data_dir)
     except (OSError, ValueError) as e:
-        return {"*": "%s: %s" % (os.path.join(data_dir, RECORD), e)}
+        # Which groups have a volume is unknown: a group whose journal directory is empty
+        # and not a mount point may be one whose volume is not mounted; it is not opened.
+        why = "%s cannot be read (%s): its journal may live on a device not mounted" % (
+            os.path.join(data_dir, RECORD), e)
+        for group in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+            journal = os.path.join(root, group, "journal")
+            if os.path.isdir(journal) and not os.path.ismount(journal) \
+                    and not os.listdir(journal):
+                failed[group] = why
+        return failed
     for group, v in volumes.items():
         journal = os.path.join(root, group, "journal")
         if mounted(journal, v["uuid"]):
