@@ -5,11 +5,18 @@
 Two disks of the same virtual size, each protected to a second agent on this machine
 (replication running, after the initial sync): ``raw``, a raw file (the splitter writes it
 directly), and ``qcow2``, a new qcow2 image (the splitter writes it through qemu-nbd). The
-same fio jobs (``--ioengine=nbd``) run on each, interleaved, repeated, median reported:
+same fio jobs (``--ioengine=nbd``) run on each, interleaved (each once both disks' backlogs
+have reached site B, so no replication of the run before competes for CPU), repeated, median
+reported:
 4 KiB random writes at queue depth 16 and 1 MiB sequential writes at queue depth 4. The
 figure is qcow2 over raw (issue 17's goal: at least 0.7). At the end each disk is restored
 from site B and compared with the splitter's export, the disk the guest sees (``qemu-img
 compare``; the image file itself lags behind qemu-nbd's cache until the guest flushes).
+
+Each run also prints the CPU time per request of the processes of that disk (its nbdkit
+splitter and, for qcow2, its qemu-nbd, from ``/proc/PID/stat``) and of the two agents: on a
+machine whose cores fio, the splitters, qemu-nbd and the agents share, the ratio is bounded
+by CPU, and these figures say where it goes.
 """
 
 from __future__ import annotations
@@ -46,6 +53,36 @@ def fio(uri: str, job: list, size: int, seconds: int) -> dict:
     return report.fio_write(report.fio_json(proc.stdout)["jobs"][0])
 
 
+def cpu_seconds(pids: list) -> dict:
+    """{pid: user + system CPU seconds so far} of the processes still there."""
+    out = {}
+    for pid in pids:
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
+def processes_of(path: Path) -> dict:
+    """{pid: program} of the processes whose arguments name ``path`` (its splitter, its
+    qemu-nbd)."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % entry, "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if any(arg == str(path) or arg.endswith("=" + str(path)) for arg in argv[1:]):
+            out[int(entry)] = os.path.basename(argv[0])
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="short runs, one repetition")
@@ -74,10 +111,22 @@ def main() -> int:
         for rep in range(reps):
             for job, jargs in JOBS.items():
                 for fmt, uri in uris.items():
+                    for other in uris:  # no backlog of the run before competes for CPU
+                        a.ferry("wait", other, "--synced", "--timeout", "600")
+                    procs = processes_of(disks[fmt])
+                    procs.update({site.proc.pid: "agent " + site.name for site in (a, b)
+                                  if site.proc is not None})
+                    before = cpu_seconds(list(procs))
                     r = fio(uri, jargs, size, seconds)
+                    after = cpu_seconds(list(procs))
+                    ops = r["bytes"] / (4096 if "4k" in job else MiB)
+                    r["cpu_us_per_op"] = {procs[p]: round((after[p] - before[p]) / ops * 1e6, 1)
+                                          for p in after if p in before and ops}
                     results[job][fmt].append(r)
-                    print("rep %d %-18s %-6s %9.0f IOPS %8.1f MB/s p99 %7.0f us" % (
-                        rep + 1, job, fmt, r["iops"], r["mb_s"], r["lat_p99_us"]), flush=True)
+                    print("rep %d %-18s %-6s %9.0f IOPS %8.1f MB/s p99 %7.0f us  CPU us/op %s" % (
+                        rep + 1, job, fmt, r["iops"], r["mb_s"], r["lat_p99_us"],
+                        ", ".join("%s %.1f" % kv for kv in sorted(r["cpu_us_per_op"].items()))),
+                        flush=True)
         identical = {}
         for fmt in disks:
             a.ferry("wait", fmt, "--synced", "--timeout", "600")

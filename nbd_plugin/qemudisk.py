@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 
 from formats import images
 from formats.durable import open_append
+from nbd_plugin import nbdclient
 from nbd_plugin.nbdclient import Connection, Pool
 
 START_TIMEOUT = 30.0
@@ -43,7 +44,10 @@ class QemuDisk:
         self.on_lost: Callable[[str], None] = lambda why: None
         self._proc: Optional[subprocess.Popen] = None
         self._start_lock = threading.Lock()
-        self._pool = Pool(self._connect)
+        # The keeper (made before nbdkit forks) is a plain socket; the others, made as
+        # requests need them, are libnbd's where it is there (nbdclient.connect).
+        self._pool = Pool(lambda: self._connect(nbdclient.connect),
+                          keep=lambda: self._connect(Connection))
         self._pool.on_broken = self._broken
         self.size = self._pool.size
 
@@ -65,17 +69,17 @@ class QemuDisk:
             if out is not subprocess.DEVNULL:
                 out.close()
 
-    def _connect(self) -> Connection:
+    def _connect(self, make: Callable[[str], Any]) -> Any:
         with self._start_lock:
             try:
-                return Connection(self.socket_path)
+                return make(self.socket_path)
             except (FileNotFoundError, ConnectionError):  # none yet, or one ending
                 pass
             self._spawn()
             deadline = time.monotonic() + START_TIMEOUT
             while True:
                 try:
-                    return Connection(self.socket_path)
+                    return make(self.socket_path)
                 except (FileNotFoundError, ConnectionError):  # none yet, or one ending
                     proc = self._proc
                     if proc is not None and proc.poll() is not None:

@@ -39,6 +39,7 @@ ROUTES = [
     ("POST", "/v1/replicas/NAME/views"), ("DELETE", "/v1/views/NAME"),
     ("POST", "/v1/replicas/NAME/failover"), ("POST", "/v1/replicas/NAME/restore"),
     ("POST", "/v1/replicas/NAME/mounts"), ("POST", "/v1/umount"),
+    ("POST", "/v1/replicas/NAME/journal-volume"),
     ("POST", "/v1/groups/NAME/resync"), ("POST", "/v1/replicas/NAME/repair"),
     ("POST", "/v1/replicas/NAME/scrub"), ("POST", "/v1/groups/NAME/verify"),
     ("POST", "/v1/pair-token"), ("POST", "/v1/pairs"), ("GET", "/v1/pairs"),

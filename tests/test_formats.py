@@ -9,6 +9,7 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import List
 
@@ -191,7 +192,17 @@ def test_convert_command_options() -> None:
         images.qemu_nbd_command("/x", "raw", "/s")
 
 
-def test_qemu_disk_is_the_guest_view(tmp_path: Path, chain: Path,
+@pytest.fixture(params=["python", "native"])
+def client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The QemuDisk tests run with each NBD client: the pure-Python one and libnbd's."""
+    if request.param == "native" and nbdclient._nbd is None:
+        pytest.skip("libnbd's Python binding (python3-libnbd) is not installed")
+    monkeypatch.setenv("FERRY_NBD_CLIENT", request.param)
+    assert nbdclient.native() == (request.param == "native")
+    return str(request.param)
+
+
+def test_qemu_disk_is_the_guest_view(tmp_path: Path, chain: Path, client: str,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(nbdclient, "MAX_REQUEST", MiB)  # requests split in pieces
     sock = str(tmp_path / "q.sock")
@@ -218,7 +229,7 @@ def test_qemu_disk_is_the_guest_view(tmp_path: Path, chain: Path,
     assert not os.path.exists("/proc/%d" % disk._proc.pid)  # type: ignore[union-attr]
 
 
-def test_qemu_disk_restarts_a_dead_qemu_nbd(tmp_path: Path, chain: Path) -> None:
+def test_qemu_disk_restarts_a_dead_qemu_nbd(tmp_path: Path, chain: Path, client: str) -> None:
     lost: List[str] = []
     disk = open_disk(str(chain), "qcow2", str(tmp_path / "q.sock"))
     assert isinstance(disk, QemuDisk)
@@ -316,7 +327,8 @@ def test_nbd_client_refuses_a_non_nbd_server(tmp_path: Path) -> None:
     srv.close()
 
 
-def test_pool_drops_a_connection_left_half_way(tmp_path: Path, chain: Path) -> None:
+def test_pool_drops_a_connection_left_half_way(tmp_path: Path, chain: Path,
+                                               client: str) -> None:
     disk = QemuDisk(str(chain), "qcow2", str(tmp_path / "q.sock"))
     try:
         disk.read(0, 512)
@@ -326,7 +338,13 @@ def test_pool_drops_a_connection_left_half_way(tmp_path: Path, chain: Path) -> N
             raise KeyboardInterrupt
         with pytest.raises(KeyboardInterrupt):
             disk._pool.run(stopped)
-        assert disk._pool._idle == [] and pooled[0].sock.fileno() == -1
+        assert disk._pool._idle == []
+        assert type(pooled[0]).__name__ == ("NativeConnection" if client == "native"
+                                            else "Connection")
+        if client == "native":
+            assert pooled[0]._h is None
+        else:
+            assert pooled[0].sock.fileno() == -1
         assert disk.read(0, 4) == b"\x11" * 4  # a new connection
     finally:
         disk.close()
@@ -353,3 +371,34 @@ def test_restore_as_failure_leaves_nothing(tmp_path: Path) -> None:
     restore_as("file:" + str(src), dest, "restore x", "qcow2", None, True, 1)
     subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(src), dest],
                    check=True, capture_output=True)
+
+
+def test_native_connection_errors(tmp_path: Path, chain: Path) -> None:
+    if nbdclient._nbd is None:
+        pytest.skip("libnbd's Python binding (python3-libnbd) is not installed")
+    with pytest.raises(FileNotFoundError, match="cannot connect to"):
+        nbdclient.NativeConnection(str(tmp_path / "none.sock"))
+    sock = str(tmp_path / "ro.sock")
+    server = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "--read-only", "--persistent",
+                               "--socket=" + sock, str(chain)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not os.path.exists(sock):
+            assert server.poll() is None
+            time.sleep(0.02)
+        with pytest.raises(ProtocolError, match="does not offer flush, FUA and write zeroes"):
+            nbdclient.NativeConnection(sock)    # a read-only export: no writes
+    finally:
+        server.terminate()
+        server.wait()
+    disk = QemuDisk(str(chain), "qcow2", str(tmp_path / "q.sock"))
+    try:
+        conn = nbdclient.NativeConnection(disk.socket_path)
+        buf = memoryview(bytearray(4))
+        conn.pread(buf, 0)
+        assert bytes(buf) == b"\x11" * 4
+        conn.close()
+        with pytest.raises(ConnectionResetError, match="NBD connection closed"):
+            conn.pread(buf, 0)
+    finally:
+        disk.close()

@@ -19,8 +19,11 @@
     POST   /v1/replicas/NAME/repair         {disk, ranges?}: ask the source for ranges again
     POST   /v1/replicas/NAME/rebuild-meta   {disks?}: meta.json made again (journal, replicas)
     GET    /v1/checkpoints/NAME             {"source": [...] | null, "target": [...] | null}
-    POST   /v1/replicas/NAME/views          {checkpoint?, at_ns?, test?}: serve a point (target)
+    POST   /v1/replicas/NAME/views          {checkpoint?, at_ns?, test?, overlay?}: serve a
+                                            point (target); overlay: FILE or {disk: FILE}
     DELETE /v1/views/ID                     close a view
+    POST   /v1/replicas/NAME/journal-volume {device, journal_max}: the group's journal on its
+                                            own block device, before it is protected (target)
     POST   /v1/replicas/NAME/failover       {mode: test|stop-test|live, checkpoint?, at_ns?}
     POST   /v1/replicas/NAME/resolve        {keep: a|b} | {drop_kept: true}: a split brain
     POST   /v1/replicas/NAME/restore        {disk, to, checkpoint?, at_ns?}: a disk to a file

@@ -14,14 +14,17 @@ from formats import images
 
 from ..domains import vms
 from ..errors import Invalid
+from ..protocol.messages import MAX_JOURNAL
 from ..target import live, splitbrain
 from ..target.restore import copied
 from .request import (
     bool_of,
+    int_of,
     is_name,
     name_of,
     only,
     path_of,
+    path_value,
     point_of,
     ranges_of,
     shown,
@@ -36,7 +39,8 @@ async def route(api: Api, method: str, parts: List[str], query: Dict[str, list],
                 body: Dict[str, Any]) -> Optional[Tuple[int, Any]]:
     if len(parts) == 4 and parts[:2] == ["v1", "replicas"] and parts[3] == "views" \
             and method == "POST":
-        return 201, await api.target.open_view(parts[2], *point_of(body))
+        return 201, await api.target.open_view(parts[2], *point_of(body),
+                                               overlays=overlays_of(api, parts[2], body))
     if len(parts) == 3 and parts[:2] == ["v1", "views"] and method == "DELETE":
         return 200, await api.target.close_view(parts[2])
     if len(parts) == 4 and parts[:2] == ["v1", "replicas"] and parts[3] == "failover" \
@@ -67,9 +71,37 @@ async def route(api: Api, method: str, parts: List[str], query: Dict[str, list],
     if len(parts) == 4 and parts[:2] == ["v1", "replicas"] and parts[3] == "resolve" \
             and method == "POST":
         return 200, await resolve(api, parts[2], body)
+    if len(parts) == 4 and parts[:2] == ["v1", "replicas"] and parts[3] == "journal-volume" \
+            and method == "POST":
+        only(body, ("device", "journal_max"), "journal-volume")
+        if not is_name(parts[2]):
+            raise Invalid("group name %s: use letters, digits, '_', '.', '-'" % shown(parts[2]))
+        return 201, await api.target.journal_volume(
+            parts[2], path_of(body, "device"), int_of(body, "journal_max", 1, MAX_JOURNAL - 1))
     if parts == ["v1", "umount"] and method == "POST":
         return 200, await api.target.umount(path_of(body, "dir"))
     return None
+
+
+def overlays_of(api: Api, group: str, body: Dict[str, Any]) -> Optional[Dict[str, str]]:
+    """A view's ``overlay``: a file (a group of one disk) or ``{disk: file}``."""
+    value = body.get("overlay")
+    if value is None:
+        return None
+    if isinstance(value, str):
+        disks = [d.name for d in api.target.group(group).disks]
+        if len(disks) != 1:
+            raise Invalid("group %s has %d disks (%s): name each overlay's disk "
+                          "(DISK=FILE)" % (group, len(disks), ", ".join(disks)))
+        value = {disks[0]: value}
+    if not isinstance(value, dict) or not value or len(value) > 64:
+        raise Invalid("overlay must be a file, or an object of 1 to 64 {disk: file}")
+    for disk, path in value.items():
+        if not is_name(disk):
+            raise Invalid("overlay: disk name %s: use letters, digits, '_', '.', '-'"
+                          % shown(disk))
+        path_value(path, "overlay of disk %s" % disk)
+    return dict(value)
 
 
 async def resolve(api: Api, group: str, body: Dict[str, Any]) -> Dict[str, Any]:

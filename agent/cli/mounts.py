@@ -1,5 +1,6 @@
 """File-level restore on the target site: ``mount`` a disk's file systems at a point
-read-only under a directory, ``umount`` them (agent/target/mounts.py)."""
+read-only under a directory, ``umount`` them (agent/target/mounts.py); and
+``journal-volume``, a group's journal on its own block device (agent/target/volume.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import click
 
 from .app import Agent, call, cli, complete_groups, emit
 from .recovery import point_body, point_options
-from .units import iso
+from .units import iso, parse_size
 
 
 @cli.command()
@@ -49,3 +50,26 @@ def umount(api: Agent, directory: str, as_json: bool) -> None:
         return emit(result)
     click.echo("unmounted %s/%s from %s" % (result["group"], result["disk"],
                                            result["directory"]))
+
+
+@cli.command("journal-volume")
+@click.argument("group", shell_complete=complete_groups)
+@click.argument("device", type=click.Path(dir_okay=False))
+@click.option("--journal-max", required=True, metavar="SIZE",
+              help="The journal limit the group will be protected with (protect "
+                   "--journal-max): the device must hold it with its reserve.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def journal_volume(api: Agent, group: str, device: str, journal_max: str,
+                   as_json: bool) -> None:
+    """On the target site, before GROUP is protected: keep its journal on DEVICE, an unused
+    block device (an LVM logical volume, a partition) that Ferry formats (ext4) and mounts
+    on the group's journal directory. Refused for a device in use, too small or holding a
+    signature."""
+    body = {"device": os.path.abspath(device), "journal_max": parse_size(journal_max)}
+    result = call(api, "POST", "/v1/replicas/%s/journal-volume" % group, body, timeout=600)
+    if as_json:
+        return emit(result)
+    click.echo("group %s: journal on %s (%d MiB, file system %s) mounted on %s" % (
+        group, result["device"], result["size"] // (1024 * 1024), result["uuid"],
+        result["journal"]))

@@ -94,15 +94,44 @@ def _print_view(result: Dict[str, Any], as_json: bool, what: str) -> None:
 @cli.command()
 @click.argument("group", shell_complete=complete_groups)
 @point_options
+@click.option("--overlay", "overlay", multiple=True, metavar="[DISK=]FILE",
+              help="Also write a new qcow2 FILE over DISK's replica holding the journal's "
+                   "changes up to the point, for a VM started here without copying the disk; "
+                   "valid while the view is open. DISK= may be left out for a group of one "
+                   "disk. Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def view(api: Agent, group: str, checkpoint: Optional[str], at: Optional[str],
-         as_json: bool) -> None:
+         overlay: Tuple[str, ...], as_json: bool) -> None:
     """On the target site: serve GROUP's disks as of a point, read-only over NBD (default:
     the newest consistent state); prints the view id and a URI per disk."""
-    result = call(api, "POST", "/v1/replicas/%s/views" % group, point_body(checkpoint, at),
-                  timeout=600)
+    body = point_body(checkpoint, at)
+    if overlay:
+        body["overlay"] = _overlays(overlay)
+    result = call(api, "POST", "/v1/replicas/%s/views" % group, body, timeout=3600)
     _print_view(result, as_json, "view")
+    if not as_json:
+        for name, path in sorted((result.get("overlays") or {}).items()):
+            click.echo("%s\toverlay %s" % (name, path))
+
+
+def _overlays(values: Tuple[str, ...]) -> Any:
+    """``--overlay`` values: one FILE, or DISK=FILE each (a FILE with '=' in its name: give
+    it as ./NAME or with its directory)."""
+    out: Dict[str, str] = {}
+    for v in values:
+        disk, sep, path = v.partition("=")
+        if not sep or "/" in disk or not disk:
+            if len(values) > 1:
+                raise click.BadParameter("give DISK=FILE for each of several overlays",
+                                         param_hint="--overlay")
+            return os.path.abspath(v)
+        if not path:
+            raise click.BadParameter("%s: give DISK=FILE" % v, param_hint="--overlay")
+        if disk in out:
+            raise click.BadParameter("disk %s given twice" % disk, param_hint="--overlay")
+        out[disk] = os.path.abspath(path)
+    return out
 
 
 @cli.command("view-close")

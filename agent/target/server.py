@@ -30,7 +30,7 @@ from ..pairing import Refused, Trust
 from ..protocol import frames, messages
 from ..protocol.session import TargetSession
 from ..protocol.stream import SessionStream, keepalive
-from . import failback, intake, meta, preauth, reserve, splitbrain
+from . import failback, intake, meta, preauth, reserve, splitbrain, volume
 from . import seeds as seed
 from .group import NoConsistentState, SizeMismatch, TargetGroup, check_disks
 from .journal import journal_kinds
@@ -84,9 +84,22 @@ class TargetSite:
 
     def load(self) -> None:
         """Open every group this site already holds (restore works without a source)."""
+        data_dir = os.path.dirname(self.root)
+        unmounted = volume.mount_all(data_dir, self.root)  # journals on their own devices
+        for name, why in unmounted.items():
+            self.broken[name] = why
+            log.error("group %s cannot be opened and is not served: %s", name, why)
+        try:
+            volumes = volume.load(data_dir)
+        except (OSError, ValueError):
+            volumes = {}  # (mount_all said so)
         for name in sorted(os.listdir(self.root)):
             directory = os.path.join(self.root, name)
+            if name in unmounted:
+                continue
             if not os.path.exists(meta.path(directory)):
+                if name in volumes:
+                    continue  # a journal volume given, the group not protected yet
                 if any(os.path.isdir(os.path.join(directory, d))
                        for d in ("journal", "replicas")):
                     self.broken[name] = "%s is missing; `ferry repair %s --rebuild-meta` " \
@@ -544,11 +557,32 @@ class TargetSite:
     def checkpoints(self, group: str) -> List[Dict[str, Any]]:
         return self.group(group).list_checkpoints()
 
+    async def journal_volume(self, group: str, device: str, journal_max: int
+                             ) -> Dict[str, Any]:
+        """Give ``group`` (not protected here yet) a journal on ``device`` (volume.py)."""
+        if group in self.groups or group in self.broken:
+            raise Conflict("group %s has a journal here already; a journal volume is given "
+                           "before the group is protected" % group)
+        return await trio.to_thread.run_sync(
+            volume.give, os.path.dirname(self.root), os.path.join(self.root, group), group,
+            device, journal_max, self.policy)
+
     async def open_view(self, group: str, ref: Optional[str], at_wall_ns: Optional[int],
-                        test: bool = False) -> Dict[str, Any]:
+                        test: bool = False, overlays: Optional[Dict[str, str]] = None
+                        ) -> Dict[str, Any]:
         g = self.group(group)
+        if overlays:  # {disk: new qcow2 file}, checked as a restore's destination
+            names = [d.name for d in g.disks]
+            for disk in overlays:
+                if disk not in names:
+                    raise NotFound("group %s has no disk %s (it has %s)"
+                                   % (group, disk, ", ".join(names)))
+            overlays = {d: check_dest(p, self.policy) for d, p in overlays.items()}
+            if len(set(overlays.values())) < len(overlays):
+                raise Invalid("overlays of group %s: one file named for two disks" % group)
         try:
-            view = await trio.to_thread.run_sync(self.views.open, g, ref, at_wall_ns, test)
+            view = await trio.to_thread.run_sync(self.views.open, g, ref, at_wall_ns, test,
+                                                 overlays)
         except (NoConsistentState, checkpoints.CheckpointError) as e:
             raise NotFound(str(e)) from None
         if test:

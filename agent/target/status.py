@@ -17,6 +17,7 @@ long, so the ``history`` alert is never silenced by it).
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Dict, Optional
 
@@ -63,7 +64,10 @@ def snapshot(g: GroupData, prev: Optional[Snapshot] = None) -> Snapshot:
                            "consistent": g.gate.whole(i) and not held,
                            "ever_consistent": g.gate.whole(i),
                            "seed_untouched_chunks": untouched[i],
-                           "replica": g.replica_path(d.name)}
+                           "replica": g.replica_path(d.name),
+                           # Replicas are raw, sparse files (issue 17: --replica-format).
+                           "replica_format": "raw",
+                           "replica_allocated_bytes": _allocated(g, i)}
                   for i, d in enumerate(g.disks)},
     }
 
@@ -75,6 +79,14 @@ def received_at(prev: Optional[Snapshot], newest: Optional[str], now: float) -> 
             prev.get("newest_checkpoint") or {}).get("id") == newest:
         return float(prev[RECEIVED])
     return now
+
+
+def _allocated(g: GroupData, i: int) -> Optional[int]:
+    """The bytes the file system holds for replica ``i`` (None if it cannot say)."""
+    try:
+        return os.fstat(g.fds[i]).st_blocks * 512
+    except (OSError, IndexError):
+        return None
 
 
 def read(snap: Snapshot) -> Dict[str, Any]:

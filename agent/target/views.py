@@ -6,7 +6,9 @@ open) and serves each disk read-only with the view plugin (``nbd_plugin/view.py`
 socket under ``<data>/views/<id>/``. A test failover is the same with nbdkit's ``cow``
 filter, whose overlay lives in that directory too: closing the test stops nbdkit and deletes
 the directory, which leaves the replica and the journal as they were. A live failover's
-export (``live-<group>``) serves the group's live disks (``failover.py``), writable.
+export (``live-<group>``) serves the group's live disks (``failover.py``), writable. A view
+may also write qcow2 overlays of its disks over their replicas (``overlays.py``), valid while
+it is open; closing it detaches them, and is refused while one is in use.
 
 A view's directory holds, besides the sockets, logs and pid files, ``view.json``: the view's
 description, written atomically once every disk answers. The agent's stop leaves exports
@@ -32,11 +34,12 @@ from formats import jindex
 from formats.durable import write_atomic, write_new
 
 from ..checkpoints import iso
-from ..errors import Conflict, NotFound
+from ..errors import Conflict, FerryError, NotFound
 from ..plugins import VIEW as PLUGIN
 from . import exports
 from . import failback as fb
 from . import failover as fo
+from . import overlays as ov
 from .exports import Export
 from .group import TargetGroup
 
@@ -58,6 +61,7 @@ class View:
     started: float = field(default_factory=time.time)
     live: bool = False
     reported: bool = False  # its death is logged once
+    overlays: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # name -> overlays.write
 
     def dead(self) -> List[str]:
         return sorted(d for d in self.disks
@@ -68,13 +72,14 @@ class View:
         return {"id": self.id, "group": self.group, "test": self.test, "live": self.live,
                 "checkpoint": self.checkpoint, "disks": dict(self.disks),
                 "started": self.started, "state": "dead" if dead else "serving",
-                "dead_disks": dead}
+                "dead_disks": dead, "overlays": {d: o["path"] for d, o in self.overlays.items()}}
 
     def describe(self) -> None:
         """Write ``view.json`` (atomic and durable when it returns)."""
         write_atomic(os.path.join(self.directory, DESCRIPTION), json.dumps({
             "id": self.id, "group": self.group, "test": self.test, "live": self.live,
             "checkpoint": self.checkpoint, "disks": self.disks, "started": self.started,
+            "overlays": self.overlays,
         }, indent=1).encode())
 
 
@@ -102,7 +107,7 @@ class Views:
                     d = json.load(f)
                 view = View(d["id"], d["group"], bool(d["test"]), d.get("checkpoint"),
                             directory, dict(d["disks"]), started=float(d["started"]),
-                            live=bool(d.get("live")))
+                            live=bool(d.get("live")), overlays=dict(d.get("overlays") or {}))
             except (OSError, ValueError, KeyError, TypeError) as e:
                 log.warning("views/%s: no usable %s (%s); stopping what it left",
                             vid, DESCRIPTION, e)
@@ -150,6 +155,7 @@ class Views:
                         "is not held here" if group is None else "is no longer wanted"
                         if view.live else "lost its nbdkit")
             _stop(view)  # (a view counted by pins_of is taken back: nothing to unpin)
+            _drop_overlays(view, groups.get(view.group))
         for group in groups.values():
             if fo.serving(group.failover) and "live-" + group.name not in self.views:
                 try:
@@ -201,8 +207,9 @@ class Views:
     # -- opening and closing -------------------------------------------------------------
 
     def open(self, group: TargetGroup, ref: Optional[str], at_wall_ns: Optional[int],
-             test: bool) -> Dict[str, Any]:
-        """Serve every disk of ``group`` at a point (blocking: run it in a thread)."""
+             test: bool, overlays: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+        """Serve every disk of ``group`` at a point (blocking: run it in a thread);
+        ``overlays``: {disk: new file (``restore.check_dest``)} written for it (overlays.py)."""
         if test and self.test_of(group.name) is not None:
             raise Conflict("group %s already has a test failover running; stop it first "
                            "(ferry failover %s --stop-test)" % (group.name, group.name))
@@ -230,9 +237,17 @@ class Views:
                 view.exports[st.name] = exports.start(
                     view.directory, st.name, args, dict(os.environ, TMPDIR=view.directory))
                 view.disks[st.name] = "nbd+unix:///?socket=" + view.exports[st.name].sock
+            for st, spec in zip(group.disks, specs):
+                if overlays and st.name in overlays:
+                    view.overlays[st.name] = ov.write(
+                        overlays[st.name], spec, "raw",
+                        os.path.join(view.directory, st.name + ".overlay.sock"),
+                        "overlay of group %s disk %s to %s" % (group.name, st.name,
+                                                             overlays[st.name]))
             view.describe()
         except BaseException:
             _stop(view)
+            _remove_overlays(view)
             group.unpin()
             raise
         if test and checkpoint is not None:
@@ -249,9 +264,17 @@ class Views:
             view = self.views.pop(vid, None)
         if view is None:
             raise NotFound("no view %s on this site" % vid)
+        group = groups.get(view.group)
+        if view.overlays and group is not None:
+            try:
+                ov.detach(view.overlays, {st.name: group.replica_path(st.name)
+                                          for st in group.disks}, vid, "view %s" % vid)
+            except BaseException:
+                with self._lock:
+                    self.views[vid] = view  # still open: its overlays stay valid
+                raise
         out = view.to_json()
         _stop(view)
-        group = groups.get(view.group)
         if group is not None and not view.live:
             group.unpin()
         log.info("group %s: %s %s closed", view.group, _what(view), vid)
@@ -344,6 +367,29 @@ def _index_open_segments(group: TargetGroup, segments: List[List[Any]], director
         write_new(idx, jindex.pack_idx(entries[:n * jindex.ENTRY.size], end))
         out[str(segno)] = idx
     return out
+
+
+def _remove_overlays(view: View) -> None:
+    """A view that failed to open: remove the overlays it wrote (if still the same files)."""
+    for o in view.overlays.values():
+        try:
+            st = os.stat(o["path"], follow_symlinks=False)
+            if (st.st_dev, st.st_ino) == (o["dev"], o["ino"]):
+                os.unlink(o["path"])
+        except OSError:
+            pass
+
+
+def _drop_overlays(view: View, group: Optional[TargetGroup]) -> None:
+    """A view removed at the agent's start: its pin is gone, so detach its overlays (a
+    qemu still running on one is logged: its backing replica moves on)."""
+    if not view.overlays or group is None:
+        return
+    try:
+        ov.detach(view.overlays, {st.name: group.replica_path(st.name) for st in group.disks},
+                  view.id, "view %s" % view.id)
+    except FerryError as e:
+        log.error("group %s: %s; the replica under it is no longer pinned", view.group, e)
 
 
 def _stop(view: View) -> None:
