@@ -21,13 +21,13 @@ from __future__ import annotations
 import bisect
 import errno
 import importlib
-import mmap
 import os
 import struct
 import sys
 from array import array
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from . import reads
 from .jindex import (
     BLOCK_SHIFT,
     DISK_SHIFT,
@@ -215,6 +215,14 @@ class RecordCorrupt(OSError):
         return str(self.strerror)
 
 
+class ReadFailed(OSError):
+    """A read of the replica or a segment failed (its errno kept); the message is one line
+    naming the group, the disk, the file and the byte."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 Hasher = Callable[[Any], Any]  # xxhash.xxh3_64
 
 
@@ -239,21 +247,23 @@ def hasher(path: Optional[str] = None) -> Optional[Hasher]:
 class Reader:
     """Reads a disk through a ``JournalMap``: replica file plus journal segments.
 
-    Each segment is mapped read-only (``mmap``, the ``end`` bytes the view sees), so the
-    pieces of a read are copied from the page cache without a system call each; the
-    replica is read with ``preadv``. A mapped segment must not shrink under the view:
-    the agent pins the group (no promotion, no deletion) and only ever cuts an open
-    segment back to a size at or past the one the view saw. Every record is checked
-    before its data is first returned (see the module): ``check`` is the hash to check
-    with (None: only ``damage``, ``{segment: [(start, end)]}``, is refused)."""
+    Replica and segments are read with ``preadv`` on descriptors opened once (not mapped:
+    a read error of a mapped file is a SIGBUS that kills the process; a failed read here is
+    an ``OSError`` naming the file and the byte, ``formats/reads.py``, and nothing read is
+    returned). A segment must not shrink under the view: the agent pins the group (no
+    promotion, no deletion) and only ever cuts an open segment back to a size at or past
+    the one the view saw. Every record is checked before its data is first returned (see
+    the module): ``check`` is the hash to check with (None: only ``damage``, ``{segment:
+    [(start, end)]}``, is refused)."""
 
     def __init__(self, replica: str, segments: List[Tuple[int, str, int]], jmap: JournalMap,
                  check: Optional[Hasher] = None,
                  damage: Optional[Dict[int, List[Tuple[int, int]]]] = None,
                  label: str = "a view") -> None:
+        self._replica_path = replica
         self._replica = os.open(replica, os.O_RDONLY | os.O_CLOEXEC)
-        self._maps: Dict[int, mmap.mmap] = {}
-        self._views: Dict[int, memoryview] = {}
+        self._fds: Dict[int, int] = {}
+        self._ends: Dict[int, int] = {}
         self._paths = {segno: path for segno, path, _end in segments}
         self._check = check
         self._damage = damage or {}
@@ -264,12 +274,8 @@ class Reader:
             for segno, path, end in segments:
                 if end <= 0:
                     continue
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    self._maps[segno] = mmap.mmap(fd, end, prot=mmap.PROT_READ)
-                finally:
-                    os.close(fd)
-                self._views[segno] = memoryview(self._maps[segno])
+                self._fds[segno] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                self._ends[segno] = end
         except BaseException:
             self.close()
             raise
@@ -287,7 +293,7 @@ class Reader:
 
     def readinto(self, buf: bytearray | memoryview, offset: int) -> None:
         """Fill ``buf`` with the disk's bytes at ``offset``; RecordCorrupt if a record it
-        needs cannot be vouched for."""
+        needs cannot be vouched for, an ``OSError`` naming file and byte if a read fails."""
         view = memoryview(buf)
         for s, e, src in self.map.lookup(offset, len(view)):
             part = view[s - offset:e - offset]
@@ -295,15 +301,31 @@ class Reader:
                 part[:] = bytes(e - s)
             elif src is not None:
                 self._vouch(src[0], src[1])
-                part[:] = self._views[src[0]][src[1]:src[1] + e - s]
+                self._fill(self._fds[src[0]], self._paths.get(src[0], str(src[0])), part,
+                           src[1], False)
             else:
-                at = s
-                while part:
-                    got = os.preadv(self._replica, [part], at)
-                    if got == 0:  # a replica shorter than the disk reads zeroes
-                        part[:] = bytes(len(part))
-                        break
-                    part, at = part[got:], at + got
+                self._fill(self._replica, self._replica_path, part, s, True)
+
+    def _label_of(self, e: OSError) -> ReadFailed:
+        return ReadFailed(e.errno or errno.EIO, "%s: %s" % (self._label, reads.one_line(e)),
+                          e.filename)
+
+    def _fill(self, fd: int, path: str, part: memoryview, at: int, sparse: bool) -> None:
+        """Read ``part`` from ``fd`` at ``at``; past the end of a replica (``sparse``)
+        reads zeroes, past the end of a segment is an error."""
+        start, want = at, len(part)
+        while part:
+            try:
+                got = os.preadv(fd, [part], at)
+            except OSError as e:
+                raise self._label_of(reads.failed(e, start, want, path)) from None
+            if got == 0:
+                if sparse:  # a replica shorter than the disk reads zeroes
+                    part[:] = bytes(len(part))
+                    return
+                raise self._label_of(reads.failed(OSError(errno.EIO, "the file ended early"),
+                                                  start, want, path))
+            part, at = part[got:], at + got
 
     def _vouch(self, segno: int, data_pos: int) -> None:
         """Check the record whose data holds byte ``data_pos`` of segment ``segno``."""
@@ -320,13 +342,20 @@ class Reader:
             if start <= rpos < end:
                 raise self._corrupt(segno, rpos, "lies in damage site B found")
         if self._check is not None:
-            seg = self._views[segno]
-            kind, length = seg[rpos + 4], struct.unpack_from("<I", seg, rpos + 12)[0]
+            path = self._paths.get(segno, str(segno))
+            head = memoryview(bytearray(RECORD.size))
+            if rpos + RECORD.size > self._ends[segno]:
+                raise self._corrupt(segno, rpos, "fails its checksum")
+            self._fill(self._fds[segno], path, head, rpos, False)
+            kind, length = head[4], struct.unpack_from("<I", head, 12)[0]
             end = rpos + RECORD.size + (length if kind in DATA_KINDS else 0)
-            h = self._check(seg[rpos:rpos + CHECKED])
-            h.update(seg[rpos + RECORD.size:end])
-            if end > len(seg) or \
-                    h.intdigest() != struct.unpack_from("<Q", seg, rpos + CHECKED)[0]:
+            if end > self._ends[segno]:
+                raise self._corrupt(segno, rpos, "fails its checksum")
+            data = memoryview(bytearray(end - rpos - RECORD.size))
+            self._fill(self._fds[segno], path, data, rpos + RECORD.size, False)
+            h = self._check(head[:CHECKED])
+            h.update(data)
+            if h.intdigest() != struct.unpack_from("<Q", head, CHECKED)[0]:
                 raise self._corrupt(segno, rpos, "fails its checksum")
         good[n] = 1
 
@@ -338,13 +367,9 @@ class Reader:
         if self._replica >= 0:
             os.close(self._replica)
             self._replica = -1
-        for v in self._views.values():
-            v.release()
-        for m in self._maps.values():
-            m.close()
-        self._views = {}
-        self._maps = {}
-
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
 
 def build_map(spec: Dict) -> JournalMap:
     """The map of one disk of a view (the spec ``TargetGroup.view_spec`` makes): the disk's
