@@ -3,9 +3,11 @@ over nbdfuse over a RAM disk whose reads fail, while a trigger file names byte r
 EIO (tests/plugins/faulty_disk.py): real kernel read errors on exactly one file of site B, a
 journal segment or a replica (its blocks found with ``filefrag``, its page cache dropped).
 
-A view's read, a restore, ``ferry verify`` and ``ferry scrub`` that meet the error refuse with
-one line naming the file and the byte (``formats/reads.py``), hand out nothing they could not
-read, and leave site B's agent running; once the device heals, the same requests succeed."""
+A view's read, a restore, ``ferry verify``, ``ferry scrub`` and a live failover that meet the
+error refuse with one line naming the file and the byte (``formats/reads.py``), hand out
+nothing they could not read, and leave site B's agent running (the periodic scrub logs the
+same line and goes on); a failover refused leaves nothing live and the group replicating.
+Once the device heals, the same requests succeed."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import nbd
 import pytest
 from conftest import Lab
 from faulty_device import FaultyDisk
+from test_faults import wait_for
 
 MiB = 1024 * 1024
 SIZE = 4 * MiB
@@ -74,6 +77,10 @@ def fail_reads_of(dev: FaultyDisk, path: Path) -> None:
         os.close(fd)
 
 
+def scrub_lines(lab: Lab) -> List[str]:
+    return [x for x in lab.b.log.read_text().splitlines() if "periodic scrub:" in x]
+
+
 def agent_up(lab: Lab) -> None:
     assert lab.b.proc is not None and lab.b.proc.poll() is None, "site B's agent died"
 
@@ -92,6 +99,7 @@ def restore_fails(lab: Lab, name: str, *words: str) -> str:
 
 def test_read_errors_under_site_b(eio_b) -> None:
     lab, dev = eio_b
+    lab.b.extra_args = ["--scrub-period", "2s"]  # the periodic scrub reads all along
     lab.b.start()
     lab.a.start()
     disk = lab.image("vda.img", SIZE)
@@ -152,7 +160,28 @@ def test_read_errors_under_site_b(eio_b) -> None:
     assert proc.returncode != 0 and str(replica) in proc.stderr, proc.stderr
     assert "at byte" in proc.stderr, proc.stderr
     lines.append(proc.stderr.strip())
+    wait_for(lambda: any(str(replica) in x and "at byte" in x for x in scrub_lines(lab)),
+             timeout=60, what="the periodic scrub to meet the error")
+    lines.append(next(x for x in scrub_lines(lab) if str(replica) in x))
     dev.heal()
     agent_up(lab)
     assert lab.a.ferry("verify", "g1").returncode == 0
+
+    # Failover live: refused, nothing made live, the group replicates on.
+    fail_reads_of(dev, replica)
+    proc = lab.b.ferry("failover", "g1", "--live", check=False)
+    assert proc.returncode != 0, proc.stdout
+    assert str(replica) in proc.stderr and "nothing was made live" in proc.stderr, proc.stderr
+    lines.append(proc.stderr.strip())
+    dev.heal()
+    agent_up(lab)
+    g = lab.b.status()["replicas"]["g1"]
+    assert not g.get("failover") and not (lab.b.data / "target" / "g1" / "live").exists(), g
+    h = nbd.NBD()
+    h.connect_uri(uris["vda"])
+    h.pwrite(os.urandom(65536), 0)
+    h.flush()
+    h.shutdown()
+    lab.a.ferry("wait", "g1", "--synced", "--timeout", "120")
+    assert lab.restore("g1", "vda").read_bytes() == disk.read_bytes()
     print("\nread-eio: %s" % "\nread-eio: ".join(lines))

@@ -475,8 +475,8 @@ class Journal:
                 try:
                     f.seek(start)
                     buf = memoryview(f.read(max(0, limit - start)))
-                except OSError as e:
-                    raise _reads.failed(e, start, limit - start, self._path(s)) from None
+                except OSError as err:
+                    raise _reads.failed(err, start, limit - start, self._path(s)) from None
             for e in jindex.entries(self.index(s)):
                 p = e[8]
                 if p < start:
