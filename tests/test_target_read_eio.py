@@ -167,13 +167,16 @@ def test_read_errors_under_site_b(eio_b) -> None:
     agent_up(lab)
     assert lab.a.ferry("verify", "g1").returncode == 0
 
-    # Failover live: refused, nothing made live, the group replicates on.
-    fail_reads_of(dev, replica)
-    proc = lab.b.ferry("failover", "g1", "--live", check=False)
-    assert proc.returncode != 0, proc.stdout
-    assert str(replica) in proc.stderr and "nothing was made live" in proc.stderr, proc.stderr
-    lines.append(proc.stderr.strip())
-    dev.heal()
+    # Failover live: refused (before it begins: a segment it checks first; half-way: the
+    # replica it copies), nothing made live, the group replicates on.
+    for path in (segments[-1], replica):
+        fail_reads_of(dev, path)
+        proc = lab.b.ferry("failover", "g1", "--live", check=False)
+        assert proc.returncode != 0, proc.stdout
+        assert str(path) in proc.stderr and "nothing was made live" in proc.stderr, \
+            proc.stderr
+        lines.append(proc.stderr.strip())
+        dev.heal()
     agent_up(lab)
     g = lab.b.status()["replicas"]["g1"]
     assert not g.get("failover") and not (lab.b.data / "target" / "g1" / "live").exists(), g

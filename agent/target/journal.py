@@ -327,7 +327,10 @@ class Journal:
             if s < pos[0]:
                 continue
             with open(self._path(s), "rb") as f:
-                buf = memoryview(f.read(self.segment_size(s)))
+                try:
+                    buf = memoryview(f.read(self.segment_size(s)))
+                except OSError as err:  # names the segment (formats/reads.py)
+                    raise _reads.failed(err, 0, self.segment_size(s), self._path(s)) from None
             starts = [e[8] for e in jindex.entries(self.index(s))]
             for n, p in enumerate(starts):
                 if (s, p) < pos or _holds(buf, p) is not None:
