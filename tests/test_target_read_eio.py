@@ -188,3 +188,34 @@ def test_read_errors_under_site_b(eio_b) -> None:
     lab.a.ferry("wait", "g1", "--synced", "--timeout", "120")
     assert lab.restore("g1", "vda").read_bytes() == disk.read_bytes()
     print("\nread-eio: %s" % "\nread-eio: ".join(lines))
+
+
+def test_failback_meets_a_read_error_of_the_live_disk(eio_b) -> None:
+    lab, dev = eio_b
+    lab.b.start()
+    lab.a.start()
+    disk = lab.image("vda.img", SIZE)
+    with open(disk, "r+b") as f:
+        f.write(os.urandom(SIZE))
+    lab.protect("g1", disk)
+    lab.a.ferry("wait", "g1", "--synced", "--timeout", "60")
+    lab.a.ferry("checkpoint", "g1")
+    lab.a.ferry("wait", "g1", "--synced", "--timeout", "60")
+    out = json.loads(lab.b.ferry("failover", "g1", "--live", "--json").stdout)
+    lab.b.ferry("failover", "g1", "--commit")
+    wait_for(lambda: lab.a.status("g1")["groups"]["g1"]["state"] == "fenced",
+             what="A fenced", timeout=60)
+    live = lab.b.data / "target" / "g1" / "live" / "vda.img"
+    assert live.exists(), out
+    fail_reads_of(dev, live)
+    proc = lab.b.ferry("failback", "g1", "--target", lab.a.address, check=False, timeout=120)
+    agent_up(lab)
+    assert proc.returncode != 0, proc.stdout
+    # (The offset is not named here: the error comes from the source role's side.)
+    assert proc.stderr.count("\n") == 1 and str(live) in proc.stderr, proc.stderr
+    dev.heal()
+    back = json.loads(lab.b.ferry("failback", "g1", "--target", lab.a.address, "--json",
+                                  timeout=120).stdout)
+    assert back["synced"], back
+    print("\nfailback-eio: %s; healed: failed back, %d bytes shipped" % (
+        proc.stderr.strip(), back["bytes_shipped"]))
