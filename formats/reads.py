@@ -18,22 +18,14 @@ from typing import Optional
 
 def failed(e: OSError, offset: int, length: int, path: Optional[str] = None) -> OSError:
     """``e`` (a failed read of ``length`` bytes at ``offset``) naming the range and
-    ``path``; an error already named by this function is returned as it is."""
-    if getattr(e, "ferry_read", False):
-        return e if e.filename or not path else named(e, path)
-    out = OSError(e.errno, "%s reading %d bytes at byte %d" % (e.strerror or e, length, offset),
-                  path or e.filename)
-    out.ferry_read = True  # type: ignore[attr-defined]
-    return out
+    ``path`` (else the file ``e`` names), its errno kept."""
+    return OSError(e.errno, "%s reading %d bytes at byte %d" % (e.strerror or e, length, offset),
+                   path or e.filename)
 
 
 def named(e: OSError, path: str) -> OSError:
     """``e`` naming ``path`` if it names no file yet (its errno and message kept)."""
-    if e.filename:
-        return e
-    out = OSError(e.errno, e.strerror or str(e), path)
-    out.ferry_read = getattr(e, "ferry_read", False)  # type: ignore[attr-defined]
-    return out
+    return e if e.filename else OSError(e.errno, e.strerror or str(e), path)
 
 
 def pread(fd: int, length: int, offset: int, path: Optional[str] = None) -> bytes:

@@ -114,7 +114,6 @@ def pread(h, buf, offset, flags):
     except OSError as e:
         # Never bytes B cannot vouch for or could not read: the client gets the error (EIO
         # for a record that fails its checks), the log the one line naming file and byte.
-        _log(str(e) if isinstance(e, (jmap.RecordCorrupt, jmap.ReadFailed)) else
-             "read of %d bytes at byte %d: %s" % (len(buf), offset, e))
+        _log(str(e))  # RecordCorrupt or ReadFailed: one line naming file and byte
         nbdkit.set_error(e.errno or errno.EIO)
         raise
