@@ -46,6 +46,7 @@ from .segment import CHECKED
 # A piece's source: (segment number, byte position of its data in the segment), or ZERO.
 Source = Tuple[int, int]
 ZERO: Source = (-1, 0)
+SPECULATE = 64 * 1024  # a record's first read takes this much data with its header
 
 
 class JournalMap:
@@ -300,9 +301,13 @@ class Reader:
             if src is ZERO:
                 part[:] = bytes(e - s)
             elif src is not None:
-                self._vouch(src[0], src[1])
-                self._fill(self._fds[src[0]], self._paths.get(src[0], str(src[0])), part,
-                           src[1], False)
+                got = self._vouch(src[0], src[1])
+                at = src[1] - got[0] if got is not None else -1
+                if got is not None and at + (e - s) <= len(got[1]):
+                    part[:] = got[1][at:at + e - s]
+                else:
+                    self._fill(self._fds[src[0]], self._paths.get(src[0], str(src[0])), part,
+                               src[1], False)
             else:
                 self._fill(self._replica, self._replica_path, part, s, True)
 
@@ -327,8 +332,10 @@ class Reader:
                                                   start, want, path))
             part, at = part[got:], at + got
 
-    def _vouch(self, segno: int, data_pos: int) -> None:
-        """Check the record whose data holds byte ``data_pos`` of segment ``segno``."""
+    def _vouch(self, segno: int, data_pos: int) -> Optional[Tuple[int, memoryview]]:
+        """Check the record whose data holds byte ``data_pos`` of segment ``segno``; the
+        record's position and bytes when it was read now to be checked (the caller copies
+        from them: one system call for a record's first read), else None."""
         starts = self._starts.get(segno)
         if starts is None:
             starts = self._starts[segno] = self.map.record_starts(segno)
@@ -337,27 +344,34 @@ class Reader:
         rpos = starts[n]
         good = self._good[segno]
         if good[n]:
-            return
+            return None
         for start, end in self._damage.get(segno, ()):
             if start <= rpos < end:
                 raise self._corrupt(segno, rpos, "lies in damage site B found")
+        rec = None
         if self._check is not None:
             path = self._paths.get(segno, str(segno))
-            head = memoryview(bytearray(RECORD.size))
-            if rpos + RECORD.size > self._ends[segno]:
+            limit = self._ends[segno]
+            if rpos + RECORD.size > limit:
                 raise self._corrupt(segno, rpos, "fails its checksum")
-            self._fill(self._fds[segno], path, head, rpos, False)
-            kind, length = head[4], struct.unpack_from("<I", head, 12)[0]
+            # The header and, most often, the whole record in one read.
+            buf = bytearray(min(limit, rpos + RECORD.size + SPECULATE) - rpos)
+            self._fill(self._fds[segno], path, memoryview(buf), rpos, False)
+            kind, length = buf[4], struct.unpack_from("<I", buf, 12)[0]
             end = rpos + RECORD.size + (length if kind in DATA_KINDS else 0)
-            if end > self._ends[segno]:
+            if end > limit:
                 raise self._corrupt(segno, rpos, "fails its checksum")
-            data = memoryview(bytearray(end - rpos - RECORD.size))
-            self._fill(self._fds[segno], path, data, rpos + RECORD.size, False)
-            h = self._check(head[:CHECKED])
-            h.update(data)
-            if h.intdigest() != struct.unpack_from("<Q", head, CHECKED)[0]:
+            if end > rpos + len(buf):
+                more = bytearray(end - rpos - len(buf))
+                self._fill(self._fds[segno], path, memoryview(more), rpos + len(buf), False)
+                buf += more
+            rec = memoryview(buf)[:end - rpos]
+            h = self._check(rec[:CHECKED])
+            h.update(rec[RECORD.size:])
+            if h.intdigest() != struct.unpack_from("<Q", rec, CHECKED)[0]:
                 raise self._corrupt(segno, rpos, "fails its checksum")
         good[n] = 1
+        return None if rec is None else (rpos, rec)
 
     def _corrupt(self, segno: int, rpos: int, why: str) -> RecordCorrupt:
         return RecordCorrupt("%s: journal segment %s: the record at byte %d %s"

@@ -40,6 +40,34 @@ def test_a_segment_cut_short_under_a_reader_is_an_error_not_bytes(tmp_path: Path
     with pytest.raises(jmap.ReadFailed) as e:
         r.pread(4096, 8192)
     assert e.value.errno == errno.EIO and e.value.filename == str(seg)
-    assert str(e.value) == ("group g1, disk vda: %s: the file ended early reading 4096 bytes "
-                            "at byte 4192" % seg)
+    assert str(e.value) == ("group g1, disk vda: %s: the file ended early reading 4144 bytes "
+                            "at byte 4144" % seg)
+    r.close()
+
+
+def test_a_record_longer_than_the_first_read_is_read_whole_and_checked(tmp_path: Path) -> None:
+    from agent.target.journal import Journal, JRecord
+    from formats.records import KIND_WRITE
+    big = os.urandom(jmap.SPECULATE + 8192)
+    j = Journal(str(tmp_path / "j"), group="g1", disks=["vda"])
+    j.append([JRecord(0, 1, 1, KIND_WRITE, 0, 0, len(big), 1, big)])
+    seg, size = Path(j.path(1)), j.end[1]
+    j.close()
+    replica = tmp_path / "vda.img"
+    replica.write_bytes(bytes(len(big) + 4096))
+    spec = {"group": "g1", "name": "vda", "disk": 0, "base": [0, 0], "upto": [1, 1],
+            "start": [1, 0], "segments": [[1, str(seg), size]], "replica": str(replica),
+            "size": len(big) + 4096}
+    r = jmap.open_reader(spec)
+    assert r.pread(len(big), 0) == big  # checked with the part past the first read
+    assert r.pread(4096, len(big)) == bytes(4096)
+    r.close()
+    with open(seg, "r+b") as f:  # a flipped byte past the first read fails the check
+        f.seek(size - 10)
+        b = f.read(1)
+        f.seek(size - 10)
+        f.write(bytes([b[0] ^ 1]))
+    r = jmap.open_reader(spec)
+    with pytest.raises(jmap.RecordCorrupt, match="fails its checksum"):
+        r.pread(4096, 0)
     r.close()
