@@ -22,7 +22,7 @@ BENCH_APT_PACKAGES := python3-matplotlib
 PYTEST_ARGS ?=
 
 .PHONY: all deps apt bench-apt venv test lint unit demo bench bench-quick bench-control-plane clean package \
-	lint-packaging package-apt test-distro test-distro-apt fuzz soak
+	lint-packaging package-apt test-distro test-distro-apt fuzz soak flap
 
 all: test
 
@@ -112,6 +112,10 @@ fuzz: deps
 # Random faults every 30-90 s under an oracle write load, bounded: SOAK_MINUTES (default 30).
 soak: deps
 	$(PY) bench/soak.py
+
+# The link cut and restored every 1-5 s for FLAP_MINUTES (default 5) under two writers.
+flap: deps
+	$(PY) bench/flap.py
 
 clean:
 	rm -rf $(VENV) .cache build dist *.egg-info

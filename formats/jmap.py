@@ -21,13 +21,13 @@ from __future__ import annotations
 import bisect
 import errno
 import importlib
-import mmap
 import os
 import struct
 import sys
 from array import array
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from . import reads
 from .jindex import (
     BLOCK_SHIFT,
     DISK_SHIFT,
@@ -46,6 +46,7 @@ from .segment import CHECKED
 # A piece's source: (segment number, byte position of its data in the segment), or ZERO.
 Source = Tuple[int, int]
 ZERO: Source = (-1, 0)
+SPECULATE = 64 * 1024  # a record's first read takes this much data with its header
 
 
 class JournalMap:
@@ -215,6 +216,14 @@ class RecordCorrupt(OSError):
         return str(self.strerror)
 
 
+class ReadFailed(OSError):
+    """A read of the replica or a segment failed (its errno kept); the message is one line
+    naming the group, the disk, the file and the byte."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 Hasher = Callable[[Any], Any]  # xxhash.xxh3_64
 
 
@@ -239,21 +248,23 @@ def hasher(path: Optional[str] = None) -> Optional[Hasher]:
 class Reader:
     """Reads a disk through a ``JournalMap``: replica file plus journal segments.
 
-    Each segment is mapped read-only (``mmap``, the ``end`` bytes the view sees), so the
-    pieces of a read are copied from the page cache without a system call each; the
-    replica is read with ``preadv``. A mapped segment must not shrink under the view:
-    the agent pins the group (no promotion, no deletion) and only ever cuts an open
-    segment back to a size at or past the one the view saw. Every record is checked
-    before its data is first returned (see the module): ``check`` is the hash to check
-    with (None: only ``damage``, ``{segment: [(start, end)]}``, is refused)."""
+    Replica and segments are read with ``preadv`` on descriptors opened once (not mapped:
+    a read error of a mapped file is a SIGBUS that kills the process; a failed read here is
+    an ``OSError`` naming the file and the byte, ``formats/reads.py``, and nothing read is
+    returned). A segment must not shrink under the view: the agent pins the group (no
+    promotion, no deletion) and only ever cuts an open segment back to a size at or past
+    the one the view saw. Every record is checked before its data is first returned (see
+    the module): ``check`` is the hash to check with (None: only ``damage``, ``{segment:
+    [(start, end)]}``, is refused)."""
 
     def __init__(self, replica: str, segments: List[Tuple[int, str, int]], jmap: JournalMap,
                  check: Optional[Hasher] = None,
                  damage: Optional[Dict[int, List[Tuple[int, int]]]] = None,
                  label: str = "a view") -> None:
+        self._replica_path = replica
         self._replica = os.open(replica, os.O_RDONLY | os.O_CLOEXEC)
-        self._maps: Dict[int, mmap.mmap] = {}
-        self._views: Dict[int, memoryview] = {}
+        self._fds: Dict[int, int] = {}
+        self._ends: Dict[int, int] = {}
         self._paths = {segno: path for segno, path, _end in segments}
         self._check = check
         self._damage = damage or {}
@@ -264,12 +275,8 @@ class Reader:
             for segno, path, end in segments:
                 if end <= 0:
                     continue
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    self._maps[segno] = mmap.mmap(fd, end, prot=mmap.PROT_READ)
-                finally:
-                    os.close(fd)
-                self._views[segno] = memoryview(self._maps[segno])
+                self._fds[segno] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                self._ends[segno] = end
         except BaseException:
             self.close()
             raise
@@ -287,26 +294,48 @@ class Reader:
 
     def readinto(self, buf: bytearray | memoryview, offset: int) -> None:
         """Fill ``buf`` with the disk's bytes at ``offset``; RecordCorrupt if a record it
-        needs cannot be vouched for."""
+        needs cannot be vouched for, an ``OSError`` naming file and byte if a read fails."""
         view = memoryview(buf)
         for s, e, src in self.map.lookup(offset, len(view)):
             part = view[s - offset:e - offset]
             if src is ZERO:
                 part[:] = bytes(e - s)
             elif src is not None:
-                self._vouch(src[0], src[1])
-                part[:] = self._views[src[0]][src[1]:src[1] + e - s]
+                got = self._vouch(src[0], src[1])
+                at = src[1] - got[0] if got is not None else -1
+                if got is not None and at + (e - s) <= len(got[1]):
+                    part[:] = got[1][at:at + e - s]
+                else:
+                    self._fill(self._fds[src[0]], self._paths.get(src[0], str(src[0])), part,
+                               src[1], False)
             else:
-                at = s
-                while part:
-                    got = os.preadv(self._replica, [part], at)
-                    if got == 0:  # a replica shorter than the disk reads zeroes
-                        part[:] = bytes(len(part))
-                        break
-                    part, at = part[got:], at + got
+                self._fill(self._replica, self._replica_path, part, s, True)
 
-    def _vouch(self, segno: int, data_pos: int) -> None:
-        """Check the record whose data holds byte ``data_pos`` of segment ``segno``."""
+    def _label_of(self, e: OSError) -> ReadFailed:
+        return ReadFailed(e.errno or errno.EIO, "%s: %s" % (self._label, reads.one_line(e)),
+                          e.filename)
+
+    def _fill(self, fd: int, path: str, part: memoryview, at: int, sparse: bool) -> None:
+        """Read ``part`` from ``fd`` at ``at``; past the end of a replica (``sparse``)
+        reads zeroes, past the end of a segment is an error."""
+        start, want = at, len(part)
+        while part:
+            try:
+                got = os.preadv(fd, [part], at)
+            except OSError as e:
+                raise self._label_of(reads.failed(e, start, want, path)) from None
+            if got == 0:
+                if sparse:  # a replica shorter than the disk reads zeroes
+                    part[:] = bytes(len(part))
+                    return
+                raise self._label_of(reads.failed(OSError(errno.EIO, "the file ended early"),
+                                                  start, want, path))
+            part, at = part[got:], at + got
+
+    def _vouch(self, segno: int, data_pos: int) -> Optional[Tuple[int, memoryview]]:
+        """Check the record whose data holds byte ``data_pos`` of segment ``segno``; the
+        record's position and bytes when it was read now to be checked (the caller copies
+        from them: one system call for a record's first read), else None."""
         starts = self._starts.get(segno)
         if starts is None:
             starts = self._starts[segno] = self.map.record_starts(segno)
@@ -315,20 +344,34 @@ class Reader:
         rpos = starts[n]
         good = self._good[segno]
         if good[n]:
-            return
+            return None
         for start, end in self._damage.get(segno, ()):
             if start <= rpos < end:
                 raise self._corrupt(segno, rpos, "lies in damage site B found")
+        rec = None
         if self._check is not None:
-            seg = self._views[segno]
-            kind, length = seg[rpos + 4], struct.unpack_from("<I", seg, rpos + 12)[0]
+            path = self._paths.get(segno, str(segno))
+            limit = self._ends[segno]
+            if rpos + RECORD.size > limit:
+                raise self._corrupt(segno, rpos, "fails its checksum")
+            # The header and, most often, the whole record in one read.
+            buf = bytearray(min(limit, rpos + RECORD.size + SPECULATE) - rpos)
+            self._fill(self._fds[segno], path, memoryview(buf), rpos, False)
+            kind, length = buf[4], struct.unpack_from("<I", buf, 12)[0]
             end = rpos + RECORD.size + (length if kind in DATA_KINDS else 0)
-            h = self._check(seg[rpos:rpos + CHECKED])
-            h.update(seg[rpos + RECORD.size:end])
-            if end > len(seg) or \
-                    h.intdigest() != struct.unpack_from("<Q", seg, rpos + CHECKED)[0]:
+            if end > limit:
+                raise self._corrupt(segno, rpos, "fails its checksum")
+            if end > rpos + len(buf):
+                more = bytearray(end - rpos - len(buf))
+                self._fill(self._fds[segno], path, memoryview(more), rpos + len(buf), False)
+                buf += more
+            rec = memoryview(buf)[:end - rpos]
+            h = self._check(rec[:CHECKED])
+            h.update(rec[RECORD.size:])
+            if h.intdigest() != struct.unpack_from("<Q", rec, CHECKED)[0]:
                 raise self._corrupt(segno, rpos, "fails its checksum")
         good[n] = 1
+        return None if rec is None else (rpos, rec)
 
     def _corrupt(self, segno: int, rpos: int, why: str) -> RecordCorrupt:
         return RecordCorrupt("%s: journal segment %s: the record at byte %d %s"
@@ -338,13 +381,9 @@ class Reader:
         if self._replica >= 0:
             os.close(self._replica)
             self._replica = -1
-        for v in self._views.values():
-            v.release()
-        for m in self._maps.values():
-            m.close()
-        self._views = {}
-        self._maps = {}
-
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
 
 def build_map(spec: Dict) -> JournalMap:
     """The map of one disk of a view (the spec ``TargetGroup.view_spec`` makes): the disk's

@@ -13,7 +13,9 @@ overlay.
 Thread model: parallel (reads are ``pread`` on file descriptors opened once). Standard
 library only, Python 3.9 and later: nbdkit embeds the system Python. A read that needs a
 journal record which fails its checksum (or lies in damage site B found) fails with EIO
-and one line in the view's log (``formats/jmap.py``: what the reader vouches for).
+and one line in the view's log (``formats/jmap.py``: what the reader vouches for); so does
+a read of the replica or a segment that the disk under site B fails, with its errno and
+the file and byte named.
 """
 
 from __future__ import annotations
@@ -109,9 +111,9 @@ def pread(h, buf, offset, flags):
     pin()
     try:
         _reader.readinto(buf, offset)
-    except jmap.RecordCorrupt as e:
-        # Never bytes B cannot vouch for: the client gets EIO, the log the one line.
-        _log(str(e))
-        nbdkit.set_error(errno.EIO)
+    except OSError as e:
+        # Never bytes B cannot vouch for or could not read: the client gets the error (EIO
+        # for a record that fails its checks), the log the one line naming file and byte.
+        _log(str(e))  # RecordCorrupt or ReadFailed: one line naming file and byte
+        nbdkit.set_error(e.errno or errno.EIO)
         raise
-    # Another OSError reaches the client as an error too (nbdkit's python plugin reports it).

@@ -39,7 +39,8 @@ def test_the_table() -> None:
              (State.DONE, Event.COMMIT, State.COMMITTING),
              (State.COMMITTING, Event.COMMITTED, State.COMMITTED),
              (State.DONE, Event.ROLLBACK, State.ROLLING_BACK),
-             (State.ROLLING_BACK, Event.ROLLED_BACK, State.NONE)]
+             (State.ROLLING_BACK, Event.ROLLED_BACK, State.NONE),
+             (State.APPLYING, Event.ABANDONED, State.NONE)]
     for state, event, nxt in steps:
         assert FAILOVER.step(state, event) is nxt
     legal = {(s, e) for s, e, _ in steps}

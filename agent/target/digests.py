@@ -28,6 +28,7 @@ from typing import Callable, ContextManager, Dict, List, Set, Tuple
 
 import xxhash
 
+from formats import reads
 from formats.durable import pwrite_all
 
 from ..errors import StorageError
@@ -109,7 +110,7 @@ class ReplicaDigests:
     def _read(self, fd: int, c: int) -> bytes:
         offset = c * CHUNK
         length = min(CHUNK, self.size - offset)
-        data = os.pread(fd, length, offset)
+        data = reads.pread(fd, length, offset)  # an error names the range
         if len(data) < length:  # past a replica's end: zeroes
             data += bytes(length - len(data))
         return data

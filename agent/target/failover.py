@@ -28,6 +28,7 @@ finished when the group opens again (``resume``): every step can be done twice.
     committing    committed    committed
     done          rollback     rolling-back
     rolling-back  rolled-back  none
+    applying      abandoned    none           (a live disk could not be made: abandon)
 
 A failback's group (``failback.py``: its replicas are the old source's original disks,
 adopted in place) fails over onto its replicas, as an earlier Ferry did: the disks the VM ran
@@ -79,6 +80,7 @@ class Event(enum.Enum):
     COMMITTED = "committed"
     ROLLBACK = "rollback"
     ROLLED_BACK = "rolled-back"
+    ABANDONED = "abandoned"
 
 
 FAILOVER = Table[State, Event]("a failover", {
@@ -88,6 +90,7 @@ FAILOVER = Table[State, Event]("a failover", {
     (State.COMMITTING, Event.COMMITTED): State.COMMITTED,
     (State.DONE, Event.ROLLBACK): State.ROLLING_BACK,
     (State.ROLLING_BACK, Event.ROLLED_BACK): State.NONE,
+    (State.APPLYING, Event.ABANDONED): State.NONE,
 })
 
 STATES = frozenset(s.value for s in State if s is not State.NONE)  # meta.FAILOVER_STATES
@@ -230,6 +233,21 @@ def resume(g: GroupData) -> None:
         finish_commit(g)
     elif state is State.ROLLING_BACK:
         finish_rollback(g)
+
+
+def abandon(g: GroupData) -> None:
+    """A live disk could not be made (site B's disk failed a read or a write): delete what
+    was made and the record, as if the failover had not begun. Lock held; the group
+    replicates again once the caller moves it on."""
+    FAILOVER.step(state_of(g.failover), Event.ABANDONED)
+    live_dir = os.path.join(g.directory, "live")
+    if os.path.isdir(live_dir):
+        shutil.rmtree(live_dir)
+        fsync_dir(g.directory)
+    g.failover = None
+    g.save_meta()
+    log.error("group %s: failover abandoned (its live disks could not be made); it "
+              "replicates again from its journal", g.name)
 
 
 # -- commit ------------------------------------------------------------------------------

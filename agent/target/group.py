@@ -59,12 +59,12 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 import xxhash
 
-from formats import jindex
+from formats import jindex, reads
 from formats.durable import fsync_parent
 from formats.records import KIND_CHECKPOINT, MAP_KINDS, JRecord, Point
 
 from ..checkpoints import Checkpoint, CheckpointError, choose
-from ..errors import Conflict, NotFound
+from ..errors import Conflict, NotFound, StorageError
 from ..protocol.frames import ProtocolError
 from . import admission, applier, failover, mending, meta, status
 from . import reserve as _reserve
@@ -617,6 +617,13 @@ class TargetGroup:
                 # on damage (point() refuses the points that need it).
                 self.journal.verify(self.applied, last=True)
                 return failover.live(self, ref, at_wall_ns)
+            except OSError as e:  # B's disk failed: nothing half made is left live
+                if failover.state_of(self.failover) is failover.State.APPLYING:
+                    failover.abandon(self)
+                    self._go(GroupEvent.ROLLBACK)
+                raise StorageError("group %s: failover refused: %s; nothing was made live"
+                                   % (self.name, reads.one_line(e)), e.filename,
+                                   e.errno) from None
             finally:
                 self._publish()
 

@@ -44,6 +44,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import xxhash
 
 from formats import jindex
+from formats import reads as _reads
 from formats.durable import fsync_dir as _fsync_dir
 from formats.durable import write_all as _write_all
 from formats.durable import write_atomic
@@ -326,7 +327,10 @@ class Journal:
             if s < pos[0]:
                 continue
             with open(self._path(s), "rb") as f:
-                buf = memoryview(f.read(self.segment_size(s)))
+                try:
+                    buf = memoryview(f.read(self.segment_size(s)))
+                except OSError as err:  # names the segment (formats/reads.py)
+                    raise _reads.failed(err, 0, self.segment_size(s), self._path(s)) from None
             starts = [e[8] for e in jindex.entries(self.index(s))]
             for n, p in enumerate(starts):
                 if (s, p) < pos or _holds(buf, p) is not None:
@@ -436,12 +440,18 @@ class Journal:
     def read_at(self, segno: int, pos: int) -> JRecord:
         """The record whose header is at ``pos`` of segment ``segno``, checked;
         JournalCorrupt (and the damage recorded) if it fails."""
-        with open(self._path(segno), "rb") as f:
-            f.seek(pos)
-            head = f.read(RECORD.size)
-            if len(head) == RECORD.size:
-                kind, length = head[4], struct.unpack_from("<I", head, 12)[0]
-                head += f.read(length if kind in DATA_KINDS else 0)
+        path = self._path(segno)
+        with open(path, "rb") as f:
+            want = RECORD.size
+            try:
+                f.seek(pos)
+                head = f.read(RECORD.size)
+                if len(head) == RECORD.size:
+                    kind, length = head[4], struct.unpack_from("<I", head, 12)[0]
+                    want += length if kind in DATA_KINDS else 0
+                    head += f.read(want - RECORD.size)
+            except OSError as e:  # names the segment and the record (formats/reads.py)
+                raise _reads.failed(e, pos, want, path) from None
         decoded = _decode_at(memoryview(head), 0)
         if decoded is None:
             raise self.corrupt(self._note_read(segno, pos))
@@ -465,8 +475,11 @@ class Journal:
             known = [d for d in self.damage if d.segment == s and start <= d.offset < limit
                      and d.key() not in skip]
             with open(self._path(s), "rb") as f:
-                f.seek(start)
-                buf = memoryview(f.read(max(0, limit - start)))
+                try:
+                    f.seek(start)
+                    buf = memoryview(f.read(max(0, limit - start)))
+                except OSError as err:
+                    raise _reads.failed(err, start, limit - start, self._path(s)) from None
             for e in jindex.entries(self.index(s)):
                 p = e[8]
                 if p < start:

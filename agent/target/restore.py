@@ -30,7 +30,7 @@ import subprocess
 import tempfile
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from formats import images, jindex
+from formats import images, jindex, reads
 from formats.blockdev import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 from formats.durable import NewFile, pwrite_all
 from formats.records import (
@@ -152,7 +152,10 @@ def check_replica(g: GroupData, index: int, upto: Point, known_only: bool = Fals
     holes = set(range(digests.chunks))
     for start, end in data_extents(fd, g.disks[index].size):
         holes -= set(range(start // CHUNK, -(-end // CHUNK)))
-    bad = digests.verify(fd, holes, whole, known_only)
+    try:
+        bad = digests.verify(fd, holes, whole, known_only)
+    except OSError as e:  # the range is in the error (digests._read): name the file
+        raise reads.named(e, g.replica_path(g.disks[index].name)) from None
     if bad:
         ranges: List[Tuple[int, int]] = []
         for c in bad:
@@ -234,11 +237,14 @@ def sparse_copy(src: str, dfd: int, size: int, dest: str = "") -> None:
                         n = os.copy_file_range(sfd, dfd, end - off, off, off)
                     except OSError as e:
                         if e.errno not in NO_KERNEL_COPY:
-                            raise
-                        kernel = False  # another file system: reads and writes from now
-                        continue
+                            # Which side failed? The same range by hand says (its read
+                            # error names the replica and the byte).
+                            n = _copy_by_hand(sfd, dfd, off, min(end, off + COPY_BLOCK), src)
+                        else:
+                            kernel = False  # another file system: reads and writes now
+                            continue
                 else:
-                    n = _copy_by_hand(sfd, dfd, off, min(end, off + COPY_BLOCK))
+                    n = _copy_by_hand(sfd, dfd, off, min(end, off + COPY_BLOCK), src)
                 if n == 0:
                     raise OSError(errno.EIO, "the replica ended early at byte %d" % off, src)
                 off += n
@@ -248,8 +254,8 @@ def sparse_copy(src: str, dfd: int, size: int, dest: str = "") -> None:
         os.close(sfd)
 
 
-def _copy_by_hand(sfd: int, dfd: int, start: int, end: int) -> int:
-    data = os.pread(sfd, end - start, start)
+def _copy_by_hand(sfd: int, dfd: int, start: int, end: int, src: str) -> int:
+    data = reads.pread(sfd, end - start, start, src)
     pwrite_all(dfd, data, start)
     return len(data)
 

@@ -7,18 +7,20 @@ most) is read with the group's lock held, so batches and promotion wait for one 
 only; each window is at the disk's durable point of that moment, and the answer gives the
 oldest of them (``at``): every digest is of a point at or after it. Records are read
 through the journal reader, which checks each against its checksum: a damaged record fails
-the request (``JournalCorrupt``) rather than hashing bytes this site would not return.
+the request (``JournalCorrupt``) rather than hashing bytes this site would not return; so
+does a read the disk fails (a ``StorageError`` naming the file and the byte).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any, List, Tuple
 
 import xxhash
 
+from formats import reads
 from formats.records import KIND_TRIM, KIND_WRITE, KIND_ZERO, Point
 
+from ..errors import StorageError
 from .restore import overlay
 
 WINDOW = 64 * 1024 * 1024
@@ -39,7 +41,12 @@ def point_digests(g: Any, index: int, chunk: int, first: int, count: int
         with g._lock:
             upto: Point = tuple(g.durable()[index])
             at = min(at, upto)
-            data = _window(g, index, start, end, upto)
+            try:
+                data = _window(g, index, start, end, upto)
+            except OSError as e:  # B's disk failed a read: refused, named, nothing hashed
+                raise StorageError("group %s, disk %s: %s" % (
+                    g.name, g.disks[index].name, reads.one_line(e)), e.filename,
+                    e.errno) from None
         for i in range(n):
             out.append(xxhash.xxh3_64_digest(data[i * chunk:(i + 1) * chunk]))
         c += n
@@ -49,7 +56,8 @@ def point_digests(g: Any, index: int, chunk: int, first: int, count: int
 def _window(g: Any, index: int, start: int, end: int, upto: Point) -> bytearray:
     """Bytes ``[start, end)`` of the disk at ``upto``: the replica, then every journal
     record of the disk after the replica's point up to ``upto`` that meets the window."""
-    data = bytearray(os.pread(g.fds[index], end - start, start))
+    data = bytearray(reads.pread(g.fds[index], end - start, start,
+                                 g.replica_path(g.disks[index].name)))
     if len(data) < end - start:
         data += bytes(end - start - len(data))  # past a sparse replica's end: zeroes
     for segno, e in overlay(g, index, upto):

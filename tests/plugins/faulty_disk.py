@@ -1,5 +1,7 @@
 """An nbdkit Python plugin for tests: a RAM disk whose reads, writes and flushes fail with
-EIO while a trigger file exists (``DIR/pread``, ``DIR/pwrite``, ``DIR/flush``).
+EIO while a trigger file exists (``DIR/pread``, ``DIR/pwrite``, ``DIR/flush``). A ``pread``
+trigger that holds lines ``START LENGTH`` fails only the reads that meet those byte ranges
+(an empty one fails every read).
 
 nbdkit python tests/plugins/faulty_disk.py size=BYTES dir=DIR
 
@@ -7,6 +9,7 @@ nbdkit's error filter (1.32) cannot fail a flush; this can. Exposed as a file th
 nbdfuse, it is a disk whose device fails under site A's splitter.
 """
 
+import builtins
 import errno
 import os
 
@@ -49,14 +52,20 @@ def can_flush(h):
     return True
 
 
-def _check(op):
-    if os.path.exists(os.path.join(_dir, op)):
-        nbdkit.set_error(errno.EIO)
-        raise OSError(errno.EIO, "injected %s error" % op)
+def _check(op, offset=0, length=0):
+    try:
+        with builtins.open(os.path.join(_dir, op)) as f:
+            ranges = [tuple(int(x) for x in line.split()) for line in f if line.strip()]
+    except FileNotFoundError:
+        return
+    if ranges and not any(s < offset + length and offset < s + n for s, n in ranges):
+        return
+    nbdkit.set_error(errno.EIO)
+    raise OSError(errno.EIO, "injected %s error" % op)
 
 
 def pread(h, buf, offset, flags):
-    _check("pread")
+    _check("pread", offset, len(buf))
     buf[:] = _data[offset:offset + len(buf)]
 
 
