@@ -61,7 +61,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --ignore-installed -e '.[test]'
+	$(PY) -m pip install -q --ignore-installed -e '.[test,aio]'
 	touch $@
 
 lint: deps lint-packaging
