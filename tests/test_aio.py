@@ -9,7 +9,7 @@ import os
 import random
 import subprocess
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, List, Optional
 
 import pytest
 
@@ -178,3 +178,32 @@ def test_a_full_file_system_names_the_file_and_offset(small_fs: Path, kind: str)
     finally:
         w.close()
         os.close(fd)
+
+
+@pytest.mark.parametrize("limit", [None, 3 * MiB // 2 + 5])
+def test_write_behind_writes_every_part_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 limit: Optional[int]) -> None:
+    """Parts past BEHIND (writeback started as it goes), after a start that is not a page's,
+    and writev calls that write only part of what they were given."""
+    real = os.writev
+    if limit is not None:
+        def short(fd: int, bufs: List[memoryview]) -> int:
+            out, left = [], limit
+            for b in bufs:
+                if left <= 0:
+                    break
+                out.append(b[:left])
+                left -= len(out[-1])
+            return real(fd, out)
+        monkeypatch.setattr(os, "writev", short)
+    rng = random.Random(3)
+    parts = [rng.randbytes(rng.choice([48, 100, MiB, 3 * MiB + 1])) for _ in range(12)]
+    path = tmp_path / "seg"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        os.write(fd, b"h" * 1000)
+        assert aio.write_behind(fd, parts, 1000) == sum(len(p) for p in parts)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"h" * 1000 + b"".join(parts)

@@ -46,7 +46,6 @@ import xxhash
 from formats import jindex
 from formats.blockdev import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 from formats.durable import fsync_dir as _fsync_dir
-from formats.durable import write_all as _write_all
 from formats.durable import write_atomic
 from formats.records import (
     DATA_KINDS,
@@ -62,6 +61,7 @@ from formats.segment import MAGIC, RECORD
 from ..errors import JournalCorrupt
 from . import damage as _damage
 from . import reserve as _reserve
+from .aio import write_behind
 from .damage import Damage
 
 __all__ = ["KIND_APPLIED", "KIND_SEEDED", "Damage", "JRecord", "Journal", "JournalCorrupt",
@@ -448,7 +448,7 @@ class Journal:
                 parts.append(r.data)
                 pos += len(r.data)
         try:
-            written = _write_all(self._fd, parts)
+            written = write_behind(self._fd, parts, self._size)
             os.fdatasync(self._fd)
         except OSError as e:
             # Leave no partial batch behind a later append: cut the segment back.
