@@ -48,7 +48,7 @@ import ctypes.util
 import errno
 import mmap
 import os
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from formats.blockdev import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 from formats.durable import write_all
@@ -73,13 +73,13 @@ _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
 _libc.sync_file_range.restype = ctypes.c_int
 
 
-def write_behind(fd: int, parts: List[Buffer], start: int) -> int:
+def write_behind(fd: int, parts: Sequence[Any], start: int) -> int:
     """Write ``parts`` at the end of ``fd`` (at ``start``), starting the writeback of each
     ``BEHIND`` bytes once written (see the module); the bytes written. An error of the
     writes raises as ``write_all``'s; the writeback's own errors are the fdatasync's."""
     total = 0
     begun = start // ALIGN * ALIGN
-    batch: List[Buffer] = []
+    batch: List[Any] = []
     size = 0
     for p in parts:
         batch.append(p)
