@@ -18,11 +18,14 @@ benchmarks), interleaved in each repetition:
   the ingest rate is the journal's, the promotion rate is given beside it.
 
 Each site-B run is done with both replica writers (``agent/target/aio.py``): ``python``
-(buffered pwrite, the twin, as before aio.py) and ``libaio`` (O_DIRECT, queue depth > 1),
-when the ``libaio`` package imports. Bytes written come from the child's /proc/self/io
-(``write_bytes``: buffered writes are counted per page dirtied, O_DIRECT ones by the byte;
-``cancelled_write_bytes`` are dirty pages truncated or unlinked before writeback), divided
-by the bytes replicated. Median and min-max over the repetitions.
+(the twin: buffered pwrite) and ``libaio`` (O_DIRECT, queue depth 8), when the ``libaio``
+package imports; the journal's appends (write-behind, blocks allocated ahead) are the same
+for both. ``--before TREE`` runs the site-B code of another checkout too, in the same
+repetitions (``--before /work/main``: before/after side by side). Bytes written come from
+the child's /proc/self/io (``write_bytes``: buffered writes are counted per page dirtied,
+O_DIRECT ones by the byte; ``cancelled_write_bytes`` are dirty pages truncated or unlinked
+before writeback, taken off), divided by the bytes replicated. Median and min-max over the
+repetitions.
 """
 
 from __future__ import annotations
