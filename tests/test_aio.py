@@ -207,3 +207,28 @@ def test_write_behind_writes_every_part_in_order(tmp_path: Path, monkeypatch: py
     finally:
         os.close(fd)
     assert path.read_bytes() == b"h" * 1000 + b"".join(parts)
+
+
+def test_an_initial_sync_through_either_writer_leaves_true_digests(tmp_path: Path,
+                                                                  kind: str) -> None:
+    """Chunks written whole take their digest from the data, the others are read back: either
+    way each digest is the replica's own bytes' (what a scrub or a restore checks)."""
+    from agent.target.digests import digest
+    from agent.target.group import TargetGroup
+    from formats.records import KIND_WRITE, JRecord
+
+    size = 3 * MiB + 4096 * 3 + 100  # a short last chunk
+    g = TargetGroup(str(tmp_path / "g"), "g", [("a", size)], protection="p")
+    assert g.writers[0].kind == kind
+    rng = random.Random(5)
+    batch = []
+    for seq, (offset, length) in enumerate([(0, MiB), (MiB, 2 * MiB), (100, 5000),
+                                            (MiB - 7, 9), (3 * MiB, size - 3 * MiB)], 1):
+        batch.append(JRecord(0, 1, seq, KIND_WRITE, 0, offset, length, seq,
+                             rng.randbytes(length)))
+    g.accept(batch)
+    d = g.digests[0]
+    for c in range(d.chunks):
+        start, n = d.chunk_range(c)
+        assert d.entries[c] == digest(os.pread(g.fds[0], n, start)), c
+    g.close()
