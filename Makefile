@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd qemu-utils \
 	qemu-system-x86 fio busybox-static e2fsprogs cpio python3-venv python3-pip iproute2 \
 	rpm shellcheck rsync chromium chromium-driver libvirt-daemon-system libvirt-clients \
-	python3-libvirt python3-pyudev qemu-guest-agent faketime
+	python3-libvirt python3-pyudev qemu-guest-agent faketime libaio1
 # What packaging/build.sh needs: dpkg-buildpackage with dh-python/pybuild, rpmbuild, the
 # linters, and the python3-* packages the build imports (man page, completion, checks).
 PACKAGE_APT_PACKAGES := dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all \
@@ -61,7 +61,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --ignore-installed -e '.[test]'
+	$(PY) -m pip install -q --ignore-installed -e '.[test,aio]'
 	touch $@
 
 lint: deps lint-packaging

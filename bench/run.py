@@ -37,6 +37,7 @@ BENCHMARKS: Dict[str, List[str]] = {
     "preseed_sync": ["preseed_sync.py"],
     "formats": ["formats.py"],
     "control_plane": ["control_plane.py"],
+    "target_write": ["target_write.py"],
 }
 QUICK_FLAGS = {"changelog_micro": ["--writes", "50000"],
                "pit_view": ["--records", "100000", "--reads", "1000", "--reps", "2"]}

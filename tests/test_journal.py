@@ -499,7 +499,7 @@ def test_write_all_writes_every_part_in_order(tmp_path, monkeypatch, limit) -> N
     path = tmp_path / "out"
     fd = _os.open(path, _os.O_WRONLY | _os.O_CREAT)
     try:
-        assert journal_mod._write_all(fd, parts) == sum(len(p) for p in parts)
+        assert journal_mod.write_behind(fd, parts, 0) == sum(len(p) for p in parts)
     finally:
         _os.close(fd)
     assert path.read_bytes() == b"".join(parts)

@@ -433,7 +433,7 @@ def test_the_straight_path_fsyncs_the_replica_before_the_journal(
         calls.append("journal")
         return real_append(records)
 
-    monkeypatch.setattr(applier.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)  # the replica writer's (aio.py) too
     monkeypatch.setattr(g.journal, "append", append)
     accept(g, [w(1, 0, b"a" * 100, flags=RESYNC)])
     # ("other": the replica's chunk digests, digests.py, written once the replica is.)

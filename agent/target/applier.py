@@ -38,7 +38,6 @@ Every function here is called with the group's lock held.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import replace
 from typing import List, Optional, Tuple
@@ -56,6 +55,7 @@ from formats.records import (
     Point,
 )
 
+from . import aio
 from .journal import Journal, JournalCorrupt, Position, named
 from .state import GroupData
 
@@ -117,13 +117,57 @@ def write_record(fd: int, rec: JRecord) -> None:
         fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, rec.offset, rec.length)
 
 
+def queue_record(w: aio.Writer, rec: JRecord) -> None:
+    """A change record onto a replica through its writer (complete after ``w.drain()``,
+    durable after ``w.sync()``); an OSError names the file and the offset."""
+    if rec.kind == KIND_WRITE:
+        assert rec.data is not None
+        w.pwrite(rec.data, rec.offset)
+    else:
+        w.punch(rec.offset, rec.length)
+
+
+def noted(g: GroupData, rec: JRecord) -> None:
+    """The chunks a change record wrote lose their digest until the next sync; a write's
+    own data gives the digest of each chunk it covers whole (no read-back)."""
+    if rec.kind == KIND_WRITE and rec.data is not None:
+        g.digests[rec.disk].written(rec.offset, rec.data)
+    else:
+        g.digests[rec.disk].touched(rec.offset, rec.length)
+
+
+def drain_replicas(g: GroupData) -> None:
+    """Every replica write given has completed (nothing in flight when the lock is let
+    go: readers of the replicas go through the page cache)."""
+    first: Optional[OSError] = None
+    for i, w in enumerate(g.writers):
+        try:
+            w.drain()
+        except OSError as e:
+            first = first or named(e, g.replica_path(g.disks[i].name))
+    if first is not None:
+        raise first
+
+
+def drain_quietly(g: GroupData) -> None:
+    """After an error: nothing left in flight; the writes' own errors are dropped (the
+    first error is the one raised, and the writes are made again from the journal)."""
+    for w in g.writers:
+        try:
+            w.drain()
+        except OSError:
+            pass
+
+
 def sync_replicas(g: GroupData, disks: Optional[List[int]] = None) -> None:
-    """fdatasync replicas and bring their digests up to date; an OSError names the file."""
+    """fdatasync replicas (their writes drained first) and bring their digests up to
+    date; an OSError names the file."""
     for i in range(len(g.fds)) if disks is None else disks:
         try:
-            os.fdatasync(g.fds[i])
+            g.writers[i].sync()
             g.digests[i].update(g.fds[i])
         except OSError as e:
+            drain_quietly(g)
             raise named(e, g.replica_path(g.disks[i].name)) from None
 
 
@@ -158,8 +202,12 @@ def apply_initial(g: GroupData, records: List[JRecord]) -> List[JRecord]:
         if r.kind == KIND_CONSISTENT:
             direct.discard(r.disk)  # whole from here: its changes keep their data
         elif r.disk in direct and r.kind in MAP_KINDS:
-            write_record(g.fds[r.disk], r)
-            g.digests[r.disk].touched(r.offset, r.length)
+            try:
+                queue_record(g.writers[r.disk], r)
+            except OSError:
+                drain_quietly(g)
+                raise
+            noted(g, r)
             written.add(r.disk)
             r = replace(r, kind=KIND_APPLIED, data=None)
         out.append(r)
@@ -179,6 +227,10 @@ def apply(g: GroupData, stop: Optional[Position] = None) -> None:
         # what the records before it applied stays, the rest waits for the repair.
         log.debug("group %s: promotion stops: %s", g.name, e)
         pos = max(g.applied, e.position) if e.position is not None else g.applied
+    except BaseException:
+        drain_quietly(g)
+        raise
+    drain_replicas(g)  # a write that failed raises here: ``applied`` stays where it was
     # A checkpoint at a segment's end moved ``applied`` on to the next segment and
     # dropped this one: never step back onto it.
     g.applied = max(g.applied, pos)
@@ -237,16 +289,17 @@ def _apply_records(g: GroupData, pos: Position, stop: Optional[Position],
             return pos
         if rec.kind in MAP_KINDS:
             try:
-                write_record(g.fds[rec.disk], rec)
+                queue_record(g.writers[rec.disk], rec)
             except OSError as e:
                 raise named(e, g.replica_path(st.name)) from None
-            g.digests[rec.disk].touched(rec.offset, rec.length)
+            noted(g, rec)
             g.since_checkpoint += rec.length if rec.kind == KIND_WRITE else 0
         elif rec.kind == KIND_APPLIED:
             g.since_checkpoint += rec.length  # in the replica already
         st.applied_gen, st.applied_seq = rec.gen, rec.seq
         pos = after
         if g.since_checkpoint >= CHECKPOINT_BYTES:
+            drain_replicas(g)  # a failed write raises before ``applied`` moves past it
             g.applied = pos
             checkpoint(g)
 

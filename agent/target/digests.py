@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Callable, ContextManager, Dict, List, Set, Tuple
+from typing import Callable, ContextManager, Dict, List, Set, Tuple, Union
 
 import xxhash
 
@@ -49,7 +49,7 @@ class ChunkDamaged(StorageError):
         self.disk, self.ranges = disk, ranges
 
 
-def digest(data: bytes) -> int:
+def digest(data: Union[bytes, memoryview]) -> int:
     return xxhash.xxh3_64_intdigest(data) or 1  # 0 means "not known"
 
 
@@ -60,6 +60,7 @@ class ReplicaDigests:
         self.chunks = -(-size // CHUNK)
         self.entries = [0] * self.chunks
         self.dirty: Set[int] = set()
+        self.fresh: Dict[int, int] = {}  # written whole since the last update: its digest
         self.reported: Set[int] = set()  # damaged, repair asked, not written since
         self._load()
 
@@ -87,24 +88,49 @@ class ReplicaDigests:
         first, last = offset // CHUNK, (offset + length - 1) // CHUNK
         for c in range(first, min(last, self.chunks - 1) + 1):
             self.dirty.add(c)
+            self.fresh.pop(c, None)
             self.reported.discard(c)
+
+    def written(self, offset: int, data: bytes) -> None:
+        """``data`` was written at ``offset``: the chunks it covers whole get their digest
+        from it (``update`` need not read them back, which after an O_DIRECT write would
+        read the disk); the chunks it covers in part are ``touched``."""
+        end = offset + len(data)
+        first, last = -(-offset // CHUNK), end // CHUNK
+        if end == self.size:
+            last = self.chunks  # the last chunk may be short
+        if first >= last:
+            self.touched(offset, len(data))
+            return
+        self.touched(offset, first * CHUNK - offset)
+        view = memoryview(data)
+        for c in range(first, last):
+            start, n = self.chunk_range(c)
+            self.dirty.discard(c)
+            self.reported.discard(c)
+            self.fresh[c] = digest(view[start - offset:start - offset + n])
+        self.touched(last * CHUNK, end - last * CHUNK)
 
     def forget(self) -> None:
         """The replica was written by a path that keeps no digests: all unknown."""
         self.entries = [0] * self.chunks
         self.dirty.clear()
+        self.fresh.clear()
         self.reported.clear()
         self._write_all()
 
     def update(self, fd: int) -> None:
         """Digests of the chunks written since the last update, from the replica ``fd``
         (call once it is durable); written to the digests file (durable too)."""
-        if not self.dirty:
+        if not self.dirty and not self.fresh:
             return
-        changed = sorted(self.dirty)
-        for c in changed:
+        changed = sorted(self.dirty | set(self.fresh))
+        for c in self.dirty:
             self.entries[c] = digest(self._read(fd, c))
+        for c, d in self.fresh.items():
+            self.entries[c] = d
         self.dirty.clear()
+        self.fresh.clear()
         self._write(changed)
 
     def _read(self, fd: int, c: int) -> bytes:

@@ -66,7 +66,7 @@ from formats.records import KIND_CHECKPOINT, MAP_KINDS, JRecord, Point
 from ..checkpoints import Checkpoint, CheckpointError, choose
 from ..errors import Conflict, NotFound, StorageError
 from ..protocol.frames import ProtocolError
-from . import admission, applier, failover, mending, meta, status
+from . import admission, aio, applier, failover, mending, meta, status
 from . import reserve as _reserve
 from . import seeds as seed
 from .digests import ChunkDamaged, ReplicaDigests, digests_path
@@ -232,6 +232,8 @@ class TargetGroup:
             st.gen, st.seq = st.applied_gen, st.applied_seq
         whole = [bool(known.get(st.name, {}).get("ever_consistent")) for st in self.disks]
         self.fds = [self._open_replica(st) for st in self.disks]
+        self.writers = [aio.open_writer(fd, self.replica_path(st.name))
+                        for fd, st in zip(self.fds, self.disks)]
         self.digests = [ReplicaDigests(digests_path(self.replica_path(st.name)), st.size)
                         for st in self.disks]
         # New directories and files must survive a crash too.
@@ -734,9 +736,12 @@ class TargetGroup:
             if self.state is GroupState.CLOSED:
                 return
             applier.checkpoint(self)
+            for w in self.writers:
+                w.close()
             for fd in self.fds:
                 os.close(fd)
             self.fds = []
+            self.writers = []
             self.journal.close()
             self._go(GroupEvent.CLOSE)
 

@@ -45,8 +45,8 @@ import xxhash
 
 from formats import jindex
 from formats import reads as _reads
+from formats.blockdev import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 from formats.durable import fsync_dir as _fsync_dir
-from formats.durable import write_all as _write_all
 from formats.durable import write_atomic
 from formats.records import (
     DATA_KINDS,
@@ -62,6 +62,7 @@ from formats.segment import MAGIC, RECORD
 from ..errors import JournalCorrupt
 from . import damage as _damage
 from . import reserve as _reserve
+from .aio import write_behind
 from .damage import Damage
 
 __all__ = ["KIND_APPLIED", "KIND_SEEDED", "Damage", "JRecord", "Journal", "JournalCorrupt",
@@ -70,6 +71,12 @@ __all__ = ["KIND_APPLIED", "KIND_SEEDED", "Damage", "JRecord", "Journal", "Journ
 log = logging.getLogger("ferry.replica")
 
 SEGMENT_MAX = 64 * 1024 * 1024
+# Without a reserve, the open segment's blocks are allocated ahead of its end (KEEP_SIZE:
+# its size stays what the records make it): an append then writes into allocated blocks
+# instead of allocating them at its fdatasync. Only while the file system keeps
+# AHEAD_FREE bytes free beside them; what is left is given back when the segment closes.
+AHEAD = 32 * 1024 * 1024
+AHEAD_FREE = 1024 * 1024 * 1024
 _SEGMENT_RE = re.compile(r"^seg-(\d{16})\.fjr$")
 
 Position = Tuple[int, int]  # (segment number, byte offset in it)
@@ -188,6 +195,34 @@ class Journal:
             _fsync_dir(self.directory)
             self._index[segno] = bytearray()
         self._size = os.fstat(self._fd).st_size
+        self._ahead = 0  # the open segment's blocks allocated up to here (allocate_ahead)
+
+    def _allocate_ahead(self, nbytes: int) -> None:
+        """Allocate the open segment's blocks past ``nbytes`` more (see ``AHEAD``)."""
+        if self.reserve is not None or self._size + nbytes <= self._ahead:
+            return
+        start = max(self._ahead, self._size)
+        end = self._size + nbytes + AHEAD
+        try:
+            st = os.fstatvfs(self._fd)
+            if st.f_bavail * st.f_frsize < AHEAD_FREE + end - start:
+                return
+            fallocate(self._fd, FALLOC_FL_KEEP_SIZE, start, end - start)
+            self._ahead = end
+        except OSError:
+            pass  # no room or no fallocate: the blocks come with the writes, as before
+
+    def _release_ahead(self) -> None:
+        """Give back the blocks allocated past the open segment's end."""
+        if self._ahead > self._size:
+            try:
+                fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, self._size,
+                          self._ahead - self._size)
+            except OSError as e:
+                log.warning("group %s: %s keeps %d bytes allocated past its end: %s",
+                            self.group, self._path(self._segments[-1]),
+                            self._ahead - self._size, e.strerror or e)
+        self._ahead = 0
 
     # -- reserved space (agent/target/reserve.py) ----------------------------------------
 
@@ -374,6 +409,7 @@ class Journal:
         """Close the segment being written (if it holds anything) and start a new one."""
         if self._size == 0:
             return
+        self._release_ahead()
         old = self._segments[-1]
         entries = bytes(self._index[old])
         if self.reserve is not None:  # the index file needs free blocks: from the room
@@ -397,9 +433,12 @@ class Journal:
             except OSError as e:
                 raise named(e, self._path(self._segments[-1])) from None
             self._cut_pending = False
-        if self._due_to_close(sum(RECORD.size + (len(r.data or b"") if r.kind in DATA_KINDS
-                                                 else 0) for r in records)):
+            self._ahead = 0
+        nbytes = sum(RECORD.size + (len(r.data or b"") if r.kind in DATA_KINDS else 0)
+                     for r in records)
+        if self._due_to_close(nbytes):
             self.rotate()
+        self._allocate_ahead(nbytes)
         parts: List[bytes] = []
         entries = bytearray()
         pos = self._size
@@ -413,12 +452,13 @@ class Journal:
                 parts.append(r.data)
                 pos += len(r.data)
         try:
-            written = _write_all(self._fd, parts)
+            written = write_behind(self._fd, parts, self._size)
             os.fdatasync(self._fd)
         except OSError as e:
             # Leave no partial batch behind a later append: cut the segment back.
             try:
                 os.ftruncate(self._fd, self._size)
+                self._ahead = 0  # the cut gave back what lay past the end
             except OSError:
                 self._cut_pending = True  # cut before anything else is appended
                 log.error("group %s: %s cannot be cut back to %d bytes", self.group,
@@ -541,6 +581,7 @@ class Journal:
 
     def close(self) -> None:
         if self._fd >= 0:
+            self._release_ahead()
             os.close(self._fd)
             self._fd = -1
         self._mark.close(sync=True)

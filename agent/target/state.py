@@ -44,6 +44,7 @@ class GroupData(Protocol):
     directory: str
     disks: List[DiskState]
     fds: List[int]                   # the replicas, open, in disk order
+    writers: List[Any]               # their writers (aio.py), in disk order
     digests: List[Any]               # their chunk digests (digests.ReplicaDigests)
     journal: Journal
     applied: Position                # the journal position the replicas hold
