@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lab.oracle import OracleFailure, OracleWriter, check
 from lab.proxy import FaultProxy
 from lab.sites import Site
+from lab.trend import slope
 
 MiB = 1024 * 1024
 SIZE = 32 * MiB
@@ -64,7 +65,7 @@ class Outcome:
         half is warm-up: site B's journal grows over its history window)."""
         s = self.samples.get(site, [])
         s = s[len(s) // 2:]
-        return tuple(_slope([(x[0], x[i]) for x in s]) * 60 for i in (1, 2, 3))  # type: ignore
+        return tuple(slope([(x[0], x[i]) for x in s]) * 60 for i in (1, 2, 3))  # type: ignore
 
 
 def sample(site: Site) -> Optional[Sample]:
@@ -78,16 +79,6 @@ def sample(site: Site) -> Optional[Sample]:
                 len(os.listdir("/proc/%d/fd" % pid)), int(fields["Threads"]))
     except (OSError, KeyError, ValueError):
         return None
-
-
-def _slope(points: List[Tuple[float, float]]) -> float:
-    if len(points) < 2:
-        return 0.0
-    n = len(points)
-    mt = sum(t for t, _ in points) / n
-    mv = sum(v for _, v in points) / n
-    den = sum((t - mt) ** 2 for t, _ in points)
-    return sum((t - mt) * (v - mv) for t, v in points) / den if den else 0.0
 
 
 def run(seconds: float, work: Path, seed: int = 1, up_s: Tuple[float, float] = (1, 5),

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lab.oracle import OracleFailure, OracleWriter, check
 from lab.proxy import FaultProxy
 from lab.sites import Site
+from lab.trend import slope
 
 MiB = 1024 * 1024
 SIZE = 16 * MiB
@@ -165,20 +166,10 @@ class Soak:
                 continue
             s = max(by_pid.values(), key=len)
             late = s[len(s) // 2:]
-            out[name] = (_slope([(t, r) for t, r, _f in s]) * 60,
-                         _slope([(t, r) for t, r, _f in late]) * 60,
-                         _slope([(t, f) for t, _r, f in s]) * 60, s[0][1], s[-1][1])
+            out[name] = (slope([(t, r) for t, r, _f in s]) * 60,
+                         slope([(t, r) for t, r, _f in late]) * 60,
+                         slope([(t, f) for t, _r, f in s]) * 60, s[0][1], s[-1][1])
         return out
-
-
-def _slope(points: List[Tuple[float, int]]) -> float:
-    if len(points) < 2:
-        return 0.0
-    n = len(points)
-    mt = sum(t for t, _ in points) / n
-    mv = sum(v for _, v in points) / n
-    den = sum((t - mt) ** 2 for t, _ in points)
-    return sum((t - mt) * (v - mv) for t, v in points) / den if den else 0.0
 
 
 def main() -> int:

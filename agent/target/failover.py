@@ -235,17 +235,22 @@ def resume(g: GroupData) -> None:
         finish_rollback(g)
 
 
-def abandon(g: GroupData) -> None:
-    """A live disk could not be made (site B's disk failed a read or a write): delete what
-    was made and the record, as if the failover had not begun. Lock held; the group
-    replicates again once the caller moves it on."""
-    FAILOVER.step(state_of(g.failover), Event.ABANDONED)
+def _forget(g: GroupData) -> None:
+    """Delete the live disks and the failover's record, durably."""
     live_dir = os.path.join(g.directory, "live")
     if os.path.isdir(live_dir):
         shutil.rmtree(live_dir)
         fsync_dir(g.directory)
     g.failover = None
     g.save_meta()
+
+
+def abandon(g: GroupData) -> None:
+    """A live disk could not be made (site B's disk failed a read or a write): delete what
+    was made and the record, as if the failover had not begun. Lock held; the group
+    replicates again once the caller moves it on."""
+    FAILOVER.step(state_of(g.failover), Event.ABANDONED)
+    _forget(g)
     log.error("group %s: failover abandoned (its live disks could not be made); it "
               "replicates again from its journal", g.name)
 
@@ -326,12 +331,7 @@ def finish_rollback(g: GroupData) -> Dict[str, Any]:
     assert g.failover is not None
     record = dict(g.failover)
     FAILOVER.step(state_of(record), Event.ROLLED_BACK)
-    live_dir = os.path.join(g.directory, "live")
-    if os.path.isdir(live_dir):
-        shutil.rmtree(live_dir)
-        fsync_dir(g.directory)
-    g.failover = None
-    g.save_meta()
+    _forget(g)
     record.update(state=State.NONE.value, label=LABELS[State.NONE])
     log.warning("group %s: failover ROLLED BACK; its live writes are discarded and it "
                 "replicates again from its journal", g.name)
