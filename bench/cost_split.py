@@ -37,6 +37,7 @@ and the splitter during one more ``unpinned`` run per job and lists their top fr
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -61,6 +62,8 @@ from lab.sites import REPO, Site
 GiB = 1 << 30
 SIZE = GiB
 HERE = Path(__file__).resolve().parent
+RESTORE_TIMEOUT = 1200
+BASELINES = ("file", "noop-parallel", "noop-serialized")
 REPLICATING = ("pinned", "unpinned", "unpinned-zstd", "unpinned-base")
 
 
@@ -158,7 +161,7 @@ class Bench:
     def procs(self, cond: str) -> Dict[str, int]:
         assert self.a is not None and self.b is not None
         assert self.a.proc is not None and self.b.proc is not None
-        if cond in ("file", "noop-parallel", "noop-serialized"):
+        if cond in BASELINES:
             return {"nbdkit": self.pid_of(cond)}
         return {"nbdkit": self.a.splitter_pids()[0], "agent-A": self.a.proc.pid,
                 "agent-B": self.b.proc.pid}
@@ -231,6 +234,22 @@ class Bench:
         if cond in ("unpinned-zstd", "unpinned-base"):
             self.restart_a()
         return r
+
+    def replica_identical(self) -> Optional[bool]:
+        """Site B's restore of the disk, byte for byte the source's image; None when the
+        restore did not end within RESTORE_TIMEOUT (it reads the whole journal)."""
+        assert self.a is not None and self.b is not None
+        self.a.ferry("wait", "bench", "--synced", "--timeout", "600")
+        restored = self.work / "restored.img"
+        try:
+            self.b.ferry("restore", "bench", "--disk", "vda", "--to", str(restored),
+                         timeout=RESTORE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            return None
+        same = subprocess.run(["cmp", "-s", str(self.work / "ferry.img"), str(restored)]
+                              ).returncode == 0
+        restored.unlink()
+        return same
 
     def stop(self) -> None:
         for pidfile in self.pidfiles:
@@ -377,7 +396,7 @@ def figures_of(results: Dict[str, Dict[str, List[Dict[str, Any]]]]) -> List[Dict
         base = ceiling(runs, key) if four else [r[key] for r in runs["file"]]
         label = "the faster no-op Python plugin" if four else "nbdkit file"
         for cond, goal in (("paused", 0.9), ("pinned", 0.8)):
-            rs = ratios(runs, cond, base, key)
+            rs = ratios(runs, cond, base, key) if cond in runs else []
             if not rs:
                 continue
             ratio = statistics.median(rs)
@@ -387,6 +406,8 @@ def figures_of(results: Dict[str, Dict[str, List[Dict[str, Any]]]]) -> List[Dict
                 "%.0f %s" % (statistics.median(r[key] for r in runs[cond]), key),
                 "%s %.0f" % (label, statistics.median(base)), ratio,
                 ">= %.1fx %s" % (goal, label), ratio >= goal))
+        if "pinned" not in runs:
+            continue
         cpu = statistics.median(r["agent_A_cpu_s_per_gib_shipped"] for r in runs["pinned"])
         out.append(report.figure("%s, agent A CPU per GiB shipped" % job, "%.2f CPU-s/GiB" % cpu,
                                  "", None, "<= 1 CPU-s/GiB", cpu <= 1.0))
@@ -404,6 +425,9 @@ def main() -> int:
     ap.add_argument("--baseline", type=Path, default=None, metavar="TREE",
                     help="also run agent A from this Ferry source tree (e.g. `git archive "
                          "COMMIT | tar -x -C TREE`): before and after, side by side")
+    ap.add_argument("--conditions", nargs="+", default=None, metavar="COND",
+                    help="run only these conditions (the baselines file and noop-* are "
+                         "always run): paused pinned unpinned unpinned-zstd unpinned-base")
     ap.add_argument("--py-spy", dest="py_spy", default=None, metavar="DIR")
     args = ap.parse_args()
     seconds = args.seconds or (2 if args.quick else 5)
@@ -413,6 +437,11 @@ def main() -> int:
         conds.append("unpinned-zstd")
     if args.baseline:
         conds.append("unpinned-base")
+    if args.conditions:
+        unknown = set(args.conditions) - set(conds)
+        if unknown:
+            ap.error("unknown or unavailable conditions: %s" % " ".join(sorted(unknown)))
+        conds = [c for c in conds if c in BASELINES or c in args.conditions]
     load = os.getloadavg()
     machine = report.machine()
     head = ("cost_split: %s, Ferry %s, load average at the start %s; %d s runs, %d "
@@ -452,7 +481,13 @@ def main() -> int:
             "conditions": conds}, figures, loadavg_start=load, runs=results,
             profiles=profiles, markdown=text)
         path.with_suffix(".md").write_text(text)
-        return 0
+        # Last, and after the figures are written: a restore walks the whole journal.
+        identical = bench.replica_identical()
+        print("replica identical to the source: %s" % identical, flush=True)
+        data = json.loads(path.read_text())
+        data["replica_identical"] = identical
+        path.write_text(json.dumps(data, indent=1, default=str))
+        return 1 if identical is False else 0
     finally:
         bench.stop()
         shutil.rmtree(work, ignore_errors=True)
