@@ -96,9 +96,11 @@ demo: deps
 
 bench: deps bench-apt
 	$(PY) bench/run.py
+	$(PY) bench/cost_split.py
 
 bench-quick: deps bench-apt
 	$(PY) bench/run.py --quick
+	$(PY) bench/cost_split.py --quick
 
 # One benchmark alone, short: status latency under load and the agent's memory (issue 18).
 bench-control-plane: deps bench-apt

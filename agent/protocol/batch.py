@@ -30,7 +30,7 @@ records and lists its id in the ACK's "checkpoints".
 from __future__ import annotations
 
 import struct
-from typing import Optional
+from typing import List, Optional, Tuple
 
 from formats.records import KIND_SEEDED, KIND_WRITE, WIRE_KINDS, JRecord
 
@@ -45,18 +45,27 @@ assert BATCH_RECORD.size == 40
 def encode_batch(group: str, records: list, wall_ns: int, mono_ns: int,
                  checkpoints: Optional[list] = None) -> dict:
     """``records`` are (disk index, localwire.Record) pairs."""
-    recs = bytearray()
+    body, data = batch_parts(group, records, wall_ns, mono_ns, checkpoints)
+    body["data"] = b"".join(data)
+    return body
+
+
+def batch_parts(group: str, records: list, wall_ns: int, mono_ns: int,
+                checkpoints: Optional[list] = None) -> Tuple[dict, List[bytes]]:
+    """The body of ``encode_batch`` but "data", and the pieces "data" is the join of."""
+    recs = bytearray(BATCH_RECORD.size * len(records))
     data = []
+    pos = 0
     for disk, r in records:
-        recs += BATCH_RECORD.pack(disk, r.kind, r.flags, r.length, r.gen, r.seq, r.offset,
-                                  r.time_ns)
+        BATCH_RECORD.pack_into(recs, pos, disk, r.kind, r.flags, r.length, r.gen, r.seq,
+                               r.offset, r.time_ns)
+        pos += BATCH_RECORD.size
         if r.kind in (KIND_WRITE, KIND_SEEDED):
             data.append(r.data)
-    body = {"group": group, "recs": bytes(recs), "data": b"".join(data),
-            "wall_ns": wall_ns, "mono_ns": mono_ns}
+    body = {"group": group, "recs": bytes(recs), "wall_ns": wall_ns, "mono_ns": mono_ns}
     if checkpoints:
         body["checkpoints"] = checkpoints
-    return body
+    return body, data
 
 
 def decode_batch(body: dict) -> list:

@@ -19,14 +19,16 @@ little-endian.
 from __future__ import annotations
 
 import struct
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Dict, Optional, Sequence, Union
 
 import msgpack
 import xxhash
 import zstandard
 
 from ..errors import FerryError, RemoteProtocolError
+from . import compression
 
 MAGIC = b"FRY\x01"
 WIRE_VERSION = 1
@@ -50,8 +52,7 @@ MAX_DISKS = 64
 MAX_NAME = 128
 
 F_ZSTD = 1
-COMPRESS_MIN_GAIN = 0.10
-COMPRESS_BACKOFF = 16
+Frame = Union[bytes, bytearray, memoryview]  # what encode_with_bin gives: bytes-like, sendable
 
 T_HELLO = 1      # source -> target
 T_WELCOME = 2    # target -> source
@@ -112,6 +113,20 @@ def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
+def map_header(n: int) -> bytes:
+    """msgpack's header of a map of ``n`` pairs."""
+    return bytes([0x80 | n]) if n < 16 else struct.pack(">BH", 0xDE, n)
+
+
+def bin_header(n: int) -> bytes:
+    """msgpack's header of ``n`` bytes of bin (what ``pack`` gives a bytes object)."""
+    if n < 0x100:
+        return struct.pack(">BB", 0xC4, n)
+    if n < 0x10000:
+        return struct.pack(">BH", 0xC5, n)
+    return struct.pack(">BI", 0xC6, n)
+
+
 def unpack(body: bytes, preauth: bool = False) -> Any:
     """msgpack from the network: limits on every container, str keys only; ``preauth``:
     the small limits of a stranger's first frame (PREAUTH_UNPACK)."""
@@ -126,36 +141,76 @@ def unpack(body: bytes, preauth: bool = False) -> Any:
 
 
 class Codec:
-    """Encodes and decodes frames; one per connection (it holds zstd contexts)."""
+    """Encodes and decodes frames; one per connection (it holds zstd contexts and the
+    compression ``Policy`` of the connection: compression.py)."""
 
-    def __init__(self, level: int = 1) -> None:
-        self._cctx = zstandard.ZstdCompressor(level=level)
+    def __init__(self, level: int = 1, policy: Optional[compression.Policy] = None) -> None:
+        self.policy = policy or compression.Policy(compression.mode_from_env())
+        self._cctx: Dict[int, zstandard.ZstdCompressor] = {
+            compression.LEVEL: zstandard.ZstdCompressor(level=level)}
         self._dctx = zstandard.ZstdDecompressor()
-        self._skip = 0              # frames left to send without trying to compress
-        self.bytes_in = 0           # bodies offered for compression, and what they became
+        self._scratch: Optional[bytearray] = None  # encode_with_bin's buffer, between frames
+        self.bytes_in = 0           # bodies sent compressed, and what they became
         self.bytes_out = 0
 
     def encode(self, ftype: int, obj: Any, compress: bool = False) -> bytes:
-        body = pack(obj)
+        frame = self._frame(ftype, memoryview(pack(obj)), None, compress)
+        assert isinstance(frame, bytes)
+        return frame
+
+    def encode_with_bin(self, ftype: int, fields: Dict[str, Any], key: str,
+                        parts: Sequence[bytes], compress: bool = False) -> Frame:
+        """The frame of ``dict(fields, key=b"".join(parts))``, built with one copy of each
+        part (no msgpack buffer, no join): the map is written by hand, ``key`` last. The
+        receiver sees the same map as ``encode`` would give it. The body is built in a
+        buffer this codec keeps while it compresses frames (fresh memory costs a page fault
+        per page); a frame sent as it is takes that buffer with it."""
+        total = sum(len(p) for p in parts)
+        head = bytearray(map_header(len(fields) + 1))
+        for k, v in fields.items():
+            head += pack(k)
+            head += pack(v)
+        head += pack(key)
+        head += bin_header(total)
+        size = HEADER.size + len(head) + total
+        buf = self._scratch if self._scratch is not None and len(self._scratch) >= size \
+            else bytearray(size)
+        self._scratch = None
+        pos = HEADER.size + len(head)
+        buf[HEADER.size:pos] = head
+        for p in parts:
+            buf[pos:pos + len(p)] = p
+            pos += len(p)
+        frame = self._frame(ftype, memoryview(buf)[HEADER.size:size], buf, compress)
+        if frame is not buf and not isinstance(frame, memoryview):
+            self._scratch = buf  # sent compressed: the buffer is free again
+        return frame
+
+    def _frame(self, ftype: int, body: memoryview, buf: Optional[bytearray],
+               compress: bool) -> Frame:
+        """A frame of ``body``; ``buf``, when given, holds it after HEADER.size free bytes
+        (``encode_with_bin``): then the frame is ``buf`` (or a view of its start)."""
         flags = 0
-        if compress and len(body) > 512:
-            # Compression that does not pay (encrypted or random data) costs a core for
-            # nothing: after a frame that shrank less than COMPRESS_MIN_GAIN, the next
-            # COMPRESS_BACKOFF frames go as they are, then compression is tried again.
-            if self._skip:
-                self._skip -= 1
-            else:
-                packed = self._cctx.compress(body)
-                if len(packed) <= len(body) * (1 - COMPRESS_MIN_GAIN):
-                    self.bytes_in += len(body)
-                    self.bytes_out += len(packed)
-                    body, flags = packed, F_ZSTD
-                else:
-                    self._skip = COMPRESS_BACKOFF
+        level = self.policy.level_for(body) if compress else None
+        if level is not None:
+            cctx = self._cctx.get(level)
+            if cctx is None:
+                cctx = self._cctx[level] = zstandard.ZstdCompressor(level=level)
+            t = time.thread_time()
+            packed = cctx.compress(body)
+            if self.policy.compressed(level, len(body), len(packed), time.thread_time() - t):
+                self.bytes_in += len(body)
+                self.bytes_out += len(packed)
+                body, buf, flags = memoryview(packed), None, F_ZSTD
         if len(body) > MAX_FRAME:
             raise ValueError("frame body of %d bytes is over the limit" % len(body))
-        return HEADER.pack(MAGIC, WIRE_VERSION, ftype, flags, len(body), 0,
-                           xxhash.xxh3_64_intdigest(body)) + body
+        header = (MAGIC, WIRE_VERSION, ftype, flags, len(body), 0,
+                  xxhash.xxh3_64_intdigest(body))
+        if buf is not None:
+            HEADER.pack_into(buf, 0, *header)
+            size = HEADER.size + len(body)
+            return buf if len(buf) == size else memoryview(buf)[:size]
+        return HEADER.pack(*header) + body
 
     @staticmethod
     def decode_header(buf: bytes, limit: int = MAX_FRAME) -> Header:

@@ -323,6 +323,15 @@ class Batch(Message):
             [c.to_wire() for c in self.checkpoints]
         return batch.encode_batch(self.group, self.records, self.wall_ns, self.mono_ns, cps)
 
+    def frame(self, codec: frames.Codec, compress: bool = True) -> frames.Frame:
+        """This batch's frame, as ``codec.encode(TYPE, body(), compress)`` would make it,
+        with one copy of the records' data instead of three."""
+        cps = self.wire_checkpoints if self.wire_checkpoints is not None else \
+            [c.to_wire() for c in self.checkpoints]
+        fields, data = batch.batch_parts(self.group, self.records, self.wall_ns,
+                                         self.mono_ns, cps)
+        return codec.encode_with_bin(self.TYPE, fields, "data", data, compress)
+
     @classmethod
     def parse(cls, body: dict, ctx: Context) -> Batch:
         group = _group(body, ctx)

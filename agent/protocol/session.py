@@ -224,7 +224,7 @@ class Session:
         self.bytes_sent += len(frame)
         return frame
 
-    def sent_frame(self, msg_type: int, frame: bytes) -> None:
+    def sent_frame(self, msg_type: int, frame: frames.Frame) -> None:
         """A frame encoded elsewhere (a batch encoded in a worker thread) is being sent:
         check and count it like ``send`` would."""
         nxt = TRANSITIONS.get((self.role, self.state, SEND, msg_type))

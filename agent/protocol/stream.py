@@ -70,7 +70,7 @@ class SessionStream:
         async with self._send_lock:
             await self.stream.send_all(self.session.send(msg, compress))
 
-    async def send_frame(self, msg_type: int, frame: bytes) -> None:
+    async def send_frame(self, msg_type: int, frame: wire.Frame) -> None:
         """Send a frame encoded elsewhere (a large BATCH encoded in a worker thread)."""
         async with self._send_lock:
             self.session.sent_frame(msg_type, frame)

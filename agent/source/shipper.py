@@ -285,22 +285,25 @@ class GroupShipper:
         size = sum(r.nbytes for _i, r in items)
         cps = [c.to_wire() for c in ready]
 
-        def encode() -> Tuple[List[Tuple[int, lw.Record]], bytes]:
+        def encode() -> Tuple[List[Tuple[int, lw.Record]], frames.Frame]:
             # Off the event loop for a large batch: only the codec's compressor is used
             # here; the session checks and counts the frame when it is sent.
             out = substitute(self.seeds, items) if any(self.seeds) else items
             msg = messages.Batch(self.row.name, out, time.time_ns(), time.monotonic_ns(),
                                  wire_checkpoints=cps)
-            return out, fs.codec.encode(msg.TYPE, msg.body(), True)
+            return out, msg.frame(fs.codec, True)
 
         if size > 256 * 1024:
             items, frame = await trio.to_thread.run_sync(encode)
         else:
             items, frame = encode()
+        leaving = trio.current_time()
         await self.bucket.take(len(frame))  # the link's bandwidth limit, if any
         if self._waiting_since is None:
             self._waiting_since = trio.current_time()
         await fs.send_frame(frames.T_BATCH, frame)
+        # How fast the link drains (limit included) picks the zstd level (compression.py).
+        fs.codec.policy.sent(size, trio.current_time() - leaving)
         self._last_send = trio.current_time()
         self.bytes_sent += len(frame)
         for i, r in items:
