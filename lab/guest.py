@@ -179,7 +179,10 @@ class Guest:
             return ""
 
     def tail(self, lines: int = 40) -> str:
-        return "\n".join(self.output().replace("\r", "").splitlines()[-lines:])
+        # split on newlines only: splitlines() also splits on \x0b, \x0c, \x1c-\x1e and \x85,
+        # which a console may print, and the tail would then not be the log's own end
+        text = self.output().replace("\r", "").rstrip("\n")
+        return "\n".join(text.split("\n")[-lines:])
 
     def wait_for(self, pattern: str | re.Pattern[str], timeout: float) -> re.Match[str]:
         """Wait until the console matches ``pattern`` (multiline) and return the match.

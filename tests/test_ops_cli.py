@@ -140,7 +140,7 @@ def test_shell_completion() -> None:
     assert script.returncode == 0 and "_ferry_completion" in script.stdout
     words = run(env={"_FERRY_COMPLETE": "bash_complete", "COMP_WORDS": "ferry jo",
                      "COMP_CWORD": "1"})
-    assert words.stdout.split() == ["plain,job", "plain,jobs"]
+    assert words.stdout.split() == ["plain,job", "plain,jobs", "plain,journal-volume"]
     # A group name is asked of the agent; none answers here: no candidates, no error.
     groups = run(env={"_FERRY_COMPLETE": "bash_complete", "COMP_WORDS": "ferry pause g",
                       "COMP_CWORD": "2", "FERRY_API": "unix:/nonexistent.sock"})
