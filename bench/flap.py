@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lab.oracle import OracleFailure, OracleWriter, check
 from lab.proxy import FaultProxy
-from lab.sites import Site
+from lab.sites import Site, protect_images
 from lab.trend import slope
 
 MiB = 1024 * 1024
@@ -98,15 +98,7 @@ def run(seconds: float, work: Path, seed: int = 1, up_s: Tuple[float, float] = (
         a.start()
         host, port = b.address.rsplit(":", 1)
         with FaultProxy((host, int(port))) as proxy:
-            disks = []
-            for name in ("vda", "vdb"):
-                p = work / ("%s.img" % name)
-                with open(p, "wb") as f:
-                    f.truncate(SIZE)
-                disks.append(p)
-            text = a.ferry("protect", "g1", *[x for d in disks for x in (
-                "--disk", "%s=%s" % (d.stem, d))], "--target", proxy.address).stdout
-            uris = dict(line.split("\t") for line in text.strip().splitlines())
+            uris = protect_images(a, "g1", work, ["vda", "vdb"], SIZE, proxy.address)
             a.ferry("wait", "g1", "--synced", "--timeout", "120")
             writer = OracleWriter({"vda": uris["vda"]}, SIZE, seed=seed, blocks=2048,
                                   pause=0.005)
@@ -169,7 +161,7 @@ def run(seconds: float, work: Path, seed: int = 1, up_s: Tuple[float, float] = (
             except OracleFailure as e:
                 out.oracle = "FAILED: %s" % e
                 out.problems.append("oracle failed: %s" % e)
-            out.vdb_same = _same(images["vdb"], disks[1])
+            out.vdb_same = _same(images["vdb"], work / "vdb.img")
             if not out.vdb_same:
                 out.problems.append("vdb: site B's newest point differs from the source")
         return out

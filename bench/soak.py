@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lab.oracle import OracleFailure, OracleWriter, check
 from lab.proxy import FaultProxy
-from lab.sites import Site
+from lab.sites import Site, protect_images
 from lab.trend import slope
 
 MiB = 1024 * 1024
@@ -193,16 +193,8 @@ def main() -> int:
         host, port = soak.b.address.rsplit(":", 1)
         with FaultProxy((host, int(port))) as proxy:
             soak.proxy = proxy
-            disks = []
-            for name in ("vda", "vdb"):
-                p = work / ("%s.img" % name)
-                with open(p, "wb") as f:
-                    f.truncate(SIZE)
-                disks.append(p)
-            out = soak.a.ferry("protect", "g1", *[a for d in disks for a in (
-                "--disk", "%s=%s" % (d.stem, d))], "--target", proxy.address,
-                "--history", "60s").stdout
-            uris = dict(line.split("\t") for line in out.strip().splitlines())
+            uris = protect_images(soak.a, "g1", work, ["vda", "vdb"], SIZE, proxy.address,
+                                  "--history", "60s")
             soak.a.ferry("wait", "g1", "--synced", "--timeout", "120")
             writer = OracleWriter(uris, SIZE, seed=3, blocks=2048, pause=0.005)
             writer.start()

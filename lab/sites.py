@@ -207,3 +207,18 @@ class Site:
         args = ["status", "--json"] + ([group] if group else [])
         result: Dict[str, Any] = json.loads(self.ferry(*args).stdout)
         return result
+
+
+def protect_images(site: Site, group: str, work: Path, names: List[str], size: int,
+                   target: str, *extra: str) -> Dict[str, str]:
+    """Make a sparse image ``work/NAME.img`` of ``size`` bytes per name and protect them as
+    ``group`` on ``site`` towards ``target``: each disk's NBD URI by name."""
+    disks = []
+    for name in names:
+        path = work / ("%s.img" % name)
+        with open(path, "wb") as f:
+            f.truncate(size)
+        disks.append(path)
+    out = site.ferry("protect", group, *[a for d in disks for a in (
+        "--disk", "%s=%s" % (d.stem, d))], "--target", target, *extra).stdout
+    return dict(line.split("\t") for line in out.strip().splitlines())

@@ -4,9 +4,11 @@ system on it, a loop device and an ext4 mounted over a directory."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from pathlib import Path
+from typing import Iterator
 
 from test_faults import wait_for
 
@@ -65,3 +67,24 @@ class FaultyFs:
     def close(self) -> None:
         subprocess.run(["umount", "-l", str(self.where)], check=False)
         subprocess.run(["losetup", "-d", self.loop], check=False)
+
+
+@contextlib.contextmanager
+def ext4_on(dev: FaultyDisk, where: Path, direct_io: bool = False) -> Iterator[None]:
+    """ext4 (no journal, ``errors=continue``) made on ``dev`` and mounted on ``where``
+    through a loop device (``direct_io``: reads reach the device, not nbdfuse's page cache);
+    unmounted (lazily if busy) and the loop device freed on the way out."""
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "^has_journal", str(dev.path)], check=True)
+    loop = subprocess.run(["losetup", "--find", "--show"]
+                          + (["--direct-io=on"] if direct_io else []) + [str(dev.path)],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-o", "errors=continue", loop, str(where)], check=True)
+        try:
+            yield
+        finally:
+            if subprocess.run(["umount", str(where)], capture_output=True).returncode:
+                subprocess.run(["umount", "-l", str(where)], check=False)
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=False)

@@ -7,13 +7,12 @@ resumes once the device heals, and the oracle passes the end point."""
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from typing import Iterator
 
 import pytest
 from conftest import Lab
-from faulty_device import FaultyDisk
+from faulty_device import FaultyDisk, ext4_on
 from test_faults import wait_for
 
 from lab.oracle import OracleWriter, check
@@ -26,19 +25,13 @@ def failing_b(lab: Lab) -> Iterator[tuple]:
     if os.geteuid() != 0:
         pytest.skip("mounting a loop device needs root")
     dev = FaultyDisk(lab.work, 64 * MiB)
-    mounted = False
     try:
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "^has_journal", str(dev.path)],
-                       check=True)
-        lab.b.data.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["mount", "-o", "loop,errors=continue", str(dev.path),
-                        str(lab.b.data)], check=True)
-        mounted = True
-        yield lab, dev
+        with ext4_on(dev, lab.b.data):
+            try:
+                yield lab, dev
+            finally:
+                lab.close()
     finally:
-        lab.close()
-        if mounted:
-            subprocess.run(["umount", str(lab.b.data)], check=False)
         dev.close()
 
 

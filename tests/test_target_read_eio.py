@@ -22,7 +22,7 @@ from typing import Iterator, List, Tuple
 import nbd
 import pytest
 from conftest import Lab
-from faulty_device import FaultyDisk
+from faulty_device import FaultyDisk, ext4_on
 from test_faults import wait_for
 
 MiB = 1024 * 1024
@@ -34,25 +34,13 @@ def eio_b(lab: Lab) -> Iterator[Tuple[Lab, FaultyDisk]]:
     if os.geteuid() != 0:
         pytest.skip("mounting a loop device needs root")
     dev = FaultyDisk(lab.work, 96 * MiB)
-    loop = ""
-    mounted = False
     try:
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "^has_journal", str(dev.path)],
-                       check=True)
-        # Direct I/O: the loop device reads the device, not nbdfuse's file's page cache.
-        loop = subprocess.run(["losetup", "--find", "--show", "--direct-io=on",
-                               str(dev.path)], check=True, capture_output=True,
-                              text=True).stdout.strip()
-        lab.b.data.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["mount", "-o", "errors=continue", loop, str(lab.b.data)], check=True)
-        mounted = True
-        yield lab, dev
+        with ext4_on(dev, lab.b.data, direct_io=True):
+            try:
+                yield lab, dev
+            finally:
+                lab.close()
     finally:
-        lab.close()
-        if mounted:
-            subprocess.run(["umount", str(lab.b.data)], check=False)
-        if loop:
-            subprocess.run(["losetup", "-d", loop], check=False)
         dev.close()
 
 
