@@ -50,13 +50,27 @@ def browser() -> Iterator[Any]:
 
 
 def wait_until(predicate: Any, timeout: float = 30, what: str = "condition") -> Any:
+    """Wait for ``predicate`` to be true. The page is redrawn every 2 s: an element found can
+    be replaced before it is read, or be missing for a moment; both count as not yet."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        value = predicate()
+        try:
+            value = predicate()
+        except (NoSuchElementException, StaleElementReferenceException):
+            value = None
         if value:
             return value
         time.sleep(0.2)
     raise AssertionError("timed out waiting for " + what)
+
+
+def text(driver: Any, selector: str) -> str:
+    """The text of the element ``selector`` names, read again if it was redrawn meanwhile."""
+    from selenium.webdriver.common.by import By
+    return str(wait_until(lambda: driver.find_element(By.CSS_SELECTOR, selector).text, 15,
+                          selector))
 
 
 def click(driver: Any, selector: str) -> None:
@@ -116,10 +130,11 @@ def test_dashboard_in_headless_chromium(sites: Lab, browser: Any) -> None:
         Client(base, str(token_file)).call("GET", "/v1/dashboard-url")
 
     browser.get(url)
-    rpo = wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, '[data-rpo="g1"]'), 30,
-                     "the group's RPO")[0]
-    assert re.fullmatch(r"\d+\.\d s", rpo.text), rpo.text
-    assert "replicating" in browser.find_element(By.CSS_SELECTOR, '[data-state="g1"]').text
+    wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, '[data-rpo="g1"]'), 30,
+               "the group's RPO")
+    rpo = text(browser, '[data-rpo="g1"]')
+    assert re.fullmatch(r"\d+\.\d s", rpo), rpo
+    assert "replicating" in text(browser, '[data-state="g1"]')
     # Live: pausing from the page (with confirmation) shows in ferry status and on the page,
     # and the RPO shown grows with writes that wait.
     confirm(browser, 'button[data-action="pause"][data-group="g1"]')
