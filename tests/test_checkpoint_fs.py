@@ -17,8 +17,11 @@ import time
 from pathlib import Path
 from typing import List
 
+import pytest
 from conftest import Lab
 from test_faults import wait_for
+
+pytestmark = pytest.mark.once  # the first CI pass only (.ci/run)
 
 MiB = 1024 * 1024
 

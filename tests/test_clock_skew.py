@@ -19,6 +19,8 @@ from test_faults import wait_for
 
 from lab.oracle import OracleWriter
 
+pytestmark = pytest.mark.once  # the first CI pass only (.ci/run)
+
 MiB = 1024 * 1024
 FAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"  # Debian's faketime
 HOURS = 3

@@ -14,10 +14,13 @@ from pathlib import Path
 from typing import List
 
 import nbd
+import pytest
 from conftest import Lab
 from test_udev_identity import _attach, _file, loops, wait_problem
 
 from agent.errors import EXIT_CONFLICT, EXIT_NOT_FOUND
+
+pytestmark = pytest.mark.once  # the first CI pass only (.ci/run)
 
 MiB = 1024 * 1024
 __all__ = ["loops"]  # the fixture, used by name

@@ -7,9 +7,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import flap
+
+pytestmark = pytest.mark.once  # the first CI pass only (.ci/run)
 
 
 def test_link_flapping_under_two_writers(tmp_path: Path) -> None:

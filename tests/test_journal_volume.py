@@ -16,6 +16,8 @@ from agent.target import volume
 from tests.conftest import Lab, same_bytes
 from tests.test_replication import error_line
 
+pytestmark = pytest.mark.once  # the first CI pass only (.ci/run)
+
 MiB = 1024 * 1024
 
 

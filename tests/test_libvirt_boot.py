@@ -20,6 +20,8 @@ from test_libvirt import VirtLab, libvirtd
 
 from agent.domains import xml
 
+pytestmark = pytest.mark.once  # the first CI pass only (.ci/run)
+
 __all__ = ["libvirtd"]  # the module's daemon fixture, used by name
 NIC = "<interface type='network'><source network='%s'/><model type='virtio'/></interface>"
 

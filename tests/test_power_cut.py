@@ -19,6 +19,8 @@ from test_faults import wait_for
 
 from lab.oracle import OracleWriter, check
 
+pytestmark = pytest.mark.once  # the first CI pass only (.ci/run)
+
 MiB = 1024 * 1024
 PLUGIN = Path(__file__).parent / "plugins" / "volatile_disk.py"
 SIZE = 64 * MiB

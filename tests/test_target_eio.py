@@ -17,6 +17,8 @@ from test_faults import wait_for
 
 from lab.oracle import OracleWriter, check
 
+pytestmark = pytest.mark.once  # the first CI pass only (.ci/run)
+
 MiB = 1024 * 1024
 
 

@@ -25,6 +25,8 @@ from conftest import Lab
 from faulty_device import FaultyDisk, ext4_on
 from test_faults import wait_for
 
+pytestmark = pytest.mark.once  # the first CI pass only (.ci/run)
+
 MiB = 1024 * 1024
 SIZE = 4 * MiB
 
