@@ -13,6 +13,7 @@ from ..source.failback import failback
 from ..source.move import move
 from ..source.resize import resize
 from ..source.resync import resync
+from ..source.splitters import MAX_SPLITTER_THREADS
 from ..source.verify import verify
 from .request import (
     bandwidth_of,
@@ -108,7 +109,8 @@ async def _verify(api: Api, name: str, body: Dict[str, Any]) -> Any:
 
 
 PROTECT_FIELDS = ("name", "target", "disks", "allow_unreachable", "queue_bytes", "history_s",
-                  "journal_max", "journal_reserve", "checkpoint_interval", "bandwidth", "seeds")
+                  "journal_max", "journal_reserve", "checkpoint_interval", "bandwidth", "seeds",
+                  "splitter_threads")
 
 
 async def _protect(api: Api, body: Dict[str, Any]) -> Any:
@@ -135,6 +137,8 @@ async def _protect(api: Api, body: Dict[str, Any]) -> Any:
         settings["checkpoint_interval"] = seconds_of(body, "checkpoint_interval")
     if "bandwidth" in body:
         settings["bandwidth"] = bandwidth_of(body)
+    if "splitter_threads" in body:  # requests each disk's splitter serves at once
+        settings["splitter_threads"] = int_of(body, "splitter_threads", 1, MAX_SPLITTER_THREADS)
     kwargs["settings"] = settings
     seeds = body.get("seeds", {})
     if not isinstance(seeds, dict) or len(seeds) > MAX_DISKS or not all(

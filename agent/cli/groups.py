@@ -55,6 +55,10 @@ def _split_disk(spec: str, index: int) -> Tuple[str, str]:
                    "Change it later with `ferry set`.")
 @click.option("--rpo-alert", default=None, metavar="DURATION",
               help="Raise an alert while the group's RPO is above this (30s, 5m).")
+@click.option("--splitter-threads", type=click.IntRange(1, 64), default=None, metavar="N",
+              help="Requests each disk's splitter serves at once [default: 16]. Fewer "
+                   "cost less CPU per write on fast local storage; more hide a slow "
+                   "disk's latency (bench/splitter_threads.py measures both).")
 @click.option("--preseeded", "seeds", multiple=True, metavar="[NAME=]PATH",
               help="A copy of disk NAME that site B already holds (absolute path there): "
                    "only chunks that differ are shipped. Repeatable; a new group only.")
@@ -67,6 +71,7 @@ def protect(api: Agent, group: str, disks: Tuple[str, ...], domains: Tuple[str, 
             target: str, queue: str,
             allow_unreachable: bool, history: str, journal_max: str, journal_reserve: bool,
             checkpoint_interval: str, bandwidth: str, rpo_alert: Optional[str],
+            splitter_threads: Optional[int],
             seeds: Tuple[str, ...], app_consistent_every: Optional[str],
             as_json: bool) -> None:
     """Protect disks as GROUP, replicated to TARGET; prints each disk's NBD URI."""
@@ -86,6 +91,7 @@ def protect(api: Agent, group: str, disks: Tuple[str, ...], domains: Tuple[str, 
         "checkpoint_interval": parse_duration(checkpoint_interval),
         "bandwidth": parse_size(bandwidth), "seeds": seeded,
         **({"journal_reserve": True} if journal_reserve else {}),
+        **({"splitter_threads": splitter_threads} if splitter_threads else {}),
         **({"domains": list(domains), "app_consistent_every":
             parse_duration(app_consistent_every or "0")} if domains else
            {"disks": [{"name": n, "path": p} for n, p in specs]})})

@@ -35,6 +35,8 @@ from ..store import DiskRow, GroupRow
 log = logging.getLogger("ferry.source")
 
 SOCKET_PATH_MAX = 107
+DEFAULT_THREADS = 16  # nbdkit --threads: requests served at once (qemu sends up to 16)
+MAX_SPLITTER_THREADS = 64
 
 
 class SplitterError(Unavailable):
@@ -93,8 +95,15 @@ def running_pid(paths: SplitterPaths, disk_id: str) -> Optional[int]:
     return pid
 
 
+def threads_of(row: GroupRow) -> int:
+    """How many requests each of the group's splitters serves at once (``protect
+    --splitter-threads``). Concurrency hides a slow disk's latency but costs CPU in the
+    interpreter's lock on fast storage: bench/splitter_threads.py measures both."""
+    return int(row.settings.get("splitter_threads", DEFAULT_THREADS))
+
+
 def start(paths: SplitterPaths, disk_id: str, disk_path: str, agent_socket: str,
-          group: str, name: str, queue_bytes: int, threads: int = 16,
+          group: str, name: str, queue_bytes: int, threads: int = DEFAULT_THREADS,
           fmt: str = "raw", size: int = 0) -> int:
     """Start nbdkit for a disk unless it already runs; return its pid once it serves
     (``size``: the size protected, which it serves even on a disk grown since)."""
@@ -228,6 +237,7 @@ class Fleet:
         except OSError as e:  # gone, or not reachable: the splitter could not open it either
             raise SplitterError("disk %s: %s: %s" % (d.name, d.path, e.strerror or e)) from None
         start(paths, d.id, d.path, self.agent_socket, row.name, d.name, row.queue_bytes,
+              threads=threads_of(row),
               fmt=row.settings.get("formats", {}).get(d.name, "raw"), size=d.size)
         if self.socket_group is not None:
             share_socket(paths.socket, self.socket_group)

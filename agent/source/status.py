@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Dict, Iterable, Mapping, Optional
 
 from ..store import DiskRow, GroupRow
+from . import splitters
 from .link import DiskLink
 from .settings import DEFAULT_SETTINGS
 from .shipper import GroupShipper
@@ -77,6 +78,7 @@ def disk_status(row: GroupRow, d: DiskRow, link: DiskLink, shipper: Optional[Gro
         "path": d.path,
         "size": d.size,
         "format": row.settings.get("formats", {}).get(d.name, "raw"),  # formats/images.py
+        "splitter_threads": splitters.threads_of(row),
         "nbd_uri": fleet.paths(d).nbd_uri,
         "generation": link.gen,
         "bytes_written": c.get("written_bytes", 0),
