@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""Does the splitter stay fast when its client reconnects again and again (a VM's NBD
+client after every link drop, a backup tool, fio runs in a benchmark)?
+
+    python bench/reconnects.py [--connections 30] [--seconds 1] [--out FILE]
+
+One splitter, the group paused (nothing shipped: the splitter's own cost), then fio
+(4 KiB random writes, QD 16) ``--connections`` times, each a new NBD connection that nbdkit
+serves on 16 new worker threads. Prints each run's IOPS, and the median of the last five
+against the median of runs 6-10: about 1.0 when ended worker threads give back their Python
+thread states (nbd_plugin/threadstate.py), lower when new threads fall back to the slow
+``PyGILState`` path once ``MAX_PINNED`` states are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import report
+from pair import start_sites
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--connections", type=int, default=30)
+    ap.add_argument("--seconds", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.connections < 15:
+        ap.error("--connections must be at least 15 (runs 6-10 against the last five)")
+    load = os.getloadavg()
+    work = Path(tempfile.mkdtemp(prefix="frc", dir="/tmp"))
+    image = work / "d.img"
+    with open(image, "wb") as f:
+        f.truncate(1 << 30)
+    a, b = start_sites(work)
+    iops = []
+    try:
+        out = a.ferry("protect", "g", "--disk", "vda=%s" % image, "--target",
+                      b.address).stdout
+        uri = out.split("\t")[1].strip()
+        a.ferry("wait", "g", "--synced", "--timeout", "300")
+        a.ferry("pause", "g")
+        for i in range(args.connections):
+            cmd = ["fio", "--name=bench", "--ioengine=nbd", "--uri=" + uri, "--size=256M",
+                   "--rw=randwrite", "--bs=4k", "--iodepth=16", "--runtime=%d" % args.seconds,
+                   "--time_based", "--output-format=json"]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            iops.append(report.fio_json(proc.stdout)["jobs"][0]["write"]["iops"])
+            print("connection %2d  %6.0f IOPS" % (i + 1, iops[-1]), flush=True)
+        a.ferry("unprotect", "g")
+    finally:
+        a.stop()
+        b.stop()
+    early, late = statistics.median(iops[5:10]), statistics.median(iops[-5:])
+    print("\nreconnects: %s UTC, Ferry %s, load average at the start %.2f %.2f %.2f"
+          % (time.strftime("%F %H:%M", time.gmtime()), report._git_head(), *load))
+    print("runs 6-10: median %.0f IOPS; last five: median %.0f IOPS; ratio %.2f"
+          % (early, late, late / early))
+    report.write("reconnects", args.out, vars(args), [], loadavg_start=load, iops=iops,
+                 ratio=late / early)
+
+
+if __name__ == "__main__":
+    main()
