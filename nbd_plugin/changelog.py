@@ -207,11 +207,17 @@ class ChangeLog:
                 return
             self._since_flush.add(offset, length)
             if self._queued_bytes + nbytes > self.queue_limit:
+                was_clean = not self.dirty
                 self.dirty.add(offset, length)
                 self.stats.dirtied_bytes += length
                 self._set_inconsistent()
                 self._unflushed = True
-                self._wake()
+                if was_clean:
+                    # The link learns that there is a map to resync. Later writes into it
+                    # need not wake it: the queue is full, so it can resync nothing before
+                    # an ack frees room, and an ack wakes it (a wake per write cost a
+                    # thread switch and a handoff of the interpreter's lock each).
+                    self._wake()
                 return
             if data is None:
                 self._append(kind, offset, length, None, flags)
