@@ -2,7 +2,7 @@
 """Does the splitter stay fast when its client reconnects again and again (a VM's NBD
 client after every link drop, a backup tool, fio runs in a benchmark)?
 
-    python bench/reconnects.py [--connections 30] [--seconds 1] [--out FILE]
+    python bench/reconnects.py [--connections 30] [--seconds 1] [--quick] [--out FILE]
 
 One splitter, the group paused (nothing shipped: the splitter's own cost), then fio
 (4 KiB random writes, QD 16) ``--connections`` times, each a new NBD connection that nbdkit
@@ -34,11 +34,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--connections", type=int, default=30)
     ap.add_argument("--seconds", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="20 connections")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.quick:
+        args.connections = 20
     if args.connections < 15:
         ap.error("--connections must be at least 15 (runs 6-10 against the last five)")
-    load = os.getloadavg()
+    load, began = os.getloadavg(), time.gmtime()
     work = Path(tempfile.mkdtemp(prefix="frc", dir="/tmp"))
     image = work / "d.img"
     with open(image, "wb") as f:
@@ -64,10 +67,16 @@ def main() -> None:
         b.stop()
     early, late = statistics.median(iops[5:10]), statistics.median(iops[-5:])
     print("\nreconnects: %s UTC, Ferry %s, load average at the start %.2f %.2f %.2f"
-          % (time.strftime("%F %H:%M", time.gmtime()), report._git_head(), *load))
+          % (time.strftime("%F %H:%M", began), report._git_head(), *load))
     print("runs 6-10: median %.0f IOPS; last five: median %.0f IOPS; ratio %.2f"
           % (early, late, late / early))
-    report.write("reconnects", args.out, vars(args), [], loadavg_start=load, iops=iops,
+    figures = [report.figure(
+        "4 KiB random-write IOPS (QD 16, paused) after %d reconnects" % args.connections,
+        "%.0f IOPS (median of the last five connections)" % late,
+        "%.0f IOPS (connections 6-10)" % early, late / early, ">= 0.8 of connections 6-10",
+        late / early >= 0.8)]
+    report.print_figures(figures)
+    report.write("reconnects", args.out, vars(args), figures, loadavg_start=load, iops=iops,
                  ratio=late / early)
 
 

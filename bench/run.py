@@ -38,6 +38,8 @@ BENCHMARKS: Dict[str, List[str]] = {
     "formats": ["formats.py"],
     "control_plane": ["control_plane.py"],
     "target_write": ["target_write.py"],
+    "splitter_threads": ["splitter_threads.py"],
+    "reconnects": ["reconnects.py"],
 }
 QUICK_FLAGS = {"changelog_micro": ["--writes", "50000"],
                "pit_view": ["--records", "100000", "--reads", "1000", "--reps", "2"]}

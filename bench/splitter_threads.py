@@ -3,7 +3,7 @@
 a fast disk against a slow one, side by side.
 
     python bench/splitter_threads.py [--threads 16 4 2 1] [--reps 3] [--seconds 5]
-                                     [--delay-ms 1] [--out FILE]
+                                     [--delay-ms 1] [--quick] [--out FILE]
 
 Per repetition, for each N in turn, one group of two disks is protected with
 ``--splitter-threads N`` and synced, then fio (QD 16, 4 KiB) runs through the splitters:
@@ -134,9 +134,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--delay-ms", type=float, default=1.0)
+    ap.add_argument("--quick", action="store_true", help="16 and 1 thread, 2 s, one repetition")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    load = os.getloadavg()
+    if args.quick:
+        args.threads, args.reps, args.seconds = [16, 1], 1, 2
+    load, began = os.getloadavg(), time.gmtime()
     work = Path(tempfile.mkdtemp(prefix="fst", dir="/tmp"))
     slow = SlowDisk(work, args.delay_ms)
     runs: Dict[int, List[Dict[str, Dict[str, float]]]] = {n: [] for n in args.threads}
@@ -151,7 +154,7 @@ def main() -> None:
         slow.close()
     print("\nsplitter_threads: %s UTC, Ferry %s, load average at the start %.2f %.2f %.2f; "
           "%d s runs, %d repetition(s), %g ms slow disk\n" % (
-              time.strftime("%F %H:%M", time.gmtime()), report._git_head(), *load,
+              time.strftime("%F %H:%M", began), report._git_head(), *load,
               args.seconds, args.reps, args.delay_ms))
     print("| --splitter-threads | " + " | ".join(
         "%s IOPS" % job for job in JOBS) + " | fast randwrite, splitter CPU-s/GiB |")
@@ -163,7 +166,16 @@ def main() -> None:
         print("| %d | " % n + " | ".join(
             cell([r[job]["iops"] for r in runs[n]]) for job in JOBS) + " | " +
             cell([r["fast randwrite"]["cpu_s_per_gib"] for r in runs[n]], "%.1f") + " |")
-    report.write("splitter_threads", args.out, vars(args), [], loadavg_start=load,
+    figures = []
+    low, high = min(args.threads), max(args.threads)
+    for job in JOBS:
+        few = statistics.median(r[job]["iops"] for r in runs[low])
+        many = statistics.median(r[job]["iops"] for r in runs[high])
+        figures.append(report.figure(
+            "%s IOPS (4 KiB, QD 16), --splitter-threads %d" % (job, low), "%.0f IOPS" % few,
+            "%.0f IOPS with %d threads" % (many, high), few / many))
+    report.print_figures(figures)
+    report.write("splitter_threads", args.out, vars(args), figures, loadavg_start=load,
                  runs={str(n): v for n, v in runs.items()})
 
 
