@@ -69,6 +69,7 @@ def test_the_default_is_sixteen(sites: Lab) -> None:
     assert nbdkit_threads(pid) == 16
     status = json.loads(sites.a.ferry("status", "g1", "--json").stdout)
     assert status["groups"]["g1"]["disks"]["vda"]["splitter_threads"] == 16
+    assert status["groups"]["g1"]["settings"]["splitter_threads"] == 16
 
 
 @pytest.mark.parametrize("value", [0, 65, "4", True, -1])

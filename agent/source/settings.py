@@ -16,6 +16,8 @@ DEFAULT_SETTINGS: Dict[str, Any] = {
     "bandwidth": 0,                     # bytes/s the link may carry (0: no limit)
     "stall_timeout": 15.0,              # a link that moves nothing this long while data
                                         # is owed is dropped and reconnected
+    "splitter_threads": 16,             # requests each splitter serves at once (nbdkit
+                                        # --threads; qemu sends up to 16)
 }
 # A group's or a disk's name. Anchored with \A and \Z, not ^ and $: ``$`` also matches before
 # a trailing newline, so ``NAME_RE.match("g\n")`` passed. Prefer ``NAME_RE.fullmatch``.

@@ -31,11 +31,12 @@ from .. import devices
 from ..errors import StorageError, Unavailable
 from ..plugins import SPLITTER as PLUGIN
 from ..store import DiskRow, GroupRow
+from .settings import DEFAULT_SETTINGS
 
 log = logging.getLogger("ferry.source")
 
 SOCKET_PATH_MAX = 107
-DEFAULT_THREADS = 16  # nbdkit --threads: requests served at once (qemu sends up to 16)
+DEFAULT_THREADS = int(DEFAULT_SETTINGS["splitter_threads"])
 MAX_SPLITTER_THREADS = 64
 
 
@@ -99,7 +100,7 @@ def threads_of(row: GroupRow) -> int:
     """How many requests each of the group's splitters serves at once (``protect
     --splitter-threads``). Concurrency hides a slow disk's latency but costs CPU in the
     interpreter's lock on fast storage: bench/splitter_threads.py measures both."""
-    return int(row.settings.get("splitter_threads", DEFAULT_THREADS))
+    return int(dict(DEFAULT_SETTINGS, **row.settings)["splitter_threads"])
 
 
 def start(paths: SplitterPaths, disk_id: str, disk_path: str, agent_socket: str,
