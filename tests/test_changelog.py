@@ -448,6 +448,26 @@ def test_take_wakes_up_on_a_commit() -> None:
     assert seqs(taker.result) == [1]
 
 
+def test_writes_into_the_dirty_map_wake_the_link_once_then_an_ack_does() -> None:
+    """The first write that goes dirty wakes a waiting taker (there is a map to resync);
+    later ones do not (the full queue lets it resync nothing), until an ack frees room."""
+    cl = new_log(queue_limit=HDR + 100)
+    write(cl, 0, b"a" * 100)
+    assert seqs(take(cl, 1000)) == [1]  # sent, not acked: the queue stays full
+    taker = Blocker(lambda: take(cl, 1000, 30))
+    time.sleep(0.05)
+    write(cl, 1000, b"b" * 100)  # dirty: the map was empty
+    assert taker.done.wait(10) and taker.result == []
+    taker = Blocker(lambda: take(cl, 1000, 30))
+    time.sleep(0.05)
+    for i in range(5):
+        write(cl, 2000 + 200 * i, b"c" * 100)  # dirty again: no wake
+    assert not taker.done.wait(0.3)
+    cl.ack(1, 1)
+    assert taker.done.wait(10) and taker.result == []
+    assert cl.resync_take(64) is not None  # now there is room to resync
+
+
 def test_close_wakes_up_take() -> None:
     cl = new_log()
     taker = Blocker(lambda: take(cl, 1000, 30))
