@@ -19,7 +19,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report
-from pair import start_sites
+from pair import Pair
 
 
 def main() -> None:
@@ -42,19 +41,17 @@ def main() -> None:
     if args.connections < 15:
         ap.error("--connections must be at least 15 (runs 6-10 against the last five)")
     load, began = os.getloadavg(), time.gmtime()
-    work = Path(tempfile.mkdtemp(prefix="frc", dir="/tmp"))
-    image = work / "d.img"
-    with open(image, "wb") as f:
-        f.truncate(1 << 30)
-    a, b = start_sites(work)
     iops = []
-    try:
+    with Pair("frc") as pair:
+        a, b = pair.a, pair.b
+        image = pair.image("d", 1 << 30)
         out = a.ferry("protect", "g", "--disk", "vda=%s" % image, "--target",
                       b.address).stdout
         uri = out.split("\t")[1].strip()
         a.ferry("wait", "g", "--synced", "--timeout", "300")
         a.ferry("pause", "g")
         for i in range(args.connections):
+            os.sync()  # each run starts with no dirty page cache left by the one before
             cmd = ["fio", "--name=bench", "--ioengine=nbd", "--uri=" + uri, "--size=256M",
                    "--rw=randwrite", "--bs=4k", "--iodepth=16", "--runtime=%d" % args.seconds,
                    "--time_based", "--output-format=json"]
@@ -62,9 +59,6 @@ def main() -> None:
             iops.append(report.fio_json(proc.stdout)["jobs"][0]["write"]["iops"])
             print("connection %2d  %6.0f IOPS" % (i + 1, iops[-1]), flush=True)
         a.ferry("unprotect", "g")
-    finally:
-        a.stop()
-        b.stop()
     early, late = statistics.median(iops[5:10]), statistics.median(iops[-5:])
     print("\nreconnects: %s UTC, Ferry %s, load average at the start %.2f %.2f %.2f"
           % (time.strftime("%F %H:%M", began), report._git_head(), *load))

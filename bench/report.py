@@ -41,8 +41,11 @@ def _first_line(cmd: List[str]) -> str:
 def _git_head() -> str:
     out = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"],
                          capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(HERE), "status", "--porcelain", "--", "agent",
-                            "nbd_plugin", "bench"], capture_output=True, text=True).stdout
+    # Paths from the checkout's top (with -C bench/ they named bench/agent and the like,
+    # which never change: a run on changed code was reported as the commit).
+    dirty = subprocess.run(["git", "-C", str(HERE.parent), "status", "--porcelain", "--",
+                            "agent", "nbd_plugin", "formats", "bench"],
+                           capture_output=True, text=True).stdout
     return out.stdout.strip() + ("+changes" if dirty.strip() else "")
 
 

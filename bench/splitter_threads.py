@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report
-from pair import start_sites
+from pair import Pair
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -92,14 +93,12 @@ def fio(uri: str, size: int, job: List[str], seconds: int) -> Dict[str, float]:
     return {"iops": side["iops"], "bytes": side["io_bytes"]}
 
 
-def one(work: Path, slow: SlowDisk, threads: int, seconds: int) -> Dict[str, Dict[str, float]]:
-    """Protect both disks with ``--splitter-threads threads``, run the jobs, unprotect."""
-    fast = work / "fast.img"
-    with open(fast, "wb") as f:
-        f.truncate(FAST_SIZE)
-    root = Path(tempfile.mkdtemp(prefix="t%d-" % threads, dir=work))
-    a, b = start_sites(root)
-    try:
+def one(slow: SlowDisk, threads: int, seconds: int) -> Dict[str, Dict[str, float]]:
+    """Protect both disks with ``--splitter-threads threads`` on a new pair of sites, run the
+    jobs; the pair's directory (images, journal) is removed after."""
+    with Pair("fst") as pair:
+        a, b = pair.a, pair.b
+        fast = pair.image("fast", FAST_SIZE)
         out = a.ferry("protect", "g", "--disk", "fast=%s" % fast, "--disk",
                       "slow=%s" % slow.loop, "--target", b.address,
                       "--splitter-threads", str(threads)).stdout
@@ -117,10 +116,6 @@ def one(work: Path, slow: SlowDisk, threads: int, seconds: int) -> Dict[str, Dic
             a.ferry("wait", "g", "--synced", "--timeout", "600")
         a.ferry("unprotect", "g")
         return res
-    finally:
-        for site in (a, b):
-            site.stop()
-        fast.unlink()
 
 
 def _serves(pid: int, disk: str) -> bool:
@@ -146,12 +141,13 @@ def main() -> None:
     try:
         for rep in range(args.reps):
             for n in args.threads:
-                r = one(work, slow, n, args.seconds)
+                r = one(slow, n, args.seconds)
                 runs[n].append(r)
                 print("rep %d threads %2d  " % (rep + 1, n) + "  ".join(
                     "%s %.0f IOPS" % (job, x["iops"]) for job, x in r.items()), flush=True)
     finally:
         slow.close()
+        shutil.rmtree(work, ignore_errors=True)
     print("\nsplitter_threads: %s UTC, Ferry %s, load average at the start %.2f %.2f %.2f; "
           "%d s runs, %d repetition(s), %g ms slow disk\n" % (
               time.strftime("%F %H:%M", began), report._git_head(), *load,
