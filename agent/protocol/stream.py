@@ -20,6 +20,7 @@ from .session import NEED_DATA, Session
 
 M = TypeVar("M", bound=messages.Message)
 PARSE_IN_THREAD = 1024 * 1024  # bodies at least this long are parsed off the event loop
+LINGER = 2.0  # seconds a close after an ERROR waits for the peer to read it and hang up
 
 
 class SessionStream:
@@ -30,6 +31,8 @@ class SessionStream:
         self.peer = peer
         self.session = session
         self._send_lock = trio.Lock()
+        self._said_error = False
+        self.authenticated = False  # set once the peer proved who it is: only then lingers
 
     @property
     def codec(self) -> wire.Codec:
@@ -82,13 +85,33 @@ class SessionStream:
         try:
             with trio.move_on_after(2):
                 await self.send(messages.Error(code, message))
+                self._said_error = True
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError,
                 LocalProtocolError):
             pass
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
+            if self._said_error and self.authenticated:
+                await self._linger()
             await self.stream.aclose()
+
+    async def _linger(self) -> None:
+        """After an ERROR, close only once the peer has hung up (or LINGER s have passed).
+        Closing a socket with unread bytes in it sends a reset at once: a peer still
+        sending then sees "connection reset" where it should have read why, and a reset
+        may even drop the ERROR from the peer's receive queue. So: our side's FIN where the
+        transport has one, then read and drop what the peer still sends until its EOF.
+        Only for an authenticated peer: a stranger is not given LINGER s of our reading."""
+        with trio.move_on_after(LINGER):
+            try:
+                if isinstance(self.stream, trio.abc.HalfCloseableStream):
+                    await self.stream.send_eof()
+                while await self.stream.receive_some(64 * 1024):
+                    pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError,
+                    OSError):
+                pass
 
 
 async def read_exact(stream: trio.abc.ReceiveStream, n: int, peer: str,

@@ -288,6 +288,7 @@ class TargetSite:
                                 "pair them first (ferry pair-token, ferry pair)")
             raise Refused("refusing %s: TLS without a paired site's certificate" % peer)
         ticket.release()  # authenticated: a paired certificate (or --insecure) and a HELLO
+        fs.authenticated = True
         await fs.send(messages.Welcome(self.site))
         return await fs.expect(messages.Open)
 
