@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import socket
 import struct
@@ -402,3 +403,26 @@ def test_native_connection_errors(tmp_path: Path, chain: Path) -> None:
             conn.pread(buf, 0)
     finally:
         disk.close()
+
+
+def test_the_flat_extent_of_a_vmdk(tmp_path: Path) -> None:
+    """Where a monolithicFlat VMDK's bytes are (a journal volume's container); any other
+    VMDK refused in one line naming why."""
+    vmdk = tmp_path / "v.vmdk"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", "-o",
+                    "subformat=monolithicFlat", str(vmdk), "40M"], check=True)
+    assert images.flat_extent(str(vmdk)) == (str(tmp_path / "v-flat.vmdk"), 40 * 1024 * 1024)
+    text = vmdk.read_text()
+    line = 'RW 81920 FLAT "v-flat.vmdk" 0'
+    assert line in text
+    for changed, words in (
+            (text.replace(line, 'RW 81920 FLAT "v-flat.vmdk" 8'), "starts at sector 8 of"),
+            (text.replace(line, line + "\n" + line.replace("v-flat", "w-flat")),
+             "only a monolithicFlat VMDK (one flat extent)"),
+            (text.replace("monolithicFlat", "twoGbMaxExtentFlat"),
+             "a VMDK of subformat twoGbMaxExtentFlat"),
+            (text.replace(line, 'RW 81920 FLAT "nbd://host/x" 0'), "is not a plain file name"),
+            ("KDMV" + text, "its descriptor embedded (a sparse VMDK)")):
+        vmdk.write_text(changed)
+        with pytest.raises(images.Unsupported, match=re.escape(words)):
+            images.flat_extent(str(vmdk))

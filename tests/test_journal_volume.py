@@ -54,9 +54,12 @@ def loops(lab: Lab) -> Iterator[List[str]]:
 def test_journal_volume(lab: Lab, loops: List[str]) -> None:
     big, small, used = loops
     a, b = lab.a, lab.b
+    os.mkfifo(lab.work / "fifo")
     b.start()
     a.start()
-    for device, words in ((str(lab.work / "big.dev"), "is not a block device"),
+    for device, words in ((str(lab.work / "big.dev"), "is in use (attached to /dev/loop"),
+                          (str(lab.work / "fifo"), "is neither a block device nor a container "
+                                                   "file"),
                           (small, "holds 24 MiB; a journal of --journal-max 8 MiB with its "
                                   "reserve needs 36 MiB"),
                           (used, "holds a signature (ext4); wipe it first")):
@@ -135,6 +138,152 @@ def test_volume_record_and_checks(tmp_path: Path) -> None:
     failed = volume.mount_all(str(data), str(root))
     assert list(failed) == ["g3"] and "cannot be mounted on %s" % (
         root / "g3" / "journal") in failed["g3"], failed
+    (data / volume.RECORD).write_text(json.dumps({"g4": {
+        "uuid": "00000000-0000-4000-8000-000000000002", "device": str(tmp_path / "gone.raw"),
+        "kind": "file", "file": str(tmp_path / "gone.raw"), "size": 64 * MiB}}))
+    failed = volume.mount_all(str(data), str(root))
+    assert list(failed) == ["g4"] and "gone.raw) does not exist" in failed["g4"], failed
     with pytest.raises(NotFound, match=r"^journal volume /dev/nosuch does not exist$"):
         volume.check("/dev/nosuch", 8 * MiB)
     assert volume.need(8 * MiB) == int(26 * MiB / 0.94) + 8 * MiB  # reserve, ext4, 8 MiB
+
+
+def allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def loop_of(path: Path) -> List[str]:
+    return run("losetup", "-n", "-O", "NAME", "-j", str(path)).split()
+
+
+def test_journal_volume_in_a_container_file(lab: Lab) -> None:
+    """A raw file and a monolithicFlat VMDK as volumes: refusals, allocation, a group's
+    journal on one, a restart that allocates and mounts it again, and --release."""
+    if os.geteuid() != 0:
+        pytest.skip("loop mounts need root")
+    a, b = lab.a, lab.b
+    raw = lab.work / "journal.raw"
+    with open(raw, "wb") as f:
+        f.truncate(64 * MiB)                       # sparse: Ferry allocates it
+    journal = b.data / "target" / "vm" / "journal"
+    spare_journal = b.data / "target" / "spare" / "journal"
+    try:
+        b.start()
+        a.start()
+        refusals(lab)
+
+        out = json.loads(b.ferry("journal-volume", "vm", str(raw), "--journal-max", "8M",
+                                 "--json").stdout)
+        assert (out["kind"], out["container"], out["size"]) == ("file", "raw", 64 * MiB), out
+        assert allocated(raw) >= 64 * MiB
+        assert run("findmnt", "-n", "-o", "UUID", "--mountpoint", str(journal)) == out["uuid"]
+        assert len(loop_of(raw)) == 1
+        line = error_line(b.ferry("journal-volume", "other", str(raw), "--journal-max",
+                                  "8M", check=False))
+        assert "journal volume %s is in use (attached to /dev/loop" % raw in line, line
+
+        disk = lab.image("d1.img", 16 * MiB)
+        uris = lab.protect("vm", disk, extra=("--journal-max", "8M", "--journal-reserve"))
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x6b 0 6M", "-c", "flush", uris["d1"])
+        a.ferry("wait", "vm", "--synced", "--timeout", "120")
+        assert any(n.endswith(".fjr") for n in os.listdir(journal))
+        line = error_line(b.ferry("journal-volume", "vm", "--release", check=False))
+        assert "group vm is held on this site" in line, line
+
+        # fstrim gives the volume's free blocks back to the file system below; a restart
+        # allocates them again, and mounts the file only while it holds the volume.
+        a.stop()
+        b.stop()
+        run("fstrim", str(journal))
+        run("umount", str(journal))
+        assert loop_of(raw) == []                  # mount -o loop: detached at unmount
+        assert allocated(raw) < 64 * MiB           # the loop device punched holes
+        b.start()
+        assert os.path.ismount(journal) and allocated(raw) >= 64 * MiB
+        again = lab.work / "again.img"
+        b.ferry("restore", "vm", "--disk", "d1", "--to", str(again))
+        assert same_bytes(again, disk)
+        b.stop()
+        run("umount", str(journal))
+        run("mkfs.ext4", "-q", "-F", str(raw))     # another file system in the file now
+        b.start()
+        st = b.status()["replicas"]["vm"]
+        assert "holds file system" in st["error"] and "not the volume's file system" \
+            in st["error"], st
+        assert not os.path.ismount(journal)
+
+        # A VMDK container for another group, given back before it is protected.
+        vmdk = lab.work / "spare.vmdk"
+        run("qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat",
+            str(vmdk), "48M")
+        out = json.loads(b.ferry("journal-volume", "spare", str(vmdk), "--journal-max", "8M",
+                                 "--json").stdout)
+        flat = lab.work / "spare-flat.vmdk"
+        assert (out["container"], out["file"], out["size"]) == ("vmdk", str(flat), 48 * MiB)
+        assert allocated(flat) >= 48 * MiB and os.path.ismount(spare_journal)
+        assert run("qemu-img", "info", "--output=json", str(vmdk)).count('"vmdk"') >= 1
+        (spare_journal / "stray").write_bytes(b"x")
+        line = error_line(b.ferry("journal-volume", "spare", "--release", check=False))
+        assert "holds 1 journal file(s) (stray...)" in line, line
+        (spare_journal / "stray").unlink()
+        done = b.ferry("journal-volume", "spare", "--release").stdout
+        assert "group spare: journal volume %s unmounted and forgotten" % vmdk in done, done
+        assert not spare_journal.parent.exists() and loop_of(flat) == []
+        assert "spare" not in volume.load(str(b.data))
+        line = error_line(b.ferry("journal-volume", "spare", "--release", check=False))
+        assert "group spare has no journal volume" in line, line
+        # The volume whose file system went away is forgotten too (the group is held:
+        # refused), and a usage error says what --release takes.
+        line = error_line(b.ferry("journal-volume", "vm", "--release", check=False))
+        assert "group vm is held on this site" in line, line
+        line = error_line(b.ferry("journal-volume", "x", str(vmdk), "--release",
+                                  check=False))
+        assert "--release takes the group alone" in line, line
+    finally:
+        lab.close()
+        for j in (journal, spare_journal):
+            while os.path.ismount(j):
+                run("umount", str(j))
+
+
+def refusals(lab: Lab) -> None:
+    """Container files refused in one line, nothing written to them."""
+    b, work = lab.b, lab.work
+    small = work / "small.raw"
+    small.write_bytes(b"\0" * (24 * MiB))
+    signed = work / "signed.raw"
+    with open(signed, "wb") as f:
+        f.truncate(64 * MiB)
+    run("mkfs.ext4", "-q", "-F", str(signed))
+    link = work / "link.raw"
+    link.symlink_to(signed)
+    qcow = work / "j.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(qcow), "64M")
+    sparse_vmdk = work / "sparse.vmdk"
+    run("qemu-img", "create", "-q", "-f", "vmdk", str(sparse_vmdk), "64M")
+    outside = Path("/var/tmp") / ("ferry-test-%d.raw" % os.getpid())
+    outside.write_bytes(b"")
+    try:
+        cases = (
+            (small, "holds 24 MiB; a journal of --journal-max 8 MiB with its reserve "
+                    "needs 36 MiB"),
+            (signed, "holds a signature (ext4); wipe it first"),
+            (link, "is a symbolic link; give the file itself"),
+            (qcow, "is a qcow2 image: a journal volume is a block device, or a raw or "
+                   "monolithicFlat VMDK container file"),
+            (sparse_vmdk, "only a monolithicFlat VMDK has its bytes in one plain file"),
+            (outside, "is outside the image roots"),
+            (work / "nosuch.raw", "does not exist"),
+        )
+        for path, words in cases:
+            before = path.read_bytes() if path.is_file() and not path.is_symlink() else None
+            line = error_line(b.ferry("journal-volume", "vm", str(path), "--journal-max",
+                                      "8M", check=False))
+            assert line.startswith("ferry: error: journal volume %s" % path), line
+            assert words in line, line
+            if before is not None:
+                assert path.read_bytes() == before, path
+        assert not (b.data / "target" / "vm" / "journal").exists() or \
+            not os.path.ismount(b.data / "target" / "vm" / "journal")
+    finally:
+        outside.unlink()

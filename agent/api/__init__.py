@@ -23,7 +23,9 @@
                                             point (target); overlay: FILE or {disk: FILE}
     DELETE /v1/views/ID                     close a view
     POST   /v1/replicas/NAME/journal-volume {device, journal_max}: the group's journal on its
-                                            own block device, before it is protected (target)
+                                            own block device or container file, before it is
+                                            protected (target)
+    DELETE /v1/replicas/NAME/journal-volume unmount and forget it (a group not held here)
     POST   /v1/replicas/NAME/failover       {mode: test|stop-test|live, checkpoint?, at_ns?}
     POST   /v1/replicas/NAME/resolve        {keep: a|b} | {drop_kept: true}: a split brain
     POST   /v1/replicas/NAME/restore        {disk, to, checkpoint?, at_ns?}: a disk to a file

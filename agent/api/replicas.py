@@ -78,6 +78,11 @@ async def route(api: Api, method: str, parts: List[str], query: Dict[str, list],
             raise Invalid("group name %s: use letters, digits, '_', '.', '-'" % shown(parts[2]))
         return 201, await api.target.journal_volume(
             parts[2], path_of(body, "device"), int_of(body, "journal_max", 1, MAX_JOURNAL - 1))
+    if len(parts) == 4 and parts[:2] == ["v1", "replicas"] and parts[3] == "journal-volume" \
+            and method == "DELETE":
+        if not is_name(parts[2]):
+            raise Invalid("group name %s: use letters, digits, '_', '.', '-'" % shown(parts[2]))
+        return 200, await api.target.release_journal_volume(parts[2])
     if parts == ["v1", "umount"] and method == "POST":
         return 200, await api.target.umount(path_of(body, "dir"))
     return None

@@ -54,18 +54,34 @@ def umount(api: Agent, directory: str, as_json: bool) -> None:
 
 @cli.command("journal-volume")
 @click.argument("group", shell_complete=complete_groups)
-@click.argument("device", type=click.Path(dir_okay=False))
-@click.option("--journal-max", required=True, metavar="SIZE",
+@click.argument("device", type=click.Path(dir_okay=False), required=False)
+@click.option("--journal-max", metavar="SIZE",
               help="The journal limit the group will be protected with (protect "
                    "--journal-max): the device must hold it with its reserve.")
+@click.option("--release", is_flag=True,
+              help="Unmount GROUP's journal volume and forget it (a group this site does "
+                   "not hold: never protected here, or its replica removed).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
-def journal_volume(api: Agent, group: str, device: str, journal_max: str,
-                   as_json: bool) -> None:
+def journal_volume(api: Agent, group: str, device: Optional[str], journal_max: Optional[str],
+                   release: bool, as_json: bool) -> None:
     """On the target site, before GROUP is protected: keep its journal on DEVICE, an unused
-    block device (an LVM logical volume, a partition) that Ferry formats (ext4) and mounts
-    on the group's journal directory. Refused for a device in use, too small or holding a
-    signature."""
+    block device (an LVM logical volume, a partition) or container file (raw, or a
+    monolithicFlat VMDK, under the image roots; Ferry allocates all of it) that Ferry
+    formats (ext4) and mounts on the group's journal directory. Refused for one in use, too
+    small or holding a signature. With --release: give GROUP's volume back."""
+    if release:
+        if device is not None or journal_max is not None:
+            raise click.UsageError("--release takes the group alone")
+        result = call(api, "DELETE", "/v1/replicas/%s/journal-volume" % group, None,
+                      timeout=300)
+        if as_json:
+            return emit(result)
+        click.echo("group %s: journal volume %s unmounted and forgotten (file system %s)"
+                   % (group, result["device"], result["uuid"]))
+        return
+    if device is None or journal_max is None:
+        raise click.UsageError("give the DEVICE and --journal-max (or --release)")
     body = {"device": os.path.abspath(device), "journal_max": parse_size(journal_max)}
     result = call(api, "POST", "/v1/replicas/%s/journal-volume" % group, body, timeout=600)
     if as_json:

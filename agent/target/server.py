@@ -568,6 +568,20 @@ class TargetSite:
             volume.give, os.path.dirname(self.root), os.path.join(self.root, group), group,
             device, journal_max, self.policy)
 
+    async def release_journal_volume(self, group: str) -> Dict[str, Any]:
+        """Unmount and forget ``group``'s journal volume: only for a group not held here."""
+        directory = os.path.join(self.root, group)
+
+        def release() -> Dict[str, Any]:
+            if group in self.groups or os.path.exists(meta.path(directory)):
+                raise Conflict("group %s is held on this site (its replica and journal); a "
+                               "journal volume is given back only for a group this site "
+                               "does not hold" % group)
+            return volume.release(os.path.dirname(self.root), directory, group)
+        released = await trio.to_thread.run_sync(release)
+        self.broken.pop(group, None)
+        return released
+
     async def open_view(self, group: str, ref: Optional[str], at_wall_ns: Optional[int],
                         test: bool = False, overlays: Optional[Dict[str, str]] = None
                         ) -> Dict[str, Any]:
