@@ -17,6 +17,10 @@ library only, Python 3.9 and later).
   never makes Ferry read the host's files through a backing file of its choosing.
 - ``qemu_nbd_command`` is how a non-raw image is served to the splitter; ``convert_command``
   how a restore writes a format.
+- A replica kept as qcow2 or VMDK (``protect --replica-format``) is an image over the raw
+  replica file: ``qcow2_over_raw_commands`` (a qcow2 whose external data file, in raw mode,
+  is the replica) and ``vmdk_over_raw`` (a monolithicFlat descriptor whose one extent is
+  the replica); ``image_over_raw`` reads back which raw file and size such an image names.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ PROTECTABLE = (RAW, QCOW2, VMDK)
 VMDK_SUBFORMATS = ("monolithicSparse", "monolithicFlat")
 # What a restore (or a replica) may be written as, with the options each takes.
 OUTPUT_FORMATS = (RAW, QCOW2, VMDK)
+REPLICA_FORMATS = (RAW, QCOW2, VMDK)
+REPLICA_SUFFIX = {RAW: ".img", QCOW2: ".qcow2", VMDK: ".vmdk"}
+OVER_RAW_CLUSTER = "1M"  # the qcow2 over a replica maps all of it: 12 MiB of tables per TiB
 # One file each: a restore is written into one unnamed file (monolithicFlat needs two).
 OUTPUT_SUBFORMATS = {VMDK: ("monolithicSparse", "streamOptimized")}
 INFO_TIMEOUT = 60.0
@@ -281,3 +288,65 @@ def convert_command(source_uri: str, dest: str, fmt: str, subformat: Optional[st
     if opts:
         cmd += ["-o", ",".join(opts)]
     return [*cmd, source_uri, dest]
+
+
+def qcow2_over_raw_commands(image: str, scratch: str, data_name: str, size: int
+                            ) -> List[List[str]]:
+    """Commands that make ``image``, a qcow2 of ``size`` bytes whose data file is
+    ``data_name`` (absolute: qemu 7.2 opens a relative one from its working directory; the
+    file is neither opened nor changed here) in raw mode:
+    every cluster mapped at its own offset, so the raw file always is the disk, whoever
+    writes it. ``qemu-img create`` would truncate a data file it is given, so the image is
+    made over ``scratch`` (a new file, removed after) and then pointed at ``data_name``."""
+    qemu_img = tool("qemu-img")
+    spec = {"driver": QCOW2, "file": {"driver": "file", "filename": image},
+            "data-file": {"driver": "file", "filename": scratch}}
+    return [[qemu_img, "create", "-q", "-f", QCOW2, "-o",
+             "data_file=%s,data_file_raw=on,cluster_size=%s" % (scratch, OVER_RAW_CLUSTER),
+             image, str(_sectors(size) * 512)],
+            [qemu_img, "amend", "-q", "-f", QCOW2, "-o", "data_file=" + data_name,
+             "json:" + json.dumps(spec)]]
+
+
+def vmdk_over_raw(descriptor: str, data_name: str, size: int) -> str:
+    """``descriptor`` (the text ``qemu-img create -f vmdk -o subformat=monolithicFlat``
+    wrote, for a disk of ``size`` bytes) with its one flat extent named ``data_name``."""
+    flat = _FLAT.findall(descriptor)
+    if len(flat) != 1 or '"' in data_name or "\n" in data_name:
+        raise Unsupported("not a monolithicFlat descriptor of one extent")
+    return _FLAT.sub('RW %d FLAT "%s" 0' % (_sectors(size), data_name), descriptor, count=1)
+
+
+def image_over_raw(path: str, fmt: str) -> Tuple[str, int]:
+    """The raw file (absolute) and the size a qcow2 or VMDK made over a replica names:
+    ``("", 0)`` when it is not such an image (damaged, or of another kind)."""
+    try:
+        if fmt == VMDK:
+            return flat_extent(path)
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except (OSError, Unsupported):
+        return "", 0
+    if len(head) < 104 or head[:4] != b"QFI\xfb":
+        return "", 0
+    version = int.from_bytes(head[4:8], "big")
+    size = int.from_bytes(head[24:32], "big")
+    incompatible = int.from_bytes(head[72:80], "big") if version >= 3 else 0
+    if version < 3 or not incompatible & 4:   # bit 2: an external data file
+        return "", 0
+    length = int.from_bytes(head[100:104], "big")
+    at = length  # header extensions follow the header
+    while at + 8 <= len(head):
+        kind = int.from_bytes(head[at:at + 4], "big")
+        n = int.from_bytes(head[at + 4:at + 8], "big")
+        if kind == 0:
+            break
+        if kind == 0x44415441:  # "DATA": the data file's name
+            name = head[at + 8:at + 8 + n].decode("utf-8", "replace")
+            return os.path.normpath(os.path.join(os.path.dirname(path), name)), size
+        at += 8 + (n + 7) // 8 * 8
+    return "", 0
+
+
+def _sectors(size: int) -> int:
+    return -(-size // 512)

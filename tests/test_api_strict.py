@@ -39,7 +39,7 @@ ROUTES = [
     ("POST", "/v1/replicas/NAME/views"), ("DELETE", "/v1/views/NAME"),
     ("POST", "/v1/replicas/NAME/failover"), ("POST", "/v1/replicas/NAME/restore"),
     ("POST", "/v1/replicas/NAME/mounts"), ("POST", "/v1/umount"),
-    ("POST", "/v1/replicas/NAME/journal-volume"),
+    ("POST", "/v1/replicas/NAME/journal-volume"), ("DELETE", "/v1/replicas/NAME/journal-volume"),
     ("POST", "/v1/groups/NAME/resync"), ("POST", "/v1/replicas/NAME/repair"),
     ("POST", "/v1/replicas/NAME/scrub"), ("POST", "/v1/groups/NAME/verify"),
     ("POST", "/v1/pair-token"), ("POST", "/v1/pairs"), ("GET", "/v1/pairs"),
@@ -55,7 +55,8 @@ WAITS = ("/wait", "/checkpoints", "/move")
 FIELDS = ["name", "target", "disks", "path", "allow_unreachable", "queue_bytes", "history_s",
           "journal_max", "checkpoint_interval", "bandwidth", "seeds", "timeout", "tag",
           "checkpoint", "at_ns", "mode", "disk", "to", "ttl", "address", "token", "kind",
-          "group", "rpo_alert", "dir", "ranges"]
+          "group", "rpo_alert", "dir", "ranges", "replica_format", "device", "journal_max",
+          "splitter_threads"]
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(2 ** 70), max_value=2 ** 70),

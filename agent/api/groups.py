@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
+from formats.images import REPLICA_FORMATS
+
 from ..errors import Invalid, NotFound
 from ..protocol.frames import MAX_DISKS
 from ..protocol.messages import MAX_HISTORY, MAX_JOURNAL
@@ -27,6 +29,7 @@ from .request import (
     path_value,
     ranges_of,
     seconds_of,
+    shown,
     str_of,
     tag_of,
 )
@@ -52,8 +55,11 @@ async def route(api: Api, method: str, parts: List[str], query: Dict[str, list],
         return 201, await _protect(api, body)
     if len(parts) == 4 and parts[:2] == ["v1", "groups"] and parts[3] == "settings" \
             and method == "POST":
-        if set(body) != {"bandwidth"}:
-            raise Invalid("settings that change at run time: bandwidth")
+        if len(body) != 1 or not set(body) <= {"bandwidth", "replica_format"}:
+            raise Invalid("settings that change at run time, one at a time: bandwidth, "
+                          "replica_format")
+        if "replica_format" in body:
+            return 200, api.source.set_replica_format(parts[2], replica_format_of(body))
         return 200, api.source.set_bandwidth(parts[2], bandwidth_of(body))
     if len(parts) == 4 and parts[:2] == ["v1", "groups"] and parts[3] in ("pause", "resume") \
             and method == "POST":
@@ -110,7 +116,15 @@ async def _verify(api: Api, name: str, body: Dict[str, Any]) -> Any:
 
 PROTECT_FIELDS = ("name", "target", "disks", "allow_unreachable", "queue_bytes", "history_s",
                   "journal_max", "journal_reserve", "checkpoint_interval", "bandwidth", "seeds",
-                  "splitter_threads")
+                  "splitter_threads", "replica_format")
+
+
+def replica_format_of(body: Dict[str, Any]) -> str:
+    fmt = str_of(body, "replica_format", 16)
+    if fmt not in REPLICA_FORMATS:
+        raise Invalid("replica_format %s: choose one of %s"
+                      % (shown(fmt), ", ".join(REPLICA_FORMATS)))
+    return fmt
 
 
 async def _protect(api: Api, body: Dict[str, Any]) -> Any:
@@ -139,6 +153,8 @@ async def _protect(api: Api, body: Dict[str, Any]) -> Any:
         settings["bandwidth"] = bandwidth_of(body)
     if "splitter_threads" in body:  # requests each disk's splitter serves at once
         settings["splitter_threads"] = int_of(body, "splitter_threads", 1, MAX_SPLITTER_THREADS)
+    if "replica_format" in body:  # site B keeps its replicas in this format too
+        settings["replica_format"] = replica_format_of(body)
     kwargs["settings"] = settings
     seeds = body.get("seeds", {})
     if not isinstance(seeds, dict) or len(seeds) > MAX_DISKS or not all(

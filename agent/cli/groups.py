@@ -59,6 +59,10 @@ def _split_disk(spec: str, index: int) -> Tuple[str, str]:
               help="Requests each disk's splitter serves at once [default: 16]. Fewer "
                    "cost less CPU per write on fast local storage; more hide a slow "
                    "disk's latency (bench/splitter_threads.py measures both).")
+@click.option("--replica-format", type=click.Choice(["raw", "qcow2", "vmdk"]), default=None,
+              help="Site B keeps each replica as this format too [default: raw]: a qcow2 "
+                   "or monolithicFlat VMDK image over the raw replica, for qemu, libvirt "
+                   "or ESXi to open in place.")
 @click.option("--preseeded", "seeds", multiple=True, metavar="[NAME=]PATH",
               help="A copy of disk NAME that site B already holds (absolute path there): "
                    "only chunks that differ are shipped. Repeatable; a new group only.")
@@ -71,7 +75,7 @@ def protect(api: Agent, group: str, disks: Tuple[str, ...], domains: Tuple[str, 
             target: str, queue: str,
             allow_unreachable: bool, history: str, journal_max: str, journal_reserve: bool,
             checkpoint_interval: str, bandwidth: str, rpo_alert: Optional[str],
-            splitter_threads: Optional[int],
+            splitter_threads: Optional[int], replica_format: Optional[str],
             seeds: Tuple[str, ...], app_consistent_every: Optional[str],
             as_json: bool) -> None:
     """Protect disks as GROUP, replicated to TARGET; prints each disk's NBD URI."""
@@ -92,6 +96,7 @@ def protect(api: Agent, group: str, disks: Tuple[str, ...], domains: Tuple[str, 
         "bandwidth": parse_size(bandwidth), "seeds": seeded,
         **({"journal_reserve": True} if journal_reserve else {}),
         **({"splitter_threads": splitter_threads} if splitter_threads else {}),
+        **({"replica_format": replica_format} if replica_format else {}),
         **({"domains": list(domains), "app_consistent_every":
             parse_duration(app_consistent_every or "0")} if domains else
            {"disks": [{"name": n, "path": p} for n, p in specs]})})
@@ -131,14 +136,19 @@ def _seeds(specs: Tuple[str, ...], disks: List[str]) -> Dict[str, str]:
               help="Most bytes per second the link may carry (50M, 1G; 0: no limit).")
 @click.option("--rpo-alert", default=None, metavar="DURATION",
               help="Alert while the group's RPO is above this (0: no RPO alert).")
+@click.option("--replica-format", type=click.Choice(["raw", "qcow2", "vmdk"]), default=None,
+              help="Site B keeps the replicas as this format too (see protect).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def set_(api: Agent, group: str, bandwidth: Optional[str], rpo_alert: Optional[str],
-         as_json: bool) -> None:
+         replica_format: Optional[str], as_json: bool) -> None:
     """Change a protected group's settings while it runs."""
-    if bandwidth is None and rpo_alert is None:
-        raise click.UsageError("give --bandwidth or --rpo-alert")
+    if bandwidth is None and rpo_alert is None and replica_format is None:
+        raise click.UsageError("give --bandwidth, --rpo-alert or --replica-format")
     result: Dict[str, Any] = {"group": group}
+    if replica_format is not None:
+        result.update(call(api, "POST", "/v1/groups/%s/settings" % group,
+                           {"replica_format": replica_format}))
     if bandwidth is not None:
         result.update(call(api, "POST", "/v1/groups/%s/settings" % group,
                            {"bandwidth": parse_size(bandwidth)}))
@@ -153,6 +163,8 @@ def set_(api: Agent, group: str, bandwidth: Optional[str], rpo_alert: Optional[s
     if "rpo_alert" in result:
         click.echo("%s: RPO alert %s" % (group, "above %g s" % result["rpo_alert"]
                                          if result["rpo_alert"] else "off"))
+    if "replica_format" in result:
+        click.echo("%s: replicas kept as %s on site B" % (group, result["replica_format"]))
 
 
 @cli.command()

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
+from formats.images import REPLICA_FORMATS
 from formats.records import KIND_WRITE, JRecord, Point
 
 from ..checkpoints import Checkpoint, parse_wire
@@ -134,6 +135,7 @@ class Open(Message):
     held: Optional[int] = None                     # bytes written the target never acked
     domains: Optional[Tuple[Dict[str, Any], ...]] = None  # agent/domains/travel.py
     reserve: bool = False                          # --journal-reserve (sent only when set)
+    replica_format: str = "raw"                    # --replica-format (sent unless raw)
 
     def body(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"group": self.group, "protection": self.protection,
@@ -151,6 +153,8 @@ class Open(Message):
             out["domains"] = [dict(d) for d in self.domains]
         if self.reserve:
             out["journal_reserve"] = True
+        if self.replica_format != "raw":
+            out["replica_format"] = self.replica_format
         return out
 
     @classmethod
@@ -195,8 +199,13 @@ class Open(Message):
             else False
         if reserve and limits is None:
             raise ProtocolError("journal_reserve without journal_max")
+        replica_format = frames.field(body, "replica_format", str) \
+            if "replica_format" in body else "raw"
+        if replica_format not in REPLICA_FORMATS:
+            raise ProtocolError("replica_format %r is not one of %s"
+                                % (replica_format[:20], ", ".join(REPLICA_FORMATS)))
         return cls(group, protection, tuple(disks), probe, limits, seeds, verify, held,
-                   domains, reserve)
+                   domains, reserve, replica_format)
 
 
 def _verify(body: dict, disks: List[Tuple[str, int]]) -> Tuple[int, int, int, int]:

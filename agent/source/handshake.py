@@ -49,7 +49,8 @@ def open_message(row: GroupRow, probe: bool, held: Optional[int] = None) -> mess
                          probe, (int(settings["history_s"]), int(settings["journal_max"])),
                          dict(seeds) if seeds else None, held=held,
                          domains=tuple(domains) if domains and not probe else None,
-                         reserve=bool(settings.get("journal_reserve")))
+                         reserve=bool(settings.get("journal_reserve")),
+                         replica_format=str(settings["replica_format"]))
 
 
 async def open_session(fs: SessionStream, row: GroupRow, site_id: str, probe: bool,

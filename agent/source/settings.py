@@ -18,6 +18,7 @@ DEFAULT_SETTINGS: Dict[str, Any] = {
                                         # is owed is dropped and reconnected
     "splitter_threads": 16,             # requests each splitter serves at once (nbdkit
                                         # --threads; qemu sends up to 16)
+    "replica_format": "raw",            # site B keeps the replicas as raw, qcow2 or vmdk
 }
 # A group's or a disk's name. Anchored with \A and \Z, not ^ and $: ``$`` also matches before
 # a trailing newline, so ``NAME_RE.match("g\n")`` passed. Prefer ``NAME_RE.fullmatch``.

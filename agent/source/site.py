@@ -29,7 +29,7 @@ from . import intake, status
 from .failback import own_disk
 from .handshake import Connector, plain_connect, probe
 from .link import DiskLink
-from .settings import DEFAULT_QUEUE, NAME_RE, parse_target
+from .settings import DEFAULT_QUEUE, DEFAULT_SETTINGS, NAME_RE, parse_target
 from .shipper import GroupShipper
 from .splitters import Fleet, SplitterError
 
@@ -367,6 +367,20 @@ class SourceSite:
             shipper.resume()
             log.info("group %s: resumed", name)
         return {"group": name, "paused": paused}
+
+    def set_replica_format(self, name: str, fmt: str) -> Dict[str, Any]:
+        """Site B keeps the group's replicas in ``fmt`` too: sent with the next OPEN, which
+        opens now (the session ends and reconnects at once; nothing is resent)."""
+        row = self.store.group(name)
+        shipper = self.shippers.get(name)
+        if row is None or shipper is None or name in self._busy:
+            raise NotFound("no group %s on this site" % name)
+        if dict(DEFAULT_SETTINGS, **row.settings)["replica_format"] != fmt:
+            self.store.set_settings(name, dict(row.settings, replica_format=fmt))
+            shipper.row = self.store.group(name) or row
+            shipper.reopen()
+            log.info("group %s: replicas kept as %s on site B", name, fmt)
+        return {"group": name, "replica_format": fmt}
 
     def set_domains(self, name: str, domains: List[Dict[str, Any]]) -> None:
         """Keep the definitions of the group's libvirt domains (``agent/domains/``) with its

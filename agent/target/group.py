@@ -61,12 +61,13 @@ import xxhash
 
 from formats import jindex, reads
 from formats.durable import fsync_parent
+from formats.images import RAW
 from formats.records import KIND_CHECKPOINT, MAP_KINDS, JRecord, Point
 
 from ..checkpoints import Checkpoint, CheckpointError, choose
 from ..errors import Conflict, NotFound, StorageError
 from ..protocol.frames import ProtocolError
-from . import admission, aio, applier, failover, mending, meta, status
+from . import admission, aio, applier, failover, mending, meta, status, wrappers
 from . import reserve as _reserve
 from . import seeds as seed
 from .digests import ChunkDamaged, ReplicaDigests, digests_path
@@ -161,6 +162,7 @@ class TargetGroup:
         m = self._settings(m, protection, history_s, journal_max)
         self.pins = pins
         whole = self._open_replicas(m, disks)
+        self._make_images()
         self.journal = Journal(os.path.join(directory, "journal"), segment_max,
                                self._segment_age(), name, [st.name for st in self.disks])
         if self.journal_reserve:  # kept as far as the file system gives (reopen)
@@ -202,6 +204,8 @@ class TargetGroup:
                                else m.get("journal_max", DEFAULT_JOURNAL_MAX))
         self.tags: Dict[str, List[str]] = dict(m.get("tags", {}))
         self.journal_reserve = bool(m.get("journal_reserve"))  # set_reserve
+        self.replica_format = str(m.get("replica_format", RAW))  # set_replica_format
+        self.image_errors: Dict[str, str] = {}  # disk -> why its image is not made
         self.failover: Optional[Dict[str, Any]] = m.get("failover")
         self.pins = 0            # open views and tests: nothing is promoted while > 0
         self.short_history = False  # the journal limit keeps less than history_s
@@ -324,6 +328,26 @@ class TargetGroup:
                 self.save_meta()
             self._publish()
 
+    def set_replica_format(self, fmt: str) -> None:
+        """Keep the replicas in ``fmt`` too (``protect --replica-format``, wrappers.py):
+        an image of that format over each raw replica, and none of another."""
+        with self._lock:
+            if fmt != self.replica_format:
+                self.replica_format = fmt
+                self.save_meta()
+                self._make_images()
+            self._publish()
+
+    def _make_images(self) -> None:
+        self.image_errors = wrappers.ensure(os.path.join(self.directory, "replicas"),
+                                            [(d.name, d.size) for d in self.disks],
+                                            self.replica_format)
+
+    def image_path(self, disk: str) -> str:
+        """The file disk's replica is opened as in the group's replica format."""
+        return wrappers.image_path(os.path.join(self.directory, "replicas"), disk,
+                                   self.replica_format)
+
     def _load_checkpoints(self) -> List[Checkpoint]:
         out = []
         for segno in self.journal.segments():
@@ -358,6 +382,8 @@ class TargetGroup:
             "history_s": self.history_s,
             "journal_max": self.journal_max,
             **({"journal_reserve": True} if self.journal_reserve else {}),
+            **({"replica_format": self.replica_format} if self.replica_format != RAW
+               else {}),
             "tags": self.tags,
             "failover": self.failover,
             **({"rebuilt": True} if self.rebuilt else {}),
@@ -405,6 +431,7 @@ class TargetGroup:
                 self.digests[i] = ReplicaDigests(digests_path(self.replica_path(st.name)),
                                                  size)
             self.save_meta()
+            self._make_images()
             self._publish()
 
     # -- receiving -----------------------------------------------------------------------

@@ -223,7 +223,8 @@ class TargetSite:
                 return
             with scope:
                 await self._session(fs, peer, scope, group_name, disks, protection, limits,
-                                    seeds, opened.held or 0, opened.domains, opened.reserve)
+                                    seeds, opened.held or 0, opened.domains, opened.reserve,
+                                    opened.replica_format)
         except Refused as e:
             log.warning("%s", e)
         except frames.RemoteError as e:
@@ -340,7 +341,7 @@ class TargetSite:
                        limits: Optional[Tuple[float, int]],
                        seeds: Optional[Dict[str, str]], a_held: int = 0,
                        domains: Optional[Tuple[Dict[str, Any], ...]] = None,
-                       journal_reserve: bool = False) -> None:
+                       journal_reserve: bool = False, replica_format: str = "raw") -> None:
         """OPENED (and the SEED frames) for an OPEN, then the batches until it ends
         (``a_held``: the bytes the source holds unacked; split brain if failed over;
         ``domains``: the group's libvirt domains, kept for a failover)."""
@@ -357,6 +358,8 @@ class TargetSite:
                 await trio.to_thread.run_sync(group.set_limits, *limits)
             if journal_reserve:  # ReserveError ends the session (ERROR journal-reserve)
                 await trio.to_thread.run_sync(group.set_reserve)
+            # qcow2 or VMDK images over the replicas (wrappers.py); never fails the session
+            await trio.to_thread.run_sync(group.set_replica_format, replica_format)
             if domains is not None:  # the VMs a failover starts here (agent/domains/)
                 from ..domains import travel  # not at import: domains imports source
                 await trio.to_thread.run_sync(travel.save, group.directory, domains)

@@ -60,7 +60,12 @@ class GroupData(Protocol):
     failover: Optional[Dict[str, Any]]
     state: Any                       # GroupState (group.py): its value is the status' state
 
+    replica_format: str              # raw, qcow2 or vmdk (wrappers.py)
+    image_errors: Dict[str, str]     # disk -> why its image of that format is not made
+
     def replica_path(self, disk: str) -> str: ...
+
+    def image_path(self, disk: str) -> str: ...
 
     def index_of(self, disk: str) -> int: ...
 

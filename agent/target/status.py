@@ -65,8 +65,11 @@ def snapshot(g: GroupData, prev: Optional[Snapshot] = None) -> Snapshot:
                            "ever_consistent": g.gate.whole(i),
                            "seed_untouched_chunks": untouched[i],
                            "replica": g.replica_path(d.name),
-                           # Replicas are raw, sparse files (issue 17: --replica-format).
-                           "replica_format": "raw",
+                           # The raw replica, and the image of the group's replica format
+                           # over it (wrappers.py; the raw file itself for raw).
+                           "replica_format": g.replica_format,
+                           "replica_image": g.image_path(d.name),
+                           "replica_image_error": g.image_errors.get(d.name),
                            "replica_allocated_bytes": _allocated(g, i)}
                   for i, d in enumerate(g.disks)},
     }
