@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 from tests.conftest import Lab, same_bytes
+from tests.test_replica_format import the_same
 from tests.test_replication import error_line
 
 MiB = 1024 * 1024
@@ -43,7 +44,10 @@ def sources(work: Path) -> dict:
 
 def test_qcow2_and_vmdk_sources_replicate_the_guest_disk(sites: Lab) -> None:
     disks = sources(sites.work)
-    uris = sites.protect("vm", *disks.values())
+    # Site B keeps its replicas as qcow2 too (issue 17), a journal of 1 byte: no history,
+    # every record applied as it arrives, the replica always the newest point.
+    uris = sites.protect("vm", *disks.values(), extra=(
+        "--replica-format", "qcow2", "--history", "1s", "--journal-max", "1"))
     st = sites.a.status("vm")["groups"]["vm"]
     assert st["settings"]["formats"] == {"vda": "qcow2", "vdb": "vmdk", "vdc": "vmdk"}
     assert {n: d["format"] for n, d in st["disks"].items()} == {
@@ -60,6 +64,10 @@ def test_qcow2_and_vmdk_sources_replicate_the_guest_disk(sites: Lab) -> None:
         "--io_size=%d" % (4 * MiB), "--randseed=7")
     sites.a.ferry("wait", "vm", "--synced", "--timeout", "120")
     restored = {name: sites.restore("vm", name) for name in disks}
+    for name in disks:  # the replica, opened as a qcow2, catches up with the newest point
+        image = sites.b.data / "target" / "vm" / "replicas" / ("%s.qcow2" % name)
+        the_same(image, "qcow2", restored[name])
+        run("qemu-img", "check", "-U", str(image))
     for fmt, extra in (("qcow2", ["--compress"]), ("qcow2", []), ("vmdk", []),
                        ("vmdk", ["--subformat", "streamOptimized"])):
         out = sites.work / ("vda-%s%s.img" % (fmt, "".join(extra)))

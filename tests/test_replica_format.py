@@ -36,7 +36,7 @@ def shown(lab: Lab) -> Dict[str, Any]:
 
 def the_same(image: Path, fmt: str, source: Path, timeout: float = 60) -> None:
     """``image`` (read by qemu as ``fmt``) comes to equal ``source`` (the replica is the
-    oldest point of the history: with --journal-max 1M it catches up at once)."""
+    oldest point of the history: with --journal-max 1 it is always the newest)."""
     deadline = time.monotonic() + timeout
     while True:
         proc = run("qemu-img", "compare", "-q", "-f", fmt, "-F", "raw", str(image),
@@ -70,7 +70,7 @@ def test_replicas_kept_as_qcow2_and_vmdk(lab: Lab) -> None:
     assert "g1" not in a.status().get("groups", {})
 
     uris = lab.protect("g1", disk, extra=("--replica-format", "qcow2", "--history", "1s",
-                                              "--journal-max", "1M"))
+                                              "--journal-max", "1"))
     assert a.status()["groups"]["g1"]["settings"]["replica_format"] == "qcow2"
     run("qemu-io", "-f", "raw", "-c", "write -P 0x22 1M 2M", "-c", "write -z 6M 1M",
         "-c", "flush", uris["d1"])
