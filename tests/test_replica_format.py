@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Dict
@@ -19,15 +18,9 @@ from agent.protocol import frames, messages
 from agent.target import wrappers
 from tests.conftest import Lab
 from tests.test_replication import error_line
+from tests.test_view_overlay import run
 
 MiB = 1024 * 1024
-
-
-def run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    if check:
-        assert proc.returncode == 0, "%s: %s%s" % (" ".join(cmd), proc.stdout, proc.stderr)
-    return proc
 
 
 def shown(lab: Lab) -> Dict[str, Any]:
