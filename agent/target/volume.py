@@ -48,7 +48,7 @@ from typing import Any, Dict, Optional, Tuple
 from formats import images
 from formats.durable import write_atomic
 
-from ..disks import Policy
+from ..disks import Policy, fd_path
 from ..errors import Conflict, Invalid, NotFound, StorageError
 from . import reserve
 
@@ -135,7 +135,7 @@ def open_container(path: str, journal_max: int, policy: Optional[Policy] = None
         fmt = images.sniff_bytes(os.pread(fd, 512, 0))
         if fmt == images.VMDK:
             try:
-                extent, size = images.flat_extent(_fd_path(fd))
+                extent, size = images.flat_extent(fd_path(fd))
             except (images.Unsupported, OSError) as e:
                 raise Invalid("%s: %s" % (what, e)) from None
             os.close(fd)
@@ -149,7 +149,7 @@ def open_container(path: str, journal_max: int, policy: Optional[Policy] = None
         else:
             raise Invalid("%s is a %s image: a journal volume is a block device, or a raw or "
                           "monolithicFlat VMDK container file" % (what, fmt))
-        real = _fd_path(fd)
+        real = fd_path(fd)
         holder = policy.claimed_path(real) if policy is not None else None
         if holder is not None:
             raise Conflict("%s is disk %s of protected group %s" % (what, holder[1], holder[0]))
@@ -189,10 +189,6 @@ def _open_file(what: str, path: str, policy: Optional[Policy]) -> int:
         os.close(fd)
         raise
     return fd
-
-
-def _fd_path(fd: int) -> str:
-    return os.readlink("/proc/self/fd/%d" % fd)
 
 
 def allocate(what: str, fd: int, size: int) -> None:
