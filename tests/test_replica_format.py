@@ -140,6 +140,9 @@ def test_an_image_that_cannot_be_made_is_named_and_the_replica_untouched(tmp_pat
         replicas / "d1.qcow2") in failed["d1"], failed
     assert raw.read_bytes() == b"\x5a" * MiB
     assert sorted(os.listdir(replicas)) == ["d1.img", "d1.qcow2"]
+    # An image of another format that cannot be removed is named too.
+    failed = wrappers.ensure(str(replicas), [("d1", MiB)], "vmdk")
+    assert "its qcow2 image %s cannot be removed" % (replicas / "d1.qcow2") in failed["d1"]
     # Back to raw: images of the other formats go, the replica stays.
     (replicas / "d1.qcow2").rmdir()
     assert wrappers.ensure(str(replicas), [("d1", MiB)], "vmdk") == {}

@@ -55,16 +55,21 @@ def ensure(replicas: str, disks: List[Tuple[str, int]], fmt: str) -> Dict[str, s
     changed = False
     _clean(replicas)
     for disk, size in disks:
-        data = image_path(replicas, disk, images.RAW)
+        data = os.path.abspath(image_path(replicas, disk, images.RAW))
         for other in images.REPLICA_FORMATS:
             if other not in (images.RAW, fmt):
                 path = image_path(replicas, disk, other)
                 if os.path.lexists(path):
-                    os.unlink(path)
-                    changed = True
+                    try:
+                        os.unlink(path)
+                        changed = True
+                    except OSError as e:
+                        failed[disk] = "its %s image %s cannot be removed: %s" % (
+                            other, path, e.strerror or e)
+                        log.error("replica %s: %s", data, failed[disk])
         if fmt == images.RAW:
             continue
-        path = image_path(replicas, disk, fmt)
+        path = os.path.abspath(image_path(replicas, disk, fmt))
         if os.path.lexists(path) and not os.path.islink(path) \
                 and images.image_over_raw(path, fmt) == (data, -(-size // 512) * 512):
             continue
