@@ -161,3 +161,22 @@ def test_the_open_carries_the_replica_format() -> None:
     for bad in ("qed", 7):
         with pytest.raises(frames.ProtocolError):
             messages.Open.parse(dict(base, replica_format=bad), ctx)
+
+
+def test_a_failure_to_make_images_never_fails_the_group(tmp_path: Path, monkeypatch) -> None:
+    """Whatever ``wrappers.ensure`` meets (here a directory that cannot be listed), the
+    group opens and replicates; its status names the images that are missing."""
+    from agent.target.group import TargetGroup
+    g = TargetGroup(str(tmp_path / "g1"), "g1", [("d1", MiB)], protection="p")
+
+    def broken(*_args: Any) -> Dict[str, str]:
+        raise OSError(5, "Input/output error", str(tmp_path / "g1" / "replicas"))
+    monkeypatch.setattr(wrappers, "ensure", broken)
+    g.set_replica_format("qcow2")
+    assert g.replica_format == "qcow2"
+    assert "its qcow2 image cannot be made: [Errno 5] Input/output error" in \
+        g.image_errors["d1"], g.image_errors
+    g.close()
+    g = TargetGroup.reopen(str(tmp_path / "g1"), "g1")     # opens, the format kept
+    assert g is not None and g.replica_format == "qcow2" and g.image_errors
+    g.close()

@@ -339,9 +339,16 @@ class TargetGroup:
             self._publish()
 
     def _make_images(self) -> None:
-        self.image_errors = wrappers.ensure(os.path.join(self.directory, "replicas"),
-                                            [(d.name, d.size) for d in self.disks],
-                                            self.replica_format)
+        """Never fails the group: what could not be made is named in its status."""
+        try:
+            self.image_errors = wrappers.ensure(os.path.join(self.directory, "replicas"),
+                                                [(d.name, d.size) for d in self.disks],
+                                                self.replica_format)
+        except OSError as e:
+            log.error("group %s: its replicas' %s images: %s", self.name,
+                      self.replica_format, e)
+            self.image_errors = {d.name: "its %s image cannot be made: %s" % (
+                self.replica_format, e) for d in self.disks}
 
     def image_path(self, disk: str) -> str:
         """The file disk's replica is opened as in the group's replica format."""
