@@ -452,17 +452,18 @@ def test_rpm_and_deb_ship_the_same_files(packages):
 
 
 def test_packages_recommend_what_mount_and_domain_use(packages, tree):
-    """ferry mount (nbdfuse, mount, udevadm) and --domain (libvirt, pyudev) are Recommends,
-    e2fsprogs a Suggests; both packages make the default image root /var/lib/ferry-images."""
+    """ferry mount (nbdfuse, mount, udevadm), --domain (libvirt, pyudev) and ferry
+    journal-volume (mkfs.ext4: e2fsprogs) are Recommends; both packages make the default
+    image root /var/lib/ferry-images."""
     def names(field: str) -> Set[str]:
         return {x.strip().split()[0] for x in field.split(",") if x.strip()}
 
     assert {"libnbd-bin", "mount", "udev", "python3-libvirt", "python3-pyudev"} <= \
         names(deb_field(packages["deb"], "Recommends"))
-    assert "e2fsprogs" in names(deb_field(packages["deb"], "Suggests"))
+    assert "e2fsprogs" in names(deb_field(packages["deb"], "Recommends"))
     assert {"nbdfuse", "util-linux", "systemd-udev", "python3-libvirt", "python3-pyudev"} <= \
         {r.split()[0] for r in rpm_query(packages["rpm"], "--recommends")}
-    assert "e2fsprogs" in {r.split()[0] for r in rpm_query(packages["rpm"], "--suggests")}
+    assert "e2fsprogs" in {r.split()[0] for r in rpm_query(packages["rpm"], "--recommends")}
     tmpfiles = (tree / "usr/lib/tmpfiles.d/ferry.conf").read_text()
     assert re.search(r"^d /var/lib/ferry-images 0711 root root -$", tmpfiles, re.M)
     assert "/var/lib/ferry-images" in rpm_query(packages["rpm"], "-l")
