@@ -143,6 +143,18 @@ def test_volume_record_and_checks(tmp_path: Path) -> None:
         "kind": "file", "file": str(tmp_path / "gone.raw"), "size": 64 * MiB}}))
     failed = volume.mount_all(str(data), str(root))
     assert list(failed) == ["g4"] and "gone.raw) does not exist" in failed["g4"], failed
+    # Entries read back damaged: named, nothing mounted; a name that is no group ignored.
+    (data / volume.RECORD).write_text(json.dumps({
+        "g5": {"kind": "file", "uuid": "u", "device": "d"}, "g6": "x",
+        "g7": {"uuid": 7, "device": "d"}, "../../etc": {"uuid": "u", "device": "d"}}))
+    failed = volume.mount_all(str(data), str(root))
+    assert sorted(failed) == ["g5", "g6", "g7"], failed
+    assert "is damaged (file is missing or not a str)" in failed["g5"]
+    assert "is damaged (not an object)" in failed["g6"]
+    assert "is damaged (uuid is missing or not a str)" in failed["g7"]
+    assert not (tmp_path.parent / "etc").exists() and not (root / "g5").exists()
+    released = volume.release(str(data), str(root / "g6"), "g6")   # forgotten, no unmount
+    assert released["released"] and "g6" not in volume.load(str(data))
     with pytest.raises(NotFound, match=r"^journal volume /dev/nosuch does not exist$"):
         volume.check("/dev/nosuch", 8 * MiB)
     assert volume.need(8 * MiB) == int(26 * MiB / 0.94) + 8 * MiB  # reserve, ext4, 8 MiB
@@ -263,6 +275,16 @@ def refusals(lab: Lab) -> None:
     run("qemu-img", "create", "-q", "-f", "vmdk", str(sparse_vmdk), "64M")
     outside = Path("/var/tmp") / ("ferry-test-%d.raw" % os.getpid())
     outside.write_bytes(b"")
+    short = work / "short.vmdk"   # its flat extent shorter than the disk it describes
+    run("qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat",
+        str(short), "64M")
+    os.truncate(work / "short-flat.vmdk", 32 * MiB)
+    tight = work / "tight"        # a file system without the room to allocate the file
+    tight.mkdir()
+    run("mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(tight))
+    roomless = tight / "journal.raw"
+    with open(roomless, "wb") as f:
+        f.truncate(64 * MiB)
     try:
         cases = (
             (small, "holds 24 MiB; a journal of --journal-max 8 MiB with its reserve "
@@ -274,6 +296,10 @@ def refusals(lab: Lab) -> None:
             (sparse_vmdk, "only a monolithicFlat VMDK has its bytes in one plain file"),
             (outside, "is outside the image roots"),
             (work / "nosuch.raw", "does not exist"),
+            (short, "its flat extent %s is shorter than the disk it describes"
+                    % (work / "short-flat.vmdk")),
+            (roomless, "the file system holding it has not the space to allocate its 64 "
+                       "MiB (No space left on device)"),
         )
         for path, words in cases:
             before = path.read_bytes() if path.is_file() and not path.is_symlink() else None
@@ -285,5 +311,14 @@ def refusals(lab: Lab) -> None:
                 assert path.read_bytes() == before, path
         assert not (b.data / "target" / "vm" / "journal").exists() or \
             not os.path.ismount(b.data / "target" / "vm" / "journal")
+        # A disk a group protects on this site cannot be a journal volume.
+        protected = lab.image("p1.img", 64 * MiB)
+        lab.a.ferry("protect", "pg", "--disk", "p1=%s" % protected, "--target",
+                    lab.b.address)
+        line = error_line(lab.a.ferry("journal-volume", "vm", str(protected),
+                                      "--journal-max", "8M", check=False))
+        assert "journal volume %s is disk p1 of protected group pg" % protected in line, line
+        lab.a.ferry("unprotect", "pg")
     finally:
         outside.unlink()
+        run("umount", str(tight))

@@ -97,6 +97,8 @@ def test_replicas_kept_as_qcow2_and_vmdk(lab: Lab) -> None:
         a.api("POST", "/v1/groups/g1/settings", {"replica_format": "vmdk", "bandwidth": 0})
     with pytest.raises(FerryError, match=r"replica_format 'vhdx': choose one of"):
         a.api("POST", "/v1/groups/g1/settings", {"replica_format": "vhdx"})
+    with pytest.raises(FerryError, match=r"^no group nosuch on this site$"):
+        a.api("POST", "/v1/groups/nosuch/settings", {"replica_format": "vmdk"})
 
     # The disk grows: the image follows.
     with open(disk, "r+b") as f:

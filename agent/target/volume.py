@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import stat
 import subprocess
@@ -50,7 +51,10 @@ from formats.durable import write_atomic
 
 from ..disks import Policy, fd_path
 from ..errors import Conflict, Invalid, NotFound, StorageError
+from ..source.settings import NAME_RE
 from . import reserve
+
+log = logging.getLogger("ferry.replica")
 
 MiB = 1024 * 1024
 RECORD = "journal-volumes.json"
@@ -284,7 +288,16 @@ def mount_all(data_dir: str, root: str) -> Dict[str, str]:
                 failed[group] = why
         return failed
     for group, v in volumes.items():
+        if not NAME_RE.fullmatch(str(group)):
+            log.error("%s names a group %r that cannot be one: ignored",
+                      os.path.join(data_dir, RECORD), group)
+            continue
         journal = os.path.join(root, group, "journal")
+        damaged = _damaged(v)
+        if damaged:
+            failed[group] = "its entry in %s is damaged (%s): the group's journal may live " \
+                "on a volume not mounted" % (os.path.join(data_dir, RECORD), damaged)
+            continue
         if mounted(journal, v["uuid"]):
             continue
         try:
@@ -301,6 +314,18 @@ def mount_all(data_dir: str, root: str) -> Dict[str, str]:
             failed[group] = "its journal volume (file system %s, was %s) cannot be mounted " \
                 "on %s: %s" % (v["uuid"], v["device"], journal, e)
     return failed
+
+
+def _damaged(v: Any) -> str:
+    """What is wrong with a record's entry, read back from disk ('' when nothing)."""
+    if not isinstance(v, dict):
+        return "not an object"
+    wanted = {"uuid": str, "device": str, **({"file": str, "size": int}
+                                             if v.get("kind") == "file" else {})}
+    for key, kind in wanted.items():
+        if not isinstance(v.get(key), kind) or isinstance(v.get(key), bool):
+            return "%s is missing or not a %s" % (key, kind.__name__)
+    return ""
 
 
 def _mount_file(what: str, path: str, fs: str, size: int, journal: str) -> None:
@@ -328,8 +353,10 @@ def release(data_dir: str, group_dir: str, group: str) -> Dict[str, Any]:
     if v is None:
         raise NotFound("group %s has no journal volume" % group)
     journal = os.path.join(group_dir, "journal")
+    if _damaged(v):  # nothing of it can be checked: forgotten, nothing unmounted
+        v = {"uuid": None, "device": None}
     what = "journal volume %s of group %s" % (v.get("device"), group)
-    if mounted(journal, v["uuid"]):
+    if v["uuid"] and mounted(journal, v["uuid"]):
         left = sorted(set(os.listdir(journal)) - set(KEPT))
         if left:
             raise Conflict("%s holds %d journal file(s) (%s...): the group's journal is on "
