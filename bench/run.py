@@ -35,7 +35,7 @@ BENCHMARKS: Dict[str, List[str]] = {
     "footprint": ["footprint.py"],
     "tls_throughput": ["tls_throughput.py"],
     "preseed_sync": ["preseed_sync.py"],
-    "formats": ["formats.py"],
+    "formats": ["disk_formats.py"],
     "control_plane": ["control_plane.py"],
     "target_write": ["target_write.py"],
     "splitter_threads": ["splitter_threads.py"],

@@ -42,7 +42,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-# Ferry's packages first: bench/formats.py must not hide the package ``formats``.
+# Ferry's packages first: no script in bench/ may hide one of its packages (as a
+# bench/formats.py once hid the package ``formats``).
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.append(str(HERE))

@@ -1,6 +1,6 @@
 """What a qcow2 source costs against a raw one: fio through two Ferry splitters.
 
-    python bench/formats.py [--quick] [--seconds N] [--reps N] [--out FILE]
+    python bench/disk_formats.py [--quick] [--seconds N] [--reps N] [--out FILE]
 
 Two disks of the same virtual size, each protected to a second agent on this machine
 (replication running, after the initial sync): ``raw``, a raw file (the splitter writes it
