@@ -3,6 +3,7 @@ stands in for an LVM logical volume), refusals, and a restart that mounts it aga
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ from typing import Iterator, List
 
 import pytest
 
-from agent.errors import NotFound
+from agent.errors import Invalid, NotFound, StorageError
 from agent.target import volume
 from tests.conftest import Lab, same_bytes
 from tests.test_replication import error_line
@@ -322,3 +323,39 @@ def refusals(lab: Lab) -> None:
     finally:
         outside.unlink()
         run("umount", str(tight))
+
+
+def test_container_refusals_the_kernel_makes(tmp_path: Path) -> None:
+    """Errors other than a link or no space: each is one line and changes nothing."""
+    # A file that is a running program cannot be opened for writing (ETXTBSY).
+    prog = tmp_path / "sleeper"
+    prog.write_bytes(Path("/bin/sleep").read_bytes())
+    prog.chmod(0o755)
+    proc = subprocess.Popen([str(prog), "30"])
+    try:
+        with pytest.raises(Invalid, match=r"^journal volume %s: Text file busy$" % prog):
+            volume._open_file("journal volume %s" % prog, str(prog), None)
+    finally:
+        proc.kill()
+        proc.wait()
+    # A descriptor that cannot be allocated (a pipe: ESPIPE): a storage error with errno.
+    r, w = os.pipe()
+    try:
+        with pytest.raises(StorageError, match=r"^vol: allocating it: Illegal seek$") as e:
+            volume.allocate("vol", w, MiB)
+        assert e.value.errno == errno.ESPIPE
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_release_leaves_a_group_directory_that_is_not_empty(tmp_path: Path) -> None:
+    data, group_dir = tmp_path, tmp_path / "target" / "g1"
+    (group_dir / "journal").mkdir(parents=True)
+    (group_dir / "notes.txt").write_text("the administrator's")
+    (data / volume.RECORD).write_text(json.dumps({"g1": {
+        "uuid": "00000000-0000-4000-8000-000000000003", "device": "/dev/gone"}}))
+    released = volume.release(str(data), str(group_dir), "g1")   # not mounted: forgotten
+    assert released["released"] and volume.load(str(data)) == {}
+    assert not (group_dir / "journal").exists()                  # the empty mount point goes
+    assert (group_dir / "notes.txt").read_text() == "the administrator's"

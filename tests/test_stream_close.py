@@ -108,3 +108,30 @@ def test_a_stranger_is_not_lingered_for() -> None:
     connection closed at once (test_preauth holds B's cost of strangers to a budget)."""
     took = trio.run(main, False, clock=trio.testing.MockClock(autojump_threshold=0))
     assert took == 0
+
+
+async def reset_while_lingering() -> float:
+    """Site A breaks the connection (a reset) while site B drains it after an ERROR."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    conn = await listeners[0].accept()
+    fs = SessionStream(conn, "A", TargetSession())
+    fs.authenticated = True
+    await client.send_all(b"\0" * FLOOD)         # unread bytes on B's side
+    await fs.send_error(frames.E_STORAGE, "gone")
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        async def reset() -> None:
+            await trio.sleep(0.2)                # B is lingering by now
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            client.socket.close()                # SO_LINGER 0: a reset, not a FIN
+        nursery.start_soon(reset)
+        await fs.aclose()                        # no exception: the reset ends the linger
+    await listeners[0].aclose()
+    return trio.current_time() - started
+
+
+def test_a_reset_while_lingering_ends_the_close_quietly() -> None:
+    took = trio.run(reset_while_lingering)
+    assert 0.1 < took < stream.LINGER / 2, took
