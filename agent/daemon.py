@@ -212,7 +212,6 @@ async def run(opts: Options) -> None:
             await nursery.start(api.jobs.run)
             await nursery.start(logs.rotate_forever, os.path.join(data_dir, "disks"))
             if os.environ.get("FERRY_MALLOC_TRIM", "1") != "0":
-                memory.tune()
                 await nursery.start(memory.give_back)
             app: Any = api
             served = listeners(opts, app, made)

@@ -6,12 +6,14 @@ thread that allocated: Trio's worker threads encode and apply batches), so the r
 stays at the burst's peak. ``give_back`` looks at the resident set every ``PERIOD`` seconds
 and, when it has grown by more than ``GROWTH`` since the last trim, asks glibc to return
 what is free (``malloc_trim(0)``, every heap); measured by ``bench/control_plane.py``.
-``tune`` (at the agent's start) fixes glibc's mmap threshold at ``MMAP_THRESHOLD``: a buffer
-that large (a batch being encoded, a frame received) is its own mapping, returned to the
-system when it is freed, instead of glibc raising the threshold after the first such free
-and serving the next ones from heaps it then keeps.
 Elsewhere than glibc (musl) there is nothing to call and nothing is done.
-``FERRY_MALLOC_TRIM=0`` in the agent's environment turns both off (to measure what they do).
+``FERRY_MALLOC_TRIM=0`` in the agent's environment turns it off (to measure what it does).
+
+glibc's mmap threshold is left to glibc on purpose. Fixing it at 1 MiB (so that each large
+buffer, a batch being encoded, a frame received, was a mapping of its own, unmapped when
+freed) made every such buffer cost a fresh mapping's page faults: an initial sync went from
+207-226 MB/s to 111-126 MB/s (``bench/initial_sync.py``, side by side, 2026-12-05), while
+the trim alone keeps site A within 8 MiB of idle after a burst (``bench/control_plane.py``).
 """
 
 from __future__ import annotations
@@ -25,8 +27,6 @@ import trio
 
 log = logging.getLogger("ferry.memory")
 
-MMAP_THRESHOLD = 1 << 20  # bytes: allocations this large are mappings of their own
-M_MMAP_THRESHOLD = -3     # mallopt's parameter (malloc.h)
 PERIOD = 5.0            # seconds between looks at the resident set
 GROWTH = 8 << 20        # bytes of growth since the last trim that make the next one
 _libc: Any = None
@@ -43,16 +43,6 @@ def _trim_function() -> Optional[Any]:
     if fn is not None:
         fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
     return fn
-
-
-def tune(threshold: int = MMAP_THRESHOLD) -> bool:
-    """Fix the mmap threshold (see the module); False where there is no mallopt."""
-    _trim_function()
-    fn = getattr(_libc, "mallopt", None) if _libc else None
-    if fn is None:
-        return False
-    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(fn(M_MMAP_THRESHOLD, threshold))
 
 
 def rss_bytes() -> int:

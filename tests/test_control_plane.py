@@ -62,12 +62,12 @@ def test_memory_grown_is_trimmed_and_the_base_follows_it_down(caplog) -> None:
             n.cancel_scope.cancel()
 
     trio.run(main)
-    assert memory.rss_bytes() > 0 and memory.trim() and memory.tune()
+    assert memory.rss_bytes() > 0 and memory.trim()
 
 
 def test_without_malloc_trim_nothing_is_done(monkeypatch, caplog) -> None:
     caplog.set_level(logging.INFO, logger="ferry.memory")
     monkeypatch.setattr(memory, "_libc", False)
-    assert memory.trim() is False and memory.tune() is False
+    assert memory.trim() is False
     trio.run(memory.give_back)  # returns at once
     assert "no malloc_trim here" in caplog.text
